@@ -1,0 +1,117 @@
+//! The per-request hot path: the routing decision (rules, sticky bucket, weighted pick) and the
+//! request header rewrite. Target: a routing decision under 100 ns with no heap allocation.
+
+use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr};
+
+use canary_proxy::RoutingTable;
+use criterion::{Criterion, criterion_group, criterion_main};
+use http::{HeaderMap, HeaderValue};
+
+const CONFIG: &str = r#"
+[proxy]
+user_id_header = "x-user-id"
+user_id_cookie = "uid"
+sticky_salt = "checkout:"
+
+[[backend]]
+name = "v1"
+urls = ["http://127.0.0.1:8081", "http://127.0.0.1:8083"]
+weight = 90
+
+[[backend]]
+name = "v2"
+urls = ["http://127.0.0.1:8082"]
+weight = 10
+
+[[rule]]
+header = "x-canary"
+equals = "always"
+backend = "v2"
+
+[[rule]]
+cookie = "beta"
+present = true
+backend = "v2"
+"#;
+
+/// Headers of a typical browser request.
+fn browser_headers() -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert("host", HeaderValue::from_static("shop.example.com"));
+    h.insert(
+        "user-agent",
+        HeaderValue::from_static("Mozilla/5.0 (X11; Linux x86_64) Firefox/140.0"),
+    );
+    h.insert(
+        "accept",
+        HeaderValue::from_static("text/html,application/xhtml+xml"),
+    );
+    h.insert(
+        "accept-encoding",
+        HeaderValue::from_static("gzip, deflate, br"),
+    );
+    h.insert(
+        "cookie",
+        HeaderValue::from_static("session=abc123; theme=dark"),
+    );
+    h.insert("connection", HeaderValue::from_static("keep-alive"));
+    h
+}
+
+fn routing(c: &mut Criterion) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let _guard = runtime.enter();
+    let config = canary_proxy::config::parse(CONFIG, "bench.toml").unwrap();
+    let table = RoutingTable::from_config(&config, 1, None);
+    let mut rng = rand::rng();
+
+    let plain = browser_headers();
+    c.bench_function("route/weighted (2 rules miss)", |b| {
+        b.iter(|| black_box(table.route(black_box(&plain), &mut rng)))
+    });
+
+    let mut sticky = browser_headers();
+    sticky.insert(
+        "x-user-id",
+        HeaderValue::from_static("7d3c9b2e-4f1a-4e7b-9a51-2c8e0f6d1b44"),
+    );
+    c.bench_function("route/sticky header (2 rules miss)", |b| {
+        b.iter(|| black_box(table.route(black_box(&sticky), &mut rng)))
+    });
+
+    let mut cookie = browser_headers();
+    cookie.insert(
+        "cookie",
+        HeaderValue::from_static("session=abc123; uid=u-48213; theme=dark"),
+    );
+    c.bench_function("route/sticky cookie (2 rules miss)", |b| {
+        b.iter(|| black_box(table.route(black_box(&cookie), &mut rng)))
+    });
+
+    let mut ruled = browser_headers();
+    ruled.insert("x-canary", HeaderValue::from_static("always"));
+    c.bench_function("route/rule match", |b| {
+        b.iter(|| black_box(table.route(black_box(&ruled), &mut rng)))
+    });
+}
+
+fn header_rewrite(c: &mut Criterion) {
+    let client = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10));
+    let host = HeaderValue::from_static("shop.example.com");
+    c.bench_function("rewrite/request headers", |b| {
+        b.iter_batched(
+            browser_headers,
+            |mut headers| {
+                canary_proxy::strip_hop_by_hop(&mut headers);
+                canary_proxy::add_forwarded(&mut headers, client, Some(&host));
+                black_box(canary_proxy::ensure_request_id(&mut headers));
+                headers
+            },
+            criterion::BatchSize::SmallInput,
+        )
+    });
+}
+
+criterion_group!(benches, routing, header_rewrite);
+criterion_main!(benches);

@@ -1,0 +1,2220 @@
+//! The config file (`canary.toml`): loading, validation, and the validated types the proxy runs on.
+//!
+//! Parsing happens in two stages. Stage 1 deserializes the TOML into private `Raw*` structs that
+//! mirror the file: unknown keys are rejected and every value that needs checking keeps its byte
+//! span. Stage 2 validates those into [`Config`]; every error names the file, the 1-based line and
+//! the full key path as the operator would locate it (`backend[1].urls[0]`). Nothing downstream
+//! validates again: holding a [`Config`] means the values are usable.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use http::HeaderName;
+use http::uri::{Authority, PathAndQuery, Uri};
+use regex::Regex;
+use serde::Deserialize;
+use serde::de::{self, Deserializer, Visitor};
+use toml::Spanned;
+use toml::de::{DeTable, DeValue};
+
+use crate::duration::{format_duration, parse_duration};
+
+/// The largest weight a backend may have, in the file and through the admin API. Weights are
+/// relative, so this only guards against sums that overflow and typos with extra zeros.
+pub const MAX_WEIGHT: u32 = 1_000_000;
+
+/// The response header naming the serving backend when `proxy.backend_header` is not set.
+pub const DEFAULT_BACKEND_HEADER: &str = "x-canary-backend";
+
+/// A validated configuration: everything the proxy needs to start or to swap in on reload.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The client-facing listener and forwarding behaviour (`[proxy]`).
+    pub proxy: ProxySettings,
+    /// The admin API listener and its authentication (`[admin]`).
+    pub admin: AdminSettings,
+    /// The versions traffic is split between (`[[backend]]`), in declaration order, which is
+    /// also the order sticky buckets are assigned in. Never empty; names are unique; at least
+    /// one weight is above zero.
+    pub backends: Vec<BackendConfig>,
+    /// Header/cookie rules (`[[rule]]`), tried in declaration order; the first match wins.
+    pub rules: Vec<RuleConfig>,
+}
+
+/// `[proxy]`: the client-facing side of the proxy.
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    /// Where clients connect. Default `127.0.0.1:8080`.
+    pub listen: SocketAddr,
+    /// Upper bound on establishing a TCP connection to an upstream endpoint. Default 2s.
+    pub connect_timeout: Duration,
+    /// Upper bound from sending the request until the upstream response head arrives; past it
+    /// the client gets 504. Body streaming is not bounded by it. Default 30s.
+    pub request_timeout: Duration,
+    /// A client must finish sending its request head within this, so idle or slow clients
+    /// cannot hold connections open forever. Default 10s.
+    pub header_read_timeout: Duration,
+    /// Pooled keep-alive connections to upstreams are closed after being idle this long; keep
+    /// it below the upstreams' own keep-alive timeout. Default 30s.
+    pub upstream_idle_timeout: Duration,
+    /// On SIGTERM/SIGINT, how long in-flight requests may take to finish before the process
+    /// exits anyway. Default 30s; zero means exit at once.
+    pub shutdown_grace: Duration,
+    /// Header carrying the user id for sticky buckets (lowercased). `None`: not read.
+    pub user_id_header: Option<HeaderName>,
+    /// Cookie carrying the user id, used when the header is absent. `None`: not read.
+    pub user_id_cookie: Option<String>,
+    /// Prefixed to the user id before hashing, so bucket assignments can be reshuffled
+    /// without renaming users. Default empty.
+    pub sticky_salt: String,
+    /// Response header naming the backend that served. Default `x-canary-backend`; an empty
+    /// string in the file disables it (`None`).
+    pub backend_header: Option<HeaderName>,
+}
+
+impl Default for ProxySettings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            connect_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(30),
+            header_read_timeout: Duration::from_secs(10),
+            upstream_idle_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(30),
+            user_id_header: None,
+            user_id_cookie: None,
+            sticky_salt: String::new(),
+            backend_header: Some(HeaderName::from_static(DEFAULT_BACKEND_HEADER)),
+        }
+    }
+}
+
+/// `[admin]`: the admin API listener, kept apart from client traffic.
+#[derive(Debug, Clone)]
+pub struct AdminSettings {
+    /// Where the admin API listens. Default `127.0.0.1:9901`. A non-loopback address is only
+    /// accepted together with `token` or `token_env`.
+    pub listen: SocketAddr,
+    /// Bearer token required on every `/admin/*` call, written in the file. Never empty.
+    pub token: Option<String>,
+    /// Name of the environment variable holding the bearer token, so the secret stays out of
+    /// the file. Never empty; mutually exclusive with `token`.
+    pub token_env: Option<String>,
+}
+
+impl Default for AdminSettings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9901)),
+            token: None,
+            token_env: None,
+        }
+    }
+}
+
+impl AdminSettings {
+    /// The bearer token in effect: `token`, or the value of the `token_env` variable read now.
+    ///
+    /// Returns `Ok(None)` when no token is configured, and an error message when `token_env`
+    /// names a variable that is unset, empty or not UTF-8 (the proxy must not start
+    /// unauthenticated by accident).
+    pub fn resolve_token(&self) -> Result<Option<String>, String> {
+        if let Some(token) = &self.token {
+            return Ok(Some(token.clone()));
+        }
+        let Some(var) = &self.token_env else {
+            return Ok(None);
+        };
+        match std::env::var(var) {
+            Ok(value) if !value.is_empty() => Ok(Some(value)),
+            Ok(_) => Err(format!(
+                "admin.token_env: environment variable {var} is empty"
+            )),
+            Err(e) => Err(format!("admin.token_env: environment variable {var}: {e}")),
+        }
+    }
+}
+
+/// One `[[backend]]`: a version of the service, with its endpoints and traffic share.
+#[derive(Debug, Clone)]
+pub struct BackendConfig {
+    /// Unique name, only `[A-Za-z0-9_.-]`: it appears verbatim in a response header, in
+    /// metric labels and in admin API JSON.
+    pub name: String,
+    /// The instances serving this version (key `urls`). Never empty, no duplicates.
+    pub endpoints: Vec<EndpointUrl>,
+    /// Relative share of weighted and sticky traffic, `0..=MAX_WEIGHT`. Zero takes the backend
+    /// out of weighted routing while rules can still pick it.
+    pub weight: u32,
+    /// Active health check; `None` means only passive checks apply.
+    pub health: Option<HealthCheckConfig>,
+    /// 1-based line of the `[[backend]]` header, for messages about this backend.
+    pub line: usize,
+}
+
+/// One upstream endpoint, validated from an entry of `urls`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointUrl {
+    /// The URL as written in the file, without a trailing slash: what logs and the admin API
+    /// show, so operators recognise it.
+    pub url: String,
+    /// `host:port` to connect to, the port always explicit (80 filled in when omitted).
+    pub authority: http::uri::Authority,
+}
+
+impl FromStr for EndpointUrl {
+    type Err = String;
+
+    /// Accepts `http://host[:port][/]`: no https (yet), no path, query, fragment or userinfo,
+    /// since the request's own path is forwarded as is.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.contains('#') {
+            return Err(format!("`{s}`: fragments are not allowed in upstream URLs"));
+        }
+        let uri: Uri = s
+            .parse()
+            .map_err(|e| format!("`{s}` is not a valid URL: {e}"))?;
+        match uri.scheme_str() {
+            None => return Err(format!("`{s}` has no scheme; write `http://{s}`")),
+            Some(scheme) if scheme.eq_ignore_ascii_case("https") => {
+                return Err(format!("`{s}`: https upstreams are not supported yet"));
+            }
+            Some(scheme) if !scheme.eq_ignore_ascii_case("http") => {
+                return Err(format!(
+                    "`{s}`: unsupported scheme `{scheme}`; only http:// is supported"
+                ));
+            }
+            Some(_) => {}
+        }
+        let authority = uri
+            .authority()
+            .ok_or_else(|| format!("`{s}` has no host"))?;
+        if authority.as_str().contains('@') {
+            return Err(format!(
+                "`{s}`: credentials in upstream URLs are not supported"
+            ));
+        }
+        let host = authority.host();
+        if host.is_empty() {
+            return Err(format!("`{s}` has no host"));
+        }
+        let port = match authority.as_str().strip_prefix(host) {
+            Some("") => 80,
+            Some(port) => match port.strip_prefix(':').map(str::parse::<u16>) {
+                Some(Ok(port)) if port != 0 => port,
+                _ => {
+                    return Err(format!(
+                        "`{s}` has an invalid port; expected a number from 1 to 65535"
+                    ));
+                }
+            },
+            None => return Err(format!("`{s}` has an invalid host")),
+        };
+        if uri.query().is_some() {
+            return Err(format!(
+                "`{s}`: a query string is not allowed in upstream URLs"
+            ));
+        }
+        if !matches!(uri.path(), "" | "/") {
+            return Err(format!(
+                "`{s}`: a path is not allowed in upstream URLs (requests keep their own path)"
+            ));
+        }
+        let authority = Authority::from_str(&format!("{host}:{port}"))
+            .map_err(|e| format!("`{s}` has an invalid host: {e}"))?;
+        Ok(Self {
+            url: s.strip_suffix('/').unwrap_or(s).to_owned(),
+            authority,
+        })
+    }
+}
+
+/// `[backend.health]`: the active health check of every endpoint of one backend.
+#[derive(Debug, Clone)]
+pub struct HealthCheckConfig {
+    /// Path (and optional query) probed with GET; a 2xx answer is a pass. Default `/health`.
+    pub path: http::uri::PathAndQuery,
+    /// Time between probes of one endpoint. Default 2s.
+    pub interval: Duration,
+    /// A probe not answered within this counts as a failure. Default 1s.
+    pub timeout: Duration,
+    /// Consecutive failures that mark an endpoint down. Default 3.
+    pub unhealthy_threshold: u32,
+    /// Consecutive passes that mark a down endpoint up again. Default 2.
+    pub healthy_threshold: u32,
+}
+
+impl Default for HealthCheckConfig {
+    fn default() -> Self {
+        Self {
+            path: PathAndQuery::from_static("/health"),
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(1),
+            unhealthy_threshold: 3,
+            healthy_threshold: 2,
+        }
+    }
+}
+
+/// One `[[rule]]`: requests whose header or cookie matches are pinned to a backend.
+#[derive(Debug, Clone)]
+pub struct RuleConfig {
+    /// What part of the request the rule reads.
+    pub source: RuleSource,
+    /// How the value read is tested.
+    pub matcher: RuleMatcher,
+    /// Index into [`Config::backends`] of the backend a match routes to.
+    pub backend: usize,
+    /// 1-based line of the `[[rule]]` header, for messages and `/admin/explain`.
+    pub line: usize,
+}
+
+/// Where a rule reads its value from.
+#[derive(Debug, Clone)]
+pub enum RuleSource {
+    /// A request header (name lowercased). With several values, any may match.
+    Header(HeaderName),
+    /// A cookie from the `Cookie` header, by exact name.
+    Cookie(String),
+}
+
+impl fmt::Display for RuleSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Header(name) => write!(f, "header {name}"),
+            Self::Cookie(name) => write!(f, "cookie {name}"),
+        }
+    }
+}
+
+/// How a rule tests the value it read.
+#[derive(Debug, Clone)]
+pub enum RuleMatcher {
+    /// The value equals this string exactly (case-sensitive).
+    Equals(String),
+    /// The regex matches somewhere in the value (unanchored, like nginx `~`).
+    Matches(Regex),
+    /// The header or cookie is present, whatever its value.
+    Present,
+}
+
+impl fmt::Display for RuleMatcher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Equals(value) => write!(f, "equals {value:?}"),
+            Self::Matches(regex) => write!(f, "matches {:?}", regex.as_str()),
+            Self::Present => f.write_str("present"),
+        }
+    }
+}
+
+impl Config {
+    /// Index of the backend called `name`, as used by [`RuleConfig::backend`].
+    pub fn backend_index(&self, name: &str) -> Option<usize> {
+        self.backends.iter().position(|b| b.name == name)
+    }
+}
+
+/// Why a config could not be loaded. `Display` is the one line an operator needs.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read (missing, unreadable, not UTF-8).
+    #[error("{path}: cannot read config: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file was read but is not a valid config; `key` is the full key path
+    /// (`backend[1].urls[0]`) and `line` the 1-based line of the offending key or value.
+    #[error("{path}:{line}: `{key}`: {message}")]
+    Invalid {
+        path: String,
+        line: usize,
+        key: String,
+        message: String,
+    },
+}
+
+/// Reads and validates the config file at `path`; errors show `path` as given.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let origin = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: origin.clone(),
+        source,
+    })?;
+    parse(&text, &origin)
+}
+
+/// Parses and validates config `text`; `origin` names the file in error messages.
+pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+    deserialize(text)
+        .and_then(|raw| raw.validate(text))
+        .map_err(|e| ConfigError::Invalid {
+            path: origin.to_owned(),
+            line: line_of(text, e.span.start),
+            key: e.key,
+            message: e.message,
+        })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stage 1: raw structs mirroring the file.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a TOML document")]
+struct RawConfig {
+    proxy: Option<RawProxy>,
+    admin: Option<RawAdmin>,
+    backend: Option<Spanned<Vec<Spanned<RawBackend>>>>,
+    rule: Option<Vec<Spanned<RawRule>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+struct RawProxy {
+    listen: Option<Spanned<String>>,
+    connect_timeout: Option<Spanned<RawDuration>>,
+    request_timeout: Option<Spanned<RawDuration>>,
+    header_read_timeout: Option<Spanned<RawDuration>>,
+    upstream_idle_timeout: Option<Spanned<RawDuration>>,
+    shutdown_grace: Option<Spanned<RawDuration>>,
+    user_id_header: Option<Spanned<String>>,
+    user_id_cookie: Option<Spanned<String>>,
+    sticky_salt: Option<String>,
+    backend_header: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+struct RawAdmin {
+    listen: Option<Spanned<String>>,
+    token: Option<Spanned<String>>,
+    token_env: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+struct RawBackend {
+    name: Option<Spanned<String>>,
+    urls: Option<Spanned<Vec<Spanned<String>>>>,
+    weight: Option<Spanned<RawInt>>,
+    health: Option<Spanned<RawHealth>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+struct RawHealth {
+    path: Option<Spanned<String>>,
+    interval: Option<Spanned<RawDuration>>,
+    timeout: Option<Spanned<RawDuration>>,
+    unhealthy_threshold: Option<Spanned<RawInt>>,
+    healthy_threshold: Option<Spanned<RawInt>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+struct RawRule {
+    header: Option<Spanned<String>>,
+    cookie: Option<Spanned<String>>,
+    equals: Option<Spanned<String>>,
+    matches: Option<Spanned<String>>,
+    present: Option<Spanned<bool>>,
+    backend: Option<Spanned<String>>,
+}
+
+/// A duration string, parsed in stage 2; its own type so a bare number gets a useful hint.
+struct RawDuration(String);
+
+impl<'de> Deserialize<'de> for RawDuration {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct DurationVisitor;
+        impl Visitor<'_> for DurationVisitor {
+            type Value = RawDuration;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a duration string such as \"2s\" or \"500ms\"")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawDuration, E> {
+                Ok(RawDuration(v.to_owned()))
+            }
+        }
+        deserializer.deserialize_str(DurationVisitor)
+    }
+}
+
+/// Any TOML integer, range-checked in stage 2 so a negative weight gets a clear message
+/// instead of "expected u32".
+struct RawInt(i64);
+
+impl<'de> Deserialize<'de> for RawInt {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct IntVisitor;
+        impl Visitor<'_> for IntVisitor {
+            type Value = RawInt;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an integer")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<RawInt, E> {
+                Ok(RawInt(v))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<RawInt, E> {
+                i64::try_from(v)
+                    .map(RawInt)
+                    .map_err(|_| E::custom("integer is too large"))
+            }
+        }
+        deserializer.deserialize_i64(IntVisitor)
+    }
+}
+
+/// A stage 1 or stage 2 failure before it is tied to a file: key path, byte span, message.
+#[derive(Debug)]
+struct FieldError {
+    key: String,
+    span: Range<usize>,
+    message: String,
+}
+
+impl FieldError {
+    fn new(key: impl Into<String>, span: Range<usize>, message: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            span,
+            message: message.into(),
+        }
+    }
+
+    fn missing(key: impl Into<String>, table_span: Range<usize>) -> Self {
+        Self::new(key, table_span, "required key is missing")
+    }
+}
+
+/// Stage 1: TOML syntax and shape. Errors are located by walking a span-carrying parse of the
+/// same text for the deepest key whose span holds the error.
+fn deserialize(text: &str) -> Result<RawConfig, FieldError> {
+    let tree = match DeTable::parse(text) {
+        Ok(tree) => tree,
+        Err(e) => {
+            let (partial, _) = DeTable::parse_recoverable(text);
+            let offset = e.span().map_or(0, |s| s.start);
+            let key = key_path_at(&partial, offset)
+                .or_else(|| key_path_from_line(&partial, text, offset))
+                .unwrap_or_else(|| TOP_LEVEL.to_owned());
+            let mut message = format!("invalid TOML: {}", one_line(e.message()));
+            if let Some(hint) = unquoted_string_hint(line_around(text, offset).1) {
+                message.push_str(&hint);
+            }
+            return Err(FieldError::new(key, offset..offset, message));
+        }
+    };
+    RawConfig::deserialize(toml::Deserializer::from(tree.clone())).map_err(|e| {
+        let offset = e.span().map_or(0, |s| s.start);
+        let key = key_path_at(&tree, offset).unwrap_or_else(|| TOP_LEVEL.to_owned());
+        let mut message =
+            describe_unknown_key(e.message()).unwrap_or_else(|| one_line(e.message()).into_owned());
+        if message.ends_with("expected a sequence") {
+            if matches!(key.as_str(), "backend" | "rule") {
+                message.push_str(&format!("; write `[[{key}]]` (an array of tables)"));
+            } else if message.starts_with("invalid type: string") {
+                message.push_str("; write a list, e.g. [\"http://127.0.0.1:8081\"]");
+            }
+        }
+        FieldError::new(key, offset..offset, message)
+    })
+}
+
+/// For `key = some:thing` lines, the usual cause of a syntax error: a string without quotes.
+fn unquoted_string_hint(line: &str) -> Option<String> {
+    let (key, value) = line.split_once('=')?;
+    let (key, value) = (key.trim(), value.split(" #").next()?.trim());
+    let starts_quoted = value.starts_with(['"', '\'', '[', '{']);
+    let looks_textual =
+        value.contains([':', '/']) || value.chars().any(|c| c.is_ascii_alphabetic());
+    let is_keyword = matches!(value, "true" | "false" | "inf" | "nan");
+    (!key.is_empty() && !value.is_empty() && !starts_quoted && looks_textual && !is_keyword)
+        .then(|| format!(" (strings must be quoted: {key} = \"{value}\")"))
+}
+
+/// Key shown when an error cannot be tied to any key.
+const TOP_LEVEL: &str = "(top level)";
+
+// ---------------------------------------------------------------------------------------------
+// Stage 2: validation into the public types.
+
+impl RawConfig {
+    fn validate(self, text: &str) -> Result<Config, FieldError> {
+        let proxy_listen_span = self
+            .proxy
+            .as_ref()
+            .and_then(|p| p.listen.as_ref())
+            .map(Spanned::span);
+        let admin_listen_span = self
+            .admin
+            .as_ref()
+            .and_then(|a| a.listen.as_ref())
+            .map(Spanned::span);
+        let proxy = self
+            .proxy
+            .map_or_else(|| Ok(ProxySettings::default()), RawProxy::validate)?;
+        let admin = self
+            .admin
+            .map_or_else(|| Ok(AdminSettings::default()), RawAdmin::validate)?;
+        if admin.listen == proxy.listen && admin.listen.port() != 0 {
+            let (key, span) = match (admin_listen_span, proxy_listen_span) {
+                (Some(span), _) => ("admin.listen", span),
+                (None, Some(span)) => ("proxy.listen", span),
+                (None, None) => ("admin.listen", 0..0),
+            };
+            return Err(FieldError::new(
+                key,
+                span,
+                format!("proxy and admin API cannot both listen on {}", admin.listen),
+            ));
+        }
+        let backends = validate_backends(self.backend, text)?;
+        let rules = self
+            .rule
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+            .map(|(i, rule)| validate_rule(i, rule, &backends, text))
+            .collect::<Result<_, _>>()?;
+        Ok(Config {
+            proxy,
+            admin,
+            backends,
+            rules,
+        })
+    }
+}
+
+impl RawProxy {
+    fn validate(self) -> Result<ProxySettings, FieldError> {
+        let defaults = ProxySettings::default();
+        let user_id_header = self
+            .user_id_header
+            .map(|h| header_name("proxy.user_id_header", &h))
+            .transpose()?;
+        let user_id_cookie = self
+            .user_id_cookie
+            .map(|c| cookie_name("proxy.user_id_cookie", c))
+            .transpose()?;
+        let backend_header = match self.backend_header {
+            None => defaults.backend_header,
+            Some(h) if h.get_ref().is_empty() => None,
+            Some(h) => Some(header_name("proxy.backend_header", &h)?),
+        };
+        Ok(ProxySettings {
+            listen: socket_addr("proxy.listen", self.listen, defaults.listen)?,
+            connect_timeout: positive_duration(
+                "proxy.connect_timeout",
+                self.connect_timeout,
+                defaults.connect_timeout,
+            )?,
+            request_timeout: positive_duration(
+                "proxy.request_timeout",
+                self.request_timeout,
+                defaults.request_timeout,
+            )?,
+            header_read_timeout: positive_duration(
+                "proxy.header_read_timeout",
+                self.header_read_timeout,
+                defaults.header_read_timeout,
+            )?,
+            upstream_idle_timeout: positive_duration(
+                "proxy.upstream_idle_timeout",
+                self.upstream_idle_timeout,
+                defaults.upstream_idle_timeout,
+            )?,
+            shutdown_grace: duration(
+                "proxy.shutdown_grace",
+                self.shutdown_grace,
+                defaults.shutdown_grace,
+            )?,
+            user_id_header,
+            user_id_cookie,
+            sticky_salt: self.sticky_salt.unwrap_or(defaults.sticky_salt),
+            backend_header,
+        })
+    }
+}
+
+impl RawAdmin {
+    fn validate(self) -> Result<AdminSettings, FieldError> {
+        let listen_span = self.listen.as_ref().map_or(0..0, Spanned::span);
+        let listen = socket_addr("admin.listen", self.listen, AdminSettings::default().listen)?;
+        if let (Some(token), Some(token_env)) = (&self.token, &self.token_env) {
+            let (key, span) = if token.span().start > token_env.span().start {
+                ("admin.token", token.span())
+            } else {
+                ("admin.token_env", token_env.span())
+            };
+            return Err(FieldError::new(
+                key,
+                span,
+                "set either `token` or `token_env`, not both",
+            ));
+        }
+        let token = self
+            .token
+            .map(|t| non_empty("admin.token", t))
+            .transpose()?;
+        let token_env = self
+            .token_env
+            .map(|var| {
+                let name = var.get_ref();
+                if name.contains(['=', '\0']) {
+                    return Err(FieldError::new(
+                        "admin.token_env",
+                        var.span(),
+                        format!("{name:?} is not an environment variable name"),
+                    ));
+                }
+                non_empty("admin.token_env", var)
+            })
+            .transpose()?;
+        if !listen.ip().is_loopback() && token.is_none() && token_env.is_none() {
+            return Err(FieldError::new(
+                "admin.listen",
+                listen_span,
+                format!(
+                    "the admin API on non-loopback address {listen} needs `token` or `token_env`"
+                ),
+            ));
+        }
+        Ok(AdminSettings {
+            listen,
+            token,
+            token_env,
+        })
+    }
+}
+
+fn validate_backends(
+    raw: Option<Spanned<Vec<Spanned<RawBackend>>>>,
+    text: &str,
+) -> Result<Vec<BackendConfig>, FieldError> {
+    let no_backends = "no backends configured; add at least one [[backend]] table";
+    let Some(raw) = raw else {
+        return Err(FieldError::new("backend", 0..0, no_backends));
+    };
+    let list_span = raw.span();
+    let raw = raw.into_inner();
+    let first_span = raw.first().map_or_else(|| list_span.clone(), Spanned::span);
+    let mut backends: Vec<BackendConfig> = Vec::with_capacity(raw.len());
+    let mut first_line_by_name = HashMap::new();
+    for (i, backend) in raw.into_iter().enumerate() {
+        let name_span = backend.get_ref().name.as_ref().map(Spanned::span);
+        let backend = validate_backend(i, backend, text)?;
+        if let Some(first) = first_line_by_name.insert(backend.name.clone(), backend.line) {
+            return Err(FieldError::new(
+                format!("backend[{i}].name"),
+                name_span.unwrap_or(0..0),
+                format!(
+                    "duplicate backend name `{}` (first declared at line {first})",
+                    backend.name
+                ),
+            ));
+        }
+        backends.push(backend);
+    }
+    if backends.is_empty() {
+        return Err(FieldError::new("backend", list_span, no_backends));
+    }
+    if backends.iter().all(|b| b.weight == 0) {
+        return Err(FieldError::new(
+            "backend",
+            first_span,
+            "all backend weights are 0; at least one must be > 0",
+        ));
+    }
+    Ok(backends)
+}
+
+fn validate_backend(
+    i: usize,
+    raw: Spanned<RawBackend>,
+    text: &str,
+) -> Result<BackendConfig, FieldError> {
+    let table_span = raw.span();
+    let raw = raw.into_inner();
+    let key = |field: &str| format!("backend[{i}].{field}");
+
+    let name = raw
+        .name
+        .ok_or_else(|| FieldError::missing(key("name"), table_span.clone()))?;
+    if name.get_ref().is_empty() {
+        return Err(FieldError::new(
+            key("name"),
+            name.span(),
+            "must not be empty",
+        ));
+    }
+    if let Some(bad) = name
+        .get_ref()
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
+    {
+        return Err(FieldError::new(
+            key("name"),
+            name.span(),
+            format!(
+                "invalid character {bad:?} in backend name {:?}; use only letters, digits, `_`, `.` and `-`",
+                name.get_ref()
+            ),
+        ));
+    }
+
+    let urls = raw
+        .urls
+        .ok_or_else(|| FieldError::missing(key("urls"), table_span.clone()))?;
+    if urls.get_ref().is_empty() {
+        return Err(FieldError::new(
+            key("urls"),
+            urls.span(),
+            "at least one URL is required",
+        ));
+    }
+    let mut endpoints: Vec<EndpointUrl> = Vec::with_capacity(urls.get_ref().len());
+    for (j, url) in urls.into_inner().into_iter().enumerate() {
+        let url_key = format!("backend[{i}].urls[{j}]");
+        let endpoint: EndpointUrl = url
+            .get_ref()
+            .parse()
+            .map_err(|message| FieldError::new(&url_key, url.span(), message))?;
+        if let Some(earlier) = endpoints.iter().position(|e| {
+            e.authority
+                .as_str()
+                .eq_ignore_ascii_case(endpoint.authority.as_str())
+        }) {
+            return Err(FieldError::new(
+                url_key,
+                url.span(),
+                format!(
+                    "duplicate endpoint {} (same as urls[{earlier}])",
+                    endpoint.authority
+                ),
+            ));
+        }
+        endpoints.push(endpoint);
+    }
+
+    let weight = raw
+        .weight
+        .ok_or_else(|| FieldError::missing(key("weight"), table_span.clone()))?;
+    let weight = match u32::try_from(weight.get_ref().0) {
+        Ok(w) if w <= MAX_WEIGHT => w,
+        _ if weight.get_ref().0 < 0 => {
+            return Err(FieldError::new(
+                key("weight"),
+                weight.span(),
+                format!("must be a non-negative integer, got {}", weight.get_ref().0),
+            ));
+        }
+        _ => {
+            return Err(FieldError::new(
+                key("weight"),
+                weight.span(),
+                format!("must be at most {MAX_WEIGHT}, got {}", weight.get_ref().0),
+            ));
+        }
+    };
+
+    let health = raw
+        .health
+        .map(|h| validate_health(&format!("backend[{i}].health"), h.into_inner()))
+        .transpose()?;
+
+    Ok(BackendConfig {
+        name: name.into_inner(),
+        endpoints,
+        weight,
+        health,
+        line: line_of(text, table_span.start),
+    })
+}
+
+fn validate_health(prefix: &str, raw: RawHealth) -> Result<HealthCheckConfig, FieldError> {
+    let defaults = HealthCheckConfig::default();
+    let key = |field: &str| format!("{prefix}.{field}");
+    let path = match raw.path {
+        None => defaults.path,
+        Some(path) => {
+            if !path.get_ref().starts_with('/') {
+                return Err(FieldError::new(
+                    key("path"),
+                    path.span(),
+                    format!("must start with `/`, got {:?}", path.get_ref()),
+                ));
+            }
+            PathAndQuery::from_str(path.get_ref()).map_err(|e| {
+                FieldError::new(
+                    key("path"),
+                    path.span(),
+                    format!("invalid path {:?}: {e}", path.get_ref()),
+                )
+            })?
+        }
+    };
+    Ok(HealthCheckConfig {
+        path,
+        interval: positive_duration(&key("interval"), raw.interval, defaults.interval)?,
+        timeout: positive_duration(&key("timeout"), raw.timeout, defaults.timeout)?,
+        unhealthy_threshold: threshold(
+            &key("unhealthy_threshold"),
+            raw.unhealthy_threshold,
+            defaults.unhealthy_threshold,
+        )?,
+        healthy_threshold: threshold(
+            &key("healthy_threshold"),
+            raw.healthy_threshold,
+            defaults.healthy_threshold,
+        )?,
+    })
+}
+
+fn validate_rule(
+    i: usize,
+    raw: Spanned<RawRule>,
+    backends: &[BackendConfig],
+    text: &str,
+) -> Result<RuleConfig, FieldError> {
+    let table_span = raw.span();
+    let raw = raw.into_inner();
+    let key = |field: &str| format!("rule[{i}].{field}");
+
+    let source = match (raw.header, raw.cookie) {
+        (Some(header), Some(cookie)) => {
+            let (field, span) = later(("header", header.span()), ("cookie", cookie.span()));
+            return Err(FieldError::new(
+                key(field),
+                span,
+                "a rule reads either `header` or `cookie`, not both",
+            ));
+        }
+        (None, None) => {
+            return Err(FieldError::new(
+                format!("rule[{i}]"),
+                table_span,
+                "a rule needs `header = \"NAME\"` or `cookie = \"NAME\"`",
+            ));
+        }
+        (Some(header), None) => RuleSource::Header(header_name(&key("header"), &header)?),
+        (None, Some(cookie)) => RuleSource::Cookie(cookie_name(&key("cookie"), cookie)?),
+    };
+
+    let mut given = [
+        raw.equals.as_ref().map(|s| ("equals", s.span())),
+        raw.matches.as_ref().map(|s| ("matches", s.span())),
+        raw.present.as_ref().map(|s| ("present", s.span())),
+    ]
+    .into_iter()
+    .flatten()
+    .collect::<Vec<_>>();
+    given.sort_by_key(|(_, span)| span.start);
+    if let Some((field, span)) = given.get(1) {
+        return Err(FieldError::new(
+            key(field),
+            span.clone(),
+            format!(
+                "a rule takes only one of `equals`, `matches` or `present` (`{}` is already set)",
+                given[0].0
+            ),
+        ));
+    }
+    let matcher = if let Some(value) = raw.equals {
+        RuleMatcher::Equals(value.into_inner())
+    } else if let Some(pattern) = raw.matches {
+        let regex = Regex::new(pattern.get_ref()).map_err(|e| {
+            FieldError::new(
+                key("matches"),
+                pattern.span(),
+                format!(
+                    "invalid regex {:?}: {}",
+                    pattern.get_ref(),
+                    regex_reason(&e)
+                ),
+            )
+        })?;
+        RuleMatcher::Matches(regex)
+    } else if let Some(present) = raw.present {
+        if !present.get_ref() {
+            return Err(FieldError::new(
+                key("present"),
+                present.span(),
+                "present must be true; omit the rule instead",
+            ));
+        }
+        RuleMatcher::Present
+    } else {
+        return Err(FieldError::new(
+            format!("rule[{i}]"),
+            table_span,
+            "a rule needs one of `equals = \"VALUE\"`, `matches = \"REGEX\"` or `present = true`",
+        ));
+    };
+
+    let target = raw
+        .backend
+        .ok_or_else(|| FieldError::missing(key("backend"), table_span.clone()))?;
+    let backend = backends
+        .iter()
+        .position(|b| b.name == *target.get_ref())
+        .ok_or_else(|| {
+            let declared = backends
+                .iter()
+                .map(|b| b.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ");
+            FieldError::new(
+                key("backend"),
+                target.span(),
+                format!(
+                    "unknown backend `{}`; declared backends: {declared}",
+                    target.get_ref()
+                ),
+            )
+        })?;
+
+    Ok(RuleConfig {
+        source,
+        matcher,
+        backend,
+        line: line_of(text, table_span.start),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Value checks shared by several keys.
+
+fn socket_addr(
+    key: &str,
+    raw: Option<Spanned<String>>,
+    default: SocketAddr,
+) -> Result<SocketAddr, FieldError> {
+    let Some(raw) = raw else {
+        return Ok(default);
+    };
+    raw.get_ref().parse().map_err(|_| {
+        FieldError::new(
+            key,
+            raw.span(),
+            format!(
+                "invalid listen address {:?}; expected IP:PORT such as \"127.0.0.1:8080\" or \"[::1]:8080\" (host names are not resolved)",
+                raw.get_ref()
+            ),
+        )
+    })
+}
+
+fn duration(
+    key: &str,
+    raw: Option<Spanned<RawDuration>>,
+    default: Duration,
+) -> Result<Duration, FieldError> {
+    match raw {
+        None => Ok(default),
+        Some(raw) => {
+            parse_duration(&raw.get_ref().0).map_err(|e| FieldError::new(key, raw.span(), e))
+        }
+    }
+}
+
+fn positive_duration(
+    key: &str,
+    raw: Option<Spanned<RawDuration>>,
+    default: Duration,
+) -> Result<Duration, FieldError> {
+    let span = raw.as_ref().map_or(0..0, Spanned::span);
+    let value = duration(key, raw, default)?;
+    if value.is_zero() {
+        return Err(FieldError::new(
+            key,
+            span,
+            format!(
+                "must be greater than 0 (default {})",
+                format_duration(default)
+            ),
+        ));
+    }
+    Ok(value)
+}
+
+fn threshold(key: &str, raw: Option<Spanned<RawInt>>, default: u32) -> Result<u32, FieldError> {
+    let Some(raw) = raw else {
+        return Ok(default);
+    };
+    match u32::try_from(raw.get_ref().0) {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(FieldError::new(
+            key,
+            raw.span(),
+            format!(
+                "must be an integer from 1 to {}, got {}",
+                u32::MAX,
+                raw.get_ref().0
+            ),
+        )),
+    }
+}
+
+fn header_name(key: &str, raw: &Spanned<String>) -> Result<HeaderName, FieldError> {
+    if raw.get_ref().is_empty() {
+        return Err(FieldError::new(key, raw.span(), "must not be empty"));
+    }
+    HeaderName::from_bytes(raw.get_ref().as_bytes()).map_err(|_| {
+        FieldError::new(
+            key,
+            raw.span(),
+            format!("{:?} is not a valid HTTP header name", raw.get_ref()),
+        )
+    })
+}
+
+/// Cookie names are RFC 6265 tokens: visible ASCII except separators.
+fn cookie_name(key: &str, raw: Spanned<String>) -> Result<String, FieldError> {
+    let is_tchar = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+    if raw.get_ref().is_empty() || !raw.get_ref().chars().all(is_tchar) {
+        return Err(FieldError::new(
+            key,
+            raw.span(),
+            format!(
+                "{:?} is not a valid cookie name (letters, digits and !#$%&'*+-.^_`|~ only)",
+                raw.get_ref()
+            ),
+        ));
+    }
+    Ok(raw.into_inner())
+}
+
+fn non_empty(key: &str, raw: Spanned<String>) -> Result<String, FieldError> {
+    if raw.get_ref().is_empty() {
+        return Err(FieldError::new(key, raw.span(), "must not be empty"));
+    }
+    Ok(raw.into_inner())
+}
+
+/// Of two keys that conflict, the one written later: that is the one that introduced the
+/// conflict, so it is the one to blame.
+fn later<'a>(a: (&'a str, Range<usize>), b: (&'a str, Range<usize>)) -> (&'a str, Range<usize>) {
+    if a.1.start > b.1.start { a } else { b }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Locating errors: byte offsets to lines and key paths.
+
+/// 1-based line of byte `offset` in `text`.
+fn line_of(text: &str, offset: usize) -> usize {
+    let end = offset.min(text.len());
+    text.as_bytes()[..end]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// The deepest key path (`backend[1].urls[0]`) whose key or value span holds `offset`.
+fn key_path_at(root: &Spanned<DeTable<'_>>, offset: usize) -> Option<String> {
+    let mut best = None;
+    find_in_table(root.get_ref(), offset, "", 0, &mut best);
+    best.map(|(_, path)| path)
+}
+
+fn holds(span: &Range<usize>, offset: usize) -> bool {
+    span.contains(&offset) || (span.is_empty() && span.start == offset)
+}
+
+fn consider(best: &mut Option<(usize, String)>, depth: usize, path: &str) {
+    if best.as_ref().is_none_or(|(d, _)| depth > *d) {
+        *best = Some((depth, path.to_owned()));
+    }
+}
+
+fn find_in_table(
+    table: &DeTable<'_>,
+    offset: usize,
+    path: &str,
+    depth: usize,
+    best: &mut Option<(usize, String)>,
+) {
+    for (key, value) in table.iter() {
+        let child = join_key(path, key.get_ref());
+        if holds(&key.span(), offset) || holds(&value.span(), offset) {
+            consider(best, depth + 1, &child);
+        }
+        find_in_value(value, offset, &child, depth + 1, best);
+    }
+}
+
+fn find_in_value(
+    value: &Spanned<DeValue<'_>>,
+    offset: usize,
+    path: &str,
+    depth: usize,
+    best: &mut Option<(usize, String)>,
+) {
+    match value.get_ref() {
+        DeValue::Table(table) => find_in_table(table, offset, path, depth, best),
+        DeValue::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                let child = format!("{path}[{i}]");
+                if holds(&item.span(), offset) {
+                    consider(best, depth + 1, &child);
+                }
+                find_in_value(item, offset, &child, depth + 1, best);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Appends `key` to a dotted path, quoting it when it is not a bare TOML key.
+fn join_key(path: &str, key: &str) -> String {
+    let bare = !key.is_empty()
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'));
+    let key = if bare {
+        key.to_owned()
+    } else {
+        format!("{key:?}")
+    };
+    if path.is_empty() {
+        key
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+/// Fallback for syntax errors the partial parse does not cover (a duplicate key, a broken
+/// table header): read the key off the error's line, inside the table whose `[header]`
+/// precedes it.
+fn key_path_from_line(root: &Spanned<DeTable<'_>>, text: &str, offset: usize) -> Option<String> {
+    let (line_start, line) = line_around(text, offset);
+    let line = line.trim();
+    if let Some(header) = line.strip_prefix('[') {
+        let name = header.trim_matches(|c: char| c == '[' || c == ']' || c.is_whitespace());
+        return (!name.is_empty()).then(|| name.to_owned());
+    }
+    let key = line.split('=').next()?.split('#').next()?.trim();
+    if key.is_empty() {
+        return None;
+    }
+    let mut enclosing: Option<(usize, String)> = None;
+    find_header_before(root.get_ref(), text, line_start, "", &mut enclosing);
+    Some(match enclosing {
+        Some((_, table)) => format!("{table}.{key}"),
+        None => key.to_owned(),
+    })
+}
+
+/// The line holding byte `offset`: its start offset and its text, without the newline.
+fn line_around(text: &str, offset: usize) -> (usize, &str) {
+    let bytes = text.as_bytes();
+    let offset = offset.min(bytes.len());
+    let start = bytes[..offset]
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |i| i + 1);
+    let end = bytes[offset..]
+        .iter()
+        .position(|&b| b == b'\n')
+        .map_or(bytes.len(), |i| offset + i);
+    (start, text.get(start..end).unwrap_or_default())
+}
+
+/// The path of the `[table]` or `[[array]]` header that starts last before `before`.
+fn find_header_before(
+    table: &DeTable<'_>,
+    text: &str,
+    before: usize,
+    path: &str,
+    best: &mut Option<(usize, String)>,
+) {
+    let visit = |value: &Spanned<DeValue<'_>>, path: String, best: &mut Option<_>| {
+        if let DeValue::Table(inner) = value.get_ref() {
+            let start = value.span().start;
+            let is_header = text.get(start..).is_some_and(|s| s.starts_with('['));
+            if is_header && start < before && best.as_ref().is_none_or(|(s, _)| start > *s) {
+                *best = Some((start, path.clone()));
+            }
+            find_header_before(inner, text, before, &path, best);
+        }
+    };
+    for (key, value) in table.iter() {
+        let child = join_key(path, key.get_ref());
+        if let DeValue::Array(items) = value.get_ref() {
+            for (i, item) in items.iter().enumerate() {
+                visit(item, format!("{child}[{i}]"), best);
+            }
+        } else {
+            visit(value, child, best);
+        }
+    }
+}
+
+/// Rewrites serde's "unknown field `x`, expected one of `a`, `b`" into the config's words,
+/// with a suggestion when the key looks like a typo of an allowed one.
+fn describe_unknown_key(message: &str) -> Option<String> {
+    let rest = message.strip_prefix("unknown field `")?;
+    let (unknown, rest) = rest.split_once('`')?;
+    let allowed: Vec<&str> = rest
+        .strip_prefix(", expected ")
+        .map(|list| list.split('`').skip(1).step_by(2).collect())
+        .unwrap_or_default();
+    let mut described = "unknown key".to_owned();
+    if let Some(suggestion) = closest(unknown, &allowed) {
+        described.push_str(&format!(" (did you mean `{suggestion}`?)"));
+    }
+    if allowed.is_empty() {
+        described.push_str("; this table takes no keys");
+    } else {
+        described.push_str(&format!("; allowed keys here: {}", allowed.join(", ")));
+    }
+    Some(described)
+}
+
+/// The allowed key `unknown` is most likely a typo of, if any is close enough.
+fn closest<'a>(unknown: &str, allowed: &[&'a str]) -> Option<&'a str> {
+    let normalized = unknown.to_ascii_lowercase().replace('-', "_");
+    let max_distance = if normalized.chars().count() <= 3 {
+        1
+    } else {
+        2
+    };
+    allowed
+        .iter()
+        .map(|&candidate| (edit_distance(&normalized, candidate), candidate))
+        .filter(|&(distance, _)| distance <= max_distance)
+        .min_by_key(|&(distance, _)| distance)
+        .map(|(_, candidate)| candidate)
+}
+
+/// Levenshtein distance where swapping two adjacent characters costs 1 (`weigth` -> `weight`).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let a: Vec<char> = a.chars().collect();
+    let b: Vec<char> = b.chars().collect();
+    let mut rows = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in rows.iter_mut().enumerate() {
+        row[0] = i;
+    }
+    for (j, cell) in rows[0].iter_mut().enumerate() {
+        *cell = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut best = (rows[i - 1][j] + 1)
+                .min(rows[i][j - 1] + 1)
+                .min(rows[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                best = best.min(rows[i - 2][j - 2] + 1);
+            }
+            rows[i][j] = best;
+        }
+    }
+    rows[a.len()][b.len()]
+}
+
+/// The gist of a regex error on one line: its multi-line caret display ends in `error: WHY`.
+fn regex_reason(error: &regex::Error) -> String {
+    let text = error.to_string();
+    match text
+        .lines()
+        .rev()
+        .find_map(|l| l.trim().strip_prefix("error: "))
+    {
+        Some(reason) => reason.to_owned(),
+        None => one_line(&text).into_owned(),
+    }
+}
+
+/// Error messages are printed after `file:line: key:`, so keep them on that line.
+fn one_line(message: &str) -> std::borrow::Cow<'_, str> {
+    if message.contains('\n') {
+        message
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+            .into()
+    } else {
+        message.into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Joins `lines` with newlines, so line N of the config is `lines[N - 1]`.
+    fn doc(lines: &[&str]) -> String {
+        let mut text = lines.join("\n");
+        text.push('\n');
+        text
+    }
+
+    fn valid(text: &str) -> Config {
+        match parse(text, "test.toml") {
+            Ok(config) => config,
+            Err(e) => panic!("expected a valid config, got: {e}"),
+        }
+    }
+
+    /// Parses `text`, expecting an error; returns (line, key, message).
+    fn invalid(text: &str) -> (usize, String, String) {
+        match parse(text, "test.toml") {
+            Ok(config) => panic!("expected an error, got {config:#?}"),
+            Err(ConfigError::Invalid {
+                path,
+                line,
+                key,
+                message,
+            }) => {
+                assert_eq!(path, "test.toml");
+                (line, key, message)
+            }
+            Err(e) => panic!("expected ConfigError::Invalid, got {e:?}"),
+        }
+    }
+
+    /// Asserts that `text` fails at `key` on `line`; returns the message for further checks.
+    #[track_caller]
+    fn assert_invalid(text: &str, key: &str, line: usize) -> String {
+        let (got_line, got_key, message) = invalid(text);
+        assert_eq!(
+            (got_key.as_str(), got_line),
+            (key, line),
+            "message: {message}"
+        );
+        message
+    }
+
+    const V1: [&str; 4] = [
+        "[[backend]]",
+        "name = \"v1\"",
+        "urls = [\"http://127.0.0.1:8081\"]",
+        "weight = 1",
+    ];
+
+    /// The example from PRODUCT.md, verbatim.
+    const PRODUCT_EXAMPLE: &str = r#"[proxy]
+listen = "127.0.0.1:8080"
+connect_timeout = "2s"          # durations: "500ms", "2s", "1m"
+request_timeout = "30s"         # until the upstream response head arrives -> 504
+user_id_header = "x-user-id"    # optional: sticky user buckets read this header...
+user_id_cookie = "uid"          # ...or, when the header is absent, this cookie
+sticky_salt = ""                # optional, prefixed to the user id before hashing
+
+[admin]
+listen = "127.0.0.1:9901"
+token_env = "CANARY_ADMIN_TOKEN" # or: token = "..." ; no default token exists
+
+[[backend]]
+name = "v1"
+urls = ["http://127.0.0.1:8081"]  # one or more endpoints (instances) of this version
+weight = 90                       # non-negative integer; any total > 0
+[backend.health]                  # optional active check; without it only passive checks apply
+path = "/health"
+interval = "2s"
+timeout = "1s"
+unhealthy_threshold = 3           # consecutive failures to mark an endpoint down
+healthy_threshold = 2             # consecutive passes to mark it up again
+
+[[backend]]
+name = "v2"
+urls = ["http://127.0.0.1:8082"]
+weight = 10
+
+[[rule]]                          # tried in order; the first match pins the request
+header = "x-canary"               # or: cookie = "NAME"
+equals = "always"                 # or: matches = "REGEX", or: present = true
+backend = "v2"
+"#;
+
+    #[test]
+    fn product_example_parses_to_expected_values() {
+        let config = valid(PRODUCT_EXAMPLE);
+        assert_eq!(config.proxy.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(config.proxy.connect_timeout, Duration::from_secs(2));
+        assert_eq!(config.proxy.request_timeout, Duration::from_secs(30));
+        assert_eq!(config.proxy.user_id_header.as_ref().unwrap(), "x-user-id");
+        assert_eq!(config.proxy.user_id_cookie.as_deref(), Some("uid"));
+        assert_eq!(config.proxy.sticky_salt, "");
+        assert_eq!(config.admin.listen, "127.0.0.1:9901".parse().unwrap());
+        assert_eq!(config.admin.token, None);
+        assert_eq!(
+            config.admin.token_env.as_deref(),
+            Some("CANARY_ADMIN_TOKEN")
+        );
+
+        assert_eq!(config.backends.len(), 2);
+        let v1 = &config.backends[0];
+        assert_eq!(v1.name, "v1");
+        assert_eq!(v1.weight, 90);
+        assert_eq!(v1.line, 13);
+        assert_eq!(v1.endpoints.len(), 1);
+        assert_eq!(v1.endpoints[0].url, "http://127.0.0.1:8081");
+        assert_eq!(v1.endpoints[0].authority, "127.0.0.1:8081");
+        let health = v1.health.as_ref().expect("v1 has a health check");
+        assert_eq!(health.path, "/health");
+        assert_eq!(health.interval, Duration::from_secs(2));
+        assert_eq!(health.timeout, Duration::from_secs(1));
+        assert_eq!(health.unhealthy_threshold, 3);
+        assert_eq!(health.healthy_threshold, 2);
+        let v2 = &config.backends[1];
+        assert_eq!((v2.name.as_str(), v2.weight, v2.line), ("v2", 10, 24));
+        assert!(v2.health.is_none());
+
+        assert_eq!(config.rules.len(), 1);
+        let rule = &config.rules[0];
+        assert!(matches!(&rule.source, RuleSource::Header(h) if h == "x-canary"));
+        assert!(matches!(&rule.matcher, RuleMatcher::Equals(v) if v == "always"));
+        assert_eq!(rule.backend, 1);
+        assert_eq!(rule.line, 29);
+        assert_eq!(config.backend_index("v2"), Some(1));
+    }
+
+    #[test]
+    fn bundled_demo_config_parses() {
+        let config = valid(include_str!("../canary.toml"));
+        assert_eq!(config.proxy.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(config.admin.listen, "127.0.0.1:9901".parse().unwrap());
+        assert_eq!(config.admin.token, None);
+        assert_eq!(config.admin.token_env, None);
+        assert_eq!(config.proxy.user_id_header.as_ref().unwrap(), "x-user-id");
+        assert_eq!(config.proxy.user_id_cookie.as_deref(), Some("uid"));
+        let summary: Vec<_> = config
+            .backends
+            .iter()
+            .map(|b| {
+                (
+                    b.name.as_str(),
+                    b.endpoints[0].url.as_str(),
+                    b.weight,
+                    b.health.as_ref().map(|h| h.path.as_str()),
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("v1", "http://127.0.0.1:8081", 90, Some("/health")),
+                ("v2", "http://127.0.0.1:8082", 10, Some("/health")),
+            ]
+        );
+        assert_eq!(config.rules.len(), 1);
+        assert_eq!(config.rules[0].backend, 1);
+        assert_eq!(config.rules[0].source.to_string(), "header x-canary");
+        assert_eq!(config.rules[0].matcher.to_string(), "equals \"always\"");
+    }
+
+    #[test]
+    fn bundled_demo_config_spells_out_every_default() {
+        let config = valid(include_str!("../canary.toml"));
+        let proxy = ProxySettings::default();
+        assert_eq!(config.proxy.connect_timeout, proxy.connect_timeout);
+        assert_eq!(config.proxy.request_timeout, proxy.request_timeout);
+        assert_eq!(config.proxy.header_read_timeout, proxy.header_read_timeout);
+        assert_eq!(
+            config.proxy.upstream_idle_timeout,
+            proxy.upstream_idle_timeout
+        );
+        assert_eq!(config.proxy.shutdown_grace, proxy.shutdown_grace);
+        assert_eq!(config.proxy.sticky_salt, proxy.sticky_salt);
+        assert_eq!(config.proxy.backend_header, proxy.backend_header);
+        let text = include_str!("../canary.toml");
+        for key in [
+            "listen",
+            "connect_timeout",
+            "request_timeout",
+            "header_read_timeout",
+            "upstream_idle_timeout",
+            "shutdown_grace",
+            "user_id_header",
+            "user_id_cookie",
+            "sticky_salt",
+            "backend_header",
+            "# token",
+            "# token_env",
+            "name",
+            "urls",
+            "weight",
+            "path",
+            "interval",
+            "timeout",
+            "unhealthy_threshold",
+            "healthy_threshold",
+            "header",
+            "# cookie",
+            "equals",
+            "# matches",
+            "# present",
+            "backend",
+        ] {
+            assert!(
+                text.lines().any(|l| l.starts_with(&format!("{key} = "))),
+                "canary.toml does not show `{key}`"
+            );
+        }
+    }
+
+    #[test]
+    fn good_fixture_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/good.toml");
+        let config = load(&path).expect("good.toml is valid");
+        assert_eq!(config.backends.len(), 2);
+        assert!(config.backends[0].health.is_some());
+        assert_eq!(config.rules.len(), 1);
+    }
+
+    #[test]
+    fn every_bad_fixture_fails_at_its_expected_key_and_line() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let mut checked = 0;
+        for entry in std::fs::read_dir(&dir).expect("fixtures dir") {
+            let path = entry.expect("dir entry").path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if !name.starts_with("bad_") || !name.ends_with(".toml") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            let expect = text
+                .lines()
+                .next()
+                .and_then(|l| l.strip_prefix("# expect: "))
+                .unwrap_or_else(|| panic!("{name}: first line must be `# expect: KEY line N`"));
+            let (key, line) = expect.rsplit_once(" line ").expect("`KEY line N`");
+            let line: usize = line.trim().parse().expect("line number");
+            match load(&path) {
+                Err(ConfigError::Invalid {
+                    path: origin,
+                    line: got_line,
+                    key: got_key,
+                    message,
+                }) => {
+                    assert_eq!(
+                        (got_key.as_str(), got_line),
+                        (key, line),
+                        "{name}: {message}"
+                    );
+                    assert_eq!(origin, path.display().to_string());
+                }
+                other => panic!("{name}: expected Invalid, got {other:?}"),
+            }
+            checked += 1;
+        }
+        assert!(checked >= 9, "only {checked} bad fixtures found");
+    }
+
+    #[test]
+    fn defaults_fill_everything_optional() {
+        let config = valid(&doc(&V1));
+        let proxy = &config.proxy;
+        assert_eq!(proxy.listen, SocketAddr::from(([127, 0, 0, 1], 8080)));
+        assert_eq!(proxy.connect_timeout, Duration::from_secs(2));
+        assert_eq!(proxy.request_timeout, Duration::from_secs(30));
+        assert_eq!(proxy.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(proxy.upstream_idle_timeout, Duration::from_secs(30));
+        assert_eq!(proxy.shutdown_grace, Duration::from_secs(30));
+        assert_eq!(proxy.user_id_header, None);
+        assert_eq!(proxy.user_id_cookie, None);
+        assert_eq!(proxy.sticky_salt, "");
+        assert_eq!(proxy.backend_header.as_ref().unwrap(), "x-canary-backend");
+        assert_eq!(
+            config.admin.listen,
+            SocketAddr::from(([127, 0, 0, 1], 9901))
+        );
+        assert_eq!(config.admin.token, None);
+        assert_eq!(config.admin.token_env, None);
+        assert!(config.backends[0].health.is_none());
+        assert_eq!(config.backends[0].line, 1);
+        assert!(config.rules.is_empty());
+
+        let with_health = valid(&doc(&[&V1[..], &["[backend.health]"]].concat()));
+        let health = with_health.backends[0].health.as_ref().unwrap();
+        assert_eq!(health.path, "/health");
+        assert_eq!(health.interval, Duration::from_secs(2));
+        assert_eq!(health.timeout, Duration::from_secs(1));
+        assert_eq!(health.unhealthy_threshold, 3);
+        assert_eq!(health.healthy_threshold, 2);
+    }
+
+    #[test]
+    fn values_are_normalized() {
+        let config = valid(&doc(&[
+            "[proxy]",
+            "user_id_header = \"X-User-Id\"",
+            "backend_header = \"\"",
+            "shutdown_grace = \"0s\"",
+            "[[backend]]",
+            "name = \"v1\"",
+            "urls = [\"http://Example.com/\", \"http://[::1]:9000\", \"http://10.0.0.1:8080/\"]",
+            "weight = 0",
+            "[[backend]]",
+            "name = \"v2\"",
+            "urls = [\"http://127.0.0.1:8082\"]",
+            "weight = 1000000",
+            "[[rule]]",
+            "cookie = \"beta\"",
+            "matches = \"^yes\"",
+            "backend = \"v1\"",
+            "[[rule]]",
+            "header = \"X-Debug\"",
+            "present = true",
+            "backend = \"v2\"",
+        ]));
+        assert_eq!(config.proxy.user_id_header.as_ref().unwrap(), "x-user-id");
+        assert_eq!(config.proxy.backend_header, None);
+        assert_eq!(config.proxy.shutdown_grace, Duration::ZERO);
+        let endpoints = &config.backends[0].endpoints;
+        assert_eq!(endpoints[0].url, "http://Example.com");
+        assert_eq!(endpoints[0].authority, "example.com:80");
+        assert_eq!(endpoints[1].authority, "[::1]:9000");
+        assert_eq!(endpoints[2].url, "http://10.0.0.1:8080");
+        assert_eq!(config.backends[1].weight, MAX_WEIGHT);
+        assert!(matches!(&config.rules[0].source, RuleSource::Cookie(c) if c == "beta"));
+        assert!(matches!(&config.rules[0].matcher, RuleMatcher::Matches(r) if r.is_match("yes!")));
+        assert_eq!(config.rules[0].line, 13);
+        assert!(matches!(&config.rules[1].source, RuleSource::Header(h) if h == "x-debug"));
+        assert!(matches!(config.rules[1].matcher, RuleMatcher::Present));
+        assert_eq!(config.rules[1].matcher.to_string(), "present");
+    }
+
+    #[test]
+    fn unknown_key_at_top_level() {
+        let message = assert_invalid(
+            &doc(&[&V1[..], &["", "[backends]", "x = 1"]].concat()),
+            "backends",
+            6,
+        );
+        assert!(message.contains("did you mean `backend`?"), "{message}");
+        assert!(message.contains("proxy, admin, backend, rule"), "{message}");
+    }
+
+    #[test]
+    fn unknown_key_in_proxy() {
+        let message = assert_invalid(
+            &doc(&[
+                &[
+                    "[proxy]",
+                    "listen = \"127.0.0.1:8080\"",
+                    "conect_timeout = \"1s\"",
+                ][..],
+                &V1,
+            ]
+            .concat()),
+            "proxy.conect_timeout",
+            3,
+        );
+        assert!(
+            message.contains("did you mean `connect_timeout`?"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn unknown_key_in_backend() {
+        let message = assert_invalid(
+            &doc(&[
+                &V1[..],
+                &[
+                    "[[backend]]",
+                    "name = \"v2\"",
+                    "urls = [\"http://h\"]",
+                    "weigth = 1",
+                ],
+            ]
+            .concat()),
+            "backend[1].weigth",
+            8,
+        );
+        assert!(
+            message.starts_with("unknown key (did you mean `weight`?)"),
+            "{message}"
+        );
+        assert!(message.contains("name, urls, weight, health"), "{message}");
+    }
+
+    #[test]
+    fn unknown_key_in_backend_health() {
+        assert_invalid(
+            &doc(&[
+                &V1[..],
+                &[
+                    "[backend.health]",
+                    "path = \"/ready\"",
+                    "intervall = \"1s\"",
+                ],
+            ]
+            .concat()),
+            "backend[0].health.intervall",
+            7,
+        );
+    }
+
+    #[test]
+    fn unknown_key_in_rule() {
+        let message = assert_invalid(
+            &doc(&[
+                &V1[..],
+                &[
+                    "[[rule]]",
+                    "header = \"x\"",
+                    "equal = \"y\"",
+                    "backend = \"v1\"",
+                ],
+            ]
+            .concat()),
+            "rule[0].equal",
+            7,
+        );
+        assert!(message.contains("did you mean `equals`?"), "{message}");
+    }
+
+    #[test]
+    fn duplicate_backend_names() {
+        let message = assert_invalid(&doc(&[&V1[..], &V1[..]].concat()), "backend[1].name", 6);
+        assert!(
+            message.contains("duplicate backend name `v1` (first declared at line 1)"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn invalid_backend_names() {
+        let mut lines = V1;
+        lines[1] = "name = \"v 1\"";
+        assert_invalid(&doc(&lines), "backend[0].name", 2);
+        lines[1] = "name = \"\"";
+        assert_invalid(&doc(&lines), "backend[0].name", 2);
+        assert_invalid(&doc(&[V1[0], V1[2], V1[3]]), "backend[0].name", 1);
+    }
+
+    #[test]
+    fn rule_with_unknown_backend() {
+        let message = assert_invalid(
+            &doc(&[
+                &V1[..],
+                &[
+                    "[[rule]]",
+                    "cookie = \"c\"",
+                    "present = true",
+                    "backend = \"v9\"",
+                ],
+            ]
+            .concat()),
+            "rule[0].backend",
+            8,
+        );
+        assert!(
+            message.contains("unknown backend `v9`; declared backends: v1"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn rule_with_invalid_regex() {
+        let message = assert_invalid(
+            &doc(&[
+                &V1[..],
+                &[
+                    "[[rule]]",
+                    "header = \"x\"",
+                    "matches = \"(a|b\"",
+                    "backend = \"v1\"",
+                ],
+            ]
+            .concat()),
+            "rule[0].matches",
+            7,
+        );
+        assert!(message.contains("unclosed group"), "{message}");
+        assert!(!message.contains('\n'), "{message}");
+    }
+
+    fn url_error(url: &str) -> String {
+        let text = doc(&[
+            "[[backend]]",
+            "name = \"v1\"",
+            "urls = [",
+            "  \"http://127.0.0.1:8081\",",
+            &format!("  {url:?},"),
+            "]",
+            "weight = 1",
+        ]);
+        assert_invalid(&text, "backend[0].urls[1]", 5)
+    }
+
+    #[test]
+    fn malformed_urls() {
+        assert!(url_error("127.0.0.1:8082").contains("no scheme; write `http://127.0.0.1:8082`"));
+        assert!(
+            url_error("https://127.0.0.1:8443").contains("https upstreams are not supported yet")
+        );
+        assert!(url_error("ftp://h").contains("unsupported scheme"));
+        assert!(url_error("http://127.0.0.1:8082/v2").contains("path is not allowed"));
+        assert!(url_error("http://127.0.0.1:8082/?a=b").contains("query"));
+        assert!(url_error("http://127.0.0.1:99999").contains("invalid port"));
+        assert!(url_error("http://127.0.0.1:0").contains("invalid port"));
+        assert!(url_error("http://127.0.0.1:").contains("invalid port"));
+        assert!(url_error("http://127.0.0.1:8x").contains("invalid port"));
+        assert!(url_error("http://user:pw@127.0.0.1:8082").contains("credentials"));
+        assert!(url_error("http://:8082").contains("no host"));
+        assert!(url_error("http://h/#top").contains("fragments"));
+        assert!(url_error("http://exa mple").contains("not a valid URL"));
+        assert!(url_error("").contains("not a valid URL"));
+        assert!(url_error("http://127.0.0.1:8081/").contains("duplicate endpoint"));
+    }
+
+    #[test]
+    fn empty_or_missing_urls() {
+        assert_invalid(
+            &doc(&["[[backend]]", "name = \"v1\"", "urls = []", "weight = 1"]),
+            "backend[0].urls",
+            3,
+        );
+        assert_invalid(
+            &doc(&["[[backend]]", "name = \"v1\"", "weight = 1"]),
+            "backend[0].urls",
+            1,
+        );
+    }
+
+    #[test]
+    fn malformed_durations() {
+        for (value, expected) in [
+            ("\"1.5s\"", "fractions"),
+            ("\"10\"", "missing unit"),
+            ("\"\"", "empty"),
+            ("\"2 s\"", "whitespace"),
+            ("\"0s\"", "greater than 0"),
+            ("2", "expected a duration string"),
+        ] {
+            let text =
+                doc(&[&["[proxy]", &format!("connect_timeout = {value}")][..], &V1].concat());
+            let message = assert_invalid(&text, "proxy.connect_timeout", 2);
+            assert!(message.contains(expected), "{value}: {message}");
+        }
+        let health = doc(&[&V1[..], &["[backend.health]", "interval = \"0ms\""]].concat());
+        assert_invalid(&health, "backend[0].health.interval", 6);
+    }
+
+    #[test]
+    fn all_weights_zero() {
+        let mut v1 = V1.to_vec();
+        v1[3] = "weight = 0";
+        let text = doc(&[
+            &["# comment", ""][..],
+            &v1,
+            &[
+                "[[backend]]",
+                "name = \"v2\"",
+                "urls = [\"http://h\"]",
+                "weight = 0",
+            ],
+        ]
+        .concat());
+        let message = assert_invalid(&text, "backend", 3);
+        assert_eq!(
+            message,
+            "all backend weights are 0; at least one must be > 0"
+        );
+    }
+
+    #[test]
+    fn negative_and_out_of_range_weights() {
+        let mut lines = V1;
+        lines[3] = "weight = -5";
+        let message = assert_invalid(&doc(&lines), "backend[0].weight", 4);
+        assert!(
+            message.contains("non-negative integer, got -5"),
+            "{message}"
+        );
+        lines[3] = "weight = 1000001";
+        let message = assert_invalid(&doc(&lines), "backend[0].weight", 4);
+        assert!(message.contains("at most 1000000"), "{message}");
+        assert_invalid(&doc(&V1[..3]), "backend[0].weight", 1);
+    }
+
+    #[test]
+    fn non_integer_weights() {
+        for value in ["2.5", "\"ten\"", "true", "[1]"] {
+            let line = format!("weight = {value}");
+            let lines = [V1[0], V1[1], V1[2], &line];
+            let message = assert_invalid(&doc(&lines), "backend[0].weight", 4);
+            assert!(
+                message.contains("expected an integer"),
+                "{value}: {message}"
+            );
+        }
+    }
+
+    #[test]
+    fn health_check_values() {
+        let bad = |line: &str| doc(&[&V1[..], &["[backend.health]", line]].concat());
+        assert_invalid(&bad("path = \"health\""), "backend[0].health.path", 6);
+        assert_invalid(
+            &bad("unhealthy_threshold = 0"),
+            "backend[0].health.unhealthy_threshold",
+            6,
+        );
+        assert_invalid(
+            &bad("healthy_threshold = -1"),
+            "backend[0].health.healthy_threshold",
+            6,
+        );
+        assert_invalid(&bad("timeout = \"soon\""), "backend[0].health.timeout", 6);
+    }
+
+    #[test]
+    fn both_token_and_token_env() {
+        let text = doc(&[
+            &["[admin]", "token = \"secret\"", "token_env = \"TOKEN\""][..],
+            &V1,
+        ]
+        .concat());
+        let message = assert_invalid(&text, "admin.token_env", 3);
+        assert!(message.contains("not both"), "{message}");
+        let text = doc(&[
+            &["[admin]", "token_env = \"TOKEN\"", "token = \"secret\""][..],
+            &V1,
+        ]
+        .concat());
+        assert_invalid(&text, "admin.token", 3);
+    }
+
+    #[test]
+    fn empty_tokens() {
+        assert_invalid(
+            &doc(&[&["[admin]", "token = \"\""][..], &V1].concat()),
+            "admin.token",
+            2,
+        );
+        assert_invalid(
+            &doc(&[&["[admin]", "token_env = \"\""][..], &V1].concat()),
+            "admin.token_env",
+            2,
+        );
+    }
+
+    #[test]
+    fn non_loopback_admin_needs_a_token() {
+        let open = doc(&[&["[admin]", "listen = \"0.0.0.0:9901\""][..], &V1].concat());
+        let message = assert_invalid(&open, "admin.listen", 2);
+        assert!(
+            message.contains("needs `token` or `token_env`"),
+            "{message}"
+        );
+        let guarded = doc(&[
+            &["[admin]", "listen = \"0.0.0.0:9901\"", "token_env = \"T\""][..],
+            &V1,
+        ]
+        .concat());
+        assert_eq!(valid(&guarded).admin.token_env.as_deref(), Some("T"));
+    }
+
+    #[test]
+    fn listen_addresses() {
+        let text = doc(&[&["[proxy]", "listen = \"localhost:8080\""][..], &V1].concat());
+        assert!(assert_invalid(&text, "proxy.listen", 2).contains("IP:PORT"));
+        let clash = doc(&[&["[proxy]", "listen = \"127.0.0.1:9901\""][..], &V1].concat());
+        assert_invalid(&clash, "proxy.listen", 2);
+        let ephemeral = doc(&[
+            &[
+                "[proxy]",
+                "listen = \"127.0.0.1:0\"",
+                "[admin]",
+                "listen = \"127.0.0.1:0\"",
+            ][..],
+            &V1,
+        ]
+        .concat());
+        assert_eq!(valid(&ephemeral).proxy.listen.port(), 0);
+    }
+
+    #[test]
+    fn header_and_cookie_names() {
+        let proxy = |line: &str| doc(&[&["[proxy]", line][..], &V1].concat());
+        assert_invalid(
+            &proxy("user_id_header = \"x user\""),
+            "proxy.user_id_header",
+            2,
+        );
+        assert_invalid(&proxy("user_id_header = \"\""), "proxy.user_id_header", 2);
+        assert_invalid(
+            &proxy("user_id_cookie = \"a=b\""),
+            "proxy.user_id_cookie",
+            2,
+        );
+        assert_invalid(&proxy("user_id_cookie = \"\""), "proxy.user_id_cookie", 2);
+        assert_invalid(
+            &proxy("backend_header = \"x:y\""),
+            "proxy.backend_header",
+            2,
+        );
+    }
+
+    fn rule(lines: &[&str]) -> String {
+        doc(&[&V1[..], &["[[rule]]"], lines].concat())
+    }
+
+    #[test]
+    fn rule_with_both_header_and_cookie() {
+        let message = assert_invalid(
+            &rule(&[
+                "header = \"x\"",
+                "cookie = \"c\"",
+                "present = true",
+                "backend = \"v1\"",
+            ]),
+            "rule[0].cookie",
+            7,
+        );
+        assert!(message.contains("not both"), "{message}");
+    }
+
+    #[test]
+    fn rule_with_neither_header_nor_cookie() {
+        assert_invalid(&rule(&["equals = \"x\"", "backend = \"v1\""]), "rule[0]", 5);
+    }
+
+    #[test]
+    fn rule_with_two_matchers() {
+        let message = assert_invalid(
+            &rule(&[
+                "header = \"x\"",
+                "equals = \"a\"",
+                "matches = \"b\"",
+                "backend = \"v1\"",
+            ]),
+            "rule[0].matches",
+            8,
+        );
+        assert!(message.contains("only one of"), "{message}");
+    }
+
+    #[test]
+    fn rule_without_matcher_or_backend() {
+        assert_invalid(&rule(&["header = \"x\"", "backend = \"v1\""]), "rule[0]", 5);
+        assert_invalid(
+            &rule(&["header = \"x\"", "present = true"]),
+            "rule[0].backend",
+            5,
+        );
+    }
+
+    #[test]
+    fn rule_with_present_false() {
+        let message = assert_invalid(
+            &rule(&["header = \"x\"", "present = false", "backend = \"v1\""]),
+            "rule[0].present",
+            7,
+        );
+        assert_eq!(message, "present must be true; omit the rule instead");
+    }
+
+    #[test]
+    fn no_backends() {
+        let message = assert_invalid(
+            &doc(&["[proxy]", "listen = \"127.0.0.1:8080\""]),
+            "backend",
+            1,
+        );
+        assert!(message.contains("no backends"), "{message}");
+        assert_invalid(&doc(&["", "backend = []"]), "backend", 2);
+    }
+
+    #[test]
+    fn toml_syntax_errors() {
+        let unquoted = doc(&[&["[proxy]", "listen = 127.0.0.1:8080"][..], &V1].concat());
+        let message = assert_invalid(&unquoted, "proxy.listen", 2);
+        assert!(message.starts_with("invalid TOML: "), "{message}");
+        let duplicate = doc(&[&V1[..], &["weight = 2"]].concat());
+        assert_invalid(&duplicate, "backend[0].weight", 5);
+        let unclosed = doc(&["[[backend]", "name = \"v1\""]);
+        assert_invalid(&unclosed, "backend", 1);
+        let hint = doc(&[&["[proxy]", "connect_timeout = 2s"][..], &V1].concat());
+        let message = assert_invalid(&hint, "proxy.connect_timeout", 2);
+        assert!(
+            message.ends_with("(strings must be quoted: connect_timeout = \"2s\")"),
+            "{message}"
+        );
+        assert_invalid(&doc(&["[proxy]", "garbage"]), "proxy.garbage", 2);
+        let unterminated = doc(&[&["[proxy]", "sticky_salt = \"abc"][..], &V1].concat());
+        assert_invalid(&unterminated, "proxy.sticky_salt", 2);
+    }
+
+    #[test]
+    fn wrong_table_shapes_are_errors() {
+        assert_invalid(&doc(&[&["proxy = 5"][..], &V1].concat()), "proxy", 1);
+        let message = assert_invalid(&doc(&["[backend]", "name = \"v1\""]), "backend", 1);
+        assert!(
+            message.ends_with("write `[[backend]]` (an array of tables)"),
+            "{message}"
+        );
+        let text = doc(&[
+            "[[backend]]",
+            "name = \"v1\"",
+            "urls = \"http://h\"",
+            "weight = 1",
+        ]);
+        let message = assert_invalid(&text, "backend[0].urls", 3);
+        assert!(message.contains("write a list"), "{message}");
+    }
+
+    #[test]
+    fn unreadable_file_is_a_read_error() {
+        let err = load(Path::new("/nonexistent/canary.toml")).unwrap_err();
+        assert!(matches!(err, ConfigError::Read { .. }));
+        assert!(
+            err.to_string()
+                .starts_with("/nonexistent/canary.toml: cannot read config: ")
+        );
+    }
+
+    #[test]
+    fn error_display_names_file_line_and_key() {
+        let err = parse(&doc(&[&V1[..], &["weigth = 2"]].concat()), "canary.toml").unwrap_err();
+        let shown = err.to_string();
+        assert!(
+            shown.starts_with("canary.toml:5: `backend[0].weigth`: unknown key"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn never_panics_on_truncated_or_mangled_input() {
+        let text = include_str!("../canary.toml");
+        for (end, _) in text.char_indices() {
+            let _ = parse(&text[..end], "cut.toml");
+        }
+        for garbage in [
+            "[[",
+            "]]",
+            "=",
+            "\"",
+            "[a.b]\n[a]\nb=1",
+            "a={",
+            "\u{feff}x=1",
+            "[[rule]]\n[rule.x]",
+        ] {
+            let _ = parse(garbage, "garbage.toml");
+        }
+    }
+
+    #[test]
+    fn suggestions_only_for_near_misses() {
+        assert_eq!(closest("weigth", &["name", "weight"]), Some("weight"));
+        assert_eq!(
+            closest("connect-timeout", &["connect_timeout"]),
+            Some("connect_timeout")
+        );
+        assert_eq!(closest("colour", &["name", "weight"]), None);
+        assert_eq!(edit_distance("", "abc"), 3);
+    }
+}

@@ -1,0 +1,108 @@
+//! What can go wrong while forwarding one request, and the status code each failure becomes.
+
+use std::time::Duration;
+
+use http::StatusCode;
+
+/// A request the proxy answers itself instead of with an upstream response.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The request carried both Content-Length and Transfer-Encoding (request smuggling).
+    #[error("request has both Content-Length and Transfer-Encoding")]
+    AmbiguousFraming,
+    /// CONNECT asks for a tunnel to an arbitrary host; a reverse proxy does not offer that.
+    #[error("CONNECT is not supported by a reverse proxy")]
+    ConnectMethod,
+    /// No backend has weight above zero (cannot happen with a validated table).
+    #[error("no backend can serve the request")]
+    NoBackend,
+    /// The upstream connection could not be made, and no retry was possible or it failed too.
+    #[error("cannot connect to {endpoint}")]
+    Connect {
+        endpoint: String,
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+    /// The request was sent but the upstream failed (reset, closed, malformed response).
+    #[error("upstream {endpoint} failed")]
+    Upstream {
+        endpoint: String,
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+    /// No response head within `request_timeout`.
+    #[error("upstream {endpoint} sent no response within {timeout:?}")]
+    Timeout { endpoint: String, timeout: Duration },
+}
+
+/// The upstream error kinds, as a bounded metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamErrorKind {
+    Connect,
+    Upstream,
+    Timeout,
+}
+
+impl UpstreamErrorKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            UpstreamErrorKind::Connect => "connect",
+            UpstreamErrorKind::Upstream => "upstream",
+            UpstreamErrorKind::Timeout => "timeout",
+        }
+    }
+}
+
+impl ProxyError {
+    /// The upstream failure kind, or `None` when the proxy refused the request itself.
+    pub fn upstream_kind(&self) -> Option<UpstreamErrorKind> {
+        match self {
+            ProxyError::AmbiguousFraming | ProxyError::ConnectMethod | ProxyError::NoBackend => {
+                None
+            }
+            ProxyError::Connect { .. } => Some(UpstreamErrorKind::Connect),
+            ProxyError::Upstream { .. } => Some(UpstreamErrorKind::Upstream),
+            ProxyError::Timeout { .. } => Some(UpstreamErrorKind::Timeout),
+        }
+    }
+}
+
+impl From<&ProxyError> for StatusCode {
+    fn from(error: &ProxyError) -> StatusCode {
+        match error {
+            ProxyError::AmbiguousFraming => StatusCode::BAD_REQUEST,
+            ProxyError::ConnectMethod => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::NoBackend => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses() {
+        let timeout = ProxyError::Timeout {
+            endpoint: "http://a".into(),
+            timeout: Duration::from_secs(1),
+        };
+        assert_eq!(StatusCode::from(&timeout), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(timeout.upstream_kind(), Some(UpstreamErrorKind::Timeout));
+        assert_eq!(
+            StatusCode::from(&ProxyError::NoBackend),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            StatusCode::from(&ProxyError::AmbiguousFraming),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            StatusCode::from(&ProxyError::ConnectMethod),
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+        assert_eq!(ProxyError::NoBackend.upstream_kind(), None);
+    }
+}

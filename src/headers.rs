@@ -1,0 +1,195 @@
+//! Header rewriting on the way through: hop-by-hop headers are stripped in both directions
+//! (RFC 9110 §7.6.1), then the proxy adds its own (`X-Forwarded-*`, `x-request-id`).
+//!
+//! Stripping comes first, so that a client cannot smuggle a header past the proxy by naming it
+//! in `Connection`, nor remove one the proxy adds.
+
+use std::net::IpAddr;
+
+use http::header::{
+    CONNECTION, HeaderMap, HeaderName, HeaderValue, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE,
+    TRAILER, TRANSFER_ENCODING, UPGRADE,
+};
+use rand::RngExt;
+
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// The hop-by-hop headers that are removed whether or not `Connection` names them.
+fn fixed_hop_by_hop() -> [&'static HeaderName; 9] {
+    [
+        &CONNECTION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &PROXY_AUTHENTICATE,
+        &PROXY_AUTHORIZATION,
+        &TE,
+        &TRAILER,
+        &TRANSFER_ENCODING,
+        &UPGRADE,
+    ]
+}
+
+/// Removes every hop-by-hop header: those `Connection` names (case-insensitively, over every
+/// `Connection` line) and the fixed list.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(CONNECTION)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .filter_map(|token| HeaderName::from_bytes(token.trim_ascii()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in fixed_hop_by_hop() {
+        headers.remove(name);
+    }
+}
+
+/// True when a request asks for a WebSocket upgrade (the only upgrade the proxy tunnels).
+pub fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
+    let has_token = |name: &HeaderName, token: &[u8]| {
+        headers.get_all(name).iter().any(|v| {
+            v.as_bytes()
+                .split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+        })
+    };
+    has_token(&UPGRADE, b"websocket") && has_token(&CONNECTION, b"upgrade")
+}
+
+/// Appends the client address to `X-Forwarded-For` (keeping earlier hops, folded into one
+/// line) and sets `X-Forwarded-Proto` and `X-Forwarded-Host`.
+pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, host: Option<&HeaderValue>) {
+    let client = client.to_string();
+    let forwarded_for = match headers.get(&X_FORWARDED_FOR) {
+        None => HeaderValue::from_str(&client),
+        Some(_) => {
+            let mut joined = Vec::new();
+            for value in headers.get_all(&X_FORWARDED_FOR) {
+                joined.extend_from_slice(value.as_bytes());
+                joined.extend_from_slice(b", ");
+            }
+            joined.extend_from_slice(client.as_bytes());
+            HeaderValue::from_bytes(&joined)
+        }
+    };
+    if let Ok(value) = forwarded_for {
+        headers.insert(X_FORWARDED_FOR.clone(), value);
+    }
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    match host {
+        Some(host) => headers.insert(X_FORWARDED_HOST.clone(), host.clone()),
+        None => headers.remove(&X_FORWARDED_HOST),
+    };
+}
+
+/// The request's `x-request-id`, generated (128 random bits, hex) when absent.
+pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
+    if let Some(id) = headers.get(&X_REQUEST_ID)
+        && !id.is_empty()
+    {
+        return id.clone();
+    }
+    let id = new_request_id();
+    headers.insert(X_REQUEST_ID.clone(), id.clone());
+    id
+}
+
+fn new_request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let bits: u128 = rand::rng().random();
+    let mut text = [0u8; 32];
+    for (i, byte) in text.iter_mut().enumerate() {
+        *byte = HEX[((bits >> (4 * i)) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&text).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        for (k, v) in pairs {
+            m.append(*k, HeaderValue::from_static(v));
+        }
+        m
+    }
+
+    #[test]
+    fn strips_fixed_and_connection_named_headers() {
+        let mut h = map(&[
+            ("connection", "keep-alive, X-Secret"),
+            ("connection", "Foo"),
+            ("x-secret", "1"),
+            ("foo", "2"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("proxy-authorization", "Basic x"),
+            ("proxy-authenticate", "Basic"),
+            ("te", "trailers"),
+            ("trailer", "x-sum"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "h2c"),
+            ("x-kept", "yes"),
+            ("host", "example"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        let mut left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["host", "x-kept"]);
+    }
+
+    #[test]
+    fn websocket_detection_needs_both_headers() {
+        assert!(is_websocket_upgrade(&map(&[
+            ("upgrade", "WebSocket"),
+            ("connection", "keep-alive, Upgrade")
+        ])));
+        assert!(!is_websocket_upgrade(&map(&[("upgrade", "websocket")])));
+        assert!(!is_websocket_upgrade(&map(&[
+            ("upgrade", "h2c"),
+            ("connection", "upgrade")
+        ])));
+    }
+
+    #[test]
+    fn forwarded_for_appends_to_earlier_hops() {
+        let mut h = map(&[
+            ("x-forwarded-for", "1.1.1.1"),
+            ("x-forwarded-for", "2.2.2.2"),
+        ]);
+        add_forwarded(
+            &mut h,
+            "127.0.0.1".parse().unwrap(),
+            Some(&HeaderValue::from_static("svc")),
+        );
+        assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 127.0.0.1");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "svc");
+        let mut h = map(&[("x-forwarded-host", "spoofed")]);
+        add_forwarded(&mut h, "::1".parse().unwrap(), None);
+        assert_eq!(h["x-forwarded-for"], "::1");
+        assert!(h.get("x-forwarded-host").is_none());
+    }
+
+    #[test]
+    fn request_id_is_kept_or_generated() {
+        let mut h = map(&[("x-request-id", "abc")]);
+        assert_eq!(ensure_request_id(&mut h), "abc");
+        let mut h = HeaderMap::new();
+        let id = ensure_request_id(&mut h);
+        assert_eq!(id.len(), 32);
+        assert_eq!(h["x-request-id"], id);
+        assert_ne!(ensure_request_id(&mut HeaderMap::new()), id);
+    }
+}

@@ -1,0 +1,302 @@
+//! The forward path of one request, top to bottom: load the routing table once, pick a backend,
+//! rewrite the request, send it (retrying once elsewhere if the connection could not be made),
+//! rewrite the response. Every failure becomes a synthetic response in one place,
+//! [`error_response`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{CONNECTION, HOST, UPGRADE};
+use http::uri::PathAndQuery;
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio::time::Instant;
+
+use crate::error::ProxyError;
+use crate::framing::AmbiguousFraming;
+use crate::headers;
+use crate::routing::{Backend, Endpoint, RoutingTable};
+use crate::upstream::{ForwardBody, ProxyResponse};
+
+/// The shared routing table: each request loads it once; the admin API swaps it with one store.
+pub type SharedTable = Arc<ArcSwap<RoutingTable>>;
+
+/// Forwards requests according to the current routing table.
+#[derive(Debug, Clone)]
+pub struct Proxy {
+    table: SharedTable,
+}
+
+/// What a request keeps of its first attempt, to answer and to retry.
+struct Target<'t> {
+    backend: &'t Backend,
+    index: usize,
+    endpoint: &'t Arc<Endpoint>,
+}
+
+impl Proxy {
+    pub fn new(table: SharedTable) -> Self {
+        Proxy { table }
+    }
+
+    pub fn table(&self) -> &SharedTable {
+        &self.table
+    }
+
+    /// Answers one client request; never fails (errors become 4xx/5xx responses).
+    pub async fn handle(
+        &self,
+        request: Request<Incoming>,
+        client: SocketAddr,
+        framing: &AmbiguousFraming,
+    ) -> ProxyResponse {
+        let table = self.table.load_full();
+        let mut backend_name = None;
+        let mut request_id = None;
+        match self
+            .forward(
+                request,
+                client,
+                framing,
+                &table,
+                &mut backend_name,
+                &mut request_id,
+            )
+            .await
+        {
+            Ok(response) => response,
+            Err(error) => {
+                tracing::warn!(
+                    error = %error,
+                    cause = error_source(&error),
+                    request_id = request_id.as_ref().and_then(|v| v.to_str().ok()),
+                    "request failed"
+                );
+                let backend = backend_name.filter(|_| table.backend_header.is_some());
+                error_response(
+                    &error,
+                    request_id,
+                    table.backend_header.as_ref().zip(backend),
+                )
+            }
+        }
+    }
+
+    async fn forward(
+        &self,
+        mut request: Request<Incoming>,
+        client: SocketAddr,
+        framing: &AmbiguousFraming,
+        table: &RoutingTable,
+        backend_name: &mut Option<HeaderValue>,
+        request_id: &mut Option<HeaderValue>,
+    ) -> Result<ProxyResponse, ProxyError> {
+        if framing.detected() {
+            return Err(ProxyError::AmbiguousFraming);
+        }
+        if request.method() == Method::CONNECT {
+            return Err(ProxyError::ConnectMethod);
+        }
+        let websocket = request.version() == Version::HTTP_11
+            && headers::is_websocket_upgrade(request.headers());
+        let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut request));
+        let (parts, body) = request.into_parts();
+
+        // Pick the backend and endpoint.
+        let decision = table
+            .route(&parts.headers, &mut rand::rng())
+            .ok_or(ProxyError::NoBackend)?;
+        let backend = &table.backends[decision.backend];
+        *backend_name = Some(backend.name_value.clone());
+        let endpoint = backend.pick_endpoint(None).ok_or(ProxyError::NoBackend)?;
+        let mut target = Target {
+            backend,
+            index: decision.backend,
+            endpoint,
+        };
+
+        // Rewrite the request head.
+        let mut upstream_headers = parts.headers;
+        let upgrade_value = upstream_headers.get(UPGRADE).cloned();
+        let host = upstream_headers.get(HOST).cloned().or_else(|| {
+            parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
+        headers::strip_hop_by_hop(&mut upstream_headers);
+        headers::add_forwarded(&mut upstream_headers, client.ip(), host.as_ref());
+        *request_id = Some(headers::ensure_request_id(&mut upstream_headers));
+        if let Some(host) = &host
+            && !upstream_headers.contains_key(HOST)
+        {
+            upstream_headers.insert(HOST, host.clone());
+        }
+        if let (true, Some(upgrade)) = (websocket, upgrade_value) {
+            upstream_headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+            upstream_headers.insert(UPGRADE, upgrade);
+        }
+        let path = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let (body, slot) = ForwardBody::new(body);
+        let retry_possible = table
+            .backends
+            .iter()
+            .map(|b| b.endpoints.len())
+            .sum::<usize>()
+            > 1;
+
+        // Send, retrying once elsewhere when the connection could not be made.
+        let deadline = Instant::now() + table.request_timeout;
+        let mut body = Some(body);
+        let mut upstream_headers = Some(upstream_headers);
+        let mut attempts_left = if retry_possible { 2 } else { 1 };
+        let mut response = loop {
+            attempts_left -= 1;
+            let head = match (&upstream_headers, attempts_left) {
+                (Some(h), 1) => h.clone(),
+                _ => upstream_headers.take().unwrap_or_default(),
+            };
+            let uri = Uri::builder()
+                .scheme("http")
+                .authority(target.endpoint.authority.clone())
+                .path_and_query(path.clone())
+                .build()
+                .map_err(|_| ProxyError::NoBackend)?;
+            let mut outgoing = Request::new(body.take().unwrap_or_default());
+            *outgoing.method_mut() = parts.method.clone();
+            *outgoing.uri_mut() = uri;
+            *outgoing.headers_mut() = head;
+            let sent = tokio::time::timeout_at(deadline, target.backend.upstream.send(outgoing));
+            let failure = match sent.await {
+                Ok(Ok(response)) => break response,
+                Err(_elapsed) => {
+                    return Err(ProxyError::Timeout {
+                        endpoint: target.endpoint.url.clone(),
+                        timeout: table.request_timeout,
+                    });
+                }
+                Ok(Err(source)) if !source.is_connect() => {
+                    return Err(ProxyError::Upstream {
+                        endpoint: target.endpoint.url.clone(),
+                        source,
+                    });
+                }
+                Ok(Err(source)) => source,
+            };
+            let retry = (attempts_left > 0)
+                .then(|| table.alternative(target.index, target.endpoint, &mut rand::rng()))
+                .flatten()
+                .zip(ForwardBody::reclaim(&slot));
+            let Some(((index, endpoint), reclaimed)) = retry else {
+                return Err(ProxyError::Connect {
+                    endpoint: target.endpoint.url.clone(),
+                    source: failure,
+                });
+            };
+            tracing::debug!(failed = %target.endpoint.url, retry = %endpoint.url, "connect failed, retrying");
+            target = Target {
+                backend: &table.backends[index],
+                index,
+                endpoint,
+            };
+            *backend_name = Some(target.backend.name_value.clone());
+            body = Some(reclaimed);
+        };
+
+        // Rewrite the response head.
+        let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+        let response_upgrade = response.headers().get(UPGRADE).cloned();
+        headers::strip_hop_by_hop(response.headers_mut());
+        if let Some(name) = &table.backend_header {
+            response
+                .headers_mut()
+                .insert(name.clone(), target.backend.name_value.clone());
+        }
+        if let Some(id) = request_id.clone() {
+            response
+                .headers_mut()
+                .insert(headers::X_REQUEST_ID.clone(), id);
+        }
+        if let (true, Some(client_upgrade), Some(upgrade)) =
+            (switching, client_upgrade, response_upgrade)
+        {
+            response
+                .headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+            response.headers_mut().insert(UPGRADE, upgrade);
+            let upstream_upgrade = hyper::upgrade::on(&mut response);
+            tokio::spawn(tunnel(client_upgrade, upstream_upgrade));
+        }
+        Ok(response.map(Either::Left))
+    }
+}
+
+/// Copies bytes both ways between an upgraded client connection and an upgraded upstream
+/// connection until either side closes.
+async fn tunnel(client: OnUpgrade, upstream: OnUpgrade) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(pair) => pair,
+        Err(error) => {
+            tracing::debug!(%error, "upgrade did not complete");
+            return;
+        }
+    };
+    let mut client = TokioIo::new(client);
+    let mut upstream = TokioIo::new(upstream);
+    if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        tracing::debug!(%error, "tunnel closed with an error");
+    }
+}
+
+fn error_source(error: &ProxyError) -> Option<String> {
+    std::error::Error::source(error).map(|source| {
+        let mut text = source.to_string();
+        let mut next = source.source();
+        while let Some(cause) = next {
+            text.push_str(": ");
+            text.push_str(&cause.to_string());
+            next = cause.source();
+        }
+        text
+    })
+}
+
+/// The response the client gets when the proxy cannot give it an upstream one.
+pub fn error_response(
+    error: &ProxyError,
+    request_id: Option<HeaderValue>,
+    backend: Option<(&http::HeaderName, HeaderValue)>,
+) -> ProxyResponse {
+    let status = StatusCode::from(error);
+    let text = format!(
+        "{} {}\n",
+        status.as_str(),
+        status.canonical_reason().unwrap_or("Error")
+    );
+    let mut response = Response::new(Either::Right(Full::new(Bytes::from(text))));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    if let Some(id) = request_id {
+        headers.insert(headers::X_REQUEST_ID.clone(), id);
+    }
+    if let Some((name, value)) = backend {
+        headers.insert(name.clone(), value);
+    }
+    if matches!(error, ProxyError::AmbiguousFraming) {
+        headers.insert(CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}

@@ -1,0 +1,802 @@
+//! The routing table, one immutable snapshot of backends, rules and sticky settings that each
+//! request loads once, and the decision of which backend serves a request.
+//!
+//! The decision follows the product contract: rules in order (the first match pins the request
+//! to its backend, whatever that backend's weight, unless it is unhealthy); then the user's
+//! sticky bucket; then a weighted random pick. Only backends with weight > 0 and at least one
+//! healthy endpoint are eligible; when none is, the proxy fails open over the configured weights.
+//!
+//! Endpoint health is the one piece of live state: an `AtomicBool` per endpoint, shared by every
+//! snapshot that contains the endpoint, so the health checker never has to rebuild the table and
+//! an admin change never loses health it did not know about. A decision reads each health flag
+//! once, so it is consistent with itself.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use http::uri::Authority;
+use http::{HeaderMap, HeaderName, HeaderValue};
+use rand::{Rng, RngExt};
+
+use crate::config::{
+    BackendConfig, Config, HealthCheckConfig, RuleConfig, RuleMatcher, RuleSource,
+};
+use crate::duration::format_duration;
+use crate::sticky::{self, BUCKETS, StickySettings};
+use crate::upstream::{Upstream, UpstreamSettings};
+
+/// The most backends a table can hold; decisions track eligibility in a `u64` bit set so that
+/// they never allocate.
+pub const MAX_BACKENDS: usize = 64;
+
+/// One snapshot of everything routing needs. Never mutated: a change builds a new table and
+/// swaps it in with one store.
+#[derive(Debug)]
+pub struct RoutingTable {
+    /// Bumped by every change; the admin API returns it as the `ETag`.
+    pub version: u64,
+    /// In declaration order, which is also the order of sticky bucket ranges.
+    pub backends: Vec<Backend>,
+    /// Tried in order before sticky buckets and weights.
+    pub rules: Vec<Rule>,
+    pub sticky: StickySettings,
+    /// How long an upstream may take to send its response head before the client gets a 504.
+    pub request_timeout: Duration,
+    /// Response header naming the backend that served, or `None` when disabled.
+    pub backend_header: Option<HeaderName>,
+    /// Bit i is set when backend i has a weight above zero.
+    weighted: u64,
+}
+
+/// One version of the service (v1, v2, ...) and the endpoints that run it.
+#[derive(Debug, Clone)]
+pub struct Backend {
+    pub name: String,
+    /// `name` as a header value, built once for `x-canary-backend`.
+    pub name_value: HeaderValue,
+    pub weight: u32,
+    pub endpoints: Vec<Arc<Endpoint>>,
+    /// The connection pool of this backend; kept across reloads that do not change it.
+    pub upstream: Upstream,
+    pub health: Option<HealthCheckConfig>,
+    /// Round-robin cursor over `endpoints`, shared with the tables derived from this one.
+    cursor: Arc<AtomicUsize>,
+}
+
+/// One instance of a backend.
+#[derive(Debug)]
+pub struct Endpoint {
+    /// The URL as configured, for logs, metrics and the admin API.
+    pub url: String,
+    /// `host:port` that requests are sent to.
+    pub authority: Authority,
+    healthy: AtomicBool,
+}
+
+/// A configured rule, resolved to the backend it pins requests to.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    pub source: RuleSource,
+    pub matcher: RuleMatcher,
+    pub backend: usize,
+}
+
+/// Which backend serves a request, and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    pub backend: usize,
+    pub reason: Reason,
+}
+
+/// Why a backend was chosen; bounded, so it can be a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// Rule number n (0-based) matched.
+    Rule(usize),
+    /// The user's sticky bucket falls in the backend's range.
+    Sticky(u32),
+    /// Weighted random pick.
+    Weight,
+    /// Nothing eligible was healthy: routed by configured weights, ignoring health.
+    Fallback,
+}
+
+impl Reason {
+    /// The label used in metrics and logs.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Reason::Rule(_) => "rule",
+            Reason::Sticky(_) => "sticky",
+            Reason::Weight => "weight",
+            Reason::Fallback => "fallback",
+        }
+    }
+}
+
+impl Endpoint {
+    pub fn new(url: String, authority: Authority) -> Self {
+        Endpoint {
+            url,
+            authority,
+            healthy: AtomicBool::new(true),
+        }
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    pub fn set_healthy(&self, healthy: bool) {
+        self.healthy.store(healthy, Ordering::Relaxed);
+    }
+}
+
+impl Backend {
+    /// True when at least one endpoint is healthy.
+    pub fn is_healthy(&self) -> bool {
+        self.endpoints.iter().any(|e| e.is_healthy())
+    }
+
+    /// The next endpoint in turn, skipping unhealthy ones and `avoid`. When no endpoint is
+    /// healthy (the fail-open case), endpoints are used in turn regardless of health.
+    pub fn pick_endpoint(&self, avoid: Option<&Endpoint>) -> Option<&Arc<Endpoint>> {
+        let count = self.endpoints.len();
+        let start = self.cursor.fetch_add(1, Ordering::Relaxed);
+        let candidates = (0..count).map(|k| &self.endpoints[(start + k) % count]);
+        let allowed = |e: &&Arc<Endpoint>| avoid.is_none_or(|a| !std::ptr::eq(a, e.as_ref()));
+        candidates
+            .clone()
+            .filter(allowed)
+            .find(|e| e.is_healthy())
+            .or_else(|| candidates.clone().find(allowed))
+    }
+}
+
+impl Rule {
+    pub fn matches(&self, headers: &HeaderMap) -> bool {
+        match &self.source {
+            RuleSource::Header(name) => headers
+                .get_all(name)
+                .iter()
+                .any(|value| matcher_accepts(&self.matcher, value.as_bytes())),
+            RuleSource::Cookie(name) => sticky::cookie(headers, name)
+                .is_some_and(|value| matcher_accepts(&self.matcher, value)),
+        }
+    }
+}
+
+fn matcher_accepts(matcher: &RuleMatcher, value: &[u8]) -> bool {
+    match matcher {
+        RuleMatcher::Equals(expected) => value == expected.as_bytes(),
+        RuleMatcher::Matches(regex) => std::str::from_utf8(value).is_ok_and(|v| regex.is_match(v)),
+        RuleMatcher::Present => true,
+    }
+}
+
+impl RoutingTable {
+    /// Builds a table from a validated config. Backends whose name and connection settings are
+    /// unchanged from `previous` keep their connection pool, and endpoints keep their health.
+    pub fn from_config(config: &Config, version: u64, previous: Option<&RoutingTable>) -> Self {
+        let settings = UpstreamSettings {
+            connect_timeout: config.proxy.connect_timeout,
+            idle_timeout: config.proxy.upstream_idle_timeout,
+        };
+        let backends = config
+            .backends
+            .iter()
+            .map(|b| {
+                let old = previous.and_then(|t| t.backend(&b.name));
+                Backend::from_config(b, settings, old)
+            })
+            .collect();
+        let rules = config.rules.iter().map(Rule::from_config).collect();
+        RoutingTable::assemble(
+            version,
+            backends,
+            rules,
+            StickySettings {
+                header: config.proxy.user_id_header.clone(),
+                cookie: config.proxy.user_id_cookie.clone(),
+                salt: config.proxy.sticky_salt.clone(),
+            },
+            config.proxy.request_timeout,
+            config.proxy.backend_header.clone(),
+        )
+    }
+
+    fn assemble(
+        version: u64,
+        backends: Vec<Backend>,
+        rules: Vec<Rule>,
+        sticky: StickySettings,
+        request_timeout: Duration,
+        backend_header: Option<HeaderName>,
+    ) -> Self {
+        let weighted = backends
+            .iter()
+            .enumerate()
+            .take(MAX_BACKENDS)
+            .filter(|(_, b)| b.weight > 0)
+            .fold(0u64, |mask, (i, _)| mask | 1 << i);
+        RoutingTable {
+            version,
+            backends,
+            rules,
+            sticky,
+            request_timeout,
+            backend_header,
+            weighted,
+        }
+    }
+
+    /// A copy of this table with some weights changed (same pools, same endpoints).
+    pub fn with_weights(&self, weights: &[(usize, u32)], version: u64) -> Self {
+        let mut backends = self.backends.clone();
+        for &(index, weight) in weights {
+            backends[index].weight = weight;
+        }
+        RoutingTable::assemble(
+            version,
+            backends,
+            self.rules.clone(),
+            self.sticky.clone(),
+            self.request_timeout,
+            self.backend_header.clone(),
+        )
+    }
+
+    pub fn backend(&self, name: &str) -> Option<&Backend> {
+        self.backends.iter().find(|b| b.name == name)
+    }
+
+    /// Bit i is set when backend i has at least one healthy endpoint.
+    fn healthy_mask(&self) -> u64 {
+        self.backends
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.is_healthy())
+            .fold(0u64, |mask, (i, _)| mask | 1 << i)
+    }
+
+    /// Decides which backend serves a request with these headers. `None` only when the table
+    /// has no weighted backend, which validation and the admin API rule out.
+    pub fn route(&self, headers: &HeaderMap, rng: &mut impl Rng) -> Option<Decision> {
+        let healthy = self.healthy_mask();
+        for (n, rule) in self.rules.iter().enumerate() {
+            if healthy & (1 << rule.backend) != 0 && rule.matches(headers) {
+                return Some(Decision {
+                    backend: rule.backend,
+                    reason: Reason::Rule(n),
+                });
+            }
+        }
+        let eligible = healthy & self.weighted;
+        let (mask, fallback) = if eligible != 0 {
+            (eligible, false)
+        } else {
+            (self.weighted, true)
+        };
+        let (backend, reason) = match self.sticky.bucket_of(headers) {
+            Some(bucket) => (self.bucket_owner(mask, bucket)?, Reason::Sticky(bucket)),
+            None => (self.weighted_pick(mask, rng)?, Reason::Weight),
+        };
+        let reason = if fallback { Reason::Fallback } else { reason };
+        Some(Decision { backend, reason })
+    }
+
+    /// Another place to send a request whose connection to `failed` could not be made: another
+    /// healthy endpoint of the same backend, else an eligible backend by weight.
+    pub fn alternative(
+        &self,
+        backend: usize,
+        failed: &Endpoint,
+        rng: &mut impl Rng,
+    ) -> Option<(usize, &Arc<Endpoint>)> {
+        let same = &self.backends[backend];
+        if let Some(endpoint) = same.pick_endpoint(Some(failed))
+            && endpoint.is_healthy()
+        {
+            return Some((backend, endpoint));
+        }
+        let others = self.healthy_mask() & self.weighted & !(1 << backend);
+        let other = self.weighted_pick(others, rng)?;
+        let endpoint = self.backends[other].pick_endpoint(None)?;
+        Some((other, endpoint))
+    }
+
+    fn members(&self, mask: u64) -> impl Iterator<Item = (usize, u64)> + '_ {
+        self.backends
+            .iter()
+            .enumerate()
+            .filter(move |(i, _)| *i < MAX_BACKENDS && mask & (1 << i) != 0)
+            .map(|(i, b)| (i, u64::from(b.weight)))
+    }
+
+    fn total_weight(&self, mask: u64) -> u64 {
+        self.members(mask).map(|(_, w)| w).sum()
+    }
+
+    /// The backend whose range holds `bucket`: backend i of the set owns
+    /// `[floor(10000*C(i-1)/T), floor(10000*C(i)/T))`.
+    fn bucket_owner(&self, mask: u64, bucket: u32) -> Option<usize> {
+        let total = self.total_weight(mask);
+        if total == 0 {
+            return None;
+        }
+        let mut cumulative = 0;
+        self.members(mask).find_map(|(i, weight)| {
+            cumulative += weight;
+            (u64::from(bucket) < u64::from(BUCKETS) * cumulative / total).then_some(i)
+        })
+    }
+
+    fn weighted_pick(&self, mask: u64, rng: &mut impl Rng) -> Option<usize> {
+        let total = self.total_weight(mask);
+        if total == 0 {
+            return None;
+        }
+        let point = rng.random_range(0..total);
+        let mut cumulative = 0;
+        self.members(mask).find_map(|(i, weight)| {
+            cumulative += weight;
+            (point < cumulative).then_some(i)
+        })
+    }
+}
+
+impl Backend {
+    fn from_config(
+        config: &BackendConfig,
+        settings: UpstreamSettings,
+        old: Option<&Backend>,
+    ) -> Self {
+        let old = old.filter(|b| b.upstream.settings() == settings);
+        let endpoints = config
+            .endpoints
+            .iter()
+            .map(|e| {
+                old.and_then(|b| b.endpoints.iter().find(|o| o.url == e.url))
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(Endpoint::new(e.url.clone(), e.authority.clone())))
+            })
+            .collect();
+        Backend {
+            name: config.name.clone(),
+            name_value: HeaderValue::from_str(&config.name)
+                .unwrap_or_else(|_| HeaderValue::from_static("invalid")),
+            weight: config.weight,
+            endpoints,
+            upstream: old.map_or_else(|| Upstream::new(settings), |b| b.upstream.clone()),
+            health: config.health.clone(),
+            cursor: old.map_or_else(Arc::default, |b| b.cursor.clone()),
+        }
+    }
+}
+
+impl Rule {
+    fn from_config(config: &RuleConfig) -> Self {
+        Rule {
+            source: config.source.clone(),
+            matcher: config.matcher.clone(),
+            backend: config.backend,
+        }
+    }
+}
+
+/// The effective table as `canary-proxy check` prints it.
+impl fmt::Display for RoutingTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let total: u64 = self.backends.iter().map(|b| u64::from(b.weight)).sum();
+        writeln!(f, "backends (sticky buckets 0..{BUCKETS}):")?;
+        let mut cumulative = 0u64;
+        for b in &self.backends {
+            let start = u64::from(BUCKETS) * cumulative / total.max(1);
+            cumulative += u64::from(b.weight);
+            let end = u64::from(BUCKETS) * cumulative / total.max(1);
+            let share = 100.0 * b.weight as f64 / total.max(1) as f64;
+            write!(f, "  {:<12} weight {:>5} ({share:5.1}%)", b.name, b.weight)?;
+            if b.weight > 0 {
+                write!(f, "  buckets [{start}, {end})")?;
+            }
+            writeln!(f)?;
+            for e in &b.endpoints {
+                writeln!(f, "    -> {}", e.url)?;
+            }
+            if let Some(h) = &b.health {
+                writeln!(
+                    f,
+                    "    health: GET {} every {}, timeout {}, down after {} failures, up after {} passes",
+                    h.path,
+                    format_duration(h.interval),
+                    format_duration(h.timeout),
+                    h.unhealthy_threshold,
+                    h.healthy_threshold
+                )?;
+            }
+        }
+        writeln!(f, "rules (first match wins):")?;
+        if self.rules.is_empty() {
+            writeln!(f, "  (none)")?;
+        }
+        for (n, r) in self.rules.iter().enumerate() {
+            let source = match &r.source {
+                RuleSource::Header(h) => format!("header {h}"),
+                RuleSource::Cookie(c) => format!("cookie {c}"),
+            };
+            let matcher = match &r.matcher {
+                RuleMatcher::Equals(v) => format!("equals {v:?}"),
+                RuleMatcher::Matches(re) => format!("matches /{}/", re.as_str()),
+                RuleMatcher::Present => "is present".to_string(),
+            };
+            writeln!(
+                f,
+                "  {n}: {source} {matcher} -> {}",
+                self.backends[r.backend].name
+            )?;
+        }
+        write!(f, "sticky: ")?;
+        match (&self.sticky.header, &self.sticky.cookie) {
+            (None, None) => writeln!(f, "off (no user_id_header or user_id_cookie)")?,
+            (header, cookie) => {
+                let from = [
+                    header.as_ref().map(|h| format!("header {h}")),
+                    cookie.as_ref().map(|c| format!("cookie {c}")),
+                ];
+                let from: Vec<_> = from.into_iter().flatten().collect();
+                writeln!(
+                    f,
+                    "user id from {}, salt {:?}",
+                    from.join(", then "),
+                    self.sticky.salt
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sticky::bucket;
+    use http::header::COOKIE;
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+
+    fn table(weights: &[u32], rules: Vec<Rule>, sticky: StickySettings) -> RoutingTable {
+        let backends = weights
+            .iter()
+            .enumerate()
+            .map(|(i, &weight)| Backend {
+                name: format!("v{}", i + 1),
+                name_value: HeaderValue::from_static("v"),
+                weight,
+                endpoints: vec![
+                    Arc::new(Endpoint::new(
+                        format!("http://10.0.0.{i}:1"),
+                        "a:1".parse().unwrap(),
+                    )),
+                    Arc::new(Endpoint::new(
+                        format!("http://10.0.0.{i}:2"),
+                        "a:2".parse().unwrap(),
+                    )),
+                ],
+                upstream: Upstream::new(UpstreamSettings {
+                    connect_timeout: Duration::from_secs(1),
+                    idle_timeout: Duration::from_secs(1),
+                }),
+                health: None,
+                cursor: Arc::default(),
+            })
+            .collect();
+        RoutingTable::assemble(1, backends, rules, sticky, Duration::from_secs(1), None)
+    }
+
+    fn user_sticky() -> StickySettings {
+        StickySettings {
+            header: Some(HeaderName::from_static("x-user-id")),
+            cookie: Some("uid".into()),
+            salt: String::new(),
+        }
+    }
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (k, v) in pairs {
+            map.append(*k, HeaderValue::from_str(v).unwrap());
+        }
+        map
+    }
+
+    fn set_backend_health(table: &RoutingTable, backend: usize, healthy: bool) {
+        for e in &table.backends[backend].endpoints {
+            e.set_healthy(healthy);
+        }
+    }
+
+    fn rule(source: RuleSource, matcher: RuleMatcher, backend: usize) -> Rule {
+        Rule {
+            source,
+            matcher,
+            backend,
+        }
+    }
+
+    #[test]
+    fn weighted_pick_follows_weights() {
+        let t = table(&[90, 10], vec![], StickySettings::default());
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut counts = [0u32; 2];
+        for _ in 0..100_000 {
+            let d = t.route(&HeaderMap::new(), &mut rng).unwrap();
+            assert_eq!(d.reason, Reason::Weight);
+            counts[d.backend] += 1;
+        }
+        assert!((9_500..=10_500).contains(&counts[1]), "{counts:?}");
+    }
+
+    #[test]
+    fn zero_weight_backend_gets_no_weighted_traffic() {
+        let t = table(&[0, 5, 0], vec![], StickySettings::default());
+        let mut rng = StdRng::seed_from_u64(1);
+        for _ in 0..1000 {
+            assert_eq!(t.route(&HeaderMap::new(), &mut rng).unwrap().backend, 1);
+        }
+    }
+
+    #[test]
+    fn bucket_ranges_follow_the_formula() {
+        let t = table(&[1, 2], vec![], StickySettings::default());
+        // T = 3: v1 owns [0, 3333), v2 owns [3333, 10000).
+        assert_eq!(t.bucket_owner(0b11, 0), Some(0));
+        assert_eq!(t.bucket_owner(0b11, 3332), Some(0));
+        assert_eq!(t.bucket_owner(0b11, 3333), Some(1));
+        assert_eq!(t.bucket_owner(0b11, 9999), Some(1));
+        let t = table(&[90, 0, 10], vec![], StickySettings::default());
+        assert_eq!(t.bucket_owner(0b101, 8999), Some(0));
+        assert_eq!(t.bucket_owner(0b101, 9000), Some(2));
+    }
+
+    #[test]
+    fn sticky_users_stay_and_only_move_to_the_canary_as_it_grows() {
+        let mut previous: Vec<usize> = Vec::new();
+        for canary in [0u32, 1, 5, 10, 25, 50, 75, 99, 100] {
+            let t = table(&[100 - canary, canary], vec![], user_sticky());
+            let mut rng = StdRng::seed_from_u64(3);
+            let now: Vec<usize> = (0..2000)
+                .map(|u| {
+                    let h = headers(&[("x-user-id", &format!("user-{u}"))]);
+                    let a = t.route(&h, &mut rng).unwrap();
+                    let b = t.route(&h, &mut rng).unwrap();
+                    assert_eq!(a, b, "same user, same table, same answer");
+                    assert!(matches!(a.reason, Reason::Sticky(_)));
+                    a.backend
+                })
+                .collect();
+            for (was, is) in previous.iter().zip(&now) {
+                assert!(
+                    !(*was == 1 && *is == 0),
+                    "a user moved back from the canary"
+                );
+            }
+            let on_canary = now.iter().filter(|&&b| b == 1).count() as f64 / 2000.0;
+            assert!(
+                (on_canary - canary as f64 / 100.0).abs() < 0.04,
+                "{canary}: {on_canary}"
+            );
+            previous = now;
+        }
+    }
+
+    #[test]
+    fn sticky_decision_reports_the_bucket() {
+        let t = table(&[50, 50], vec![], user_sticky());
+        let h = headers(&[("cookie", "a=b; uid=alice")]);
+        let d = t.route(&h, &mut StdRng::seed_from_u64(0)).unwrap();
+        let b = bucket(b"", b"alice");
+        assert_eq!(d.reason, Reason::Sticky(b));
+        assert_eq!(d.backend, usize::from(b >= 5000));
+    }
+
+    #[test]
+    fn rules_match_in_order_and_ignore_weight() {
+        let rules = vec![
+            rule(
+                RuleSource::Header(HeaderName::from_static("x-canary")),
+                RuleMatcher::Equals("always".into()),
+                1,
+            ),
+            rule(
+                RuleSource::Cookie("beta".into()),
+                RuleMatcher::Matches(regex::Regex::new("^(yes|1)$").unwrap()),
+                1,
+            ),
+            rule(
+                RuleSource::Header(HeaderName::from_static("x-debug")),
+                RuleMatcher::Present,
+                0,
+            ),
+        ];
+        let t = table(&[100, 0], rules, user_sticky());
+        let mut rng = StdRng::seed_from_u64(0);
+        let route = |pairs: &[(&'static str, &str)], rng: &mut StdRng| {
+            t.route(&headers(pairs), rng).unwrap()
+        };
+        assert_eq!(
+            route(&[("x-canary", "always")], &mut rng),
+            Decision {
+                backend: 1,
+                reason: Reason::Rule(0)
+            }
+        );
+        assert_eq!(
+            route(&[("x-canary", "Always")], &mut rng).reason,
+            Reason::Weight
+        );
+        assert_eq!(
+            route(&[("cookie", "beta=1")], &mut rng).reason,
+            Reason::Rule(1)
+        );
+        assert_eq!(
+            route(&[("cookie", "beta=no")], &mut rng).reason,
+            Reason::Weight
+        );
+        assert_eq!(
+            route(&[("x-debug", "")], &mut rng),
+            Decision {
+                backend: 0,
+                reason: Reason::Rule(2)
+            }
+        );
+        // The first matching rule wins.
+        assert_eq!(
+            route(&[("x-debug", "1"), ("x-canary", "always")], &mut rng).reason,
+            Reason::Rule(0)
+        );
+    }
+
+    #[test]
+    fn unhealthy_rule_target_falls_through() {
+        let rules = vec![rule(
+            RuleSource::Header(HeaderName::from_static("x-canary")),
+            RuleMatcher::Present,
+            1,
+        )];
+        let t = table(&[100, 0], rules, StickySettings::default());
+        set_backend_health(&t, 1, false);
+        let d = t
+            .route(
+                &headers(&[("x-canary", "1")]),
+                &mut StdRng::seed_from_u64(0),
+            )
+            .unwrap();
+        assert_eq!(
+            d,
+            Decision {
+                backend: 0,
+                reason: Reason::Weight
+            }
+        );
+    }
+
+    #[test]
+    fn unhealthy_backend_share_goes_to_the_others_sticky_included() {
+        let t = table(&[50, 50], vec![], user_sticky());
+        set_backend_health(&t, 1, false);
+        let mut rng = StdRng::seed_from_u64(0);
+        for u in 0..500 {
+            let h = headers(&[("x-user-id", &format!("u{u}"))]);
+            assert_eq!(t.route(&h, &mut rng).unwrap().backend, 0);
+            assert_eq!(t.route(&HeaderMap::new(), &mut rng).unwrap().backend, 0);
+        }
+        // One healthy endpoint is enough to keep the backend eligible.
+        t.backends[1].endpoints[0].set_healthy(true);
+        let picks: Vec<_> = (0..200)
+            .map(|_| t.route(&HeaderMap::new(), &mut rng).unwrap().backend)
+            .collect();
+        assert!(picks.contains(&1));
+    }
+
+    #[test]
+    fn nothing_healthy_fails_open_by_configured_weights() {
+        let t = table(&[0, 100], vec![], StickySettings::default());
+        set_backend_health(&t, 0, false);
+        set_backend_health(&t, 1, false);
+        let d = t
+            .route(&HeaderMap::new(), &mut StdRng::seed_from_u64(0))
+            .unwrap();
+        assert_eq!(
+            d,
+            Decision {
+                backend: 1,
+                reason: Reason::Fallback
+            }
+        );
+        // A healthy weight-0 backend is not eligible, so fail-open still applies.
+        set_backend_health(&t, 0, true);
+        let d = t
+            .route(&HeaderMap::new(), &mut StdRng::seed_from_u64(0))
+            .unwrap();
+        assert_eq!(
+            d,
+            Decision {
+                backend: 1,
+                reason: Reason::Fallback
+            }
+        );
+    }
+
+    #[test]
+    fn endpoints_rotate_and_skip_unhealthy_ones() {
+        let t = table(&[1], vec![], StickySettings::default());
+        let b = &t.backends[0];
+        let urls: Vec<_> = (0..4)
+            .map(|_| b.pick_endpoint(None).unwrap().url.clone())
+            .collect();
+        assert_ne!(urls[0], urls[1]);
+        assert_eq!(urls[0], urls[2]);
+        b.endpoints[0].set_healthy(false);
+        for _ in 0..4 {
+            assert!(Arc::ptr_eq(b.pick_endpoint(None).unwrap(), &b.endpoints[1]));
+        }
+        // Avoiding the only healthy endpoint leaves the unhealthy one as the last resort.
+        let last = b.pick_endpoint(Some(&b.endpoints[1])).unwrap();
+        assert!(Arc::ptr_eq(last, &b.endpoints[0]));
+    }
+
+    #[test]
+    fn alternative_prefers_another_endpoint_then_another_backend() {
+        let t = table(&[50, 50], vec![], StickySettings::default());
+        let mut rng = StdRng::seed_from_u64(0);
+        let failed = t.backends[0].endpoints[0].clone();
+        let (b, e) = t.alternative(0, &failed, &mut rng).unwrap();
+        assert_eq!(b, 0);
+        assert!(Arc::ptr_eq(e, &t.backends[0].endpoints[1]));
+        t.backends[0].endpoints[1].set_healthy(false);
+        let (b, _) = t.alternative(0, &failed, &mut rng).unwrap();
+        assert_eq!(b, 1);
+        set_backend_health(&t, 1, false);
+        assert!(t.alternative(0, &failed, &mut rng).is_none());
+    }
+
+    #[test]
+    fn with_weights_keeps_pools_and_health() {
+        let t = table(&[90, 10], vec![], StickySettings::default());
+        t.backends[1].endpoints[0].set_healthy(false);
+        let u = t.with_weights(&[(1, 20), (0, 80)], 2);
+        assert_eq!(u.version, 2);
+        assert_eq!((u.backends[0].weight, u.backends[1].weight), (80, 20));
+        assert!(!u.backends[1].endpoints[0].is_healthy());
+        assert!(Arc::ptr_eq(
+            &u.backends[1].endpoints[0],
+            &t.backends[1].endpoints[0]
+        ));
+        let u = t.with_weights(&[(0, 0)], 3);
+        for _ in 0..100 {
+            assert_eq!(
+                u.route(&HeaderMap::new(), &mut StdRng::seed_from_u64(0))
+                    .unwrap()
+                    .backend,
+                1
+            );
+        }
+    }
+
+    #[test]
+    fn cookie_rule_reads_cookie_header() {
+        let rules = vec![rule(
+            RuleSource::Cookie("canary".into()),
+            RuleMatcher::Present,
+            1,
+        )];
+        let t = table(&[1, 0], rules, StickySettings::default());
+        let mut h = HeaderMap::new();
+        h.insert(COOKIE, HeaderValue::from_static("canary=1"));
+        assert_eq!(
+            t.route(&h, &mut StdRng::seed_from_u64(0)).unwrap().reason,
+            Reason::Rule(0)
+        );
+    }
+}

@@ -1,0 +1,312 @@
+//! Test harness: real upstream servers on 127.0.0.1:0 and a proxy started through the public
+//! API, talked to over real TCP.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use canary_proxy::{Proxy, RoutingTable, ServerOptions, SharedTable};
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+
+/// A test upstream. Paths: `/` answers its name; `/headers` dumps the request headers as
+/// `name: value` lines; `/slow?ms=N` waits N ms first; `/upload` streams the body and answers
+/// `received N`; `/hop` answers with hop-by-hop headers; `/status/N` answers status N;
+/// `/ws` echoes WebSocket messages. Every response carries `x-served-by: NAME`.
+pub struct Upstream {
+    pub name: &'static str,
+    pub addr: SocketAddr,
+    /// Requests received (any path).
+    pub hits: Arc<AtomicUsize>,
+    _stop: oneshot::Sender<()>,
+}
+
+impl Upstream {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+}
+
+pub async fn upstream(name: &'static str) -> Upstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let (stop, mut stopped) = oneshot::channel::<()>();
+    let counter = hits.clone();
+    tokio::spawn(async move {
+        loop {
+            let stream = tokio::select! {
+                accepted = listener.accept() => accepted.unwrap().0,
+                _ = &mut stopped => return,
+            };
+            let counter = counter.clone();
+            let service = service_fn(move |request| {
+                counter.fetch_add(1, Ordering::SeqCst);
+                answer(name, request)
+            });
+            tokio::spawn(async move {
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Upstream {
+        name,
+        addr,
+        hits,
+        _stop: stop,
+    }
+}
+
+async fn answer(
+    name: &'static str,
+    mut request: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let path = request.uri().path().to_string();
+    let query = request.uri().query().unwrap_or("").to_string();
+    let mut status = StatusCode::OK;
+    let mut extra: Vec<(&'static str, &'static str)> = Vec::new();
+    let body = match path.as_str() {
+        "/headers" => {
+            let mut text = String::new();
+            for (k, v) in request.headers() {
+                text.push_str(&format!("{}: {}\n", k, v.to_str().unwrap_or("<bin>")));
+            }
+            text
+        }
+        "/slow" => {
+            let ms: u64 = query.trim_start_matches("ms=").parse().unwrap_or(1000);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            name.to_string()
+        }
+        "/upload" => {
+            let mut body = request.into_body();
+            let mut total = 0usize;
+            while let Some(frame) = body.frame().await {
+                if let Ok(data) = frame.unwrap().into_data() {
+                    total += data.len();
+                }
+            }
+            format!("received {total}")
+        }
+        "/hop" => {
+            extra = vec![
+                ("connection", "x-upstream-secret"),
+                ("x-upstream-secret", "leak"),
+                ("keep-alive", "timeout=5"),
+                ("proxy-authenticate", "Basic"),
+                ("trailer", "x-sum"),
+                ("upgrade", "h2c"),
+                ("x-upstream-kept", "yes"),
+            ];
+            name.to_string()
+        }
+        "/ws" => {
+            let key = request.headers()["sec-websocket-key"].clone();
+            let on_upgrade = hyper::upgrade::on(&mut request);
+            tokio::spawn(async move {
+                let upgraded = on_upgrade.await.unwrap();
+                let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    None,
+                )
+                .await;
+                while let Some(Ok(message)) = ws.next().await {
+                    if message.is_close() {
+                        break;
+                    }
+                    if ws.send(message).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            let mut response = Response::new(Full::new(Bytes::new()));
+            *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            let h = response.headers_mut();
+            h.insert("connection", "upgrade".parse().unwrap());
+            h.insert("upgrade", "websocket".parse().unwrap());
+            h.insert(
+                "sec-websocket-accept",
+                derive_accept_key(key.as_bytes()).parse().unwrap(),
+            );
+            return Ok(response);
+        }
+        p if p.starts_with("/status/") => {
+            status = StatusCode::from_u16(p[8..].parse().unwrap()).unwrap();
+            name.to_string()
+        }
+        _ => name.to_string(),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert("x-served-by", name.parse().unwrap());
+    for (k, v) in extra {
+        response.headers_mut().append(k, v.parse().unwrap());
+    }
+    Ok(response)
+}
+
+/// An upstream that reads a request head, then closes the connection without answering.
+pub async fn broken_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counter = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                counter.fetch_add(1, Ordering::SeqCst);
+                drop(stream);
+            });
+        }
+    });
+    (addr, hits)
+}
+
+/// An address nothing listens on (connections are refused).
+pub async fn refused_addr() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap()
+}
+
+/// A proxy serving on 127.0.0.1:0, stopped when dropped.
+pub struct TestProxy {
+    pub addr: SocketAddr,
+    pub table: SharedTable,
+    stop: Option<oneshot::Sender<()>>,
+    pub task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestProxy {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Stops accepting and waits for the drain to finish.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap();
+        }
+    }
+}
+
+impl Drop for TestProxy {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Starts a proxy for the config text (its `[proxy] listen` is ignored: port 0 is used).
+pub async fn start_proxy(config: &str) -> TestProxy {
+    let config = canary_proxy::config::parse(config, "test.toml").expect("test config is valid");
+    let table: SharedTable = Arc::new(ArcSwap::from_pointee(RoutingTable::from_config(
+        &config, 1, None,
+    )));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let options = ServerOptions {
+        header_read_timeout: config.proxy.header_read_timeout,
+        shutdown_grace: config.proxy.shutdown_grace,
+    };
+    let proxy = Proxy::new(table.clone());
+    let task = tokio::spawn(canary_proxy::serve(listener, proxy, options, async move {
+        let _ = stopped.await;
+    }));
+    TestProxy {
+        addr,
+        table,
+        stop: Some(stop),
+        task: Some(task),
+    }
+}
+
+/// A config with one `[[backend]]` per `(name, urls, weight)` and extra TOML appended.
+pub fn config(backends: &[(&str, Vec<String>, u32)], extra: &str) -> String {
+    let mut text = String::from(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nuser_id_header = \"x-user-id\"\nuser_id_cookie = \"uid\"\n",
+    );
+    text.push_str(extra);
+    text.push('\n');
+    for (name, urls, weight) in backends {
+        let urls: Vec<String> = urls.iter().map(|u| format!("\"{u}\"")).collect();
+        text.push_str(&format!(
+            "[[backend]]\nname = \"{name}\"\nurls = [{}]\nweight = {weight}\n",
+            urls.join(", ")
+        ));
+    }
+    text
+}
+
+/// A plain HTTP/1.1 client that never goes through an environment proxy.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// Sends raw bytes on a fresh connection and returns everything read until the peer closes
+/// or `wait` passes without data.
+pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8], wait: Duration) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        match tokio::time::timeout(wait, stream.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => out.extend_from_slice(&chunk[..n]),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The independent reference for the sticky formula: FNV-1a 32-bit, written out here again
+/// on purpose so the test does not trust the proxy's own implementation.
+pub fn reference_bucket(salt: &str, user: &str) -> u32 {
+    let mut hash: u32 = 2_166_136_261;
+    for byte in salt.bytes().chain(user.bytes()) {
+        hash ^= byte as u32;
+        hash = hash.wrapping_mul(16_777_619);
+    }
+    hash % 10_000
+}

@@ -1,0 +1,191 @@
+//! Routing over real TCP: the weighted split, each rule kind, sticky buckets against an
+//! independent FNV-1a, and the monotone ramp as the canary's weight rises.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use common::*;
+
+async fn served_by(client: &reqwest::Client, request: reqwest::RequestBuilder) -> String {
+    let _ = client;
+    let response = request.send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let header = response.headers()["x-canary-backend"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let served = response.headers()["x-served-by"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        header, served,
+        "x-canary-backend names the backend that served"
+    );
+    served
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weighted_split_is_within_tolerance() {
+    let (v1, v2) = (upstream("v1").await, upstream("v2").await);
+    let proxy = start_proxy(&config(
+        &[("v1", vec![v1.url()], 90), ("v2", vec![v2.url()], 10)],
+        "",
+    ))
+    .await;
+    let client = client();
+    let total = 4000;
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let client = client.clone();
+        let url = proxy.url("/");
+        tasks.push(tokio::spawn(async move {
+            let mut v2 = 0;
+            for _ in 0..total / 8 {
+                if served_by(&client, client.get(&url)).await == "v2" {
+                    v2 += 1;
+                }
+            }
+            v2
+        }));
+    }
+    let mut on_v2 = 0;
+    for task in tasks {
+        on_v2 += task.await.unwrap();
+    }
+    let share = on_v2 as f64 / total as f64;
+    // Binomial sd at p=0.1, n=4000 is 0.47%; 2% is more than 4 sd.
+    assert!((share - 0.10).abs() < 0.02, "v2 share {share}");
+    assert_eq!(v1.hits() + v2.hits(), total);
+}
+
+#[tokio::test]
+async fn each_rule_kind_pins_its_backend_even_at_weight_zero() {
+    let (v1, v2) = (upstream("v1").await, upstream("v2").await);
+    let rules = r#"
+[[rule]]
+header = "x-canary"
+equals = "always"
+backend = "v2"
+[[rule]]
+header = "x-client-version"
+matches = "^2\\."
+backend = "v2"
+[[rule]]
+cookie = "beta"
+present = true
+backend = "v2"
+[[rule]]
+cookie = "group"
+equals = "testers"
+backend = "v2"
+"#;
+    let mut text = config(
+        &[("v1", vec![v1.url()], 100), ("v2", vec![v2.url()], 0)],
+        "",
+    );
+    text.push_str(rules);
+    let proxy = start_proxy(&text).await;
+    let c = client();
+    let url = proxy.url("/");
+    let cases: Vec<(&str, &str, &str)> = vec![
+        ("x-canary", "always", "v2"),
+        ("x-canary", "sometimes", "v1"),
+        ("x-client-version", "2.4.1", "v2"),
+        ("x-client-version", "12.0", "v1"),
+        ("cookie", "beta=", "v2"),
+        ("cookie", "a=1; beta=yes", "v2"),
+        ("cookie", "betamax=1", "v1"),
+        ("cookie", "group=testers", "v2"),
+        ("cookie", "group=others", "v1"),
+    ];
+    for (name, value, expected) in cases {
+        for _ in 0..5 {
+            let served = served_by(&c, c.get(&url).header(name, value)).await;
+            assert_eq!(served, expected, "{name}: {value}");
+        }
+    }
+    for _ in 0..20 {
+        assert_eq!(served_by(&c, c.get(&url)).await, "v1");
+    }
+}
+
+#[tokio::test]
+async fn sticky_users_land_on_the_bucket_owner_by_the_published_formula() {
+    let (v1, v2) = (upstream("v1").await, upstream("v2").await);
+    let proxy = start_proxy(&config(
+        &[("v1", vec![v1.url()], 70), ("v2", vec![v2.url()], 30)],
+        "sticky_salt = \"checkout:\"",
+    ))
+    .await;
+    let c = client();
+    let url = proxy.url("/");
+    for i in 0..300 {
+        let user = format!("user-{i}");
+        // T = 100: v1 owns [0, 7000), v2 owns [7000, 10000).
+        let expected = if reference_bucket("checkout:", &user) < 7000 {
+            "v1"
+        } else {
+            "v2"
+        };
+        let by_header = served_by(&c, c.get(&url).header("x-user-id", &user)).await;
+        let by_cookie = served_by(&c, c.get(&url).header("cookie", format!("uid={user}"))).await;
+        assert_eq!(by_header, expected, "{user}");
+        assert_eq!(by_cookie, expected, "{user}");
+    }
+    // The header wins over the cookie.
+    let (a, b) = ("user-1", "user-2");
+    let header_choice = served_by(&c, c.get(&url).header("x-user-id", a)).await;
+    let both = served_by(
+        &c,
+        c.get(&url)
+            .header("x-user-id", a)
+            .header("cookie", format!("uid={b}")),
+    )
+    .await;
+    assert_eq!(both, header_choice);
+}
+
+#[tokio::test]
+async fn raising_the_canary_weight_only_moves_users_onto_the_canary() {
+    let (v1, v2) = (upstream("v1").await, upstream("v2").await);
+    let proxy = start_proxy(&config(
+        &[("v1", vec![v1.url()], 100), ("v2", vec![v2.url()], 0)],
+        "",
+    ))
+    .await;
+    let c = client();
+    let url = proxy.url("/");
+    let users: Vec<String> = (0..400).map(|i| format!("u{i}")).collect();
+    let mut previous: HashMap<String, String> = HashMap::new();
+    let mut last_share = -1.0;
+    for canary in [0u32, 5, 10, 25, 50, 75, 100] {
+        let table = proxy.table.load_full();
+        let next = table.with_weights(&[(0, 100 - canary), (1, canary)], table.version + 1);
+        proxy.table.store(Arc::new(next));
+        let mut on_canary = 0;
+        for user in &users {
+            let served = served_by(&c, c.get(&url).header("x-user-id", user)).await;
+            if let Some(before) = previous.get(user) {
+                assert!(
+                    !(before == "v2" && served == "v1"),
+                    "{user} moved back at {canary}%"
+                );
+            }
+            on_canary += usize::from(served == "v2");
+            previous.insert(user.clone(), served);
+        }
+        let share = on_canary as f64 / users.len() as f64;
+        assert!(
+            share >= last_share,
+            "share fell from {last_share} to {share}"
+        );
+        assert!(
+            (share - canary as f64 / 100.0).abs() < 0.08,
+            "{canary}%: {share}"
+        );
+        last_share = share;
+    }
+}
