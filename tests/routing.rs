@@ -189,3 +189,15 @@ async fn raising_the_canary_weight_only_moves_users_onto_the_canary() {
         last_share = share;
     }
 }
+
+#[tokio::test]
+async fn endpoints_of_a_backend_are_used_in_turn() {
+    let (a, b) = (upstream("v1-a").await, upstream("v1-b").await);
+    let proxy = start_proxy(&config(&[("v1", vec![a.url(), b.url()], 1)], "")).await;
+    let c = client();
+    for _ in 0..100 {
+        let response = c.get(proxy.url("/")).send().await.unwrap();
+        assert_eq!(response.headers()["x-canary-backend"], "v1");
+    }
+    assert_eq!((a.hits(), b.hits()), (50, 50));
+}
