@@ -306,6 +306,25 @@ impl RoutingTable {
         Some((other, endpoint))
     }
 
+    /// The weight each backend receives right now (same order as `backends`): its configured
+    /// weight when eligible, 0 when not; when nothing is eligible (fail-open), the configured
+    /// weights. Rules are not counted: they pin requests whatever the weights.
+    pub fn effective_weights(&self) -> Vec<u32> {
+        let eligible = self.healthy_mask() & self.weighted;
+        let mask = if eligible != 0 { eligible } else { self.weighted };
+        (0..self.backends.len())
+            .map(|i| {
+                let counted = i < MAX_BACKENDS && mask & (1 << i) != 0;
+                if counted { self.backends[i].weight } else { 0 }
+            })
+            .collect()
+    }
+
+    /// True when no weighted backend is healthy, so routing fails open.
+    pub fn is_failing_open(&self) -> bool {
+        self.healthy_mask() & self.weighted == 0
+    }
+
     fn members(&self, mask: u64) -> impl Iterator<Item = (usize, u64)> + '_ {
         self.backends
             .iter()
@@ -782,6 +801,18 @@ mod tests {
                 1
             );
         }
+    }
+
+    #[test]
+    fn effective_weights_follow_health_and_fail_open() {
+        let t = table(&[90, 10, 0], vec![], StickySettings::default());
+        assert_eq!(t.effective_weights(), [90, 10, 0]);
+        set_backend_health(&t, 1, false);
+        assert_eq!(t.effective_weights(), [90, 0, 0]);
+        assert!(!t.is_failing_open());
+        set_backend_health(&t, 0, false);
+        assert_eq!(t.effective_weights(), [90, 10, 0]);
+        assert!(t.is_failing_open());
     }
 
     #[test]
