@@ -176,7 +176,11 @@ impl Proxy {
             *outgoing.uri_mut() = uri;
             *outgoing.headers_mut() = head;
             let sent = tokio::time::timeout_at(deadline, target.backend.upstream.send(outgoing));
-            let failure = match sent.await {
+            let outcome = sent.await;
+            target
+                .endpoint
+                .record_outcome(matches!(&outcome, Ok(Ok(r)) if !r.status().is_server_error()));
+            let failure = match outcome {
                 Ok(Ok(response)) => break response,
                 Err(_elapsed) => {
                     return Err(ProxyError::Timeout {

@@ -131,6 +131,10 @@ impl Endpoint {
     pub fn set_healthy(&self, healthy: bool) {
         self.healthy.store(healthy, Ordering::Relaxed);
     }
+
+    /// Passive health: the outcome of one forwarded request (`false` for a connect failure,
+    /// a sent-but-failed request, a timeout or a 5xx).
+    pub fn record_outcome(&self, _success: bool) {}
 }
 
 impl Backend {
