@@ -63,7 +63,7 @@ fn routing(c: &mut Criterion) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let _guard = runtime.enter();
     let config = canary_proxy::config::parse(CONFIG, "bench.toml").unwrap();
-    let table = RoutingTable::from_config(&config, 1, None);
+    let table = RoutingTable::from_config(&config, 1, None, &canary_proxy::Metrics::new());
     let mut rng = rand::rng();
 
     let plain = browser_headers();
@@ -105,7 +105,8 @@ fn header_rewrite(c: &mut Criterion) {
             |mut headers| {
                 canary_proxy::strip_hop_by_hop(&mut headers);
                 canary_proxy::add_forwarded(&mut headers, client, Some(&host));
-                black_box(canary_proxy::ensure_request_id(&mut headers));
+                let id = canary_proxy::request_id(&headers);
+                headers.insert("x-request-id", id);
                 headers
             },
             criterion::BatchSize::SmallInput,

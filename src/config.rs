@@ -153,6 +153,9 @@ pub struct BackendConfig {
     pub weight: u32,
     /// Active health check; `None` means only passive checks apply.
     pub health: Option<HealthCheckConfig>,
+    /// Passive health (`[backend.outlier]`): when failed requests eject an endpoint. Always
+    /// present; defaults filled in when the table is absent.
+    pub outlier: OutlierConfig,
     /// 1-based line of the `[[backend]]` header, for messages about this backend.
     pub line: usize,
 }
@@ -235,7 +238,10 @@ impl FromStr for EndpointUrl {
 }
 
 /// `[backend.health]`: the active health check of every endpoint of one backend.
-#[derive(Debug, Clone)]
+///
+/// `PartialEq` lets the health supervisor tell whether a reload changed the check, in which
+/// case the probe tasks restart with the new settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthCheckConfig {
     /// Path (and optional query) probed with GET; a 2xx answer is a pass. Default `/health`.
     pub path: http::uri::PathAndQuery,
@@ -257,6 +263,30 @@ impl Default for HealthCheckConfig {
             timeout: Duration::from_secs(1),
             unhealthy_threshold: 3,
             healthy_threshold: 2,
+        }
+    }
+}
+
+/// `[backend.outlier]`: passive health, modelled on Envoy's outlier detection. Consecutive
+/// failed requests to one endpoint (connect failures, timeouts, 5xx) eject it for a cool-down
+/// that grows with each recent ejection, so a flapping endpoint stays out longer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutlierConfig {
+    /// Consecutive failures that eject an endpoint. Default 5; 0 disables passive ejection.
+    pub consecutive_failures: u32,
+    /// The first ejection lasts this long, the n-th `n` times as long (n decays by one for
+    /// each such period the endpoint then stays in). Default 30s; greater than 0.
+    pub base_ejection: Duration,
+    /// Upper bound of one ejection. Default 5m; at least `base_ejection`.
+    pub max_ejection: Duration,
+}
+
+impl Default for OutlierConfig {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 5,
+            base_ejection: Duration::from_secs(30),
+            max_ejection: Duration::from_secs(300),
         }
     }
 }
@@ -405,6 +435,7 @@ struct RawBackend {
     urls: Option<Spanned<Vec<Spanned<String>>>>,
     weight: Option<Spanned<RawInt>>,
     health: Option<Spanned<RawHealth>>,
+    outlier: Option<Spanned<RawOutlier>>,
 }
 
 #[derive(Deserialize)]
@@ -415,6 +446,14 @@ struct RawHealth {
     timeout: Option<Spanned<RawDuration>>,
     unhealthy_threshold: Option<Spanned<RawInt>>,
     healthy_threshold: Option<Spanned<RawInt>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+struct RawOutlier {
+    consecutive_failures: Option<Spanned<RawInt>>,
+    base_ejection: Option<Spanned<RawDuration>>,
+    max_ejection: Option<Spanned<RawDuration>>,
 }
 
 #[derive(Deserialize)]
@@ -829,12 +868,18 @@ fn validate_backend(
         .health
         .map(|h| validate_health(&format!("backend[{i}].health"), h.into_inner()))
         .transpose()?;
+    let outlier = raw
+        .outlier
+        .map(|o| validate_outlier(&format!("backend[{i}].outlier"), o.into_inner()))
+        .transpose()?
+        .unwrap_or_default();
 
     Ok(BackendConfig {
         name: name.into_inner(),
         endpoints,
         weight,
         health,
+        outlier,
         line: line_of(text, table_span.start),
     })
 }
@@ -875,6 +920,65 @@ fn validate_health(prefix: &str, raw: RawHealth) -> Result<HealthCheckConfig, Fi
             raw.healthy_threshold,
             defaults.healthy_threshold,
         )?,
+    })
+}
+
+fn validate_outlier(prefix: &str, raw: RawOutlier) -> Result<OutlierConfig, FieldError> {
+    let defaults = OutlierConfig::default();
+    let key = |field: &str| format!("{prefix}.{field}");
+    let consecutive_failures = match raw.consecutive_failures {
+        None => defaults.consecutive_failures,
+        Some(n) => u32::try_from(n.get_ref().0).map_err(|_| {
+            FieldError::new(
+                key("consecutive_failures"),
+                n.span(),
+                format!(
+                    "must be an integer from 0 (off) to {}, got {}",
+                    u32::MAX,
+                    n.get_ref().0
+                ),
+            )
+        })?,
+    };
+    let base_span = raw.base_ejection.as_ref().map_or(0..0, Spanned::span);
+    let base_ejection = positive_duration(
+        &key("base_ejection"),
+        raw.base_ejection,
+        defaults.base_ejection,
+    )?;
+    let max_span = raw.max_ejection.as_ref().map(Spanned::span);
+    let max_ejection = duration(
+        &key("max_ejection"),
+        raw.max_ejection,
+        defaults.max_ejection,
+    )?;
+    if max_ejection < base_ejection {
+        // Blame the key the operator wrote: max_ejection if set, else base_ejection, which
+        // then exceeds the default maximum.
+        return Err(match max_span {
+            Some(span) => FieldError::new(
+                key("max_ejection"),
+                span,
+                format!(
+                    "must be at least base_ejection ({}), got {}",
+                    format_duration(base_ejection),
+                    format_duration(max_ejection)
+                ),
+            ),
+            None => FieldError::new(
+                key("base_ejection"),
+                base_span,
+                format!(
+                    "must be at most max_ejection (default {}); set max_ejection too",
+                    format_duration(max_ejection)
+                ),
+            ),
+        });
+    }
+    Ok(OutlierConfig {
+        consecutive_failures,
+        base_ejection,
+        max_ejection,
     })
 }
 
@@ -1527,6 +1631,7 @@ backend = "v2"
         assert_eq!(config.proxy.shutdown_grace, proxy.shutdown_grace);
         assert_eq!(config.proxy.sticky_salt, proxy.sticky_salt);
         assert_eq!(config.proxy.backend_header, proxy.backend_header);
+        assert_eq!(config.backends[0].outlier, OutlierConfig::default());
         let text = include_str!("../canary.toml");
         for key in [
             "listen",
@@ -1549,6 +1654,9 @@ backend = "v2"
             "timeout",
             "unhealthy_threshold",
             "healthy_threshold",
+            "consecutive_failures",
+            "base_ejection",
+            "max_ejection",
             "header",
             "# cookie",
             "equals",
@@ -1608,7 +1716,7 @@ backend = "v2"
             }
             checked += 1;
         }
-        assert!(checked >= 9, "only {checked} bad fixtures found");
+        assert!(checked >= 10, "only {checked} bad fixtures found");
     }
 
     #[test]
@@ -1969,6 +2077,109 @@ backend = "v2"
             6,
         );
         assert_invalid(&bad("timeout = \"soon\""), "backend[0].health.timeout", 6);
+    }
+
+    #[test]
+    fn outlier_defaults_and_values() {
+        assert_eq!(
+            valid(&doc(&V1)).backends[0].outlier,
+            OutlierConfig::default()
+        );
+        let defaults = OutlierConfig::default();
+        assert_eq!(defaults.consecutive_failures, 5);
+        assert_eq!(defaults.base_ejection, Duration::from_secs(30));
+        assert_eq!(defaults.max_ejection, Duration::from_secs(300));
+        let text = doc(&[
+            &V1[..],
+            &[
+                "[backend.outlier]",
+                "consecutive_failures = 3",
+                "base_ejection = \"300ms\"",
+                "max_ejection = \"2s\"",
+            ],
+        ]
+        .concat());
+        assert_eq!(
+            valid(&text).backends[0].outlier,
+            OutlierConfig {
+                consecutive_failures: 3,
+                base_ejection: Duration::from_millis(300),
+                max_ejection: Duration::from_secs(2),
+            }
+        );
+        let off = doc(&[&V1[..], &["[backend.outlier]", "consecutive_failures = 0"]].concat());
+        assert_eq!(valid(&off).backends[0].outlier.consecutive_failures, 0);
+        let equal = doc(&[
+            &V1[..],
+            &[
+                "[backend.outlier]",
+                "base_ejection = \"1m\"",
+                "max_ejection = \"60s\"",
+            ],
+        ]
+        .concat());
+        assert_eq!(
+            valid(&equal).backends[0].outlier.max_ejection,
+            Duration::from_secs(60)
+        );
+        // Health and outlier tables may come in either order.
+        let both = doc(&[
+            &V1[..],
+            &["[backend.outlier]", "consecutive_failures = 2"],
+            &["[backend.health]", "path = \"/ready\""],
+        ]
+        .concat());
+        let backend = &valid(&both).backends[0];
+        assert_eq!(backend.outlier.consecutive_failures, 2);
+        assert_eq!(backend.health.as_ref().unwrap().path, "/ready");
+    }
+
+    #[test]
+    fn outlier_errors_name_key_and_line() {
+        let bad = |lines: &[&str]| doc(&[&V1[..], &["[backend.outlier]"], lines].concat());
+        let message = assert_invalid(
+            &bad(&["consecutive_failures = -1"]),
+            "backend[0].outlier.consecutive_failures",
+            6,
+        );
+        assert!(message.contains("0 (off)"), "{message}");
+        assert_invalid(
+            &bad(&["consecutive_failures = \"5\""]),
+            "backend[0].outlier.consecutive_failures",
+            6,
+        );
+        let message = assert_invalid(
+            &bad(&["base_ejection = \"0s\""]),
+            "backend[0].outlier.base_ejection",
+            6,
+        );
+        assert!(message.contains("greater than 0"), "{message}");
+        assert_invalid(
+            &bad(&["max_ejection = \"5 m\""]),
+            "backend[0].outlier.max_ejection",
+            6,
+        );
+        let message = assert_invalid(
+            &bad(&["base_ejection = \"10s\"", "max_ejection = \"9s\""]),
+            "backend[0].outlier.max_ejection",
+            7,
+        );
+        assert_eq!(message, "must be at least base_ejection (10s), got 9s");
+        let message = assert_invalid(
+            &bad(&["base_ejection = \"10m\""]),
+            "backend[0].outlier.base_ejection",
+            6,
+        );
+        assert!(message.contains("set max_ejection too"), "{message}");
+        let message = assert_invalid(
+            &bad(&["consecutive_failure = 3"]),
+            "backend[0].outlier.consecutive_failure",
+            6,
+        );
+        assert!(
+            message.contains("did you mean `consecutive_failures`?"),
+            "{message}"
+        );
     }
 
     #[test]

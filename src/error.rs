@@ -30,6 +30,9 @@ pub enum ProxyError {
         #[source]
         source: hyper_util::client::legacy::Error,
     },
+    /// The upstream switched protocols although the client asked for no WebSocket upgrade.
+    #[error("upstream {endpoint} answered 101 to a request that asked for no WebSocket upgrade")]
+    UnexpectedUpgrade { endpoint: String },
     /// No response head within `request_timeout`.
     #[error("upstream {endpoint} sent no response within {timeout:?}")]
     Timeout { endpoint: String, timeout: Duration },
@@ -61,7 +64,9 @@ impl ProxyError {
                 None
             }
             ProxyError::Connect { .. } => Some(UpstreamErrorKind::Connect),
-            ProxyError::Upstream { .. } => Some(UpstreamErrorKind::Upstream),
+            ProxyError::Upstream { .. } | ProxyError::UnexpectedUpgrade { .. } => {
+                Some(UpstreamErrorKind::Upstream)
+            }
             ProxyError::Timeout { .. } => Some(UpstreamErrorKind::Timeout),
         }
     }
@@ -73,7 +78,9 @@ impl From<&ProxyError> for StatusCode {
             ProxyError::AmbiguousFraming => StatusCode::BAD_REQUEST,
             ProxyError::ConnectMethod => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::NoBackend => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::Connect { .. }
+            | ProxyError::Upstream { .. }
+            | ProxyError::UnexpectedUpgrade { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
     }

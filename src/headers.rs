@@ -7,8 +7,8 @@
 use std::net::IpAddr;
 
 use http::header::{
-    CONNECTION, HeaderMap, HeaderName, HeaderValue, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE,
-    TRAILER, TRANSFER_ENCODING, UPGRADE,
+    CONNECTION, COOKIE, HeaderMap, HeaderName, HeaderValue, PROXY_AUTHENTICATE,
+    PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
 };
 use rand::RngExt;
 
@@ -53,16 +53,40 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// True when one of the comma-separated values of header `name` is `token` (any case).
+fn has_token(headers: &HeaderMap, name: &HeaderName, token: &[u8]) -> bool {
+    headers.get_all(name).iter().any(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+    })
+}
+
 /// True when a request asks for a WebSocket upgrade (the only upgrade the proxy tunnels).
 pub fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
-    let has_token = |name: &HeaderName, token: &[u8]| {
-        headers.get_all(name).iter().any(|v| {
-            v.as_bytes()
-                .split(|&b| b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
-        })
-    };
-    has_token(&UPGRADE, b"websocket") && has_token(&CONNECTION, b"upgrade")
+    has_token(headers, &UPGRADE, b"websocket") && has_token(headers, &CONNECTION, b"upgrade")
+}
+
+/// True when a 101 response switches to WebSocket.
+pub fn is_websocket_upgrade_response(headers: &HeaderMap) -> bool {
+    has_token(headers, &UPGRADE, b"websocket")
+}
+
+/// Folds the several `Cookie` lines an HTTP/2 client may send into the one line HTTP/1.1
+/// upstreams expect (RFC 9113 §8.2.3).
+pub fn join_cookies(headers: &mut HeaderMap) {
+    let mut cookies = headers.get_all(COOKIE).iter();
+    if cookies.next().is_none() || cookies.next().is_none() {
+        return;
+    }
+    let parts: Vec<&[u8]> = headers
+        .get_all(COOKIE)
+        .iter()
+        .map(|v| v.as_bytes())
+        .collect();
+    if let Ok(joined) = HeaderValue::from_bytes(&parts.join(&b"; "[..])) {
+        headers.insert(COOKIE, joined);
+    }
 }
 
 /// Appends the client address to `X-Forwarded-For` (keeping earlier hops, folded into one
@@ -91,16 +115,12 @@ pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, host: Option<&Head
     };
 }
 
-/// The request's `x-request-id`, generated (128 random bits, hex) when absent.
-pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
-    if let Some(id) = headers.get(&X_REQUEST_ID)
-        && !id.is_empty()
-    {
-        return id.clone();
+/// The request's `x-request-id`, or a new one (128 random bits, hex) when it has none.
+pub fn request_id(headers: &HeaderMap) -> HeaderValue {
+    match headers.get(&X_REQUEST_ID) {
+        Some(id) if !id.is_empty() => id.clone(),
+        _ => new_request_id(),
     }
-    let id = new_request_id();
-    headers.insert(X_REQUEST_ID.clone(), id.clone());
-    id
 }
 
 fn new_request_id() -> HeaderValue {
@@ -184,12 +204,33 @@ mod tests {
 
     #[test]
     fn request_id_is_kept_or_generated() {
-        let mut h = map(&[("x-request-id", "abc")]);
-        assert_eq!(ensure_request_id(&mut h), "abc");
-        let mut h = HeaderMap::new();
-        let id = ensure_request_id(&mut h);
+        assert_eq!(request_id(&map(&[("x-request-id", "abc")])), "abc");
+        let id = request_id(&map(&[("x-request-id", "")]));
         assert_eq!(id.len(), 32);
-        assert_eq!(h["x-request-id"], id);
-        assert_ne!(ensure_request_id(&mut HeaderMap::new()), id);
+        assert!(id.to_str().unwrap().bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_ne!(request_id(&HeaderMap::new()), id);
+    }
+
+    #[test]
+    fn cookies_of_http2_clients_are_joined() {
+        let mut h = map(&[("cookie", "a=1"), ("cookie", "uid=alice"), ("x", "y")]);
+        join_cookies(&mut h);
+        assert_eq!(
+            h.get_all("cookie").iter().collect::<Vec<_>>(),
+            ["a=1; uid=alice"]
+        );
+        let mut one = map(&[("cookie", "a=1")]);
+        join_cookies(&mut one);
+        assert_eq!(one["cookie"], "a=1");
+    }
+
+    #[test]
+    fn websocket_responses_are_recognised() {
+        assert!(is_websocket_upgrade_response(&map(&[(
+            "upgrade",
+            "WebSocket"
+        )])));
+        assert!(!is_websocket_upgrade_response(&map(&[("upgrade", "h2c")])));
+        assert!(!is_websocket_upgrade_response(&HeaderMap::new()));
     }
 }

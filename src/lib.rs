@@ -15,14 +15,25 @@
 //! - `framing`: detects requests with both Content-Length and Transfer-Encoding on the raw bytes.
 //! - `server`: the client listener, connection handling and graceful shutdown.
 //! - `demo`: the two built-in upstreams of `canary-proxy demo`.
+//! - `control`: [`ControlPlane`], through which every table change goes (weights, reloads),
+//!   atomic, versioned and audited.
+//! - `admin`: the admin HTTP API on its own listener.
+//! - `persist`: writes weight changes back into the config file, comments kept.
+//! - `health`: active health checks and passive outlier ejection per endpoint.
+//! - `metrics`: the Prometheus metrics, with label handles resolved ahead of time.
 #![forbid(unsafe_code)]
 
+mod admin;
 pub mod config;
+mod control;
 mod demo;
 mod duration;
 mod error;
 mod framing;
 mod headers;
+mod health;
+mod metrics;
+mod persist;
 mod proxy;
 mod routing;
 mod server;
@@ -31,30 +42,64 @@ mod upstream;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 
+pub use admin::serve_admin;
 pub use config::{Config, ConfigError};
+pub use control::{ControlError, ControlPlane, StartError, WeightsApplied};
 pub use demo::{DEMO_CONFIG, demo_upstream};
 pub use duration::{format_duration, parse_duration};
 pub use error::{ProxyError, UpstreamErrorKind};
 pub use framing::{AmbiguousFraming, FramingGuard};
-pub use headers::{add_forwarded, ensure_request_id, strip_hop_by_hop};
+pub use headers::{add_forwarded, request_id, strip_hop_by_hop};
+pub use health::{EndpointHealth, EndpointStatus, HealthSupervisor, ProbeCounter, Transition};
+pub use metrics::{BackendMetrics, Metrics};
+pub use persist::{PersistError, write_weights};
 pub use proxy::{Proxy, SharedTable};
 pub use routing::{Backend, Decision, Endpoint, MAX_BACKENDS, Reason, RoutingTable, Rule};
 pub use server::{ServerOptions, serve};
 pub use sticky::{BUCKETS, StickySettings, bucket, fnv1a_32};
 
-/// Runs the proxy for `config` on an already bound listener until `shutdown` completes, then
-/// drains in-flight requests (bounded by `shutdown_grace`).
-pub async fn run(config: &Config, listener: TcpListener, shutdown: impl Future<Output = ()>) {
-    let table: SharedTable = Arc::new(ArcSwap::from_pointee(RoutingTable::from_config(
-        config, 1, None,
-    )));
+/// How long background tasks (admin listener, health checks) get to stop after the drain.
+const TASK_STOP_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Runs the proxy and its admin API on already bound listeners until `shutdown` completes:
+/// then stops accepting, drains in-flight requests (bounded by `shutdown_grace`), and stops
+/// the background tasks through the control plane's cancellation token.
+pub async fn run(
+    control: Arc<ControlPlane>,
+    listener: TcpListener,
+    admin_listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) {
+    let config = control.config();
     let options = ServerOptions {
         header_read_timeout: config.proxy.header_read_timeout,
         shutdown_grace: config.proxy.shutdown_grace,
     };
-    serve(listener, Proxy::new(table), options, shutdown).await;
+    let token = control.shutdown_token().clone();
+    let admin = tokio::spawn(serve_admin(
+        admin_listener,
+        control.clone(),
+        token.child_token(),
+    ));
+    let proxy = Proxy::new(
+        control.table().clone(),
+        control.metrics().clone(),
+        token.child_token(),
+    );
+    serve(listener, proxy, options, shutdown).await;
+    token.cancel();
+    let stopped = async {
+        let _ = admin.await;
+        control.health().stopped().await;
+    };
+    if tokio::time::timeout(TASK_STOP_DEADLINE, stopped)
+        .await
+        .is_err()
+    {
+        tracing::warn!("background tasks did not stop within {TASK_STOP_DEADLINE:?}");
+    }
 }

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
+use canary_proxy::ControlPlane;
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
@@ -63,7 +64,8 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn check(path: &Path) -> anyhow::Result<()> {
     let config = canary_proxy::config::load(path)?;
-    let table = canary_proxy::RoutingTable::from_config(&config, 1, None);
+    let table =
+        canary_proxy::RoutingTable::from_config(&config, 1, None, &canary_proxy::Metrics::new());
     println!("{}: ok", path.display());
     println!(
         "proxy listens on {}, admin on {}",
@@ -75,17 +77,68 @@ fn check(path: &Path) -> anyhow::Result<()> {
 
 async fn serve(path: &Path) -> anyhow::Result<()> {
     let config = canary_proxy::config::load(path)?;
-    let listener = TcpListener::bind(config.proxy.listen)
+    start(config, path.to_owned(), shutdown_signal()).await
+}
+
+/// Binds both listeners, starts reloading on SIGHUP, and runs until `shutdown`.
+async fn start(
+    config: canary_proxy::Config,
+    path: PathBuf,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let (listen, admin_listen) = (config.proxy.listen, config.admin.listen);
+    let control = ControlPlane::new(config, Some(path.clone()))?;
+    let listener = TcpListener::bind(listen)
         .await
-        .with_context(|| format!("cannot listen on {}", config.proxy.listen))?;
-    let bound = listener.local_addr().context("listener has no address")?;
-    tracing::info!(listen = %bound, config = %path.display(), "canary-proxy started");
-    canary_proxy::run(&config, listener, shutdown_signal()).await;
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let admin_listener = TcpListener::bind(admin_listen)
+        .await
+        .with_context(|| format!("admin: cannot listen on {admin_listen}"))?;
+    tracing::info!(
+        listen = %listener.local_addr().context("listener has no address")?,
+        admin = %admin_listener.local_addr().context("admin listener has no address")?,
+        config = %path.display(),
+        "canary-proxy started"
+    );
+    tokio::spawn(reload_on_sighup(control.clone()));
+    canary_proxy::run(control, listener, admin_listener, shutdown).await;
     Ok(())
 }
 
+/// SIGHUP re-reads the config file; a bad file is logged and the old table keeps serving.
+async fn reload_on_sighup(control: std::sync::Arc<ControlPlane>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP; reload with POST /admin/reload");
+            return;
+        };
+        loop {
+            tokio::select! {
+                received = hangups.recv() => {
+                    if received.is_none() {
+                        return;
+                    }
+                    tracing::info!("SIGHUP: reloading the config file");
+                    // Errors are logged by the control plane.
+                    let _ = control.reload(None);
+                }
+                () = control.shutdown_token().cancelled() => return,
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = control;
+}
+
 async fn demo() -> anyhow::Result<()> {
-    let config = canary_proxy::config::parse(canary_proxy::DEMO_CONFIG, "canary.toml (bundled)")?;
+    // The demo runs from a copy of the bundled config, so reloads and weight changes made
+    // through the admin API have a file to work on.
+    let path = std::env::temp_dir().join(format!("canary-proxy-demo-{}.toml", std::process::id()));
+    std::fs::write(&path, canary_proxy::DEMO_CONFIG)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    let config = canary_proxy::config::load(&path)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(());
     for (name, port) in [("v1", 8081), ("v2", 8082)] {
         let listener = TcpListener::bind(("127.0.0.1", port))
@@ -96,23 +149,27 @@ async fn demo() -> anyhow::Result<()> {
             let _ = stop.changed().await;
         }));
     }
-    let listener = TcpListener::bind(config.proxy.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.proxy.listen))?;
-    let proxy = config.proxy.listen;
+    let (proxy, admin) = (config.proxy.listen, config.admin.listen);
     println!(
-        "canary-proxy demo: v1 on 127.0.0.1:8081, v2 on 127.0.0.1:8082, proxy on {proxy}\n\
+        "canary-proxy demo: v1 on 127.0.0.1:8081, v2 on 127.0.0.1:8082, proxy on {proxy}, admin on {admin}\n\
+         config: {config_path}\n\
          Try:\n  \
-         curl -i http://{proxy}/                                   # weighted: 90% v1, 10% v2\n  \
-         for i in $(seq 20); do curl -s http://{proxy}/; done      # see the split\n  \
-         curl -i -H 'x-canary: always' http://{proxy}/             # rule: always v2\n  \
-         curl -i -H 'x-user-id: alice' http://{proxy}/             # sticky: alice always gets the same version\n  \
-         curl -i --cookie 'uid=bob' http://{proxy}/                # sticky by cookie\n\
-         Ctrl-C stops it."
+         curl -i http://{proxy}/                                  # weighted: 90% v1, 10% v2\n  \
+         for i in $(seq 20); do curl -s http://{proxy}/; done     # see the split\n  \
+         curl -i -H 'x-canary: always' http://{proxy}/            # rule: always v2\n  \
+         curl -i -H 'x-user-id: alice' http://{proxy}/            # sticky: alice keeps her version\n  \
+         curl -i --cookie 'uid=bob' http://{proxy}/               # sticky by cookie\n  \
+         curl -s -X POST 'http://{admin}/admin/weight?v2=50'      # shift traffic\n  \
+         curl -s http://{admin}/admin/routes                      # the effective table\n  \
+         curl -s -H 'x-user-id: alice' http://{admin}/admin/explain  # why alice gets her version\n  \
+         curl -s http://{admin}/metrics | grep canary_            # Prometheus metrics\n\
+         Ctrl-C stops it.",
+        config_path = path.display()
     );
-    canary_proxy::run(&config, listener, shutdown_signal()).await;
+    let result = start(config, path.clone(), shutdown_signal()).await;
     let _ = stop_tx.send(());
-    Ok(())
+    let _ = std::fs::remove_file(&path);
+    result
 }
 
 /// Completes on SIGINT or SIGTERM.

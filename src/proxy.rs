@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::header::{CONNECTION, HOST, UPGRADE};
+use http::header::{CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING, UPGRADE};
 use http::uri::PathAndQuery;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
@@ -16,10 +16,12 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
-use crate::error::ProxyError;
+use crate::error::{ProxyError, UpstreamErrorKind};
 use crate::framing::AmbiguousFraming;
 use crate::headers;
+use crate::metrics::Metrics;
 use crate::routing::{Backend, Endpoint, RoutingTable};
 use crate::upstream::{ForwardBody, ProxyResponse};
 
@@ -27,12 +29,24 @@ use crate::upstream::{ForwardBody, ProxyResponse};
 pub type SharedTable = Arc<ArcSwap<RoutingTable>>;
 
 /// Forwards requests according to the current routing table.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Proxy {
     table: SharedTable,
+    metrics: Arc<Metrics>,
+    /// Ends WebSocket tunnels once the drain is over.
+    shutdown: CancellationToken,
 }
 
-/// What a request keeps of its first attempt, to answer and to retry.
+/// What the forward path learned about a request, kept for the answer and the metrics even
+/// when it fails.
+#[derive(Default)]
+struct Outcome {
+    /// Index of the backend that served (or was to serve) the request.
+    backend: Option<usize>,
+    request_id: Option<HeaderValue>,
+}
+
+/// Where a request is being sent.
 struct Target<'t> {
     backend: &'t Backend,
     index: usize,
@@ -40,8 +54,12 @@ struct Target<'t> {
 }
 
 impl Proxy {
-    pub fn new(table: SharedTable) -> Self {
-        Proxy { table }
+    pub fn new(table: SharedTable, metrics: Arc<Metrics>, shutdown: CancellationToken) -> Self {
+        Proxy {
+            table,
+            metrics,
+            shutdown,
+        }
     }
 
     pub fn table(&self) -> &SharedTable {
@@ -55,18 +73,12 @@ impl Proxy {
         client: SocketAddr,
         framing: &AmbiguousFraming,
     ) -> ProxyResponse {
+        let started = std::time::Instant::now();
+        let _in_flight = self.metrics.in_flight();
         let table = self.table.load_full();
-        let mut backend_name = None;
-        let mut request_id = None;
-        match self
-            .forward(
-                request,
-                client,
-                framing,
-                &table,
-                &mut backend_name,
-                &mut request_id,
-            )
+        let mut outcome = Outcome::default();
+        let response = match self
+            .forward(request, client, framing, &table, &mut outcome)
             .await
         {
             Ok(response) => response,
@@ -74,17 +86,23 @@ impl Proxy {
                 tracing::warn!(
                     error = %error,
                     cause = error_source(&error),
-                    request_id = request_id.as_ref().and_then(|v| v.to_str().ok()),
+                    request_id = outcome.request_id.as_ref().and_then(|v| v.to_str().ok()),
                     "request failed"
                 );
-                let backend = backend_name.filter(|_| table.backend_header.is_some());
-                error_response(
-                    &error,
-                    request_id,
-                    table.backend_header.as_ref().zip(backend),
-                )
+                let backend = outcome.backend.map(|i| &table.backends[i]);
+                let named = table
+                    .backend_header
+                    .as_ref()
+                    .zip(backend.map(|b| b.name_value.clone()));
+                error_response(&error, outcome.request_id.clone(), named)
             }
-        }
+        };
+        let metrics = match outcome.backend {
+            Some(index) => &table.backends[index].metrics,
+            None => self.metrics.unrouted(),
+        };
+        metrics.response(response.status(), started.elapsed());
+        response
     }
 
     async fn forward(
@@ -93,9 +111,11 @@ impl Proxy {
         client: SocketAddr,
         framing: &AmbiguousFraming,
         table: &RoutingTable,
-        backend_name: &mut Option<HeaderValue>,
-        request_id: &mut Option<HeaderValue>,
+        outcome: &mut Outcome,
     ) -> Result<ProxyResponse, ProxyError> {
+        // Known before anything can fail, so every answer carries it.
+        let request_id = headers::request_id(request.headers());
+        outcome.request_id = Some(request_id.clone());
         if framing.detected() {
             return Err(ProxyError::AmbiguousFraming);
         }
@@ -112,7 +132,8 @@ impl Proxy {
             .route(&parts.headers, &mut rand::rng())
             .ok_or(ProxyError::NoBackend)?;
         let backend = &table.backends[decision.backend];
-        *backend_name = Some(backend.name_value.clone());
+        backend.metrics.decision(decision.reason);
+        outcome.backend = Some(decision.backend);
         let endpoint = backend.pick_endpoint(None).ok_or(ProxyError::NoBackend)?;
         let mut target = Target {
             backend,
@@ -131,7 +152,10 @@ impl Proxy {
         });
         headers::strip_hop_by_hop(&mut upstream_headers);
         headers::add_forwarded(&mut upstream_headers, client.ip(), host.as_ref());
-        *request_id = Some(headers::ensure_request_id(&mut upstream_headers));
+        upstream_headers.insert(headers::X_REQUEST_ID.clone(), request_id);
+        if parts.version == Version::HTTP_2 {
+            headers::join_cookies(&mut upstream_headers);
+        }
         if let Some(host) = &host
             && !upstream_headers.contains_key(HOST)
         {
@@ -176,25 +200,39 @@ impl Proxy {
             *outgoing.uri_mut() = uri;
             *outgoing.headers_mut() = head;
             let sent = tokio::time::timeout_at(deadline, target.backend.upstream.send(outgoing));
-            let outcome = sent.await;
+            let result = sent.await;
             target
                 .endpoint
-                .record_outcome(matches!(&outcome, Ok(Ok(r)) if !r.status().is_server_error()));
-            let failure = match outcome {
+                .record_outcome(matches!(&result, Ok(Ok(r)) if !r.status().is_server_error()));
+            let failure = match result {
                 Ok(Ok(response)) => break response,
                 Err(_elapsed) => {
+                    target
+                        .backend
+                        .metrics
+                        .upstream_error(UpstreamErrorKind::Timeout);
                     return Err(ProxyError::Timeout {
                         endpoint: target.endpoint.url.clone(),
                         timeout: table.request_timeout,
                     });
                 }
                 Ok(Err(source)) if !source.is_connect() => {
+                    target
+                        .backend
+                        .metrics
+                        .upstream_error(UpstreamErrorKind::Upstream);
                     return Err(ProxyError::Upstream {
                         endpoint: target.endpoint.url.clone(),
                         source,
                     });
                 }
-                Ok(Err(source)) => source,
+                Ok(Err(source)) => {
+                    target
+                        .backend
+                        .metrics
+                        .upstream_error(UpstreamErrorKind::Connect);
+                    source
+                }
             };
             let retry = (attempts_left > 0)
                 .then(|| table.alternative(target.index, target.endpoint, &mut rand::rng()))
@@ -212,20 +250,39 @@ impl Proxy {
                 index,
                 endpoint,
             };
-            *backend_name = Some(target.backend.name_value.clone());
+            outcome.backend = Some(index);
             body = Some(reclaimed);
         };
 
         // Rewrite the response head.
         let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
         let response_upgrade = response.headers().get(UPGRADE).cloned();
+        if switching
+            && (client_upgrade.is_none()
+                || !headers::is_websocket_upgrade_response(response.headers()))
+        {
+            // The client asked for no such switch: passing it on would desynchronise the
+            // client connection. Dropping the response closes the upstream connection.
+            target
+                .backend
+                .metrics
+                .upstream_error(UpstreamErrorKind::Upstream);
+            return Err(ProxyError::UnexpectedUpgrade {
+                endpoint: target.endpoint.url.clone(),
+            });
+        }
+        if response.headers().contains_key(TRANSFER_ENCODING) {
+            // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length, which must not be
+            // passed on (hyper decoded the chunked body; it re-frames it for the client).
+            response.headers_mut().remove(CONTENT_LENGTH);
+        }
         headers::strip_hop_by_hop(response.headers_mut());
         if let Some(name) = &table.backend_header {
             response
                 .headers_mut()
                 .insert(name.clone(), target.backend.name_value.clone());
         }
-        if let Some(id) = request_id.clone() {
+        if let Some(id) = outcome.request_id.clone() {
             response
                 .headers_mut()
                 .insert(headers::X_REQUEST_ID.clone(), id);
@@ -238,7 +295,13 @@ impl Proxy {
                 .insert(CONNECTION, HeaderValue::from_static("upgrade"));
             response.headers_mut().insert(UPGRADE, upgrade);
             let upstream_upgrade = hyper::upgrade::on(&mut response);
-            tokio::spawn(tunnel(client_upgrade, upstream_upgrade));
+            let shutdown = self.shutdown.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = tunnel(client_upgrade, upstream_upgrade) => {}
+                    () = shutdown.cancelled() => {}
+                }
+            });
         }
         Ok(response.map(Either::Left))
     }

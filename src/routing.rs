@@ -6,14 +6,14 @@
 //! sticky bucket; then a weighted random pick. Only backends with weight > 0 and at least one
 //! healthy endpoint are eligible; when none is, the proxy fails open over the configured weights.
 //!
-//! Endpoint health is the one piece of live state: an `AtomicBool` per endpoint, shared by every
-//! snapshot that contains the endpoint, so the health checker never has to rebuild the table and
-//! an admin change never loses health it did not know about. A decision reads each health flag
-//! once, so it is consistent with itself.
+//! Endpoint health is the one piece of live state: an `EndpointHealth` (atomics) per endpoint,
+//! shared by every snapshot that contains the endpoint, so the health checker never has to
+//! rebuild the table and an admin change never loses health it did not know about. A decision
+//! reads each health flag once, so it is consistent with itself.
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use http::uri::Authority;
@@ -21,15 +21,23 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use rand::{Rng, RngExt};
 
 use crate::config::{
-    BackendConfig, Config, HealthCheckConfig, RuleConfig, RuleMatcher, RuleSource,
+    BackendConfig, Config, HealthCheckConfig, OutlierConfig, RuleConfig, RuleMatcher, RuleSource,
 };
 use crate::duration::format_duration;
+use crate::health::{EndpointHealth, EndpointStatus};
+use crate::metrics::{BackendMetrics, Metrics};
 use crate::sticky::{self, BUCKETS, StickySettings};
 use crate::upstream::{Upstream, UpstreamSettings};
 
 /// The most backends a table can hold; decisions track eligibility in a `u64` bit set so that
 /// they never allocate.
 pub const MAX_BACKENDS: usize = 64;
+
+/// The bit of backend `index` in a backend set; none for an index past `MAX_BACKENDS`, which
+/// validation rejects.
+fn bit(index: usize) -> u64 {
+    1u64.checked_shl(index as u32).unwrap_or(0)
+}
 
 /// One snapshot of everything routing needs. Never mutated: a change builds a new table and
 /// swaps it in with one store.
@@ -60,6 +68,8 @@ pub struct Backend {
     pub endpoints: Vec<Arc<Endpoint>>,
     /// The connection pool of this backend; kept across reloads that do not change it.
     pub upstream: Upstream,
+    /// This backend's metric handles, resolved once so requests never look labels up.
+    pub metrics: BackendMetrics,
     pub health: Option<HealthCheckConfig>,
     /// Round-robin cursor over `endpoints`, shared with the tables derived from this one.
     cursor: Arc<AtomicUsize>,
@@ -72,7 +82,8 @@ pub struct Endpoint {
     pub url: String,
     /// `host:port` that requests are sent to.
     pub authority: Authority,
-    healthy: AtomicBool,
+    /// Active check verdict and passive ejection, shared by every table holding this endpoint.
+    pub health: EndpointHealth,
 }
 
 /// A configured rule, resolved to the backend it pins requests to.
@@ -116,25 +127,40 @@ impl Reason {
 }
 
 impl Endpoint {
-    pub fn new(url: String, authority: Authority) -> Self {
+    /// A new endpoint starts up and not ejected; `outlier` sets when failed requests eject it.
+    pub fn new(url: String, authority: Authority, outlier: OutlierConfig) -> Self {
+        let health = EndpointHealth::new(&url, outlier);
         Endpoint {
             url,
             authority,
-            healthy: AtomicBool::new(true),
+            health,
         }
     }
 
+    /// True when routing may send requests here: up by the active check and not ejected.
+    #[inline]
     pub fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
+        self.health.is_healthy()
     }
 
+    /// Forces the active check's verdict (tests, operator overrides); a running check
+    /// replaces it at its next probe.
     pub fn set_healthy(&self, healthy: bool) {
-        self.healthy.store(healthy, Ordering::Relaxed);
+        self.health.set_active(healthy);
     }
 
     /// Passive health: the outcome of one forwarded request (`false` for a connect failure,
-    /// a sent-but-failed request, a timeout or a 5xx).
-    pub fn record_outcome(&self, _success: bool) {}
+    /// a sent-but-failed request, a timeout or a 5xx). Enough failures in a row eject the
+    /// endpoint for a cool-down.
+    #[inline]
+    pub fn record_outcome(&self, success: bool) {
+        self.health.record_outcome(success);
+    }
+
+    /// The endpoint's health as the admin API and metrics show it.
+    pub fn status(&self) -> EndpointStatus {
+        self.health.status()
+    }
 }
 
 impl Backend {
@@ -182,7 +208,12 @@ fn matcher_accepts(matcher: &RuleMatcher, value: &[u8]) -> bool {
 impl RoutingTable {
     /// Builds a table from a validated config. Backends whose name and connection settings are
     /// unchanged from `previous` keep their connection pool, and endpoints keep their health.
-    pub fn from_config(config: &Config, version: u64, previous: Option<&RoutingTable>) -> Self {
+    pub fn from_config(
+        config: &Config,
+        version: u64,
+        previous: Option<&RoutingTable>,
+        metrics: &Metrics,
+    ) -> Self {
         let settings = UpstreamSettings {
             connect_timeout: config.proxy.connect_timeout,
             idle_timeout: config.proxy.upstream_idle_timeout,
@@ -192,7 +223,7 @@ impl RoutingTable {
             .iter()
             .map(|b| {
                 let old = previous.and_then(|t| t.backend(&b.name));
-                Backend::from_config(b, settings, old)
+                Backend::from_config(b, settings, old, metrics)
             })
             .collect();
         let rules = config.rules.iter().map(Rule::from_config).collect();
@@ -221,9 +252,8 @@ impl RoutingTable {
         let weighted = backends
             .iter()
             .enumerate()
-            .take(MAX_BACKENDS)
             .filter(|(_, b)| b.weight > 0)
-            .fold(0u64, |mask, (i, _)| mask | 1 << i);
+            .fold(0u64, |mask, (i, _)| mask | bit(i));
         RoutingTable {
             version,
             backends,
@@ -261,7 +291,7 @@ impl RoutingTable {
             .iter()
             .enumerate()
             .filter(|(_, b)| b.is_healthy())
-            .fold(0u64, |mask, (i, _)| mask | 1 << i)
+            .fold(0u64, |mask, (i, _)| mask | bit(i))
     }
 
     /// Decides which backend serves a request with these headers. `None` only when the table
@@ -269,7 +299,7 @@ impl RoutingTable {
     pub fn route(&self, headers: &HeaderMap, rng: &mut impl Rng) -> Option<Decision> {
         let healthy = self.healthy_mask();
         for (n, rule) in self.rules.iter().enumerate() {
-            if healthy & (1 << rule.backend) != 0 && rule.matches(headers) {
+            if healthy & bit(rule.backend) != 0 && rule.matches(headers) {
                 return Some(Decision {
                     backend: rule.backend,
                     reason: Reason::Rule(n),
@@ -304,8 +334,14 @@ impl RoutingTable {
         {
             return Some((backend, endpoint));
         }
-        let others = self.healthy_mask() & self.weighted & !(1 << backend);
-        let other = self.weighted_pick(others, rng)?;
+        // The same set `route` uses: eligible backends, or while failing open all weighted ones.
+        let eligible = self.healthy_mask() & self.weighted;
+        let pool = if eligible != 0 {
+            eligible
+        } else {
+            self.weighted
+        };
+        let other = self.weighted_pick(pool & !bit(backend), rng)?;
         let endpoint = self.backends[other].pick_endpoint(None)?;
         Some((other, endpoint))
     }
@@ -315,10 +351,14 @@ impl RoutingTable {
     /// weights. Rules are not counted: they pin requests whatever the weights.
     pub fn effective_weights(&self) -> Vec<u32> {
         let eligible = self.healthy_mask() & self.weighted;
-        let mask = if eligible != 0 { eligible } else { self.weighted };
+        let mask = if eligible != 0 {
+            eligible
+        } else {
+            self.weighted
+        };
         (0..self.backends.len())
             .map(|i| {
-                let counted = i < MAX_BACKENDS && mask & (1 << i) != 0;
+                let counted = mask & bit(i) != 0;
                 if counted { self.backends[i].weight } else { 0 }
             })
             .collect()
@@ -333,7 +373,7 @@ impl RoutingTable {
         self.backends
             .iter()
             .enumerate()
-            .filter(move |(i, _)| *i < MAX_BACKENDS && mask & (1 << i) != 0)
+            .filter(move |(i, _)| mask & bit(*i) != 0)
             .map(|(i, b)| (i, u64::from(b.weight)))
     }
 
@@ -374,15 +414,24 @@ impl Backend {
         config: &BackendConfig,
         settings: UpstreamSettings,
         old: Option<&Backend>,
+        metrics: &Metrics,
     ) -> Self {
         let old = old.filter(|b| b.upstream.settings() == settings);
         let endpoints = config
             .endpoints
             .iter()
             .map(|e| {
-                old.and_then(|b| b.endpoints.iter().find(|o| o.url == e.url))
-                    .cloned()
-                    .unwrap_or_else(|| Arc::new(Endpoint::new(e.url.clone(), e.authority.clone())))
+                let kept = old.and_then(|b| b.endpoints.iter().find(|o| o.url == e.url));
+                if let Some(kept) = kept {
+                    // Same endpoint, same health state; only the outlier settings may change.
+                    kept.health.set_outlier(config.outlier);
+                    return kept.clone();
+                }
+                Arc::new(Endpoint::new(
+                    e.url.clone(),
+                    e.authority.clone(),
+                    config.outlier,
+                ))
             })
             .collect();
         Backend {
@@ -392,6 +441,7 @@ impl Backend {
             weight: config.weight,
             endpoints,
             upstream: old.map_or_else(|| Upstream::new(settings), |b| b.upstream.clone()),
+            metrics: metrics.backend(&config.name),
             health: config.health.clone(),
             cursor: old.map_or_else(Arc::default, |b| b.cursor.clone()),
         }
@@ -500,16 +550,19 @@ mod tests {
                     Arc::new(Endpoint::new(
                         format!("http://10.0.0.{i}:1"),
                         "a:1".parse().unwrap(),
+                        OutlierConfig::default(),
                     )),
                     Arc::new(Endpoint::new(
                         format!("http://10.0.0.{i}:2"),
                         "a:2".parse().unwrap(),
+                        OutlierConfig::default(),
                     )),
                 ],
                 upstream: Upstream::new(UpstreamSettings {
                     connect_timeout: Duration::from_secs(1),
                     idle_timeout: Duration::from_secs(1),
                 }),
+                metrics: Metrics::new().backend("v"),
                 health: None,
                 cursor: Arc::default(),
             })
@@ -782,6 +835,20 @@ mod tests {
         assert_eq!(b, 1);
         set_backend_health(&t, 1, false);
         assert!(t.alternative(0, &failed, &mut rng).is_none());
+    }
+
+    #[test]
+    fn alternative_while_failing_open_uses_the_weighted_backends() {
+        let t = table(&[50, 50, 0], vec![], StickySettings::default());
+        for b in 0..3 {
+            set_backend_health(&t, b, false);
+        }
+        let failed = t.backends[0].endpoints[0].clone();
+        let mut rng = StdRng::seed_from_u64(0);
+        for _ in 0..20 {
+            let (b, _) = t.alternative(0, &failed, &mut rng).unwrap();
+            assert_eq!(b, 1, "another weighted backend, never the weight-0 one");
+        }
     }
 
     #[test]

@@ -26,6 +26,9 @@ pub struct ServerOptions {
     pub shutdown_grace: Duration,
 }
 
+/// Interval of HTTP/2 keep-alive pings, and how long an answer may take.
+const H2_KEEP_ALIVE: Duration = Duration::from_secs(20);
+
 /// The HTTP/2 connection preface; a connection that starts with it is h2c.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -42,7 +45,15 @@ pub async fn serve(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(options.header_read_timeout);
-    builder.http2().timer(TokioTimer::new());
+    // HTTP/2: pings find dead peers (HTTP/1 idle connections meet the header read timeout
+    // instead), and the stream and header limits are stated rather than left to defaults.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(H2_KEEP_ALIVE))
+        .keep_alive_timeout(H2_KEEP_ALIVE)
+        .max_concurrent_streams(256)
+        .max_header_list_size(64 * 1024);
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {

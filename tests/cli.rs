@@ -103,6 +103,36 @@ fn check_fails_on_a_missing_file() {
 struct ProxyProcess {
     child: Child,
     addr: std::net::SocketAddr,
+    admin: std::net::SocketAddr,
+    /// Every log line so far.
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl ProxyProcess {
+    fn signal(&self, name: &str) {
+        let status = Command::new("sh")
+            .arg("-c")
+            .arg(format!("kill -{name} {}", self.child.id()))
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits (up to 10 s) for the process to exit and returns whether it exited with 0.
+    fn wait_exit(&mut self) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("the proxy did not exit");
+    }
+
+    fn log_contains(&self, needle: &str) -> bool {
+        self.log.lock().unwrap().iter().any(|l| l.contains(needle))
+    }
 }
 
 impl Drop for ProxyProcess {
@@ -112,32 +142,60 @@ impl Drop for ProxyProcess {
     }
 }
 
-/// Starts the binary on a config and reads the address it bound from its log.
-fn spawn_proxy(config: &str) -> (ProxyProcess, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("canary.toml");
-    std::fs::write(&path, config).unwrap();
-    let mut child = Command::new(BIN)
+/// Starts the binary on a config file and reads the addresses it bound from its log.
+fn spawn_proxy_at(path: &Path, env: &[(&str, &str)]) -> ProxyProcess {
+    let mut command = Command::new(BIN);
+    command
         .arg("--config")
-        .arg(&path)
+        .arg(path)
         .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let mut child = command.spawn().unwrap();
     let stderr = child.stderr.take().unwrap();
     let mut lines = BufReader::new(stderr).lines();
-    let addr = loop {
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let field = |line: &str, name: &str| -> std::net::SocketAddr {
+        let rest = line.split(&format!("{name}=")).nth(1).unwrap();
+        rest.split_whitespace().next().unwrap().parse().unwrap()
+    };
+    let (addr, admin) = loop {
         let line = lines
             .next()
             .expect("proxy exited before listening")
             .unwrap();
-        if let Some(rest) = line.split("listen=").nth(1) {
-            break rest.split_whitespace().next().unwrap().parse().unwrap();
+        log.lock().unwrap().push(line.clone());
+        if line.contains("canary-proxy started") {
+            break (field(&line, "listen"), field(&line, "admin"));
         }
     };
     // Keep draining the log so the proxy never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    (ProxyProcess { child, addr }, dir)
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    ProxyProcess {
+        child,
+        addr,
+        admin,
+        log,
+    }
+}
+
+/// Starts the binary on a config text; its admin listener goes to port 0 as well.
+fn spawn_proxy(config: &str) -> (ProxyProcess, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("canary.toml");
+    std::fs::write(
+        &path,
+        format!("{config}\n[admin]\nlisten = \"127.0.0.1:0\"\n"),
+    )
+    .unwrap();
+    (spawn_proxy_at(&path, &[]), dir)
 }
 
 fn rss_kib(pid: u32, field: &str) -> u64 {
@@ -253,4 +311,196 @@ async fn demo_answers_on_8080_with_both_versions() {
     let mut out = String::new();
     std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
     assert!(out.contains("curl"), "demo prints what to curl: {out}");
+}
+
+#[tokio::test]
+async fn weight_changes_survive_a_restart() {
+    let (v1, v2) = (upstream("v1").await, upstream("v2").await);
+    let (mut proxy, dir) = spawn_proxy(&config(
+        &[("v1", vec![v1.url()], 90), ("v2", vec![v2.url()], 10)],
+        "",
+    ));
+    let c = client();
+    let set = c
+        .post(format!("http://{}/admin/weight?v2=40&v1=60", proxy.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(set.status(), 200);
+    proxy.signal("TERM");
+    assert!(proxy.wait_exit());
+    let restarted = spawn_proxy_at(&dir.path().join("canary.toml"), &[]);
+    let weights = c
+        .get(format!("http://{}/admin/weight", restarted.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(weights.text().await.unwrap().trim(), r#"{"v1":60,"v2":40}"#);
+}
+
+#[tokio::test]
+async fn sighup_reloads_a_good_file_and_keeps_the_table_on_a_bad_one() {
+    let (v1, v2) = (upstream("v1").await, upstream("v2").await);
+    let text = config(
+        &[("v1", vec![v1.url()], 100), ("v2", vec![v2.url()], 0)],
+        "",
+    );
+    let (proxy, dir) = spawn_proxy(&text);
+    let path = dir.path().join("canary.toml");
+    let c = client();
+    let weights = |c: reqwest::Client, admin| async move {
+        let r = c
+            .get(format!("http://{admin}/admin/weight"))
+            .send()
+            .await
+            .unwrap();
+        (
+            r.headers()["etag"].to_str().unwrap().to_string(),
+            r.text().await.unwrap(),
+        )
+    };
+    std::fs::write(&path, text.replace("weight = 0", "weight = 100")).unwrap();
+    proxy.signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while weights(c.clone(), proxy.admin).await.0 != "\"2\"" {
+        assert!(Instant::now() < deadline, "SIGHUP did not reload");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        weights(c.clone(), proxy.admin).await.1.trim(),
+        r#"{"v1":100,"v2":100}"#
+    );
+    std::fs::write(&path, "this is not toml").unwrap();
+    proxy.signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !proxy.log_contains("config reload rejected") {
+        assert!(
+            Instant::now() < deadline,
+            "no error logged for the bad file"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        weights(c.clone(), proxy.admin).await,
+        ("\"2\"".to_string(), "{\"v1\":100,\"v2\":100}\n".to_string())
+    );
+    assert_eq!(
+        c.get(format!("http://{}/", proxy.addr))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn token_env_is_required_on_admin_calls() {
+    let v1 = upstream("v1").await;
+    let mut text = config(&[("v1", vec![v1.url()], 1)], "");
+    text.push_str("\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken_env = \"CANARY_TEST_TOKEN\"\n");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("canary.toml");
+    std::fs::write(&path, &text).unwrap();
+    let proxy = spawn_proxy_at(&path, &[("CANARY_TEST_TOKEN", "from-env")]);
+    let c = client();
+    let url = format!("http://{}/admin/weight", proxy.admin);
+    assert_eq!(c.get(&url).send().await.unwrap().status(), 401);
+    assert_eq!(
+        c.get(&url)
+            .bearer_auth("from-env")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    // Without the variable set, the proxy refuses to start and says why.
+    let output = Command::new(BIN)
+        .arg("--config")
+        .arg(&path)
+        .env_remove("CANARY_TEST_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("CANARY_TEST_TOKEN"));
+}
+
+#[test]
+fn refuses_a_public_admin_listener_without_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("canary.toml");
+    let mut text = config(&[("v1", vec!["http://127.0.0.1:9".to_string()], 1)], "");
+    text.push_str("\n[admin]\nlisten = \"0.0.0.0:0\"\n");
+    std::fs::write(&path, &text).unwrap();
+    let output = Command::new(BIN)
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("admin.listen") && stderr.contains("token"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn sigterm_drains_in_flight_requests_then_exits_zero() {
+    let v1 = upstream("v1").await;
+    let (mut proxy, _dir) = spawn_proxy(&config(
+        &[("v1", vec![v1.url()], 1)],
+        "shutdown_grace = \"10s\"",
+    ));
+    let slow = tokio::spawn({
+        let url = format!("http://{}/slow?ms=1500", proxy.addr);
+        async move { client().get(url).send().await.unwrap() }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let signalled = Instant::now();
+    proxy.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // New connections are refused while the slow request drains.
+    assert!(
+        TcpStream::connect(proxy.addr).await.is_err(),
+        "still accepting after SIGTERM"
+    );
+    let response = slow.await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await.unwrap(), "v1");
+    let exited_zero = tokio::task::spawn_blocking(move || {
+        let ok = proxy.wait_exit();
+        (ok, proxy)
+    })
+    .await
+    .unwrap();
+    assert!(exited_zero.0, "exit status not 0");
+    assert!(signalled.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn shutdown_grace_bounds_the_drain() {
+    let v1 = upstream("v1").await;
+    let (mut proxy, _dir) = spawn_proxy(&config(
+        &[("v1", vec![v1.url()], 1)],
+        "shutdown_grace = \"500ms\"",
+    ));
+    let stuck = tokio::spawn({
+        let url = format!("http://{}/slow?ms=20000", proxy.addr);
+        async move { client().get(url).send().await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let signalled = Instant::now();
+    proxy.signal("TERM");
+    let (exited_zero, _proxy) = tokio::task::spawn_blocking(move || (proxy.wait_exit(), proxy))
+        .await
+        .unwrap();
+    assert!(exited_zero);
+    let took = signalled.elapsed();
+    assert!(took < Duration::from_secs(4), "drain took {took:?}");
+    assert!(
+        stuck.await.unwrap().is_err(),
+        "the stuck request was cut off"
+    );
 }

@@ -397,3 +397,106 @@ async fn clients_that_never_finish_their_headers_cannot_pin_the_proxy() {
     }
     assert_eq!(v1.hits(), 1);
 }
+
+/// An upstream that answers every request head with the same raw bytes.
+async fn raw_upstream(answer: &'static [u8]) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = stream.write_all(answer).await;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_101_to_a_request_that_asked_for_no_upgrade_is_a_502() {
+    let upstream = raw_upstream(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+    )
+    .await;
+    let proxy = start_proxy(&config(
+        &[("v1", vec![format!("http://{upstream}")], 1)],
+        "",
+    ))
+    .await;
+    let response = client().get(proxy.url("/")).send().await.unwrap();
+    assert_eq!(response.status(), 502);
+    // A pipelined request after it is still answered on the same connection.
+    let both = "GET / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n";
+    let raw = raw_exchange(proxy.addr, both.as_bytes(), Duration::from_millis(500)).await;
+    assert_eq!(raw.matches("HTTP/1.1 502").count(), 2, "{raw}");
+}
+
+#[tokio::test]
+async fn upstream_content_length_with_transfer_encoding_is_not_passed_on() {
+    let upstream = raw_upstream(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n6\r\nabcdef\r\n0\r\n\r\n",
+    )
+    .await;
+    let proxy = start_proxy(&config(
+        &[("v1", vec![format!("http://{upstream}")], 1)],
+        "",
+    ))
+    .await;
+    let response = client().get(proxy.url("/")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        response
+            .headers()
+            .get("content-length")
+            .is_none_or(|v| v == "6")
+    );
+    assert_eq!(response.text().await.unwrap(), "abcdef");
+}
+
+#[tokio::test]
+async fn http2_cookies_reach_http1_upstreams_as_one_line() {
+    let v1 = upstream("v1").await;
+    let proxy = start_proxy(&config(&[("v1", vec![v1.url()], 1)], "")).await;
+    let h2 = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let response = h2
+        .get(proxy.url("/headers"))
+        .header("cookie", "a=1")
+        .header("cookie", "uid=alice")
+        .send()
+        .await
+        .unwrap();
+    let seen = header_lines(&response.text().await.unwrap());
+    assert_eq!(values(&seen, "cookie"), ["a=1; uid=alice"]);
+}
+
+#[tokio::test]
+async fn early_refusals_carry_a_request_id() {
+    let v1 = upstream("v1").await;
+    let proxy = start_proxy(&config(&[("v1", vec![v1.url()], 1)], "")).await;
+    let smuggling = "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+    let raw = raw_exchange(proxy.addr, smuggling.as_bytes(), Duration::from_millis(500)).await;
+    assert!(raw.starts_with("HTTP/1.1 400"), "{raw}");
+    assert!(raw.to_ascii_lowercase().contains("x-request-id: "), "{raw}");
+    let connect =
+        "CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\nx-request-id: mine\r\n\r\n";
+    let raw = raw_exchange(proxy.addr, connect.as_bytes(), Duration::from_millis(500)).await;
+    assert!(raw.starts_with("HTTP/1.1 405"), "{raw}");
+    assert!(
+        raw.to_ascii_lowercase().contains("x-request-id: mine"),
+        "{raw}"
+    );
+    assert_eq!(v1.hits(), 0);
+}

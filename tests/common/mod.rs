@@ -5,12 +5,11 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use bytes::Bytes;
-use canary_proxy::{Proxy, RoutingTable, ServerOptions, SharedTable};
+use canary_proxy::{ControlPlane, SharedTable};
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -27,12 +26,18 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 /// A test upstream. Paths: `/` answers its name; `/headers` dumps the request headers as
 /// `name: value` lines; `/slow?ms=N` waits N ms first; `/upload` streams the body and answers
 /// `received N`; `/hop` answers with hop-by-hop headers; `/status/N` answers status N;
-/// `/ws` echoes WebSocket messages. Every response carries `x-served-by: NAME`.
+/// `/ws` echoes WebSocket messages; `/health` answers 200, or 503 while `healthy` is false.
+/// Every response carries `x-served-by: NAME`.
 pub struct Upstream {
     pub name: &'static str,
     pub addr: SocketAddr,
     /// Requests received (any path).
     pub hits: Arc<AtomicUsize>,
+    /// While false, `/health` answers 503 (the active check fails). Default true.
+    pub healthy: Arc<AtomicBool>,
+    /// While true, every path but `/health` answers 500 (passive health sees failures).
+    /// Default false.
+    pub failing: Arc<AtomicBool>,
     _stop: oneshot::Sender<()>,
 }
 
@@ -50,8 +55,11 @@ pub async fn upstream(name: &'static str) -> Upstream {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let hits = Arc::new(AtomicUsize::new(0));
+    let healthy = Arc::new(AtomicBool::new(true));
+    let failing = Arc::new(AtomicBool::new(false));
     let (stop, mut stopped) = oneshot::channel::<()>();
     let counter = hits.clone();
+    let toggles = (healthy.clone(), failing.clone());
     tokio::spawn(async move {
         loop {
             let stream = tokio::select! {
@@ -59,9 +67,30 @@ pub async fn upstream(name: &'static str) -> Upstream {
                 _ = &mut stopped => return,
             };
             let counter = counter.clone();
-            let service = service_fn(move |request| {
+            let (healthy, failing) = toggles.clone();
+            let service = service_fn(move |request: Request<Incoming>| {
                 counter.fetch_add(1, Ordering::SeqCst);
-                answer(name, request)
+                let forced = match request.uri().path() {
+                    "/health" if !healthy.load(Ordering::SeqCst) => {
+                        Some(StatusCode::SERVICE_UNAVAILABLE)
+                    }
+                    "/health" => None,
+                    _ if failing.load(Ordering::SeqCst) => Some(StatusCode::INTERNAL_SERVER_ERROR),
+                    _ => None,
+                };
+                async move {
+                    match forced {
+                        Some(status) => {
+                            let mut response = Response::new(Full::new(Bytes::from(name)));
+                            *response.status_mut() = status;
+                            response
+                                .headers_mut()
+                                .insert("x-served-by", name.parse().unwrap());
+                            Ok(response)
+                        }
+                        None => answer(name, request).await,
+                    }
+                }
             });
             tokio::spawn(async move {
                 let _ = auto::Builder::new(TokioExecutor::new())
@@ -74,6 +103,8 @@ pub async fn upstream(name: &'static str) -> Upstream {
         name,
         addr,
         hits,
+        healthy,
+        failing,
         _stop: stop,
     }
 }
@@ -201,10 +232,15 @@ pub async fn refused_addr() -> SocketAddr {
     listener.local_addr().unwrap()
 }
 
-/// A proxy serving on 127.0.0.1:0, stopped when dropped.
+/// A proxy serving on 127.0.0.1:0 (and its admin API on another port), stopped when dropped.
 pub struct TestProxy {
     pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
     pub table: SharedTable,
+    pub control: Arc<ControlPlane>,
+    /// The config file, when the proxy was started from one.
+    pub config_path: Option<std::path::PathBuf>,
+    _dir: Option<tempfile::TempDir>,
     stop: Option<oneshot::Sender<()>>,
     pub task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -212,6 +248,10 @@ pub struct TestProxy {
 impl TestProxy {
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn admin(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin_addr, path)
     }
 
     /// Stops accepting and waits for the drain to finish.
@@ -233,26 +273,51 @@ impl Drop for TestProxy {
     }
 }
 
-/// Starts a proxy for the config text (its `[proxy] listen` is ignored: port 0 is used).
+/// Starts a proxy for the config text, without a config file (its `listen` addresses are
+/// ignored: port 0 is used).
 pub async fn start_proxy(config: &str) -> TestProxy {
-    let config = canary_proxy::config::parse(config, "test.toml").expect("test config is valid");
-    let table: SharedTable = Arc::new(ArcSwap::from_pointee(RoutingTable::from_config(
-        &config, 1, None,
-    )));
+    let parsed = canary_proxy::config::parse(config, "test.toml").expect("test config is valid");
+    launch(parsed, None, None).await
+}
+
+/// Starts a proxy from a config file written into a fresh temporary directory, so reloads
+/// and weight persistence have a file to work on.
+pub async fn start_proxy_with_file(config: &str) -> TestProxy {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("canary.toml");
+    std::fs::write(&path, config).unwrap();
+    let parsed = canary_proxy::config::load(&path).expect("test config is valid");
+    launch(parsed, Some(path), Some(dir)).await
+}
+
+async fn launch(
+    config: canary_proxy::Config,
+    path: Option<std::path::PathBuf>,
+    dir: Option<tempfile::TempDir>,
+) -> TestProxy {
+    let control = ControlPlane::new(config, path.clone()).expect("control plane starts");
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+    let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (addr, admin_addr) = (
+        listener.local_addr().unwrap(),
+        admin_listener.local_addr().unwrap(),
+    );
     let (stop, stopped) = oneshot::channel::<()>();
-    let options = ServerOptions {
-        header_read_timeout: config.proxy.header_read_timeout,
-        shutdown_grace: config.proxy.shutdown_grace,
-    };
-    let proxy = Proxy::new(table.clone());
-    let task = tokio::spawn(canary_proxy::serve(listener, proxy, options, async move {
-        let _ = stopped.await;
-    }));
+    let task = tokio::spawn(canary_proxy::run(
+        control.clone(),
+        listener,
+        admin_listener,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
     TestProxy {
         addr,
-        table,
+        admin_addr,
+        table: control.table().clone(),
+        control,
+        config_path: path,
+        _dir: dir,
         stop: Some(stop),
         task: Some(task),
     }

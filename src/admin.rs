@@ -1,0 +1,515 @@
+//! The admin API, on its own listener (loopback by default):
+//!
+//! | method, path | does |
+//! |---|---|
+//! | `GET /admin/weight` | the weights, `{"v1":90,"v2":10}` |
+//! | `POST`/`PUT /admin/weight` | sets weights from a JSON body `{"v2":20}` or a query `?v2=20`; names left out keep theirs |
+//! | `GET /admin/routes` | the whole effective table |
+//! | `GET /admin/explain` | which backend a request with these headers would get, and why |
+//! | `POST`/`PUT /admin/reload` | re-reads the config file |
+//! | `GET /metrics` | Prometheus text format |
+//! | `GET /healthz` | 200 while the process runs |
+//! | `GET /readyz` | 200 when some backend is healthy, else 503 |
+//!
+//! With a token configured, every `/admin/*` call needs `Authorization: Bearer TOKEN`.
+//! Reads return the table version as `ETag`; writes accept `If-Match` and answer 409 when the
+//! table has moved on. Errors are JSON: `{"error": "..."}`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{ALLOW, AUTHORIZATION, CONTENT_TYPE, ETAG, IF_MATCH};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use serde_json::{Map, Value, json};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{MAX_WEIGHT, RuleMatcher, RuleSource};
+use crate::control::{ControlError, ControlPlane, WeightsApplied};
+use crate::metrics;
+use crate::routing::{Reason, RoutingTable};
+use crate::sticky::BUCKETS;
+
+/// Admin request bodies are tiny; anything bigger is refused.
+const MAX_BODY: usize = 64 * 1024;
+
+type AdminResponse = Response<Full<Bytes>>;
+
+/// Serves the admin API until `shutdown` is cancelled.
+pub async fn serve_admin(
+    listener: TcpListener,
+    control: Arc<ControlPlane>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(error) => {
+                    tracing::warn!(%error, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => return,
+        };
+        let control = control.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request| {
+                let control = control.clone();
+                async move { Ok::<_, Infallible>(handle(&control, request).await) }
+            });
+            let builder = auto::Builder::new(TokioExecutor::new());
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                _ = connection => {}
+                () = shutdown.cancelled() => {}
+            }
+        });
+    }
+}
+
+async fn handle(control: &ControlPlane, request: Request<Incoming>) -> AdminResponse {
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    if path.starts_with("/admin/") {
+        let presented = request
+            .headers()
+            .get(AUTHORIZATION)
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+        if !control.authorized(presented) {
+            let mut response = error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+            response
+                .headers_mut()
+                .insert("www-authenticate", HeaderValue::from_static("Bearer"));
+            return response;
+        }
+    }
+    let table = control.table().load_full();
+    match (method, path.as_str()) {
+        (Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (Method::GET, "/readyz") => {
+            if table.backends.iter().any(|b| b.is_healthy()) {
+                text(StatusCode::OK, "ready\n")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "no healthy backend\n")
+            }
+        }
+        (Method::GET, "/metrics") => {
+            let mut response = text(StatusCode::OK, control.metrics().render(&table));
+            response.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static(metrics::CONTENT_TYPE),
+            );
+            response
+        }
+        (Method::GET, "/admin/weight") if request.uri().query().is_some_and(|q| !q.is_empty()) => {
+            not_allowed(
+                "GET cannot change weights; use POST or PUT",
+                "GET, POST, PUT",
+            )
+        }
+        (Method::GET, "/admin/weight") => with_etag(
+            json_response(StatusCode::OK, weights_json(&table)),
+            table.version,
+        ),
+        (Method::POST | Method::PUT, "/admin/weight") => set_weights(control, request).await,
+        (_, "/admin/weight") => {
+            not_allowed("use GET to read, POST or PUT to set", "GET, POST, PUT")
+        }
+        (Method::GET, "/admin/routes") => with_etag(
+            json_response(StatusCode::OK, routes_json(&table)),
+            table.version,
+        ),
+        (Method::GET, "/admin/explain") => {
+            json_response(StatusCode::OK, explain_json(&table, &request))
+        }
+        (Method::POST | Method::PUT, "/admin/reload") => {
+            let if_match = match if_match(&request) {
+                Ok(v) => v,
+                Err(message) => return error(StatusCode::BAD_REQUEST, message),
+            };
+            match control.reload(if_match) {
+                Ok(version) => with_etag(
+                    json_response(
+                        StatusCode::OK,
+                        json!({"reloaded": true, "version": version}),
+                    ),
+                    version,
+                ),
+                Err(e) => control_error(control, &e),
+            }
+        }
+        (_, "/admin/reload") => not_allowed("reload needs POST or PUT", "POST, PUT"),
+        (_, "/admin/routes" | "/admin/explain" | "/healthz" | "/readyz" | "/metrics") => {
+            not_allowed("this endpoint is read-only: use GET", "GET")
+        }
+        _ => error(
+            StatusCode::NOT_FOUND,
+            "no such endpoint; see GET /admin/routes",
+        ),
+    }
+}
+
+async fn set_weights(control: &ControlPlane, request: Request<Incoming>) -> AdminResponse {
+    let if_match = match if_match(&request) {
+        Ok(v) => v,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
+    };
+    let query = request.uri().query().unwrap_or("").to_string();
+    let body = match Limited::new(request.into_body(), MAX_BODY).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => return error(StatusCode::BAD_REQUEST, "body unreadable or over 64 KiB"),
+    };
+    let parsed = if body.iter().all(u8::is_ascii_whitespace) {
+        parse_query_weights(&query)
+    } else {
+        parse_json_weights(&body)
+    };
+    let changes = match parsed {
+        Ok(changes) => changes,
+        Err(e) => return control_error(control, &e),
+    };
+    match control.set_weights(&changes, if_match) {
+        Ok(applied) => weights_applied(applied),
+        Err(e) => control_error(control, &e),
+    }
+}
+
+fn weights_applied(applied: WeightsApplied) -> AdminResponse {
+    let weights: Map<String, Value> = applied
+        .weights
+        .iter()
+        .map(|(name, weight)| (name.clone(), json!(weight)))
+        .collect();
+    let mut body = json!({"weights": weights, "version": applied.version});
+    match &applied.persisted {
+        Some(Ok(())) => body["persisted"] = json!(true),
+        Some(Err(e)) => {
+            body["persisted"] = json!(false);
+            body["persist_error"] = json!(e.to_string());
+        }
+        None => {
+            body["persisted"] = json!(false);
+            body["persist_error"] = json!("the proxy was started without a config file");
+        }
+    }
+    with_etag(json_response(StatusCode::OK, body), applied.version)
+}
+
+/// `?v1=80&v2=20`
+fn parse_query_weights(query: &str) -> Result<Vec<(String, u32)>, ControlError> {
+    query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let weight = value
+                .parse::<u32>()
+                .map_err(|_| ControlError::InvalidWeight {
+                    backend: name.to_string(),
+                    value: format!("{value:?}"),
+                })?;
+            Ok((name.to_string(), weight))
+        })
+        .collect()
+}
+
+/// `{"v2": 20, "v1": 80}`
+fn parse_json_weights(body: &[u8]) -> Result<Vec<(String, u32)>, ControlError> {
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| ControlError::MalformedJson(e.to_string()))?;
+    let Value::Object(map) = value else {
+        return Err(ControlError::MalformedJson(
+            "expected an object of backend names to weights".into(),
+        ));
+    };
+    map.into_iter()
+        .map(|(name, value)| {
+            let weight = value
+                .as_u64()
+                .filter(|w| *w <= u64::from(MAX_WEIGHT))
+                .and_then(|w| u32::try_from(w).ok())
+                .ok_or_else(|| ControlError::InvalidWeight {
+                    backend: name.clone(),
+                    value: value.to_string(),
+                })?;
+            Ok((name, weight))
+        })
+        .collect()
+}
+
+/// The version `If-Match` asks for (`None`: unconditional), or why the header is unusable.
+fn if_match(request: &Request<Incoming>) -> Result<Option<u64>, &'static str> {
+    let Some(value) = request.headers().get(IF_MATCH) else {
+        return Ok(None);
+    };
+    let text = value.to_str().unwrap_or("").trim();
+    if text == "*" {
+        return Ok(None);
+    }
+    text.trim_start_matches("W/")
+        .trim_matches('"')
+        .parse()
+        .map(Some)
+        .map_err(|_| "If-Match must be an ETag returned by this API")
+}
+
+fn control_error(control: &ControlPlane, e: &ControlError) -> AdminResponse {
+    match e {
+        ControlError::Stale { current, .. } => {
+            let body = json!({"error": e.to_string(), "version": current});
+            with_etag(json_response(StatusCode::CONFLICT, body), *current)
+        }
+        ControlError::UnknownBackend(_)
+        | ControlError::InvalidWeight { .. }
+        | ControlError::AllZero
+        | ControlError::NoWeights
+        | ControlError::MalformedJson(_)
+        | ControlError::NoConfigFile
+        | ControlError::Config(_)
+        | ControlError::Token(_) => {
+            let version = control.table().load().version;
+            let body = json!({"error": e.to_string(), "version": version});
+            with_etag(json_response(StatusCode::BAD_REQUEST, body), version)
+        }
+    }
+}
+
+fn weights_json(table: &RoutingTable) -> Value {
+    let map: Map<String, Value> = table
+        .backends
+        .iter()
+        .map(|b| (b.name.clone(), json!(b.weight)))
+        .collect();
+    Value::Object(map)
+}
+
+fn rule_json(source: &RuleSource, matcher: &RuleMatcher) -> Value {
+    let mut rule = match source {
+        RuleSource::Header(name) => json!({"header": name.as_str()}),
+        RuleSource::Cookie(name) => json!({"cookie": name}),
+    };
+    match matcher {
+        RuleMatcher::Equals(v) => rule["equals"] = json!(v),
+        RuleMatcher::Matches(re) => rule["matches"] = json!(re.as_str()),
+        RuleMatcher::Present => rule["present"] = json!(true),
+    }
+    rule
+}
+
+fn routes_json(table: &RoutingTable) -> Value {
+    let effective = table.effective_weights();
+    let configured_total: u64 = table.backends.iter().map(|b| u64::from(b.weight)).sum();
+    let mut cumulative = 0u64;
+    let backends: Vec<Value> = table
+        .backends
+        .iter()
+        .zip(&effective)
+        .map(|(b, effective)| {
+            let start = u64::from(BUCKETS) * cumulative / configured_total.max(1);
+            cumulative += u64::from(b.weight);
+            let end = u64::from(BUCKETS) * cumulative / configured_total.max(1);
+            let endpoints: Vec<Value> = b
+                .endpoints
+                .iter()
+                .map(|e| {
+                    let status = e.health.status();
+                    json!({
+                        "url": e.url,
+                        "healthy": e.is_healthy(),
+                        "active_check_up": status.active_up,
+                        "ejected": status.ejected,
+                        "ejections": status.ejections,
+                    })
+                })
+                .collect();
+            let health = b.health.as_ref().map(|h| {
+                json!({
+                    "path": h.path.as_str(),
+                    "interval": crate::duration::format_duration(h.interval),
+                    "timeout": crate::duration::format_duration(h.timeout),
+                    "unhealthy_threshold": h.unhealthy_threshold,
+                    "healthy_threshold": h.healthy_threshold,
+                })
+            });
+            json!({
+                "name": b.name,
+                "weight": b.weight,
+                "effective_weight": effective,
+                "healthy": b.is_healthy(),
+                "sticky_buckets_configured": [start, end],
+                "endpoints": endpoints,
+                "health_check": health,
+            })
+        })
+        .collect();
+    let rules: Vec<Value> = table
+        .rules
+        .iter()
+        .enumerate()
+        .map(|(n, r)| {
+            let mut rule = rule_json(&r.source, &r.matcher);
+            rule["index"] = json!(n);
+            rule["backend"] = json!(table.backends[r.backend].name);
+            rule
+        })
+        .collect();
+    json!({
+        "version": table.version,
+        "failing_open": table.is_failing_open(),
+        "backends": backends,
+        "rules": rules,
+        "sticky": {
+            "user_id_header": table.sticky.header.as_ref().map(|h| h.as_str()),
+            "user_id_cookie": table.sticky.cookie,
+            "salt": table.sticky.salt,
+            "buckets": BUCKETS,
+        },
+        "request_timeout": crate::duration::format_duration(table.request_timeout),
+        "backend_header": table.backend_header.as_ref().map(|h| h.as_str()),
+    })
+}
+
+fn explain_json(table: &RoutingTable, request: &Request<Incoming>) -> Value {
+    let headers = request.headers();
+    let user_id = table
+        .sticky
+        .user_id(headers)
+        .map(|id| String::from_utf8_lossy(id).into_owned());
+    let Some(decision) = table.route(headers, &mut rand::rng()) else {
+        return json!({"backend": null, "reason": "no backend has a weight above 0", "version": table.version});
+    };
+    let mut body = json!({
+        "backend": table.backends[decision.backend].name,
+        "reason": decision.reason.as_str(),
+        "user_id": user_id,
+        "version": table.version,
+    });
+    match decision.reason {
+        Reason::Rule(n) => {
+            let rule = &table.rules[n];
+            body["rule"] = json!(n);
+            body["rule_matched"] = rule_json(&rule.source, &rule.matcher);
+        }
+        Reason::Sticky(bucket) => body["bucket"] = json!(bucket),
+        Reason::Weight | Reason::Fallback => {
+            let effective = table.effective_weights();
+            let total: u64 = effective.iter().map(|w| u64::from(*w)).sum();
+            let odds: Map<String, Value> = table
+                .backends
+                .iter()
+                .zip(&effective)
+                .filter(|(_, w)| **w > 0)
+                .map(|(b, w)| (b.name.clone(), json!(f64::from(*w) / total.max(1) as f64)))
+                .collect();
+            body["probabilities"] = Value::Object(odds);
+            body["note"] = json!("a weighted pick is random: this is one draw");
+        }
+    }
+    body
+}
+
+fn json_response(status: StatusCode, body: Value) -> AdminResponse {
+    let mut text = body.to_string();
+    text.push('\n');
+    let mut response = Response::new(Full::new(Bytes::from(text)));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+fn with_etag(mut response: AdminResponse, version: u64) -> AdminResponse {
+    if let Ok(value) = HeaderValue::from_str(&format!("\"{version}\"")) {
+        response.headers_mut().insert(ETAG, value);
+    }
+    response
+}
+
+fn error(status: StatusCode, message: &str) -> AdminResponse {
+    json_response(status, json!({"error": message}))
+}
+
+fn not_allowed(message: &str, allow: &'static str) -> AdminResponse {
+    let mut response = error(StatusCode::METHOD_NOT_ALLOWED, message);
+    response
+        .headers_mut()
+        .insert(ALLOW, HeaderValue::from_static(allow));
+    response
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> AdminResponse {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_weights_parse_or_name_the_bad_value() {
+        assert_eq!(
+            parse_query_weights("v1=80&v2=20").unwrap(),
+            [("v1".to_string(), 80), ("v2".to_string(), 20)]
+        );
+        assert!(matches!(
+            parse_query_weights("v2=-5"),
+            Err(ControlError::InvalidWeight { .. })
+        ));
+        assert!(matches!(
+            parse_query_weights("v2=1.5"),
+            Err(ControlError::InvalidWeight { .. })
+        ));
+        assert!(matches!(
+            parse_query_weights("v2"),
+            Err(ControlError::InvalidWeight { .. })
+        ));
+        assert!(parse_query_weights("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn json_weights_parse_or_name_the_bad_value() {
+        assert_eq!(
+            parse_json_weights(br#"{"v2":20}"#).unwrap(),
+            [("v2".to_string(), 20)]
+        );
+        for bad in [
+            r#"{"v2":-1}"#,
+            r#"{"v2":2.5}"#,
+            r#"{"v2":"20"}"#,
+            r#"{"v2":null}"#,
+            r#"{"v2":1000001}"#,
+        ] {
+            assert!(
+                matches!(
+                    parse_json_weights(bad.as_bytes()),
+                    Err(ControlError::InvalidWeight { .. })
+                ),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            parse_json_weights(b"{"),
+            Err(ControlError::MalformedJson(_))
+        ));
+        assert!(matches!(
+            parse_json_weights(b"[1,2]"),
+            Err(ControlError::MalformedJson(_))
+        ));
+    }
+}

@@ -1,0 +1,310 @@
+//! The control plane: every change to the routing table (weights, reloads) goes through here.
+//!
+//! A change is serialized with the others, checked whole, built as a new table and swapped in
+//! with one store, so a request sees either the old table or the new one. Each change bumps the
+//! version (the admin API's `ETag`), can be made conditional on the version the operator last
+//! saw (`If-Match`), and is logged with its old and new values (target `audit`).
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+
+use arc_swap::ArcSwap;
+use tokio_util::sync::CancellationToken;
+
+use crate::SharedTable;
+use crate::config::{self, Config, ConfigError, MAX_WEIGHT};
+use crate::health::HealthSupervisor;
+use crate::metrics::Metrics;
+use crate::persist::{self, PersistError};
+use crate::routing::RoutingTable;
+
+/// Why a change was refused; the table is untouched.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("the table is at version {current}, not {expected} (If-Match): re-read and retry")]
+    Stale { expected: u64, current: u64 },
+    #[error("unknown backend {0:?}")]
+    UnknownBackend(String),
+    #[error("weight of {backend:?} must be an integer from 0 to {MAX_WEIGHT}, got {value}")]
+    InvalidWeight { backend: String, value: String },
+    #[error("all weights would be 0; at least one backend must keep a weight above 0")]
+    AllZero,
+    #[error("no weights given")]
+    NoWeights,
+    #[error("malformed JSON body: {0}")]
+    MalformedJson(String),
+    #[error("the proxy was started without a config file, so there is nothing to reload")]
+    NoConfigFile,
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("admin token: {0}")]
+    Token(String),
+}
+
+/// Why the proxy cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("admin token: {0}")]
+    Token(String),
+}
+
+/// The result of a weight change.
+#[derive(Debug)]
+pub struct WeightsApplied {
+    pub version: u64,
+    /// Every backend's weight after the change, in declaration order.
+    pub weights: Vec<(String, u32)>,
+    /// Whether the change was written back to the config file (`None` when there is none).
+    pub persisted: Option<Result<(), PersistError>>,
+}
+
+/// Owns the shared routing table and everything that changes it.
+pub struct ControlPlane {
+    table: SharedTable,
+    config_path: Option<PathBuf>,
+    metrics: Arc<Metrics>,
+    health: HealthSupervisor,
+    /// The admin bearer token; replaced by a reload.
+    token: RwLock<Option<String>>,
+    /// The config the current table came from, to warn about changes a reload cannot apply.
+    config: Mutex<Config>,
+    /// Serializes read-modify-write changes so none is lost.
+    writes: Mutex<()>,
+    shutdown: CancellationToken,
+}
+
+impl ControlPlane {
+    /// Builds the first table (version 1) from a validated config. `config_path` is where
+    /// reloads read from and weight changes are written back to.
+    pub fn new(config: Config, config_path: Option<PathBuf>) -> Result<Arc<Self>, StartError> {
+        let token = config.admin.resolve_token().map_err(StartError::Token)?;
+        let metrics = Arc::new(Metrics::new());
+        let table = RoutingTable::from_config(&config, 1, None, &metrics);
+        let shutdown = CancellationToken::new();
+        let control = ControlPlane {
+            table: Arc::new(ArcSwap::from_pointee(table)),
+            config_path,
+            metrics,
+            health: HealthSupervisor::new(shutdown.child_token()),
+            token: RwLock::new(token),
+            config: Mutex::new(config),
+            writes: Mutex::new(()),
+            shutdown,
+        };
+        control.health.sync(&control.table.load());
+        Ok(Arc::new(control))
+    }
+
+    pub fn table(&self) -> &SharedTable {
+        &self.table
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub fn health(&self) -> &HealthSupervisor {
+        &self.health
+    }
+
+    /// Cancelled when the proxy shuts down; background tasks watch it.
+    pub fn shutdown_token(&self) -> &CancellationToken {
+        &self.shutdown
+    }
+
+    /// The settings the proxy was started with (listeners, timeouts of the server).
+    pub fn config(&self) -> Config {
+        self.lock_config().clone()
+    }
+
+    /// True when `presented` matches the admin token, or when no token is configured.
+    pub fn authorized(&self, presented: Option<&[u8]>) -> bool {
+        let token = self.token.read().unwrap_or_else(|e| e.into_inner());
+        match (token.as_deref(), presented) {
+            (None, _) => true,
+            (Some(expected), Some(presented)) => constant_time_eq(expected.as_bytes(), presented),
+            (Some(_), None) => false,
+        }
+    }
+
+    /// Sets the weights of the named backends (others keep theirs) and writes them back to
+    /// the config file.
+    pub fn set_weights(
+        &self,
+        changes: &[(String, u32)],
+        if_match: Option<u64>,
+    ) -> Result<WeightsApplied, ControlError> {
+        if changes.is_empty() {
+            return Err(ControlError::NoWeights);
+        }
+        let _write = self.writes.lock().unwrap_or_else(|e| e.into_inner());
+        let current = self.table.load_full();
+        check_version(if_match, current.version)?;
+        let mut indexed = Vec::with_capacity(changes.len());
+        for (name, weight) in changes {
+            let index = current
+                .backends
+                .iter()
+                .position(|b| &b.name == name)
+                .ok_or_else(|| ControlError::UnknownBackend(name.clone()))?;
+            if *weight > MAX_WEIGHT {
+                return Err(ControlError::InvalidWeight {
+                    backend: name.clone(),
+                    value: weight.to_string(),
+                });
+            }
+            indexed.push((index, *weight));
+        }
+        let next = current.with_weights(&indexed, current.version + 1);
+        if next.backends.iter().all(|b| b.weight == 0) {
+            return Err(ControlError::AllZero);
+        }
+        let weights = weights_of(&next);
+        tracing::info!(
+            target: "audit",
+            version = next.version,
+            old = %describe(&weights_of(&current)),
+            new = %describe(&weights),
+            "weights changed"
+        );
+        let version = next.version;
+        self.table.store(Arc::new(next));
+        let persisted = self.config_path.as_ref().map(|path| {
+            let all: Vec<(&str, u32)> = weights.iter().map(|(n, w)| (n.as_str(), *w)).collect();
+            let result = persist::write_weights(path, &all);
+            if let Err(error) = &result {
+                tracing::error!(%error, "weight change applied but not written to the config file");
+            }
+            result
+        });
+        Ok(WeightsApplied {
+            version,
+            weights,
+            persisted,
+        })
+    }
+
+    /// Re-reads the config file and applies it whole, or leaves everything as it was.
+    /// Backends whose connection settings are unchanged keep their pools and health state.
+    pub fn reload(&self, if_match: Option<u64>) -> Result<u64, ControlError> {
+        let result = self.try_reload(if_match);
+        self.metrics.config_reload(result.is_ok());
+        match &result {
+            Ok(version) => tracing::info!(target: "audit", version, "config reloaded"),
+            Err(error) => {
+                tracing::error!(%error, "config reload rejected; the old table keeps serving")
+            }
+        }
+        result
+    }
+
+    fn try_reload(&self, if_match: Option<u64>) -> Result<u64, ControlError> {
+        let path = self
+            .config_path
+            .as_ref()
+            .ok_or(ControlError::NoConfigFile)?;
+        let _write = self.writes.lock().unwrap_or_else(|e| e.into_inner());
+        let current = self.table.load_full();
+        check_version(if_match, current.version)?;
+        let config = config::load(path)?;
+        let token = config.admin.resolve_token().map_err(ControlError::Token)?;
+        let next =
+            RoutingTable::from_config(&config, current.version + 1, Some(&current), &self.metrics);
+        let version = next.version;
+        tracing::info!(
+            target: "audit",
+            version,
+            old = %describe(&weights_of(&current)),
+            new = %describe(&weights_of(&next)),
+            "routing table replaced by reload"
+        );
+        self.warn_about_restart_only_changes(&config);
+        self.table.store(Arc::new(next));
+        self.health.sync(&self.table.load());
+        *self.token.write().unwrap_or_else(|e| e.into_inner()) = token;
+        *self.lock_config() = config;
+        Ok(version)
+    }
+
+    fn warn_about_restart_only_changes(&self, next: &Config) {
+        let old = self.lock_config();
+        let changed = [
+            ("proxy.listen", old.proxy.listen != next.proxy.listen),
+            ("admin.listen", old.admin.listen != next.admin.listen),
+            (
+                "proxy.header_read_timeout",
+                old.proxy.header_read_timeout != next.proxy.header_read_timeout,
+            ),
+            (
+                "proxy.shutdown_grace",
+                old.proxy.shutdown_grace != next.proxy.shutdown_grace,
+            ),
+        ];
+        for (key, _) in changed.iter().filter(|(_, changed)| *changed) {
+            tracing::warn!(
+                key,
+                "changed in the config file; this setting takes effect on restart"
+            );
+        }
+    }
+
+    fn lock_config(&self) -> std::sync::MutexGuard<'_, Config> {
+        self.config.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn check_version(if_match: Option<u64>, current: u64) -> Result<(), ControlError> {
+    match if_match {
+        Some(expected) if expected != current => Err(ControlError::Stale { expected, current }),
+        _ => Ok(()),
+    }
+}
+
+fn weights_of(table: &RoutingTable) -> Vec<(String, u32)> {
+    table
+        .backends
+        .iter()
+        .map(|b| (b.name.clone(), b.weight))
+        .collect()
+}
+
+fn describe(weights: &[(String, u32)]) -> String {
+    let parts: Vec<String> = weights.iter().map(|(n, w)| format!("{n}={w}")).collect();
+    parts.join(",")
+}
+
+/// Compares in time that depends only on the lengths, so the token cannot be guessed byte by
+/// byte from response times. (A length mismatch returns early; the length is not the secret.)
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let difference = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(difference) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constant_time_eq_compares_whole_values() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert!(!constant_time_eq(b"", b"x"));
+    }
+
+    #[test]
+    fn stale_versions_are_refused() {
+        assert!(check_version(None, 4).is_ok());
+        assert!(check_version(Some(4), 4).is_ok());
+        assert!(matches!(
+            check_version(Some(3), 4),
+            Err(ControlError::Stale {
+                expected: 3,
+                current: 4
+            })
+        ));
+    }
+}

@@ -1,0 +1,713 @@
+//! The admin API over real TCP: weights (JSON and query, partial, bad input), ETag/If-Match,
+//! tokens, methods, persistence, reload, explain, routes, metrics, readiness, and weight flips
+//! under load.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+
+async fn json_of(response: reqwest::Response) -> Value {
+    let text = response.text().await.unwrap();
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+fn etag(response: &reqwest::Response) -> String {
+    response.headers()["etag"].to_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn weights_are_read_and_set_by_json_and_query_partially() {
+    let (v1, v2) = (upstream("v1").await, upstream("v2").await);
+    let proxy = start_proxy(&config(
+        &[("v1", vec![v1.url()], 90), ("v2", vec![v2.url()], 10)],
+        "",
+    ))
+    .await;
+    let c = client();
+    let response = c.get(proxy.admin("/admin/weight")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(etag(&response), "\"1\"");
+    assert_eq!(json_of(response).await, json!({"v1": 90, "v2": 10}));
+
+    // Query form, one name: the other keeps its weight.
+    let response = c
+        .post(proxy.admin("/admin/weight?v2=20"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(etag(&response), "\"2\"");
+    let body = json_of(response).await;
+    assert_eq!(body["weights"], json!({"v1": 90, "v2": 20}));
+    assert_eq!(body["version"], 2);
+
+    // JSON body, PUT.
+    let response = c
+        .put(proxy.admin("/admin/weight"))
+        .body(r#"{"v1": 0, "v2": 100}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        json_of(response).await["weights"],
+        json!({"v1": 0, "v2": 100})
+    );
+    // Traffic follows at once.
+    for _ in 0..20 {
+        let r = c.get(proxy.url("/")).send().await.unwrap();
+        assert_eq!(r.headers()["x-canary-backend"], "v2");
+    }
+    let response = c.get(proxy.admin("/admin/weight")).send().await.unwrap();
+    assert_eq!(json_of(response).await, json!({"v1": 0, "v2": 100}));
+}
+
+#[tokio::test]
+async fn bad_weight_changes_get_400_json_and_change_nothing() {
+    let (v1, v2) = (upstream("v1").await, upstream("v2").await);
+    let proxy = start_proxy(&config(
+        &[("v1", vec![v1.url()], 90), ("v2", vec![v2.url()], 10)],
+        "",
+    ))
+    .await;
+    let c = client();
+    let cases: Vec<(&str, Option<&str>, &str)> = vec![
+        ("/admin/weight?v3=5", None, "unknown backend"),
+        ("/admin/weight?v2=-5", None, "integer"),
+        ("/admin/weight?v2=2.5", None, "integer"),
+        ("/admin/weight?v2=ten", None, "integer"),
+        ("/admin/weight?v1=0&v2=0", None, "all weights"),
+        (
+            "/admin/weight",
+            Some(r#"{"v1": 0, "v2": 0}"#),
+            "all weights",
+        ),
+        ("/admin/weight", Some(r#"{"v2": -1}"#), "integer"),
+        ("/admin/weight", Some(r#"{"v2": 1.5}"#), "integer"),
+        ("/admin/weight", Some(r#"{"v2": "20"}"#), "integer"),
+        ("/admin/weight", Some(r#"{"nope": 20}"#), "unknown backend"),
+        ("/admin/weight", Some(r#"{"v2": 20"#), "malformed JSON"),
+        ("/admin/weight", Some("[20]"), "malformed JSON"),
+        ("/admin/weight", None, "no weights"),
+        // One bad name spoils the whole change: v1 must not move either.
+        ("/admin/weight?v1=50&v9=50", None, "unknown backend"),
+    ];
+    for (path, body, expected) in cases {
+        let mut request = c.post(proxy.admin(path));
+        if let Some(body) = body {
+            request = request.body(body);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 400, "{path} {body:?}");
+        assert!(
+            response.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("application/json")
+        );
+        let error = json_of(response).await["error"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(error.contains(expected), "{path} {body:?}: {error}");
+    }
+    let response = c.get(proxy.admin("/admin/weight")).send().await.unwrap();
+    assert_eq!(etag(&response), "\"1\"", "no version was consumed");
+    assert_eq!(json_of(response).await, json!({"v1": 90, "v2": 10}));
+}
+
+#[tokio::test]
+async fn stale_if_match_gets_409_and_current_if_match_applies() {
+    let v1 = upstream("v1").await;
+    let proxy = start_proxy(&config(
+        &[("v1", vec![v1.url()], 1), ("v2", vec![v1.url()], 1)],
+        "",
+    ))
+    .await;
+    let c = client();
+    let seen = etag(&c.get(proxy.admin("/admin/weight")).send().await.unwrap());
+    let first = c
+        .post(proxy.admin("/admin/weight?v2=5"))
+        .header("if-match", &seen)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 200);
+    let newer = etag(&first);
+    assert_ne!(newer, seen);
+    // A second writer that read the old version loses, and learns the current one.
+    let stale = c
+        .post(proxy.admin("/admin/weight?v2=7"))
+        .header("if-match", &seen)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stale.status(), 409);
+    assert_eq!(etag(&stale), newer);
+    let body = json_of(stale).await;
+    assert!(body["error"].as_str().unwrap().contains("If-Match"));
+    let now = c.get(proxy.admin("/admin/weight")).send().await.unwrap();
+    assert_eq!(json_of(now).await["v2"], 5);
+    let garbage = c
+        .post(proxy.admin("/admin/weight?v2=7"))
+        .header("if-match", "yesterday")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(garbage.status(), 400);
+}
+
+#[tokio::test]
+async fn token_guards_every_admin_call_but_not_probes_or_metrics() {
+    let v1 = upstream("v1").await;
+    let mut text = config(&[("v1", vec![v1.url()], 1)], "");
+    text.push_str("\n[admin]\ntoken = \"s3cret-token\"\n");
+    let proxy = start_proxy(&text).await;
+    let c = client();
+    for path in ["/admin/weight", "/admin/routes", "/admin/explain"] {
+        let none = c.get(proxy.admin(path)).send().await.unwrap();
+        assert_eq!(none.status(), 401, "{path}");
+        assert!(json_of(none).await["error"].is_string());
+        let wrong = c
+            .get(proxy.admin(path))
+            .bearer_auth("s3cret-tokeN")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(wrong.status(), 401, "{path}");
+        let short = c
+            .get(proxy.admin(path))
+            .bearer_auth("s3cret")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(short.status(), 401, "{path}");
+        let right = c
+            .get(proxy.admin(path))
+            .bearer_auth("s3cret-token")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(right.status(), 200, "{path}");
+    }
+    let unauthorized_write = c
+        .post(proxy.admin("/admin/weight?v1=5"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unauthorized_write.status(), 401);
+    assert_eq!(proxy.table.load().backends[0].weight, 1);
+    let reload = c.post(proxy.admin("/admin/reload")).send().await.unwrap();
+    assert_eq!(reload.status(), 401);
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        assert_eq!(
+            c.get(proxy.admin(path)).send().await.unwrap().status(),
+            200,
+            "{path}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn mutations_need_post_or_put() {
+    let v1 = upstream("v1").await;
+    let proxy = start_proxy(&config(&[("v1", vec![v1.url()], 1)], "")).await;
+    let c = client();
+    let get_reload = c.get(proxy.admin("/admin/reload")).send().await.unwrap();
+    assert_eq!(get_reload.status(), 405);
+    assert_eq!(get_reload.headers()["allow"], "POST, PUT");
+    let get_with_query = c
+        .get(proxy.admin("/admin/weight?v1=5"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(get_with_query.status(), 405);
+    let delete = c.delete(proxy.admin("/admin/weight")).send().await.unwrap();
+    assert_eq!(delete.status(), 405);
+    let post_routes = c.post(proxy.admin("/admin/routes")).send().await.unwrap();
+    assert_eq!(post_routes.status(), 405);
+    assert_eq!(
+        c.get(proxy.admin("/admin/nope"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    assert_eq!(proxy.table.load().version, 1);
+}
+
+#[tokio::test]
+async fn weight_changes_are_written_back_with_comments_kept() {
+    let v1 = upstream("v1").await;
+    let mut text = String::from("# my canary setup\n");
+    text.push_str(&config(
+        &[("v1", vec![v1.url()], 90), ("v2", vec![v1.url()], 10)],
+        "",
+    ));
+    let text = text.replace("weight = 10\n", "weight = 10 # canary share\n");
+    let proxy = start_proxy_with_file(&text).await;
+    let path = proxy.config_path.clone().unwrap();
+    let c = client();
+    let response = c
+        .post(proxy.admin("/admin/weight?v2=35&v1=65"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(json_of(response).await["persisted"], true);
+    let written = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(
+        written,
+        text.replace("weight = 90\n", "weight = 65\n")
+            .replace("weight = 10 #", "weight = 35 #")
+    );
+    // The file still loads, with the new weights (this is what a restart reads).
+    let reloaded = canary_proxy::config::load(&path).unwrap();
+    assert_eq!(
+        (reloaded.backends[0].weight, reloaded.backends[1].weight),
+        (65, 35)
+    );
+
+    // If the write fails, the change still applies and the reply says so.
+    std::fs::remove_file(&path).unwrap();
+    let response = c
+        .post(proxy.admin("/admin/weight?v2=50"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body = json_of(response).await;
+    assert_eq!(body["persisted"], false);
+    assert!(
+        body["persist_error"]
+            .as_str()
+            .unwrap()
+            .contains("canary.toml"),
+        "{body}"
+    );
+    assert_eq!(body["weights"]["v2"], 50);
+    assert_eq!(proxy.table.load().backends[1].weight, 50);
+}
+
+#[tokio::test]
+async fn reload_applies_a_good_file_and_rejects_a_bad_one() {
+    let (v1, v2) = (upstream("v1").await, upstream("v2").await);
+    let text = config(
+        &[("v1", vec![v1.url()], 100), ("v2", vec![v2.url()], 0)],
+        "",
+    );
+    let proxy = start_proxy_with_file(&text).await;
+    let path = proxy.config_path.clone().unwrap();
+    let c = client();
+    let pool_before = proxy.table.load().backends[0].endpoints[0].clone();
+
+    // Good: v2 gets a rule.
+    let mut good = text.clone();
+    good.push_str("\n[[rule]]\nheader = \"x-beta\"\npresent = true\nbackend = \"v2\"\n");
+    std::fs::write(&path, &good).unwrap();
+    let response = c.post(proxy.admin("/admin/reload")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(etag(&response), "\"2\"");
+    assert_eq!(json_of(response).await["version"], 2);
+    let routed = c
+        .get(proxy.url("/"))
+        .header("x-beta", "1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(routed.headers()["x-canary-backend"], "v2");
+    // The unchanged backend kept its endpoint state (and pool).
+    assert!(Arc::ptr_eq(
+        &pool_before,
+        &proxy.table.load().backends[0].endpoints[0]
+    ));
+
+    // Bad: a syntax error and a semantic error; both rejected, old table kept.
+    for bad in [
+        good.replace("weight = 100", "weight = = 100"),
+        good.replace("backend = \"v2\"", "backend = \"v9\""),
+    ] {
+        std::fs::write(&path, &bad).unwrap();
+        let response = c.post(proxy.admin("/admin/reload")).send().await.unwrap();
+        assert_eq!(response.status(), 400);
+        let body = json_of(response).await;
+        let error = body["error"].as_str().unwrap();
+        assert!(
+            error.contains("canary.toml:"),
+            "the error names file and line: {error}"
+        );
+        assert_eq!(body["version"], 2);
+        let still = c
+            .get(proxy.url("/"))
+            .header("x-beta", "1")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(still.headers()["x-canary-backend"], "v2");
+    }
+    let metrics = c
+        .get(proxy.admin("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(
+            &metrics,
+            "canary_config_reloads_total",
+            &[("result", "success")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "canary_config_reloads_total",
+            &[("result", "failure")]
+        ),
+        2.0
+    );
+}
+
+#[tokio::test]
+async fn explain_says_which_backend_and_why() {
+    let (v1, v2) = (upstream("v1").await, upstream("v2").await);
+    let mut text = config(
+        &[("v1", vec![v1.url()], 70), ("v2", vec![v2.url()], 30)],
+        "sticky_salt = \"s:\"",
+    );
+    text.push_str("\n[[rule]]\nheader = \"x-canary\"\nequals = \"always\"\nbackend = \"v2\"\n");
+    let proxy = start_proxy(&text).await;
+    let c = client();
+    let rule = json_of(
+        c.get(proxy.admin("/admin/explain"))
+            .header("x-canary", "always")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(rule["backend"], "v2");
+    assert_eq!(rule["reason"], "rule");
+    assert_eq!(rule["rule"], 0);
+    let sticky = json_of(
+        c.get(proxy.admin("/admin/explain"))
+            .header("x-user-id", "alice")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    let bucket = reference_bucket("s:", "alice");
+    assert_eq!(sticky["reason"], "sticky");
+    assert_eq!(sticky["bucket"], bucket);
+    assert_eq!(sticky["backend"], if bucket < 7000 { "v1" } else { "v2" });
+    // And the real request agrees with the explanation.
+    let real = c
+        .get(proxy.url("/"))
+        .header("x-user-id", "alice")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        real.headers()["x-canary-backend"],
+        sticky["backend"].as_str().unwrap()
+    );
+    let weighted = json_of(c.get(proxy.admin("/admin/explain")).send().await.unwrap()).await;
+    assert_eq!(weighted["reason"], "weight");
+    assert_eq!(weighted["probabilities"], json!({"v1": 0.7, "v2": 0.3}));
+}
+
+#[tokio::test]
+async fn routes_show_the_whole_effective_table() {
+    let (v1, v2) = (upstream("v1").await, upstream("v2").await);
+    let mut text = config(
+        &[("v1", vec![v1.url()], 90), ("v2", vec![v2.url()], 10)],
+        "",
+    );
+    text.push_str("\n[[rule]]\ncookie = \"beta\"\nmatches = \"^y\"\nbackend = \"v2\"\n");
+    let proxy = start_proxy(&text).await;
+    let routes = json_of(
+        client()
+            .get(proxy.admin("/admin/routes"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(routes["version"], 1);
+    assert_eq!(routes["failing_open"], false);
+    assert_eq!(routes["backends"][0]["name"], "v1");
+    assert_eq!(routes["backends"][0]["weight"], 90);
+    assert_eq!(routes["backends"][0]["effective_weight"], 90);
+    assert_eq!(
+        routes["backends"][0]["sticky_buckets_configured"],
+        json!([0, 9000])
+    );
+    assert_eq!(routes["backends"][1]["endpoints"][0]["url"], v2.url());
+    assert_eq!(routes["backends"][1]["endpoints"][0]["healthy"], true);
+    assert_eq!(
+        routes["rules"][0],
+        json!({"index": 0, "cookie": "beta", "matches": "^y", "backend": "v2"})
+    );
+    assert_eq!(routes["sticky"]["user_id_header"], "x-user-id");
+}
+
+/// The value of one sample in Prometheus text, matching all the given labels.
+fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter(|l| {
+            let rest = &l[name.len()..];
+            rest.starts_with('{') || rest.starts_with(' ')
+        })
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum()
+}
+
+#[tokio::test]
+async fn metrics_count_exactly_what_was_served() {
+    let (v1, v2) = (upstream("v1").await, upstream("v2").await);
+    let dead = refused_addr().await;
+    let mut text = config(
+        &[
+            ("v1", vec![v1.url()], 80),
+            ("v2", vec![v2.url()], 20),
+            ("v3", vec![format!("http://{dead}")], 0),
+        ],
+        "",
+    );
+    text.push_str("\n[[rule]]\nheader = \"x-v3\"\npresent = true\nbackend = \"v3\"\n");
+    let proxy = start_proxy(&text).await;
+    let c = client();
+    for _ in 0..200 {
+        assert_eq!(c.get(proxy.url("/")).send().await.unwrap().status(), 200);
+    }
+    // Fewer than the default 5 consecutive failures, so passive ejection does not move bob.
+    for _ in 0..4 {
+        assert_eq!(
+            c.get(proxy.url("/status/503"))
+                .header("x-user-id", "bob")
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            503
+        );
+    }
+    // v3 refuses connections; v1 and v2 are healthy, so the retry goes there.
+    for _ in 0..3 {
+        assert_eq!(
+            c.get(proxy.url("/"))
+                .header("x-v3", "1")
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+    }
+    let text = c
+        .get(proxy.admin("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let served_200 = metric(&text, "canary_requests_total", &[("status", "200")]);
+    assert_eq!(served_200, 203.0, "{text}");
+    assert_eq!(served_200, (v1.hits() + v2.hits() - 4) as f64);
+    let v1_200 = metric(
+        &text,
+        "canary_requests_total",
+        &[("backend", "v1"), ("status", "200")],
+    );
+    let v2_200 = metric(
+        &text,
+        "canary_requests_total",
+        &[("backend", "v2"), ("status", "200")],
+    );
+    assert_eq!(v1_200 + v2_200, 203.0);
+    let bob = if reference_bucket("", "bob") < 8000 {
+        "v1"
+    } else {
+        "v2"
+    };
+    assert_eq!(
+        metric(
+            &text,
+            "canary_requests_total",
+            &[("backend", bob), ("status", "503")]
+        ),
+        4.0
+    );
+    // Each refused connect to v3 is counted, though the retry then succeeded elsewhere.
+    assert_eq!(
+        metric(
+            &text,
+            "canary_upstream_errors_total",
+            &[("backend", "v3"), ("kind", "connect")]
+        ),
+        3.0
+    );
+    assert_eq!(
+        metric(&text, "canary_requests_total", &[("status", "503")]),
+        4.0
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "canary_route_decisions_total",
+            &[("reason", "weight")]
+        ),
+        200.0
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "canary_route_decisions_total",
+            &[("reason", "sticky")]
+        ),
+        4.0
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "canary_route_decisions_total",
+            &[("backend", "v3"), ("reason", "rule")]
+        ),
+        3.0
+    );
+    assert_eq!(
+        metric(&text, "canary_request_duration_seconds_count", &[]),
+        207.0
+    );
+    assert_eq!(
+        metric(&text, "canary_backend_weight", &[("backend", "v1")]),
+        80.0
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "canary_backend_effective_weight",
+            &[("backend", "v2")]
+        ),
+        20.0
+    );
+    assert_eq!(
+        metric(&text, "canary_endpoint_up", &[("backend", "v1")]),
+        1.0
+    );
+    assert_eq!(metric(&text, "canary_in_flight_requests", &[]), 0.0);
+    for name in [
+        "canary_requests_total",
+        "canary_request_duration_seconds",
+        "canary_backend_weight",
+        "canary_backend_effective_weight",
+        "canary_endpoint_up",
+        "canary_upstream_errors_total",
+        "canary_route_decisions_total",
+        "canary_config_reloads_total",
+        "canary_in_flight_requests",
+    ] {
+        assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
+    }
+}
+
+#[tokio::test]
+async fn healthz_and_readyz() {
+    let v1 = upstream("v1").await;
+    let proxy = start_proxy(&config(&[("v1", vec![v1.url()], 1)], "")).await;
+    let c = client();
+    assert_eq!(
+        c.get(proxy.admin("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        c.get(proxy.admin("/readyz")).send().await.unwrap().status(),
+        200
+    );
+    proxy.table.load().backends[0].endpoints[0].set_healthy(false);
+    assert_eq!(
+        c.get(proxy.admin("/readyz")).send().await.unwrap().status(),
+        503
+    );
+    assert_eq!(
+        c.get(proxy.admin("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weight_flips_under_load_lose_no_request() {
+    let (v1, v2) = (upstream("v1").await, upstream("v2").await);
+    let proxy = start_proxy(&config(
+        &[("v1", vec![v1.url()], 100), ("v2", vec![v2.url()], 0)],
+        "",
+    ))
+    .await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut load = Vec::new();
+    for _ in 0..16 {
+        let (stop, ok, failed, url) = (stop.clone(), ok.clone(), failed.clone(), proxy.url("/"));
+        load.push(tokio::spawn(async move {
+            let c = client();
+            while !stop.load(Ordering::Relaxed) {
+                match c.get(&url).send().await {
+                    Ok(r) if r.status() == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    let c = client();
+    let mut flips = 0;
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(3) {
+        let query = if flips % 2 == 0 {
+            "?v1=0&v2=100"
+        } else {
+            "?v1=100&v2=0"
+        };
+        let response = c
+            .post(proxy.admin(&format!("/admin/weight{query}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        flips += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for task in load {
+        task.await.unwrap();
+    }
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    eprintln!("{flips} flips, {ok} requests ok, {failed} failed");
+    assert!(flips >= 50, "only {flips} flips");
+    assert!(ok > 1000, "only {ok} requests");
+    assert!(v1.hits() > 0 && v2.hits() > 0);
+    assert_eq!(failed, 0);
+}
