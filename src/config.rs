@@ -749,6 +749,16 @@ fn validate_backends(
     let mut first_line_by_name = HashMap::new();
     for (i, backend) in raw.into_iter().enumerate() {
         let name_span = backend.get_ref().name.as_ref().map(Spanned::span);
+        if i == crate::routing::MAX_BACKENDS {
+            return Err(FieldError::new(
+                format!("backend[{i}]"),
+                backend.span(),
+                format!(
+                    "at most {} backends are supported",
+                    crate::routing::MAX_BACKENDS
+                ),
+            ));
+        }
         let backend = validate_backend(i, backend, text)?;
         if let Some(first) = first_line_by_name.insert(backend.name.clone(), backend.line) {
             return Err(FieldError::new(
@@ -806,6 +816,13 @@ fn validate_backend(
                 "invalid character {bad:?} in backend name {:?}; use only letters, digits, `_`, `.` and `-`",
                 name.get_ref()
             ),
+        ));
+    }
+    if name.get_ref() == crate::metrics::UNROUTED_BACKEND {
+        return Err(FieldError::new(
+            key("name"),
+            name.span(),
+            "`none` is reserved: metrics use backend=\"none\" for requests no backend served",
         ));
     }
 
@@ -2427,5 +2444,29 @@ backend = "v2"
         );
         assert_eq!(closest("colour", &["name", "weight"]), None);
         assert_eq!(edit_distance("", "abc"), 3);
+    }
+
+    #[test]
+    fn too_many_backends_and_the_reserved_name_are_errors() {
+        let mut text = String::new();
+        for n in 0..65 {
+            text.push_str(&format!(
+                "[[backend]]\nname = \"b{n}\"\nurls = [\"http://127.0.0.1:{}\"]\nweight = 1\n",
+                1000 + n
+            ));
+        }
+        let error = parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(
+            error.contains("`backend[64]`") && error.contains("at most 64"),
+            "{error}"
+        );
+        assert!(error.starts_with("t.toml:257:"), "{error}");
+        let reserved =
+            "[[backend]]\nname = \"none\"\nurls = [\"http://127.0.0.1:1\"]\nweight = 1\n";
+        let error = parse(reserved, "t.toml").unwrap_err().to_string();
+        assert!(
+            error.contains("`backend[0].name`") && error.contains("reserved"),
+            "{error}"
+        );
     }
 }

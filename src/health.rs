@@ -557,8 +557,11 @@ impl HealthSupervisor {
     /// their task and state; an endpoint whose backend lost its check goes back to up. Call it
     /// at start and after every swap. Must be called within a tokio runtime.
     pub fn sync(&self, table: &RoutingTable) {
-        let endpoints = || table.backends.iter().flat_map(|b| &b.endpoints);
-        let present: HashSet<usize> = endpoints().map(key).collect();
+        let present: HashSet<usize> = table
+            .backends
+            .iter()
+            .flat_map(|b| b.endpoints.iter().map(key))
+            .collect();
         let wanted: HashMap<usize, (&Arc<Endpoint>, &str, &HealthCheckConfig)> = table
             .backends
             .iter()

@@ -852,6 +852,31 @@ mod tests {
     }
 
     #[test]
+    fn reload_keeps_endpoint_health_and_applies_new_outlier_settings() {
+        let text = |failures: u32| {
+            format!(
+                "[[backend]]\nname = \"v1\"\nurls = [\"http://127.0.0.1:1\", \"http://127.0.0.1:2\"]\n\
+                 weight = 1\n[backend.outlier]\nconsecutive_failures = {failures}\n"
+            )
+        };
+        let parse = |failures| crate::config::parse(&text(failures), "t.toml").unwrap();
+        let metrics = Metrics::new();
+        let first = RoutingTable::from_config(&parse(1), 1, None, &metrics);
+        let ejected = &first.backends[0].endpoints[0];
+        ejected.record_outcome(false);
+        assert!(!ejected.is_healthy());
+        assert!(ejected.status().ejected);
+        // Same endpoints after a reload; turning ejection off ends the running one.
+        let second = RoutingTable::from_config(&parse(0), 2, Some(&first), &metrics);
+        assert!(Arc::ptr_eq(&second.backends[0].endpoints[0], ejected));
+        assert!(ejected.is_healthy());
+        for _ in 0..10 {
+            second.backends[0].endpoints[1].record_outcome(false);
+        }
+        assert!(second.backends[0].endpoints[1].is_healthy());
+    }
+
+    #[test]
     fn with_weights_keeps_pools_and_health() {
         let t = table(&[90, 10], vec![], StickySettings::default());
         t.backends[1].endpoints[0].set_healthy(false);
