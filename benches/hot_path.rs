@@ -97,14 +97,14 @@ fn routing(c: &mut Criterion) {
 }
 
 fn header_rewrite(c: &mut Criterion) {
-    let client = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10));
+    let client = canary_proxy::client_ip_value(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10)));
     let host = HeaderValue::from_static("shop.example.com");
     c.bench_function("rewrite/request headers", |b| {
         b.iter_batched(
             browser_headers,
             |mut headers| {
                 canary_proxy::strip_hop_by_hop(&mut headers);
-                canary_proxy::add_forwarded(&mut headers, client, Some(&host));
+                canary_proxy::add_forwarded(&mut headers, &client, Some(&host));
                 let id = canary_proxy::request_id(&headers);
                 headers.insert("x-request-id", id);
                 headers

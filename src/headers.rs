@@ -35,14 +35,22 @@ fn fixed_hop_by_hop() -> [&'static HeaderName; 9] {
 }
 
 /// Removes every hop-by-hop header: those `Connection` names (case-insensitively, over every
-/// `Connection` line) and the fixed list.
+/// `Connection` line) and the fixed list. Allocation-free unless `Connection` names a header
+/// outside the fixed list (its usual values, `keep-alive`, `close` and `upgrade`, do not).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if headers.contains_key(CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(CONNECTION)
             .iter()
             .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-            .filter_map(|token| HeaderName::from_bytes(token.trim_ascii()).ok())
+            .map(<[u8]>::trim_ascii)
+            .filter(|token| {
+                !token.eq_ignore_ascii_case(b"close")
+                    && !fixed_hop_by_hop()
+                        .iter()
+                        .any(|fixed| token.eq_ignore_ascii_case(fixed.as_str().as_bytes()))
+            })
+            .filter_map(|token| HeaderName::from_bytes(token).ok())
             .collect();
         for name in named {
             headers.remove(name);
@@ -51,6 +59,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in fixed_hop_by_hop() {
         headers.remove(name);
     }
+}
+
+/// The client address as a header value; built once per connection.
+pub fn client_ip_value(client: IpAddr) -> HeaderValue {
+    HeaderValue::from_str(&client.to_string())
+        .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
 /// True when one of the comma-separated values of header `name` is `token` (any case).
@@ -89,12 +103,11 @@ pub fn join_cookies(headers: &mut HeaderMap) {
     }
 }
 
-/// Appends the client address to `X-Forwarded-For` (keeping earlier hops, folded into one
-/// line) and sets `X-Forwarded-Proto` and `X-Forwarded-Host`.
-pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, host: Option<&HeaderValue>) {
-    let client = client.to_string();
+/// Appends the client address (from [`client_ip_value`]) to `X-Forwarded-For`, keeping earlier
+/// hops folded into one line, and sets `X-Forwarded-Proto` and `X-Forwarded-Host`.
+pub fn add_forwarded(headers: &mut HeaderMap, client: &HeaderValue, host: Option<&HeaderValue>) {
     let forwarded_for = match headers.get(&X_FORWARDED_FOR) {
-        None => HeaderValue::from_str(&client),
+        None => Some(client.clone()),
         Some(_) => {
             let mut joined = Vec::new();
             for value in headers.get_all(&X_FORWARDED_FOR) {
@@ -102,10 +115,10 @@ pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, host: Option<&Head
                 joined.extend_from_slice(b", ");
             }
             joined.extend_from_slice(client.as_bytes());
-            HeaderValue::from_bytes(&joined)
+            HeaderValue::from_bytes(&joined).ok()
         }
     };
-    if let Ok(value) = forwarded_for {
+    if let Some(value) = forwarded_for {
         headers.insert(X_FORWARDED_FOR.clone(), value);
     }
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
@@ -170,6 +183,17 @@ mod tests {
     }
 
     #[test]
+    fn connection_tokens_of_the_fixed_list_are_stripped_too() {
+        let mut h = map(&[
+            ("connection", "Keep-Alive, close, Upgrade, TE"),
+            ("te", "trailers"),
+            ("x", "1"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x"]);
+    }
+
+    #[test]
     fn websocket_detection_needs_both_headers() {
         assert!(is_websocket_upgrade(&map(&[
             ("upgrade", "WebSocket"),
@@ -188,16 +212,13 @@ mod tests {
             ("x-forwarded-for", "1.1.1.1"),
             ("x-forwarded-for", "2.2.2.2"),
         ]);
-        add_forwarded(
-            &mut h,
-            "127.0.0.1".parse().unwrap(),
-            Some(&HeaderValue::from_static("svc")),
-        );
+        let local = client_ip_value("127.0.0.1".parse().unwrap());
+        add_forwarded(&mut h, &local, Some(&HeaderValue::from_static("svc")));
         assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 127.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "svc");
         let mut h = map(&[("x-forwarded-host", "spoofed")]);
-        add_forwarded(&mut h, "::1".parse().unwrap(), None);
+        add_forwarded(&mut h, &client_ip_value("::1".parse().unwrap()), None);
         assert_eq!(h["x-forwarded-for"], "::1");
         assert!(h.get("x-forwarded-host").is_none());
     }

@@ -3,7 +3,6 @@
 //! rewrite the response. Every failure becomes a synthetic response in one place,
 //! [`error_response`].
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -70,7 +69,7 @@ impl Proxy {
     pub async fn handle(
         &self,
         request: Request<Incoming>,
-        client: SocketAddr,
+        client_ip: &HeaderValue,
         framing: &AmbiguousFraming,
     ) -> ProxyResponse {
         let started = std::time::Instant::now();
@@ -78,7 +77,7 @@ impl Proxy {
         let table = self.table.load_full();
         let mut outcome = Outcome::default();
         let response = match self
-            .forward(request, client, framing, &table, &mut outcome)
+            .forward(request, client_ip, framing, &table, &mut outcome)
             .await
         {
             Ok(response) => response,
@@ -108,7 +107,7 @@ impl Proxy {
     async fn forward(
         &self,
         mut request: Request<Incoming>,
-        client: SocketAddr,
+        client_ip: &HeaderValue,
         framing: &AmbiguousFraming,
         table: &RoutingTable,
         outcome: &mut Outcome,
@@ -151,7 +150,7 @@ impl Proxy {
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
         headers::strip_hop_by_hop(&mut upstream_headers);
-        headers::add_forwarded(&mut upstream_headers, client.ip(), host.as_ref());
+        headers::add_forwarded(&mut upstream_headers, client_ip, host.as_ref());
         upstream_headers.insert(headers::X_REQUEST_ID.clone(), request_id);
         if parts.version == Version::HTTP_2 {
             headers::join_cookies(&mut upstream_headers);

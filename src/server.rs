@@ -6,6 +6,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::service::service_fn;
@@ -15,6 +16,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::framing::FramingGuard;
+use crate::headers;
 use crate::proxy::Proxy;
 
 /// How the listener treats client connections.
@@ -78,10 +80,14 @@ pub async fn serve(
             }
             let _ = stream.set_nodelay(true);
             let (guarded, framing) = FramingGuard::new(stream);
+            // Built once per connection; each request clones one Arc.
+            let context = Arc::new((proxy, headers::client_ip_value(peer.ip()), framing));
             let service = service_fn(move |request| {
-                let proxy = proxy.clone();
-                let framing = framing.clone();
-                async move { Ok::<_, Infallible>(proxy.handle(request, peer, &framing).await) }
+                let context = context.clone();
+                async move {
+                    let (proxy, client_ip, framing) = &*context;
+                    Ok::<_, Infallible>(proxy.handle(request, client_ip, framing).await)
+                }
             });
             let connection = builder.serve_connection_with_upgrades(TokioIo::new(guarded), service);
             if let Err(error) = watcher.watch(connection).await {

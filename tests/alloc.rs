@@ -1,0 +1,83 @@
+//! The routing decision allocates nothing: counted with dhat's allocator in testing mode.
+//! (One test per binary: dhat allows one profiler per process.)
+
+use std::hint::black_box;
+
+use canary_proxy::{Metrics, RoutingTable};
+use http::{HeaderMap, HeaderValue};
+
+#[global_allocator]
+static ALLOC: dhat::Alloc = dhat::Alloc;
+
+const CONFIG: &str = r#"
+[proxy]
+user_id_header = "x-user-id"
+user_id_cookie = "uid"
+sticky_salt = "s:"
+
+[[backend]]
+name = "v1"
+urls = ["http://127.0.0.1:8081", "http://127.0.0.1:8083"]
+weight = 90
+
+[[backend]]
+name = "v2"
+urls = ["http://127.0.0.1:8082"]
+weight = 10
+
+[[rule]]
+header = "x-canary"
+equals = "always"
+backend = "v2"
+
+[[rule]]
+cookie = "beta"
+matches = "^(yes|1)$"
+backend = "v2"
+"#;
+
+#[test]
+fn routing_decisions_do_not_allocate() {
+    let config = canary_proxy::config::parse(CONFIG, "alloc.toml").unwrap();
+    let table = RoutingTable::from_config(&config, 1, None, &Metrics::new());
+    let requests: Vec<HeaderMap> = [
+        vec![("host", "shop.example")],
+        vec![
+            ("host", "shop.example"),
+            ("x-user-id", "7d3c9b2e-4f1a-4e7b-9a51"),
+        ],
+        vec![
+            ("host", "shop.example"),
+            ("cookie", "session=abc; uid=u-48213; beta=no"),
+        ],
+        vec![("host", "shop.example"), ("cookie", "beta=yes")],
+        vec![("host", "shop.example"), ("x-canary", "always")],
+    ]
+    .into_iter()
+    .map(|pairs| {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(k, HeaderValue::from_static(v));
+        }
+        h
+    })
+    .collect();
+    let mut rng = rand::rng();
+    // Warm up lazily initialised state (the thread's RNG, the regex's cache).
+    for headers in &requests {
+        black_box(table.route(headers, &mut rng));
+    }
+    let _profiler = dhat::Profiler::builder().testing().build();
+    let before = dhat::HeapStats::get();
+    for _ in 0..1000 {
+        for headers in &requests {
+            let decision = table.route(black_box(headers), &mut rng).unwrap();
+            let endpoint = table.backends[decision.backend]
+                .pick_endpoint(None)
+                .unwrap();
+            black_box(endpoint);
+        }
+    }
+    let after = dhat::HeapStats::get();
+    dhat::assert_eq!(after.total_blocks - before.total_blocks, 0);
+}
