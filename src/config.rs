@@ -75,7 +75,13 @@ pub struct ProxySettings {
     /// Response header naming the backend that served. Default `x-canary-backend`; an empty
     /// string in the file disables it (`None`).
     pub backend_header: Option<HeaderName>,
+    /// Worker threads, each with its own runtime and listener. `None`: one per core available
+    /// to the process (its CPU affinity included). At most [`MAX_WORKERS`].
+    pub workers: Option<usize>,
 }
+
+/// The most worker threads `proxy.workers` may ask for.
+pub const MAX_WORKERS: usize = 64;
 
 impl Default for ProxySettings {
     fn default() -> Self {
@@ -90,6 +96,7 @@ impl Default for ProxySettings {
             user_id_cookie: None,
             sticky_salt: String::new(),
             backend_header: Some(HeaderName::from_static(DEFAULT_BACKEND_HEADER)),
+            workers: None,
         }
     }
 }
@@ -418,6 +425,7 @@ struct RawProxy {
     user_id_cookie: Option<Spanned<String>>,
     sticky_salt: Option<String>,
     backend_header: Option<Spanned<String>>,
+    workers: Option<Spanned<RawInt>>,
 }
 
 #[derive(Deserialize)]
@@ -679,6 +687,21 @@ impl RawProxy {
             user_id_cookie,
             sticky_salt: self.sticky_salt.unwrap_or(defaults.sticky_salt),
             backend_header,
+            workers: self
+                .workers
+                .map(|w| {
+                    let span = w.span();
+                    let n = threshold("proxy.workers", Some(w), 1)?;
+                    if n as usize > MAX_WORKERS {
+                        return Err(FieldError::new(
+                            "proxy.workers",
+                            span,
+                            format!("must be an integer from 1 to {MAX_WORKERS}, got {n}"),
+                        ));
+                    }
+                    Ok(n as usize)
+                })
+                .transpose()?,
         })
     }
 }
@@ -1661,6 +1684,7 @@ backend = "v2"
             "user_id_cookie",
             "sticky_salt",
             "backend_header",
+            "# workers",
             "# token",
             "# token_env",
             "name",
@@ -2468,5 +2492,20 @@ backend = "v2"
             error.contains("`backend[0].name`") && error.contains("reserved"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn workers_are_bounded() {
+        let base = "[[backend]]\nname = \"v1\"\nurls = [\"http://127.0.0.1:1\"]\nweight = 1\n";
+        let with = |w: &str| format!("[proxy]\nworkers = {w}\n{base}");
+        assert_eq!(parse(&with("4"), "t.toml").unwrap().proxy.workers, Some(4));
+        assert_eq!(parse(base, "t.toml").unwrap().proxy.workers, None);
+        for bad in ["0", "65", "-1", "\"two\""] {
+            let error = parse(&with(bad), "t.toml").unwrap_err().to_string();
+            assert!(
+                error.contains("t.toml:2:") && error.contains("proxy.workers"),
+                "{bad}: {error}"
+            );
+        }
     }
 }

@@ -21,6 +21,8 @@
 //! - `persist`: writes weight changes back into the config file, comments kept.
 //! - `health`: active health checks and passive outlier ejection per endpoint.
 //! - `metrics`: the Prometheus metrics, with label handles resolved ahead of time.
+//! - `workers`: thread-per-core serving, one current-thread runtime and SO_REUSEPORT listener
+//!   per worker.
 #![forbid(unsafe_code)]
 
 mod admin;
@@ -39,6 +41,7 @@ mod routing;
 mod server;
 mod sticky;
 mod upstream;
+mod workers;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -61,13 +64,15 @@ pub use proxy::{Proxy, SharedTable};
 pub use routing::{Backend, Decision, Endpoint, MAX_BACKENDS, Reason, RoutingTable, Rule};
 pub use server::{ServerOptions, serve};
 pub use sticky::{BUCKETS, StickySettings, bucket, fnv1a_32};
+pub use workers::{bind_listeners, run_workers, worker_count};
 
 /// How long background tasks (admin listener, health checks) get to stop after the drain.
 const TASK_STOP_DEADLINE: Duration = Duration::from_secs(5);
 
-/// Runs the proxy and its admin API on already bound listeners until `shutdown` completes:
-/// then stops accepting, drains in-flight requests (bounded by `shutdown_grace`), and stops
-/// the background tasks through the control plane's cancellation token.
+/// Runs the proxy (on the current runtime) and its admin API on already bound listeners until
+/// `shutdown` completes: then stops accepting, drains in-flight requests (bounded by
+/// `shutdown_grace`), and stops the background tasks through the control plane's cancellation
+/// token. The binary uses [`run_workers`] instead, which serves on one thread per core.
 pub async fn run(
     control: Arc<ControlPlane>,
     listener: TcpListener,
@@ -91,7 +96,13 @@ pub async fn run(
         token.child_token(),
     );
     serve(listener, proxy, options, shutdown).await;
-    token.cancel();
+    stop_background(&control, admin).await;
+}
+
+/// Stops the admin listener and the health checks through the control plane's cancellation
+/// token, waiting for them up to [`TASK_STOP_DEADLINE`].
+async fn stop_background(control: &ControlPlane, admin: tokio::task::JoinHandle<()>) {
+    control.shutdown_token().cancel();
     let stopped = async {
         let _ = admin.await;
         control.health().stopped().await;

@@ -55,8 +55,10 @@ fn main() -> ExitCode {
     }
 }
 
+/// The control runtime: admin API, health checks, signals (and the demo upstreams). Client
+/// traffic is served on the worker threads, each with a runtime of its own.
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the tokio runtime")
@@ -87,21 +89,22 @@ async fn start(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let (listen, admin_listen) = (config.proxy.listen, config.admin.listen);
+    let workers = canary_proxy::worker_count(config.proxy.workers);
     let control = ControlPlane::new(config, Some(path.clone()))?;
-    let listener = TcpListener::bind(listen)
-        .await
+    let listeners = canary_proxy::bind_listeners(listen, workers)
         .with_context(|| format!("cannot listen on {listen}"))?;
     let admin_listener = TcpListener::bind(admin_listen)
         .await
         .with_context(|| format!("admin: cannot listen on {admin_listen}"))?;
     tracing::info!(
-        listen = %listener.local_addr().context("listener has no address")?,
+        listen = %listeners[0].local_addr().context("listener has no address")?,
         admin = %admin_listener.local_addr().context("admin listener has no address")?,
+        workers,
         config = %path.display(),
         "canary-proxy started"
     );
     tokio::spawn(reload_on_sighup(control.clone()));
-    canary_proxy::run(control, listener, admin_listener, shutdown).await;
+    canary_proxy::run_workers(control, listeners, admin_listener, shutdown).await?;
     Ok(())
 }
 

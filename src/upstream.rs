@@ -8,7 +8,7 @@
 //! a request that was sent is never replayed.
 
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -21,6 +21,9 @@ use hyper_util::client::legacy::ResponseFuture;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use crate::config::MAX_WORKERS;
+use crate::workers::current_worker;
+
 /// Connection settings of a pool; a reload that changes them builds new pools.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UpstreamSettings {
@@ -30,10 +33,14 @@ pub struct UpstreamSettings {
     pub idle_timeout: Duration,
 }
 
-/// The pooled client of one backend. Cloning shares the pool.
+type PooledClient = Client<HttpConnector, ForwardBody>;
+
+/// The pooled clients of one backend, one per worker thread, built when that worker first
+/// uses them: a pooled connection is driven by the runtime that opened it, so sharing one
+/// pool between workers would hand requests across threads. Cloning shares the pools.
 #[derive(Clone)]
 pub struct Upstream {
-    client: Client<HttpConnector, ForwardBody>,
+    clients: Arc<[OnceLock<PooledClient>]>,
     settings: UpstreamSettings,
 }
 
@@ -47,14 +54,23 @@ impl std::fmt::Debug for Upstream {
 
 impl Upstream {
     pub fn new(settings: UpstreamSettings) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(settings.connect_timeout));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(settings.idle_timeout)
-            .build(connector);
-        Upstream { client, settings }
+        Upstream {
+            clients: (0..MAX_WORKERS).map(|_| OnceLock::new()).collect(),
+            settings,
+        }
+    }
+
+    fn client(&self) -> &PooledClient {
+        let slot = &self.clients[current_worker() % self.clients.len()];
+        slot.get_or_init(|| {
+            let mut connector = HttpConnector::new();
+            connector.set_nodelay(true);
+            connector.set_connect_timeout(Some(self.settings.connect_timeout));
+            Client::builder(TokioExecutor::new())
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(self.settings.idle_timeout)
+                .build(connector)
+        })
     }
 
     pub fn settings(&self) -> UpstreamSettings {
@@ -63,7 +79,7 @@ impl Upstream {
 
     /// Sends a request; the future resolves when the response head has arrived.
     pub fn send(&self, request: Request<ForwardBody>) -> ResponseFuture {
-        self.client.request(request)
+        self.client().request(request)
     }
 }
 

@@ -504,3 +504,44 @@ async fn shutdown_grace_bounds_the_drain() {
         "the stuck request was cut off"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_each_serve_on_their_own_thread() {
+    let (v1, v2) = (upstream("v1").await, upstream("v2").await);
+    let (proxy, _dir) = spawn_proxy(&config(
+        &[("v1", vec![v1.url()], 50), ("v2", vec![v2.url()], 50)],
+        "workers = 3",
+    ));
+    // The workers start right after the "started" log line.
+    let threads = || -> Vec<String> {
+        std::fs::read_dir(format!("/proc/{}/task", proxy.child.id()))
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .map(|name| name.trim().to_string())
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !(0..3).all(|i| threads().contains(&format!("canary-worker-{i}"))) {
+        assert!(
+            Instant::now() < deadline,
+            "worker threads missing: {:?}",
+            threads()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Many connections (each client its own), spread by the kernel over the three sockets.
+    let mut tasks = Vec::new();
+    for _ in 0..30 {
+        let url = format!("http://{}/", proxy.addr);
+        tasks.push(tokio::spawn(async move {
+            let c = client();
+            for _ in 0..10 {
+                assert_eq!(c.get(&url).send().await.unwrap().status(), 200);
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(v1.hits() + v2.hits(), 300);
+}
