@@ -21,14 +21,14 @@ pub enum ProxyError {
     Connect {
         endpoint: String,
         #[source]
-        source: hyper_util::client::legacy::Error,
+        source: crate::upstream::ConnectError,
     },
     /// The request was sent but the upstream failed (reset, closed, malformed response).
     #[error("upstream {endpoint} failed")]
     Upstream {
         endpoint: String,
         #[source]
-        source: hyper_util::client::legacy::Error,
+        source: hyper::Error,
     },
     /// The upstream switched protocols although the client asked for no WebSocket upgrade.
     #[error("upstream {endpoint} answered 101 to a request that asked for no WebSocket upgrade")]

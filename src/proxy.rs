@@ -22,7 +22,7 @@ use crate::framing::AmbiguousFraming;
 use crate::headers;
 use crate::metrics::Metrics;
 use crate::routing::{Backend, Endpoint, RoutingTable};
-use crate::upstream::{ForwardBody, ProxyResponse};
+use crate::upstream::{ProxyResponse, SendError};
 
 /// The shared routing table: each request loads it once; the admin API swaps it with one store.
 pub type SharedTable = Arc<ArcSwap<RoutingTable>>;
@@ -155,55 +155,44 @@ impl Proxy {
         if parts.version == Version::HTTP_2 {
             headers::join_cookies(&mut upstream_headers);
         }
-        if let Some(host) = &host
-            && !upstream_headers.contains_key(HOST)
-        {
-            upstream_headers.insert(HOST, host.clone());
+        // Host passes through; an HTTP/2 client's comes from :authority, and a client that
+        // sent none (HTTP/1.0) gets the endpoint's.
+        if !upstream_headers.contains_key(HOST) {
+            let host =
+                host.or_else(|| HeaderValue::from_str(target.endpoint.authority.as_str()).ok());
+            if let Some(host) = host {
+                upstream_headers.insert(HOST, host);
+            }
         }
         if let (true, Some(upgrade)) = (websocket, upgrade_value) {
             upstream_headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
             upstream_headers.insert(UPGRADE, upgrade);
         }
+        // Origin-form target: the connection already says which endpoint it goes to.
         let path = parts
             .uri
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let (body, slot) = ForwardBody::new(body);
-        let retry_possible = table
-            .backends
-            .iter()
-            .map(|b| b.endpoints.len())
-            .sum::<usize>()
-            > 1;
+        let mut outgoing = Request::new(body);
+        *outgoing.method_mut() = parts.method;
+        *outgoing.uri_mut() = Uri::from(path);
+        *outgoing.headers_mut() = upstream_headers;
 
-        // Send, retrying once elsewhere when the connection could not be made.
+        // Send, retrying once elsewhere when no connection could be made (the request is
+        // then still whole: nothing of it was written).
         let deadline = Instant::now() + table.request_timeout;
-        let mut body = Some(body);
-        let mut upstream_headers = Some(upstream_headers);
-        let mut attempts_left = if retry_possible { 2 } else { 1 };
+        let mut retried = false;
         let mut response = loop {
-            attempts_left -= 1;
-            let head = match (&upstream_headers, attempts_left) {
-                (Some(h), 1) => h.clone(),
-                _ => upstream_headers.take().unwrap_or_default(),
-            };
-            let uri = Uri::builder()
-                .scheme("http")
-                .authority(target.endpoint.authority.clone())
-                .path_and_query(path.clone())
-                .build()
-                .map_err(|_| ProxyError::NoBackend)?;
-            let mut outgoing = Request::new(body.take().unwrap_or_default());
-            *outgoing.method_mut() = parts.method.clone();
-            *outgoing.uri_mut() = uri;
-            *outgoing.headers_mut() = head;
-            let sent = tokio::time::timeout_at(deadline, target.backend.upstream.send(outgoing));
+            let sent = tokio::time::timeout_at(
+                deadline,
+                target.backend.upstream.send(target.endpoint, outgoing),
+            );
             let result = sent.await;
             target
                 .endpoint
                 .record_outcome(matches!(&result, Ok(Ok(r)) if !r.status().is_server_error()));
-            let failure = match result {
+            let (request, failure) = match result {
                 Ok(Ok(response)) => break response,
                 Err(_elapsed) => {
                     target
@@ -215,7 +204,7 @@ impl Proxy {
                         timeout: table.request_timeout,
                     });
                 }
-                Ok(Err(source)) if !source.is_connect() => {
+                Ok(Err(SendError::Failed(source))) => {
                     target
                         .backend
                         .metrics
@@ -225,19 +214,18 @@ impl Proxy {
                         source,
                     });
                 }
-                Ok(Err(source)) => {
+                Ok(Err(SendError::NotSent { request, error })) => {
                     target
                         .backend
                         .metrics
                         .upstream_error(UpstreamErrorKind::Connect);
-                    source
+                    (request, error)
                 }
             };
-            let retry = (attempts_left > 0)
+            let retry = (!retried)
                 .then(|| table.alternative(target.index, target.endpoint, &mut rand::rng()))
-                .flatten()
-                .zip(ForwardBody::reclaim(&slot));
-            let Some(((index, endpoint), reclaimed)) = retry else {
+                .flatten();
+            let Some((index, endpoint)) = retry else {
                 return Err(ProxyError::Connect {
                     endpoint: target.endpoint.url.clone(),
                     source: failure,
@@ -250,7 +238,8 @@ impl Proxy {
                 endpoint,
             };
             outcome.backend = Some(index);
-            body = Some(reclaimed);
+            outgoing = request;
+            retried = true;
         };
 
         // Rewrite the response head.

@@ -27,7 +27,7 @@ use crate::duration::format_duration;
 use crate::health::{EndpointHealth, EndpointStatus};
 use crate::metrics::{BackendMetrics, Metrics};
 use crate::sticky::{self, BUCKETS, StickySettings};
-use crate::upstream::{Upstream, UpstreamSettings};
+use crate::upstream::{ConnectionPool, Upstream, UpstreamSettings};
 
 /// The most backends a table can hold; decisions track eligibility in a `u64` bit set so that
 /// they never allocate.
@@ -84,6 +84,8 @@ pub struct Endpoint {
     pub authority: Authority,
     /// Active check verdict and passive ejection, shared by every table holding this endpoint.
     pub health: EndpointHealth,
+    /// Idle keep-alive connections to this endpoint, kept with it across table changes.
+    pub pool: ConnectionPool,
 }
 
 /// A configured rule, resolved to the backend it pins requests to.
@@ -134,6 +136,7 @@ impl Endpoint {
             url,
             authority,
             health,
+            pool: ConnectionPool::default(),
         }
     }
 

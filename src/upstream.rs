@@ -1,188 +1,252 @@
-//! The connection pool of one backend (a hyper-util client over HTTP/1.1 keep-alive), and the
-//! body type that carries a client's request body upstream.
+//! Connections to upstream endpoints: a keep-alive pool per endpoint and worker thread, hyper's
+//! HTTP/1.1 client connections, and the response body that returns its connection to the pool
+//! once the response has been read to the end.
 //!
-//! A request whose upstream connection could not be made may be retried elsewhere, which needs
-//! its body back. hyper-util drops the request when connecting fails, so the body travels in a
-//! [`ForwardBody`] that returns the untouched client body to a shared slot when it is dropped
-//! without ever having been polled. Once polled, bytes may have left, and the slot stays empty:
-//! a request that was sent is never replayed.
+//! The proxy gets a connection before it hands a request over. So when no connection can be
+//! made, the request is still whole (head and body) and can be sent elsewhere; once hyper has
+//! written any of it, it is never replayed. The one exception is safe: a pooled connection
+//! that turns out to be closed before anything was written gives the request back, and it goes
+//! out on another connection to the same endpoint.
 
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::ResponseFuture;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
 
 use crate::config::MAX_WORKERS;
+use crate::routing::Endpoint;
 use crate::workers::current_worker;
 
-/// Connection settings of a pool; a reload that changes them builds new pools.
+/// Connection settings of a backend; a reload that changes them starts fresh pools.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UpstreamSettings {
     pub connect_timeout: Duration,
-    /// Idle pooled connections are closed after this; keep it below the upstreams' own
-    /// keep-alive timeout so the proxy never writes into a connection the upstream is closing.
+    /// Idle pooled connections older than this are not reused; keep it below the upstreams'
+    /// own keep-alive timeout so the proxy never writes into a connection being closed.
     pub idle_timeout: Duration,
 }
 
-type PooledClient = Client<HttpConnector, ForwardBody>;
-
-/// The pooled clients of one backend, one per worker thread, built when that worker first
-/// uses them: a pooled connection is driven by the runtime that opened it, so sharing one
-/// pool between workers would hand requests across threads. Cloning shares the pools.
-#[derive(Clone)]
+/// How a backend connects to its endpoints.
+#[derive(Debug, Clone, Copy)]
 pub struct Upstream {
-    clients: Arc<[OnceLock<PooledClient>]>,
     settings: UpstreamSettings,
 }
 
-impl std::fmt::Debug for Upstream {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Upstream")
-            .field("settings", &self.settings)
-            .finish()
+/// The body of a request sent upstream: the client's own, streamed.
+pub type ForwardBody = Incoming;
+
+/// Why no connection to an endpoint could be made (nothing of the request was sent).
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connect failed: {0}")]
+    Io(#[source] std::io::Error),
+    #[error("connect timed out after {0:?}")]
+    TimedOut(Duration),
+    #[error("HTTP/1.1 handshake failed: {0}")]
+    Handshake(#[source] hyper::Error),
+    #[error("the new connection closed before the request could be sent: {0}")]
+    Closed(#[source] hyper::Error),
+}
+
+/// Why an exchange with an upstream failed.
+#[derive(Debug)]
+pub enum SendError {
+    /// No connection: the request comes back untouched, for another endpoint or backend.
+    NotSent {
+        request: Request<ForwardBody>,
+        error: ConnectError,
+    },
+    /// The request was (perhaps partly) sent and then the exchange failed.
+    Failed(hyper::Error),
+}
+
+/// Idle keep-alive connections of one endpoint, one list per worker thread: a connection is
+/// driven by the runtime that opened it, so each worker only reuses its own.
+#[derive(Debug)]
+pub struct ConnectionPool {
+    idle: Box<[Mutex<Vec<IdleConnection>>]>,
+}
+
+#[derive(Debug)]
+struct IdleConnection {
+    sender: SendRequest<ForwardBody>,
+    since: Instant,
+}
+
+impl Default for ConnectionPool {
+    fn default() -> Self {
+        ConnectionPool {
+            idle: (0..MAX_WORKERS).map(|_| Mutex::default()).collect(),
+        }
+    }
+}
+
+impl ConnectionPool {
+    fn mine(&self) -> std::sync::MutexGuard<'_, Vec<IdleConnection>> {
+        self.idle[current_worker() % self.idle.len()]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The most recently used live connection idle for less than `idle_timeout`.
+    fn checkout(&self, idle_timeout: Duration) -> Option<SendRequest<ForwardBody>> {
+        let mut idle = self.mine();
+        while let Some(connection) = idle.pop() {
+            if !connection.sender.is_closed() && connection.since.elapsed() < idle_timeout {
+                return Some(connection.sender);
+            }
+        }
+        None
+    }
+
+    fn checkin(&self, sender: SendRequest<ForwardBody>) {
+        if !sender.is_closed() {
+            self.mine().push(IdleConnection {
+                sender,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    /// Idle connections this worker holds for the endpoint.
+    pub fn idle_count(&self) -> usize {
+        self.mine().len()
     }
 }
 
 impl Upstream {
     pub fn new(settings: UpstreamSettings) -> Self {
-        Upstream {
-            clients: (0..MAX_WORKERS).map(|_| OnceLock::new()).collect(),
-            settings,
-        }
-    }
-
-    fn client(&self) -> &PooledClient {
-        let slot = &self.clients[current_worker() % self.clients.len()];
-        slot.get_or_init(|| {
-            let mut connector = HttpConnector::new();
-            connector.set_nodelay(true);
-            connector.set_connect_timeout(Some(self.settings.connect_timeout));
-            Client::builder(TokioExecutor::new())
-                .pool_timer(TokioTimer::new())
-                .pool_idle_timeout(self.settings.idle_timeout)
-                .build(connector)
-        })
+        Upstream { settings }
     }
 
     pub fn settings(&self) -> UpstreamSettings {
         self.settings
     }
 
-    /// Sends a request; the future resolves when the response head has arrived.
-    pub fn send(&self, request: Request<ForwardBody>) -> ResponseFuture {
-        self.client().request(request)
-    }
-}
-
-/// Where an unsent client body waits for a retry.
-pub type BodySlot = Arc<Mutex<Option<Incoming>>>;
-
-/// The body of a request sent upstream.
-#[derive(Debug, Default)]
-pub enum ForwardBody {
-    /// The client sent no body (the common GET): nothing to give back on retry.
-    #[default]
-    Empty,
-    /// A client body that goes back to `slot` if dropped before it was polled.
-    Streaming {
-        body: Option<Incoming>,
-        slot: BodySlot,
-        polled: bool,
-    },
-}
-
-impl ForwardBody {
-    /// Wraps the client body, returning the slot it comes back to if it is never sent.
-    pub fn new(body: Incoming) -> (Self, Option<BodySlot>) {
-        if body.is_end_stream() {
-            return (ForwardBody::Empty, None);
-        }
-        let slot = BodySlot::default();
-        let forward = ForwardBody::Streaming {
-            body: Some(body),
-            slot: slot.clone(),
-            polled: false,
-        };
-        (forward, Some(slot))
-    }
-
-    /// Takes back a body that was never sent, for a retry. `None` when it was (partly) sent.
-    pub fn reclaim(slot: &Option<BodySlot>) -> Option<ForwardBody> {
-        let Some(slot) = slot else {
-            return Some(ForwardBody::Empty);
-        };
-        let body = slot.lock().ok()?.take()?;
-        Some(ForwardBody::Streaming {
-            body: Some(body),
-            slot: slot.clone(),
-            polled: false,
-        })
-    }
-}
-
-impl Drop for ForwardBody {
-    fn drop(&mut self) {
-        if let ForwardBody::Streaming {
-            body,
-            slot,
-            polled: false,
-        } = self
-            && let Some(body) = body.take()
-            && let Ok(mut slot) = slot.lock()
-        {
-            *slot = Some(body);
-        }
-    }
-}
-
-impl Body for ForwardBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.get_mut() {
-            ForwardBody::Empty => Poll::Ready(None),
-            ForwardBody::Streaming { body, polled, .. } => {
-                *polled = true;
-                match body {
-                    Some(body) => Pin::new(body).poll_frame(cx),
-                    None => Poll::Ready(None),
+    /// Sends a request to `endpoint` on a pooled or new connection; resolves when the
+    /// response head has arrived.
+    pub async fn send(
+        &self,
+        endpoint: &Arc<Endpoint>,
+        mut request: Request<ForwardBody>,
+    ) -> Result<Response<UpstreamBody>, SendError> {
+        loop {
+            let (mut sender, reused) = match endpoint.pool.checkout(self.settings.idle_timeout) {
+                Some(sender) => (sender, true),
+                None => match self.connect(endpoint).await {
+                    Ok(sender) => (sender, false),
+                    Err(error) => return Err(SendError::NotSent { request, error }),
+                },
+            };
+            if let Err(error) = sender.ready().await {
+                if reused {
+                    continue;
                 }
+                let error = ConnectError::Closed(error);
+                return Err(SendError::NotSent { request, error });
+            }
+            match sender.try_send_request(request).await {
+                Ok(response) => {
+                    // A switched protocol keeps the connection; it never returns to the pool.
+                    let pooled = (response.status() != http::StatusCode::SWITCHING_PROTOCOLS)
+                        .then(|| (sender, endpoint.clone()));
+                    return Ok(response.map(|inner| UpstreamBody {
+                        inner,
+                        pooled,
+                        ended: false,
+                    }));
+                }
+                Err(mut failure) => match failure.take_message() {
+                    // Closed before anything was written: safe to send again.
+                    Some(unsent) if reused => request = unsent,
+                    Some(unsent) => {
+                        let error = ConnectError::Closed(failure.into_error());
+                        return Err(SendError::NotSent {
+                            request: unsent,
+                            error,
+                        });
+                    }
+                    None => return Err(SendError::Failed(failure.into_error())),
+                },
             }
         }
     }
 
-    fn is_end_stream(&self) -> bool {
-        match self {
-            ForwardBody::Empty => true,
-            ForwardBody::Streaming { body, .. } => body.as_ref().is_none_or(|b| b.is_end_stream()),
+    /// Opens a TCP connection (TCP_NODELAY) and runs the HTTP/1.1 client on it in a task of
+    /// this worker's runtime.
+    async fn connect(&self, endpoint: &Endpoint) -> Result<SendRequest<ForwardBody>, ConnectError> {
+        let timeout = self.settings.connect_timeout;
+        let stream = tokio::time::timeout(timeout, TcpStream::connect(endpoint.authority.as_str()))
+            .await
+            .map_err(|_| ConnectError::TimedOut(timeout))?
+            .map_err(ConnectError::Io)?;
+        let _ = stream.set_nodelay(true);
+        let (sender, connection) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(ConnectError::Handshake)?;
+        let url = endpoint.url.clone();
+        tokio::spawn(async move {
+            if let Err(error) = connection.with_upgrades().await {
+                tracing::debug!(endpoint = %url, %error, "upstream connection ended");
+            }
+        });
+        Ok(sender)
+    }
+}
+
+/// A response body from upstream. When it has been read to the end, its connection goes back
+/// to the endpoint's pool; dropped earlier (a client gone mid-body), the connection closes.
+pub struct UpstreamBody {
+    inner: Incoming,
+    pooled: Option<(SendRequest<ForwardBody>, Arc<Endpoint>)>,
+    ended: bool,
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(None) = polled {
+            self.ended = true;
         }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self {
-            ForwardBody::Empty => SizeHint::with_exact(0),
-            ForwardBody::Streaming { body, .. } => body
-                .as_ref()
-                .map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint()),
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        if let Some((sender, endpoint)) = self.pooled.take()
+            && (self.ended || self.inner.is_end_stream())
+        {
+            endpoint.pool.checkin(sender);
         }
     }
 }
 
 /// A response from upstream, or one the proxy made itself (errors).
-pub type ResponseBody = http_body_util::Either<Incoming, http_body_util::Full<Bytes>>;
+pub type ResponseBody = http_body_util::Either<UpstreamBody, http_body_util::Full<Bytes>>;
 
 /// A response as the proxy hands it to hyper.
 pub type ProxyResponse = Response<ResponseBody>;

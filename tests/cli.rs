@@ -212,9 +212,10 @@ fn rss_kib(pid: u32, field: &str) -> u64 {
 async fn a_512_mib_upload_streams_through_with_flat_memory() {
     const SIZE: u64 = 512 * 1024 * 1024;
     let v1 = upstream("v1").await;
+    // One worker, so the warm-up below warms the thread that will carry the upload.
     let (proxy, _dir) = spawn_proxy(&config(
         &[("v1", vec![v1.url()], 1)],
-        "request_timeout = \"120s\"",
+        "request_timeout = \"120s\"\nworkers = 1",
     ));
     // Warm up (pools, buffers, runtime threads), then take the baseline.
     let warm = client()

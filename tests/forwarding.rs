@@ -500,3 +500,71 @@ async fn early_refusals_carry_a_request_id() {
     );
     assert_eq!(v1.hits(), 0);
 }
+
+#[tokio::test]
+async fn upstream_connections_are_kept_alive_and_reused() {
+    let v1 = upstream("v1").await;
+    let proxy = start_proxy(&config(&[("v1", vec![v1.url()], 1)], "")).await;
+    let c = client();
+    for _ in 0..50 {
+        assert_eq!(
+            c.get(proxy.url("/"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap(),
+            "v1"
+        );
+    }
+    // Streamed bodies too: the connection returns to the pool once the body has ended.
+    for _ in 0..20 {
+        let response = c
+            .post(proxy.url("/upload"))
+            .body(vec![1u8; 100_000])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.text().await.unwrap(), "received 100000");
+    }
+    assert_eq!(v1.hits(), 70);
+    assert_eq!(
+        v1.connections.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one upstream connection for sequential requests"
+    );
+    // Eight at a time: at most eight connections, then they are reused.
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let url = proxy.url("/");
+        tasks.push(tokio::spawn(async move {
+            let c = client();
+            for _ in 0..20 {
+                assert_eq!(c.get(&url).send().await.unwrap().status(), 200);
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert!(v1.connections.load(std::sync::atomic::Ordering::SeqCst) <= 9);
+}
+
+#[tokio::test]
+async fn a_pooled_connection_closed_by_the_upstream_is_replaced_without_an_error() {
+    // The upstream closes each connection after one response (Connection: close).
+    let upstream =
+        raw_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok").await;
+    let proxy = start_proxy(&config(
+        &[("v1", vec![format!("http://{upstream}")], 1)],
+        "",
+    ))
+    .await;
+    let c = client();
+    for _ in 0..20 {
+        let response = c.get(proxy.url("/")).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.text().await.unwrap(), "ok");
+    }
+}

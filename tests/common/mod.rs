@@ -33,6 +33,8 @@ pub struct Upstream {
     pub addr: SocketAddr,
     /// Requests received (any path).
     pub hits: Arc<AtomicUsize>,
+    /// Connections accepted.
+    pub connections: Arc<AtomicUsize>,
     /// While false, `/health` answers 503 (the active check fails). Default true.
     pub healthy: Arc<AtomicBool>,
     /// While true, every path but `/health` answers 500 (passive health sees failures).
@@ -59,6 +61,8 @@ pub async fn upstream(name: &'static str) -> Upstream {
     let failing = Arc::new(AtomicBool::new(false));
     let (stop, mut stopped) = oneshot::channel::<()>();
     let counter = hits.clone();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let accepted_count = connections.clone();
     let toggles = (healthy.clone(), failing.clone());
     tokio::spawn(async move {
         loop {
@@ -66,6 +70,7 @@ pub async fn upstream(name: &'static str) -> Upstream {
                 accepted = listener.accept() => accepted.unwrap().0,
                 _ = &mut stopped => return,
             };
+            accepted_count.fetch_add(1, Ordering::SeqCst);
             let counter = counter.clone();
             let (healthy, failing) = toggles.clone();
             let service = service_fn(move |request: Request<Incoming>| {
@@ -103,6 +108,7 @@ pub async fn upstream(name: &'static str) -> Upstream {
         name,
         addr,
         hits,
+        connections,
         healthy,
         failing,
         _stop: stop,
