@@ -238,7 +238,7 @@ impl Proxy {
                 endpoint,
             };
             outcome.backend = Some(index);
-            outgoing = request;
+            outgoing = *request;
             retried = true;
         };
 

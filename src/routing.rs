@@ -443,7 +443,7 @@ impl Backend {
                 .unwrap_or_else(|_| HeaderValue::from_static("invalid")),
             weight: config.weight,
             endpoints,
-            upstream: old.map_or_else(|| Upstream::new(settings), |b| b.upstream.clone()),
+            upstream: old.map_or_else(|| Upstream::new(settings), |b| b.upstream),
             metrics: metrics.backend(&config.name),
             health: config.health.clone(),
             cursor: old.map_or_else(Arc::default, |b| b.cursor.clone()),

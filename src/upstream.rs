@@ -61,7 +61,7 @@ pub enum ConnectError {
 pub enum SendError {
     /// No connection: the request comes back untouched, for another endpoint or backend.
     NotSent {
-        request: Request<ForwardBody>,
+        request: Box<Request<ForwardBody>>,
         error: ConnectError,
     },
     /// The request was (perhaps partly) sent and then the exchange failed.
@@ -143,7 +143,10 @@ impl Upstream {
                 Some(sender) => (sender, true),
                 None => match self.connect(endpoint).await {
                     Ok(sender) => (sender, false),
-                    Err(error) => return Err(SendError::NotSent { request, error }),
+                    Err(error) => {
+                        let request = Box::new(request);
+                        return Err(SendError::NotSent { request, error });
+                    }
                 },
             };
             if let Err(error) = sender.ready().await {
@@ -151,6 +154,7 @@ impl Upstream {
                     continue;
                 }
                 let error = ConnectError::Closed(error);
+                let request = Box::new(request);
                 return Err(SendError::NotSent { request, error });
             }
             match sender.try_send_request(request).await {
@@ -170,7 +174,7 @@ impl Upstream {
                     Some(unsent) => {
                         let error = ConnectError::Closed(failure.into_error());
                         return Err(SendError::NotSent {
-                            request: unsent,
+                            request: Box::new(unsent),
                             error,
                         });
                     }
