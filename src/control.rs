@@ -231,6 +231,7 @@ impl ControlPlane {
         let changed = [
             ("proxy.listen", old.proxy.listen != next.proxy.listen),
             ("admin.listen", old.admin.listen != next.admin.listen),
+            ("proxy.workers", old.proxy.workers != next.proxy.workers),
             (
                 "proxy.header_read_timeout",
                 old.proxy.header_read_timeout != next.proxy.header_read_timeout,
