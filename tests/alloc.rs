@@ -67,7 +67,11 @@ fn routing_decisions_do_not_allocate() {
     for headers in &requests {
         black_box(table.route(headers, &mut rng));
     }
-    let _profiler = dhat::Profiler::builder().testing().build();
+    // dhat writes its profile when the profiler drops; keep it out of the work tree.
+    let _profiler = dhat::Profiler::builder()
+        .testing()
+        .file_name(std::env::temp_dir().join("canary-proxy-dhat-heap.json"))
+        .build();
     let before = dhat::HeapStats::get();
     for _ in 0..1000 {
         for headers in &requests {

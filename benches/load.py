@@ -1,0 +1,1188 @@
+#!/usr/bin/env python3
+"""Load benchmark: canary-proxy vs nginx vs HAProxy, same upstreams, one run.
+
+What it measures
+    Three reverse proxies, each pinned to one core (PROXY_CPU, default 0), forward to the
+    same two upstreams ("v1" and "v2", one nginx instance listening on two ports) split 9:1.
+    wrk and the upstream nginx share the other core (LOAD_CPU, default 1). For every scenario
+    and round the proxies run back to back (canary, nginx, haproxy) so drift hits all alike;
+    each proxy gets a 1 s warm-up per scenario that is not counted.
+
+    Per run: requests/s, p50 and p99 latency (wrk --latency), non-2xx and socket errors,
+    CPU of the proxy's processes per request (utime+stime from /proc/PID/stat), the proxy's
+    CPU seconds per wall second ("core util": 100% means it used its whole core), the busy
+    share of both cores from /proc/stat (so an overloaded load core is visible), the CPU that
+    processes not started here took (a build or tests running alongside: flagged †), and, from
+    the upstream's stub_status, the upstream connections opened and requests served (every
+    proxied request must reach an upstream: a proxy cannot win by doing less work).
+
+    Scenarios: small GET with 64, 16 and 256 connections; 16 KiB GET; 4 KiB POST (64
+    connections each); and canary-proxy alone with and without a background thread that
+    flips the v2 weight through the admin API 10 times per second.
+
+    canary-proxy's RSS / high-water mark is reported after the 64-connection small-GET runs
+    and at the end.
+
+How to run
+    python3 benches/load.py                # DURATION=5 s per run, ROUNDS=2 (about 3 min)
+    python3 benches/load.py --quick        # 2 s runs, 1 round (about 1 min)
+    python3 benches/load.py --duration 10 --rounds 3 --no-build
+    python3 benches/load.py --wait-idle 600   # shared machine: wait for idle cores, and
+                                              # repeat runs disturbed by outside load
+
+    Environment: DURATION, ROUNDS, PROXY_CPU, LOAD_CPU, and CANARY_EXTRA: extra lines for
+    canary-proxy's [proxy] table, e.g. CANARY_EXTRA='workers = 1' (several lines separated
+    by newlines). Needs nginx (nginx-light), haproxy, wrk and taskset; installs nothing.
+    Builds target/release/canary-proxy with cargo unless --no-build.
+
+    Everything listens on 127.0.0.1 on free ports; configs and logs live in a temp dir that
+    is removed at the end (kept, and its path printed, when something failed). The markdown
+    report goes to stdout and to target/load-bench.md; progress goes to stderr.
+"""
+
+import argparse
+import ctypes
+import http.client
+import os
+import platform
+import grp
+import pwd
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CANARY_BIN = os.path.join(ROOT, "target", "release", "canary-proxy")
+REPORT_PATH = os.path.join(ROOT, "target", "load-bench.md")
+NEEDS = "needs: apt-get install nginx-light haproxy wrk"
+PROXIES = ("canary", "nginx", "haproxy")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+WARMUP_S = 1
+OUTSIDE_LOAD = 0.10  # CPU (share of one core) used by processes not started here: flagged
+LOAD_CORE_FULL = 0.95  # load core this busy: wrk + upstream may be what limits the run
+POST_BODY_BYTES = 4096
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Settings:
+    duration: int
+    rounds: int
+    proxy_cpu: int
+    load_cpu: int
+    canary_extra: str
+    build: bool
+    wait_idle: int
+
+
+def parse_settings():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--duration", type=int, default=int(os.environ.get("DURATION", 5)),
+                   help="seconds per measured run (env DURATION, default 5)")
+    p.add_argument("--rounds", type=int, default=int(os.environ.get("ROUNDS", 2)),
+                   help="measured runs per proxy per scenario (env ROUNDS, default 2)")
+    p.add_argument("--quick", action="store_true", help="duration 2, rounds 1")
+    p.add_argument("--no-build", action="store_true",
+                   help="use target/release/canary-proxy as it is, do not run cargo build")
+    p.add_argument("--wait-idle", type=int, default=0, metavar="SECONDS",
+                   help="for shared machines: spend up to SECONDS in total waiting for both "
+                        "cores to be idle (5 s before starting, 2 s before each run) and "
+                        "re-running runs disturbed by outside load (up to 2 times each). "
+                        "Default 0: never wait, only flag disturbed runs")
+    a = p.parse_args()
+    if a.quick:
+        a.duration, a.rounds = 2, 1
+    if a.duration < 1 or a.rounds < 1:
+        p.error("--duration and --rounds must be at least 1")
+    s = Settings(
+        duration=a.duration,
+        rounds=a.rounds,
+        proxy_cpu=int(os.environ.get("PROXY_CPU", 0)),
+        load_cpu=int(os.environ.get("LOAD_CPU", 1)),
+        canary_extra=os.environ.get("CANARY_EXTRA", ""),
+        build=not a.no_build,
+        wait_idle=a.wait_idle,
+    )
+    cpus = os.sched_getaffinity(0)
+    if s.proxy_cpu == s.load_cpu or s.proxy_cpu not in cpus or s.load_cpu not in cpus:
+        p.error(f"PROXY_CPU={s.proxy_cpu} and LOAD_CPU={s.load_cpu} must be two different "
+                f"cores out of {sorted(cpus)}")
+    return s
+
+
+def check_tools():
+    missing = [t for t in ("nginx", "haproxy", "wrk", "taskset") if shutil.which(t) is None]
+    if missing:
+        print(f"missing: {', '.join(missing)}", file=sys.stderr)
+        print(NEEDS)
+        sys.exit(2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes: every process started is tracked and killed on exit
+# ---------------------------------------------------------------------------------------------
+
+_libc = ctypes.CDLL(None, use_errno=True)
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent():
+    # In the child before exec: get SIGKILL if this script dies without cleaning up.
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class Processes:
+    """Starts processes in their own process group and stops them all (TERM, then KILL)."""
+
+    def __init__(self):
+        self.procs = []  # (name, Popen)
+
+    def start(self, name, argv, logfile, env=None):
+        out = open(logfile, "ab")
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                env=env, start_new_session=True, preexec_fn=_die_with_parent)
+        out.close()
+        self.procs.append((name, proc))
+        return proc
+
+    def run(self, argv, timeout):
+        """Runs a short-lived command (wrk) to completion; returns (rc, stdout, stderr)."""
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                preexec_fn=_die_with_parent)
+        self.procs.append((argv[0], proc))
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        finally:
+            self._stop(proc)
+            self.procs.remove((argv[0], proc))
+        return proc.returncode, out, err
+
+    @staticmethod
+    def _stop(proc, grace=5.0):
+        if proc.poll() is not None:
+            return
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(proc.pid, sig)  # the group this script created for it
+            except ProcessLookupError:
+                return
+            try:
+                proc.wait(timeout=wait)
+                return
+            except subprocess.TimeoutExpired:
+                pass
+
+    def sessions(self):
+        return {proc.pid for _, proc in self.procs}
+
+    def stop_all(self):
+        for name, proc in reversed(self.procs):
+            self._stop(proc)
+        self.procs.clear()
+
+
+def raise_fd_limit(want=65536):
+    """HAProxy with maxconn 10000 needs ~20k descriptors; raise this process's limit (its
+    children inherit it). Root may raise the hard limit; otherwise go up to the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for new in ((want, max(hard, want)), (min(want, hard), hard)):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, new)
+            return
+        except (ValueError, OSError):
+            pass
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _interrupt(signum, _frame):
+    raise Interrupted(signal.Signals(signum).name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Small network helpers
+# ---------------------------------------------------------------------------------------------
+
+def free_ports(n):
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def wait_listening(port, proc, name, logfile, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode}; log {logfile}:\n"
+                               + tail(logfile))
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{name} not listening on 127.0.0.1:{port} after {timeout}s; log "
+                       f"{logfile}:\n" + tail(logfile))
+
+
+def tail(path, n=20):
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+def request(port, method="GET", path="/", body=None, conn=None, headers=None):
+    """One HTTP/1.1 request; returns (status, headers dict (lower-case), body bytes)."""
+    own = conn is None
+    if own:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    hdrs = dict(headers or {})
+    if body is not None:
+        hdrs.setdefault("Content-Type", "application/octet-stream")
+    conn.request(method, path, body=body, headers=hdrs)
+    resp = conn.getresponse()
+    data = resp.read()
+    result = (resp.status, {k.lower(): v for k, v in resp.getheaders()}, data)
+    if own:
+        conn.close()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+# ---------------------------------------------------------------------------------------------
+
+def nginx_common(prefix):
+    """Lines every nginx instance needs: pid, error log, temp paths inside the temp dir."""
+    lines = [
+        "daemon off;",
+        "master_process on;",
+        "worker_processes 1;",
+        "worker_rlimit_nofile 20000;",
+        f"pid {prefix}/nginx.pid;",
+        f"error_log {prefix}/error.log warn;",
+    ]
+    if os.geteuid() == 0:
+        # Workers would otherwise run as nobody and could not read the 0700 temp dir.
+        user = pwd.getpwuid(os.geteuid()).pw_name
+        group = grp.getgrgid(os.getegid()).gr_name
+        lines.append(f"user {user} {group};")
+    lines.append("events { worker_connections 10240; }")
+    temps = "\n".join(f"    {k}_temp_path {prefix}/tmp_{k};"
+                      for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    return "\n".join(lines), temps
+
+
+def write_upstream_conf(tmp, port_v1, port_v2):
+    """One nginx with two servers: v1 and v2. `/`, `/16k`, `POST /post`; stub_status on v1."""
+    prefix = os.path.join(tmp, "upstream")
+    os.makedirs(prefix)
+    servers = []
+    for name, port in (("v1", port_v1), ("v2", port_v2)):
+        root = os.path.join(prefix, f"www_{name}")
+        os.makedirs(root)
+        with open(os.path.join(root, "16k"), "wb") as f:
+            head = f"16k from {name}\n".encode()
+            f.write(head + b"x" * (16384 - len(head)))
+        status = "        location = /nginx_status { stub_status; }\n" if name == "v1" else ""
+        servers.append(f"""    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        root {root};
+        location = / {{ return 200 "hello from {name}\\n"; }}
+        location = /16k {{ }}
+        location = /post {{
+            client_body_buffer_size 16k;
+            return 200 "posted to {name}\\n";
+        }}
+{status}    }}""")
+    common, temps = nginx_common(prefix)
+    conf = f"""{common}
+http {{
+    access_log off;
+    default_type text/plain;
+    sendfile on;
+    open_file_cache max=16;
+    keepalive_requests 1000000;
+    keepalive_timeout 300s;
+{temps}
+{chr(10).join(servers)}
+}}
+"""
+    path = os.path.join(prefix, "nginx.conf")
+    with open(path, "w") as f:
+        f.write(conf)
+    return prefix, path
+
+
+def write_nginx_proxy_conf(tmp, port, port_v1, port_v2):
+    prefix = os.path.join(tmp, "nginx-proxy")
+    os.makedirs(prefix)
+    common, temps = nginx_common(prefix)
+    conf = f"""{common}
+http {{
+    access_log off;
+    keepalive_requests 1000000;
+    keepalive_timeout 300s;
+{temps}
+    upstream canary {{
+        server 127.0.0.1:{port_v1} weight=9;
+        server 127.0.0.1:{port_v2} weight=1;
+        keepalive 256;
+        # Same per-connection request limit as the upstreams (the default, 1000, would make
+        # nginx reconnect to the upstream every 1000 requests).
+        keepalive_requests 1000000;
+        keepalive_timeout 300s;
+    }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{
+            proxy_pass http://canary;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+"""
+    path = os.path.join(prefix, "nginx.conf")
+    with open(path, "w") as f:
+        f.write(conf)
+    return prefix, path
+
+
+def haproxy_maxconn(want=10000):
+    """HAProxy refuses to start when maxconn*2 + a few descriptors exceed RLIMIT_NOFILE (a
+    container may cap it at 20000 and forbid raising it). Any value far above the 256
+    connections used here measures the same, so step down just enough."""
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return min(want, (limit - 100) // 2)
+
+
+def write_haproxy_conf(tmp, port, port_v1, port_v2):
+    conf = f"""global
+    nbthread 1
+    maxconn {haproxy_maxconn()}
+
+defaults
+    mode http
+    option http-keep-alive
+    http-reuse always
+    timeout connect 30s
+    timeout client 30s
+    timeout server 30s
+    timeout http-request 30s
+    timeout http-keep-alive 30s
+
+frontend fe
+    bind 127.0.0.1:{port}
+    default_backend be
+
+backend be
+    balance roundrobin
+    server v1 127.0.0.1:{port_v1} weight 9
+    server v2 127.0.0.1:{port_v2} weight 1
+"""
+    path = os.path.join(tmp, "haproxy.cfg")
+    with open(path, "w") as f:
+        f.write(conf)
+    return path
+
+
+def canary_extra_proxy_keys(extra):
+    """>>> CANARY_EXTRA: extra keys for canary-proxy's [proxy] table, verbatim. <<<
+
+    CANARY_EXTRA='workers = 1' adds `workers = 1`; several keys go on separate lines. When
+    CANARY_EXTRA is unset or empty nothing is added.
+    """
+    lines = [ln.strip() for ln in extra.splitlines() if ln.strip()]
+    if not lines:
+        return ""
+    return ("# ---- extra [proxy] keys from $CANARY_EXTRA ----\n" + "\n".join(lines)
+            + "\n# ---- end of $CANARY_EXTRA ----\n")
+
+
+def write_canary_conf(tmp, port, admin_port, port_v1, port_v2, extra):
+    conf = f"""[proxy]
+listen = "127.0.0.1:{port}"
+request_timeout = "30s"
+{canary_extra_proxy_keys(extra)}
+[admin]
+listen = "127.0.0.1:{admin_port}"
+
+[[backend]]
+name = "v1"
+urls = ["http://127.0.0.1:{port_v1}"]
+weight = 90
+
+[[backend]]
+name = "v2"
+urls = ["http://127.0.0.1:{port_v2}"]
+weight = 10
+"""
+    path = os.path.join(tmp, "canary.toml")
+    with open(path, "w") as f:
+        f.write(conf)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Starting the fleet
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Fleet:
+    tmp: str
+    ports: dict  # v1, v2, canary, admin, nginx, haproxy
+    procs: dict = field(default_factory=dict)  # name -> Popen
+    canary_conf: str = ""
+
+
+def build_canary(settings):
+    if settings.build:
+        cmd = ["cargo", "build", "--release", "--bin", "canary-proxy"]
+        log(f"building: {' '.join(cmd)}  (waits if another build holds the lock)")
+        rc = subprocess.run(cmd, cwd=ROOT, stdout=sys.stderr, stderr=sys.stderr).returncode
+        if rc != 0:
+            raise RuntimeError(f"cargo build failed (exit {rc}); fix it or rerun with "
+                               "--no-build to measure the existing binary")
+    if not os.access(CANARY_BIN, os.X_OK):
+        raise RuntimeError(f"{CANARY_BIN} missing; run cargo build --release")
+
+
+def start_fleet(settings, procs, tmp):
+    ports = dict(zip(("v1", "v2", "canary", "admin", "nginx", "haproxy"), free_ports(6)))
+    fleet = Fleet(tmp=tmp, ports=ports)
+    pin_load = ["taskset", "-c", str(settings.load_cpu)]
+    pin_proxy = ["taskset", "-c", str(settings.proxy_cpu)]
+
+    prefix, conf = write_upstream_conf(tmp, ports["v1"], ports["v2"])
+    logf = os.path.join(prefix, "stdout.log")
+    fleet.procs["upstream"] = procs.start("upstream", pin_load + ["nginx", "-p", prefix, "-c",
+                                          conf], logf)
+    wait_listening(ports["v1"], fleet.procs["upstream"], "upstream nginx", logf)
+    wait_listening(ports["v2"], fleet.procs["upstream"], "upstream nginx", logf)
+
+    fleet.canary_conf = write_canary_conf(tmp, ports["canary"], ports["admin"], ports["v1"],
+                                          ports["v2"], settings.canary_extra)
+    check = subprocess.run([CANARY_BIN, "check", "--config", fleet.canary_conf],
+                           capture_output=True, text=True)
+    if check.returncode != 0:
+        raise RuntimeError(f"canary-proxy check rejected the generated config:\n"
+                           f"{check.stdout}{check.stderr}")
+    env = dict(os.environ, RUST_LOG="warn")
+    logf = os.path.join(tmp, "canary.log")
+    fleet.procs["canary"] = procs.start("canary", pin_proxy + [CANARY_BIN, "--config",
+                                        fleet.canary_conf], logf, env=env)
+    wait_listening(ports["canary"], fleet.procs["canary"], "canary-proxy", logf)
+    wait_listening(ports["admin"], fleet.procs["canary"], "canary-proxy admin", logf)
+
+    prefix, conf = write_nginx_proxy_conf(tmp, ports["nginx"], ports["v1"], ports["v2"])
+    logf = os.path.join(prefix, "stdout.log")
+    fleet.procs["nginx"] = procs.start("nginx", pin_proxy + ["nginx", "-p", prefix, "-c", conf],
+                                       logf)
+    wait_listening(ports["nginx"], fleet.procs["nginx"], "nginx proxy", logf)
+
+    conf = write_haproxy_conf(tmp, ports["haproxy"], ports["v1"], ports["v2"])
+    logf = os.path.join(tmp, "haproxy.log")
+    fleet.procs["haproxy"] = procs.start("haproxy", pin_proxy + ["haproxy", "-db", "-f", conf],
+                                         logf)
+    wait_listening(ports["haproxy"], fleet.procs["haproxy"], "haproxy", logf)
+    return fleet
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU and memory accounting from /proc
+# ---------------------------------------------------------------------------------------------
+
+def children_of(pid):
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    rest = f.read().rsplit(")", 1)[1].split()
+                if int(rest[1]) == pid:
+                    kids.append(int(entry))
+            except (OSError, IndexError):
+                pass
+    return kids
+
+
+def proxy_pids(fleet, name):
+    """canary: its pid; nginx (proxy or upstream): master + workers; haproxy: its pid
+    (nbthread 1, no master)."""
+    pid = fleet.procs[name].pid
+    return [pid] + children_of(pid) if name in ("nginx", "upstream") else [pid]
+
+
+def cpu_seconds(pids):
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            rest = f.read().rsplit(")", 1)[1].split()
+        total += int(rest[11]) + int(rest[12])  # fields 14 utime, 15 stime
+    return total / CLK_TCK
+
+
+def core_times(cpu):
+    """(busy, total) jiffies of one core from /proc/stat."""
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith(f"cpu{cpu} "):
+                v = [int(x) for x in line.split()[1:]]
+                idle = v[3] + v[4]
+                total = sum(v[:8])  # guest time is already counted in user
+                return total - idle, total
+    raise RuntimeError(f"cpu{cpu} not in /proc/stat")
+
+
+def all_process_cpu():
+    """{pid: (comm, session id, cpu seconds)} of every process, to name outside load."""
+    snap = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                text = f.read()
+        except OSError:
+            continue
+        comm = text[text.index("(") + 1:text.rindex(")")]
+        rest = text.rsplit(")", 1)[1].split()
+        snap[int(entry)] = (comm, int(rest[3]), (int(rest[11]) + int(rest[12])) / CLK_TCK)
+    return snap
+
+
+def outside_load(before, after, own_sessions, wall, min_share=0.05):
+    """Processes not started by this script that used more than min_share of a core."""
+    found = []
+    for pid, (comm, sid, cpu) in after.items():
+        if sid in own_sessions or pid == os.getpid():
+            continue
+        used = cpu - before.get(pid, (comm, sid, 0.0))[2]
+        if used > min_share * wall:
+            found.append((used / wall, f"{comm} (pid {pid})"))
+    return ", ".join(f"{name} {share:.0%}" for share, name in sorted(found, reverse=True)[:4])
+
+
+def memory_kib(pid):
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key = line.split(":")[0]
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(line.split()[1])
+    return out
+
+
+def upstream_counters(fleet):
+    """(accepted connections, requests) of the upstream nginx, minus this status request."""
+    _, _, body = request(fleet.ports["v1"], path="/nginx_status")
+    nums = body.decode().splitlines()[2].split()
+    return int(nums[0]) - 1, int(nums[2]) - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# wrk
+# ---------------------------------------------------------------------------------------------
+
+UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
+
+
+def to_ms(text):
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", text)
+    if not m:
+        raise ValueError(f"latency {text!r}")
+    return float(m.group(1)) * UNITS[m.group(2)]
+
+
+def parse_wrk(out):
+    def find(pattern, default=None):
+        m = re.search(pattern, out, re.M)
+        if m is None:
+            if default is None:
+                raise RuntimeError(f"wrk output lacks {pattern!r}:\n{out}")
+            return default
+        return m
+    res = {
+        "rps": float(find(r"^Requests/sec:\s+([\d.]+)").group(1)),
+        "p50": to_ms(find(r"^\s+50%\s+(\S+)").group(1)),
+        "p99": to_ms(find(r"^\s+99%\s+(\S+)").group(1)),
+        "requests": int(find(r"^\s+(\d+) requests in").group(1)),
+        "non2xx": 0,
+        "socket_errors": 0,
+    }
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if m:
+        res["non2xx"] = int(m.group(1))
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if m:
+        res["socket_errors"] = sum(int(x) for x in m.groups())
+        res["socket_detail"] = m.group(0)
+    return res
+
+
+def write_post_lua(tmp):
+    path = os.path.join(tmp, "post.lua")
+    with open(path, "w") as f:
+        f.write('wrk.method = "POST"\n'
+                f'wrk.body = string.rep("x", {POST_BODY_BYTES})\n'
+                'wrk.headers["Content-Type"] = "application/octet-stream"\n')
+    return path
+
+
+def run_wrk(settings, procs, url, conns, duration, lua=None):
+    argv = ["taskset", "-c", str(settings.load_cpu), "wrk", "-t1", f"-c{conns}",
+            f"-d{duration}s", "--latency"]
+    if lua:
+        argv += ["-s", lua]
+    argv.append(url)
+    rc, out, err = procs.run(argv, timeout=duration + 30)
+    if rc != 0:
+        raise RuntimeError(f"wrk failed ({rc}): {' '.join(argv)}\n{out}{err}")
+    return parse_wrk(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# One measured run
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Scenario:
+    key: str
+    title: str
+    path: str
+    conns: int
+    post: bool = False
+
+
+SCENARIOS = [
+    Scenario("get64", "small GET, 64 connections", "/", 64),
+    Scenario("get16", "small GET, 16 connections", "/", 16),
+    Scenario("get256", "small GET, 256 connections", "/", 256),
+    Scenario("get16k", "16 KiB GET, 64 connections", "/16k", 64),
+    Scenario("post4k", "4 KiB POST, 64 connections", "/post", 64, post=True),
+]
+
+
+def counters(settings, pids, upstream_pids):
+    """Everything read before and after a run; the upstream's stub_status is read first and
+    last so those requests stay outside the CPU window."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk, once it has been waited for
+    return {
+        "t": time.monotonic(),
+        "cpu": cpu_seconds(pids),
+        "load_side": cpu_seconds(upstream_pids) + own.ru_utime + own.ru_stime
+        + kids.ru_utime + kids.ru_stime,
+        "proxy_core": core_times(settings.proxy_cpu),
+        "load_core": core_times(settings.load_cpu),
+        "all": all_process_cpu(),
+    }
+
+
+def busy_share(before, after):
+    return (after[0] - before[0]) / max(after[1] - before[1], 1)
+
+
+def measure(settings, procs, fleet, proxy, sc, duration, lua):
+    pids, up_pids = proxy_pids(fleet, proxy), proxy_pids(fleet, "upstream")
+    url = f"http://127.0.0.1:{fleet.ports[proxy]}{sc.path}"
+    up0 = upstream_counters(fleet)
+    c0 = counters(settings, pids, up_pids)
+    res = run_wrk(settings, procs, url, sc.conns, duration, lua if sc.post else None)
+    c1 = counters(settings, pids, up_pids)
+    up1 = upstream_counters(fleet)
+
+    wall, cpu = c1["t"] - c0["t"], c1["cpu"] - c0["cpu"]
+    res["cpu_us_per_req"] = cpu / max(res["requests"], 1) * 1e6
+    res["util"] = cpu / wall
+    res["proxy_core"] = busy_share(c0["proxy_core"], c1["proxy_core"])
+    res["load_core"] = busy_share(c0["load_core"], c1["load_core"])
+    # Busy time on both cores not used by the proxy, the upstream, wrk or this script:
+    # someone else's load (a build, tests, another benchmark), in shares of one core.
+    load_side = (c1["load_side"] - c0["load_side"]) / wall
+    res["outside_cpu"] = max(0.0, res["proxy_core"] + res["load_core"] - res["util"]
+                             - load_side)
+    res["foreign"] = res["outside_cpu"] > OUTSIDE_LOAD
+    res["outside"] = outside_load(c0["all"], c1["all"], procs.sessions(), wall)
+    # upstream_counters() subtracts its own request; the first read's connection and
+    # request fall inside this window, hence the -1.
+    res["up_conns"] = up1[0] - up0[0] - 1
+    res["up_reqs"] = up1[1] - up0[1] - 1
+    # Requests in flight when wrk stops reach the upstream but are not counted by wrk.
+    res["up_mismatch"] = (abs(res["up_reqs"] - res["requests"])
+                          > sc.conns + 0.01 * res["requests"])
+    if proxy == "canary":
+        res["mem"] = memory_kib(fleet.procs["canary"].pid)
+    return res
+
+
+def measured_run(settings, procs, fleet, proxy, sc, lua, gate, label):
+    """One counted run; with --wait-idle, waits for idle cores first and repeats a run that
+    outside load disturbed."""
+    attempt = 0
+    while True:
+        gate.wait(2)
+        res = measure(settings, procs, fleet, proxy, sc, settings.duration, lua)
+        log(f"  {label}{describe(res)}")
+        if not gate.may_rerun(res, attempt):
+            return res
+        attempt += 1
+        log("    (outside load: run repeated)")
+
+
+def describe(res):
+    flags = ""
+    if res["non2xx"] or res["socket_errors"]:
+        flags += f"  ERRORS non2xx={res['non2xx']} socket={res['socket_errors']}"
+    if res["foreign"]:
+        flags += f"  OUTSIDE LOAD {res['outside_cpu']:.0%} of a core"
+    if res["outside"]:
+        flags += f"  (outside processes: {res['outside']})"
+    if res["up_mismatch"]:
+        flags += f"  UPSTREAM requests {res['up_reqs']} != wrk {res['requests']}"
+    return (f"{res['rps']:>9.0f} req/s  p50 {res['p50']:6.2f} ms  p99 {res['p99']:6.2f} ms  "
+            f"{res['cpu_us_per_req']:5.1f} µs/req  util {res['util']:4.0%}  "
+            f"load core {res['load_core']:4.0%}  up conns {res['up_conns']}{flags}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight swaps through the admin API
+# ---------------------------------------------------------------------------------------------
+
+class Swapper(threading.Thread):
+    """POSTs /admin/weight?v2=20 and ?v2=10 alternately, 10 times a second, until stopped."""
+
+    def __init__(self, admin_port, rate_hz=10):
+        super().__init__(daemon=True)
+        self.port, self.period = admin_port, 1.0 / rate_hz
+        self.stop_event = threading.Event()
+        self.done = self.ok = 0
+        self.failures = []
+
+    def run(self):
+        next_at = time.monotonic()
+        while not self.stop_event.is_set():
+            value = 20 if self.done % 2 == 0 else 10
+            try:
+                status, _, body = request(self.port, "POST", f"/admin/weight?v2={value}")
+                if status == 200:
+                    self.ok += 1
+                else:
+                    self.failures.append(f"{status} {body[:100]!r}")
+            except OSError as e:
+                self.failures.append(repr(e))
+            self.done += 1
+            next_at += self.period
+            self.stop_event.wait(max(0.0, next_at - time.monotonic()))
+
+    def stop(self):
+        self.stop_event.set()
+        self.join(timeout=10)
+
+
+def reset_weights(fleet):
+    status, _, body = request(fleet.ports["admin"], "POST", "/admin/weight?v2=10")
+    if status != 200:
+        raise RuntimeError(f"resetting weights: {status} {body!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sanity checks
+# ---------------------------------------------------------------------------------------------
+
+def sanity_checks(settings, procs, fleet, lua):
+    """Each proxy answers 200 (canary with x-canary-backend), reaches both v1 and v2 (by
+    body), and serves /16k and POST /post; the upstream keeps POST connections alive."""
+    notes = []
+    for proxy in PROXIES:
+        port = fleet.ports[proxy]
+        status, headers, body = request(port)
+        if status != 200:
+            raise RuntimeError(f"{proxy}: GET / -> {status} {body!r}")
+        if proxy == "canary":
+            backend = headers.get("x-canary-backend")
+            if backend not in ("v1", "v2") or body != f"hello from {backend}\n".encode():
+                raise RuntimeError(f"canary: x-canary-backend={backend!r}, body {body!r}")
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        hits = {"v1": 0, "v2": 0}
+        n = 400
+        for _ in range(n):
+            status, _, body = request(port, conn=conn)
+            text = body.decode(errors="replace")
+            m = re.fullmatch(r"hello from (v[12])\n", text)
+            if status != 200 or not m:
+                raise RuntimeError(f"{proxy}: GET / -> {status} {text!r}")
+            hits[m.group(1)] += 1
+        status, _, body = request(port, path="/16k", conn=conn)
+        if status != 200 or len(body) != 16384 or not body.startswith(b"16k from v"):
+            raise RuntimeError(f"{proxy}: GET /16k -> {status}, {len(body)} bytes")
+        status, _, body = request(port, "POST", "/post", body=b"x" * POST_BODY_BYTES,
+                                  conn=conn)
+        if status != 200 or not body.startswith(b"posted to v"):
+            raise RuntimeError(f"{proxy}: POST /post -> {status} {body!r}")
+        conn.close()
+        if hits["v1"] == 0 or hits["v2"] == 0:
+            raise RuntimeError(f"{proxy}: over {n} requests v1={hits['v1']} v2={hits['v2']}; "
+                               "both upstreams must be used")
+        share = hits["v2"] / n
+        if not 0.03 <= share <= 0.20:
+            raise RuntimeError(f"{proxy}: v2 got {share:.0%} of {n} requests, expected ~10%")
+        notes.append(f"{proxy}: v1 {hits['v1']}, v2 {hits['v2']} of {n}")
+    # POST keeps the upstream connection alive: 4 connections, about a thousand POSTs.
+    c0, r0 = upstream_counters(fleet)
+    res = run_wrk(settings, procs, f"http://127.0.0.1:{fleet.ports['v1']}/post", 4, 1, lua)
+    c1, r1 = upstream_counters(fleet)
+    opened = c1 - c0 - 1
+    if res["non2xx"] or res["socket_errors"] or opened > 8 or res["requests"] < 100:
+        raise RuntimeError(f"upstream POST keep-alive check: {res['requests']} requests, "
+                           f"{opened} connections opened, non2xx {res['non2xx']}, socket "
+                           f"errors {res['socket_errors']}")
+    notes.append(f"upstream POST /post: {res['requests']} requests over {opened} connections "
+                 "(keep-alive holds with a 4 KiB body)")
+    return notes
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+
+def cmd_output(argv):
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
+        return (p.stdout + p.stderr).strip()
+    except OSError:
+        return "?"
+
+
+def cores_busy(settings, seconds):
+    cores = (settings.proxy_cpu, settings.load_cpu)
+    before = [core_times(c) for c in cores]
+    time.sleep(seconds)
+    return [busy_share(b, core_times(c)) for b, c in zip(before, cores)]
+
+
+class IdleGate:
+    """With --wait-idle: waits (within one budget for the whole benchmark) until both cores
+    are idle, and says whether a disturbed run may be repeated. Another benchmark or a build
+    running at the same time distorts every number."""
+
+    SAMPLE_S = 0.5
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.remaining = float(settings.wait_idle)
+        self.waited = 0.0
+        self.reruns = 0
+
+    def wait(self, quiet_s):
+        quiet = 0.0
+        while self.remaining > 0 and quiet < quiet_s:
+            busy = cores_busy(self.settings, self.SAMPLE_S)
+            quiet = quiet + self.SAMPLE_S if max(busy) < OUTSIDE_LOAD else 0.0
+            self.remaining -= self.SAMPLE_S
+            self.waited += self.SAMPLE_S
+
+    def may_rerun(self, res, attempt, max_reruns=2):
+        if res["foreign"] and self.remaining > 0 and attempt < max_reruns:
+            self.reruns += 1
+            return True
+        return False
+
+    def start_line(self):
+        """Waits for 5 quiet seconds (with --wait-idle), then reports how busy the cores are."""
+        if self.remaining > 0:
+            log(f"waiting up to {self.remaining:.0f} s for both cores to be idle")
+        self.wait(5)
+        busy = cores_busy(self.settings, 1.0)
+        line = f"- before start: proxy core {busy[0]:.0%} busy, load core {busy[1]:.0%} busy"
+        if self.waited:
+            line += f" (after waiting {self.waited:.0f} s for idle cores)"
+        if max(busy) > OUTSIDE_LOAD:
+            line += " ⚠ not idle: results will be noisy"
+        return line
+
+    def summary_line(self):
+        if not self.settings.wait_idle:
+            return ""
+        return (f"--wait-idle {self.settings.wait_idle}: waited {self.waited:.0f} s in all for "
+                f"idle cores; {self.reruns} run(s) repeated because of outside load.")
+
+
+def machine_info(settings):
+    commit = cmd_output(["git", "rev-parse", "--short", "HEAD"])
+    dirty = cmd_output(["git", "status", "--porcelain", "--untracked-files=no"])
+    if dirty:
+        commit += f" + uncommitted changes in {len(dirty.splitlines())} file(s)"
+    cpu_model = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    built = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(os.path.getmtime(CANARY_BIN)))
+    wrk_v = cmd_output(["wrk", "-v"]).splitlines()[0].split(" Copyright")[0]
+    return [
+        f"- machine: {os.cpu_count()} cores (nproc {cmd_output(['nproc'])}), {cpu_model}, "
+        f"kernel {platform.release()}",
+        f"- {cmd_output(['nginx', '-v'])}; {cmd_output(['haproxy', '-v']).splitlines()[0]}; "
+        f"{wrk_v}",
+        f"- canary-proxy: commit {commit}; binary built {built}; "
+        f"CANARY_EXTRA={settings.canary_extra!r}",
+        f"- proxy under test on core {settings.proxy_cpu}; upstream nginx + wrk (-t1) on core "
+        f"{settings.load_cpu}; {settings.duration} s per run, {settings.rounds} round(s), "
+        f"1 s warm-up per proxy per scenario",
+    ] + ([f"- HAProxy maxconn {haproxy_maxconn()} instead of 10000: the file descriptor "
+          f"limit is {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}"]
+         if haproxy_maxconn() < 10000 else [])
+
+
+def med(runs, key):
+    return statistics.median(r[key] for r in runs)
+
+
+def fmt_rps(runs):
+    s = f"{med(runs, 'rps'):,.0f}"
+    if any(r["non2xx"] or r["socket_errors"] or r["up_mismatch"] for r in runs):
+        s += " ⚠"
+    if any(r["foreign"] for r in runs):
+        s += " †"
+    return s
+
+
+TABLE_HEAD = ("| proxy | req/s | p50 | p99 | CPU µs/req | core util | proxy core busy "
+              "| load core busy | outside CPU | upstream conns opened "
+              "| vs nginx (req/s; p99) |\n"
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+
+
+def table_row(label, runs, ref=None):
+    vs = "—"
+    if ref is not None:
+        vs = f"{med(runs, 'rps') / med(ref, 'rps'):.2f}×; {med(runs, 'p99') / med(ref, 'p99'):.2f}×"
+    return (f"| {label} | {fmt_rps(runs)} | {med(runs, 'p50'):.2f} ms | "
+            f"{med(runs, 'p99'):.2f} ms | {med(runs, 'cpu_us_per_req'):.1f} | "
+            f"{med(runs, 'util'):.0%} | {med(runs, 'proxy_core'):.0%} | "
+            f"{med(runs, 'load_core'):.0%} | {max(r['outside_cpu'] for r in runs):.0%} | "
+            f"{max(r['up_conns'] for r in runs)} | {vs} |")
+
+
+def error_notes(label, runs):
+    notes = []
+    for i, r in enumerate(runs, 1):
+        if r["non2xx"] or r["socket_errors"]:
+            notes.append(f"  - ⚠ {label} round {i}: non-2xx {r['non2xx']}, "
+                         f"{r.get('socket_detail', 'socket errors 0')}")
+        if r["up_mismatch"]:
+            notes.append(f"  - ⚠ {label} round {i}: upstream served {r['up_reqs']} requests, "
+                         f"wrk counted {r['requests']}")
+        if r["foreign"]:
+            notes.append(f"  - † {label} round {i}: processes not started by this benchmark "
+                         f"used {r['outside_cpu']:.0%} of a core (a build, tests, another "
+                         "benchmark?): not trustworthy"
+                         + (f"; busiest: {r['outside']}" if r["outside"] else ""))
+    if any(r["load_core"] >= LOAD_CORE_FULL for r in runs):
+        notes.append(f"  - {label}: load core ≥{LOAD_CORE_FULL:.0%} busy in "
+                     f"{sum(r['load_core'] >= LOAD_CORE_FULL for r in runs)} of {len(runs)} "
+                     "round(s): wrk + upstream may be limiting this number")
+    return notes
+
+
+def scenario_markdown(sc, results):
+    lines = [f"### {sc.title}", "", TABLE_HEAD]
+    for proxy in PROXIES:
+        lines.append(table_row(proxy, results[proxy], None if proxy == "nginx"
+                               else results["nginx"]))
+    c, n, h = (results[p] for p in PROXIES)
+    lines += ["", f"canary/nginx req/s = {med(c, 'rps') / med(n, 'rps'):.2f}×, "
+              f"p99 = {med(c, 'p99') / med(n, 'p99'):.2f}×; "
+              f"canary/haproxy = {med(c, 'rps') / med(h, 'rps'):.2f}×"]
+    for proxy in PROXIES:
+        lines += error_notes(proxy, results[proxy])
+    return lines + [""]
+
+
+def swap_markdown(without, with_, swaps):
+    lines = ["### table swaps: canary-proxy alone, small GET, 64 connections", "", TABLE_HEAD,
+             table_row("canary, no swaps", without),
+             table_row("canary, 10 swaps/s", with_), ""]
+    ratio = med(with_, "rps") / med(without, "rps")
+    p99 = med(with_, "p99") / med(without, "p99")
+    done = sum(s.done for s in swaps)
+    ok = sum(s.ok for s in swaps)
+    lines.append(f"with swaps / without = {ratio:.2f}× req/s (p99 {p99:.2f}×); "
+                 f"{done} weight changes POSTed, {ok} answered 200")
+    for s in swaps:
+        for failure in s.failures[:5]:
+            lines.append(f"  - ⚠ swap failed: {failure}")
+    lines += error_notes("no swaps", without) + error_notes("swaps", with_)
+    return lines + [""]
+
+
+def rss_markdown(mem_points):
+    parts = [f"{label}: VmRSS {m['VmRSS'] / 1024:.1f} MiB, VmHWM {m['VmHWM'] / 1024:.1f} MiB"
+             for label, m in mem_points]
+    return ["canary-proxy memory — " + "; ".join(parts), ""]
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+LEGEND = (
+    "Columns: req/s, p50, p99 are medians over rounds; CPU µs/req = utime+stime of the "
+    "proxy's processes per completed request; core util = the proxy's CPU seconds per wall "
+    "second (100% = its whole core); proxy/load core busy = non-idle share of that core from "
+    "/proc/stat (includes softirq/network work); outside CPU = busy time on both cores not "
+    "used by the proxy, the upstream, wrk or this script, in shares of one core (max over "
+    "rounds); upstream conns opened = new connections the upstream accepted during a run "
+    "(max over rounds). ⚠ = errors or an upstream request count that does not match wrk's; "
+    f"† = outside CPU above {OUTSIDE_LOAD:.0%} of a core in some round (numbers not "
+    "trustworthy).")
+
+
+def run_proxy_scenarios(settings, procs, fleet, lua, gate, mem_points):
+    """Scenarios 1-5: per scenario a warm-up per proxy, then rounds of canary, nginx,
+    haproxy back to back."""
+    md = []
+    for sc in SCENARIOS:
+        log(f"== {sc.title}")
+        results = {p: [] for p in PROXIES}
+        for proxy in PROXIES:
+            measure(settings, procs, fleet, proxy, sc, WARMUP_S, lua)
+        for rnd in range(1, settings.rounds + 1):
+            for proxy in PROXIES:
+                results[proxy].append(measured_run(settings, procs, fleet, proxy, sc, lua,
+                                                   gate, f"round {rnd} {proxy:<8}"))
+        md += scenario_markdown(sc, results)
+        if sc.key == "get64":
+            mem_points.append(("after small GET/64", results["canary"][-1]["mem"]))
+    return md
+
+
+def run_swap_scenario(settings, procs, fleet, lua, gate):
+    """Scenario 6: canary-proxy alone, rounds of (no swaps, 10 weight changes per second)."""
+    log("== table swaps (canary-proxy only)")
+    sc = Scenario("swaps", "small GET under weight swaps", "/", 64)
+    measure(settings, procs, fleet, "canary", sc, WARMUP_S, lua)
+    without, with_, swaps = [], [], []
+    for rnd in range(1, settings.rounds + 1):
+        without.append(measured_run(settings, procs, fleet, "canary", sc, lua, gate,
+                                    f"round {rnd} no swaps "))
+        for attempt in range(3):
+            gate.wait(2)
+            swapper = Swapper(fleet.ports["admin"])
+            swapper.start()
+            try:
+                res = measure(settings, procs, fleet, "canary", sc, settings.duration, lua)
+            finally:
+                swapper.stop()
+            reset_weights(fleet)
+            log(f"  round {rnd} swaps    {describe(res)}  ({swapper.ok}/{swapper.done} swaps "
+                "OK)")
+            if not gate.may_rerun(res, attempt):
+                break
+            log("    (outside load: run repeated)")
+        with_.append(res)
+        swaps.append(swapper)
+    return swap_markdown(without, with_, swaps)
+
+
+def run_benchmark(settings, procs, tmp):
+    t_build = time.monotonic()
+    build_canary(settings)
+    build_s = time.monotonic() - t_build
+    gate = IdleGate(settings)
+    info = machine_info(settings) + [gate.start_line()]
+    # The script itself (and the swap thread) stays off the proxy core.
+    os.sched_setaffinity(0, {settings.load_cpu})
+    t_start = time.monotonic()
+    for line in info:
+        log(line)
+    fleet = start_fleet(settings, procs, tmp)
+    log(f"started: upstream v1/v2 on :{fleet.ports['v1']}/:{fleet.ports['v2']}, canary "
+        f":{fleet.ports['canary']} (admin :{fleet.ports['admin']}), nginx :{fleet.ports['nginx']}"
+        f", haproxy :{fleet.ports['haproxy']}; temp dir {tmp}")
+    lua = write_post_lua(tmp)
+    for note in sanity_checks(settings, procs, fleet, lua):
+        log(f"sanity: {note}")
+
+    mem_points = []
+    md = ["# canary-proxy load benchmark", ""] + info + [""]
+    md += run_proxy_scenarios(settings, procs, fleet, lua, gate, mem_points)
+    md += run_swap_scenario(settings, procs, fleet, lua, gate)
+    mem_points.append(("at the end", memory_kib(fleet.procs["canary"].pid)))
+    md += rss_markdown(mem_points)
+    if gate.summary_line():
+        md += [gate.summary_line(), ""]
+    md += [LEGEND, "", f"Run time {time.monotonic() - t_start:.0f} s (plus {build_s:.0f} s "
+           "in cargo build)."]
+    return "\n".join(md) + "\n"
+
+
+def main():
+    settings = parse_settings()
+    check_tools()
+    # SIGINT too: a shell starting this in the background would otherwise leave it ignored.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
+    raise_fd_limit()
+    procs = Processes()
+    tmp = tempfile.mkdtemp(prefix="canary-load-")
+    keep = False
+    try:
+        report = run_benchmark(settings, procs, tmp)
+        print(report, end="")
+        os.makedirs(os.path.dirname(REPORT_PATH), exist_ok=True)
+        with open(REPORT_PATH, "w") as f:
+            f.write(report)
+        log(f"report written to {REPORT_PATH}")
+    except Interrupted as e:
+        log(f"interrupted by {e}; stopping everything")
+        sys.exit(130)
+    except Exception as e:
+        keep = True
+        log(f"error: {e}")
+        if not isinstance(e, RuntimeError):
+            raise
+        sys.exit(1)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        procs.stop_all()
+        if keep:
+            log(f"logs and configs kept in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
