@@ -8,6 +8,7 @@
 //! that turns out to be closed before anything was written gives the request back, and it goes
 //! out on another connection to the same endpoint.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -69,16 +70,27 @@ pub enum SendError {
 }
 
 /// Idle keep-alive connections of one endpoint, one list per worker thread: a connection is
-/// driven by the runtime that opened it, so each worker only reuses its own.
+/// driven by the runtime that opened it, so each worker only reuses its own. Each list is
+/// ordered oldest first; the newest connections are reused first, and expired ones are dropped
+/// from the old end whenever a connection comes back.
 #[derive(Debug)]
 pub struct ConnectionPool {
-    idle: Box<[Mutex<Vec<IdleConnection>>]>,
+    idle: Box<[Mutex<VecDeque<IdleConnection>>]>,
 }
+
+/// Idle connections kept per endpoint and worker; beyond this a returning one is closed.
+const MAX_IDLE: usize = 512;
 
 #[derive(Debug)]
 struct IdleConnection {
     sender: SendRequest<ForwardBody>,
     since: Instant,
+}
+
+impl IdleConnection {
+    fn is_stale(&self, idle_timeout: Duration) -> bool {
+        self.sender.is_closed() || self.since.elapsed() >= idle_timeout
+    }
 }
 
 impl Default for ConnectionPool {
@@ -90,26 +102,39 @@ impl Default for ConnectionPool {
 }
 
 impl ConnectionPool {
-    fn mine(&self) -> std::sync::MutexGuard<'_, Vec<IdleConnection>> {
+    fn mine(&self) -> std::sync::MutexGuard<'_, VecDeque<IdleConnection>> {
         self.idle[current_worker() % self.idle.len()]
             .lock()
             .unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The most recently used live connection idle for less than `idle_timeout`.
+    /// The most recently used connection that can take a request now. A connection still
+    /// busy (an upstream answered before it had read the whole request body, which is still
+    /// being written) stays pooled for later instead of making this request wait behind it.
     fn checkout(&self, idle_timeout: Duration) -> Option<SendRequest<ForwardBody>> {
         let mut idle = self.mine();
-        while let Some(connection) = idle.pop() {
-            if !connection.sender.is_closed() && connection.since.elapsed() < idle_timeout {
-                return Some(connection.sender);
+        let mut index = idle.len();
+        while index > 0 {
+            index -= 1;
+            if idle[index].is_stale(idle_timeout) {
+                idle.remove(index);
+            } else if idle[index].sender.is_ready() {
+                return idle.remove(index).map(|c| c.sender);
             }
         }
         None
     }
 
-    fn checkin(&self, sender: SendRequest<ForwardBody>) {
-        if !sender.is_closed() {
-            self.mine().push(IdleConnection {
+    fn checkin(&self, sender: SendRequest<ForwardBody>, idle_timeout: Duration) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.mine();
+        while idle.front().is_some_and(|c| c.is_stale(idle_timeout)) {
+            idle.pop_front();
+        }
+        if idle.len() < MAX_IDLE {
+            idle.push_back(IdleConnection {
                 sender,
                 since: Instant::now(),
             });
@@ -162,9 +187,11 @@ impl Upstream {
                     // A switched protocol keeps the connection; it never returns to the pool.
                     let pooled = (response.status() != http::StatusCode::SWITCHING_PROTOCOLS)
                         .then(|| (sender, endpoint.clone()));
+                    let idle_timeout = self.settings.idle_timeout;
                     return Ok(response.map(|inner| UpstreamBody {
                         inner,
                         pooled,
+                        idle_timeout,
                         ended: false,
                     }));
                 }
@@ -212,6 +239,7 @@ impl Upstream {
 pub struct UpstreamBody {
     inner: Incoming,
     pooled: Option<(SendRequest<ForwardBody>, Arc<Endpoint>)>,
+    idle_timeout: Duration,
     ended: bool,
 }
 
@@ -244,7 +272,7 @@ impl Drop for UpstreamBody {
         if let Some((sender, endpoint)) = self.pooled.take()
             && (self.ended || self.inner.is_end_stream())
         {
-            endpoint.pool.checkin(sender);
+            endpoint.pool.checkin(sender, self.idle_timeout);
         }
     }
 }

@@ -9,6 +9,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
@@ -78,9 +79,9 @@ pub async fn run_workers(
             control.metrics().clone(),
             control.shutdown_token().child_token(),
         );
-        let stop = stop.clone();
+        let worker_stop = stop.clone();
         let (done, finished_rx) = oneshot::channel::<()>();
-        std::thread::Builder::new()
+        let spawned = std::thread::Builder::new()
             .name(format!("canary-worker-{index}"))
             .spawn(move || {
                 WORKER.with(|w| w.set(index));
@@ -97,17 +98,23 @@ pub async fn run_workers(
                 runtime.block_on(async move {
                     match TcpListener::from_std(listener) {
                         Ok(listener) => {
-                            serve(listener, proxy, options, stop.cancelled_owned()).await
+                            serve(listener, proxy, options, worker_stop.cancelled_owned()).await
                         }
                         Err(error) => {
                             tracing::error!(worker = index, %error, "cannot use the listener");
                         }
                     }
                 });
-                // Dropping the runtime ends what is left on it (tunnels, pooled connections).
-                drop(runtime);
+                // Ends what is left on it (tunnels, pooled connections) without waiting long
+                // for blocking work such as a slow name lookup.
+                runtime.shutdown_timeout(Duration::from_secs(1));
                 let _ = done.send(());
-            })?;
+            });
+        if let Err(error) = spawned {
+            // Stop the workers already started before reporting the failure.
+            stop.cancel();
+            return Err(error);
+        }
         finished.push(finished_rx);
     }
     let admin = tokio::spawn(crate::admin::serve_admin(
