@@ -398,29 +398,6 @@ async fn clients_that_never_finish_their_headers_cannot_pin_the_proxy() {
     assert_eq!(v1.hits(), 1);
 }
 
-/// An upstream that answers every request head with the same raw bytes.
-async fn raw_upstream(answer: &'static [u8]) -> std::net::SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut seen = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => seen.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let _ = stream.write_all(answer).await;
-                tokio::time::sleep(Duration::from_secs(2)).await;
-            });
-        }
-    });
-    addr
-}
-
 #[tokio::test]
 async fn a_101_to_a_request_that_asked_for_no_upgrade_is_a_502() {
     let upstream = raw_upstream(

@@ -206,6 +206,19 @@ async fn answer(
     Ok(response)
 }
 
+/// Reads from `stream` until a whole request head has arrived; false if the peer went away.
+pub async fn read_request_head(stream: &mut TcpStream) -> bool {
+    let mut seen = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => seen.extend_from_slice(&chunk[..n]),
+        }
+    }
+    true
+}
+
 /// An upstream that reads a request head, then closes the connection without answering.
 pub async fn broken_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -216,20 +229,31 @@ pub async fn broken_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
         while let Ok((mut stream, _)) = listener.accept().await {
             let counter = counter.clone();
             tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
+                if read_request_head(&mut stream).await {
+                    counter.fetch_add(1, Ordering::SeqCst);
                 }
-                counter.fetch_add(1, Ordering::SeqCst);
-                drop(stream);
             });
         }
     });
     (addr, hits)
+}
+
+/// An upstream that answers every request head with the same raw bytes, then holds the
+/// connection for two seconds.
+pub async fn raw_upstream(answer: &'static [u8]) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if read_request_head(&mut stream).await {
+                    let _ = stream.write_all(answer).await;
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+            });
+        }
+    });
+    addr
 }
 
 /// An address nothing listens on (connections are refused).
