@@ -9,7 +9,8 @@
 //! - `routing`: the [`RoutingTable`] snapshot and the routing decision.
 //! - `sticky`: the FNV-1a user buckets and where the user id is read from.
 //! - `headers`: hop-by-hop stripping, `X-Forwarded-*`, `x-request-id`.
-//! - `upstream`: the pooled client of each backend and the request body that can be retried.
+//! - `upstream`: keep-alive connections to endpoints, pooled per endpoint and worker; a request
+//!   whose connection could not be made comes back whole for the retry.
 //! - `proxy`: the forward path of one request, and its error responses.
 //! - `error`: [`ProxyError`] and the status code of each failure.
 //! - `framing`: detects requests with both Content-Length and Transfer-Encoding on the raw bytes.
