@@ -307,7 +307,7 @@ impl Metrics {
     }
 
     /// The scrape: sets the table gauges from `table` (the one being served), then encodes every
-    /// metric in the Prometheus text format (see [`CONTENT_TYPE`]).
+    /// metric in the Prometheus text format (see `metrics::CONTENT_TYPE`).
     pub fn render(&self, table: &RoutingTable) -> String {
         // Nothing in the critical section can leave state half-updated for the next scrape (it
         // starts with a reset), so a poisoned lock is safe to take over.
