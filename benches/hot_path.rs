@@ -8,32 +8,8 @@ use canary_proxy::RoutingTable;
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderValue};
 
-const CONFIG: &str = r#"
-[proxy]
-user_id_header = "x-user-id"
-user_id_cookie = "uid"
-sticky_salt = "checkout:"
-
-[[backend]]
-name = "v1"
-urls = ["http://127.0.0.1:8081", "http://127.0.0.1:8083"]
-weight = 90
-
-[[backend]]
-name = "v2"
-urls = ["http://127.0.0.1:8082"]
-weight = 10
-
-[[rule]]
-header = "x-canary"
-equals = "always"
-backend = "v2"
-
-[[rule]]
-cookie = "beta"
-present = true
-backend = "v2"
-"#;
+/// The same table `tests/alloc.rs` checks for allocations.
+const CONFIG: &str = include_str!("../tests/fixtures/hot_path.toml");
 
 /// Headers of a typical browser request.
 fn browser_headers() -> HeaderMap {

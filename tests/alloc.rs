@@ -9,32 +9,8 @@ use http::{HeaderMap, HeaderValue};
 #[global_allocator]
 static ALLOC: dhat::Alloc = dhat::Alloc;
 
-const CONFIG: &str = r#"
-[proxy]
-user_id_header = "x-user-id"
-user_id_cookie = "uid"
-sticky_salt = "s:"
-
-[[backend]]
-name = "v1"
-urls = ["http://127.0.0.1:8081", "http://127.0.0.1:8083"]
-weight = 90
-
-[[backend]]
-name = "v2"
-urls = ["http://127.0.0.1:8082"]
-weight = 10
-
-[[rule]]
-header = "x-canary"
-equals = "always"
-backend = "v2"
-
-[[rule]]
-cookie = "beta"
-matches = "^(yes|1)$"
-backend = "v2"
-"#;
+/// The same table the hot-path bench measures.
+const CONFIG: &str = include_str!("fixtures/hot_path.toml");
 
 #[test]
 fn routing_decisions_do_not_allocate() {
