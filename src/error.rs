@@ -56,22 +56,6 @@ impl UpstreamErrorKind {
     }
 }
 
-impl ProxyError {
-    /// The upstream failure kind, or `None` when the proxy refused the request itself.
-    pub fn upstream_kind(&self) -> Option<UpstreamErrorKind> {
-        match self {
-            ProxyError::AmbiguousFraming | ProxyError::ConnectMethod | ProxyError::NoBackend => {
-                None
-            }
-            ProxyError::Connect { .. } => Some(UpstreamErrorKind::Connect),
-            ProxyError::Upstream { .. } | ProxyError::UnexpectedUpgrade { .. } => {
-                Some(UpstreamErrorKind::Upstream)
-            }
-            ProxyError::Timeout { .. } => Some(UpstreamErrorKind::Timeout),
-        }
-    }
-}
-
 impl From<&ProxyError> for StatusCode {
     fn from(error: &ProxyError) -> StatusCode {
         match error {
@@ -97,7 +81,6 @@ mod tests {
             timeout: Duration::from_secs(1),
         };
         assert_eq!(StatusCode::from(&timeout), StatusCode::GATEWAY_TIMEOUT);
-        assert_eq!(timeout.upstream_kind(), Some(UpstreamErrorKind::Timeout));
         assert_eq!(
             StatusCode::from(&ProxyError::NoBackend),
             StatusCode::SERVICE_UNAVAILABLE
@@ -110,6 +93,5 @@ mod tests {
             StatusCode::from(&ProxyError::ConnectMethod),
             StatusCode::METHOD_NOT_ALLOWED
         );
-        assert_eq!(ProxyError::NoBackend.upstream_kind(), None);
     }
 }

@@ -61,10 +61,6 @@ impl Proxy {
         }
     }
 
-    pub fn table(&self) -> &SharedTable {
-        &self.table
-    }
-
     /// Answers one client request; never fails (errors become 4xx/5xx responses).
     pub async fn handle(
         &self,

@@ -140,11 +140,6 @@ impl ConnectionPool {
             });
         }
     }
-
-    /// Idle connections this worker holds for the endpoint.
-    pub fn idle_count(&self) -> usize {
-        self.mine().len()
-    }
 }
 
 impl Upstream {
