@@ -307,16 +307,12 @@ fn rule_json(source: &RuleSource, matcher: &RuleMatcher) -> Value {
 
 fn routes_json(table: &RoutingTable) -> Value {
     let effective = table.effective_weights();
-    let configured_total: u64 = table.backends.iter().map(|b| u64::from(b.weight)).sum();
-    let mut cumulative = 0u64;
     let backends: Vec<Value> = table
         .backends
         .iter()
         .zip(&effective)
-        .map(|(b, effective)| {
-            let start = u64::from(BUCKETS) * cumulative / configured_total.max(1);
-            cumulative += u64::from(b.weight);
-            let end = u64::from(BUCKETS) * cumulative / configured_total.max(1);
+        .zip(table.configured_bucket_ranges())
+        .map(|((b, effective), (start, end))| {
             let endpoints: Vec<Value> = b
                 .endpoints
                 .iter()

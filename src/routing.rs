@@ -297,6 +297,32 @@ impl RoutingTable {
             .fold(0u64, |mask, (i, _)| mask | bit(i))
     }
 
+    /// The backends weighted routing may use given the `healthy` set: the eligible ones
+    /// (healthy, weight > 0), or, when none is, every weighted one (fail-open, `true`).
+    fn routable(&self, healthy: u64) -> (u64, bool) {
+        let eligible = healthy & self.weighted;
+        if eligible != 0 {
+            (eligible, false)
+        } else {
+            (self.weighted, true)
+        }
+    }
+
+    /// The sticky bucket range `[start, end)` each backend owns by its configured weight, as
+    /// when every backend is healthy (what `check` and the admin API show).
+    pub fn configured_bucket_ranges(&self) -> Vec<(u64, u64)> {
+        let total: u64 = self.backends.iter().map(|b| u64::from(b.weight)).sum();
+        let mut cumulative = 0u64;
+        self.backends
+            .iter()
+            .map(|b| {
+                let start = u64::from(BUCKETS) * cumulative / total.max(1);
+                cumulative += u64::from(b.weight);
+                (start, u64::from(BUCKETS) * cumulative / total.max(1))
+            })
+            .collect()
+    }
+
     /// Decides which backend serves a request with these headers. `None` only when the table
     /// has no weighted backend, which validation and the admin API rule out.
     pub fn route(&self, headers: &HeaderMap, rng: &mut impl Rng) -> Option<Decision> {
@@ -309,12 +335,7 @@ impl RoutingTable {
                 });
             }
         }
-        let eligible = healthy & self.weighted;
-        let (mask, fallback) = if eligible != 0 {
-            (eligible, false)
-        } else {
-            (self.weighted, true)
-        };
+        let (mask, fallback) = self.routable(healthy);
         let (backend, reason) = match self.sticky.bucket_of(headers) {
             Some(bucket) => (self.bucket_owner(mask, bucket)?, Reason::Sticky(bucket)),
             None => (self.weighted_pick(mask, rng)?, Reason::Weight),
@@ -338,12 +359,7 @@ impl RoutingTable {
             return Some((backend, endpoint));
         }
         // The same set `route` uses: eligible backends, or while failing open all weighted ones.
-        let eligible = self.healthy_mask() & self.weighted;
-        let pool = if eligible != 0 {
-            eligible
-        } else {
-            self.weighted
-        };
+        let (pool, _) = self.routable(self.healthy_mask());
         let other = self.weighted_pick(pool & !bit(backend), rng)?;
         let endpoint = self.backends[other].pick_endpoint(None)?;
         Some((other, endpoint))
@@ -353,12 +369,7 @@ impl RoutingTable {
     /// weight when eligible, 0 when not; when nothing is eligible (fail-open), the configured
     /// weights. Rules are not counted: they pin requests whatever the weights.
     pub fn effective_weights(&self) -> Vec<u32> {
-        let eligible = self.healthy_mask() & self.weighted;
-        let mask = if eligible != 0 {
-            eligible
-        } else {
-            self.weighted
-        };
+        let (mask, _) = self.routable(self.healthy_mask());
         (0..self.backends.len())
             .map(|i| {
                 let counted = mask & bit(i) != 0;
@@ -369,7 +380,7 @@ impl RoutingTable {
 
     /// True when no weighted backend is healthy, so routing fails open.
     pub fn is_failing_open(&self) -> bool {
-        self.healthy_mask() & self.weighted == 0
+        self.routable(self.healthy_mask()).1
     }
 
     fn members(&self, mask: u64) -> impl Iterator<Item = (usize, u64)> + '_ {
@@ -466,11 +477,7 @@ impl fmt::Display for RoutingTable {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let total: u64 = self.backends.iter().map(|b| u64::from(b.weight)).sum();
         writeln!(f, "backends (sticky buckets 0..{BUCKETS}):")?;
-        let mut cumulative = 0u64;
-        for b in &self.backends {
-            let start = u64::from(BUCKETS) * cumulative / total.max(1);
-            cumulative += u64::from(b.weight);
-            let end = u64::from(BUCKETS) * cumulative / total.max(1);
+        for (b, (start, end)) in self.backends.iter().zip(self.configured_bucket_ranges()) {
             let share = 100.0 * b.weight as f64 / total.max(1) as f64;
             write!(f, "  {:<12} weight {:>5} ({share:5.1}%)", b.name, b.weight)?;
             if b.weight > 0 {
