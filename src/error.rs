@@ -28,7 +28,7 @@ pub enum ProxyError {
     Upstream {
         endpoint: String,
         #[source]
-        source: hyper::Error,
+        source: crate::upstream::ExchangeError,
     },
     /// The upstream switched protocols although the client asked for no WebSocket upgrade.
     #[error("upstream {endpoint} answered 101 to a request that asked for no WebSocket upgrade")]

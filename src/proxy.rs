@@ -14,6 +14,8 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -278,31 +280,38 @@ impl Proxy {
                 .headers_mut()
                 .insert(CONNECTION, HeaderValue::from_static("upgrade"));
             response.headers_mut().insert(UPGRADE, upgrade);
-            let upstream_upgrade = hyper::upgrade::on(&mut response);
-            let shutdown = self.shutdown.clone();
-            tokio::spawn(async move {
-                tokio::select! {
-                    () = tunnel(client_upgrade, upstream_upgrade) => {}
-                    () = shutdown.cancelled() => {}
-                }
-            });
+            if let Some((upstream, early)) = response.body_mut().take_upgraded() {
+                let shutdown = self.shutdown.clone();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        () = tunnel(client_upgrade, upstream, early) => {}
+                        () = shutdown.cancelled() => {}
+                    }
+                });
+            }
         }
         Ok(response.map(Either::Left))
     }
 }
 
-/// Copies bytes both ways between an upgraded client connection and an upgraded upstream
-/// connection until either side closes.
-async fn tunnel(client: OnUpgrade, upstream: OnUpgrade) {
-    let (client, upstream) = match tokio::try_join!(client, upstream) {
-        Ok(pair) => pair,
+/// Copies bytes both ways between an upgraded client connection and the upstream connection
+/// that switched protocols (first the bytes it sent right after its 101) until either side
+/// closes.
+async fn tunnel(client: OnUpgrade, mut upstream: TcpStream, early: Bytes) {
+    let client = match client.await {
+        Ok(client) => client,
         Err(error) => {
             tracing::debug!(%error, "upgrade did not complete");
             return;
         }
     };
     let mut client = TokioIo::new(client);
-    let mut upstream = TokioIo::new(upstream);
+    if !early.is_empty()
+        && let Err(error) = client.write_all(&early).await
+    {
+        tracing::debug!(%error, "tunnel closed with an error");
+        return;
+    }
     if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
         tracing::debug!(%error, "tunnel closed with an error");
     }
