@@ -1,19 +1,21 @@
-//! The client-facing listener: accepts connections, serves HTTP/1.1 and h2c on each (hyper-util's
-//! auto builder), hands every request to the [`Proxy`], and drains on shutdown.
+//! The client-facing listener: accepts connections, serves HTTP/1.1 or h2c on each (hyper's
+//! server, chosen by the connection's first bytes), hands every request to the [`Proxy`], and
+//! drains on shutdown.
 //!
 //! Slow or silent clients cannot pin the proxy: the first bytes of a connection (which decide
 //! HTTP/1 or HTTP/2) and every HTTP/1 request head must arrive within `header_read_timeout`.
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 
 use crate::framing::FramingGuard;
 use crate::headers;
@@ -42,21 +44,22 @@ pub async fn serve(
     options: ServerOptions,
     shutdown: impl Future<Output = ()>,
 ) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
+    let mut http1 = http1::Builder::new();
+    http1
         .timer(TokioTimer::new())
         .header_read_timeout(options.header_read_timeout);
     // HTTP/2: pings find dead peers (HTTP/1 idle connections meet the header read timeout
     // instead), and the stream and header limits are stated rather than left to defaults.
-    builder
-        .http2()
+    let mut http2 = http2::Builder::new(TokioExecutor::new());
+    http2
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(H2_KEEP_ALIVE))
         .keep_alive_timeout(H2_KEEP_ALIVE)
         .max_concurrent_streams(256)
         .max_header_list_size(64 * 1024);
-    let graceful = GracefulShutdown::new();
+    // Each connection holds a receiver: a send asks them to finish, and the sender sees
+    // when the last one is gone.
+    let (drain, open_connections) = watch::channel(());
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -71,13 +74,13 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
-        let watcher = graceful.watcher();
-        let builder = builder.clone();
+        let drained = open_connections.clone();
+        let (http1, http2) = (http1.clone(), http2.clone());
         let proxy = proxy.clone();
         tokio::spawn(async move {
-            if !client_spoke_in_time(&stream, options.header_read_timeout).await {
+            let Some(protocol) = sniff_protocol(&stream, options.header_read_timeout).await else {
                 return;
-            }
+            };
             let _ = stream.set_nodelay(true);
             let (guarded, framing) = FramingGuard::new(stream);
             // Built once per connection; each request clones one Arc.
@@ -89,41 +92,84 @@ pub async fn serve(
                     Ok::<_, Infallible>(proxy.handle(request, client_ip, framing).await)
                 }
             });
-            let connection = builder.serve_connection_with_upgrades(TokioIo::new(guarded), service);
-            if let Err(error) = watcher.watch(connection).await {
+            let io = TokioIo::new(guarded);
+            let result = match protocol {
+                Protocol::Http1 => {
+                    let connection = http1.serve_connection(io, service).with_upgrades();
+                    until_drained(connection, |c| c.graceful_shutdown(), drained).await
+                }
+                Protocol::Http2 => {
+                    let connection = http2.serve_connection(io, service);
+                    until_drained(connection, |c| c.graceful_shutdown(), drained).await
+                }
+            };
+            if let Err(error) = result {
                 tracing::debug!(%peer, %error, "connection ended with an error");
             }
         });
     }
     drop(listener);
+    drop(open_connections);
     tracing::info!(
-        open = graceful.count(),
+        open = drain.receiver_count(),
         "shutting down, draining connections"
     );
+    let _ = drain.send(());
     tokio::select! {
-        () = graceful.shutdown() => tracing::info!("all connections drained"),
+        () = drain.closed() => tracing::info!("all connections drained"),
         () = tokio::time::sleep(options.shutdown_grace) => {
             tracing::warn!(grace = ?options.shutdown_grace, "grace period over, closing remaining connections");
         }
     }
 }
 
-/// Waits until the client has sent enough to tell HTTP/1 from HTTP/2, for at most `timeout`.
+/// Runs a client connection; when the drain begins, asks it to finish the requests it has
+/// and close, and waits for that.
+async fn until_drained<C, E>(
+    connection: C,
+    graceful_shutdown: impl FnOnce(Pin<&mut C>),
+    mut drain: watch::Receiver<()>,
+) -> Result<(), E>
+where
+    C: Future<Output = Result<(), E>>,
+{
+    tokio::pin!(connection);
+    tokio::select! {
+        result = connection.as_mut() => return result,
+        _ = drain.changed() => graceful_shutdown(connection.as_mut()),
+    }
+    connection.await
+}
+
+/// The protocol a client connection speaks, told by its first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Http1,
+    /// Starts with the HTTP/2 connection preface (h2c with prior knowledge).
+    Http2,
+}
+
+/// Waits until the client has sent enough to tell HTTP/1 from HTTP/2, for at most `timeout`;
+/// `None` when it sent nothing usable in time (or closed).
 ///
-/// hyper-util's auto builder sniffs the protocol without a timeout of its own, so a client that
-/// connects and sends nothing (or part of the HTTP/2 preface) would hold its connection forever;
-/// after this, hyper's own header read timeout takes over.
-async fn client_spoke_in_time(stream: &TcpStream, timeout: Duration) -> bool {
+/// Knowing the protocol up front, each connection goes straight to hyper's HTTP/1 or HTTP/2
+/// server (no second sniff, no rewinding reader); and a client that connects and sends nothing
+/// (or part of the HTTP/2 preface) cannot hold its connection: after this, hyper's own header
+/// read timeout takes over.
+async fn sniff_protocol(stream: &TcpStream, timeout: Duration) -> Option<Protocol> {
     let sniff = async {
         let mut buf = [0u8; H2_PREFACE.len()];
         loop {
             match stream.peek(&mut buf).await {
-                Ok(0) | Err(_) => return false,
-                Ok(n) if n == buf.len() || !H2_PREFACE.starts_with(&buf[..n]) => return true,
+                Ok(0) | Err(_) => return None,
+                Ok(n) if n == buf.len() && buf == H2_PREFACE => return Some(Protocol::Http2),
+                Ok(n) if n == buf.len() || !H2_PREFACE.starts_with(&buf[..n]) => {
+                    return Some(Protocol::Http1);
+                }
                 // A prefix of the preface: wait for more (peek would return at once).
                 Ok(_) => tokio::time::sleep(Duration::from_millis(5)).await,
             }
         }
     };
-    tokio::time::timeout(timeout, sniff).await.unwrap_or(false)
+    tokio::time::timeout(timeout, sniff).await.ok().flatten()
 }
