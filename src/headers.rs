@@ -38,6 +38,21 @@ fn fixed_hop_by_hop() -> [&'static HeaderName; 9] {
 /// `Connection` line) and the fixed list. Allocation-free unless `Connection` names a header
 /// outside the fixed list (its usual values, `keep-alive`, `close` and `upgrade`, do not).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // One pass over the names finds which fixed ones are present (usually none, or only
+    // `Connection`); only those are removed, instead of nine hashed removals every time.
+    let fixed = fixed_hop_by_hop();
+    let mut present = 0u16;
+    for name in headers.keys() {
+        // Their lengths: a cheap filter before comparing names.
+        if matches!(name.as_str().len(), 2 | 7 | 10 | 16..=19)
+            && let Some(i) = fixed.iter().position(|f| *f == name)
+        {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
+        return;
+    }
     if headers.contains_key(CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(CONNECTION)
@@ -46,7 +61,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             .map(<[u8]>::trim_ascii)
             .filter(|token| {
                 !token.eq_ignore_ascii_case(b"close")
-                    && !fixed_hop_by_hop()
+                    && !fixed
                         .iter()
                         .any(|fixed| token.eq_ignore_ascii_case(fixed.as_str().as_bytes()))
             })
@@ -56,8 +71,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
-    for name in fixed_hop_by_hop() {
-        headers.remove(name);
+    for (i, name) in fixed.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(*name);
+        }
     }
 }
 

@@ -70,12 +70,13 @@ impl Proxy {
         client_ip: &HeaderValue,
         framing: &AmbiguousFraming,
     ) -> ProxyResponse {
-        let started = std::time::Instant::now();
+        // One clock read serves the metrics and the request deadline.
+        let started = Instant::now();
         let _in_flight = self.metrics.in_flight();
         let table = self.table.load_full();
         let mut outcome = Outcome::default();
         let response = match self
-            .forward(request, client_ip, framing, &table, &mut outcome)
+            .forward(request, client_ip, framing, &table, started, &mut outcome)
             .await
         {
             Ok(response) => response,
@@ -108,6 +109,7 @@ impl Proxy {
         client_ip: &HeaderValue,
         framing: &AmbiguousFraming,
         table: &RoutingTable,
+        started: Instant,
         outcome: &mut Outcome,
     ) -> Result<ProxyResponse, ProxyError> {
         // Known before anything can fail, so every answer carries it.
@@ -179,7 +181,7 @@ impl Proxy {
 
         // Send, retrying once elsewhere when no connection could be made (the request is
         // then still whole: nothing of it was written).
-        let deadline = Instant::now() + table.request_timeout;
+        let deadline = started + table.request_timeout;
         let mut retried = false;
         let mut response = loop {
             let sent = tokio::time::timeout_at(

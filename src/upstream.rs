@@ -17,6 +17,7 @@
 use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::io::{self, Write as _};
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker, ready};
@@ -112,6 +113,8 @@ struct Connection {
     read_buf: BytesMut,
     /// The request bytes being written; kept for its capacity.
     write_buf: Vec<u8>,
+    /// Scratch space for parsing response heads; kept for its capacity.
+    fields: Vec<(HeaderName, usize, usize)>,
     /// When the connection last went idle (into the pool).
     idle_since: Instant,
 }
@@ -122,6 +125,7 @@ impl Connection {
             stream,
             read_buf: BytesMut::with_capacity(READ_CHUNK),
             write_buf: Vec::with_capacity(1024),
+            fields: Vec::new(),
             idle_since: Instant::now(),
         }
     }
@@ -449,7 +453,8 @@ impl Exchange {
         }
         loop {
             if !self.connection.read_buf.is_empty()
-                && let Some(head) = parse_response_head(&mut self.connection.read_buf)?
+                && let Some(head) =
+                    parse_response_head(&mut self.connection.read_buf, &mut self.connection.fields)?
             {
                 if head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS
                 {
@@ -496,11 +501,16 @@ fn encode_frame(frame: Frame<Bytes>, chunked: bool, buf: &mut Vec<u8>) -> bool {
 }
 
 /// Parses a response head at the start of `buf`, consuming it; `None` when it is not complete.
-/// Header values share the buffer's memory (no copy).
-fn parse_response_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, ExchangeError> {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut parsed = httparse::Response::new(&mut slots);
-    let len = match parsed.parse(buf) {
+/// Header values share the buffer's memory (no copy); `fields` is scratch space kept with the
+/// connection, so parsing neither allocates nor zeroes a slot array.
+fn parse_response_head(
+    buf: &mut BytesMut,
+    fields: &mut Vec<(HeaderName, usize, usize)>,
+) -> Result<Option<ResponseHead>, ExchangeError> {
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Response::new(&mut []);
+    let config = httparse::ParserConfig::default();
+    let len = match config.parse_response_with_uninit_headers(&mut parsed, buf, &mut slots) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD_LEN => {
             return Err(ExchangeError::Malformed("response head too large"));
@@ -516,24 +526,19 @@ fn parse_response_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, Excha
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
     };
-    // Where each name and value lies in the head, so that the head can be frozen and shared.
+    // Names now; values once the head is frozen, by their place in it.
     let base = buf.as_ptr() as usize;
-    let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
-    let count = parsed.headers.len();
-    for (span, header) in spans.iter_mut().zip(parsed.headers.iter()) {
-        *span = (
-            header.name.as_ptr() as usize - base,
-            header.name.len(),
-            header.value.as_ptr() as usize - base,
-            header.value.len(),
-        );
+    fields.clear();
+    for header in parsed.headers.iter() {
+        let name = HeaderName::from_bytes(header.name.as_bytes())
+            .map_err(|_| ExchangeError::Malformed("invalid header name"))?;
+        let start = header.value.as_ptr() as usize - base;
+        fields.push((name, start, start + header.value.len()));
     }
     let head = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(count);
-    for &(name, name_len, value, value_len) in &spans[..count] {
-        let name = HeaderName::from_bytes(&head[name..name + name_len])
-            .map_err(|_| ExchangeError::Malformed("invalid header name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(value..value + value_len))
+    let mut headers = HeaderMap::with_capacity(fields.len());
+    for (name, start, end) in fields.drain(..) {
+        let value = HeaderValue::from_maybe_shared(head.slice(start..end))
             .map_err(|_| ExchangeError::Malformed("invalid header value"))?;
         headers.append(name, value);
     }
@@ -1031,17 +1036,20 @@ mod tests {
         assert!(decode_all(b"ffffffffffffffffff\r\n").is_err());
     }
 
+    fn parse(raw: &[u8]) -> (Result<Option<ResponseHead>, ExchangeError>, BytesMut) {
+        let mut buf = BytesMut::from(raw);
+        let parsed = parse_response_head(&mut buf, &mut Vec::new());
+        (parsed, buf)
+    }
+
     fn head(raw: &[u8]) -> ResponseHead {
-        parse_response_head(&mut BytesMut::from(raw))
-            .unwrap()
-            .unwrap()
+        parse(raw).0.unwrap().unwrap()
     }
 
     #[test]
     fn response_heads_parse_and_frame() {
-        let mut buf =
-            BytesMut::from(&b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\n\r\nhello"[..]);
-        let parsed = parse_response_head(&mut buf).unwrap().unwrap();
+        let (parsed, buf) = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\n\r\nhello");
+        let parsed = parsed.unwrap().unwrap();
         assert_eq!(parsed.status, 200);
         assert_eq!(parsed.headers["x-a"], "1");
         assert_eq!(&buf[..], b"hello");
@@ -1055,10 +1063,8 @@ mod tests {
         );
         assert!(keeps_alive(&parsed));
 
-        let partial =
-            parse_response_head(&mut BytesMut::from(&b"HTTP/1.1 200 OK\r\nContent-Le"[..]));
-        assert!(partial.unwrap().is_none());
-        assert!(parse_response_head(&mut BytesMut::from(&b"HTTP/1.1 2x0 OK\r\n\r\n"[..])).is_err());
+        assert!(parse(b"HTTP/1.1 200 OK\r\nContent-Le").0.unwrap().is_none());
+        assert!(parse(b"HTTP/1.1 2x0 OK\r\n\r\n").0.is_err());
 
         let chunked = head(
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 9\r\n\r\n",
