@@ -82,6 +82,7 @@ def log(msg):
 
 @dataclass
 class Settings:
+    scenarios: list
     duration: int
     rounds: int
     proxy_cpu: int
@@ -98,6 +99,9 @@ def parse_settings():
     p.add_argument("--rounds", type=int, default=int(os.environ.get("ROUNDS", 2)),
                    help="measured runs per proxy per scenario (env ROUNDS, default 2)")
     p.add_argument("--quick", action="store_true", help="duration 2, rounds 1")
+    p.add_argument("--scenarios", default="", metavar="KEYS",
+                   help="comma-separated subset to run: get64, get16, get256, get16k, post4k, "
+                        "swaps (default: all)")
     p.add_argument("--no-build", action="store_true",
                    help="use target/release/canary-proxy as it is, do not run cargo build")
     p.add_argument("--wait-idle", type=int, default=0, metavar="SECONDS",
@@ -110,7 +114,13 @@ def parse_settings():
         a.duration, a.rounds = 2, 1
     if a.duration < 1 or a.rounds < 1:
         p.error("--duration and --rounds must be at least 1")
+    known = [sc.key for sc in SCENARIOS] + ["swaps"]
+    only = [k.strip() for k in a.scenarios.split(",") if k.strip()]
+    unknown = [k for k in only if k not in known]
+    if unknown:
+        p.error(f"unknown scenario {', '.join(unknown)}; known: {', '.join(known)}")
     s = Settings(
+        scenarios=only or known,
         duration=a.duration,
         rounds=a.rounds,
         proxy_cpu=int(os.environ.get("PROXY_CPU", 0)),
@@ -1073,6 +1083,8 @@ def run_proxy_scenarios(settings, procs, fleet, lua, gate, mem_points):
     haproxy back to back."""
     md = []
     for sc in SCENARIOS:
+        if sc.key not in settings.scenarios:
+            continue
         log(f"== {sc.title}")
         results = {p: [] for p in PROXIES}
         for proxy in PROXIES:
@@ -1137,7 +1149,8 @@ def run_benchmark(settings, procs, tmp):
     mem_points = []
     md = ["# canary-proxy load benchmark", ""] + info + [""]
     md += run_proxy_scenarios(settings, procs, fleet, lua, gate, mem_points)
-    md += run_swap_scenario(settings, procs, fleet, lua, gate)
+    if "swaps" in settings.scenarios:
+        md += run_swap_scenario(settings, procs, fleet, lua, gate)
     mem_points.append(("at the end", memory_kib(fleet.procs["canary"].pid)))
     md += rss_markdown(mem_points)
     if gate.summary_line():
