@@ -27,6 +27,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod codec;
 pub mod config;
 mod control;
 mod demo;
@@ -35,6 +36,7 @@ mod error;
 mod framing;
 mod headers;
 mod health;
+mod http1;
 mod metrics;
 mod persist;
 mod proxy;

@@ -11,7 +11,6 @@ use http::header::{CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING, UPGRADE}
 use http::uri::PathAndQuery;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
@@ -20,11 +19,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{ProxyError, UpstreamErrorKind};
-use crate::framing::AmbiguousFraming;
 use crate::headers;
 use crate::metrics::Metrics;
 use crate::routing::{Backend, Endpoint, RoutingTable};
-use crate::upstream::{ProxyResponse, SendError};
+use crate::upstream::{ForwardBody, ProxyResponse, SendError};
 
 /// The shared routing table: each request loads it once; the admin API swaps it with one store.
 pub type SharedTable = Arc<ArcSwap<RoutingTable>>;
@@ -66,9 +64,9 @@ impl Proxy {
     /// Answers one client request; never fails (errors become 4xx/5xx responses).
     pub async fn handle(
         &self,
-        request: Request<Incoming>,
+        request: Request<ForwardBody>,
         client_ip: &HeaderValue,
-        framing: &AmbiguousFraming,
+        ambiguous_framing: bool,
     ) -> ProxyResponse {
         // One clock read serves the metrics and the request deadline.
         let started = Instant::now();
@@ -76,7 +74,14 @@ impl Proxy {
         let table = self.table.load_full();
         let mut outcome = Outcome::default();
         let response = match self
-            .forward(request, client_ip, framing, &table, started, &mut outcome)
+            .forward(
+                request,
+                client_ip,
+                ambiguous_framing,
+                &table,
+                started,
+                &mut outcome,
+            )
             .await
         {
             Ok(response) => response,
@@ -105,9 +110,9 @@ impl Proxy {
 
     async fn forward(
         &self,
-        mut request: Request<Incoming>,
+        mut request: Request<ForwardBody>,
         client_ip: &HeaderValue,
-        framing: &AmbiguousFraming,
+        ambiguous_framing: bool,
         table: &RoutingTable,
         started: Instant,
         outcome: &mut Outcome,
@@ -115,7 +120,7 @@ impl Proxy {
         // Known before anything can fail, so every answer carries it.
         let request_id = headers::request_id(request.headers());
         outcome.request_id = Some(request_id.clone());
-        if framing.detected() {
+        if ambiguous_framing {
             return Err(ProxyError::AmbiguousFraming);
         }
         if request.method() == Method::CONNECT {

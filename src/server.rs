@@ -11,6 +11,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::{HeaderValue, Request};
+use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -19,7 +21,9 @@ use tokio::sync::watch;
 
 use crate::framing::FramingGuard;
 use crate::headers;
+use crate::http1::Ended;
 use crate::proxy::Proxy;
+use crate::upstream::{ForwardBody, ProxyResponse};
 
 /// How the listener treats client connections.
 #[derive(Debug, Clone, Copy)]
@@ -74,7 +78,7 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
-        let drained = open_connections.clone();
+        let mut drained = open_connections.clone();
         let (http1, http2) = (http1.clone(), http2.clone());
         let proxy = proxy.clone();
         tokio::spawn(async move {
@@ -82,23 +86,23 @@ pub async fn serve(
                 return;
             };
             let _ = stream.set_nodelay(true);
-            let (guarded, framing) = FramingGuard::new(stream);
-            // Built once per connection; each request clones one Arc.
-            let context = Arc::new((proxy, headers::client_ip_value(peer.ip()), framing));
-            let service = service_fn(move |request| {
-                let context = context.clone();
-                async move {
-                    let (proxy, client_ip, framing) = &*context;
-                    Ok::<_, Infallible>(proxy.handle(request, client_ip, framing).await)
-                }
-            });
-            let io = TokioIo::new(guarded);
+            let client_ip = headers::client_ip_value(peer.ip());
             let result = match protocol {
                 Protocol::Http1 => {
-                    let connection = http1.serve_connection(io, service).with_upgrades();
-                    until_drained(connection, |c| c.graceful_shutdown(), drained).await
+                    let timeout = options.header_read_timeout;
+                    match crate::http1::serve(stream, &client_ip, &proxy, timeout, &mut drained)
+                        .await
+                    {
+                        Ended::Closed => Ok(()),
+                        Ended::HandOver(rewound) => {
+                            let (io, service) = hyper_service(rewound, proxy, client_ip);
+                            let connection = http1.serve_connection(io, service).with_upgrades();
+                            until_drained(connection, |c| c.graceful_shutdown(), drained).await
+                        }
+                    }
                 }
                 Protocol::Http2 => {
+                    let (io, service) = hyper_service(stream, proxy, client_ip);
                     let connection = http2.serve_connection(io, service);
                     until_drained(connection, |c| c.graceful_shutdown(), drained).await
                 }
@@ -121,6 +125,39 @@ pub async fn serve(
             tracing::warn!(grace = ?options.shutdown_grace, "grace period over, closing remaining connections");
         }
     }
+}
+
+/// The IO and service for a connection hyper serves: the IO watched for requests with
+/// ambiguous framing (which the service then answers 400), the service forwarding through
+/// `proxy`. (The service is a closure; naming its type would cost a boxed future per request.)
+#[allow(clippy::type_complexity)]
+fn hyper_service<S>(
+    stream: S,
+    proxy: Proxy,
+    client_ip: HeaderValue,
+) -> (
+    TokioIo<FramingGuard<S>>,
+    impl hyper::service::Service<
+        Request<Incoming>,
+        Response = ProxyResponse,
+        Error = Infallible,
+        Future = impl Future<Output = Result<ProxyResponse, Infallible>> + Send,
+    > + Clone
+    + Send
+    + 'static,
+) {
+    let (guarded, framing) = FramingGuard::new(stream);
+    // Built once per connection; each request clones one Arc.
+    let context = Arc::new((proxy, client_ip, framing));
+    let service = service_fn(move |request: Request<Incoming>| {
+        let context = context.clone();
+        async move {
+            let (proxy, client_ip, framing) = &*context;
+            let request = request.map(ForwardBody::Hyper);
+            Ok::<_, Infallible>(proxy.handle(request, client_ip, framing.detected()).await)
+        }
+    });
+    (TokioIo::new(guarded), service)
 }
 
 /// Runs a client connection; when the drain begins, asks it to finish the requests it has

@@ -23,16 +23,20 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker, ready};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, Bytes, BytesMut};
-use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use bytes::{Bytes, BytesMut};
+use http::header::{CONNECTION, CONTENT_LENGTH};
 use http::request::Parts;
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
+use crate::codec::{
+    self, ChunkState, Framing, HeadFields, MAX_HEAD_LEN, MAX_HEADERS, MessageError, READ_CHUNK,
+};
 use crate::config::MAX_WORKERS;
+use crate::http1::ClientBody;
 use crate::routing::Endpoint;
 use crate::workers::current_worker;
 
@@ -51,15 +55,63 @@ pub struct Upstream {
     settings: UpstreamSettings,
 }
 
-/// The body of a request sent upstream: the client's own, streamed.
-pub type ForwardBody = Incoming;
+/// The body of a request sent upstream: the client's own, streamed as it arrives.
+#[derive(Debug)]
+pub enum ForwardBody {
+    /// None at all.
+    Empty,
+    /// From a connection hyper serves (HTTP/2, and HTTP/1 connections handed to it).
+    Hyper(Incoming),
+    /// From an HTTP/1.1 connection the proxy serves itself.
+    Client(ClientBody),
+}
 
-/// Most header fields in a response head or trailer section (hyper's default limit too).
-const MAX_HEADERS: usize = 100;
-/// Longest response head, chunk-size line or trailer section an upstream may send.
-const MAX_HEAD_LEN: usize = 64 * 1024;
-/// Free space made in the read buffer before each read from an upstream.
-const READ_CHUNK: usize = 8 * 1024;
+/// Why reading a client's request body failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardBodyError {
+    #[error(transparent)]
+    Hyper(#[from] hyper::Error),
+    #[error(transparent)]
+    Client(#[from] MessageError),
+}
+
+impl Body for ForwardBody {
+    type Data = Bytes;
+    type Error = ForwardBodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ForwardBodyError>>> {
+        let polled = match self.get_mut() {
+            ForwardBody::Empty => return Poll::Ready(None),
+            ForwardBody::Hyper(body) => {
+                ready!(Pin::new(body).poll_frame(cx)).map(|f| f.map_err(ForwardBodyError::from))
+            }
+            ForwardBody::Client(body) => {
+                ready!(Pin::new(body).poll_frame(cx)).map(|f| f.map_err(ForwardBodyError::from))
+            }
+        };
+        Poll::Ready(polled)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ForwardBody::Empty => true,
+            ForwardBody::Hyper(body) => body.is_end_stream(),
+            ForwardBody::Client(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ForwardBody::Empty => SizeHint::with_exact(0),
+            ForwardBody::Hyper(body) => body.size_hint(),
+            ForwardBody::Client(body) => body.size_hint(),
+        }
+    }
+}
+
 /// Request body bytes gathered (with the head) before they are written.
 const WRITE_BATCH: usize = 64 * 1024;
 /// Idle connections kept per endpoint and worker; beyond this a returning one is closed.
@@ -81,16 +133,10 @@ pub enum ConnectError {
 pub enum ExchangeError {
     #[error("writing the request failed: {0}")]
     Write(#[source] io::Error),
-    #[error("reading the response failed: {0}")]
-    Read(#[source] io::Error),
-    #[error("the upstream closed the connection before the response was complete")]
-    Closed,
-    #[error("malformed response head: {0}")]
-    Head(#[source] httparse::Error),
-    #[error("malformed response: {0}")]
-    Malformed(&'static str),
+    #[error("the response: {0}")]
+    Response(#[from] MessageError),
     #[error("the client's request body failed: {0}")]
-    RequestBody(#[source] hyper::Error),
+    RequestBody(#[source] ForwardBodyError),
 }
 
 /// Why an exchange with an upstream failed.
@@ -113,8 +159,8 @@ struct Connection {
     read_buf: BytesMut,
     /// The request bytes being written; kept for its capacity.
     write_buf: Vec<u8>,
-    /// Scratch space for parsing response heads; kept for its capacity.
-    fields: Vec<(HeaderName, usize, usize)>,
+    /// Scratch space for parsing response heads.
+    fields: HeadFields,
     /// When the connection last went idle (into the pool).
     idle_since: Instant,
 }
@@ -125,7 +171,7 @@ impl Connection {
             stream,
             read_buf: BytesMut::with_capacity(READ_CHUNK),
             write_buf: Vec::with_capacity(1024),
-            fields: Vec::new(),
+            fields: HeadFields::default(),
             idle_since: Instant::now(),
         }
     }
@@ -146,23 +192,6 @@ impl Connection {
                 matches!(self.stream.try_read(&mut probe),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock)
             }
-        }
-    }
-
-    /// Reads what the upstream has sent into `read_buf`; `Ok(0)` at end of stream.
-    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.read_buf.capacity() - self.read_buf.len() < READ_CHUNK / 4 {
-            self.read_buf.reserve(READ_CHUNK);
-        }
-        tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.read_buf)
-    }
-
-    /// Like [`poll_fill`](Self::poll_fill), where the end of the stream is an error.
-    fn poll_fill_more(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ExchangeError>> {
-        match ready!(self.poll_fill(cx)) {
-            Ok(0) => Poll::Ready(Err(ExchangeError::Closed)),
-            Ok(_) => Poll::Ready(Ok(())),
-            Err(error) => Poll::Ready(Err(ExchangeError::Read(error))),
         }
     }
 }
@@ -287,7 +316,7 @@ enum RequestBody {
     /// All of it was written (or there was none).
     Done,
     /// Streamed as the client sends it; `chunked` adds HTTP/1.1 chunk framing.
-    Streaming { body: Incoming, chunked: bool },
+    Streaming { body: ForwardBody, chunked: bool },
 }
 
 /// One request/response exchange on a connection.
@@ -299,7 +328,7 @@ struct Exchange {
     touched: bool,
     request_body: RequestBody,
     /// The client's body when it was empty from the start, kept to give the request back.
-    empty_body: Option<Incoming>,
+    empty_body: Option<ForwardBody>,
     /// The request could not be written whole: the connection cannot be reused.
     broken: bool,
 }
@@ -313,7 +342,7 @@ struct ResponseHead {
 
 impl Exchange {
     /// Encodes the request head into the connection's write buffer; nothing is written yet.
-    fn start(mut connection: Connection, parts: &Parts, body: Incoming) -> Self {
+    fn start(mut connection: Connection, parts: &Parts, body: ForwardBody) -> Self {
         let mut empty_body = None;
         let request_body = if body.is_end_stream() {
             empty_body = Some(body);
@@ -352,7 +381,7 @@ impl Exchange {
     }
 
     /// The client's body, when nothing of the request was written or taken from it.
-    fn into_untouched_body(self) -> Option<Incoming> {
+    fn into_untouched_body(self) -> Option<ForwardBody> {
         if self.touched {
             return None;
         }
@@ -462,7 +491,12 @@ impl Exchange {
                 }
                 return Poll::Ready(Ok(head));
             }
-            ready!(self.connection.poll_fill_more(cx))?;
+            let connection = &mut self.connection;
+            ready!(codec::poll_fill_more(
+                &mut connection.stream,
+                &mut connection.read_buf,
+                cx
+            ))?;
             self.poll_send_along(cx);
         }
     }
@@ -501,47 +535,33 @@ fn encode_frame(frame: Frame<Bytes>, chunked: bool, buf: &mut Vec<u8>) -> bool {
 }
 
 /// Parses a response head at the start of `buf`, consuming it; `None` when it is not complete.
-/// Header values share the buffer's memory (no copy); `fields` is scratch space kept with the
-/// connection, so parsing neither allocates nor zeroes a slot array.
+/// Header values share the buffer's memory (no copy).
 fn parse_response_head(
     buf: &mut BytesMut,
-    fields: &mut Vec<(HeaderName, usize, usize)>,
-) -> Result<Option<ResponseHead>, ExchangeError> {
+    fields: &mut HeadFields,
+) -> Result<Option<ResponseHead>, MessageError> {
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut parsed = httparse::Response::new(&mut []);
     let config = httparse::ParserConfig::default();
     let len = match config.parse_response_with_uninit_headers(&mut parsed, buf, &mut slots) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD_LEN => {
-            return Err(ExchangeError::Malformed("response head too large"));
+            return Err(MessageError::Malformed("response head too large"));
         }
         Ok(httparse::Status::Partial) => return Ok(None),
-        Err(error) => return Err(ExchangeError::Head(error)),
+        Err(error) => return Err(MessageError::Head(error)),
     };
     let status = parsed
         .code
         .and_then(|code| StatusCode::from_u16(code).ok())
-        .ok_or(ExchangeError::Malformed("invalid status code"))?;
+        .ok_or(MessageError::Malformed("invalid status code"))?;
     let version = match parsed.version {
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
     };
-    // Names now; values once the head is frozen, by their place in it.
-    let base = buf.as_ptr() as usize;
-    fields.clear();
-    for header in parsed.headers.iter() {
-        let name = HeaderName::from_bytes(header.name.as_bytes())
-            .map_err(|_| ExchangeError::Malformed("invalid header name"))?;
-        let start = header.value.as_ptr() as usize - base;
-        fields.push((name, start, start + header.value.len()));
-    }
+    fields.collect(buf, parsed.headers)?;
     let head = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(fields.len());
-    for (name, start, end) in fields.drain(..) {
-        let value = HeaderValue::from_maybe_shared(head.slice(start..end))
-            .map_err(|_| ExchangeError::Malformed("invalid header value"))?;
-        headers.append(name, value);
-    }
+    let headers = fields.take_map(&head)?;
     Ok(Some(ResponseHead {
         status,
         version,
@@ -549,33 +569,7 @@ fn parse_response_head(
     }))
 }
 
-/// How a response body is delimited (RFC 9112 §6.3).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Framing {
-    /// No body: a response to HEAD, 1xx, 204, 304.
-    Empty,
-    /// Content-Length: this many bytes still to come.
-    Length(u64),
-    /// Transfer-Encoding ending in chunked.
-    Chunked(ChunkState),
-    /// Neither: the body runs until the upstream closes the connection.
-    UntilClose,
-}
-
-/// Where a chunked body decoder is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ChunkState {
-    /// Expecting a chunk-size line.
-    Size,
-    /// Inside a chunk's data, this many bytes left.
-    Data(u64),
-    /// Expecting the CRLF after a chunk's data.
-    DataEnd,
-    /// After the last chunk: expecting trailer fields or the final CRLF.
-    Trailers,
-}
-
-fn response_framing(method: &Method, head: &ResponseHead) -> Result<Framing, ExchangeError> {
+fn response_framing(method: &Method, head: &ResponseHead) -> Result<Framing, MessageError> {
     let status = head.status;
     if method == Method::HEAD
         || status.is_informational()
@@ -584,53 +578,19 @@ fn response_framing(method: &Method, head: &ResponseHead) -> Result<Framing, Exc
     {
         return Ok(Framing::Empty);
     }
-    if let Some(codings) = head.headers.get_all(TRANSFER_ENCODING).iter().next_back() {
-        let last = codings
-            .as_bytes()
-            .rsplit(|&b| b == b',')
-            .next()
-            .unwrap_or(b"");
-        return Ok(if last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+    if let Some(chunked) = codec::transfer_encoding(&head.headers) {
+        return Ok(if chunked {
             Framing::Chunked(ChunkState::Size)
         } else {
             Framing::UntilClose
         });
     }
-    let mut length = None;
-    for value in head.headers.get_all(CONTENT_LENGTH) {
-        for part in value.as_bytes().split(|&b| b == b',') {
-            let parsed = parse_decimal(part.trim_ascii())
-                .ok_or(ExchangeError::Malformed("invalid Content-Length"))?;
-            if length.is_some_and(|l| l != parsed) {
-                return Err(ExchangeError::Malformed(
-                    "conflicting Content-Length values",
-                ));
-            }
-            length = Some(parsed);
-        }
-    }
-    Ok(length.map_or(Framing::UntilClose, Framing::Length))
-}
-
-fn parse_decimal(digits: &[u8]) -> Option<u64> {
-    if digits.is_empty() || digits.len() > 19 {
-        return None;
-    }
-    digits.iter().try_fold(0u64, |n, &d| {
-        d.is_ascii_digit().then(|| n * 10 + u64::from(d - b'0'))
-    })
+    Ok(codec::content_length(&head.headers)?.map_or(Framing::UntilClose, Framing::Length))
 }
 
 /// Whether the connection may carry another request after this response.
 fn keeps_alive(head: &ResponseHead) -> bool {
-    let has = |token: &[u8]| {
-        head.headers.get_all(CONNECTION).iter().any(|value| {
-            value
-                .as_bytes()
-                .split(|&b| b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
-        })
-    };
+    let has = |token: &[u8]| codec::has_token(&head.headers, &CONNECTION, token);
     match head.version {
         Version::HTTP_11 => !has(b"close"),
         _ => has(b"keep-alive"),
@@ -648,7 +608,7 @@ fn finish_head(
     settings: UpstreamSettings,
 ) -> Result<Response<UpstreamBody>, ExchangeError> {
     let framing = response_framing(method, &head)?;
-    let reusable = keeps_alive(&head);
+    let reusable = keeps_alive(&head) && framing != Framing::UntilClose;
     let mut response = Response::new(UpstreamBody {
         state: BodyState::Done,
     });
@@ -736,160 +696,15 @@ impl Reading {
     fn poll_next(
         &mut self,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, ExchangeError>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, MessageError>>> {
         let connection = &mut self.exchange.connection;
-        loop {
-            match &mut self.framing {
-                Framing::Empty | Framing::Length(0) => return Poll::Ready(None),
-                Framing::Length(remaining) => {
-                    if connection.read_buf.is_empty() {
-                        ready!(connection.poll_fill_more(cx))?;
-                    }
-                    let take = (*remaining).min(connection.read_buf.len() as u64);
-                    *remaining -= take;
-                    let data = connection.read_buf.split_to(take as usize).freeze();
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Framing::UntilClose => {
-                    if connection.read_buf.is_empty() {
-                        match ready!(connection.poll_fill(cx)) {
-                            Ok(0) => {
-                                self.framing = Framing::Empty;
-                                self.reusable = false;
-                                return Poll::Ready(None);
-                            }
-                            Ok(_) => {}
-                            Err(error) => {
-                                return Poll::Ready(Some(Err(ExchangeError::Read(error))));
-                            }
-                        }
-                    }
-                    let data = connection.read_buf.split().freeze();
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Framing::Chunked(state) => match decode_chunked(state, &mut connection.read_buf)? {
-                    Decoded::Data(data) => return Poll::Ready(Some(Ok(Frame::data(data)))),
-                    Decoded::Trailers(trailers) => {
-                        self.framing = Framing::Empty;
-                        return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
-                    }
-                    Decoded::End => {
-                        self.framing = Framing::Empty;
-                        return Poll::Ready(None);
-                    }
-                    Decoded::NeedMore => ready!(connection.poll_fill_more(cx))?,
-                },
-            }
-        }
+        codec::poll_body(
+            &mut self.framing,
+            &mut connection.stream,
+            &mut connection.read_buf,
+            cx,
+        )
     }
-
-    fn is_end(&self) -> bool {
-        matches!(self.framing, Framing::Empty | Framing::Length(0))
-    }
-}
-
-/// What a step of the chunked decoder produced.
-enum Decoded {
-    Data(Bytes),
-    Trailers(HeaderMap),
-    End,
-    NeedMore,
-}
-
-/// Decodes as much of a chunked body as `buf` holds, up to the next piece of output.
-fn decode_chunked(state: &mut ChunkState, buf: &mut BytesMut) -> Result<Decoded, ExchangeError> {
-    loop {
-        match *state {
-            ChunkState::Size => {
-                let Some(line_end) = memchr::memchr(b'\n', buf) else {
-                    return too_long(buf.len()).map(|()| Decoded::NeedMore);
-                };
-                let line = buf[..line_end]
-                    .strip_suffix(b"\r")
-                    .unwrap_or(&buf[..line_end]);
-                let digits = line
-                    .split(|&b| b == b';')
-                    .next()
-                    .unwrap_or(b"")
-                    .trim_ascii();
-                let size =
-                    parse_hex(digits).ok_or(ExchangeError::Malformed("invalid chunk size"))?;
-                buf.advance(line_end + 1);
-                *state = if size == 0 {
-                    ChunkState::Trailers
-                } else {
-                    ChunkState::Data(size)
-                };
-            }
-            ChunkState::Data(remaining) => {
-                if buf.is_empty() {
-                    return Ok(Decoded::NeedMore);
-                }
-                let take = remaining.min(buf.len() as u64);
-                *state = if take == remaining {
-                    ChunkState::DataEnd
-                } else {
-                    ChunkState::Data(remaining - take)
-                };
-                return Ok(Decoded::Data(buf.split_to(take as usize).freeze()));
-            }
-            ChunkState::DataEnd => {
-                if buf.len() < 2 {
-                    return Ok(Decoded::NeedMore);
-                }
-                if &buf[..2] != b"\r\n" {
-                    return Err(ExchangeError::Malformed("chunk data not followed by CRLF"));
-                }
-                buf.advance(2);
-                *state = ChunkState::Size;
-            }
-            ChunkState::Trailers => {
-                if buf.starts_with(b"\r\n") {
-                    buf.advance(2);
-                    return Ok(Decoded::End);
-                }
-                let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-                return match httparse::parse_headers(buf, &mut slots) {
-                    Ok(httparse::Status::Complete((len, fields))) => {
-                        let mut trailers = HeaderMap::with_capacity(fields.len());
-                        for field in fields {
-                            let name = HeaderName::from_bytes(field.name.as_bytes());
-                            let value = HeaderValue::from_bytes(field.value);
-                            if let (Ok(name), Ok(value)) = (name, value) {
-                                trailers.append(name, value);
-                            }
-                        }
-                        buf.advance(len);
-                        Ok(Decoded::Trailers(trailers))
-                    }
-                    Ok(httparse::Status::Partial) => {
-                        too_long(buf.len()).map(|()| Decoded::NeedMore)
-                    }
-                    Err(error) => Err(ExchangeError::Head(error)),
-                };
-            }
-        }
-    }
-}
-
-fn too_long(buffered: usize) -> Result<(), ExchangeError> {
-    if buffered > MAX_HEAD_LEN {
-        Err(ExchangeError::Malformed(
-            "chunk-size line or trailers too long",
-        ))
-    } else {
-        Ok(())
-    }
-}
-
-fn parse_hex(digits: &[u8]) -> Option<u64> {
-    if digits.is_empty() || digits.len() > 15 {
-        return None;
-    }
-    digits.iter().try_fold(0u64, |n, &d| {
-        let value = (d as char).to_digit(16)?;
-        Some(n << 4 | u64::from(value))
-    })
 }
 
 impl Body for UpstreamBody {
@@ -910,9 +725,9 @@ impl Body for UpstreamBody {
             BodyState::Switched(_) | BodyState::Done => return Poll::Ready(None),
         };
         reading.exchange.poll_send_along(cx);
-        let polled = reading.poll_next(cx);
+        let polled = reading.poll_next(cx).map_err(ExchangeError::from);
         match &polled {
-            Poll::Ready(Some(Ok(_))) if !reading.is_end() => {}
+            Poll::Ready(Some(Ok(_))) if !reading.framing.is_end() => {}
             Poll::Pending => {}
             Poll::Ready(Some(Err(_))) => self.state = BodyState::Done,
             Poll::Ready(Some(Ok(_)) | None) => {
@@ -943,7 +758,7 @@ impl Body for UpstreamBody {
     fn is_end_stream(&self) -> bool {
         match &self.state {
             BodyState::Whole(data) => data.is_none(),
-            BodyState::Reading(reading) => reading.is_end(),
+            BodyState::Reading(reading) => reading.framing.is_end(),
             BodyState::Switched(_) | BodyState::Done => true,
         }
     }
@@ -973,72 +788,11 @@ pub type ProxyResponse = Response<ResponseBody>;
 mod tests {
     use super::*;
 
-    fn decode_all(input: &[u8]) -> Result<(Vec<u8>, Option<HeaderMap>, usize), ExchangeError> {
-        let mut buf = BytesMut::from(input);
-        let mut state = ChunkState::Size;
-        let mut out = Vec::new();
-        loop {
-            match decode_chunked(&mut state, &mut buf)? {
-                Decoded::Data(data) => out.extend_from_slice(&data),
-                Decoded::Trailers(trailers) => return Ok((out, Some(trailers), buf.len())),
-                Decoded::End => return Ok((out, None, buf.len())),
-                Decoded::NeedMore => return Err(ExchangeError::Closed),
-            }
-        }
-    }
+    use http::HeaderValue;
 
-    #[test]
-    fn chunked_bodies_decode() {
-        let (data, trailers, rest) =
-            decode_all(b"5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\n\r\nNEXT").unwrap();
-        assert_eq!(data, b"hello, world");
-        assert!(trailers.is_none());
-        assert_eq!(rest, 4, "bytes after the body stay in the buffer");
-        let (data, trailers, _) = decode_all(b"A\r\n0123456789\r\n0\r\nx-sum: 45\r\n\r\n").unwrap();
-        assert_eq!(data, b"0123456789");
-        assert_eq!(trailers.unwrap()["x-sum"], "45");
-    }
-
-    #[test]
-    fn chunked_decoding_waits_for_more_at_every_boundary() {
-        let input = b"5\r\nhello\r\n0\r\n\r\n";
-        for cut in 0..input.len() {
-            let mut buf = BytesMut::from(&input[..cut]);
-            let mut state = ChunkState::Size;
-            let mut out = Vec::new();
-            let mut ended = false;
-            loop {
-                match decode_chunked(&mut state, &mut buf).unwrap() {
-                    Decoded::Data(data) => out.extend_from_slice(&data),
-                    Decoded::End | Decoded::Trailers(_) => {
-                        ended = true;
-                        break;
-                    }
-                    Decoded::NeedMore => break,
-                }
-            }
-            buf.extend_from_slice(&input[cut..]);
-            while !ended {
-                match decode_chunked(&mut state, &mut buf).unwrap() {
-                    Decoded::Data(data) => out.extend_from_slice(&data),
-                    Decoded::End | Decoded::Trailers(_) => ended = true,
-                    Decoded::NeedMore => panic!("stuck after cut {cut}"),
-                }
-            }
-            assert_eq!(out, b"hello", "cut at {cut}");
-        }
-    }
-
-    #[test]
-    fn bad_chunks_are_errors() {
-        assert!(decode_all(b"zz\r\nhello\r\n0\r\n\r\n").is_err());
-        assert!(decode_all(b"5\r\nhelloXX0\r\n\r\n").is_err());
-        assert!(decode_all(b"ffffffffffffffffff\r\n").is_err());
-    }
-
-    fn parse(raw: &[u8]) -> (Result<Option<ResponseHead>, ExchangeError>, BytesMut) {
+    fn parse(raw: &[u8]) -> (Result<Option<ResponseHead>, MessageError>, BytesMut) {
         let mut buf = BytesMut::from(raw);
-        let parsed = parse_response_head(&mut buf, &mut Vec::new());
+        let parsed = parse_response_head(&mut buf, &mut HeadFields::default());
         (parsed, buf)
     }
 

@@ -1,0 +1,653 @@
+//! HTTP/1.1 client connections served by the proxy itself: each request head is parsed once
+//! (httparse; header values share the read buffer), handed to the [`Proxy`], and the response
+//! is written straight back, all on the connection's own task. The request body is read from
+//! the connection only as the upstream exchange asks for it.
+//!
+//! hyper serves the rest: HTTP/2, and an HTTP/1 connection from the first request this path
+//! does not take (HTTP/1.0, `Upgrade`, `Expect`, CONNECT), which is handed over whole with
+//! the bytes read so far ([`Ended::HandOver`]). A request with both Content-Length and
+//! Transfer-Encoding is answered 400 and its connection closed; nothing reaches an upstream.
+//!
+//! A client must send each request head (and end an idle keep-alive pause) within
+//! `header_read_timeout`. The check is coarse so that it costs nothing per request: one timer
+//! per connection ticks every quarter of the timeout, and a head still missing after five
+//! ticks closes the connection, i.e. between 1 and 1.25 times the timeout.
+
+use std::future::poll_fn;
+use std::io::{self, Write as _};
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use http::header::{CONNECTION, CONTENT_LENGTH, DATE, EXPECT, UPGRADE};
+use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::watch;
+use tokio::time::{Instant, Sleep};
+
+use crate::codec::{
+    self, ChunkState, Framing, HeadFields, MAX_HEAD_LEN, MAX_HEADERS, MessageError,
+};
+use crate::proxy::Proxy;
+use crate::upstream::{ForwardBody, ProxyResponse};
+
+/// Read buffer of a client connection, made when a connection starts.
+const READ_BUF: usize = 8 * 1024;
+/// Response body pieces up to this size are copied next to the head and written with it.
+const COPY_LIMIT: usize = 16 * 1024;
+/// Ticks of the head timer per `header_read_timeout`; a head is given one more.
+const TICKS_PER_TIMEOUT: u32 = 4;
+/// How long a connection closed after an error keeps reading (and dropping) what the client
+/// still sends, so that the client reads the answer instead of a reset.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// How serving a connection ended.
+pub enum Ended {
+    /// The connection is closed (or about to be, when the value is dropped).
+    Closed,
+    /// A request this path does not serve: hyper takes the connection from its start.
+    HandOver(Rewound),
+}
+
+/// The read side of a client connection and the bytes read from it but not used yet.
+#[derive(Debug)]
+pub struct ClientReader {
+    io: OwnedReadHalf,
+    buf: BytesMut,
+}
+
+/// Where a [`ClientBody`] leaves the connection's read side when it is done with it, and
+/// whether it read the body to its end (else the connection cannot carry another request).
+type ReaderSlot = Arc<Mutex<Option<(ClientReader, bool)>>>;
+
+/// A request body read from the client connection as the upstream exchange polls it. When it
+/// is dropped, the connection's read side goes back to the connection's loop.
+#[derive(Debug)]
+pub struct ClientBody {
+    reader: Option<ClientReader>,
+    framing: Framing,
+    slot: ReaderSlot,
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = MessageError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, MessageError>>> {
+        let this = self.get_mut();
+        match this.reader.as_mut() {
+            Some(reader) => {
+                codec::poll_body(&mut this.framing, &mut reader.io, &mut reader.buf, cx)
+            }
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.framing.is_end()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            Framing::Length(remaining) => SizeHint::with_exact(remaining),
+            Framing::Empty => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+impl Drop for ClientBody {
+    fn drop(&mut self) {
+        if let Some(reader) = self.reader.take() {
+            let complete = self.framing.is_end();
+            *self.slot.lock().unwrap_or_else(|e| e.into_inner()) = Some((reader, complete));
+        }
+    }
+}
+
+/// A client connection handed to hyper: the bytes already read come first.
+#[derive(Debug)]
+pub struct Rewound {
+    prefix: Bytes,
+    stream: TcpStream,
+}
+
+impl AsyncRead for Rewound {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            let prefix = self.prefix.split_to(n);
+            buf.put_slice(&prefix);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Rewound {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// A parsed request head.
+struct RequestHead {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+    /// The head as received, for a hand-over to hyper.
+    raw: Bytes,
+}
+
+/// Why no request head could be taken from a connection.
+#[derive(Debug, PartialEq, Eq)]
+enum HeadError {
+    /// Malformed: answered 400.
+    Bad,
+    /// Too large or too many fields: answered 431.
+    TooLarge,
+    /// Not complete within the header read timeout, or the client left mid-head: closed.
+    Gone,
+}
+
+/// The coarse header read timer of one connection.
+struct HeadClock {
+    sleep: Pin<Box<Sleep>>,
+    period: Duration,
+    ticks: u32,
+}
+
+impl HeadClock {
+    fn new(timeout: Duration) -> Self {
+        let period = timeout / TICKS_PER_TIMEOUT;
+        HeadClock {
+            sleep: Box::pin(tokio::time::sleep(period)),
+            period,
+            ticks: 0,
+        }
+    }
+
+    fn tick(&mut self) {
+        self.ticks = self.ticks.wrapping_add(1);
+        let next = Instant::now() + self.period;
+        self.sleep.as_mut().reset(next);
+    }
+}
+
+/// Serves HTTP/1.1 requests on `stream` until the client closes, an error closes it, the drain
+/// ends it between requests, or a request needs hyper.
+pub async fn serve(
+    stream: TcpStream,
+    client_ip: &HeaderValue,
+    proxy: &Proxy,
+    header_read_timeout: Duration,
+    drain: &mut watch::Receiver<()>,
+) -> Ended {
+    let (io, mut write) = stream.into_split();
+    let mut reader = Some(ClientReader {
+        io,
+        buf: BytesMut::with_capacity(READ_BUF),
+    });
+    let slot: ReaderSlot = Arc::default();
+    let mut fields = HeadFields::default();
+    let mut out = Vec::with_capacity(1024);
+    let mut clock = HeadClock::new(header_read_timeout);
+    loop {
+        let Some(mut current) = reader.take() else {
+            return Ended::Closed;
+        };
+        let head = match read_head(&mut current, &mut fields, &mut clock, drain).await {
+            Ok(Some(head)) => head,
+            Ok(None) | Err(HeadError::Gone) => return Ended::Closed,
+            Err(error) => {
+                let status = match error {
+                    HeadError::TooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    _ => StatusCode::BAD_REQUEST,
+                };
+                refuse(&mut write, &mut current, status).await;
+                return Ended::Closed;
+            }
+        };
+        if head.version != Version::HTTP_11
+            || head.method == Method::CONNECT
+            || head.headers.contains_key(UPGRADE)
+            || head.headers.contains_key(EXPECT)
+        {
+            return hand_over(head.raw, current, write);
+        }
+        let keep_alive = !codec::has_token(&head.headers, &CONNECTION, b"close");
+        let body_framing = request_framing(&head.headers);
+        let ambiguous = body_framing == Err(Ambiguity::Both);
+        let Ok(body_framing) = body_framing.or_else(|a| match a {
+            Ambiguity::Both => Ok(Framing::Empty),
+            Ambiguity::Invalid => Err(()),
+        }) else {
+            refuse(&mut write, &mut current, StatusCode::BAD_REQUEST).await;
+            return Ended::Closed;
+        };
+        let body = if body_framing.is_end() {
+            reader = Some(current);
+            ForwardBody::Empty
+        } else {
+            ForwardBody::Client(ClientBody {
+                reader: Some(current),
+                framing: body_framing,
+                slot: slot.clone(),
+            })
+        };
+        let head_request = head.method == Method::HEAD;
+        let mut request = Request::new(body);
+        *request.method_mut() = head.method;
+        *request.uri_mut() = head.uri;
+        *request.headers_mut() = head.headers;
+
+        let response = proxy.handle(request, client_ip, ambiguous).await;
+
+        let mut close = !keep_alive || ambiguous || drain.has_changed().unwrap_or(true);
+        let written = write_response(&mut write, &mut out, response, head_request, close).await;
+        if reader.is_none() {
+            // The body has given the read side back (it was dropped with the request or
+            // the response); a body not read to its end leaves the connection unusable.
+            match slot.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                Some((back, complete)) => {
+                    close |= !complete;
+                    reader = Some(back);
+                }
+                None => close = true,
+            }
+        }
+        if written.is_err() {
+            return Ended::Closed;
+        }
+        if close {
+            if let Some(mut current) = reader.take() {
+                let _ = write.shutdown().await;
+                if ambiguous {
+                    linger(&mut current).await;
+                }
+            }
+            return Ended::Closed;
+        }
+    }
+}
+
+/// Reads until a whole request head is buffered and parses it; `None` when the client closed
+/// between requests, or when the drain began while the connection was idle.
+async fn read_head(
+    reader: &mut ClientReader,
+    fields: &mut HeadFields,
+    clock: &mut HeadClock,
+    drain: &mut watch::Receiver<()>,
+) -> Result<Option<RequestHead>, HeadError> {
+    let started = clock.ticks;
+    loop {
+        if !reader.buf.is_empty()
+            && let Some(head) = parse_request_head(&mut reader.buf, fields)?
+        {
+            return Ok(Some(head));
+        }
+        let idle = reader.buf.is_empty();
+        tokio::select! {
+            biased;
+            filled = poll_fn(|cx| codec::poll_fill(&mut reader.io, &mut reader.buf, cx)) => {
+                match filled {
+                    Ok(0) if idle => return Ok(None),
+                    Ok(0) | Err(_) => return Err(HeadError::Gone),
+                    Ok(_) => {}
+                }
+            }
+            () = clock.sleep.as_mut() => {
+                clock.tick();
+                if clock.ticks.wrapping_sub(started) > TICKS_PER_TIMEOUT {
+                    return Err(HeadError::Gone);
+                }
+            }
+            _ = drain.changed(), if idle => return Ok(None),
+        }
+    }
+}
+
+/// Parses a request head at the start of `buf`, consuming it; `None` when it is not complete.
+fn parse_request_head(
+    buf: &mut BytesMut,
+    fields: &mut HeadFields,
+) -> Result<Option<RequestHead>, HeadError> {
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut []);
+    let config = httparse::ParserConfig::default();
+    let len = match config.parse_request_with_uninit_headers(&mut parsed, buf, &mut slots) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD_LEN => {
+            return Err(HeadError::TooLarge);
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
+        Err(_) => return Err(HeadError::Bad),
+    };
+    let method = parsed
+        .method
+        .and_then(|m| Method::from_bytes(m.as_bytes()).ok())
+        .ok_or(HeadError::Bad)?;
+    let version = match parsed.version {
+        Some(1) => Version::HTTP_11,
+        _ => Version::HTTP_10,
+    };
+    let base = buf.as_ptr() as usize;
+    let target = parsed.path.ok_or(HeadError::Bad)?;
+    let target_start = target.as_ptr() as usize - base;
+    let target_end = target_start + target.len();
+    fields
+        .collect(buf, parsed.headers)
+        .map_err(|_| HeadError::Bad)?;
+    let raw = buf.split_to(len).freeze();
+    let uri =
+        Uri::from_maybe_shared(raw.slice(target_start..target_end)).map_err(|_| HeadError::Bad)?;
+    let headers = fields.take_map(&raw).map_err(|_| HeadError::Bad)?;
+    Ok(Some(RequestHead {
+        method,
+        uri,
+        version,
+        headers,
+        raw,
+    }))
+}
+
+/// Why a request's body framing cannot be used.
+#[derive(Debug, PartialEq, Eq)]
+enum Ambiguity {
+    /// Both Content-Length and Transfer-Encoding (request smuggling): 400 without forwarding.
+    Both,
+    /// A Transfer-Encoding that does not end in chunked, or a bad Content-Length.
+    Invalid,
+}
+
+/// How a request body is delimited (RFC 9112 §6.3): chunked, by length, or none.
+fn request_framing(headers: &HeaderMap) -> Result<Framing, Ambiguity> {
+    let chunked = codec::transfer_encoding(headers);
+    if chunked.is_some() && headers.contains_key(CONTENT_LENGTH) {
+        return Err(Ambiguity::Both);
+    }
+    match chunked {
+        Some(true) => Ok(Framing::Chunked(ChunkState::Size)),
+        Some(false) => Err(Ambiguity::Invalid),
+        None => match codec::content_length(headers) {
+            Ok(Some(length)) => Ok(Framing::Length(length)),
+            Ok(None) => Ok(Framing::Empty),
+            Err(_) => Err(Ambiguity::Invalid),
+        },
+    }
+}
+
+/// Writes a response: the head (with Content-Length or chunked framing as the body allows,
+/// `Date` when missing, `Connection: close` when the connection ends after it), then the
+/// body as it comes. Small pieces go out in the same write as the head.
+async fn write_response(
+    write: &mut OwnedWriteHalf,
+    out: &mut Vec<u8>,
+    response: ProxyResponse,
+    head_request: bool,
+    close: bool,
+) -> io::Result<()> {
+    let (parts, mut body) = response.into_parts();
+    let status = parts.status;
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in &parts.headers {
+        if name == CONNECTION {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let bodiless = head_request
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let mut chunked = false;
+    if !bodiless && !parts.headers.contains_key(CONTENT_LENGTH) {
+        match body.size_hint().exact() {
+            Some(length) => {
+                let _ = write!(out, "content-length: {length}\r\n");
+            }
+            None => {
+                out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+                chunked = true;
+            }
+        }
+    }
+    if !parts.headers.contains_key(DATE) {
+        out.extend_from_slice(b"date: ");
+        out.extend_from_slice(&http_date());
+        out.extend_from_slice(b"\r\n");
+    }
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    if bodiless {
+        return write.write_all(out).await;
+    }
+    loop {
+        let Some(frame) = body.frame().await else {
+            if chunked {
+                out.extend_from_slice(b"0\r\n\r\n");
+            }
+            break;
+        };
+        let frame = frame.map_err(io::Error::other)?;
+        // Trailers are dropped: a proxy may, and few clients ask for them.
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if data.is_empty() {
+            continue;
+        }
+        if chunked {
+            let _ = write!(out, "{:x}\r\n", data.len());
+        }
+        if data.len() <= COPY_LIMIT {
+            out.extend_from_slice(&data);
+        } else {
+            write.write_all(out).await?;
+            out.clear();
+            write.write_all(&data).await?;
+        }
+        if chunked {
+            out.extend_from_slice(b"\r\n");
+        }
+        if !body.is_end_stream() {
+            // More to come, maybe not at once: what there is goes out now.
+            write.write_all(out).await?;
+            out.clear();
+        }
+    }
+    write.write_all(out).await
+}
+
+/// The current time as an HTTP date, formatted at most once a second per thread.
+fn http_date() -> [u8; 29] {
+    thread_local! {
+        static CACHED: std::cell::Cell<(u64, [u8; 29])> = const { std::cell::Cell::new((u64::MAX, [0; 29])) };
+    }
+    let now = SystemTime::now();
+    let second = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    CACHED.with(|cached| {
+        let (at, text) = cached.get();
+        if at == second {
+            return text;
+        }
+        let mut text = [0u8; 29];
+        let formatted = httpdate::fmt_http_date(now);
+        let n = formatted.len().min(29);
+        text[..n].copy_from_slice(&formatted.as_bytes()[..n]);
+        cached.set((second, text));
+        text
+    })
+}
+
+/// Answers a request this path cannot take with `status` and closes the connection.
+async fn refuse(write: &mut OwnedWriteHalf, reader: &mut ClientReader, status: StatusCode) {
+    let answer = format!(
+        "HTTP/1.1 {} {}\r\ncontent-length: 0\r\ndate: {}\r\nconnection: close\r\n\r\n",
+        status.as_str(),
+        status.canonical_reason().unwrap_or(""),
+        String::from_utf8_lossy(&http_date()),
+    );
+    if write.write_all(answer.as_bytes()).await.is_ok() {
+        let _ = write.shutdown().await;
+        linger(reader).await;
+    }
+}
+
+/// Reads and drops what the client still sends, for at most [`LINGER`] (or until it closes),
+/// so that unread bytes do not turn the close into a reset that loses the answer.
+async fn linger(reader: &mut ClientReader) {
+    let mut sink = [0u8; 4096];
+    let drain = async {
+        while let Ok(n) = reader.io.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER, drain).await;
+}
+
+/// Gives the connection to hyper, the head just read and anything after it first.
+fn hand_over(raw: Bytes, reader: ClientReader, write: OwnedWriteHalf) -> Ended {
+    let prefix = if reader.buf.is_empty() {
+        raw
+    } else {
+        let mut joined = BytesMut::with_capacity(raw.len() + reader.buf.len());
+        joined.extend_from_slice(&raw);
+        joined.extend_from_slice(&reader.buf);
+        joined.freeze()
+    };
+    match reader.io.reunite(write) {
+        Ok(stream) => Ended::HandOver(Rewound { prefix, stream }),
+        Err(_) => Ended::Closed,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(raw: &[u8]) -> Result<Option<RequestHead>, HeadError> {
+        parse_request_head(&mut BytesMut::from(raw), &mut HeadFields::default())
+    }
+
+    #[test]
+    fn request_heads_parse() {
+        let head = parse(b"GET /a?b=1 HTTP/1.1\r\nHost: x\r\nX-Two: 1\r\nX-Two: 2\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(head.method, Method::GET);
+        assert_eq!(head.uri, "/a?b=1");
+        assert_eq!(head.version, Version::HTTP_11);
+        assert_eq!(head.headers["host"], "x");
+        assert_eq!(head.headers.get_all("x-two").iter().count(), 2);
+        assert!(parse(b"GET / HTTP/1.1\r\nHost:").unwrap().is_none());
+        assert_eq!(
+            parse(b"GET / HTTP/1.0\r\n\r\n").unwrap().unwrap().version,
+            Version::HTTP_10
+        );
+        assert_eq!(parse(b"G@T / HTTP/1.1\r\n\r\n").err(), Some(HeadError::Bad));
+        let many: String = (0..200).map(|i| format!("x-{i}: 1\r\n")).collect();
+        let head = format!("GET / HTTP/1.1\r\n{many}\r\n");
+        assert_eq!(parse(head.as_bytes()).err(), Some(HeadError::TooLarge));
+        let endless = format!("GET / HTTP/1.1\r\nx: {}", "a".repeat(MAX_HEAD_LEN + 1));
+        assert_eq!(parse(endless.as_bytes()).err(), Some(HeadError::TooLarge));
+    }
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(*name, HeaderValue::from_static(value));
+        }
+        map
+    }
+
+    #[test]
+    fn request_bodies_are_framed_like_rfc_9112() {
+        assert_eq!(request_framing(&headers(&[])), Ok(Framing::Empty));
+        assert_eq!(
+            request_framing(&headers(&[("content-length", "5")])),
+            Ok(Framing::Length(5))
+        );
+        assert_eq!(
+            request_framing(&headers(&[("transfer-encoding", "chunked")])),
+            Ok(Framing::Chunked(ChunkState::Size))
+        );
+        assert_eq!(
+            request_framing(&headers(&[
+                ("transfer-encoding", "chunked"),
+                ("content-length", "5")
+            ])),
+            Err(Ambiguity::Both)
+        );
+        assert_eq!(
+            request_framing(&headers(&[("transfer-encoding", "gzip")])),
+            Err(Ambiguity::Invalid)
+        );
+        assert_eq!(
+            request_framing(&headers(&[("content-length", "5, 6")])),
+            Err(Ambiguity::Invalid)
+        );
+    }
+
+    #[test]
+    fn dates_are_http_dates() {
+        let date = http_date();
+        let text = std::str::from_utf8(&date).unwrap();
+        assert!(text.ends_with(" GMT"), "{text}");
+        assert!(httpdate::parse_http_date(text).is_ok(), "{text}");
+    }
+}
