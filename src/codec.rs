@@ -83,7 +83,9 @@ impl HeadFields {
 
     /// The header map, its values slices of `head` (the same bytes `collect` saw, frozen).
     pub fn take_map(&mut self, head: &Bytes) -> Result<HeaderMap, MessageError> {
-        let mut headers = HeaderMap::with_capacity(self.0.len());
+        // Room for the headers the proxy adds (X-Forwarded-*, request id, backend name), so
+        // that adding them does not grow (rehash) the map.
+        let mut headers = HeaderMap::with_capacity(self.0.len() + 8);
         for (name, start, end) in self.0.drain(..) {
             let value = HeaderValue::from_maybe_shared(head.slice(start..end))
                 .map_err(|_| MessageError::Malformed("invalid header value"))?;

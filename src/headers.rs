@@ -19,7 +19,8 @@ pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// The hop-by-hop headers that are removed whether or not `Connection` names them.
+/// The hop-by-hop headers that are removed whether or not `Connection` names them
+/// (`Connection` first).
 fn fixed_hop_by_hop() -> [&'static HeaderName; 9] {
     [
         &CONNECTION,
@@ -53,7 +54,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if present == 0 {
         return;
     }
-    if headers.contains_key(CONNECTION) {
+    // `Connection: keep-alive` or `close` (the usual values) names nothing more to remove.
+    let names_others = |value: &HeaderValue| {
+        let value = value.as_bytes();
+        !value.eq_ignore_ascii_case(b"keep-alive") && !value.eq_ignore_ascii_case(b"close")
+    };
+    if present & 1 != 0 && headers.get_all(CONNECTION).iter().any(names_others) {
         let named: Vec<HeaderName> = headers
             .get_all(CONNECTION)
             .iter()
