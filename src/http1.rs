@@ -355,7 +355,8 @@ fn parse_request_head(
     let mut parsed = httparse::Request::new(&mut []);
     let config = httparse::ParserConfig::default();
     let len = match config.parse_request_with_uninit_headers(&mut parsed, buf, &mut slots) {
-        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Complete(len)) if len <= MAX_HEAD_LEN => len,
+        Ok(httparse::Status::Complete(_)) => return Err(HeadError::TooLarge),
         Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD_LEN => {
             return Err(HeadError::TooLarge);
         }

@@ -544,7 +544,10 @@ fn parse_response_head(
     let mut parsed = httparse::Response::new(&mut []);
     let config = httparse::ParserConfig::default();
     let len = match config.parse_response_with_uninit_headers(&mut parsed, buf, &mut slots) {
-        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Complete(len)) if len <= MAX_HEAD_LEN => len,
+        Ok(httparse::Status::Complete(_)) => {
+            return Err(MessageError::Malformed("response head too large"));
+        }
         Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD_LEN => {
             return Err(MessageError::Malformed("response head too large"));
         }
