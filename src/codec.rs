@@ -19,6 +19,8 @@ pub const MAX_HEADERS: usize = 100;
 pub const MAX_HEAD_LEN: usize = 64 * 1024;
 /// Free space made in a read buffer before each read.
 pub const READ_CHUNK: usize = 8 * 1024;
+/// Most free space made for a body of known length before a read.
+const MAX_READ: usize = 64 * 1024;
 
 /// What is wrong with a message as it arrives.
 #[derive(Debug, thiserror::Error)]
@@ -178,6 +180,11 @@ pub fn poll_body<R: AsyncRead + Unpin>(
             Framing::Empty | Framing::Length(0) => return Poll::Ready(None),
             Framing::Length(remaining) => {
                 if buf.is_empty() {
+                    // Room for the rest of the body (up to a bound): fewer, larger reads.
+                    let want = (*remaining).min(MAX_READ as u64) as usize;
+                    if buf.capacity() < want {
+                        buf.reserve(want);
+                    }
                     ready!(poll_fill_more(io, buf, cx))?;
                 }
                 let take = (*remaining).min(buf.len() as u64);

@@ -13,15 +13,16 @@
 //! per connection ticks every quarter of the timeout, and a head still missing after five
 //! ticks closes the connection, i.e. between 1 and 1.25 times the timeout.
 
+use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::io::{self, Write as _};
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, SystemTime};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, DATE, EXPECT, UPGRADE};
 use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
@@ -40,8 +41,11 @@ use crate::upstream::{ForwardBody, ProxyResponse};
 
 /// Read buffer of a client connection, made when a connection starts.
 const READ_BUF: usize = 8 * 1024;
-/// Response body pieces up to this size are copied next to the head and written with it.
-const COPY_LIMIT: usize = 16 * 1024;
+/// Response body pieces up to this size are copied next to the head (larger ones are written
+/// from where they are, by vectored writes).
+const COPY_LIMIT: usize = 1024;
+/// Response bytes gathered before they are written even though more are ready.
+const FLUSH_AT: usize = 64 * 1024;
 /// Ticks of the head timer per `header_read_timeout`; a head is given one more.
 const TICKS_PER_TIMEOUT: u32 = 4;
 /// How long a connection closed after an error keeps reading (and dropping) what the client
@@ -470,13 +474,29 @@ async fn write_response(
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
+    let mut outgoing = Outgoing {
+        head: out,
+        head_written: 0,
+        queue: VecDeque::new(),
+        queued: 0,
+    };
     if bodiless {
-        return write.write_all(out).await;
+        return outgoing.flush(write).await;
     }
     loop {
-        let Some(frame) = body.frame().await else {
+        // What the body has now goes out together; when it has nothing more yet, what is
+        // gathered is written before waiting for more.
+        let polled = Pin::new(&mut body).poll_frame(&mut Context::from_waker(Waker::noop()));
+        let frame = match polled {
+            Poll::Ready(frame) => frame,
+            Poll::Pending => {
+                outgoing.flush(write).await?;
+                body.frame().await
+            }
+        };
+        let Some(frame) = frame else {
             if chunked {
-                out.extend_from_slice(b"0\r\n\r\n");
+                outgoing.push_copy(b"0\r\n\r\n");
             }
             break;
         };
@@ -489,25 +509,95 @@ async fn write_response(
             continue;
         }
         if chunked {
-            let _ = write!(out, "{:x}\r\n", data.len());
-        }
-        if data.len() <= COPY_LIMIT {
-            out.extend_from_slice(&data);
+            let mut line = [0u8; 18];
+            let mut cursor = io::Cursor::new(&mut line[..]);
+            let _ = write!(cursor, "{:x}\r\n", data.len());
+            let used = cursor.position() as usize;
+            outgoing.push_copy(&line[..used]);
+            outgoing.push(data);
+            outgoing.push_copy(b"\r\n");
         } else {
-            write.write_all(out).await?;
-            out.clear();
-            write.write_all(&data).await?;
+            outgoing.push(data);
         }
-        if chunked {
-            out.extend_from_slice(b"\r\n");
-        }
-        if !body.is_end_stream() {
-            // More to come, maybe not at once: what there is goes out now.
-            write.write_all(out).await?;
-            out.clear();
+        if outgoing.queued >= FLUSH_AT {
+            outgoing.flush(write).await?;
         }
     }
-    write.write_all(out).await
+    outgoing.flush(write).await
+}
+
+/// Bytes on their way to the client: the response head (with small pieces copied after it),
+/// then body pieces by reference; written together by vectored writes.
+struct Outgoing<'a> {
+    head: &'a mut Vec<u8>,
+    head_written: usize,
+    queue: VecDeque<Bytes>,
+    /// Bytes in `queue`.
+    queued: usize,
+}
+
+impl Outgoing<'_> {
+    /// Queues a copy of a few bytes (framing).
+    fn push_copy(&mut self, bytes: &[u8]) {
+        if self.queue.is_empty() {
+            self.head.extend_from_slice(bytes);
+        } else {
+            self.push(Bytes::copy_from_slice(bytes));
+        }
+    }
+
+    /// Queues body bytes; small pieces right after the head are copied next to it.
+    fn push(&mut self, data: Bytes) {
+        if self.queue.is_empty() && data.len() <= COPY_LIMIT {
+            self.head.extend_from_slice(&data);
+        } else {
+            self.queued += data.len();
+            self.queue.push_back(data);
+        }
+    }
+
+    /// Writes everything queued.
+    async fn flush(&mut self, write: &mut OwnedWriteHalf) -> io::Result<()> {
+        loop {
+            let mut slices = [io::IoSlice::new(&[]); 16];
+            let mut count = 0;
+            if self.head_written < self.head.len() {
+                slices[0] = io::IoSlice::new(&self.head[self.head_written..]);
+                count = 1;
+            }
+            for piece in self.queue.iter().take(slices.len() - count) {
+                slices[count] = io::IoSlice::new(piece);
+                count += 1;
+            }
+            if count == 0 {
+                break;
+            }
+            let mut written = write.write_vectored(&slices[..count]).await?;
+            if written == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            let from_head = written.min(self.head.len() - self.head_written);
+            self.head_written += from_head;
+            written -= from_head;
+            while written > 0 {
+                let Some(front) = self.queue.front_mut() else {
+                    break;
+                };
+                if written >= front.len() {
+                    written -= front.len();
+                    self.queued -= front.len();
+                    self.queue.pop_front();
+                } else {
+                    front.advance(written);
+                    self.queued -= written;
+                    written = 0;
+                }
+            }
+        }
+        self.head.clear();
+        self.head_written = 0;
+        Ok(())
+    }
 }
 
 /// The current time as an HTTP date, formatted at most once a second per thread.
