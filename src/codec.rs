@@ -106,21 +106,28 @@ pub fn has_token(headers: &HeaderMap, name: &HeaderName, token: &[u8]) -> bool {
     })
 }
 
-/// Whether the message has `Transfer-Encoding`, and whether its last coding is chunked.
+/// Whether the message has `Transfer-Encoding`, and whether it is exactly `chunked` (the
+/// one coding the proxy decodes; any other would have to be passed on, and is refused).
 pub fn transfer_encoding(headers: &HeaderMap) -> Option<bool> {
-    let codings = headers.get_all(TRANSFER_ENCODING).iter().next_back()?;
-    let last = codings
-        .as_bytes()
-        .rsplit(|&b| b == b',')
-        .next()
-        .unwrap_or(b"");
-    Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+    let mut codings = headers.get_all(TRANSFER_ENCODING).iter().peekable();
+    codings.peek()?;
+    let mut count = 0;
+    let mut chunked = true;
+    for value in codings {
+        for coding in value.as_bytes().split(|&b| b == b',') {
+            count += 1;
+            chunked &= coding.trim_ascii().eq_ignore_ascii_case(b"chunked");
+        }
+    }
+    Some(chunked && count == 1)
 }
 
 /// The Content-Length, if any: every value (and every comma-separated part) must be the same
-/// decimal number.
-pub fn content_length(headers: &HeaderMap) -> Result<Option<u64>, MessageError> {
+/// decimal number. Repeated values that agree are folded into one, so that the next hop sees
+/// a single plain value whatever its parser makes of lists.
+pub fn content_length(headers: &mut HeaderMap) -> Result<Option<u64>, MessageError> {
     let mut length = None;
+    let mut parts = 0;
     for value in headers.get_all(CONTENT_LENGTH) {
         for part in value.as_bytes().split(|&b| b == b',') {
             let parsed = parse_decimal(part.trim_ascii())
@@ -129,7 +136,11 @@ pub fn content_length(headers: &HeaderMap) -> Result<Option<u64>, MessageError> 
                 return Err(MessageError::Malformed("conflicting Content-Length values"));
             }
             length = Some(parsed);
+            parts += 1;
         }
+    }
+    if let (Some(length), true) = (length, parts > 1) {
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(length));
     }
     Ok(length)
 }
@@ -404,20 +415,25 @@ mod tests {
     #[test]
     fn lengths_and_codings() {
         let mut h = HeaderMap::new();
-        assert_eq!(content_length(&h).unwrap(), None);
+        assert_eq!(content_length(&mut h).unwrap(), None);
         h.append(CONTENT_LENGTH, HeaderValue::from_static("3, 3"));
         h.append(CONTENT_LENGTH, HeaderValue::from_static("3"));
-        assert_eq!(content_length(&h).unwrap(), Some(3));
+        assert_eq!(content_length(&mut h).unwrap(), Some(3));
+        let folded: Vec<_> = h.get_all(CONTENT_LENGTH).iter().collect();
+        assert_eq!(folded, ["3"], "agreeing values are folded into one");
         h.append(CONTENT_LENGTH, HeaderValue::from_static("4"));
-        assert!(content_length(&h).is_err());
+        assert!(content_length(&mut h).is_err());
         let mut bad = HeaderMap::new();
         bad.append(CONTENT_LENGTH, HeaderValue::from_static("-1"));
-        assert!(content_length(&bad).is_err());
+        assert!(content_length(&mut bad).is_err());
         let mut te = HeaderMap::new();
         assert_eq!(transfer_encoding(&te), None);
-        te.append(TRANSFER_ENCODING, HeaderValue::from_static("gzip, Chunked"));
+        te.append(TRANSFER_ENCODING, HeaderValue::from_static(" Chunked"));
         assert_eq!(transfer_encoding(&te), Some(true));
-        te.append(TRANSFER_ENCODING, HeaderValue::from_static("gzip"));
-        assert_eq!(transfer_encoding(&te), Some(false));
+        let mut gzip = HeaderMap::new();
+        gzip.append(TRANSFER_ENCODING, HeaderValue::from_static("gzip, chunked"));
+        assert_eq!(transfer_encoding(&gzip), Some(false));
+        te.append(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        assert_eq!(transfer_encoding(&te), Some(false), "chunked twice");
     }
 }

@@ -30,6 +30,13 @@ pub enum ProxyError {
         #[source]
         source: crate::upstream::ExchangeError,
     },
+    /// The client's request body could not be read (malformed chunked framing, or the
+    /// client went away mid-body); the upstream is not to blame.
+    #[error("the request body from the client failed")]
+    ClientBody {
+        #[source]
+        source: crate::upstream::ForwardBodyError,
+    },
     /// The upstream switched protocols although the client asked for no WebSocket upgrade.
     #[error("upstream {endpoint} answered 101 to a request that asked for no WebSocket upgrade")]
     UnexpectedUpgrade { endpoint: String },
@@ -59,7 +66,7 @@ impl UpstreamErrorKind {
 impl From<&ProxyError> for StatusCode {
     fn from(error: &ProxyError) -> StatusCode {
         match error {
-            ProxyError::AmbiguousFraming => StatusCode::BAD_REQUEST,
+            ProxyError::AmbiguousFraming | ProxyError::ClientBody { .. } => StatusCode::BAD_REQUEST,
             ProxyError::ConnectMethod => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::NoBackend => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Connect { .. }

@@ -23,7 +23,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, SystemTime};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{CONNECTION, CONTENT_LENGTH, DATE, EXPECT, UPGRADE};
+use http::header::{CONNECTION, CONTENT_LENGTH, DATE, EXPECT, HOST, UPGRADE};
 use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
@@ -239,7 +239,7 @@ pub async fn serve(
         let Some(mut current) = reader.take() else {
             return Ended::Closed;
         };
-        let head = match read_head(&mut current, &mut fields, &mut clock, drain).await {
+        let mut head = match read_head(&mut current, &mut fields, &mut clock, drain).await {
             Ok(Some(head)) => head,
             Ok(None) | Err(HeadError::Gone) => return Ended::Closed,
             Err(error) => {
@@ -259,14 +259,14 @@ pub async fn serve(
             return hand_over(head.raw, current, write);
         }
         let keep_alive = !codec::has_token(&head.headers, &CONNECTION, b"close");
-        let body_framing = request_framing(&head.headers);
-        let ambiguous = body_framing == Err(Ambiguity::Both);
-        let Ok(body_framing) = body_framing.or_else(|a| match a {
-            Ambiguity::Both => Ok(Framing::Empty),
-            Ambiguity::Invalid => Err(()),
-        }) else {
-            refuse(&mut write, &mut current, StatusCode::BAD_REQUEST).await;
-            return Ended::Closed;
+        let (body_framing, ambiguous) = match request_framing(&mut head.headers) {
+            Ok(framing) => (framing, false),
+            // Answered 400 by the proxy (so that it is counted), its body never read.
+            Err(Refusal::Ambiguous) => (Framing::Empty, true),
+            Err(Refusal::Status(status)) => {
+                refuse(&mut write, &mut current, status).await;
+                return Ended::Closed;
+            }
         };
         let body = if body_framing.is_end() {
             reader = Some(current);
@@ -287,17 +287,25 @@ pub async fn serve(
         let response = proxy.handle(request, client_ip, ambiguous).await;
 
         let mut close = !keep_alive || ambiguous || drain.has_changed().unwrap_or(true);
+        // The request body, if there was one, has usually given the read side back by now
+        // (read to its end, or dropped with a failed request). If it was not read whole, or
+        // is still being read (the upstream answered before it had it all), the connection
+        // cannot carry another request: the response says so.
+        let mut unread = ambiguous;
+        if reader.is_none() {
+            match take_back(&slot) {
+                Some((back, complete)) => {
+                    reader = Some(back);
+                    unread |= !complete;
+                }
+                None => unread = true,
+            }
+            close |= unread;
+        }
         let written = write_response(&mut write, &mut out, response, head_request, close).await;
         if reader.is_none() {
-            // The body has given the read side back (it was dropped with the request or
-            // the response); a body not read to its end leaves the connection unusable.
-            match slot.lock().unwrap_or_else(|e| e.into_inner()).take() {
-                Some((back, complete)) => {
-                    close |= !complete;
-                    reader = Some(back);
-                }
-                None => close = true,
-            }
+            // The response, and with it the rest of the exchange, is gone: so is the body.
+            reader = take_back(&slot).map(|(back, _)| back);
         }
         if written.is_err() {
             return Ended::Closed;
@@ -305,13 +313,18 @@ pub async fn serve(
         if close {
             if let Some(mut current) = reader.take() {
                 let _ = write.shutdown().await;
-                if ambiguous {
+                if unread {
                     linger(&mut current).await;
                 }
             }
             return Ended::Closed;
         }
     }
+}
+
+/// The read side a [`ClientBody`] left in `slot`, and whether it read the body to its end.
+fn take_back(slot: &ReaderSlot) -> Option<(ClientReader, bool)> {
+    slot.lock().unwrap_or_else(|e| e.into_inner()).take()
 }
 
 /// Reads until a whole request head is buffered and parses it; `None` when the client closed
@@ -396,28 +409,34 @@ fn parse_request_head(
     }))
 }
 
-/// Why a request's body framing cannot be used.
+/// Why a request cannot be forwarded as it is.
 #[derive(Debug, PartialEq, Eq)]
-enum Ambiguity {
-    /// Both Content-Length and Transfer-Encoding (request smuggling): 400 without forwarding.
-    Both,
-    /// A Transfer-Encoding that does not end in chunked, or a bad Content-Length.
-    Invalid,
+enum Refusal {
+    /// Both Content-Length and Transfer-Encoding (request smuggling): answered 400 by the
+    /// proxy (and counted), nothing forwarded.
+    Ambiguous,
+    /// Answered with this status and the connection closed: a malformed Content-Length or
+    /// several Host lines (400), a transfer coding other than chunked (501).
+    Status(StatusCode),
 }
 
-/// How a request body is delimited (RFC 9112 §6.3): chunked, by length, or none.
-fn request_framing(headers: &HeaderMap) -> Result<Framing, Ambiguity> {
+/// Checks a request head and works out how its body is delimited (RFC 9112 §6.3): chunked,
+/// by length, or none. Repeated Content-Length values that agree are folded into one.
+fn request_framing(headers: &mut HeaderMap) -> Result<Framing, Refusal> {
+    if headers.get_all(HOST).iter().nth(1).is_some() {
+        return Err(Refusal::Status(StatusCode::BAD_REQUEST));
+    }
     let chunked = codec::transfer_encoding(headers);
     if chunked.is_some() && headers.contains_key(CONTENT_LENGTH) {
-        return Err(Ambiguity::Both);
+        return Err(Refusal::Ambiguous);
     }
     match chunked {
         Some(true) => Ok(Framing::Chunked(ChunkState::Size)),
-        Some(false) => Err(Ambiguity::Invalid),
+        Some(false) => Err(Refusal::Status(StatusCode::NOT_IMPLEMENTED)),
         None => match codec::content_length(headers) {
             Ok(Some(length)) => Ok(Framing::Length(length)),
             Ok(None) => Ok(Framing::Empty),
-            Err(_) => Err(Ambiguity::Invalid),
+            Err(_) => Err(Refusal::Status(StatusCode::BAD_REQUEST)),
         },
     }
 }
@@ -708,30 +727,32 @@ mod tests {
 
     #[test]
     fn request_bodies_are_framed_like_rfc_9112() {
-        assert_eq!(request_framing(&headers(&[])), Ok(Framing::Empty));
+        let framing = |pairs: &[(&'static str, &'static str)]| request_framing(&mut headers(pairs));
+        assert_eq!(framing(&[]), Ok(Framing::Empty));
+        assert_eq!(framing(&[("content-length", "5")]), Ok(Framing::Length(5)));
         assert_eq!(
-            request_framing(&headers(&[("content-length", "5")])),
-            Ok(Framing::Length(5))
-        );
-        assert_eq!(
-            request_framing(&headers(&[("transfer-encoding", "chunked")])),
+            framing(&[("transfer-encoding", "chunked")]),
             Ok(Framing::Chunked(ChunkState::Size))
         );
         assert_eq!(
-            request_framing(&headers(&[
-                ("transfer-encoding", "chunked"),
-                ("content-length", "5")
-            ])),
-            Err(Ambiguity::Both)
+            framing(&[("transfer-encoding", "chunked"), ("content-length", "5")]),
+            Err(Refusal::Ambiguous)
         );
         assert_eq!(
-            request_framing(&headers(&[("transfer-encoding", "gzip")])),
-            Err(Ambiguity::Invalid)
+            framing(&[("transfer-encoding", "gzip, chunked")]),
+            Err(Refusal::Status(StatusCode::NOT_IMPLEMENTED))
         );
         assert_eq!(
-            request_framing(&headers(&[("content-length", "5, 6")])),
-            Err(Ambiguity::Invalid)
+            framing(&[("content-length", "5, 6")]),
+            Err(Refusal::Status(StatusCode::BAD_REQUEST))
         );
+        assert_eq!(
+            framing(&[("host", "a"), ("host", "b")]),
+            Err(Refusal::Status(StatusCode::BAD_REQUEST))
+        );
+        let mut repeated = headers(&[("content-length", "5"), ("content-length", "5")]);
+        assert_eq!(request_framing(&mut repeated), Ok(Framing::Length(5)));
+        assert_eq!(repeated.get_all("content-length").iter().count(), 1);
     }
 
     #[test]

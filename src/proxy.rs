@@ -22,7 +22,7 @@ use crate::error::{ProxyError, UpstreamErrorKind};
 use crate::headers;
 use crate::metrics::Metrics;
 use crate::routing::{Backend, Endpoint, RoutingTable};
-use crate::upstream::{ForwardBody, ProxyResponse, SendError};
+use crate::upstream::{ExchangeError, ForwardBody, ProxyResponse, SendError};
 
 /// The shared routing table: each request loads it once; the admin API swaps it with one store.
 pub type SharedTable = Arc<ArcSwap<RoutingTable>>;
@@ -194,6 +194,11 @@ impl Proxy {
                 target.backend.upstream.send(target.endpoint, outgoing),
             );
             let result = sent.await;
+            // The client's own body failing (malformed, or the client gone) says nothing
+            // about the upstream: no passive health failure, no upstream error.
+            if let Ok(Err(SendError::Failed(ExchangeError::RequestBody(source)))) = result {
+                return Err(ProxyError::ClientBody { source });
+            }
             target
                 .endpoint
                 .record_outcome(matches!(&result, Ok(Ok(r)) if !r.status().is_server_error()));

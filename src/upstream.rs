@@ -24,7 +24,7 @@ use std::task::{Context, Poll, Waker, ready};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use http::header::{CONNECTION, CONTENT_LENGTH};
+use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::request::Parts;
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
@@ -456,12 +456,17 @@ impl Exchange {
         }
     }
 
-    /// Goes on writing the request (unless that already failed) without waiting for it.
-    fn poll_send_along(&mut self, cx: &mut Context<'_>) {
-        if !self.broken && !self.request_done() {
-            // A write error ends the writing, not the exchange: the upstream may have
-            // answered already (say 413) and closed its reading side.
-            let _ = self.poll_send(cx);
+    /// Goes on writing the request (unless writing already failed) without waiting for it.
+    /// A write error ends the writing, not the exchange: the upstream may have answered
+    /// already (say 413) and closed its reading side. A failure of the client's body ends
+    /// the exchange: the upstream would wait for the rest of a body that never comes.
+    fn poll_send_along(&mut self, cx: &mut Context<'_>) -> Result<(), ExchangeError> {
+        if self.broken || self.request_done() {
+            return Ok(());
+        }
+        match self.poll_send(cx) {
+            Poll::Ready(Err(error @ ExchangeError::RequestBody(_))) => Err(error),
+            _ => Ok(()),
         }
     }
 
@@ -478,7 +483,7 @@ impl Exchange {
                 return Poll::Ready(Err(error));
             }
         } else {
-            self.poll_send_along(cx);
+            self.poll_send_along(cx)?;
         }
         loop {
             if !self.connection.read_buf.is_empty()
@@ -497,7 +502,7 @@ impl Exchange {
                 &mut connection.read_buf,
                 cx
             ))?;
-            self.poll_send_along(cx);
+            self.poll_send_along(cx)?;
         }
     }
 }
@@ -572,7 +577,7 @@ fn parse_response_head(
     }))
 }
 
-fn response_framing(method: &Method, head: &ResponseHead) -> Result<Framing, MessageError> {
+fn response_framing(method: &Method, head: &mut ResponseHead) -> Result<Framing, MessageError> {
     let status = head.status;
     if method == Method::HEAD
         || status.is_informational()
@@ -581,14 +586,18 @@ fn response_framing(method: &Method, head: &ResponseHead) -> Result<Framing, Mes
     {
         return Ok(Framing::Empty);
     }
-    if let Some(chunked) = codec::transfer_encoding(&head.headers) {
-        return Ok(if chunked {
-            Framing::Chunked(ChunkState::Size)
+    // Codings other than chunked would reach the client unlabelled once the (hop-by-hop)
+    // Transfer-Encoding is stripped, so they are refused.
+    if let Some(only_chunked) = codec::transfer_encoding(&head.headers) {
+        return if only_chunked {
+            Ok(Framing::Chunked(ChunkState::Size))
         } else {
-            Framing::UntilClose
-        });
+            Err(MessageError::Malformed(
+                "transfer coding other than chunked",
+            ))
+        };
     }
-    Ok(codec::content_length(&head.headers)?.map_or(Framing::UntilClose, Framing::Length))
+    Ok(codec::content_length(&mut head.headers)?.map_or(Framing::UntilClose, Framing::Length))
 }
 
 /// Whether the connection may carry another request after this response.
@@ -605,13 +614,18 @@ fn keeps_alive(head: &ResponseHead) -> bool {
 /// at once.
 fn finish_head(
     mut exchange: Exchange,
-    head: ResponseHead,
+    mut head: ResponseHead,
     method: &Method,
     endpoint: &Arc<Endpoint>,
     settings: UpstreamSettings,
 ) -> Result<Response<UpstreamBody>, ExchangeError> {
-    let framing = response_framing(method, &head)?;
-    let reusable = keeps_alive(&head) && framing != Framing::UntilClose;
+    let framing = response_framing(method, &mut head)?;
+    // A body delimited by the close, or a message with both Transfer-Encoding and
+    // Content-Length (RFC 9112 §6.1: handle as an error), leaves nothing to reuse.
+    let reusable = keeps_alive(&head)
+        && framing != Framing::UntilClose
+        && !(head.headers.contains_key(TRANSFER_ENCODING)
+            && head.headers.contains_key(CONTENT_LENGTH));
     let mut response = Response::new(UpstreamBody {
         state: BodyState::Done,
     });
@@ -727,8 +741,10 @@ impl Body for UpstreamBody {
             BodyState::Reading(reading) => reading,
             BodyState::Switched(_) | BodyState::Done => return Poll::Ready(None),
         };
-        reading.exchange.poll_send_along(cx);
-        let polled = reading.poll_next(cx).map_err(ExchangeError::from);
+        let polled = match reading.exchange.poll_send_along(cx) {
+            Ok(()) => reading.poll_next(cx).map_err(ExchangeError::from),
+            Err(error) => Poll::Ready(Some(Err(error))),
+        };
         match &polled {
             Poll::Ready(Some(Ok(_))) if !reading.framing.is_end() => {}
             Poll::Pending => {}
@@ -806,16 +822,16 @@ mod tests {
     #[test]
     fn response_heads_parse_and_frame() {
         let (parsed, buf) = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\n\r\nhello");
-        let parsed = parsed.unwrap().unwrap();
+        let mut parsed = parsed.unwrap().unwrap();
         assert_eq!(parsed.status, 200);
         assert_eq!(parsed.headers["x-a"], "1");
         assert_eq!(&buf[..], b"hello");
         assert_eq!(
-            response_framing(&Method::GET, &parsed).unwrap(),
+            response_framing(&Method::GET, &mut parsed).unwrap(),
             Framing::Length(5)
         );
         assert_eq!(
-            response_framing(&Method::HEAD, &parsed).unwrap(),
+            response_framing(&Method::HEAD, &mut parsed).unwrap(),
             Framing::Empty
         );
         assert!(keeps_alive(&parsed));
@@ -823,37 +839,38 @@ mod tests {
         assert!(parse(b"HTTP/1.1 200 OK\r\nContent-Le").0.unwrap().is_none());
         assert!(parse(b"HTTP/1.1 2x0 OK\r\n\r\n").0.is_err());
 
-        let chunked = head(
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 9\r\n\r\n",
-        );
+        let mut chunked =
+            head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\n\r\n");
         assert_eq!(
-            response_framing(&Method::GET, &chunked).unwrap(),
+            response_framing(&Method::GET, &mut chunked).unwrap(),
             Framing::Chunked(ChunkState::Size)
         );
-        let gzip_only = head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n");
+        for coded in [
+            &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+        ] {
+            assert!(response_framing(&Method::GET, &mut head(coded)).is_err());
+        }
+        let mut none = head(b"HTTP/1.1 200 OK\r\n\r\n");
         assert_eq!(
-            response_framing(&Method::GET, &gzip_only).unwrap(),
+            response_framing(&Method::GET, &mut none).unwrap(),
             Framing::UntilClose
         );
-        let none = head(b"HTTP/1.1 200 OK\r\n\r\n");
+        let mut no_content = head(b"HTTP/1.1 204 No Content\r\nContent-Length: 3\r\n\r\n");
         assert_eq!(
-            response_framing(&Method::GET, &none).unwrap(),
-            Framing::UntilClose
-        );
-        let no_content = head(b"HTTP/1.1 204 No Content\r\nContent-Length: 3\r\n\r\n");
-        assert_eq!(
-            response_framing(&Method::GET, &no_content).unwrap(),
+            response_framing(&Method::GET, &mut no_content).unwrap(),
             Framing::Empty
         );
-        let same = head(b"HTTP/1.1 200 OK\r\nContent-Length: 3, 3\r\n\r\n");
+        let mut same = head(b"HTTP/1.1 200 OK\r\nContent-Length: 3, 3\r\n\r\n");
         assert_eq!(
-            response_framing(&Method::GET, &same).unwrap(),
+            response_framing(&Method::GET, &mut same).unwrap(),
             Framing::Length(3)
         );
-        let conflict = head(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n");
-        assert!(response_framing(&Method::GET, &conflict).is_err());
-        let bad = head(b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n");
-        assert!(response_framing(&Method::GET, &bad).is_err());
+        let mut conflict =
+            head(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n");
+        assert!(response_framing(&Method::GET, &mut conflict).is_err());
+        let mut bad = head(b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n");
+        assert!(response_framing(&Method::GET, &mut bad).is_err());
     }
 
     #[test]

@@ -102,13 +102,6 @@ async fn malformed_and_oversized_heads_are_refused() {
     );
     let refused = raw_exchange(proxy.addr, huge.as_bytes(), Duration::from_secs(2)).await;
     assert!(refused.starts_with("HTTP/1.1 431"), "{refused}");
-    let smuggled = raw_exchange(
-        proxy.addr,
-        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n",
-        Duration::from_secs(2),
-    )
-    .await;
-    assert!(smuggled.starts_with("HTTP/1.1 400"), "{smuggled}");
     assert_eq!(v1.hits(), 0);
 }
 
@@ -193,4 +186,179 @@ async fn idle_keep_alive_connections_are_closed_after_the_header_read_timeout() 
         waited >= Duration::from_millis(390) && waited < Duration::from_millis(800),
         "closed after {waited:?}"
     );
+}
+
+/// An upstream that answers each request head at once with `answer` (before reading any
+/// body), then reads until the client side closes; reports when its connection ended.
+async fn early_answer_upstream(
+    answer: &'static [u8],
+) -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<()>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (ended, ends) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let ended = ended.clone();
+            tokio::spawn(async move {
+                if read_request_head(&mut stream).await {
+                    let _ = stream.write_all(answer).await;
+                    let mut sink = [0u8; 4096];
+                    while let Ok(n) = stream.read(&mut sink).await {
+                        if n == 0 {
+                            break;
+                        }
+                    }
+                }
+                let _ = ended.send(());
+            });
+        }
+    });
+    (addr, ends)
+}
+
+#[tokio::test]
+async fn a_malformed_request_body_is_the_clients_fault_not_the_upstreams() {
+    let v1 = upstream("v1").await;
+    let proxy = start_proxy(&config(&[("v1", vec![v1.url()], 1)], "")).await;
+    for _ in 0..6 {
+        let answer = raw_exchange(
+            proxy.addr,
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+            Duration::from_secs(2),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    }
+    let metrics = client()
+        .get(proxy.admin("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in metrics
+        .lines()
+        .filter(|l| l.starts_with("canary_upstream_errors_total{"))
+    {
+        assert!(line.ends_with(" 0"), "counted as an upstream error: {line}");
+    }
+    let up = metrics
+        .lines()
+        .find(|l| l.starts_with("canary_endpoint_up{"))
+        .unwrap();
+    assert!(up.ends_with(" 1"), "endpoint taken out of rotation: {up}");
+}
+
+#[tokio::test]
+async fn a_request_body_failing_after_the_response_head_ends_both_connections() {
+    let (addr, mut ends) =
+        early_answer_upstream(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n")
+            .await;
+    let proxy = start_proxy(&config(&[("v1", vec![format!("http://{addr}")], 1)], "")).await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+        )
+        .await
+        .unwrap();
+    let head = read_until(&mut stream, "ok\r\n", 1).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    stream.write_all(b"zz\r\n").await.unwrap();
+    let upstream_closed = tokio::time::timeout(Duration::from_secs(2), ends.recv()).await;
+    assert!(
+        upstream_closed.is_ok(),
+        "the upstream connection was left hanging"
+    );
+    let mut rest = Vec::new();
+    let client_closed =
+        tokio::time::timeout(Duration::from_secs(2), stream.read_to_end(&mut rest)).await;
+    assert!(
+        client_closed.is_ok(),
+        "the client connection was left hanging"
+    );
+}
+
+#[tokio::test]
+async fn a_response_head_is_not_held_back_until_the_first_body_byte() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if read_request_head(&mut stream).await {
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                        .await;
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    let _ = stream.write_all(b"4\r\nlate\r\n0\r\n\r\n").await;
+                }
+            });
+        }
+    });
+    let proxy = start_proxy(&config(&[("v1", vec![format!("http://{addr}")], 1)], "")).await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut first = [0u8; 12];
+    tokio::time::timeout(Duration::from_secs(1), stream.read_exact(&mut first))
+        .await
+        .expect("the head arrives before the body")
+        .unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200");
+    assert!(started.elapsed() < Duration::from_millis(500));
+}
+
+#[tokio::test]
+async fn an_early_answer_to_an_unfinished_upload_says_connection_close() {
+    let (addr, _ends) =
+        early_answer_upstream(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n").await;
+    let proxy = start_proxy(&config(&[("v1", vec![format!("http://{addr}")], 1)], "")).await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nabc")
+        .await
+        .unwrap();
+    let answer = read_until(&mut stream, "\r\n\r\n", 1).await;
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+}
+
+#[tokio::test]
+async fn unsupported_codings_duplicate_hosts_and_repeated_lengths() {
+    let v1 = upstream("v1").await;
+    let proxy = start_proxy(&config(&[("v1", vec![v1.url()], 1)], "")).await;
+    let gzip = raw_exchange(
+        proxy.addr,
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+        Duration::from_secs(2),
+    )
+    .await;
+    assert!(gzip.starts_with("HTTP/1.1 501"), "{gzip}");
+    let hosts = raw_exchange(
+        proxy.addr,
+        b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        Duration::from_secs(2),
+    )
+    .await;
+    assert!(hosts.starts_with("HTTP/1.1 400"), "{hosts}");
+    assert_eq!(v1.hits(), 0);
+    let folded = raw_exchange(
+        proxy.addr,
+        b"POST /headers HTTP/1.1\r\nHost: x\r\nContent-Length: 2, 2\r\nConnection: close\r\n\r\nhi",
+        Duration::from_secs(2),
+    )
+    .await;
+    assert!(folded.starts_with("HTTP/1.1 200"), "{folded}");
+    assert!(folded.contains("content-length: 2\n"), "{folded}");
 }
