@@ -3,6 +3,7 @@
 //! buffer, how a body is delimited, and reading a body (by length, chunked, or until close)
 //! from a buffered stream.
 
+use std::cell::RefCell;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -87,7 +88,8 @@ impl HeadFields {
     pub fn take_map(&mut self, head: &Bytes) -> Result<HeaderMap, MessageError> {
         // Room for the headers the proxy adds (X-Forwarded-*, request id, backend name), so
         // that adding them does not grow (rehash) the map.
-        let mut headers = HeaderMap::with_capacity(self.0.len() + 8);
+        let mut headers = spare_map();
+        headers.reserve(self.0.len() + 8);
         for (name, start, end) in self.0.drain(..) {
             let value = HeaderValue::from_maybe_shared(head.slice(start..end))
                 .map_err(|_| MessageError::Malformed("invalid header value"))?;
@@ -95,6 +97,37 @@ impl HeadFields {
         }
         Ok(headers)
     }
+}
+
+thread_local! {
+    /// Emptied header maps of messages already sent, kept for their allocation (as hyper's
+    /// server keeps one per connection): each request and response head needs a map.
+    static SPARE_MAPS: RefCell<Vec<HeaderMap>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Spare maps kept per thread, and the largest map kept.
+const SPARE_MAPS_KEPT: usize = 64;
+const SPARE_MAP_CAPACITY: usize = 128;
+
+/// An empty header map, reused when one is spare.
+fn spare_map() -> HeaderMap {
+    SPARE_MAPS
+        .with(|spare| spare.borrow_mut().pop())
+        .unwrap_or_default()
+}
+
+/// Keeps the allocation of a map whose message has been sent, for the next head.
+pub fn recycle_map(mut map: HeaderMap) {
+    if map.capacity() > SPARE_MAP_CAPACITY {
+        return;
+    }
+    map.clear();
+    SPARE_MAPS.with(|spare| {
+        let mut spare = spare.borrow_mut();
+        if spare.len() < SPARE_MAPS_KEPT {
+            spare.push(map);
+        }
+    });
 }
 
 /// True when one of the comma-separated values of header `name` is `token` (any case).
@@ -410,6 +443,19 @@ mod tests {
         assert!(decode_all(b"zz\r\nhello\r\n0\r\n\r\n").is_err());
         assert!(decode_all(b"5\r\nhelloXX0\r\n\r\n").is_err());
         assert!(decode_all(b"ffffffffffffffffff\r\n").is_err());
+    }
+
+    #[test]
+    fn recycled_maps_come_back_empty_with_their_room() {
+        let mut map = HeaderMap::with_capacity(32);
+        map.insert(CONTENT_LENGTH, HeaderValue::from_static("1"));
+        let capacity = map.capacity();
+        recycle_map(map);
+        let reused = spare_map();
+        assert!(reused.is_empty());
+        assert_eq!(reused.capacity(), capacity);
+        recycle_map(HeaderMap::with_capacity(4 * SPARE_MAP_CAPACITY));
+        assert_eq!(spare_map().capacity(), 0, "oversized maps are not kept");
     }
 
     #[test]

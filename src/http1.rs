@@ -493,6 +493,7 @@ async fn write_response(
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
+    codec::recycle_map(parts.headers);
     let mut outgoing = Outgoing {
         head: out,
         head_written: 0,

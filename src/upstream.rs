@@ -281,8 +281,9 @@ impl Upstream {
             match head {
                 Ok(head) => {
                     let settings = self.settings;
-                    return finish_head(exchange, head, &parts.method, endpoint, settings)
-                        .map_err(SendError::Failed);
+                    let response = finish_head(exchange, head, &parts.method, endpoint, settings);
+                    codec::recycle_map(parts.headers);
+                    return response.map_err(SendError::Failed);
                 }
                 Err(error) => match exchange.into_untouched_body() {
                     // Nothing of the request went out: a stale pooled connection is replaced,
