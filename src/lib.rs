@@ -9,12 +9,19 @@
 //! - `routing`: the [`RoutingTable`] snapshot and the routing decision.
 //! - `sticky`: the FNV-1a user buckets and where the user id is read from.
 //! - `headers`: hop-by-hop stripping, `X-Forwarded-*`, `x-request-id`.
-//! - `upstream`: keep-alive connections to endpoints, pooled per endpoint and worker; a request
-//!   whose connection could not be made comes back whole for the retry.
+//! - `codec`: HTTP/1.1 message framing shared by both sides: heads into header maps, body
+//!   delimiting, chunked decoding.
+//! - `http1`: HTTP/1.1 client connections served by the proxy itself (parse, forward, write
+//!   back on the connection's task); hands the rare request it does not take to hyper.
+//! - `upstream`: the HTTP/1.1 exchange with an endpoint on a keep-alive connection, pooled per
+//!   endpoint and worker; a request whose connection could not be made comes back whole for the
+//!   retry.
 //! - `proxy`: the forward path of one request, and its error responses.
 //! - `error`: [`ProxyError`] and the status code of each failure.
-//! - `framing`: detects requests with both Content-Length and Transfer-Encoding on the raw bytes.
-//! - `server`: the client listener, connection handling and graceful shutdown.
+//! - `framing`: detects requests with both Content-Length and Transfer-Encoding on the raw bytes
+//!   of connections hyper serves.
+//! - `server`: the client listener: picks HTTP/1.1 (`http1`) or h2c (hyper) per connection,
+//!   and drains on shutdown.
 //! - `demo`: the two built-in upstreams of `canary-proxy demo`.
 //! - `control`: [`ControlPlane`], through which every table change goes (weights, reloads),
 //!   atomic, versioned and audited.
