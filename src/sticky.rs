@@ -65,14 +65,27 @@ impl StickySettings {
 /// cookies across several). Surrounding double quotes are kept, as RFC 6265 says.
 pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a [u8]> {
     let name = name.as_bytes();
-    headers.get_all(COOKIE).iter().find_map(|value| {
-        value.as_bytes().split(|&b| b == b';').find_map(|pair| {
-            let pair = pair.trim_ascii_start();
-            let rest = pair.strip_prefix(name)?;
-            let value = rest.strip_prefix(b"=")?;
-            Some(value.trim_ascii_end())
-        })
-    })
+    headers
+        .get_all(COOKIE)
+        .iter()
+        .find_map(|value| cookie_in(value.as_bytes(), name))
+}
+
+/// The value of cookie `name` in one `Cookie` line (`a=1; b=2`). Pairs are found with memchr,
+/// and the `=` right after the name is checked before the name is compared.
+fn cookie_in<'a>(line: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
+    let mut start = 0;
+    loop {
+        let end = memchr::memchr(b';', &line[start..]).map_or(line.len(), |i| start + i);
+        let pair = line[start..end].trim_ascii_start();
+        if pair.len() > name.len() && pair[name.len()] == b'=' && pair.starts_with(name) {
+            return Some(pair[name.len() + 1..].trim_ascii_end());
+        }
+        if end == line.len() {
+            return None;
+        }
+        start = end + 1;
+    }
 }
 
 #[cfg(test)]
@@ -120,6 +133,16 @@ mod tests {
         assert_eq!(cookie(&h, "c"), None);
         // A cookie whose name merely starts with the wanted name does not match.
         assert_eq!(cookie(&headers(&[("cookie", "uidx=1")]), "uid"), None);
+        assert_eq!(cookie(&headers(&[("cookie", "uid")]), "uid"), None);
+        assert_eq!(
+            cookie(&headers(&[("cookie", "x=1;;uid=;")]), "uid"),
+            Some(&b""[..])
+        );
+        assert_eq!(
+            cookie(&headers(&[("cookie", "x=1;uid=7 ")]), "uid"),
+            Some(&b"7"[..])
+        );
+        assert_eq!(cookie(&headers(&[("cookie", "=1")]), ""), Some(&b"1"[..]));
     }
 
     #[test]
