@@ -439,6 +439,33 @@ mod tests {
     }
 
     #[test]
+    fn mangled_chunked_bodies_never_panic() {
+        let valid = b"5\r\nhello\r\n3;x=y\r\nabc\r\n0\r\nx-t: 1\r\n\r\n";
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..20_000 {
+            let mut bytes = valid.to_vec();
+            for _ in 0..1 + next() % 3 {
+                let at = (next() % bytes.len() as u64) as usize;
+                bytes[at] = next() as u8;
+            }
+            let mut buf = BytesMut::from(&bytes[..]);
+            let mut chunk = ChunkState::Size;
+            for _ in 0..64 {
+                match decode_chunked(&mut chunk, &mut buf) {
+                    Ok(Decoded::Data(_)) => {}
+                    Ok(_) | Err(_) => break,
+                }
+            }
+        }
+    }
+
+    #[test]
     fn bad_chunks_are_errors() {
         assert!(decode_all(b"zz\r\nhello\r\n0\r\n\r\n").is_err());
         assert!(decode_all(b"5\r\nhelloXX0\r\n\r\n").is_err());

@@ -757,6 +757,36 @@ mod tests {
     }
 
     #[test]
+    fn heads_split_anywhere_parse_once_whole_and_garbage_never_panics() {
+        let raw = b"POST /u?x=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nCookie: a=1\r\n\r\nhi";
+        let head_len = raw.len() - 2;
+        for cut in 0..raw.len() {
+            let parsed = parse(&raw[..cut]).unwrap();
+            assert_eq!(parsed.is_some(), cut >= head_len, "cut at {cut}");
+        }
+        // Mutations of a valid head (xorshift, fixed seed): errors are fine, panics are not.
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..20_000 {
+            let mut bytes = raw.to_vec();
+            for _ in 0..1 + next() % 4 {
+                let at = (next() % bytes.len() as u64) as usize;
+                bytes[at] = next() as u8;
+            }
+            let cut = (next() % (bytes.len() as u64 + 1)) as usize;
+            let mut buf = BytesMut::from(&bytes[..cut]);
+            if let Ok(Some(mut head)) = parse_request_head(&mut buf, &mut HeadFields::default()) {
+                let _ = request_framing(&mut head.headers);
+            }
+        }
+    }
+
+    #[test]
     fn dates_are_http_dates() {
         let date = http_date();
         let text = std::str::from_utf8(&date).unwrap();
