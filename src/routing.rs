@@ -56,6 +56,9 @@ pub struct RoutingTable {
     pub backend_header: Option<HeaderName>,
     /// Bit i is set when backend i has a weight above zero.
     weighted: u64,
+    /// End of each backend's sticky bucket range while every weighted backend is eligible
+    /// (the usual case), computed once so that a decision needs no division.
+    all_eligible_ends: Box<[u64]>,
 }
 
 /// One version of the service (v1, v2, ...) and the endpoints that run it.
@@ -257,7 +260,7 @@ impl RoutingTable {
             .enumerate()
             .filter(|(_, b)| b.weight > 0)
             .fold(0u64, |mask, (i, _)| mask | bit(i));
-        RoutingTable {
+        let mut table = RoutingTable {
             version,
             backends,
             rules,
@@ -265,7 +268,10 @@ impl RoutingTable {
             request_timeout,
             backend_header,
             weighted,
-        }
+            all_eligible_ends: Box::default(),
+        };
+        table.all_eligible_ends = table.bucket_ends(weighted);
+        table
     }
 
     /// A copy of this table with some weights changed (same pools, same endpoints).
@@ -398,6 +404,13 @@ impl RoutingTable {
     /// The backend whose range holds `bucket`: backend i of the set owns
     /// `[floor(10000*C(i-1)/T), floor(10000*C(i)/T))`.
     fn bucket_owner(&self, mask: u64, bucket: u32) -> Option<usize> {
+        let bucket = u64::from(bucket);
+        if mask == self.weighted {
+            let ends = &self.all_eligible_ends;
+            return self
+                .members(mask)
+                .find_map(|(i, _)| (bucket < ends[i]).then_some(i));
+        }
         let total = self.total_weight(mask);
         if total == 0 {
             return None;
@@ -405,8 +418,25 @@ impl RoutingTable {
         let mut cumulative = 0;
         self.members(mask).find_map(|(i, weight)| {
             cumulative += weight;
-            (u64::from(bucket) < u64::from(BUCKETS) * cumulative / total).then_some(i)
+            (bucket < u64::from(BUCKETS) * cumulative / total).then_some(i)
         })
+    }
+
+    /// The end of each backend's bucket range when `mask` is the set of eligible backends
+    /// (backends outside it own nothing: their end repeats the previous one).
+    fn bucket_ends(&self, mask: u64) -> Box<[u64]> {
+        let total = self.total_weight(mask).max(1);
+        let mut cumulative = 0;
+        self.backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                if mask & bit(i) != 0 {
+                    cumulative += u64::from(b.weight);
+                }
+                u64::from(BUCKETS) * cumulative / total
+            })
+            .collect()
     }
 
     fn weighted_pick(&self, mask: u64, rng: &mut impl Rng) -> Option<usize> {
