@@ -118,7 +118,8 @@ fn spare_map() -> HeaderMap {
 
 /// Keeps the allocation of a map whose message has been sent, for the next head.
 pub fn recycle_map(mut map: HeaderMap) {
-    if map.capacity() > SPARE_MAP_CAPACITY {
+    // `capacity` counts distinct names; `len` also counts repeated values.
+    if map.capacity() > SPARE_MAP_CAPACITY || map.len() > SPARE_MAP_CAPACITY {
         return;
     }
     map.clear();

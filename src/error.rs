@@ -37,6 +37,16 @@ pub enum ProxyError {
         #[source]
         source: crate::upstream::ForwardBodyError,
     },
+    /// An HTTP/1 request the proxy will not forward as it is: several `Host` lines, or none
+    /// in an HTTP/1.1 request (RFC 9112 §3.2).
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+    /// A transfer coding other than chunked: the proxy cannot pass it on labelled.
+    #[error("transfer coding other than chunked")]
+    UnsupportedCoding,
+    /// The client did not send its request body within `request_timeout`.
+    #[error("the client sent its request body too slowly (request_timeout {timeout:?})")]
+    ClientTimeout { timeout: Duration },
     /// The upstream switched protocols although the client asked for no WebSocket upgrade.
     #[error("upstream {endpoint} answered 101 to a request that asked for no WebSocket upgrade")]
     UnexpectedUpgrade { endpoint: String },
@@ -66,7 +76,11 @@ impl UpstreamErrorKind {
 impl From<&ProxyError> for StatusCode {
     fn from(error: &ProxyError) -> StatusCode {
         match error {
-            ProxyError::AmbiguousFraming | ProxyError::ClientBody { .. } => StatusCode::BAD_REQUEST,
+            ProxyError::AmbiguousFraming
+            | ProxyError::ClientBody { .. }
+            | ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::UnsupportedCoding => StatusCode::NOT_IMPLEMENTED,
+            ProxyError::ClientTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ProxyError::ConnectMethod => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::NoBackend => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Connect { .. }
@@ -100,5 +114,13 @@ mod tests {
             StatusCode::from(&ProxyError::ConnectMethod),
             StatusCode::METHOD_NOT_ALLOWED
         );
+        assert_eq!(
+            StatusCode::from(&ProxyError::UnsupportedCoding),
+            StatusCode::NOT_IMPLEMENTED
+        );
+        let slow = ProxyError::ClientTimeout {
+            timeout: Duration::from_secs(1),
+        };
+        assert_eq!(StatusCode::from(&slow), StatusCode::REQUEST_TIMEOUT);
     }
 }

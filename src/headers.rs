@@ -7,10 +7,12 @@
 use std::net::IpAddr;
 
 use http::header::{
-    CONNECTION, COOKIE, HeaderMap, HeaderName, HeaderValue, PROXY_AUTHENTICATE,
+    CONNECTION, COOKIE, HOST, HeaderMap, HeaderName, HeaderValue, PROXY_AUTHENTICATE,
     PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
 };
 use rand::RngExt;
+
+use crate::error::ProxyError;
 
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -82,6 +84,20 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(*name);
         }
     }
+}
+
+/// The checks an HTTP/1.1 request head must pass before it is forwarded, beyond its framing:
+/// exactly one `Host` (none only in HTTP/1.0), and no transfer coding but chunked (the one the
+/// proxy decodes; another would reach the upstream unlabelled once `Transfer-Encoding`, a
+/// hop-by-hop header, is stripped).
+pub fn check_http1_request(headers: &HeaderMap) -> Result<(), ProxyError> {
+    if headers.get_all(HOST).iter().nth(1).is_some() {
+        return Err(ProxyError::BadRequest("several Host lines"));
+    }
+    if crate::codec::transfer_encoding(headers) == Some(false) {
+        return Err(ProxyError::UnsupportedCoding);
+    }
+    Ok(())
 }
 
 /// The client address as a header value; built once per connection.

@@ -46,6 +46,8 @@ const READ_BUF: usize = 8 * 1024;
 const COPY_LIMIT: usize = 1024;
 /// Response bytes gathered before they are written even though more are ready.
 const FLUSH_AT: usize = 64 * 1024;
+/// Above this, the buffer for response heads is shrunk after use.
+const KEEP_OUT_CAPACITY: usize = 16 * 1024;
 /// Ticks of the head timer per `header_read_timeout`; a head is given one more.
 const TICKS_PER_TIMEOUT: u32 = 4;
 /// How long a connection closed after an error keeps reading (and dropping) what the client
@@ -415,15 +417,17 @@ enum Refusal {
     /// Both Content-Length and Transfer-Encoding (request smuggling): answered 400 by the
     /// proxy (and counted), nothing forwarded.
     Ambiguous,
-    /// Answered with this status and the connection closed: a malformed Content-Length or
-    /// several Host lines (400), a transfer coding other than chunked (501).
+    /// Answered with this status and the connection closed: a malformed Content-Length, no
+    /// Host or several (400), a transfer coding other than chunked (501).
     Status(StatusCode),
 }
 
 /// Checks a request head and works out how its body is delimited (RFC 9112 §6.3): chunked,
 /// by length, or none. Repeated Content-Length values that agree are folded into one.
 fn request_framing(headers: &mut HeaderMap) -> Result<Framing, Refusal> {
-    if headers.get_all(HOST).iter().nth(1).is_some() {
+    // Exactly one Host (RFC 9112 §3.2; this path serves HTTP/1.1 only).
+    let mut hosts = headers.get_all(HOST).iter();
+    if hosts.next().is_none() || hosts.next().is_some() {
         return Err(Refusal::Status(StatusCode::BAD_REQUEST));
     }
     let chunked = codec::transfer_encoding(headers);
@@ -539,7 +543,7 @@ async fn write_response(
         } else {
             outgoing.push(data);
         }
-        if outgoing.queued >= FLUSH_AT {
+        if outgoing.pending() >= FLUSH_AT {
             outgoing.flush(write).await?;
         }
     }
@@ -557,6 +561,11 @@ struct Outgoing<'a> {
 }
 
 impl Outgoing<'_> {
+    /// Bytes gathered and not written yet.
+    fn pending(&self) -> usize {
+        self.head.len() - self.head_written + self.queued
+    }
+
     /// Queues a copy of a few bytes (framing).
     fn push_copy(&mut self, bytes: &[u8]) {
         if self.queue.is_empty() {
@@ -616,6 +625,10 @@ impl Outgoing<'_> {
         }
         self.head.clear();
         self.head_written = 0;
+        if self.head.capacity() > KEEP_OUT_CAPACITY {
+            // Many small pieces gathered once: do not keep that for the whole connection.
+            self.head.shrink_to(KEEP_OUT_CAPACITY);
+        }
         Ok(())
     }
 }
@@ -728,8 +741,17 @@ mod tests {
 
     #[test]
     fn request_bodies_are_framed_like_rfc_9112() {
-        let framing = |pairs: &[(&'static str, &'static str)]| request_framing(&mut headers(pairs));
+        let framing = |pairs: &[(&'static str, &'static str)]| {
+            let mut with_host = vec![("host", "x")];
+            with_host.extend_from_slice(pairs);
+            request_framing(&mut headers(&with_host))
+        };
         assert_eq!(framing(&[]), Ok(Framing::Empty));
+        assert_eq!(
+            request_framing(&mut headers(&[])),
+            Err(Refusal::Status(StatusCode::BAD_REQUEST)),
+            "HTTP/1.1 without Host"
+        );
         assert_eq!(framing(&[("content-length", "5")]), Ok(Framing::Length(5)));
         assert_eq!(
             framing(&[("transfer-encoding", "chunked")]),
@@ -748,10 +770,14 @@ mod tests {
             Err(Refusal::Status(StatusCode::BAD_REQUEST))
         );
         assert_eq!(
-            framing(&[("host", "a"), ("host", "b")]),
+            framing(&[("host", "b")]),
             Err(Refusal::Status(StatusCode::BAD_REQUEST))
         );
-        let mut repeated = headers(&[("content-length", "5"), ("content-length", "5")]);
+        let mut repeated = headers(&[
+            ("host", "x"),
+            ("content-length", "5"),
+            ("content-length", "5"),
+        ]);
         assert_eq!(request_framing(&mut repeated), Ok(Framing::Length(5)));
         assert_eq!(repeated.get_all("content-length").iter().count(), 1);
     }

@@ -126,6 +126,10 @@ impl Proxy {
         if request.method() == Method::CONNECT {
             return Err(ProxyError::ConnectMethod);
         }
+        if matches!(request.body(), ForwardBody::Hyper(_)) && request.version() < Version::HTTP_2 {
+            // An HTTP/1 request hyper parsed: the checks `http1` makes on the ones it parses.
+            headers::check_http1_request(request.headers())?;
+        }
         let websocket = request.version() == Version::HTTP_11
             && headers::is_websocket_upgrade(request.headers());
         let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut request));
@@ -189,11 +193,22 @@ impl Proxy {
         let deadline = started + table.request_timeout;
         let mut retried = false;
         let mut response = loop {
+            let mut waiting_for_client = false;
             let sent = tokio::time::timeout_at(
                 deadline,
-                target.backend.upstream.send(target.endpoint, outgoing),
+                target
+                    .backend
+                    .upstream
+                    .send(target.endpoint, outgoing, &mut waiting_for_client),
             );
             let result = sent.await;
+            // Out of time while the upstream had all it was given and the client's body was
+            // still coming: the client is slow (408), not the upstream.
+            if result.is_err() && waiting_for_client {
+                return Err(ProxyError::ClientTimeout {
+                    timeout: table.request_timeout,
+                });
+            }
             // The client's own body failing (malformed, or the client gone) says nothing
             // about the upstream: no passive health failure, no upstream error.
             if let Ok(Err(SendError::Failed(ExchangeError::RequestBody(source)))) = result {

@@ -259,10 +259,15 @@ impl Upstream {
     /// Sends a request (origin-form target) to `endpoint` on a pooled or new connection;
     /// resolves when the response head has arrived. The response body goes on reading from
     /// the connection, and hands it back to the pool when the exchange is over.
+    ///
+    /// `waiting_for_client` is kept up to date while the exchange runs: true while all that
+    /// was taken of the request is written and more of the client's body is awaited. A caller
+    /// that gives up (its deadline passed) reads it to tell a slow client from a slow upstream.
     pub async fn send(
         &self,
         endpoint: &Arc<Endpoint>,
         request: Request<ForwardBody>,
+        waiting_for_client: &mut bool,
     ) -> Result<Response<UpstreamBody>, SendError> {
         let (parts, mut body) = request.into_parts();
         loop {
@@ -277,7 +282,12 @@ impl Upstream {
                 },
             };
             let mut exchange = Exchange::start(connection, &parts, body);
-            let head = poll_fn(|cx| exchange.poll_response_head(cx)).await;
+            let head = poll_fn(|cx| {
+                let polled = exchange.poll_response_head(cx);
+                *waiting_for_client = exchange.waiting_for_client();
+                polled
+            })
+            .await;
             match head {
                 Ok(head) => {
                     let settings = self.settings;
@@ -394,6 +404,13 @@ impl Exchange {
 
     fn request_done(&self) -> bool {
         matches!(self.request_body, RequestBody::Done) && self.connection.write_buf.is_empty()
+    }
+
+    /// Everything taken of the request is written, and the rest of the client's body has not
+    /// arrived yet.
+    fn waiting_for_client(&self) -> bool {
+        matches!(self.request_body, RequestBody::Streaming { .. })
+            && self.connection.write_buf.is_empty()
     }
 
     /// Writes the request head and body as far as they can go now.

@@ -362,3 +362,109 @@ async fn unsupported_codings_duplicate_hosts_and_repeated_lengths() {
     assert!(folded.starts_with("HTTP/1.1 200"), "{folded}");
     assert!(folded.contains("content-length: 2\n"), "{folded}");
 }
+
+#[tokio::test]
+async fn a_stalled_upload_is_the_clients_timeout_not_the_upstreams() {
+    let v1 = upstream("v1").await;
+    let proxy = start_proxy(&config(
+        &[("v1", vec![v1.url()], 1)],
+        "request_timeout = \"300ms\"",
+    ))
+    .await;
+    for _ in 0..6 {
+        let answer = raw_exchange(
+            proxy.addr,
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nab",
+            Duration::from_secs(2),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    }
+    let metrics = client()
+        .get(proxy.admin("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in metrics.lines().filter(|l| {
+        l.starts_with("canary_upstream_errors_total{") || l.starts_with("canary_endpoint_up{")
+    }) {
+        let healthy = if line.starts_with("canary_endpoint_up") {
+            " 1"
+        } else {
+            " 0"
+        };
+        assert!(line.ends_with(healthy), "{line}");
+    }
+}
+
+#[tokio::test]
+async fn requests_hyper_takes_over_get_the_same_checks() {
+    let (v1, proxy) = one_backend().await;
+    // An HTTP/1.0 keep-alive request hands the connection to hyper; the next requests on it
+    // are checked all the same.
+    for (second, expected) in [
+        (&b"POST /upload HTTP/1.1\r\nHost: a\r\nHost: b\r\nContent-Length: 0\r\n\r\n"[..], "400"),
+        (
+            b"POST /upload HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+            "501",
+        ),
+    ] {
+        let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+        stream
+            .write_all(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            .await
+            .unwrap();
+        let first = read_until(&mut stream, "v1", 1).await;
+        assert!(first.starts_with("HTTP/1.0 200"), "{first}");
+        stream.write_all(second).await.unwrap();
+        let answer = read_until(&mut stream, "\r\n\r\n", 1).await;
+        assert!(answer.starts_with(&format!("HTTP/1.1 {expected}")), "{answer}");
+    }
+    assert_eq!(
+        v1.hits(),
+        2,
+        "only the two HTTP/1.0 GETs reached the upstream"
+    );
+}
+
+#[tokio::test]
+async fn http11_requests_without_host_are_refused() {
+    let (v1, proxy) = one_backend().await;
+    let answer = raw_exchange(
+        proxy.addr,
+        b"GET / HTTP/1.1\r\n\r\n",
+        Duration::from_secs(2),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert_eq!(v1.hits(), 0);
+}
+
+#[tokio::test]
+async fn a_body_of_many_tiny_chunks_arrives_whole() {
+    let mut body = String::from("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n");
+    for _ in 0..20_000 {
+        body.push_str("1\r\nx\r\n");
+    }
+    body.push_str("0\r\n\r\n");
+    let answer: &'static [u8] = Box::leak(body.into_bytes().into_boxed_slice());
+    let upstream = raw_upstream(answer).await;
+    let proxy = start_proxy(&config(
+        &[("v1", vec![format!("http://{upstream}")], 1)],
+        "",
+    ))
+    .await;
+    let text = client()
+        .get(proxy.url("/"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(text.len(), 20_000);
+    assert!(text.bytes().all(|b| b == b'x'));
+}
