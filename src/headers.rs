@@ -6,6 +6,7 @@
 
 use std::net::IpAddr;
 
+use http::Version;
 use http::header::{
     CONNECTION, COOKIE, HOST, HeaderMap, HeaderName, HeaderValue, PROXY_AUTHENTICATE,
     PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
@@ -86,12 +87,16 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// The checks an HTTP/1.1 request head must pass before it is forwarded, beyond its framing:
+/// The checks an HTTP/1 request head must pass before it is forwarded, beyond its framing:
 /// exactly one `Host` (none only in HTTP/1.0), and no transfer coding but chunked (the one the
 /// proxy decodes; another would reach the upstream unlabelled once `Transfer-Encoding`, a
 /// hop-by-hop header, is stripped).
-pub fn check_http1_request(headers: &HeaderMap) -> Result<(), ProxyError> {
-    if headers.get_all(HOST).iter().nth(1).is_some() {
+pub fn check_http1_request(headers: &HeaderMap, version: Version) -> Result<(), ProxyError> {
+    let mut hosts = headers.get_all(HOST).iter();
+    if hosts.next().is_none() && version == Version::HTTP_11 {
+        return Err(ProxyError::BadRequest("no Host in an HTTP/1.1 request"));
+    }
+    if hosts.next().is_some() {
         return Err(ProxyError::BadRequest("several Host lines"));
     }
     if crate::codec::transfer_encoding(headers) == Some(false) {
@@ -230,6 +235,21 @@ mod tests {
         ]);
         strip_hop_by_hop(&mut h);
         assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x"]);
+    }
+
+    #[test]
+    fn http1_requests_need_one_host_and_no_coding_but_chunked() {
+        let one = map(&[("host", "a"), ("transfer-encoding", "chunked")]);
+        assert!(check_http1_request(&one, Version::HTTP_11).is_ok());
+        assert!(check_http1_request(&map(&[]), Version::HTTP_10).is_ok());
+        assert!(check_http1_request(&map(&[]), Version::HTTP_11).is_err());
+        let two = map(&[("host", "a"), ("host", "b")]);
+        assert!(check_http1_request(&two, Version::HTTP_10).is_err());
+        let gzip = map(&[("host", "a"), ("transfer-encoding", "gzip, chunked")]);
+        assert!(matches!(
+            check_http1_request(&gzip, Version::HTTP_11),
+            Err(ProxyError::UnsupportedCoding)
+        ));
     }
 
     #[test]

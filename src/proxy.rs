@@ -128,7 +128,7 @@ impl Proxy {
         }
         if matches!(request.body(), ForwardBody::Hyper(_)) && request.version() < Version::HTTP_2 {
             // An HTTP/1 request hyper parsed: the checks `http1` makes on the ones it parses.
-            headers::check_http1_request(request.headers())?;
+            headers::check_http1_request(request.headers(), request.version())?;
         }
         let websocket = request.version() == Version::HTTP_11
             && headers::is_websocket_upgrade(request.headers());
