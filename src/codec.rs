@@ -379,6 +379,17 @@ fn parse_hex(digits: &[u8]) -> Option<u64> {
     })
 }
 
+/// A small deterministic generator (xorshift64) for the tests that mangle input.
+#[cfg(test)]
+pub fn xorshift(mut state: u64) -> impl FnMut() -> u64 {
+    move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -442,13 +453,7 @@ mod tests {
     #[test]
     fn mangled_chunked_bodies_never_panic() {
         let valid = b"5\r\nhello\r\n3;x=y\r\nabc\r\n0\r\nx-t: 1\r\n\r\n";
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
         for _ in 0..20_000 {
             let mut bytes = valid.to_vec();
             for _ in 0..1 + next() % 3 {

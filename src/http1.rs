@@ -791,13 +791,7 @@ mod tests {
             assert_eq!(parsed.is_some(), cut >= head_len, "cut at {cut}");
         }
         // Mutations of a valid head (xorshift, fixed seed): errors are fine, panics are not.
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = codec::xorshift(0x2545_f491_4f6c_dd1d);
         for _ in 0..20_000 {
             let mut bytes = raw.to_vec();
             for _ in 0..1 + next() % 4 {
