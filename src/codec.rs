@@ -11,7 +11,7 @@ use std::task::{Context, Poll, ready};
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue};
-use http_body::Frame;
+use http_body::{Frame, SizeHint};
 use tokio::io::AsyncRead;
 
 /// Most header fields in a head or trailer section (hyper's default limit too).
@@ -210,6 +210,23 @@ impl Framing {
     pub fn is_end(&self) -> bool {
         matches!(self, Framing::Empty | Framing::Length(0))
     }
+
+    /// What is known of the length of the body still to come.
+    pub fn size_hint(&self) -> SizeHint {
+        match self {
+            Framing::Length(remaining) => SizeHint::with_exact(*remaining),
+            Framing::Empty => SizeHint::with_exact(0),
+            Framing::Chunked(_) | Framing::UntilClose => SizeHint::default(),
+        }
+    }
+}
+
+/// Appends one header field line, `name: value\r\n`, to a head being written.
+pub fn put_field(buf: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
+    buf.extend_from_slice(name.as_str().as_bytes());
+    buf.extend_from_slice(b": ");
+    buf.extend_from_slice(value.as_bytes());
+    buf.extend_from_slice(b"\r\n");
 }
 
 /// The next piece of a body read from `io` through `buf`; `None` at its end (after which

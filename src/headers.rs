@@ -13,6 +13,7 @@ use http::header::{
 };
 use rand::RngExt;
 
+use crate::codec::has_token;
 use crate::error::ProxyError;
 
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -92,15 +93,21 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// proxy decodes; another would reach the upstream unlabelled once `Transfer-Encoding`, a
 /// hop-by-hop header, is stripped).
 pub fn check_http1_request(headers: &HeaderMap, version: Version) -> Result<(), ProxyError> {
+    check_host(headers, version)?;
+    if crate::codec::transfer_encoding(headers) == Some(false) {
+        return Err(ProxyError::UnsupportedCoding);
+    }
+    Ok(())
+}
+
+/// Exactly one `Host` line; none only in HTTP/1.0 (RFC 9112 §3.2).
+pub fn check_host(headers: &HeaderMap, version: Version) -> Result<(), ProxyError> {
     let mut hosts = headers.get_all(HOST).iter();
     if hosts.next().is_none() && version == Version::HTTP_11 {
         return Err(ProxyError::BadRequest("no Host in an HTTP/1.1 request"));
     }
     if hosts.next().is_some() {
         return Err(ProxyError::BadRequest("several Host lines"));
-    }
-    if crate::codec::transfer_encoding(headers) == Some(false) {
-        return Err(ProxyError::UnsupportedCoding);
     }
     Ok(())
 }
@@ -109,15 +116,6 @@ pub fn check_http1_request(headers: &HeaderMap, version: Version) -> Result<(), 
 pub fn client_ip_value(client: IpAddr) -> HeaderValue {
     HeaderValue::from_str(&client.to_string())
         .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
-}
-
-/// True when one of the comma-separated values of header `name` is `token` (any case).
-fn has_token(headers: &HeaderMap, name: &HeaderName, token: &[u8]) -> bool {
-    headers.get_all(name).iter().any(|v| {
-        v.as_bytes()
-            .split(|&b| b == b',')
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
-    })
 }
 
 /// True when a request asks for a WebSocket upgrade (the only upgrade the proxy tunnels).

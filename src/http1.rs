@@ -23,7 +23,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, SystemTime};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{CONNECTION, CONTENT_LENGTH, DATE, EXPECT, HOST, UPGRADE};
+use http::header::{CONNECTION, CONTENT_LENGTH, DATE, EXPECT, UPGRADE};
 use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
@@ -36,6 +36,7 @@ use tokio::time::{Instant, Sleep};
 use crate::codec::{
     self, ChunkState, Framing, HeadFields, MAX_HEAD_LEN, MAX_HEADERS, MessageError,
 };
+use crate::headers;
 use crate::proxy::Proxy;
 use crate::upstream::{ForwardBody, ProxyResponse};
 
@@ -104,11 +105,7 @@ impl Body for ClientBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self.framing {
-            Framing::Length(remaining) => SizeHint::with_exact(remaining),
-            Framing::Empty => SizeHint::with_exact(0),
-            _ => SizeHint::default(),
-        }
+        self.framing.size_hint()
     }
 }
 
@@ -425,10 +422,9 @@ enum Refusal {
 /// Checks a request head and works out how its body is delimited (RFC 9112 §6.3): chunked,
 /// by length, or none. Repeated Content-Length values that agree are folded into one.
 fn request_framing(headers: &mut HeaderMap) -> Result<Framing, Refusal> {
-    // Exactly one Host (RFC 9112 §3.2; this path serves HTTP/1.1 only).
-    let mut hosts = headers.get_all(HOST).iter();
-    if hosts.next().is_none() || hosts.next().is_some() {
-        return Err(Refusal::Status(StatusCode::BAD_REQUEST));
+    // This path serves HTTP/1.1 only.
+    if let Err(error) = headers::check_host(headers, Version::HTTP_11) {
+        return Err(Refusal::Status(StatusCode::from(&error)));
     }
     let chunked = codec::transfer_encoding(headers);
     if chunked.is_some() && headers.contains_key(CONTENT_LENGTH) {
@@ -467,10 +463,7 @@ async fn write_response(
         if name == CONNECTION {
             continue;
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        codec::put_field(out, name, value);
     }
     let bodiless = head_request
         || status.is_informational()

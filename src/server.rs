@@ -1,6 +1,7 @@
-//! The client-facing listener: accepts connections, serves HTTP/1.1 or h2c on each (hyper's
-//! server, chosen by the connection's first bytes), hands every request to the [`Proxy`], and
-//! drains on shutdown.
+//! The client-facing listener: accepts connections, tells HTTP/1 from h2c by each connection's
+//! first bytes, serves HTTP/1.1 with [`crate::http1`] (hyper's HTTP/1 server takes the
+//! connections it hands over) and h2c with hyper's HTTP/2 server, hands every request to the
+//! [`Proxy`], and drains on shutdown.
 //!
 //! Slow or silent clients cannot pin the proxy: the first bytes of a connection (which decide
 //! HTTP/1 or HTTP/2) and every HTTP/1 request head must arrive within `header_read_timeout`.
@@ -189,10 +190,10 @@ enum Protocol {
 /// Waits until the client has sent enough to tell HTTP/1 from HTTP/2, for at most `timeout`;
 /// `None` when it sent nothing usable in time (or closed).
 ///
-/// Knowing the protocol up front, each connection goes straight to hyper's HTTP/1 or HTTP/2
-/// server (no second sniff, no rewinding reader); and a client that connects and sends nothing
-/// (or part of the HTTP/2 preface) cannot hold its connection: after this, hyper's own header
-/// read timeout takes over.
+/// Knowing the protocol up front, each connection goes straight to its server (no second
+/// sniff, no rewinding reader); and a client that connects and sends nothing (or part of the
+/// HTTP/2 preface) cannot hold its connection: after this, the HTTP/1 server's header read
+/// timeout takes over.
 async fn sniff_protocol(stream: &TcpStream, timeout: Duration) -> Option<Protocol> {
     let sniff = async {
         let mut buf = [0u8; H2_PREFACE.len()];

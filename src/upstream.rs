@@ -372,10 +372,7 @@ impl Exchange {
         buf.extend_from_slice(target.as_bytes());
         buf.extend_from_slice(b" HTTP/1.1\r\n");
         for (name, value) in &parts.headers {
-            buf.extend_from_slice(name.as_str().as_bytes());
-            buf.extend_from_slice(b": ");
-            buf.extend_from_slice(value.as_bytes());
-            buf.extend_from_slice(b"\r\n");
+            codec::put_field(buf, name, value);
         }
         if let RequestBody::Streaming { chunked: true, .. } = request_body {
             buf.extend_from_slice(b"transfer-encoding: chunked\r\n");
@@ -544,10 +541,7 @@ fn encode_frame(frame: Frame<Bytes>, chunked: bool, buf: &mut Vec<u8>) -> bool {
             if let (Ok(trailers), true) = (frame.into_trailers(), chunked) {
                 buf.extend_from_slice(b"0\r\n");
                 for (name, value) in &trailers {
-                    buf.extend_from_slice(name.as_str().as_bytes());
-                    buf.extend_from_slice(b": ");
-                    buf.extend_from_slice(value.as_bytes());
-                    buf.extend_from_slice(b"\r\n");
+                    codec::put_field(buf, name, value);
                 }
                 buf.extend_from_slice(b"\r\n");
                 return true;
@@ -805,11 +799,7 @@ impl Body for UpstreamBody {
             BodyState::Whole(data) => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
-            BodyState::Reading(reading) => match reading.framing {
-                Framing::Length(remaining) => SizeHint::with_exact(remaining),
-                Framing::Empty => SizeHint::with_exact(0),
-                _ => SizeHint::default(),
-            },
+            BodyState::Reading(reading) => reading.framing.size_hint(),
             BodyState::Switched(_) | BodyState::Done => SizeHint::with_exact(0),
         }
     }
