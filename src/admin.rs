@@ -369,7 +369,9 @@ fn routes_json(table: &RoutingTable) -> Value {
             "salt": table.sticky.salt,
             "buckets": BUCKETS,
         },
-        "request_timeout": crate::duration::format_duration(table.request_timeout),
+        "request_timeout": crate::duration::format_duration(table.timeouts.request),
+        "client_body_timeout": crate::duration::format_duration(table.timeouts.client_body),
+        "read_timeout": crate::duration::format_duration(table.timeouts.read),
         "backend_header": table.backend_header.as_ref().map(|h| h.as_str()),
     })
 }

@@ -28,9 +28,9 @@ const MAX_READ: usize = 64 * 1024;
 pub enum MessageError {
     #[error("the connection closed before the message was complete")]
     Closed,
-    #[error("reading failed: {0}")]
+    #[error("reading failed")]
     Read(#[source] io::Error),
-    #[error("malformed head: {0}")]
+    #[error("malformed head")]
     Head(#[source] httparse::Error),
     #[error("malformed message: {0}")]
     Malformed(&'static str),

@@ -53,9 +53,19 @@ pub struct ProxySettings {
     pub listen: SocketAddr,
     /// Upper bound on establishing a TCP connection to an upstream endpoint. Default 2s.
     pub connect_timeout: Duration,
-    /// Upper bound from sending the request until the upstream response head arrives; past it
-    /// the client gets 504. Body streaming is not bounded by it. Default 30s.
+    /// From the end of the request to the upstream's response head, and the longest pause of
+    /// an upstream that takes no request bytes; past it the client gets 504. Body streaming
+    /// is not bounded by it. Default 30s.
     pub request_timeout: Duration,
+    /// The longest pause between two pieces of a client's request body; past it the client
+    /// gets 408 (never counted against the upstream). Default 60s.
+    pub client_body_timeout: Duration,
+    /// The longest pause between two reads of an upstream's response body; past it both
+    /// connections are closed. Default 60s.
+    pub read_timeout: Duration,
+    /// The longest a write to a client may wait (a client that does not read); past it the
+    /// client connection is closed. Default 60s. Takes effect on restart.
+    pub send_timeout: Duration,
     /// A client must finish sending its request head within this, so idle or slow clients
     /// cannot hold connections open forever. Default 10s.
     pub header_read_timeout: Duration,
@@ -89,6 +99,9 @@ impl Default for ProxySettings {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(30),
+            client_body_timeout: Duration::from_secs(60),
+            read_timeout: Duration::from_secs(60),
+            send_timeout: Duration::from_secs(60),
             header_read_timeout: Duration::from_secs(10),
             upstream_idle_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(30),
@@ -418,6 +431,9 @@ struct RawProxy {
     listen: Option<Spanned<String>>,
     connect_timeout: Option<Spanned<RawDuration>>,
     request_timeout: Option<Spanned<RawDuration>>,
+    client_body_timeout: Option<Spanned<RawDuration>>,
+    read_timeout: Option<Spanned<RawDuration>>,
+    send_timeout: Option<Spanned<RawDuration>>,
     header_read_timeout: Option<Spanned<RawDuration>>,
     upstream_idle_timeout: Option<Spanned<RawDuration>>,
     shutdown_grace: Option<Spanned<RawDuration>>,
@@ -667,6 +683,21 @@ impl RawProxy {
                 "proxy.request_timeout",
                 self.request_timeout,
                 defaults.request_timeout,
+            )?,
+            client_body_timeout: positive_duration(
+                "proxy.client_body_timeout",
+                self.client_body_timeout,
+                defaults.client_body_timeout,
+            )?,
+            read_timeout: positive_duration(
+                "proxy.read_timeout",
+                self.read_timeout,
+                defaults.read_timeout,
+            )?,
+            send_timeout: positive_duration(
+                "proxy.send_timeout",
+                self.send_timeout,
+                defaults.send_timeout,
             )?,
             header_read_timeout: positive_duration(
                 "proxy.header_read_timeout",
@@ -1663,6 +1694,9 @@ backend = "v2"
         let proxy = ProxySettings::default();
         assert_eq!(config.proxy.connect_timeout, proxy.connect_timeout);
         assert_eq!(config.proxy.request_timeout, proxy.request_timeout);
+        assert_eq!(config.proxy.client_body_timeout, proxy.client_body_timeout);
+        assert_eq!(config.proxy.read_timeout, proxy.read_timeout);
+        assert_eq!(config.proxy.send_timeout, proxy.send_timeout);
         assert_eq!(config.proxy.header_read_timeout, proxy.header_read_timeout);
         assert_eq!(
             config.proxy.upstream_idle_timeout,
@@ -1677,6 +1711,9 @@ backend = "v2"
             "listen",
             "connect_timeout",
             "request_timeout",
+            "client_body_timeout",
+            "read_timeout",
+            "send_timeout",
             "header_read_timeout",
             "upstream_idle_timeout",
             "shutdown_grace",

@@ -171,6 +171,109 @@ impl AsyncWrite for Rewound {
     }
 }
 
+/// The write side of a client connection this path serves.
+type ClientWriter = SendTimeout<OwnedWriteHalf>;
+
+/// A client connection's writer whose writes fail (`TimedOut`) once one has waited
+/// `send_timeout` for the client to take bytes, as nginx's `send_timeout`: a client that stops
+/// reading cannot hold its connection and the upstream one behind it. hyper's connections get
+/// it too. A write that goes through at once costs one branch.
+#[derive(Debug)]
+pub struct SendTimeout<W> {
+    inner: W,
+    limit: Duration,
+    /// The deadline of the write that is waiting; made at the first wait, then reused.
+    stall: Option<Pin<Box<Sleep>>>,
+    /// A write is waiting and `stall` holds its deadline.
+    waiting: bool,
+}
+
+impl<W> SendTimeout<W> {
+    pub fn new(inner: W, limit: Duration) -> Self {
+        SendTimeout {
+            inner,
+            limit,
+            stall: None,
+            waiting: false,
+        }
+    }
+
+    /// Passes a write's result on; a write that has been waiting for `limit` fails.
+    fn watch<T>(
+        &mut self,
+        polled: Poll<io::Result<T>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<T>> {
+        if polled.is_ready() {
+            self.waiting = false;
+            return polled;
+        }
+        if !self.waiting {
+            self.waiting = true;
+            let deadline = Instant::now() + self.limit;
+            match &mut self.stall {
+                Some(stall) => stall.as_mut().reset(deadline),
+                None => self.stall = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+        }
+        if self
+            .stall
+            .as_mut()
+            .is_none_or(|stall| stall.as_mut().poll(cx).is_pending())
+        {
+            return Poll::Pending;
+        }
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the client took nothing for send_timeout",
+        )))
+    }
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for SendTimeout<W> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.watch(polled, cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.watch(polled, cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.inner).poll_flush(cx);
+        self.watch(polled, cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.watch(polled, cx)
+    }
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for SendTimeout<R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
 /// A parsed request head.
 struct RequestHead {
     method: Method,
@@ -223,9 +326,11 @@ pub async fn serve(
     client_ip: &HeaderValue,
     proxy: &Proxy,
     header_read_timeout: Duration,
+    send_timeout: Duration,
     drain: &mut watch::Receiver<()>,
 ) -> Ended {
-    let (io, mut write) = stream.into_split();
+    let (io, write) = stream.into_split();
+    let mut write = SendTimeout::new(write, send_timeout);
     let mut reader = Some(ClientReader {
         io,
         buf: BytesMut::with_capacity(READ_BUF),
@@ -445,7 +550,7 @@ fn request_framing(headers: &mut HeaderMap) -> Result<Framing, Refusal> {
 /// `Date` when missing, `Connection: close` when the connection ends after it), then the
 /// body as it comes. Small pieces go out in the same write as the head.
 async fn write_response(
-    write: &mut OwnedWriteHalf,
+    write: &mut ClientWriter,
     out: &mut Vec<u8>,
     response: ProxyResponse,
     head_request: bool,
@@ -579,7 +684,7 @@ impl Outgoing<'_> {
     }
 
     /// Writes everything queued.
-    async fn flush(&mut self, write: &mut OwnedWriteHalf) -> io::Result<()> {
+    async fn flush(&mut self, write: &mut ClientWriter) -> io::Result<()> {
         loop {
             let mut slices = [io::IoSlice::new(&[]); 16];
             let mut count = 0;
@@ -650,7 +755,7 @@ fn http_date() -> [u8; 29] {
 }
 
 /// Answers a request this path cannot take with `status` and closes the connection.
-async fn refuse(write: &mut OwnedWriteHalf, reader: &mut ClientReader, status: StatusCode) {
+async fn refuse(write: &mut ClientWriter, reader: &mut ClientReader, status: StatusCode) {
     let answer = format!(
         "HTTP/1.1 {} {}\r\ncontent-length: 0\r\ndate: {}\r\nconnection: close\r\n\r\n",
         status.as_str(),
@@ -678,7 +783,7 @@ async fn linger(reader: &mut ClientReader) {
 }
 
 /// Gives the connection to hyper, the head just read and anything after it first.
-fn hand_over(raw: Bytes, reader: ClientReader, write: OwnedWriteHalf) -> Ended {
+fn hand_over(raw: Bytes, reader: ClientReader, write: ClientWriter) -> Ended {
     let prefix = if reader.buf.is_empty() {
         raw
     } else {
@@ -687,7 +792,7 @@ fn hand_over(raw: Bytes, reader: ClientReader, write: OwnedWriteHalf) -> Ended {
         joined.extend_from_slice(&reader.buf);
         joined.freeze()
     };
-    match reader.io.reunite(write) {
+    match reader.io.reunite(write.inner) {
         Ok(stream) => Ended::HandOver(Rewound { prefix, stream }),
         Err(_) => Ended::Closed,
     }

@@ -90,10 +90,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) {
     let config = control.config();
-    let options = ServerOptions {
-        header_read_timeout: config.proxy.header_read_timeout,
-        shutdown_grace: config.proxy.shutdown_grace,
-    };
+    let options = ServerOptions::new(&config.proxy);
     let token = control.shutdown_token().clone();
     let admin = tokio::spawn(serve_admin(
         admin_listener,

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::{ProxyError, UpstreamErrorKind};
 use crate::headers;
 use crate::metrics::Metrics;
-use crate::routing::{Backend, Endpoint, RoutingTable};
+use crate::routing::{Backend, Endpoint, Reason, RoutingTable};
 use crate::upstream::{ExchangeError, ForwardBody, ProxyResponse, SendError};
 
 /// The shared routing table: each request loads it once; the admin API swaps it with one store.
@@ -42,6 +42,9 @@ pub struct Proxy {
 struct Outcome {
     /// Index of the backend that served (or was to serve) the request.
     backend: Option<usize>,
+    /// Why the request was routed where it was; counted with the backend that served, so a
+    /// retry on another backend counts the decision and the request in one place.
+    reason: Option<Reason>,
     request_id: Option<HeaderValue>,
 }
 
@@ -58,6 +61,18 @@ impl Proxy {
             table,
             metrics,
             shutdown,
+        }
+    }
+
+    /// Closes this worker's idle upstream connections that expired or that their upstream
+    /// closed (else they would sit in CLOSE_WAIT until the endpoint's next request).
+    pub fn sweep_idle_connections(&self) {
+        let table = self.table.load();
+        for backend in &table.backends {
+            let idle_timeout = backend.upstream.settings().idle_timeout;
+            for endpoint in &backend.endpoints {
+                endpoint.pool.sweep(idle_timeout);
+            }
         }
     }
 
@@ -104,6 +119,9 @@ impl Proxy {
             Some(index) => &table.backends[index].metrics,
             None => self.metrics.unrouted(),
         };
+        if let Some(reason) = outcome.reason {
+            metrics.decision(reason);
+        }
         metrics.response(response.status(), started.elapsed());
         response
     }
@@ -140,8 +158,8 @@ impl Proxy {
             .route(&parts.headers, &mut rand::rng())
             .ok_or(ProxyError::NoBackend)?;
         let backend = &table.backends[decision.backend];
-        backend.metrics.decision(decision.reason);
         outcome.backend = Some(decision.backend);
+        outcome.reason = Some(decision.reason);
         let endpoint = backend.pick_endpoint(None).ok_or(ProxyError::NoBackend)?;
         let mut target = Target {
             backend,
@@ -190,60 +208,43 @@ impl Proxy {
 
         // Send, retrying once elsewhere when no connection could be made (the request is
         // then still whole: nothing of it was written).
-        let deadline = started + table.request_timeout;
         let mut retried = false;
         let mut response = loop {
-            let mut waiting_for_client = false;
-            let sent = tokio::time::timeout_at(
-                deadline,
+            let sent =
                 target
                     .backend
                     .upstream
-                    .send(target.endpoint, outgoing, &mut waiting_for_client),
-            );
-            let result = sent.await;
-            // Out of time while the upstream had all it was given and the client's body was
-            // still coming: the client is slow (408), not the upstream.
-            if result.is_err() && waiting_for_client {
-                return Err(ProxyError::ClientTimeout {
-                    timeout: table.request_timeout,
-                });
-            }
-            // The client's own body failing (malformed, or the client gone) says nothing
-            // about the upstream: no passive health failure, no upstream error.
-            if let Ok(Err(SendError::Failed(ExchangeError::RequestBody(source)))) = result {
-                return Err(ProxyError::ClientBody { source });
-            }
-            target
-                .endpoint
-                .record_outcome(matches!(&result, Ok(Ok(r)) if !r.status().is_server_error()));
-            let (request, failure) = match result {
-                Ok(Ok(response)) => break response,
-                Err(_elapsed) => {
-                    target
-                        .backend
-                        .metrics
-                        .upstream_error(UpstreamErrorKind::Timeout);
+                    .send(target.endpoint, outgoing, table.timeouts, started);
+            let upstream_failed = |kind| {
+                target.endpoint.record_outcome(false);
+                target.backend.metrics.upstream_error(kind);
+            };
+            let (request, failure) = match sent.await {
+                Ok(response) => break response,
+                // The client's own body failing (malformed, the client gone, or stalled) says
+                // nothing about the upstream: no passive health failure, no upstream error.
+                Err(SendError::Failed(ExchangeError::RequestBody(source))) => {
+                    return Err(ProxyError::ClientBody { source });
+                }
+                Err(SendError::ClientStalled(timeout)) => {
+                    return Err(ProxyError::ClientTimeout { timeout });
+                }
+                Err(SendError::TimedOut(timeout)) => {
+                    upstream_failed(UpstreamErrorKind::Timeout);
                     return Err(ProxyError::Timeout {
                         endpoint: target.endpoint.url.clone(),
-                        timeout: table.request_timeout,
+                        timeout,
                     });
                 }
-                Ok(Err(SendError::Failed(source))) => {
-                    target
-                        .backend
-                        .metrics
-                        .upstream_error(UpstreamErrorKind::Upstream);
+                Err(SendError::Failed(source)) => {
+                    upstream_failed(UpstreamErrorKind::Upstream);
                     return Err(ProxyError::Upstream {
                         endpoint: target.endpoint.url.clone(),
                         source,
                     });
                 }
-                Ok(Err(SendError::NotSent { request, error })) => {
-                    target
-                        .backend
-                        .metrics
-                        .upstream_error(UpstreamErrorKind::Connect);
+                Err(SendError::NotSent { request, error }) => {
+                    upstream_failed(UpstreamErrorKind::Connect);
                     (request, error)
                 }
             };
@@ -270,12 +271,16 @@ impl Proxy {
         // Rewrite the response head.
         let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
         let response_upgrade = response.headers().get(UPGRADE).cloned();
-        if switching
+        // A switch the client did not ask for would desynchronise the client connection: it
+        // is refused, and counts against the endpoint like any malformed response.
+        let unexpected_switch = switching
             && (client_upgrade.is_none()
-                || !headers::is_websocket_upgrade_response(response.headers()))
-        {
-            // The client asked for no such switch: passing it on would desynchronise the
-            // client connection. Dropping the response closes the upstream connection.
+                || !headers::is_websocket_upgrade_response(response.headers()));
+        target
+            .endpoint
+            .record_outcome(!unexpected_switch && !response.status().is_server_error());
+        if unexpected_switch {
+            // Dropping the response closes the upstream connection.
             target
                 .backend
                 .metrics
@@ -386,4 +391,31 @@ pub fn error_response(
         headers.insert(CONNECTION, HeaderValue::from_static("close"));
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use crate::upstream::ConnectError;
+
+    #[test]
+    fn a_logged_failure_names_each_cause_once() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let refused_text = refused.to_string();
+        let error = ProxyError::Connect {
+            endpoint: "http://127.0.0.1:1".into(),
+            source: ConnectError::Io(refused),
+        };
+        let cause = error_source(&error).unwrap();
+        assert_eq!(cause, format!("connect failed: {refused_text}"));
+        let closed = ProxyError::Upstream {
+            endpoint: "http://127.0.0.1:1".into(),
+            source: ExchangeError::Response(crate::codec::MessageError::Closed),
+        };
+        assert_eq!(
+            error_source(&closed).unwrap(),
+            "reading the response failed: the connection closed before the message was complete"
+        );
+    }
 }

@@ -14,7 +14,6 @@
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
 
 use http::uri::Authority;
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -27,7 +26,7 @@ use crate::duration::format_duration;
 use crate::health::{EndpointHealth, EndpointStatus};
 use crate::metrics::{BackendMetrics, Metrics};
 use crate::sticky::{self, BUCKETS, StickySettings};
-use crate::upstream::{ConnectionPool, Upstream, UpstreamSettings};
+use crate::upstream::{ConnectionPool, ExchangeTimeouts, Upstream, UpstreamSettings};
 
 /// The most backends a table can hold; decisions track eligibility in a `u64` bit set so that
 /// they never allocate.
@@ -50,8 +49,8 @@ pub struct RoutingTable {
     /// Tried in order before sticky buckets and weights.
     pub rules: Vec<Rule>,
     pub sticky: StickySettings,
-    /// How long an upstream may take to send its response head before the client gets a 504.
-    pub request_timeout: Duration,
+    /// The timeouts of an exchange with an upstream, by phase.
+    pub timeouts: ExchangeTimeouts,
     /// Response header naming the backend that served, or `None` when disabled.
     pub backend_header: Option<HeaderName>,
     /// Bit i is set when backend i has a weight above zero.
@@ -242,7 +241,11 @@ impl RoutingTable {
                 cookie: config.proxy.user_id_cookie.clone(),
                 salt: config.proxy.sticky_salt.clone(),
             },
-            config.proxy.request_timeout,
+            ExchangeTimeouts {
+                client_body: config.proxy.client_body_timeout,
+                request: config.proxy.request_timeout,
+                read: config.proxy.read_timeout,
+            },
             config.proxy.backend_header.clone(),
         )
     }
@@ -252,7 +255,7 @@ impl RoutingTable {
         backends: Vec<Backend>,
         rules: Vec<Rule>,
         sticky: StickySettings,
-        request_timeout: Duration,
+        timeouts: ExchangeTimeouts,
         backend_header: Option<HeaderName>,
     ) -> Self {
         let weighted = backends
@@ -265,7 +268,7 @@ impl RoutingTable {
             backends,
             rules,
             sticky,
-            request_timeout,
+            timeouts,
             backend_header,
             weighted,
             all_eligible_ends: Box::default(),
@@ -285,7 +288,7 @@ impl RoutingTable {
             backends,
             self.rules.clone(),
             self.sticky.clone(),
-            self.request_timeout,
+            self.timeouts,
             self.backend_header.clone(),
         )
     }
@@ -577,6 +580,7 @@ mod tests {
     use http::header::COOKIE;
     use rand::SeedableRng;
     use rand::rngs::StdRng;
+    use std::time::Duration;
 
     fn table(weights: &[u32], rules: Vec<Rule>, sticky: StickySettings) -> RoutingTable {
         let backends = weights
@@ -607,7 +611,13 @@ mod tests {
                 cursor: Arc::default(),
             })
             .collect();
-        RoutingTable::assemble(1, backends, rules, sticky, Duration::from_secs(1), None)
+        let second = Duration::from_secs(1);
+        let timeouts = ExchangeTimeouts {
+            client_body: second,
+            request: second,
+            read: second,
+        };
+        RoutingTable::assemble(1, backends, rules, sticky, timeouts, None)
     }
 
     fn user_sticky() -> StickySettings {

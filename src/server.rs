@@ -20,9 +20,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use crate::config::ProxySettings;
 use crate::framing::FramingGuard;
 use crate::headers;
-use crate::http1::Ended;
+use crate::http1::{Ended, SendTimeout};
 use crate::proxy::Proxy;
 use crate::upstream::{ForwardBody, ProxyResponse};
 
@@ -33,7 +34,24 @@ pub struct ServerOptions {
     pub header_read_timeout: Duration,
     /// How long in-flight requests may take to finish after shutdown begins.
     pub shutdown_grace: Duration,
+    /// The longest a write to a client may wait for the client to read.
+    pub send_timeout: Duration,
 }
+
+impl ServerOptions {
+    /// The options `[proxy]` sets (they take effect on restart).
+    pub fn new(proxy: &ProxySettings) -> Self {
+        ServerOptions {
+            header_read_timeout: proxy.header_read_timeout,
+            shutdown_grace: proxy.shutdown_grace,
+            send_timeout: proxy.send_timeout,
+        }
+    }
+}
+
+/// How often each worker closes idle upstream connections that expired or were closed by
+/// their upstream.
+const POOL_SWEEP: Duration = Duration::from_secs(1);
 
 /// Interval of HTTP/2 keep-alive pings, and how long an answer may take.
 const H2_KEEP_ALIVE: Duration = Duration::from_secs(20);
@@ -62,6 +80,18 @@ pub async fn serve(
         .keep_alive_timeout(H2_KEEP_ALIVE)
         .max_concurrent_streams(256)
         .max_header_list_size(64 * 1024);
+    // Idle upstream connections of this worker are looked at once a second.
+    let sweeper = tokio::spawn({
+        let proxy = proxy.clone();
+        async move {
+            let mut ticks = tokio::time::interval(POOL_SWEEP);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            loop {
+                ticks.tick().await;
+                proxy.sweep_idle_connections();
+            }
+        }
+    });
     // Each connection holds a receiver: a send asks them to finish, and the sender sees
     // when the last one is gone.
     let (drain, open_connections) = watch::channel(());
@@ -91,11 +121,19 @@ pub async fn serve(
             let result = match protocol {
                 Protocol::Http1 => {
                     let timeout = options.header_read_timeout;
-                    match crate::http1::serve(stream, &client_ip, &proxy, timeout, &mut drained)
-                        .await
-                    {
+                    let send_timeout = options.send_timeout;
+                    let served = crate::http1::serve(
+                        stream,
+                        &client_ip,
+                        &proxy,
+                        timeout,
+                        send_timeout,
+                        &mut drained,
+                    );
+                    match served.await {
                         Ended::Closed => Ok(()),
                         Ended::HandOver(rewound) => {
+                            let rewound = SendTimeout::new(rewound, send_timeout);
                             let (io, service) = hyper_service(rewound, proxy, client_ip);
                             let connection = http1.serve_connection(io, service).with_upgrades();
                             until_drained(connection, |c| c.graceful_shutdown(), drained).await
@@ -103,6 +141,7 @@ pub async fn serve(
                     }
                 }
                 Protocol::Http2 => {
+                    let stream = SendTimeout::new(stream, options.send_timeout);
                     let (io, service) = hyper_service(stream, proxy, client_ip);
                     let connection = http2.serve_connection(io, service);
                     until_drained(connection, |c| c.graceful_shutdown(), drained).await
@@ -114,6 +153,7 @@ pub async fn serve(
         });
     }
     drop(listener);
+    sweeper.abort();
     drop(open_connections);
     tracing::info!(
         open = drain.receiver_count(),

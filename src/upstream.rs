@@ -120,23 +120,30 @@ const MAX_IDLE: usize = 512;
 /// Why no connection to an endpoint could be used (nothing of the request was sent).
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error("connect failed: {0}")]
+    #[error("connect failed")]
     Io(#[source] io::Error),
     #[error("connect timed out after {0:?}")]
     TimedOut(Duration),
-    #[error("the new connection failed before the request could be sent: {0}")]
+    #[error("the new connection failed before the request could be sent")]
     Closed(#[source] ExchangeError),
 }
 
 /// What went wrong in an exchange with an upstream.
 #[derive(Debug, thiserror::Error)]
 pub enum ExchangeError {
-    #[error("writing the request failed: {0}")]
+    #[error("writing the request failed")]
     Write(#[source] io::Error),
-    #[error("the response: {0}")]
+    #[error("reading the response failed")]
     Response(#[from] MessageError),
-    #[error("the client's request body failed: {0}")]
+    #[error("the client's request body failed")]
     RequestBody(#[source] ForwardBodyError),
+    /// A pooled connection closed before it took the request, and the fresh connection the
+    /// request was to be sent again on could not be made.
+    #[error("the pooled connection closed and a new one could not be made")]
+    Reconnect(#[source] Box<ConnectError>),
+    /// `read_timeout`: the upstream sent nothing of the response body for this long.
+    #[error("the upstream sent nothing of the response body for {0:?} (read_timeout)")]
+    ReadTimeout(Duration),
 }
 
 /// Why an exchange with an upstream failed.
@@ -149,6 +156,38 @@ pub enum SendError {
     },
     /// The request was (perhaps partly) sent and then the exchange failed.
     Failed(ExchangeError),
+    /// `client_body_timeout`: the client sent nothing of its request body for this long while
+    /// the upstream had all it was given.
+    ClientStalled(Duration),
+    /// `request_timeout`: the upstream took none of the request, or sent no response head
+    /// after the request's end, for this long.
+    TimedOut(Duration),
+}
+
+/// The timeouts of an exchange by phase, as nginx has them: none of them bounds a whole
+/// transfer, so an upload or a download may take as long as it keeps moving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExchangeTimeouts {
+    /// Between two pieces of the client's request body (`client_body_timeout`, 408).
+    pub client_body: Duration,
+    /// From the end of the request to the response head, and between two writes of the
+    /// request to the upstream (`request_timeout`, 504).
+    pub request: Duration,
+    /// Between two reads of the response body (`read_timeout`; the connection is closed).
+    pub read: Duration,
+}
+
+/// Request bytes kept after they were written, so that a request that met a pooled connection
+/// the upstream had closed can be sent again on a fresh one. Larger requests are not replayed.
+const REPLAY_LIMIT: usize = 64 * 1024;
+
+/// RFC 9110 §9.2.2: a request with one of these methods may be sent again after a failure
+/// that leaves unknown whether the upstream acted on it.
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
 }
 
 /// One keep-alive connection to an endpoint, with the buffers it keeps between requests.
@@ -178,7 +217,8 @@ impl Connection {
 
     /// Whether an idle connection can take a request: young enough, and nothing heard from
     /// the upstream since its last response (a FIN, or bytes nobody asked for). The readiness
-    /// check costs no system call unless the socket became readable.
+    /// check costs no system call unless the socket became readable; it can lag behind the
+    /// socket by a few events, which a request that can be sent again tolerates.
     fn is_reusable(&self, idle_timeout: Duration) -> bool {
         if self.idle_since.elapsed() >= idle_timeout {
             return false;
@@ -193,6 +233,14 @@ impl Connection {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock)
             }
         }
+    }
+
+    /// Asks the socket itself (one system call) whether the upstream closed the connection or
+    /// sent something unasked; for requests that cannot be sent again once written.
+    fn is_quiet_now(&self) -> bool {
+        let mut probe = [MaybeUninit::<u8>::uninit(); 1];
+        matches!(socket2::SockRef::from(&self.stream).peek(&mut probe),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 }
 
@@ -221,11 +269,11 @@ impl ConnectionPool {
     }
 
     /// The most recently used connection that can take a request; unusable ones met on the
-    /// way are closed.
-    fn checkout(&self, idle_timeout: Duration) -> Option<Connection> {
+    /// way are closed. With `verify`, the socket is asked too (see [`Connection::is_quiet_now`]).
+    fn checkout(&self, idle_timeout: Duration, verify: bool) -> Option<Connection> {
         let mut idle = self.mine();
         while let Some(connection) = idle.pop_back() {
-            if connection.is_reusable(idle_timeout) {
+            if connection.is_reusable(idle_timeout) && (!verify || connection.is_quiet_now()) {
                 return Some(connection);
             }
         }
@@ -245,6 +293,12 @@ impl ConnectionPool {
             idle.push_back(connection);
         }
     }
+
+    /// Closes this worker's idle connections that expired or that the upstream closed, so
+    /// that they do not linger in CLOSE_WAIT until the next request to the endpoint.
+    pub fn sweep(&self, idle_timeout: Duration) {
+        self.mine().retain(|c| c.is_reusable(idle_timeout));
+    }
 }
 
 impl Upstream {
@@ -260,52 +314,95 @@ impl Upstream {
     /// resolves when the response head has arrived. The response body goes on reading from
     /// the connection, and hands it back to the pool when the exchange is over.
     ///
-    /// `waiting_for_client` is kept up to date while the exchange runs: true while all that
-    /// was taken of the request is written and more of the client's body is awaited. A caller
-    /// that gives up (its deadline passed) reads it to tell a slow client from a slow upstream.
+    /// Until the head, the phase timeouts apply: `client_body` while the upstream has all it
+    /// was given and the client's body is awaited, `request` while the upstream takes no
+    /// bytes or, the request sent, has not answered (from `started` for a request without a
+    /// body to send). A pooled connection that the upstream turns out to have closed
+    /// (before any byte of a response) is replaced by a fresh one when the request can be sent
+    /// again: nothing of it was written; or the upstream closed while it was being written;
+    /// or it is idempotent and the connection closed or reset with no response.
     pub async fn send(
         &self,
         endpoint: &Arc<Endpoint>,
         request: Request<ForwardBody>,
-        waiting_for_client: &mut bool,
+        timeouts: ExchangeTimeouts,
+        started: tokio::time::Instant,
     ) -> Result<Response<UpstreamBody>, SendError> {
-        let (parts, mut body) = request.into_parts();
+        let (parts, body) = request.into_parts();
+        let idempotent = is_idempotent(&parts.method);
+        let timer = tokio::time::sleep_until(started + timeouts.request);
+        tokio::pin!(timer);
+        let mut clock = PhaseClock::default();
+        let mut attempt = Attempt::Whole(body);
         loop {
-            let (connection, reused) = match endpoint.pool.checkout(self.settings.idle_timeout) {
+            // A request that cannot be sent again once written asks the socket itself
+            // whether the upstream closed a pooled connection; a replay takes a fresh one.
+            let pooled = match attempt {
+                Attempt::Whole(_) => endpoint
+                    .pool
+                    .checkout(self.settings.idle_timeout, !idempotent),
+                Attempt::Replay(_) => None,
+            };
+            let (connection, reused) = match pooled {
                 Some(connection) => (connection, true),
                 None => match self.connect(endpoint).await {
                     Ok(connection) => (connection, false),
                     Err(error) => {
-                        let request = Box::new(Request::from_parts(parts, body));
-                        return Err(SendError::NotSent { request, error });
+                        return Err(match attempt {
+                            Attempt::Whole(body) => {
+                                let request = Box::new(Request::from_parts(parts, body));
+                                SendError::NotSent { request, error }
+                            }
+                            Attempt::Replay(_) => {
+                                SendError::Failed(ExchangeError::Reconnect(Box::new(error)))
+                            }
+                        });
                     }
                 },
             };
-            let mut exchange = Exchange::start(connection, &parts, body);
+            let mut exchange = match attempt {
+                Attempt::Whole(body) => Exchange::start(connection, &parts, body, reused),
+                Attempt::Replay(replay) => Exchange::resume(connection, replay),
+            };
             let head = poll_fn(|cx| {
-                let polled = exchange.poll_response_head(cx);
-                *waiting_for_client = exchange.waiting_for_client();
-                polled
+                if let Poll::Ready(head) = exchange.poll_response_head(cx) {
+                    return Poll::Ready(head.map_err(Failure::Exchange));
+                }
+                clock.poll_expired(&exchange, timer.as_mut(), timeouts, cx)
             })
             .await;
-            match head {
+            let error = match head {
                 Ok(head) => {
                     let settings = self.settings;
-                    let response = finish_head(exchange, head, &parts.method, endpoint, settings);
+                    let response =
+                        finish_head(exchange, head, &parts.method, endpoint, settings, timeouts);
                     codec::recycle_map(parts.headers);
                     return response.map_err(SendError::Failed);
                 }
-                Err(error) => match exchange.into_untouched_body() {
-                    // Nothing of the request went out: a stale pooled connection is replaced,
-                    // a new one that fails is treated like a failed connect.
-                    Some(untouched) if reused => body = untouched,
+                Err(Failure::Stalled(Phase::Client)) => {
+                    return Err(SendError::ClientStalled(timeouts.client_body));
+                }
+                Err(Failure::Stalled(_)) => return Err(SendError::TimedOut(timeouts.request)),
+                Err(Failure::Exchange(error)) => error,
+            };
+            if !reused {
+                // A new connection that fails before anything of the request went out is
+                // treated like a failed connect: the request goes elsewhere whole.
+                return match exchange.into_untouched_body() {
                     Some(untouched) => {
                         let request = Box::new(Request::from_parts(parts, untouched));
                         let error = ConnectError::Closed(error);
-                        return Err(SendError::NotSent { request, error });
+                        Err(SendError::NotSent { request, error })
                     }
-                    None => return Err(SendError::Failed(error)),
-                },
+                    None => Err(SendError::Failed(error)),
+                };
+            }
+            match exchange.into_retry(&error, idempotent) {
+                Some(next) => {
+                    tracing::debug!(endpoint = %endpoint.url, error = %error, "pooled connection was closed by the upstream; sending again");
+                    attempt = next;
+                }
+                None => return Err(SendError::Failed(error)),
             }
         }
     }
@@ -330,6 +427,84 @@ enum RequestBody {
     Streaming { body: ForwardBody, chunked: bool },
 }
 
+/// What an exchange sends.
+enum Attempt {
+    /// The request as the client sent it, nothing of it taken yet.
+    Whole(ForwardBody),
+    /// A request that met a closed pooled connection, to be sent again on a fresh one.
+    Replay(Replay),
+}
+
+/// Everything taken of a request so far, as written, and the rest of its body.
+struct Replay {
+    bytes: Vec<u8>,
+    request_body: RequestBody,
+}
+
+/// Where an exchange stands before its response head, for the phase timeouts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// All that was taken is written; more of the client's body is awaited.
+    Client,
+    /// Request bytes wait for the upstream to take them.
+    Upstream,
+    /// The request is sent; the response head is awaited.
+    Head,
+}
+
+/// Why no response head came.
+enum Failure {
+    Exchange(ExchangeError),
+    /// Nothing moved for the timeout of this phase.
+    Stalled(Phase),
+}
+
+/// Restarts the timer of an exchange whenever its request moves or its phase changes: the
+/// timeouts bound each pause, never a whole upload. A request with nothing to stream stays
+/// in [`Phase::Head`] throughout, and its deadline never moves (no clock read).
+struct PhaseClock {
+    phase: Phase,
+    progress: u64,
+}
+
+impl Default for PhaseClock {
+    fn default() -> Self {
+        PhaseClock {
+            phase: Phase::Head,
+            progress: 0,
+        }
+    }
+}
+
+impl PhaseClock {
+    /// Called while the exchange is pending: `Ready` with the phase that stalled once its
+    /// timeout has passed.
+    fn poll_expired(
+        &mut self,
+        exchange: &Exchange,
+        mut timer: Pin<&mut tokio::time::Sleep>,
+        timeouts: ExchangeTimeouts,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<ResponseHead, Failure>> {
+        let phase = exchange.phase();
+        let restart = match phase {
+            Phase::Head => self.phase != Phase::Head,
+            _ => self.phase != phase || self.progress != exchange.progress,
+        };
+        if restart {
+            let limit = match phase {
+                Phase::Client => timeouts.client_body,
+                Phase::Upstream | Phase::Head => timeouts.request,
+            };
+            timer.as_mut().reset(tokio::time::Instant::now() + limit);
+        }
+        self.phase = phase;
+        self.progress = exchange.progress;
+        ready!(timer.poll(cx));
+        Poll::Ready(Err(Failure::Stalled(phase)))
+    }
+}
+
 /// One request/response exchange on a connection.
 struct Exchange {
     connection: Connection,
@@ -342,6 +517,12 @@ struct Exchange {
     empty_body: Option<ForwardBody>,
     /// The request could not be written whole: the connection cannot be reused.
     broken: bool,
+    /// Written bytes stay in `write_buf`, so that the request can be sent again on a fresh
+    /// connection: on a pooled connection until a response byte arrives or the request
+    /// passes [`REPLAY_LIMIT`].
+    keep_for_replay: bool,
+    /// Bumped whenever a piece of the body is taken or bytes are written.
+    progress: u64,
 }
 
 /// A parsed response head and how its body is framed.
@@ -353,7 +534,8 @@ struct ResponseHead {
 
 impl Exchange {
     /// Encodes the request head into the connection's write buffer; nothing is written yet.
-    fn start(mut connection: Connection, parts: &Parts, body: ForwardBody) -> Self {
+    /// On a `reused` connection the written bytes are kept for a replay.
+    fn start(mut connection: Connection, parts: &Parts, body: ForwardBody, reused: bool) -> Self {
         let mut empty_body = None;
         let request_body = if body.is_end_stream() {
             empty_body = Some(body);
@@ -385,6 +567,24 @@ impl Exchange {
             request_body,
             empty_body,
             broken: false,
+            keep_for_replay: reused,
+            progress: 0,
+        }
+    }
+
+    /// Sends a request again on a fresh connection: what was taken of it first, then the
+    /// rest of its body. It is not replayed a second time.
+    fn resume(mut connection: Connection, replay: Replay) -> Self {
+        connection.write_buf = replay.bytes;
+        Exchange {
+            connection,
+            written: 0,
+            touched: true,
+            request_body: replay.request_body,
+            empty_body: None,
+            broken: false,
+            keep_for_replay: false,
+            progress: 0,
         }
     }
 
@@ -399,15 +599,54 @@ impl Exchange {
         }
     }
 
+    /// What to send on another connection after `error` on this pooled one, if the request
+    /// may be sent again: nothing of it went out; or the upstream closed the connection while
+    /// it was being written; or, for an idempotent request, the connection closed or reset
+    /// with no byte of a response.
+    fn into_retry(self, error: &ExchangeError, idempotent: bool) -> Option<Attempt> {
+        if !self.touched {
+            return self.into_untouched_body().map(Attempt::Whole);
+        }
+        if !self.keep_for_replay {
+            return None;
+        }
+        may_send_again(error, idempotent, self.request_done()).then(|| {
+            Attempt::Replay(Replay {
+                bytes: self.connection.write_buf,
+                request_body: self.request_body,
+            })
+        })
+    }
+
+    /// Stops keeping written bytes for a replay, and drops those.
+    fn stop_keeping(&mut self) {
+        if self.keep_for_replay {
+            self.keep_for_replay = false;
+            self.connection.write_buf.drain(..self.written);
+            self.written = 0;
+        }
+    }
+
     fn request_done(&self) -> bool {
-        matches!(self.request_body, RequestBody::Done) && self.connection.write_buf.is_empty()
+        matches!(self.request_body, RequestBody::Done)
+            && self.written == self.connection.write_buf.len()
     }
 
     /// Everything taken of the request is written, and the rest of the client's body has not
     /// arrived yet.
     fn waiting_for_client(&self) -> bool {
         matches!(self.request_body, RequestBody::Streaming { .. })
-            && self.connection.write_buf.is_empty()
+            && self.written == self.connection.write_buf.len()
+    }
+
+    fn phase(&self) -> Phase {
+        if self.written < self.connection.write_buf.len() {
+            Phase::Upstream
+        } else if self.waiting_for_client() {
+            Phase::Client
+        } else {
+            Phase::Head
+        }
     }
 
     /// Writes the request head and body as far as they can go now.
@@ -420,9 +659,13 @@ impl Exchange {
                 match Pin::new(body).poll_frame(cx) {
                     Poll::Ready(Some(Ok(frame))) => {
                         self.touched = true;
+                        self.progress += 1;
                         let chunked = *chunked;
                         if encode_frame(frame, chunked, &mut self.connection.write_buf) {
                             self.request_body = RequestBody::Done;
+                        }
+                        if self.connection.write_buf.len() > REPLAY_LIMIT {
+                            self.stop_keeping();
                         }
                         continue;
                     }
@@ -451,8 +694,10 @@ impl Exchange {
                 match written {
                     Ok(n) => {
                         self.touched = true;
+                        self.progress += 1;
                         self.written += n;
-                        if self.written == self.connection.write_buf.len() {
+                        if self.written == self.connection.write_buf.len() && !self.keep_for_replay
+                        {
                             self.connection.write_buf.clear();
                             self.written = 0;
                         }
@@ -517,9 +762,30 @@ impl Exchange {
                 &mut connection.read_buf,
                 cx
             ))?;
+            // The upstream answers: whatever happens now, the request is not sent again.
+            self.stop_keeping();
             self.poll_send_along(cx)?;
         }
     }
+}
+
+/// Whether a request that failed with `error` on a pooled connection, before any byte of a
+/// response, may be sent again on a fresh one: when the upstream closed the connection while
+/// the request was being written (it cannot have acted on a request it did not have whole),
+/// or, for an idempotent request, when the connection closed or reset after it was written.
+fn may_send_again(error: &ExchangeError, idempotent: bool, all_written: bool) -> bool {
+    let closed = match error {
+        ExchangeError::Write(_) => return true,
+        ExchangeError::Response(MessageError::Closed) => true,
+        ExchangeError::Response(MessageError::Read(e)) => matches!(
+            e.kind(),
+            io::ErrorKind::ConnectionReset
+                | io::ErrorKind::ConnectionAborted
+                | io::ErrorKind::BrokenPipe
+        ),
+        _ => false,
+    };
+    closed && (idempotent || !all_written)
 }
 
 /// Appends a request body frame to `buf`; true when it was the trailers (the body's end).
@@ -630,7 +896,9 @@ fn finish_head(
     method: &Method,
     endpoint: &Arc<Endpoint>,
     settings: UpstreamSettings,
+    timeouts: ExchangeTimeouts,
 ) -> Result<Response<UpstreamBody>, ExchangeError> {
+    exchange.stop_keeping();
     let framing = response_framing(method, &mut head)?;
     // A body delimited by the close, or a message with both Transfer-Encoding and
     // Content-Length (RFC 9112 §6.1: handle as an error), leaves nothing to reuse.
@@ -676,6 +944,9 @@ fn finish_head(
         reusable,
         endpoint: endpoint.clone(),
         idle_timeout: settings.idle_timeout,
+        read_timeout: timeouts.read,
+        stall: None,
+        moved: true,
     }));
     Ok(response)
 }
@@ -705,6 +976,12 @@ struct Reading {
     reusable: bool,
     endpoint: Arc<Endpoint>,
     idle_timeout: Duration,
+    /// `read_timeout`: the longest pause between two reads of the body.
+    read_timeout: Duration,
+    /// Armed when the body first has to wait, then moved on after every piece.
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A piece arrived since the timer was last set.
+    moved: bool,
 }
 
 impl UpstreamBody {
@@ -721,18 +998,39 @@ impl UpstreamBody {
 }
 
 impl Reading {
-    /// The next piece of the body; `None` at its end.
+    /// The next piece of the body; `None` at its end. An error once the upstream has sent
+    /// nothing for `read_timeout`.
     fn poll_next(
         &mut self,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, MessageError>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, ExchangeError>>> {
         let connection = &mut self.exchange.connection;
-        codec::poll_body(
+        let polled = codec::poll_body(
             &mut self.framing,
             &mut connection.stream,
             &mut connection.read_buf,
             cx,
-        )
+        );
+        if polled.is_ready() {
+            self.moved = true;
+            return polled.map_err(ExchangeError::from);
+        }
+        let moved = std::mem::take(&mut self.moved);
+        let stall = match &mut self.stall {
+            Some(stall) => {
+                if moved {
+                    stall
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + self.read_timeout);
+                }
+                stall
+            }
+            None => self
+                .stall
+                .insert(Box::pin(tokio::time::sleep(self.read_timeout))),
+        };
+        ready!(stall.as_mut().poll(cx));
+        Poll::Ready(Some(Err(ExchangeError::ReadTimeout(self.read_timeout))))
     }
 }
 
@@ -754,7 +1052,7 @@ impl Body for UpstreamBody {
             BodyState::Switched(_) | BodyState::Done => return Poll::Ready(None),
         };
         let polled = match reading.exchange.poll_send_along(cx) {
-            Ok(()) => reading.poll_next(cx).map_err(ExchangeError::from),
+            Ok(()) => reading.poll_next(cx),
             Err(error) => Poll::Ready(Some(Err(error))),
         };
         match &polled {
@@ -890,6 +1188,56 @@ mod tests {
         assert!(keeps_alive(&head(
             b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\n\r\n"
         )));
+    }
+
+    #[test]
+    fn only_requests_the_upstream_cannot_have_acted_on_are_sent_again() {
+        let reset =
+            || ExchangeError::Response(MessageError::Read(io::ErrorKind::ConnectionReset.into()));
+        let closed = || ExchangeError::Response(MessageError::Closed);
+        let write = || ExchangeError::Write(io::ErrorKind::BrokenPipe.into());
+        // Closed while writing: whatever the method.
+        assert!(may_send_again(&write(), false, false));
+        assert!(may_send_again(&closed(), false, false));
+        assert!(may_send_again(&reset(), false, false));
+        // Written whole, then closed or reset with no response: only idempotent requests.
+        assert!(may_send_again(&closed(), true, true));
+        assert!(may_send_again(&reset(), true, true));
+        assert!(!may_send_again(&closed(), false, true));
+        assert!(!may_send_again(&reset(), false, true));
+        // Anything else is an answer of sorts, or another failure: never.
+        let malformed = ExchangeError::Response(MessageError::Malformed("x"));
+        assert!(!may_send_again(&malformed, true, true));
+        let timed_out = ExchangeError::Response(MessageError::Read(io::ErrorKind::TimedOut.into()));
+        assert!(!may_send_again(&timed_out, true, false));
+        for method in [
+            Method::GET,
+            Method::HEAD,
+            Method::PUT,
+            Method::DELETE,
+            Method::OPTIONS,
+        ] {
+            assert!(is_idempotent(&method), "{method}");
+        }
+        for method in [Method::POST, Method::PATCH, Method::CONNECT] {
+            assert!(!is_idempotent(&method), "{method}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_close_the_runtime_has_not_seen_yet_is_found_by_asking_the_socket() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let connection = Connection::new(client);
+        assert!(connection.is_quiet_now());
+        drop(server);
+        // No await from here on: the runtime's readiness for the socket cannot change, but
+        // the kernel has the FIN.
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!connection.is_quiet_now());
     }
 
     #[test]

@@ -67,10 +67,7 @@ pub async fn run_workers(
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let config = control.config();
-    let options = ServerOptions {
-        header_read_timeout: config.proxy.header_read_timeout,
-        shutdown_grace: config.proxy.shutdown_grace,
-    };
+    let options = ServerOptions::new(&config.proxy);
     let stop = CancellationToken::new();
     let mut finished = Vec::with_capacity(listeners.len());
     for (index, listener) in listeners.into_iter().enumerate() {

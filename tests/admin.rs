@@ -583,12 +583,18 @@ async fn metrics_count_exactly_what_was_served() {
         ),
         4.0
     );
+    // The rule picked v3, whose connects were refused: each decision is counted with the
+    // backend that served after the retry, like the request itself.
     assert_eq!(
         metric(
             &text,
             "canary_route_decisions_total",
             &[("backend", "v3"), ("reason", "rule")]
         ),
+        0.0
+    );
+    assert_eq!(
+        metric(&text, "canary_route_decisions_total", &[("reason", "rule")]),
         3.0
     );
     assert_eq!(

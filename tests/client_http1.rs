@@ -376,7 +376,7 @@ async fn unsupported_codings_duplicate_hosts_and_repeated_lengths() {
 #[tokio::test]
 async fn a_stalled_upload_is_the_clients_timeout_not_the_upstreams() {
     refused_without_blaming_the_upstream(
-        "request_timeout = \"300ms\"",
+        "client_body_timeout = \"300ms\"",
         b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nab",
         "408",
     )

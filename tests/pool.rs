@@ -190,3 +190,158 @@ async fn responses_without_a_body_return_their_connection() {
     );
     assert_eq!(up.connections.load(Ordering::SeqCst), 1);
 }
+
+/// An upstream that answers the first request on each connection (keep-alive), and then:
+/// with `read_next`, like one whose keep-alive timer fired just as the next request arrived,
+/// reads the next request's head and closes without answering; without it, closes right
+/// after its answer (before the proxy sends anything more). Counts the request heads read.
+async fn one_shot_upstream(read_next: bool) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let heads = Arc::new(AtomicUsize::new(0));
+    let count = heads.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                if !read_request_head(&mut stream).await {
+                    return;
+                }
+                count.fetch_add(1, Ordering::SeqCst);
+                let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                if stream.write_all(answer).await.is_err() {
+                    return;
+                }
+                if read_next && read_request_head(&mut stream).await {
+                    count.fetch_add(1, Ordering::SeqCst);
+                }
+            });
+        }
+    });
+    (addr, heads)
+}
+
+/// Every second request meets a pooled connection that the upstream closes without an answer:
+/// idempotent requests are sent again on a fresh connection and succeed, and nothing counts
+/// against the endpoint; a POST is not sent again (the upstream may have acted on it): 502.
+#[tokio::test]
+async fn idempotent_requests_on_a_connection_the_upstream_dropped_are_sent_again() {
+    let (addr, heads) = one_shot_upstream(true).await;
+    let text = format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n\
+         [[backend]]\nname = \"v1\"\nurls = [\"http://{addr}\"]\nweight = 1\n\
+         [backend.outlier]\nconsecutive_failures = 1\n"
+    );
+    let proxy = start_proxy(&text).await;
+    let c = client();
+    for i in 0..20 {
+        let response = c.get(proxy.url("/")).send().await.unwrap();
+        assert_eq!(response.status(), 200, "GET {i}");
+        let response = c.put(proxy.url("/")).body("x").send().await.unwrap();
+        assert_eq!(response.status(), 200, "PUT {i}");
+    }
+    let sent = heads.load(Ordering::SeqCst);
+    // Each dropped request was seen once more by the upstream; none was lost.
+    assert!(sent >= 40, "{sent}");
+    let metrics = c
+        .get(proxy.admin("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let errors: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("canary_upstream_errors_total{") && !l.ends_with(" 0"))
+        .collect();
+    assert!(errors.is_empty(), "{errors:?}");
+
+    // A POST on a connection the upstream closed after reading it: not replayed.
+    let before = heads.load(Ordering::SeqCst);
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        let response = c.post(proxy.url("/")).body("x").send().await.unwrap();
+        statuses.push(response.status().as_u16());
+    }
+    assert!(statuses.contains(&502), "{statuses:?}");
+    assert_eq!(
+        heads.load(Ordering::SeqCst) - before,
+        4,
+        "each POST reached the upstream exactly once: {statuses:?}"
+    );
+}
+
+/// The upstream closes each connection right after its answer, before the next request:
+/// every request, POST included, goes out on a fresh connection and succeeds.
+#[tokio::test]
+async fn requests_on_a_connection_closed_before_they_were_read_are_sent_again() {
+    let (addr, heads) = one_shot_upstream(false).await;
+    let proxy = start_proxy(&config(&[("v1", vec![format!("http://{addr}")], 1)], "")).await;
+    let c = client();
+    for i in 0..10 {
+        let response = c.post(proxy.url("/")).body("x").send().await.unwrap();
+        assert_eq!(response.status(), 200, "POST {i}");
+    }
+    assert_eq!(heads.load(Ordering::SeqCst), 10);
+}
+
+/// The proxy's sockets to `port` in CLOSE_WAIT: closed by the upstream, not yet by the proxy.
+fn close_wait_to(port: u16) -> usize {
+    let port = format!(":{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|path| std::fs::read_to_string(path).ok())
+        .flat_map(|text| {
+            text.lines()
+                .skip(1)
+                .map(|line| {
+                    let fields: Vec<&str> = line.split_whitespace().collect();
+                    (fields[2].ends_with(&port), fields[3] == "08")
+                })
+                .collect::<Vec<_>>()
+        })
+        .filter(|&(remote, close_wait)| remote && close_wait)
+        .count()
+}
+
+/// An upstream that keeps connections alive after its answer for 200 ms, then closes them
+/// (a short keep-alive timeout): the proxy closes its pooled ends without waiting for traffic.
+#[tokio::test]
+async fn idle_connections_the_upstream_closed_do_not_linger_in_close_wait() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                while read_request_head(&mut stream).await {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    if stream.write_all(answer).await.is_err() {
+                        return;
+                    }
+                    let mut byte = [0u8; 1];
+                    let next =
+                        tokio::time::timeout(Duration::from_millis(200), stream.peek(&mut byte));
+                    if !matches!(next.await, Ok(Ok(1))) {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let proxy = start_proxy(&config(&[("v1", vec![format!("http://{addr}")], 1)], "")).await;
+    let c = client();
+    let burst: Vec<_> = (0..10)
+        .map(|_| {
+            let (c, url) = (c.clone(), proxy.url("/"));
+            tokio::spawn(async move { c.get(url).send().await.unwrap().status() })
+        })
+        .collect();
+    for request in burst {
+        assert_eq!(request.await.unwrap(), 200);
+    }
+    // The upstream closes after 200 ms; the proxy looks at idle connections once a second.
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    assert_eq!(close_wait_to(addr.port()), 0);
+}

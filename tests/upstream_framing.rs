@@ -247,3 +247,36 @@ async fn an_idle_connection_the_upstream_closed_is_not_reused() {
     }
     assert_eq!(connections.load(Ordering::SeqCst), 5);
 }
+
+/// An upstream that switches protocols on a request that asked for no upgrade is failing:
+/// the 502s count against its endpoint, which passive health then ejects.
+#[tokio::test]
+async fn an_unasked_101_counts_against_the_endpoint() {
+    let upstream = raw_upstream(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+    )
+    .await;
+    let text = format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n\
+         [[backend]]\nname = \"v1\"\nurls = [\"http://{upstream}\"]\nweight = 1\n\
+         [backend.outlier]\nconsecutive_failures = 2\n"
+    );
+    let proxy = start_proxy(&text).await;
+    let c = client();
+    for _ in 0..2 {
+        assert_eq!(c.get(proxy.url("/")).send().await.unwrap().status(), 502);
+    }
+    let routes = c
+        .get(proxy.admin("/admin/routes"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let routes: serde_json::Value = serde_json::from_str(&routes).unwrap();
+    assert_eq!(
+        routes["backends"][0]["endpoints"][0]["ejected"], true,
+        "{routes}"
+    );
+}
