@@ -8,8 +8,9 @@
 //!
 //! Endpoint health is the one piece of live state: an `EndpointHealth` (atomics) per endpoint,
 //! shared by every snapshot that contains the endpoint, so the health checker never has to
-//! rebuild the table and an admin change never loses health it did not know about. A decision
-//! reads each health flag once, so it is consistent with itself.
+//! rebuild the table, and neither an admin change nor a reload loses health it did not know
+//! about (a reload keeps every endpoint whose URL is unchanged). A decision reads each health
+//! flag once, so it is consistent with itself.
 
 use std::fmt;
 use std::sync::Arc;
@@ -69,7 +70,8 @@ pub struct Backend {
     pub name_value: HeaderValue,
     pub weight: u32,
     pub endpoints: Vec<Arc<Endpoint>>,
-    /// The connection pool of this backend; kept across reloads that do not change it.
+    /// How requests reach this backend's endpoints (connect and idle timeouts); each endpoint
+    /// holds its own idle connections.
     pub upstream: Upstream,
     /// This backend's metric handles, resolved once so requests never look labels up.
     pub metrics: BackendMetrics,
@@ -212,8 +214,9 @@ fn matcher_accepts(matcher: &RuleMatcher, value: &[u8]) -> bool {
 }
 
 impl RoutingTable {
-    /// Builds a table from a validated config. Backends whose name and connection settings are
-    /// unchanged from `previous` keep their connection pool, and endpoints keep their health.
+    /// Builds a table from a validated config. Endpoints whose backend name and URL are
+    /// unchanged from `previous` are kept as they are (health, idle connections), whatever
+    /// else the new config changes; the rest start up, not ejected, with no connections.
     pub fn from_config(
         config: &Config,
         version: u64,
@@ -454,13 +457,17 @@ impl RoutingTable {
 }
 
 impl Backend {
+    /// A backend built from its config. Endpoints of `old` (the backend of the same name in
+    /// the table being replaced) whose URL is unchanged are kept, with their health (active
+    /// verdict, probe streak, ejection), their idle connections and the round-robin cursor,
+    /// whatever else changed: connection settings apply to the next connection taken from
+    /// or put into a pool, so nothing is lost by keeping them.
     fn from_config(
         config: &BackendConfig,
         settings: UpstreamSettings,
         old: Option<&Backend>,
         metrics: &Metrics,
     ) -> Self {
-        let old = old.filter(|b| b.upstream.settings() == settings);
         let endpoints = config
             .endpoints
             .iter()
@@ -484,7 +491,7 @@ impl Backend {
                 .unwrap_or_else(|_| HeaderValue::from_static("invalid")),
             weight: config.weight,
             endpoints,
-            upstream: old.map_or_else(|| Upstream::new(settings), |b| b.upstream),
+            upstream: Upstream::new(settings),
             metrics: metrics.backend(&config.name),
             health: config.health.clone(),
             cursor: old.map_or_else(Arc::default, |b| b.cursor.clone()),
@@ -914,6 +921,68 @@ mod tests {
             second.backends[0].endpoints[1].record_outcome(false);
         }
         assert!(second.backends[0].endpoints[1].is_healthy());
+    }
+
+    #[test]
+    fn reload_keeps_endpoints_whose_url_is_unchanged_whatever_else_changes() {
+        let text = |proxy: &str, urls: &str, check: &str| {
+            format!(
+                "[proxy]\n{proxy}\n[[backend]]\nname = \"v1\"\nurls = [{urls}]\nweight = 1\n\
+                 [backend.outlier]\nconsecutive_failures = 1\n{check}"
+            )
+        };
+        let parse = |text: String| crate::config::parse(&text, "t.toml").unwrap();
+        let metrics = Metrics::new();
+        let first = RoutingTable::from_config(
+            &parse(text(
+                "",
+                "\"http://127.0.0.1:1\", \"http://127.0.0.1:2\"",
+                "",
+            )),
+            1,
+            None,
+            &metrics,
+        );
+        let (ejected, down) = (
+            &first.backends[0].endpoints[0],
+            &first.backends[0].endpoints[1],
+        );
+        ejected.record_outcome(false);
+        down.set_healthy(false);
+        assert!(ejected.status().ejected && !down.status().active_up);
+        // New connection settings, a new health check, one URL replaced.
+        let second = RoutingTable::from_config(
+            &parse(text(
+                "connect_timeout = \"750ms\"\nupstream_idle_timeout = \"7s\"",
+                "\"http://127.0.0.1:1\", \"http://127.0.0.1:3\"",
+                "[backend.health]\npath = \"/up\"\ninterval = \"5s\"\n",
+            )),
+            2,
+            Some(&first),
+            &metrics,
+        );
+        let kept = &second.backends[0];
+        assert_eq!(
+            kept.upstream.settings(),
+            UpstreamSettings {
+                connect_timeout: Duration::from_millis(750),
+                idle_timeout: Duration::from_secs(7),
+            }
+        );
+        assert!(Arc::ptr_eq(&kept.endpoints[0], ejected));
+        assert!(kept.endpoints[0].status().ejected, "still ejected");
+        let fresh = &kept.endpoints[1];
+        assert_eq!(fresh.url, "http://127.0.0.1:3");
+        assert!(fresh.is_healthy());
+        // The dropped URL coming back later is a new endpoint: nothing holds its old state.
+        let third = RoutingTable::from_config(
+            &parse(text("", "\"http://127.0.0.1:2\"", "")),
+            3,
+            Some(&second),
+            &metrics,
+        );
+        assert!(!Arc::ptr_eq(&third.backends[0].endpoints[0], down));
+        assert!(third.backends[0].endpoints[0].is_healthy());
     }
 
     #[test]
