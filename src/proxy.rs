@@ -142,7 +142,10 @@ impl Proxy {
         let backend = &table.backends[decision.backend];
         backend.metrics.decision(decision.reason);
         outcome.backend = Some(decision.backend);
-        let endpoint = backend.pick_endpoint(None).ok_or(ProxyError::NoBackend)?;
+        let endpoint = backend
+            .endpoints
+            .get(decision.endpoint)
+            .ok_or(ProxyError::NoBackend)?;
         let mut target = Target {
             backend,
             index: decision.backend,
