@@ -90,5 +90,23 @@ fn header_rewrite(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, routing, header_rewrite);
+/// The target and Host check every request gets (`settle_host`), on a typical origin-form
+/// request; the proxy's own HTTP/1.1 path runs it twice (when framing the head, then when
+/// forwarding).
+fn host_check(c: &mut Criterion) {
+    let uri = http::Uri::from_static("/products/42?ref=home");
+    let mut headers = browser_headers();
+    c.bench_function("rewrite/settle host", |b| {
+        b.iter(|| {
+            black_box(canary_proxy::settle_host(
+                &http::Method::GET,
+                black_box(&uri),
+                &mut headers,
+                http::Version::HTTP_11,
+            ))
+        })
+    });
+}
+
+criterion_group!(benches, routing, header_rewrite, host_check);
 criterion_main!(benches);

@@ -37,8 +37,9 @@ pub enum ProxyError {
         #[source]
         source: crate::upstream::ForwardBodyError,
     },
-    /// An HTTP/1 request the proxy will not forward as it is: several `Host` lines, or none
-    /// in an HTTP/1.1 request (RFC 9112 §3.2).
+    /// A request the proxy will not forward as it is: a request target or `Host` that
+    /// `headers::settle_host` refuses (several `Host` lines, none in HTTP/1.1, one that is not
+    /// `host[:port]`, authority-form, `*` but for OPTIONS; RFC 9112 §3.2).
     #[error("bad request: {0}")]
     BadRequest(&'static str),
     /// A transfer coding other than chunked: the proxy cannot pass it on labelled.

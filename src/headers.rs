@@ -3,14 +3,19 @@
 //!
 //! Stripping comes first, so that a client cannot smuggle a header past the proxy by naming it
 //! in `Connection`, nor remove one the proxy adds.
+//!
+//! Before any of that, [`settle_host`] checks the request target and `Host` of every request
+//! (both HTTP/1 paths and HTTP/2 alike) and makes `Host` the one the request goes upstream
+//! with: routing rules, `X-Forwarded-Host` and the upstream all see that one.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 
-use http::Version;
 use http::header::{
     CONNECTION, COOKIE, HOST, HeaderMap, HeaderName, HeaderValue, PROXY_AUTHENTICATE,
     PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
 };
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Method, Uri, Version};
 use rand::RngExt;
 
 use crate::codec::has_token;
@@ -88,28 +93,189 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// The checks an HTTP/1 request head must pass before it is forwarded, beyond its framing:
-/// exactly one `Host` (none only in HTTP/1.0), and no transfer coding but chunked (the one the
-/// proxy decodes; another would reach the upstream unlabelled once `Transfer-Encoding`, a
-/// hop-by-hop header, is stripped).
-pub fn check_http1_request(headers: &HeaderMap, version: Version) -> Result<(), ProxyError> {
-    check_host(headers, version)?;
+/// The transfer-coding check an HTTP/1 request must pass before it is forwarded: no coding but
+/// chunked (the one the proxy decodes; another would reach the upstream unlabelled once
+/// `Transfer-Encoding`, a hop-by-hop header, is stripped).
+pub fn check_transfer_coding(headers: &HeaderMap) -> Result<(), ProxyError> {
     if crate::codec::transfer_encoding(headers) == Some(false) {
         return Err(ProxyError::UnsupportedCoding);
     }
     Ok(())
 }
 
-/// Exactly one `Host` line; none only in HTTP/1.0 (RFC 9112 §3.2).
-pub fn check_host(headers: &HeaderMap, version: Version) -> Result<(), ProxyError> {
-    let mut hosts = headers.get_all(HOST).iter();
-    if hosts.next().is_none() && version == Version::HTTP_11 {
-        return Err(ProxyError::BadRequest("no Host in an HTTP/1.1 request"));
+/// Checks a request's target and `Host`, makes `Host` the one the request goes upstream with,
+/// and returns it (`None` when the request has none: HTTP/1.0, or HTTP/2 with neither
+/// `:authority` nor `host`). Refused with 400:
+///
+/// - HTTP/1: no `Host` in HTTP/1.1, or several `Host` lines (RFC 9112 §3.2); a `Host` that is
+///   not `uri-host [ ":" port ]` ([`is_valid_authority`]), except an empty one (RFC 9112 §3.2
+///   has clients send it empty when the target URI has no authority; the upstream then uses
+///   its default name, RFC 9112 §3.3); a target in authority-form (it is only for CONNECT,
+///   which the proxy refuses before, RFC 9112 §3.2.3); an absolute-form target whose scheme is
+///   not http or https, or whose authority is not a valid host (userinfo included). An
+///   absolute-form target's authority replaces `Host` (RFC 9112 §3.2.2: a proxy MUST NOT
+///   forward the received Host).
+/// - HTTP/2: `:authority`, when present, replaces any `host` field (RFC 9113 §8.3.1: the two
+///   must agree, and an intermediary builds `Host` from `:authority`); without it, at most
+///   one valid `host`.
+/// - Any version: the asterisk-form target `*` is only for OPTIONS (RFC 9112 §3.2.4).
+///
+/// Allocation-free unless `Host` has to be replaced by an authority that differs from it.
+pub fn settle_host(
+    method: &Method,
+    uri: &Uri,
+    headers: &mut HeaderMap,
+    version: Version,
+) -> Result<Option<HeaderValue>, ProxyError> {
+    if uri.scheme().is_none()
+        && uri.authority().is_none()
+        && uri.path() == "*"
+        && method != Method::OPTIONS
+    {
+        return Err(ProxyError::BadRequest("a `*` target is only for OPTIONS"));
     }
-    if hosts.next().is_some() {
+    if version >= Version::HTTP_2
+        && let Some(authority) = uri.authority()
+    {
+        return replace_host(headers, authority).map(Some);
+    }
+    let mut lines = headers.get_all(HOST).iter();
+    let host = lines.next();
+    if lines.next().is_some() {
         return Err(ProxyError::BadRequest("several Host lines"));
     }
-    Ok(())
+    if let Some(host) = host
+        && !host.is_empty()
+        && !is_valid_authority(host.as_bytes())
+    {
+        return Err(ProxyError::BadRequest("a Host that is not host[:port]"));
+    }
+    if version >= Version::HTTP_2 {
+        return Ok(host.cloned());
+    }
+    if host.is_none() && version == Version::HTTP_11 {
+        return Err(ProxyError::BadRequest("no Host in an HTTP/1.1 request"));
+    }
+    match (uri.scheme(), uri.authority()) {
+        // origin-form (`/path?query`) or asterisk-form
+        (None, None) => Ok(host.cloned()),
+        (None, Some(_)) => Err(ProxyError::BadRequest(
+            "an authority-form target is only for CONNECT",
+        )),
+        (Some(scheme), Some(authority)) if *scheme == Scheme::HTTP || *scheme == Scheme::HTTPS => {
+            replace_host(headers, authority).map(Some)
+        }
+        (Some(_), _) => Err(ProxyError::BadRequest(
+            "an absolute-form target of a scheme other than http or https",
+        )),
+    }
+}
+
+/// Makes `authority` (from an absolute-form target or `:authority`) the request's only `Host`,
+/// once checked like a Host. When the request's `Host` already says the same, it is kept as it
+/// is (no copy).
+fn replace_host(headers: &mut HeaderMap, authority: &Authority) -> Result<HeaderValue, ProxyError> {
+    const INVALID: ProxyError =
+        ProxyError::BadRequest("a target authority that is not host[:port]");
+    let text = authority.as_str().as_bytes();
+    if !is_valid_authority(text) {
+        return Err(INVALID);
+    }
+    let mut lines = headers.get_all(HOST).iter();
+    if let (Some(host), None) = (lines.next(), lines.next())
+        && host.as_bytes() == text
+    {
+        return Ok(host.clone());
+    }
+    let host = HeaderValue::from_bytes(text).map_err(|_| INVALID)?;
+    headers.insert(HOST, host.clone());
+    Ok(host)
+}
+
+/// What may appear in a reg-name (RFC 3986 §3.2.2) here: unreserved characters and
+/// sub-delims, plus `%` (its two hex digits are checked apart). The comma, a sub-delim, is
+/// left out: no DNS name has one, and a Host holding one reads as two values joined (as in
+/// `X-Forwarded-Host`, which carries it on and which upstreams split on commas).
+static REG_NAME: [bool; 256] = {
+    let mut table = [false; 256];
+    let allowed = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~!$&'()*+;=%";
+    let mut i = 0;
+    while i < allowed.len() {
+        table[allowed[i] as usize] = true;
+        i += 1;
+    }
+    table
+};
+
+/// True when `value` is `uri-host [ ":" port ]` (RFC 9110 §7.2, RFC 3986 §3.2.2–3.2.3): a
+/// non-empty reg-name (which covers IPv4 addresses) or an IPv6 address in brackets, then
+/// optionally `:` and a port of 1 to 5 digits up to 65535. No userinfo, no path, no spaces, no
+/// list. IPvFuture literals and zone identifiers are not accepted. A byte scan, no allocation.
+pub fn is_valid_authority(value: &[u8]) -> bool {
+    let (host_ok, rest) = match value.strip_prefix(b"[") {
+        Some(literal) => match memchr::memchr(b']', literal) {
+            Some(end) => (is_ipv6(&literal[..end]), &literal[end + 1..]),
+            None => return false,
+        },
+        None => {
+            let end = memchr::memchr(b':', value).unwrap_or(value.len());
+            (is_reg_name(&value[..end]), &value[end..])
+        }
+    };
+    host_ok
+        && match rest {
+            [] => true,
+            [b':', port @ ..] => is_port(port),
+            _ => false,
+        }
+}
+
+fn is_reg_name(name: &[u8]) -> bool {
+    if name.is_empty() {
+        return false;
+    }
+    let mut i = 0;
+    while i < name.len() {
+        let byte = name[i];
+        if !REG_NAME[usize::from(byte)] {
+            return false;
+        }
+        if byte == b'%' {
+            // pct-encoded = "%" HEXDIG HEXDIG
+            match name.get(i + 1..i + 3) {
+                Some([a, b]) if a.is_ascii_hexdigit() && b.is_ascii_hexdigit() => i += 2,
+                _ => return false,
+            }
+        }
+        i += 1;
+    }
+    true
+}
+
+fn is_ipv6(address: &[u8]) -> bool {
+    std::str::from_utf8(address).is_ok_and(|a| a.parse::<Ipv6Addr>().is_ok())
+}
+
+fn is_port(port: &[u8]) -> bool {
+    (1..=5).contains(&port.len())
+        && port.iter().all(u8::is_ascii_digit)
+        && port.iter().fold(0u32, |n, d| n * 10 + u32::from(d - b'0')) <= u32::from(u16::MAX)
+}
+
+/// The request target sent upstream, in origin-form (RFC 9112 §3.2.1): the path and query of
+/// an origin-form or absolute-form target, with `/` for an empty path (RFC 9112 §3.2.2), or
+/// `*` for asterisk-form.
+pub fn origin_form(uri: &Uri) -> PathAndQuery {
+    match uri.path_and_query() {
+        Some(target) if target.as_str().starts_with('/') || target.as_str() == "*" => {
+            target.clone()
+        }
+        // An absolute-form target with a query and no path (`http://a?q`): `as_str` gives
+        // `?q`, `Display` puts the `/` in front.
+        Some(target) => PathAndQuery::try_from(target.to_string())
+            .unwrap_or_else(|_| PathAndQuery::from_static("/")),
+        None => PathAndQuery::from_static("/"),
+    }
 }
 
 /// The client address as a header value; built once per connection.
@@ -146,7 +312,9 @@ pub fn join_cookies(headers: &mut HeaderMap) {
 }
 
 /// Appends the client address (from [`client_ip_value`]) to `X-Forwarded-For`, keeping earlier
-/// hops folded into one line, and sets `X-Forwarded-Proto` and `X-Forwarded-Host`.
+/// hops folded into one line, and sets `X-Forwarded-Proto` and `X-Forwarded-Host` (the Host
+/// the request is forwarded with, from [`settle_host`]; none, and any the client sent removed,
+/// when that is absent or empty).
 pub fn add_forwarded(headers: &mut HeaderMap, client: &HeaderValue, host: Option<&HeaderValue>) {
     let forwarded_for = match headers.get(&X_FORWARDED_FOR) {
         None => Some(client.clone()),
@@ -165,8 +333,8 @@ pub fn add_forwarded(headers: &mut HeaderMap, client: &HeaderValue, host: Option
     }
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
     match host {
-        Some(host) => headers.insert(X_FORWARDED_HOST.clone(), host.clone()),
-        None => headers.remove(&X_FORWARDED_HOST),
+        Some(host) if !host.is_empty() => headers.insert(X_FORWARDED_HOST.clone(), host.clone()),
+        _ => headers.remove(&X_FORWARDED_HOST),
     };
 }
 
@@ -236,18 +404,188 @@ mod tests {
     }
 
     #[test]
-    fn http1_requests_need_one_host_and_no_coding_but_chunked() {
-        let one = map(&[("host", "a"), ("transfer-encoding", "chunked")]);
-        assert!(check_http1_request(&one, Version::HTTP_11).is_ok());
-        assert!(check_http1_request(&map(&[]), Version::HTTP_10).is_ok());
-        assert!(check_http1_request(&map(&[]), Version::HTTP_11).is_err());
-        let two = map(&[("host", "a"), ("host", "b")]);
-        assert!(check_http1_request(&two, Version::HTTP_10).is_err());
-        let gzip = map(&[("host", "a"), ("transfer-encoding", "gzip, chunked")]);
+    fn no_transfer_coding_but_chunked() {
+        assert!(check_transfer_coding(&map(&[("transfer-encoding", "chunked")])).is_ok());
+        assert!(check_transfer_coding(&map(&[])).is_ok());
+        let gzip = map(&[("transfer-encoding", "gzip, chunked")]);
         assert!(matches!(
-            check_http1_request(&gzip, Version::HTTP_11),
+            check_transfer_coding(&gzip),
             Err(ProxyError::UnsupportedCoding)
         ));
+    }
+
+    #[test]
+    fn hosts_are_host_and_port() {
+        for good in [
+            "example.com",
+            "shop.example.com:8080",
+            "EXAMPLE.com.",
+            "127.0.0.1",
+            "127.0.0.1:80",
+            "999.1.1.1",
+            "[::1]",
+            "[2001:db8::7]:443",
+            "[::ffff:192.0.2.1]",
+            "my_host-1",
+            "xn--bcher-kva.example",
+            "caf%C3%A9.example",
+            "a!$&'()*+;=b",
+            "a:65535",
+            "a:0",
+        ] {
+            assert!(is_valid_authority(good.as_bytes()), "{good}");
+        }
+        for bad in [
+            "",
+            "a, b",
+            "a,b",
+            "a b/c",
+            "a/b",
+            "a b",
+            "user@example.com",
+            ":80",
+            "a:",
+            "a:65536",
+            "a:123456",
+            "a:8x",
+            "a:80:80",
+            "[::1",
+            "[::1]x",
+            "[::1]:",
+            "[example.com]",
+            "[v1.fe80::a]",
+            "[fe80::1%25eth0]",
+            "a%2",
+            "a%zz",
+            "a?b",
+            "a#b",
+            "a\tb",
+            "\u{e9}t\u{e9}.example",
+        ] {
+            assert!(!is_valid_authority(bad.as_bytes()), "{bad:?}");
+        }
+    }
+
+    fn settle(
+        method: Method,
+        target: &'static str,
+        pairs: &[(&'static str, &'static str)],
+        version: Version,
+    ) -> (Result<Option<HeaderValue>, ProxyError>, HeaderMap) {
+        let mut headers = map(pairs);
+        let uri = Uri::from_static(target);
+        let result = settle_host(&method, &uri, &mut headers, version);
+        (result, headers)
+    }
+
+    fn settled(target: &'static str, pairs: &[(&'static str, &'static str)]) -> Option<String> {
+        let (result, headers) = settle(Method::GET, target, pairs, Version::HTTP_11);
+        let host = result.unwrap_or_else(|e| panic!("{target} {pairs:?}: {e}"));
+        assert_eq!(
+            host.as_ref(),
+            headers.get(HOST),
+            "Host field and returned Host agree"
+        );
+        host.map(|h| h.to_str().unwrap().to_string())
+    }
+
+    fn refused(method: Method, target: &'static str, pairs: &[(&'static str, &'static str)]) {
+        for version in [Version::HTTP_10, Version::HTTP_11] {
+            let (result, _) = settle(method.clone(), target, pairs, version);
+            assert!(
+                matches!(result, Err(ProxyError::BadRequest(_))),
+                "{method} {target} {pairs:?} {version:?}: {result:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn http1_hosts_and_targets() {
+        assert_eq!(
+            settled("/p?q=1", &[("host", "shop.example")]).unwrap(),
+            "shop.example"
+        );
+        // An absolute-form target's authority is the Host, whatever Host said.
+        assert_eq!(
+            settled("http://abs.example/p", &[("host", "hdr.example")]).unwrap(),
+            "abs.example"
+        );
+        assert_eq!(
+            settled("HTTPS://abs.example:8443/p", &[("host", "")]).unwrap(),
+            "abs.example:8443"
+        );
+        // An empty Host is allowed (the target URI has no authority): passed on as it is.
+        assert_eq!(settled("/", &[("host", "")]).unwrap(), "");
+        // HTTP/1.0 may come without Host.
+        let (result, _) = settle(Method::GET, "/", &[], Version::HTTP_10);
+        assert!(matches!(result, Ok(None)));
+        let (result, headers) = settle(Method::GET, "http://abs.example/", &[], Version::HTTP_10);
+        assert_eq!(result.unwrap().unwrap(), "abs.example");
+        assert_eq!(headers[HOST], "abs.example");
+        // OPTIONS * is the one use of asterisk-form.
+        let (result, _) = settle(Method::OPTIONS, "*", &[("host", "a")], Version::HTTP_11);
+        assert_eq!(result.unwrap().unwrap(), "a");
+
+        let (result, _) = settle(Method::GET, "/", &[], Version::HTTP_11);
+        assert!(
+            matches!(result, Err(ProxyError::BadRequest(_))),
+            "no Host in HTTP/1.1"
+        );
+        refused(Method::GET, "/", &[("host", "a"), ("host", "b")]);
+        refused(Method::GET, "/", &[("host", "a, b")]);
+        refused(Method::GET, "/", &[("host", "a b/c")]);
+        refused(Method::GET, "/", &[("host", "user@a")]);
+        refused(
+            Method::GET,
+            "http://abs.example/",
+            &[("host", "a"), ("host", "a")],
+        );
+        refused(Method::GET, "http://abs.example/", &[("host", "a b")]);
+        refused(Method::GET, "abs.example:80", &[("host", "abs.example:80")]);
+        refused(Method::GET, "*", &[("host", "a")]);
+        refused(
+            Method::GET,
+            "ftp://abs.example/p",
+            &[("host", "abs.example")],
+        );
+        refused(
+            Method::GET,
+            "http://user@abs.example/p",
+            &[("host", "abs.example")],
+        );
+    }
+
+    #[test]
+    fn http2_authority_wins_over_host() {
+        let h2 = |target, pairs| settle(Method::GET, target, pairs, Version::HTTP_2);
+        let (result, headers) = h2("http://auth.example/p", &[("host", "other.example")]);
+        assert_eq!(result.unwrap().unwrap(), "auth.example");
+        assert_eq!(
+            headers.get_all(HOST).iter().collect::<Vec<_>>(),
+            ["auth.example"]
+        );
+        // Several host fields beside :authority are all replaced.
+        let (result, headers) = h2("http://auth.example/p", &[("host", "x"), ("host", "y")]);
+        assert_eq!(result.unwrap().unwrap(), "auth.example");
+        assert_eq!(headers.get_all(HOST).iter().count(), 1);
+        // Without :authority, the host field, if any, checked as in HTTP/1.
+        let (result, _) = h2("/p", &[("host", "h.example")]);
+        assert_eq!(result.unwrap().unwrap(), "h.example");
+        assert!(matches!(h2("/p", &[]).0, Ok(None)));
+        assert!(h2("/p", &[("host", "a b")]).0.is_err());
+        assert!(h2("/p", &[("host", "a"), ("host", "b")]).0.is_err());
+        assert!(h2("http://user@auth.example/p", &[]).0.is_err());
+    }
+
+    #[test]
+    fn targets_go_upstream_in_origin_form() {
+        let form = |target: &'static str| origin_form(&Uri::from_static(target));
+        assert_eq!(form("/p?q=1"), "/p?q=1");
+        assert_eq!(form("http://abs.example/p?q=1"), "/p?q=1");
+        assert_eq!(form("http://abs.example"), "/");
+        assert_eq!(form("http://abs.example?q=1"), "/?q=1");
+        assert_eq!(form("*"), "*");
+        assert_eq!(form("abs.example:80"), "/");
     }
 
     #[test]
@@ -278,6 +616,12 @@ mod tests {
         add_forwarded(&mut h, &client_ip_value("::1".parse().unwrap()), None);
         assert_eq!(h["x-forwarded-for"], "::1");
         assert!(h.get("x-forwarded-host").is_none());
+        let mut h = map(&[("x-forwarded-host", "spoofed")]);
+        add_forwarded(&mut h, &local, Some(&HeaderValue::from_static("")));
+        assert!(
+            h.get("x-forwarded-host").is_none(),
+            "an empty Host names no host"
+        );
     }
 
     #[test]

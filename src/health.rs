@@ -4,6 +4,11 @@
 //! for a cool-down that grows with each recent ejection, as in Envoy). [`HealthSupervisor`]
 //! keeps exactly one probe task per health-checked endpoint of the current routing table.
 //!
+//! All of an endpoint's health state lives in its [`EndpointHealth`], not in a task: the active
+//! verdict with its streak of probe results, and the ejection. A reload keeps the endpoints
+//! whose URL is unchanged, so it keeps their health whatever else changed; a check whose
+//! settings changed is restarted and goes on from the verdict and streak the endpoint has.
+//!
 //! Routing asks [`EndpointHealth::is_healthy`] for every request and the proxy reports every
 //! upstream attempt to [`EndpointHealth::record_outcome`], so both are plain atomic loads in the
 //! common case; the ejection bookkeeping behind a lock is only touched on the failure path.
@@ -66,8 +71,8 @@ pub enum Transition {
 }
 
 impl ProbeCounter {
-    /// A counter starting in state `up` (endpoints start up; a restarted check keeps the state
-    /// the previous one left). Thresholds below 1 act as 1.
+    /// A counter starting in state `up` with no streak (endpoints start up). Thresholds below
+    /// 1 act as 1.
     pub fn new(up: bool, unhealthy_threshold: u32, healthy_threshold: u32) -> Self {
         ProbeCounter {
             up,
@@ -75,6 +80,13 @@ impl ProbeCounter {
             unhealthy_threshold: unhealthy_threshold.max(1),
             healthy_threshold: healthy_threshold.max(1),
         }
+    }
+
+    /// New thresholds (a check restarted with new settings), keeping the state and the streak:
+    /// the next result is judged against them.
+    pub fn set_thresholds(&mut self, unhealthy_threshold: u32, healthy_threshold: u32) {
+        self.unhealthy_threshold = unhealthy_threshold.max(1);
+        self.healthy_threshold = healthy_threshold.max(1);
     }
 
     pub fn is_up(&self) -> bool {
@@ -131,7 +143,12 @@ pub struct EndpointHealth {
     /// The endpoint's URL, for the ejection log lines this state emits itself.
     url: Box<str>,
     /// The active check's verdict, or an operator override; true when no check is configured.
+    /// Mirrors `probe`'s state, for lock-free reads on every request.
     active_up: AtomicBool,
+    /// The active check's verdict and streak. Kept here rather than in the probe task, so that
+    /// a check restarted with new settings (or a task replaced while its last probe was in
+    /// flight) goes on from where the endpoint is; only touched once per probe.
+    probe: Mutex<ProbeCounter>,
     /// End of the current ejection in nanoseconds after `epoch`, 0 when not ejected: one word,
     /// so the routing check costs one load while the endpoint is in.
     ejected_until: AtomicU64,
@@ -184,6 +201,7 @@ impl EndpointHealth {
         EndpointHealth {
             url: url.into(),
             active_up: AtomicBool::new(true),
+            probe: Mutex::new(ProbeCounter::new(true, 1, 1)),
             ejected_until: AtomicU64::new(0),
             failures: AtomicU32::new(0),
             threshold: AtomicU32::new(outlier.consecutive_failures),
@@ -210,10 +228,28 @@ impl EndpointHealth {
         self.active_up.load(Ordering::Relaxed)
     }
 
-    /// Sets the active verdict: the probe task after each probe, or a test or operator forcing
-    /// the state (a running check overrides it at its next probe).
+    /// Forces the active verdict and clears the streak: a test or an operator, or the end of a
+    /// check removed from the config (the endpoint goes back up). A running check goes on
+    /// counting from this state.
     pub fn set_active(&self, up: bool) {
+        let mut probe = self.lock_probe();
+        *probe = ProbeCounter::new(up, probe.unhealthy_threshold, probe.healthy_threshold);
         self.active_up.store(up, Ordering::Relaxed);
+    }
+
+    /// Records one probe result, judged with the check's thresholds; returns the transition of
+    /// the active verdict it completed, if any.
+    pub fn record_probe(
+        &self,
+        passed: bool,
+        unhealthy_threshold: u32,
+        healthy_threshold: u32,
+    ) -> Option<Transition> {
+        let mut probe = self.lock_probe();
+        probe.set_thresholds(unhealthy_threshold, healthy_threshold);
+        let transition = probe.record(passed);
+        self.active_up.store(probe.is_up(), Ordering::Relaxed);
+        transition
     }
 
     /// True while an ejection lasts.
@@ -348,6 +384,10 @@ impl EndpointHealth {
     fn lock(&self) -> MutexGuard<'_, Ejections> {
         self.ejections.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    fn lock_probe(&self) -> MutexGuard<'_, ProbeCounter> {
+        self.probe.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -440,9 +480,9 @@ struct ProbeTask {
 }
 
 impl ProbeTask {
-    /// Probes every `interval` until cancelled, feeding the results to a [`ProbeCounter`] and
-    /// its verdict to the endpoint. Each probe is bounded by `timeout`, and every endpoint has
-    /// its own task, so a black-holed endpoint delays nobody else.
+    /// Probes every `interval` until cancelled, feeding the results to the endpoint's
+    /// [`ProbeCounter`] (which sets its verdict). Each probe is bounded by `timeout`, and every
+    /// endpoint has its own task, so a black-holed endpoint delays nobody else.
     async fn run(self) {
         let ProbeTask {
             endpoint,
@@ -463,11 +503,6 @@ impl ProbeTask {
                 return;
             }
         };
-        let mut counter = ProbeCounter::new(
-            endpoint.health.is_active_up(),
-            config.unhealthy_threshold,
-            config.healthy_threshold,
-        );
         let mut ticker = tokio::time::interval(config.interval);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
         loop {
@@ -484,7 +519,12 @@ impl ProbeTask {
             if let Err(error) = &result {
                 tracing::debug!(backend = %backend, endpoint = %endpoint.url, %error, "health check failed");
             }
-            match (counter.record(result.is_ok()), &result) {
+            let transition = endpoint.health.record_probe(
+                result.is_ok(),
+                config.unhealthy_threshold,
+                config.healthy_threshold,
+            );
+            match (transition, &result) {
                 (Some(Transition::Down { failures }), Err(error)) => tracing::warn!(
                     backend = %backend,
                     endpoint = %endpoint.url,
@@ -500,9 +540,6 @@ impl ProbeTask {
                 ),
                 _ => {}
             }
-            // Stored after every probe, not only on transitions: this also undoes a stale
-            // write of a check that was just replaced, within one interval.
-            endpoint.health.set_active(counter.is_up());
         }
     }
 }
@@ -553,9 +590,11 @@ impl HealthSupervisor {
 
     /// Makes the running checks match `table`: starts a check for each endpoint of a backend
     /// with `[backend.health]` that has none, restarts those whose backend's check settings
-    /// changed, and stops the others. Endpoints kept across a table swap (same `Arc`) keep
-    /// their task and state; an endpoint whose backend lost its check goes back to up. Call it
-    /// at start and after every swap. Must be called within a tokio runtime.
+    /// changed, and stops the others. Endpoints kept across a table swap (same `Arc`: a weight
+    /// change, or a reload that kept their URL) keep their task, or with new check settings
+    /// get a new one that goes on from their verdict and streak; an endpoint whose backend
+    /// lost its check goes back to up. Call it at start and after every swap. Must be called
+    /// within a tokio runtime.
     pub fn sync(&self, table: &RoutingTable) {
         let present: HashSet<usize> = table
             .backends
@@ -771,6 +810,33 @@ mod tests {
             assert_eq!(c.record(false), None);
         }
         assert!(!c.is_up());
+    }
+
+    #[test]
+    fn probe_verdict_and_streak_live_with_the_endpoint_across_check_restarts() {
+        let h = EndpointHealth::new("http://127.0.0.1:1", OutlierConfig::default());
+        // Two failures of a check that needs three...
+        assert_eq!(h.record_probe(false, 3, 2), None);
+        assert_eq!(h.record_probe(false, 3, 2), None);
+        assert!(h.is_active_up());
+        // ...and the check is restarted with new settings: the third failure still counts.
+        assert_eq!(
+            h.record_probe(false, 3, 5),
+            Some(Transition::Down { failures: 3 })
+        );
+        assert!(!h.is_active_up() && !h.is_healthy());
+        // Passes towards coming back are kept too, judged by the thresholds of the day.
+        assert_eq!(h.record_probe(true, 3, 5), None);
+        assert_eq!(
+            h.record_probe(true, 3, 2),
+            Some(Transition::Up { passes: 2 })
+        );
+        assert!(h.is_healthy());
+        // Forcing a verdict clears the streak.
+        assert_eq!(h.record_probe(false, 2, 2), None);
+        h.set_active(true);
+        assert_eq!(h.record_probe(false, 2, 2), None);
+        assert!(h.is_active_up());
     }
 
     fn outlier(failures: u32, base: Duration, max: Duration) -> OutlierConfig {

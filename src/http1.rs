@@ -291,6 +291,9 @@ enum HeadError {
     Bad,
     /// Too large or too many fields: answered 431.
     TooLarge,
+    /// Too large, and the request line alone is (its target is longer than a whole head may
+    /// be): answered 414 URI Too Long (RFC 9110 §15.5.15).
+    UriTooLong,
     /// Not complete within the header read timeout, or the client left mid-head: closed.
     Gone,
 }
@@ -349,6 +352,7 @@ pub async fn serve(
             Err(error) => {
                 let status = match error {
                     HeadError::TooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    HeadError::UriTooLong => StatusCode::URI_TOO_LONG,
                     _ => StatusCode::BAD_REQUEST,
                 };
                 refuse(&mut write, &mut current, status).await;
@@ -363,7 +367,7 @@ pub async fn serve(
             return hand_over(head.raw, current, write);
         }
         let keep_alive = !codec::has_token(&head.headers, &CONNECTION, b"close");
-        let (body_framing, ambiguous) = match request_framing(&mut head.headers) {
+        let (body_framing, ambiguous) = match request_framing(&mut head) {
             Ok(framing) => (framing, false),
             // Answered 400 by the proxy (so that it is counted), its body never read.
             Err(Refusal::Ambiguous) => (Framing::Empty, true),
@@ -477,9 +481,9 @@ fn parse_request_head(
     let config = httparse::ParserConfig::default();
     let len = match config.parse_request_with_uninit_headers(&mut parsed, buf, &mut slots) {
         Ok(httparse::Status::Complete(len)) if len <= MAX_HEAD_LEN => len,
-        Ok(httparse::Status::Complete(_)) => return Err(HeadError::TooLarge),
+        Ok(httparse::Status::Complete(_)) => return Err(too_large(buf)),
         Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD_LEN => {
-            return Err(HeadError::TooLarge);
+            return Err(too_large(buf));
         }
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
@@ -513,24 +517,45 @@ fn parse_request_head(
     }))
 }
 
+/// How a head over [`MAX_HEAD_LEN`] is refused: 414 when its request line alone is over the
+/// limit (no line end within it, after the empty lines a request may start with), else 431.
+fn too_large(buf: &[u8]) -> HeadError {
+    let start = buf
+        .iter()
+        .position(|&b| b != b'\r' && b != b'\n')
+        .unwrap_or(buf.len());
+    let line = &buf[start..];
+    if line.len() >= MAX_HEAD_LEN && memchr::memchr(b'\n', &line[..MAX_HEAD_LEN]).is_none() {
+        HeadError::UriTooLong
+    } else {
+        HeadError::TooLarge
+    }
+}
+
 /// Why a request cannot be forwarded as it is.
 #[derive(Debug, PartialEq, Eq)]
 enum Refusal {
     /// Both Content-Length and Transfer-Encoding (request smuggling): answered 400 by the
     /// proxy (and counted), nothing forwarded.
     Ambiguous,
-    /// Answered with this status and the connection closed: a malformed Content-Length, no
-    /// Host or several (400), a transfer coding other than chunked (501).
+    /// Answered with this status and the connection closed: a malformed Content-Length, a
+    /// request target or Host [`headers::settle_host`] refuses (400), a transfer coding other
+    /// than chunked (501).
     Status(StatusCode),
 }
 
-/// Checks a request head and works out how its body is delimited (RFC 9112 §6.3): chunked,
-/// by length, or none. Repeated Content-Length values that agree are folded into one.
-fn request_framing(headers: &mut HeaderMap) -> Result<Framing, Refusal> {
+/// Checks a request head (its target and Host first, as the proxy checks every request, so
+/// that a refused one closes the connection here) and works out how its body is delimited
+/// (RFC 9112 §6.3): chunked, by length, or none. Repeated Content-Length values that agree are
+/// folded into one.
+fn request_framing(head: &mut RequestHead) -> Result<Framing, Refusal> {
     // This path serves HTTP/1.1 only.
-    if let Err(error) = headers::check_host(headers, Version::HTTP_11) {
+    if let Err(error) =
+        headers::settle_host(&head.method, &head.uri, &mut head.headers, Version::HTTP_11)
+    {
         return Err(Refusal::Status(StatusCode::from(&error)));
     }
+    let headers = &mut head.headers;
     let chunked = codec::transfer_encoding(headers);
     if chunked.is_some() && headers.contains_key(CONTENT_LENGTH) {
         return Err(Refusal::Ambiguous);
@@ -837,16 +862,27 @@ mod tests {
         map
     }
 
+    /// A `GET /` HTTP/1.1 head with these fields.
+    fn get(pairs: &[(&'static str, &'static str)]) -> RequestHead {
+        RequestHead {
+            method: Method::GET,
+            uri: Uri::from_static("/"),
+            version: Version::HTTP_11,
+            headers: headers(pairs),
+            raw: Bytes::new(),
+        }
+    }
+
     #[test]
     fn request_bodies_are_framed_like_rfc_9112() {
         let framing = |pairs: &[(&'static str, &'static str)]| {
             let mut with_host = vec![("host", "x")];
             with_host.extend_from_slice(pairs);
-            request_framing(&mut headers(&with_host))
+            request_framing(&mut get(&with_host))
         };
         assert_eq!(framing(&[]), Ok(Framing::Empty));
         assert_eq!(
-            request_framing(&mut headers(&[])),
+            request_framing(&mut get(&[])),
             Err(Refusal::Status(StatusCode::BAD_REQUEST)),
             "HTTP/1.1 without Host"
         );
@@ -871,13 +907,58 @@ mod tests {
             framing(&[("host", "b")]),
             Err(Refusal::Status(StatusCode::BAD_REQUEST))
         );
-        let mut repeated = headers(&[
+        let mut repeated = get(&[
             ("host", "x"),
             ("content-length", "5"),
             ("content-length", "5"),
         ]);
         assert_eq!(request_framing(&mut repeated), Ok(Framing::Length(5)));
-        assert_eq!(repeated.get_all("content-length").iter().count(), 1);
+        assert_eq!(repeated.headers.get_all("content-length").iter().count(), 1);
+    }
+
+    #[test]
+    fn targets_and_hosts_are_checked_before_framing() {
+        let parsed = |raw: &[u8]| parse(raw).unwrap().unwrap();
+        for bad in [
+            &b"GET / HTTP/1.1\r\nHost: a, b\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nHost: a b/c\r\n\r\n",
+            b"GET abs.example:80 HTTP/1.1\r\nHost: abs.example:80\r\n\r\n",
+            b"GET * HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET http://user@abs.example/ HTTP/1.1\r\nHost: abs.example\r\n\r\n",
+        ] {
+            assert_eq!(
+                request_framing(&mut parsed(bad)),
+                Err(Refusal::Status(StatusCode::BAD_REQUEST)),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let mut absolute =
+            parsed(b"GET http://abs.example/p HTTP/1.1\r\nHost: hdr.example\r\n\r\n");
+        assert_eq!(request_framing(&mut absolute), Ok(Framing::Empty));
+        assert_eq!(absolute.headers["host"], "abs.example");
+        let mut options = parsed(b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert_eq!(request_framing(&mut options), Ok(Framing::Empty));
+    }
+
+    #[test]
+    fn an_overlong_request_line_is_414_an_overlong_head_431() {
+        let line = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(70 * 1024));
+        assert_eq!(parse(line.as_bytes()).err(), Some(HeadError::UriTooLong));
+        // Still arriving: no line end within the limit is enough to tell.
+        assert_eq!(
+            parse(&line.as_bytes()[..MAX_HEAD_LEN + 1]).err(),
+            Some(HeadError::UriTooLong)
+        );
+        // Empty lines before the request line do not count towards it.
+        let padded = format!("\r\n\r\n{line}");
+        assert_eq!(parse(padded.as_bytes()).err(), Some(HeadError::UriTooLong));
+        let fields = format!(
+            "GET /{} HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+            "a".repeat(1000),
+            "b".repeat(70 * 1024)
+        );
+        assert_eq!(parse(fields.as_bytes()).err(), Some(HeadError::TooLarge));
     }
 
     #[test]
@@ -899,7 +980,7 @@ mod tests {
             let cut = (next() % (bytes.len() as u64 + 1)) as usize;
             let mut buf = BytesMut::from(&bytes[..cut]);
             if let Ok(Some(mut head)) = parse_request_head(&mut buf, &mut HeadFields::default()) {
-                let _ = request_framing(&mut head.headers);
+                let _ = request_framing(&mut head);
             }
         }
     }

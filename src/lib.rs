@@ -66,7 +66,7 @@ pub use demo::{DEMO_CONFIG, demo_upstream};
 pub use duration::{format_duration, parse_duration};
 pub use error::{ProxyError, UpstreamErrorKind};
 pub use framing::{AmbiguousFraming, FramingGuard};
-pub use headers::{add_forwarded, client_ip_value, request_id, strip_hop_by_hop};
+pub use headers::{add_forwarded, client_ip_value, request_id, settle_host, strip_hop_by_hop};
 pub use health::{EndpointHealth, EndpointStatus, HealthSupervisor, ProbeCounter, Transition};
 pub use metrics::{BackendMetrics, Metrics};
 pub use persist::{PersistError, write_weights};

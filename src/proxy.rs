@@ -8,7 +8,6 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING, UPGRADE};
-use http::uri::PathAndQuery;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::upgrade::OnUpgrade;
@@ -144,14 +143,19 @@ impl Proxy {
         if request.method() == Method::CONNECT {
             return Err(ProxyError::ConnectMethod);
         }
-        if matches!(request.body(), ForwardBody::Hyper(_)) && request.version() < Version::HTTP_2 {
-            // An HTTP/1 request hyper parsed: the checks `http1` makes on the ones it parses.
-            headers::check_http1_request(request.headers(), request.version())?;
-        }
         let websocket = request.version() == Version::HTTP_11
             && headers::is_websocket_upgrade(request.headers());
         let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut request));
-        let (parts, body) = request.into_parts();
+        let (mut parts, body) = request.into_parts();
+        // The request target and Host, on every path (`http1` checked its own requests
+        // already; hyper's get the same checks here): `Host` becomes the one the request goes
+        // upstream with, before routing, so that rules see that one too.
+        let host =
+            headers::settle_host(&parts.method, &parts.uri, &mut parts.headers, parts.version)?;
+        if matches!(body, ForwardBody::Hyper(_)) && parts.version < Version::HTTP_2 {
+            // An HTTP/1 request hyper parsed: the framing check `http1` makes on its own.
+            headers::check_transfer_coding(&parts.headers)?;
+        }
 
         // Pick the backend and endpoint.
         let decision = table
@@ -160,7 +164,10 @@ impl Proxy {
         let backend = &table.backends[decision.backend];
         outcome.backend = Some(decision.backend);
         outcome.reason = Some(decision.reason);
-        let endpoint = backend.pick_endpoint(None).ok_or(ProxyError::NoBackend)?;
+        let endpoint = backend
+            .endpoints
+            .get(decision.endpoint)
+            .ok_or(ProxyError::NoBackend)?;
         let mut target = Target {
             backend,
             index: decision.backend,
@@ -170,20 +177,14 @@ impl Proxy {
         // Rewrite the request head.
         let mut upstream_headers = parts.headers;
         let upgrade_value = upstream_headers.get(UPGRADE).cloned();
-        let host = upstream_headers.get(HOST).cloned().or_else(|| {
-            parts
-                .uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
         headers::strip_hop_by_hop(&mut upstream_headers);
         headers::add_forwarded(&mut upstream_headers, client_ip, host.as_ref());
         upstream_headers.insert(headers::X_REQUEST_ID.clone(), request_id);
         if parts.version == Version::HTTP_2 {
             headers::join_cookies(&mut upstream_headers);
         }
-        // Host passes through; an HTTP/2 client's comes from :authority, and a client that
-        // sent none (HTTP/1.0) gets the endpoint's.
+        // Host as `settle_host` made it (put back if `Connection` named it); a request that
+        // has none (HTTP/1.0) gets the endpoint's.
         if !upstream_headers.contains_key(HOST) {
             let host =
                 host.or_else(|| HeaderValue::from_str(target.endpoint.authority.as_str()).ok());
@@ -196,11 +197,7 @@ impl Proxy {
             upstream_headers.insert(UPGRADE, upgrade);
         }
         // Origin-form target: the connection already says which endpoint it goes to.
-        let path = parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let path = headers::origin_form(&parts.uri);
         let mut outgoing = Request::new(body);
         *outgoing.method_mut() = parts.method;
         *outgoing.uri_mut() = Uri::from(path);

@@ -8,8 +8,10 @@
 //!
 //! Endpoint health is the one piece of live state: an `EndpointHealth` (atomics) per endpoint,
 //! shared by every snapshot that contains the endpoint, so the health checker never has to
-//! rebuild the table and an admin change never loses health it did not know about. A decision
-//! reads each health flag once, so it is consistent with itself.
+//! rebuild the table, and neither an admin change nor a reload loses health it did not know
+//! about (a reload keeps every endpoint whose URL is unchanged). A decision picks the backend
+//! and its endpoint from one reading of health: the endpoint it returns is one it saw healthy,
+//! unless it fails open.
 
 use std::fmt;
 use std::sync::Arc;
@@ -68,7 +70,8 @@ pub struct Backend {
     pub name_value: HeaderValue,
     pub weight: u32,
     pub endpoints: Vec<Arc<Endpoint>>,
-    /// The connection pool of this backend; kept across reloads that do not change it.
+    /// How requests reach this backend's endpoints (connect and idle timeouts); each endpoint
+    /// holds its own idle connections.
     pub upstream: Upstream,
     /// This backend's metric handles, resolved once so requests never look labels up.
     pub metrics: BackendMetrics,
@@ -98,10 +101,13 @@ pub struct Rule {
     pub backend: usize,
 }
 
-/// Which backend serves a request, and why.
+/// Which backend serves a request, which of its endpoints, and why.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Decision {
     pub backend: usize,
+    /// Index into the backend's `endpoints`: one the decision saw healthy, or while failing
+    /// open the next in turn.
+    pub endpoint: usize,
     pub reason: Reason,
 }
 
@@ -177,15 +183,31 @@ impl Backend {
     /// The next endpoint in turn, skipping unhealthy ones and `avoid`. When no endpoint is
     /// healthy (the fail-open case), endpoints are used in turn regardless of health.
     pub fn pick_endpoint(&self, avoid: Option<&Endpoint>) -> Option<&Arc<Endpoint>> {
+        self.pick(avoid).map(|(index, _)| &self.endpoints[index])
+    }
+
+    /// The next endpoint in turn (round robin) that is healthy and not `avoid`: `(index, true)`.
+    /// When there is none, the next one in turn that is not `avoid`: `(index, false)`. Each
+    /// endpoint's health is read once, so `true` means this call saw it healthy.
+    fn pick(&self, avoid: Option<&Endpoint>) -> Option<(usize, bool)> {
         let count = self.endpoints.len();
-        let start = self.cursor.fetch_add(1, Ordering::Relaxed);
-        let candidates = (0..count).map(|k| &self.endpoints[(start + k) % count]);
-        let allowed = |e: &&Arc<Endpoint>| avoid.is_none_or(|a| !std::ptr::eq(a, e.as_ref()));
-        candidates
-            .clone()
-            .filter(allowed)
-            .find(|e| e.is_healthy())
-            .or_else(|| candidates.clone().find(allowed))
+        if count == 0 {
+            return None;
+        }
+        let start = self.cursor.fetch_add(1, Ordering::Relaxed) % count;
+        let mut unhealthy = None;
+        for k in 0..count {
+            let index = (start + k) % count;
+            let endpoint = &self.endpoints[index];
+            if avoid.is_some_and(|a| std::ptr::eq(a, endpoint.as_ref())) {
+                continue;
+            }
+            if endpoint.is_healthy() {
+                return Some((index, true));
+            }
+            unhealthy.get_or_insert(index);
+        }
+        unhealthy.map(|index| (index, false))
     }
 }
 
@@ -211,8 +233,9 @@ fn matcher_accepts(matcher: &RuleMatcher, value: &[u8]) -> bool {
 }
 
 impl RoutingTable {
-    /// Builds a table from a validated config. Backends whose name and connection settings are
-    /// unchanged from `previous` keep their connection pool, and endpoints keep their health.
+    /// Builds a table from a validated config. Endpoints whose backend name and URL are
+    /// unchanged from `previous` are kept as they are (health, idle connections), whatever
+    /// else the new config changes; the rest start up, not ejected, with no connections.
     pub fn from_config(
         config: &Config,
         version: u64,
@@ -332,16 +355,58 @@ impl RoutingTable {
             .collect()
     }
 
-    /// Decides which backend serves a request with these headers. `None` only when the table
-    /// has no weighted backend, which validation and the admin API rule out.
+    /// Decides which backend and endpoint serve a request with these headers. `None` only when
+    /// the table has no weighted backend, which validation and the admin API rule out.
+    ///
+    /// Health is read once per endpoint for the decision, and the endpoint returned is one
+    /// the decision saw healthy. Health may change while the decision is made: a backend found
+    /// with no healthy endpoint left when its endpoint is picked is then treated as unhealthy
+    /// and the decision is made again without it (a rule falls through, its share goes to the
+    /// others); only when no weighted backend is healthy does the request fail open to an
+    /// endpoint regardless of health (reason `Fallback`).
     pub fn route(&self, headers: &HeaderMap, rng: &mut impl Rng) -> Option<Decision> {
-        let healthy = self.healthy_mask();
+        self.route_from(self.healthy_mask(), headers, rng)
+    }
+
+    /// [`route`](Self::route), given the set of backends that had a healthy endpoint when the
+    /// decision began.
+    fn route_from(
+        &self,
+        mut healthy: u64,
+        headers: &HeaderMap,
+        rng: &mut impl Rng,
+    ) -> Option<Decision> {
+        // Each pass either returns or clears the bit of a backend in `healthy` (a decision
+        // that is not a fallback only picks backends in it), so this ends within
+        // `backends.len() + 1` passes; the last possible one fails open, which always returns.
+        loop {
+            let (backend, reason) = self.decide(headers, healthy, rng)?;
+            let fallback = reason == Reason::Fallback;
+            match self.backends[backend].pick(None) {
+                Some((endpoint, seen_healthy)) if seen_healthy || fallback => {
+                    return Some(Decision {
+                        backend,
+                        endpoint,
+                        reason,
+                    });
+                }
+                None if fallback => return None,
+                _ => healthy &= !bit(backend),
+            }
+        }
+    }
+
+    /// The backend for a request given the set of `healthy` backends: rules, sticky bucket,
+    /// weighted pick, or the fail-open pick when nothing eligible is healthy.
+    fn decide(
+        &self,
+        headers: &HeaderMap,
+        healthy: u64,
+        rng: &mut impl Rng,
+    ) -> Option<(usize, Reason)> {
         for (n, rule) in self.rules.iter().enumerate() {
             if healthy & bit(rule.backend) != 0 && rule.matches(headers) {
-                return Some(Decision {
-                    backend: rule.backend,
-                    reason: Reason::Rule(n),
-                });
+                return Some((rule.backend, Reason::Rule(n)));
             }
         }
         let (mask, fallback) = self.routable(healthy);
@@ -349,12 +414,13 @@ impl RoutingTable {
             Some(bucket) => (self.bucket_owner(mask, bucket)?, Reason::Sticky(bucket)),
             None => (self.weighted_pick(mask, rng)?, Reason::Weight),
         };
-        let reason = if fallback { Reason::Fallback } else { reason };
-        Some(Decision { backend, reason })
+        Some((backend, if fallback { Reason::Fallback } else { reason }))
     }
 
     /// Another place to send a request whose connection to `failed` could not be made: another
-    /// healthy endpoint of the same backend, else an eligible backend by weight.
+    /// healthy endpoint of the same backend, else an eligible backend by weight (while failing
+    /// open, any other weighted backend). As in [`route`](Self::route), the endpoint returned
+    /// is one seen healthy unless nothing weighted is.
     pub fn alternative(
         &self,
         backend: usize,
@@ -362,16 +428,25 @@ impl RoutingTable {
         rng: &mut impl Rng,
     ) -> Option<(usize, &Arc<Endpoint>)> {
         let same = &self.backends[backend];
-        if let Some(endpoint) = same.pick_endpoint(Some(failed))
-            && endpoint.is_healthy()
-        {
-            return Some((backend, endpoint));
+        if let Some((endpoint, true)) = same.pick(Some(failed)) {
+            return Some((backend, &same.endpoints[endpoint]));
         }
-        // The same set `route` uses: eligible backends, or while failing open all weighted ones.
-        let (pool, _) = self.routable(self.healthy_mask());
-        let other = self.weighted_pick(pool & !bit(backend), rng)?;
-        let endpoint = self.backends[other].pick_endpoint(None)?;
-        Some((other, endpoint))
+        let mut healthy = self.healthy_mask();
+        // Ends as `route` does: each pass returns or clears a bit of `healthy`.
+        loop {
+            // The same set `route` uses: eligible backends, or while failing open all weighted
+            // ones.
+            let (pool, fallback) = self.routable(healthy);
+            let other = self.weighted_pick(pool & !bit(backend), rng)?;
+            let candidate = &self.backends[other];
+            match candidate.pick(None) {
+                Some((endpoint, seen_healthy)) if seen_healthy || fallback => {
+                    return Some((other, &candidate.endpoints[endpoint]));
+                }
+                None if fallback => return None,
+                _ => healthy &= !bit(other),
+            }
+        }
     }
 
     /// The weight each backend receives right now (same order as `backends`): its configured
@@ -457,13 +532,17 @@ impl RoutingTable {
 }
 
 impl Backend {
+    /// A backend built from its config. Endpoints of `old` (the backend of the same name in
+    /// the table being replaced) whose URL is unchanged are kept, with their health (active
+    /// verdict, probe streak, ejection), their idle connections and the round-robin cursor,
+    /// whatever else changed: connection settings apply to the next connection taken from
+    /// or put into a pool, so nothing is lost by keeping them.
     fn from_config(
         config: &BackendConfig,
         settings: UpstreamSettings,
         old: Option<&Backend>,
         metrics: &Metrics,
     ) -> Self {
-        let old = old.filter(|b| b.upstream.settings() == settings);
         let endpoints = config
             .endpoints
             .iter()
@@ -487,7 +566,7 @@ impl Backend {
                 .unwrap_or_else(|_| HeaderValue::from_static("invalid")),
             weight: config.weight,
             endpoints,
-            upstream: old.map_or_else(|| Upstream::new(settings), |b| b.upstream),
+            upstream: Upstream::new(settings),
             metrics: metrics.backend(&config.name),
             health: config.health.clone(),
             cursor: old.map_or_else(Arc::default, |b| b.cursor.clone()),
@@ -642,6 +721,11 @@ mod tests {
         }
     }
 
+    /// The backend and reason of a decision (its endpoint rotates from one call to the next).
+    fn served(d: Decision) -> (usize, Reason) {
+        (d.backend, d.reason)
+    }
+
     fn rule(source: RuleSource, matcher: RuleMatcher, backend: usize) -> Rule {
         Rule {
             source,
@@ -696,7 +780,7 @@ mod tests {
                     let h = headers(&[("x-user-id", &format!("user-{u}"))]);
                     let a = t.route(&h, &mut rng).unwrap();
                     let b = t.route(&h, &mut rng).unwrap();
-                    assert_eq!(a, b, "same user, same table, same answer");
+                    assert_eq!(served(a), served(b), "same user, same table, same answer");
                     assert!(matches!(a.reason, Reason::Sticky(_)));
                     a.backend
                 })
@@ -751,11 +835,8 @@ mod tests {
             t.route(&headers(pairs), rng).unwrap()
         };
         assert_eq!(
-            route(&[("x-canary", "always")], &mut rng),
-            Decision {
-                backend: 1,
-                reason: Reason::Rule(0)
-            }
+            served(route(&[("x-canary", "always")], &mut rng)),
+            (1, Reason::Rule(0))
         );
         assert_eq!(
             route(&[("x-canary", "Always")], &mut rng).reason,
@@ -770,11 +851,8 @@ mod tests {
             Reason::Weight
         );
         assert_eq!(
-            route(&[("x-debug", "")], &mut rng),
-            Decision {
-                backend: 0,
-                reason: Reason::Rule(2)
-            }
+            served(route(&[("x-debug", "")], &mut rng)),
+            (0, Reason::Rule(2))
         );
         // The first matching rule wins.
         assert_eq!(
@@ -798,13 +876,7 @@ mod tests {
                 &mut StdRng::seed_from_u64(0),
             )
             .unwrap();
-        assert_eq!(
-            d,
-            Decision {
-                backend: 0,
-                reason: Reason::Weight
-            }
-        );
+        assert_eq!(served(d), (0, Reason::Weight));
     }
 
     #[test]
@@ -833,25 +905,13 @@ mod tests {
         let d = t
             .route(&HeaderMap::new(), &mut StdRng::seed_from_u64(0))
             .unwrap();
-        assert_eq!(
-            d,
-            Decision {
-                backend: 1,
-                reason: Reason::Fallback
-            }
-        );
+        assert_eq!(served(d), (1, Reason::Fallback));
         // A healthy weight-0 backend is not eligible, so fail-open still applies.
         set_backend_health(&t, 0, true);
         let d = t
             .route(&HeaderMap::new(), &mut StdRng::seed_from_u64(0))
             .unwrap();
-        assert_eq!(
-            d,
-            Decision {
-                backend: 1,
-                reason: Reason::Fallback
-            }
-        );
+        assert_eq!(served(d), (1, Reason::Fallback));
     }
 
     #[test]
@@ -870,6 +930,150 @@ mod tests {
         // Avoiding the only healthy endpoint leaves the unhealthy one as the last resort.
         let last = b.pick_endpoint(Some(&b.endpoints[1])).unwrap();
         assert!(Arc::ptr_eq(last, &b.endpoints[0]));
+    }
+
+    /// An RNG that runs `on_draw` before each draw: health changing while a decision is made,
+    /// after the decision read it and before the endpoint is picked.
+    struct Meddling<'a> {
+        inner: StdRng,
+        on_draw: &'a dyn Fn(),
+    }
+
+    impl rand::TryRng for Meddling<'_> {
+        type Error = std::convert::Infallible;
+
+        fn try_next_u32(&mut self) -> Result<u32, Self::Error> {
+            (self.on_draw)();
+            self.inner.try_next_u32()
+        }
+
+        fn try_next_u64(&mut self) -> Result<u64, Self::Error> {
+            (self.on_draw)();
+            self.inner.try_next_u64()
+        }
+
+        fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Self::Error> {
+            (self.on_draw)();
+            self.inner.try_fill_bytes(dst)
+        }
+    }
+
+    /// The endpoint a decision names.
+    fn endpoint_of(t: &RoutingTable, d: Decision) -> &Arc<Endpoint> {
+        &t.backends[d.backend].endpoints[d.endpoint]
+    }
+
+    #[test]
+    fn a_backend_going_down_during_the_decision_is_not_picked_while_another_is_healthy() {
+        let t = table(&[50, 50], vec![], StickySettings::default());
+        let mut rng = Meddling {
+            inner: StdRng::seed_from_u64(5),
+            on_draw: &|| set_backend_health(&t, 1, false),
+        };
+        for _ in 0..200 {
+            set_backend_health(&t, 1, true);
+            let d = t.route(&HeaderMap::new(), &mut rng).unwrap();
+            assert!(endpoint_of(&t, d).is_healthy(), "{d:?}");
+            assert_eq!(served(d), (0, Reason::Weight));
+        }
+    }
+
+    #[test]
+    fn everything_going_down_during_the_decision_fails_open_and_says_so() {
+        let t = table(&[50, 50], vec![], StickySettings::default());
+        let mut rng = Meddling {
+            inner: StdRng::seed_from_u64(6),
+            on_draw: &|| {
+                set_backend_health(&t, 0, false);
+                set_backend_health(&t, 1, false);
+            },
+        };
+        let mut seen = [false; 2];
+        for _ in 0..200 {
+            set_backend_health(&t, 0, true);
+            set_backend_health(&t, 1, true);
+            let d = t.route(&HeaderMap::new(), &mut rng).unwrap();
+            assert!(!endpoint_of(&t, d).is_healthy());
+            assert_eq!(d.reason, Reason::Fallback, "{d:?}");
+            seen[d.backend] = true;
+        }
+        assert_eq!(
+            seen,
+            [true, true],
+            "fail-open goes by the configured weights"
+        );
+    }
+
+    #[test]
+    fn rules_and_sticky_users_move_off_a_backend_that_went_down_during_the_decision() {
+        let rules = vec![rule(
+            RuleSource::Header(HeaderName::from_static("x-canary")),
+            RuleMatcher::Present,
+            1,
+        )];
+        let t = table(&[50, 50], rules, user_sticky());
+        // Read as all healthy when the decision began; backend 1 is down by the time its
+        // endpoint is picked.
+        set_backend_health(&t, 1, false);
+        let mut rng = StdRng::seed_from_u64(0);
+        let d = t
+            .route_from(0b11, &headers(&[("x-canary", "1")]), &mut rng)
+            .unwrap();
+        assert_eq!(served(d), (0, Reason::Weight));
+        assert!(endpoint_of(&t, d).is_healthy());
+        let canary_user = (0..)
+            .map(|u| format!("user-{u}"))
+            .find(|u| bucket(b"", u.as_bytes()) >= 5000)
+            .unwrap();
+        let d = t
+            .route_from(0b11, &headers(&[("x-user-id", &canary_user)]), &mut rng)
+            .unwrap();
+        assert_eq!(d.backend, 0);
+        assert!(matches!(d.reason, Reason::Sticky(b) if b >= 5000));
+        assert!(endpoint_of(&t, d).is_healthy());
+    }
+
+    #[test]
+    fn endpoint_choice_follows_the_health_it_read() {
+        let t = table(&[1], vec![], StickySettings::default());
+        let b = &t.backends[0];
+        // With one endpoint down, every decision names the other one, never the down one.
+        b.endpoints[1].set_healthy(false);
+        for _ in 0..10 {
+            let d = t
+                .route(&HeaderMap::new(), &mut StdRng::seed_from_u64(0))
+                .unwrap();
+            assert_eq!((d.endpoint, d.reason), (0, Reason::Weight));
+        }
+        // With both down it fails open, still in turn.
+        b.endpoints[0].set_healthy(false);
+        let picked: Vec<usize> = (0..4)
+            .map(|_| {
+                let d = t
+                    .route(&HeaderMap::new(), &mut StdRng::seed_from_u64(0))
+                    .unwrap();
+                assert_eq!(d.reason, Reason::Fallback);
+                d.endpoint
+            })
+            .collect();
+        assert!(picked.contains(&0) && picked.contains(&1), "{picked:?}");
+    }
+
+    #[test]
+    fn alternative_skips_a_backend_that_went_down_during_the_pick() {
+        let t = table(&[50, 50, 50], vec![], StickySettings::default());
+        let failed = t.backends[0].endpoints[0].clone();
+        t.backends[0].endpoints[1].set_healthy(false);
+        let mut rng = Meddling {
+            inner: StdRng::seed_from_u64(7),
+            on_draw: &|| set_backend_health(&t, 1, false),
+        };
+        for _ in 0..100 {
+            set_backend_health(&t, 1, true);
+            let (b, e) = t.alternative(0, &failed, &mut rng).unwrap();
+            assert_eq!(b, 2);
+            assert!(e.is_healthy());
+        }
     }
 
     #[test]
@@ -924,6 +1128,68 @@ mod tests {
             second.backends[0].endpoints[1].record_outcome(false);
         }
         assert!(second.backends[0].endpoints[1].is_healthy());
+    }
+
+    #[test]
+    fn reload_keeps_endpoints_whose_url_is_unchanged_whatever_else_changes() {
+        let text = |proxy: &str, urls: &str, check: &str| {
+            format!(
+                "[proxy]\n{proxy}\n[[backend]]\nname = \"v1\"\nurls = [{urls}]\nweight = 1\n\
+                 [backend.outlier]\nconsecutive_failures = 1\n{check}"
+            )
+        };
+        let parse = |text: String| crate::config::parse(&text, "t.toml").unwrap();
+        let metrics = Metrics::new();
+        let first = RoutingTable::from_config(
+            &parse(text(
+                "",
+                "\"http://127.0.0.1:1\", \"http://127.0.0.1:2\"",
+                "",
+            )),
+            1,
+            None,
+            &metrics,
+        );
+        let (ejected, down) = (
+            &first.backends[0].endpoints[0],
+            &first.backends[0].endpoints[1],
+        );
+        ejected.record_outcome(false);
+        down.set_healthy(false);
+        assert!(ejected.status().ejected && !down.status().active_up);
+        // New connection settings, a new health check, one URL replaced.
+        let second = RoutingTable::from_config(
+            &parse(text(
+                "connect_timeout = \"750ms\"\nupstream_idle_timeout = \"7s\"",
+                "\"http://127.0.0.1:1\", \"http://127.0.0.1:3\"",
+                "[backend.health]\npath = \"/up\"\ninterval = \"5s\"\n",
+            )),
+            2,
+            Some(&first),
+            &metrics,
+        );
+        let kept = &second.backends[0];
+        assert_eq!(
+            kept.upstream.settings(),
+            UpstreamSettings {
+                connect_timeout: Duration::from_millis(750),
+                idle_timeout: Duration::from_secs(7),
+            }
+        );
+        assert!(Arc::ptr_eq(&kept.endpoints[0], ejected));
+        assert!(kept.endpoints[0].status().ejected, "still ejected");
+        let fresh = &kept.endpoints[1];
+        assert_eq!(fresh.url, "http://127.0.0.1:3");
+        assert!(fresh.is_healthy());
+        // The dropped URL coming back later is a new endpoint: nothing holds its old state.
+        let third = RoutingTable::from_config(
+            &parse(text("", "\"http://127.0.0.1:2\"", "")),
+            3,
+            Some(&second),
+            &metrics,
+        );
+        assert!(!Arc::ptr_eq(&third.backends[0].endpoints[0], down));
+        assert!(third.backends[0].endpoints[0].is_healthy());
     }
 
     #[test]

@@ -40,7 +40,8 @@ use crate::http1::ClientBody;
 use crate::routing::Endpoint;
 use crate::workers::current_worker;
 
-/// Connection settings of a backend; a reload that changes them starts fresh pools.
+/// Connection settings of a backend. A reload that changes them keeps the endpoints and their
+/// pools: the new values apply from the next connect, checkout or checkin.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UpstreamSettings {
     pub connect_timeout: Duration,

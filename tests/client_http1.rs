@@ -451,3 +451,58 @@ async fn a_body_of_many_tiny_chunks_arrives_whole() {
     assert_eq!(text.len(), 20_000);
     assert!(text.bytes().all(|b| b == b'x'));
 }
+
+/// The status line of the answer to `second`, sent on a connection hyper serves: the first
+/// request (HTTP/1.0 keep-alive) hands it over.
+async fn answer_from_hyper(proxy: &TestProxy, second: &[u8]) -> String {
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        .await
+        .unwrap();
+    let first = read_until(&mut stream, "v1", 1).await;
+    assert!(first.starts_with("HTTP/1.0 200"), "{first}");
+    stream.write_all(second).await.unwrap();
+    read_until(&mut stream, "\r\n\r\n", 1).await
+}
+
+#[tokio::test]
+async fn bad_targets_and_hosts_are_refused_alike_on_both_paths() {
+    let (v1, proxy) = one_backend().await;
+    for request in [
+        &b"GET / HTTP/1.1\r\nHost: a, b\r\n\r\n"[..],
+        b"GET / HTTP/1.1\r\nHost: a b/c\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: user@a\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a:http\r\n\r\n",
+        b"GET abs.example:80 HTTP/1.1\r\nHost: abs.example:80\r\n\r\n",
+        b"GET * HTTP/1.1\r\nHost: a\r\n\r\n",
+        b"GET ftp://abs.example/p HTTP/1.1\r\nHost: abs.example\r\n\r\n",
+        b"GET http://user@abs.example/p HTTP/1.1\r\nHost: abs.example\r\n\r\n",
+    ] {
+        let text = String::from_utf8_lossy(request);
+        let own = raw_exchange(proxy.addr, request, Duration::from_secs(2)).await;
+        assert!(own.starts_with("HTTP/1.1 400"), "{text}: {own}");
+        let hyper = answer_from_hyper(&proxy, request).await;
+        assert!(hyper.starts_with("HTTP/1.1 400"), "{text} (hyper): {hyper}");
+    }
+    assert_eq!(
+        v1.hits(),
+        8,
+        "only the eight HTTP/1.0 GETs reached the upstream"
+    );
+}
+
+#[tokio::test]
+async fn an_overlong_request_line_is_414_on_both_paths() {
+    let (v1, proxy) = one_backend().await;
+    let request = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(70 * 1024));
+    let own = raw_exchange(proxy.addr, request.as_bytes(), Duration::from_secs(2)).await;
+    assert!(own.starts_with("HTTP/1.1 414"), "{own}");
+    // hyper answers a request it could not parse in HTTP/1.0.
+    let hyper = answer_from_hyper(&proxy, request.as_bytes()).await;
+    assert!(
+        hyper.starts_with("HTTP/1.0 414") || hyper.starts_with("HTTP/1.1 414"),
+        "{hyper}"
+    );
+    assert_eq!(v1.hits(), 1, "only the HTTP/1.0 GET reached the upstream");
+}

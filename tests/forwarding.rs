@@ -12,6 +12,44 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
+/// An upstream that answers each request with its raw head as the body (and closes), so a
+/// test sees the request line and fields exactly as the proxy wrote them.
+async fn echo_head_upstream() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    head.len()
+                );
+                let _ = stream.write_all(answer.as_bytes()).await;
+                let _ = stream.write_all(&head).await;
+            });
+        }
+    });
+    addr
+}
+
+/// The request head the echo upstream received for `request` (a head without its final empty
+/// line), sent raw to the proxy with `Connection: close`.
+async fn head_upstream_saw(proxy: &TestProxy, request: &str) -> String {
+    let request = format!("{request}Connection: close\r\n\r\n");
+    let response = raw_exchange(proxy.addr, request.as_bytes(), Duration::from_secs(2)).await;
+    let (status, head) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    assert!(status.contains(" 200 "), "{request:?}: {response}");
+    head.to_string()
+}
+
 fn header_lines(body: &str) -> Vec<(String, String)> {
     body.lines()
         .filter_map(|l| l.split_once(": "))
@@ -544,4 +582,79 @@ async fn a_pooled_connection_closed_by_the_upstream_is_replaced_without_an_error
         assert_eq!(response.status(), 200);
         assert_eq!(response.text().await.unwrap(), "ok");
     }
+}
+
+#[tokio::test]
+async fn absolute_form_targets_go_upstream_in_origin_form_with_their_authority_as_host() {
+    let upstream = echo_head_upstream().await;
+    let proxy = start_proxy(&config(
+        &[("v1", vec![format!("http://{upstream}")], 1)],
+        "",
+    ))
+    .await;
+    // Served by the proxy's own HTTP/1.1 code, and by hyper (HTTP/1.0 is handed over).
+    for version in ["HTTP/1.1", "HTTP/1.0"] {
+        let request = format!("GET http://abs.example/p?q=1 {version}\r\nHost: hdr.example\r\n");
+        let head = head_upstream_saw(&proxy, &request).await;
+        assert!(
+            head.starts_with("GET /p?q=1 HTTP/1.1\r\n"),
+            "{version}: {head}"
+        );
+        assert!(
+            head.contains("\r\nhost: abs.example\r\n"),
+            "{version}: {head}"
+        );
+        assert!(
+            head.contains("\r\nx-forwarded-host: abs.example\r\n"),
+            "{version}: {head}"
+        );
+        assert!(!head.contains("hdr.example"), "{version}: {head}");
+    }
+    // No path: `/` in front of the query.
+    let head = head_upstream_saw(
+        &proxy,
+        "GET http://abs.example:8080?q=1 HTTP/1.1\r\nHost: abs.example:8080\r\n",
+    )
+    .await;
+    assert!(head.starts_with("GET /?q=1 HTTP/1.1\r\n"), "{head}");
+    assert!(head.contains("\r\nhost: abs.example:8080\r\n"), "{head}");
+    // OPTIONS * stays asterisk-form.
+    let head = head_upstream_saw(&proxy, "OPTIONS * HTTP/1.1\r\nHost: svc\r\n").await;
+    assert!(head.starts_with("OPTIONS * HTTP/1.1\r\n"), "{head}");
+    // An empty Host (allowed: the target URI has no authority) passes on empty, and names
+    // no forwarded host.
+    let head = head_upstream_saw(&proxy, "GET / HTTP/1.1\r\nHost: \r\n").await;
+    assert!(head.contains("\r\nhost: \r\n"), "{head}");
+    assert!(!head.contains("x-forwarded-host"), "{head}");
+}
+
+#[tokio::test]
+async fn h2c_host_differing_from_authority_is_replaced_by_the_authority() {
+    let v1 = upstream("v1").await;
+    let proxy = start_proxy(&config(&[("v1", vec![v1.url()], 1)], "")).await;
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let request = hyper::Request::builder()
+        .uri("http://auth.example/headers")
+        .header("host", "other.example")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(5), sender.send_request(request))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let seen = header_lines(&String::from_utf8_lossy(&body));
+    assert_eq!(values(&seen, "host"), ["auth.example"]);
+    assert_eq!(values(&seen, "x-forwarded-host"), ["auth.example"]);
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use canary_proxy::{Endpoint, HealthSupervisor};
 use common::*;
+use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::time::{Instant, sleep};
 
@@ -30,7 +31,12 @@ fn health_table(interval: &str, timeout: &str, unhealthy: u32, healthy: u32) -> 
 }
 
 fn proxy_config(backends: &[String]) -> String {
-    let mut text = config(&[], "");
+    proxy_config_with("", backends)
+}
+
+/// Like [`proxy_config`], with `settings` added to `[proxy]`.
+fn proxy_config_with(settings: &str, backends: &[String]) -> String {
+    let mut text = config(&[], settings);
     for b in backends {
         text.push_str(b);
     }
@@ -66,6 +72,37 @@ async fn get(client: &reqwest::Client, proxy: &TestProxy, user: Option<&str>) ->
         .map(|v| v.to_str().unwrap().to_string())
         .unwrap_or_default();
     (response.status().as_u16(), served)
+}
+
+/// Backend `name` as `GET /admin/routes` shows it.
+async fn routes_entry(client: &reqwest::Client, proxy: &TestProxy, name: &str) -> Value {
+    let text = client
+        .get(proxy.admin("/admin/routes"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let routes: Value = serde_json::from_str(&text).unwrap();
+    routes["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == name)
+        .unwrap_or_else(|| panic!("no backend {name} in {text}"))
+        .clone()
+}
+
+/// Rewrites the proxy's config file and reloads it through `POST /admin/reload`.
+async fn reload(client: &reqwest::Client, proxy: &TestProxy, text: &str) {
+    std::fs::write(proxy.config_path.as_ref().unwrap(), text).unwrap();
+    let response = client
+        .post(proxy.admin("/admin/reload"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
 }
 
 /// The proxy's own supervisor: the control plane starts it and syncs it on every table change.
@@ -323,6 +360,115 @@ async fn checks_follow_weight_changes_and_reloads() {
         !v1_endpoint.is_healthy()
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_with_new_connection_settings_keeps_an_ejected_endpoint_out() {
+    let (v1, v2) = (upstream("v1").await, upstream("v2").await);
+    let outlier = "[backend.outlier]\nconsecutive_failures = 2\nbase_ejection = \"1m\"\nmax_ejection = \"1m\"\n";
+    let text = |settings: &str| {
+        proxy_config_with(
+            settings,
+            &[
+                backend("v1", &[v1.url()], 50, outlier),
+                backend("v2", &[v2.url()], 50, ""),
+            ],
+        )
+    };
+    let proxy = start_proxy_with_file(&text("")).await;
+    let client = client();
+    v1.failing.store(true, Ordering::SeqCst);
+    let mut errors = 0;
+    for _ in 0..100 {
+        errors += usize::from(get(&client, &proxy, None).await.0 == 500);
+        if errors == 2 {
+            break;
+        }
+    }
+    let v1_endpoint = endpoint(&proxy, "v1", 0);
+    assert!(v1_endpoint.status().ejected, "{:?}", v1_endpoint.status());
+    // v1 would answer well now: only its ejection keeps it out.
+    v1.failing.store(false, Ordering::SeqCst);
+
+    reload(
+        &client,
+        &proxy,
+        &text("connect_timeout = \"750ms\"\nupstream_idle_timeout = \"7s\"\n"),
+    )
+    .await;
+    let table = proxy.table.load();
+    let settings = table.backend("v1").unwrap().upstream.settings();
+    assert_eq!(settings.connect_timeout, Duration::from_millis(750));
+    assert_eq!(settings.idle_timeout, Duration::from_secs(7));
+    let shown = routes_entry(&client, &proxy, "v1").await;
+    assert_eq!(shown["effective_weight"], 0, "{shown}");
+    assert_eq!(shown["endpoints"][0]["ejected"], true, "{shown}");
+    assert_eq!(shown["endpoints"][0]["healthy"], false, "{shown}");
+    let hits = v1.hits();
+    for _ in 0..20 {
+        assert_eq!(get(&client, &proxy, None).await, (200, "v2".into()));
+    }
+    assert_eq!(v1.hits(), hits, "the ejected endpoint got traffic");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_with_a_new_check_and_connection_settings_keeps_a_down_endpoint_out() {
+    let (v1, v2) = (upstream("v1").await, upstream("v2").await);
+    let text = |settings: &str, interval: &str| {
+        proxy_config_with(
+            settings,
+            &[
+                backend(
+                    "v1",
+                    &[v1.url()],
+                    50,
+                    &health_table(interval, "500ms", 3, 2),
+                ),
+                backend("v2", &[v2.url()], 50, ""),
+            ],
+        )
+    };
+    let proxy = start_proxy_with_file(&text("", "100ms")).await;
+    let client = client();
+    v1.healthy.store(false, Ordering::SeqCst);
+    let v1_endpoint = endpoint(&proxy, "v1", 0);
+    wait_for("v1 marked down", Duration::from_secs(3), || {
+        !v1_endpoint.is_healthy()
+    })
+    .await;
+
+    reload(
+        &client,
+        &proxy,
+        &text(
+            "connect_timeout = \"750ms\"\nupstream_idle_timeout = \"7s\"\n",
+            "1s",
+        ),
+    )
+    .await;
+    assert_eq!(supervisor(&proxy).checks(), 1);
+    let shown = routes_entry(&client, &proxy, "v1").await;
+    assert_eq!(shown["health_check"]["interval"], "1s", "{shown}");
+    assert_eq!(shown["effective_weight"], 0, "{shown}");
+    assert_eq!(shown["endpoints"][0]["active_check_up"], false, "{shown}");
+    assert_eq!(shown["endpoints"][0]["healthy"], false, "{shown}");
+    for _ in 0..20 {
+        assert_eq!(get(&client, &proxy, None).await, (200, "v2".into()));
+    }
+    // The check runs with its new interval: in 600 ms the first probe (at once) and perhaps
+    // one of the old check's, not six.
+    let before = v1.hits();
+    sleep(Duration::from_millis(600)).await;
+    let probes = v1.hits() - before;
+    assert!(probes <= 2, "{probes} probes in 600ms with a 1s interval");
+    assert!(!v1_endpoint.is_healthy());
+    // And it brings the endpoint back by the new check's counts.
+    v1.healthy.store(true, Ordering::SeqCst);
+    wait_for("v1 marked up", Duration::from_secs(5), || {
+        v1_endpoint.is_healthy()
+    })
+    .await;
+    assert!(Arc::ptr_eq(&endpoint(&proxy, "v1", 0), &v1_endpoint));
 }
 
 #[tokio::test]

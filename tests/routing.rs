@@ -201,3 +201,49 @@ async fn endpoints_of_a_backend_are_used_in_turn() {
     }
     assert_eq!((a.hits(), b.hits()), (50, 50));
 }
+
+#[tokio::test]
+async fn a_host_rule_sees_the_host_the_request_is_forwarded_with() {
+    let (v1, v2) = (upstream("v1").await, upstream("v2").await);
+    let mut text = config(
+        &[("v1", vec![v1.url()], 100), ("v2", vec![v2.url()], 0)],
+        "",
+    );
+    text.push_str("[[rule]]\nheader = \"host\"\nequals = \"canary.example\"\nbackend = \"v2\"\n");
+    let proxy = start_proxy(&text).await;
+    let backend_of = |answer: &str| {
+        answer
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("x-canary-backend: ")
+                    .map(str::to_string)
+            })
+            .unwrap_or_default()
+    };
+    // The absolute-form target names the host; Host says another. The rule, like the
+    // upstream, goes by the target's.
+    for (request, expected) in [
+        (
+            "GET http://canary.example/ HTTP/1.1\r\nHost: www.example\r\nConnection: close\r\n\r\n",
+            "v2",
+        ),
+        (
+            "GET http://www.example/ HTTP/1.1\r\nHost: canary.example\r\nConnection: close\r\n\r\n",
+            "v1",
+        ),
+        (
+            "GET / HTTP/1.1\r\nHost: canary.example\r\nConnection: close\r\n\r\n",
+            "v2",
+        ),
+    ] {
+        let answer = raw_exchange(
+            proxy.addr,
+            request.as_bytes(),
+            std::time::Duration::from_secs(2),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{request:?}: {answer}");
+        assert_eq!(backend_of(&answer), expected, "{request:?}: {answer}");
+    }
+}
