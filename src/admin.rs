@@ -31,7 +31,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{MAX_WEIGHT, RuleMatcher, RuleSource};
-use crate::control::{ControlError, ControlPlane, WeightsApplied};
+use crate::control::{Chain, ControlError, ControlPlane, WeightsApplied};
 use crate::metrics;
 use crate::routing::{Reason, RoutingTable};
 use crate::sticky::BUCKETS;
@@ -194,7 +194,7 @@ fn weights_applied(applied: WeightsApplied) -> AdminResponse {
         Some(Ok(())) => body["persisted"] = json!(true),
         Some(Err(e)) => {
             body["persisted"] = json!(false);
-            body["persist_error"] = json!(e.to_string());
+            body["persist_error"] = json!(Chain(e).to_string());
         }
         None => {
             body["persisted"] = json!(false);
@@ -265,7 +265,7 @@ fn if_match(request: &Request<Incoming>) -> Result<Option<u64>, &'static str> {
 fn control_error(control: &ControlPlane, e: &ControlError) -> AdminResponse {
     match e {
         ControlError::Stale { current, .. } => {
-            let body = json!({"error": e.to_string(), "version": current});
+            let body = json!({"error": Chain(e).to_string(), "version": current});
             with_etag(json_response(StatusCode::CONFLICT, body), *current)
         }
         ControlError::UnknownBackend(_)
@@ -277,7 +277,7 @@ fn control_error(control: &ControlPlane, e: &ControlError) -> AdminResponse {
         | ControlError::Config(_)
         | ControlError::Token(_) => {
             let version = control.table().load().version;
-            let body = json!({"error": e.to_string(), "version": version});
+            let body = json!({"error": Chain(e).to_string(), "version": version});
             with_etag(json_response(StatusCode::BAD_REQUEST, body), version)
         }
     }

@@ -127,10 +127,10 @@ impl Default for AdminSettings {
 impl AdminSettings {
     /// The bearer token in effect: `token`, or the value of the `token_env` variable read now.
     ///
-    /// Returns `Ok(None)` when no token is configured, and an error message when `token_env`
-    /// names a variable that is unset, empty or not UTF-8 (the proxy must not start
-    /// unauthenticated by accident).
-    pub fn resolve_token(&self) -> Result<Option<String>, String> {
+    /// Returns `Ok(None)` when no token is configured, and an error when `token_env` names a
+    /// variable that is unset, empty or not UTF-8 (the proxy must not start unauthenticated by
+    /// accident).
+    pub fn resolve_token(&self) -> Result<Option<String>, TokenError> {
         if let Some(token) = &self.token {
             return Ok(Some(token.clone()));
         }
@@ -139,12 +139,24 @@ impl AdminSettings {
         };
         match std::env::var(var) {
             Ok(value) if !value.is_empty() => Ok(Some(value)),
-            Ok(_) => Err(format!(
-                "admin.token_env: environment variable {var} is empty"
-            )),
-            Err(e) => Err(format!("admin.token_env: environment variable {var}: {e}")),
+            Ok(_) => Err(TokenError::Empty { var: var.clone() }),
+            Err(std::env::VarError::NotPresent) => Err(TokenError::Unset { var: var.clone() }),
+            Err(std::env::VarError::NotUnicode(_)) => {
+                Err(TokenError::NotUnicode { var: var.clone() })
+            }
         }
     }
+}
+
+/// Why the admin token named by `admin.token_env` cannot be used.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TokenError {
+    #[error("admin.token_env: environment variable {var} is not set")]
+    Unset { var: String },
+    #[error("admin.token_env: environment variable {var} is empty")]
+    Empty { var: String },
+    #[error("admin.token_env: environment variable {var} is not valid UTF-8")]
+    NotUnicode { var: String },
 }
 
 /// One `[[backend]]`: a version of the service, with its endpoints and traffic share.
@@ -361,7 +373,7 @@ impl Config {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read (missing, unreadable, not UTF-8).
-    #[error("{path}: cannot read config: {source}")]
+    #[error("{path}: cannot read config")]
     Read {
         path: String,
         #[source]
@@ -2423,9 +2435,15 @@ backend = "v2"
     fn unreadable_file_is_a_read_error() {
         let err = load(Path::new("/nonexistent/canary.toml")).unwrap_err();
         assert!(matches!(err, ConfigError::Read { .. }));
+        // The message names the file; the cause is its source, not repeated in it.
+        assert_eq!(
+            err.to_string(),
+            "/nonexistent/canary.toml: cannot read config"
+        );
+        let cause = std::error::Error::source(&err).map(ToString::to_string);
         assert!(
-            err.to_string()
-                .starts_with("/nonexistent/canary.toml: cannot read config: ")
+            cause.as_deref().is_some_and(|c| c.contains("No such file")),
+            "{cause:?}"
         );
     }
 

@@ -12,7 +12,7 @@ use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
 use crate::SharedTable;
-use crate::config::{self, Config, ConfigError, MAX_WEIGHT};
+use crate::config::{self, Config, ConfigError, MAX_WEIGHT, TokenError};
 use crate::health::HealthSupervisor;
 use crate::metrics::Metrics;
 use crate::persist::{self, PersistError};
@@ -37,15 +37,32 @@ pub enum ControlError {
     NoConfigFile,
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("admin token: {0}")]
-    Token(String),
+    #[error(transparent)]
+    Token(#[from] TokenError),
 }
 
 /// Why the proxy cannot start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("admin token: {0}")]
-    Token(String),
+    #[error(transparent)]
+    Token(#[from] TokenError),
+}
+
+/// Shows an error and each of its causes, `error: cause: cause`, as anyhow's `{:#}` does: for
+/// the admin API's JSON and for logs, where nothing else walks the `source` chain. Messages
+/// never embed their own source, so each cause appears once.
+pub(crate) struct Chain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(cause) = source {
+            write!(f, ": {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
+    }
 }
 
 /// The result of a weight change.
@@ -77,7 +94,7 @@ impl ControlPlane {
     /// Builds the first table (version 1) from a validated config. `config_path` is where
     /// reloads read from and weight changes are written back to.
     pub fn new(config: Config, config_path: Option<PathBuf>) -> Result<Arc<Self>, StartError> {
-        let token = config.admin.resolve_token().map_err(StartError::Token)?;
+        let token = config.admin.resolve_token()?;
         let metrics = Arc::new(Metrics::new());
         let table = RoutingTable::from_config(&config, 1, None, &metrics);
         let shutdown = CancellationToken::new();
@@ -173,7 +190,10 @@ impl ControlPlane {
             let all: Vec<(&str, u32)> = weights.iter().map(|(n, w)| (n.as_str(), *w)).collect();
             let result = persist::write_weights(path, &all);
             if let Err(error) = &result {
-                tracing::error!(%error, "weight change applied but not written to the config file");
+                tracing::error!(
+                    error = %Chain(error),
+                    "weight change applied but not written to the config file"
+                );
             }
             result
         });
@@ -192,7 +212,10 @@ impl ControlPlane {
         match &result {
             Ok(version) => tracing::info!(target: "audit", version, "config reloaded"),
             Err(error) => {
-                tracing::error!(%error, "config reload rejected; the old table keeps serving")
+                tracing::error!(
+                    error = %Chain(error),
+                    "config reload rejected; the old table keeps serving"
+                )
             }
         }
         result
@@ -207,7 +230,7 @@ impl ControlPlane {
         let current = self.table.load_full();
         check_version(if_match, current.version)?;
         let config = config::load(path)?;
-        let token = config.admin.resolve_token().map_err(ControlError::Token)?;
+        let token = config.admin.resolve_token()?;
         let next =
             RoutingTable::from_config(&config, current.version + 1, Some(&current), &self.metrics);
         let version = next.version;
@@ -294,6 +317,27 @@ mod tests {
         assert!(!constant_time_eq(b"secret", b"secreT"));
         assert!(!constant_time_eq(b"secret", b"secret2"));
         assert!(!constant_time_eq(b"", b"x"));
+    }
+
+    #[test]
+    fn chain_shows_each_cause_once() {
+        let error = PersistError::Read {
+            path: PathBuf::from("dir/canary.toml"),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "gone"),
+        };
+        assert_eq!(error.to_string(), "cannot read dir/canary.toml");
+        assert_eq!(
+            Chain(&error).to_string(),
+            "cannot read dir/canary.toml: gone"
+        );
+        let reload = ControlError::from(ConfigError::Read {
+            path: "canary.toml".into(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "gone"),
+        });
+        assert_eq!(
+            Chain(&reload).to_string(),
+            "canary.toml: cannot read config: gone"
+        );
     }
 
     #[test]

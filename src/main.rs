@@ -54,9 +54,25 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("canary-proxy: {error:#}");
+            if is_missing_config(&error) {
+                eprintln!(
+                    "canary-proxy: pass `--config FILE` to use a config file elsewhere, or run \
+                     `canary-proxy demo` to try the proxy with two built-in upstreams"
+                );
+            }
             ExitCode::FAILURE
         }
     }
+}
+
+/// True when the config file does not exist: the usual first run, in a directory without
+/// `canary.toml`.
+fn is_missing_config(error: &anyhow::Error) -> bool {
+    matches!(
+        error.downcast_ref::<canary_proxy::ConfigError>(),
+        Some(canary_proxy::ConfigError::Read { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound
+    )
 }
 
 /// The control runtime: admin API, health checks, signals (and the demo upstreams). Client

@@ -11,16 +11,18 @@ use std::path::{Path, PathBuf};
 
 use toml_edit::{DocumentMut, Item, Value};
 
-/// Why a weight change could not be written back (it still applies in memory).
+/// Why a weight change could not be written back (it still applies in memory). The message
+/// names the file and the step; the cause is the `source`, printed after it by whoever shows
+/// the whole chain.
 #[derive(Debug, thiserror::Error)]
 pub enum PersistError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("{path} is no longer valid TOML: {source}")]
+    #[error("{path} is no longer valid TOML")]
     Parse {
         path: PathBuf,
         #[source]
@@ -28,7 +30,7 @@ pub enum PersistError {
     },
     #[error("{path} has no [[backend]] named {name:?} (edited since it was loaded?)")]
     MissingBackend { path: PathBuf, name: String },
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}")]
     Write {
         path: PathBuf,
         #[source]

@@ -283,11 +283,12 @@ async fn weight_changes_are_written_back_with_comments_kept() {
     assert_eq!(response.status(), 200);
     let body = json_of(response).await;
     assert_eq!(body["persisted"], false);
-    assert!(
-        body["persist_error"]
-            .as_str()
-            .unwrap()
-            .contains("canary.toml"),
+    let persist_error = body["persist_error"].as_str().unwrap();
+    assert!(persist_error.contains("canary.toml"), "{body}");
+    // The cause is named, once.
+    assert_eq!(
+        persist_error.matches("No such file or directory").count(),
+        1,
         "{body}"
     );
     assert_eq!(body["weights"]["v2"], 50);
@@ -350,6 +351,21 @@ async fn reload_applies_a_good_file_and_rejects_a_bad_one() {
             .unwrap();
         assert_eq!(still.headers()["x-canary-backend"], "v2");
     }
+    // A file that is gone: 400 naming the file and the cause, once.
+    std::fs::remove_file(&path).unwrap();
+    let response = c.post(proxy.admin("/admin/reload")).send().await.unwrap();
+    assert_eq!(response.status(), 400);
+    let body = json_of(response).await;
+    let error = body["error"].as_str().unwrap();
+    assert!(
+        error.contains("canary.toml: cannot read config: "),
+        "{error}"
+    );
+    assert_eq!(
+        error.matches("No such file or directory").count(),
+        1,
+        "{error}"
+    );
     let metrics = c
         .get(proxy.admin("/metrics"))
         .send()
@@ -372,7 +388,7 @@ async fn reload_applies_a_good_file_and_rejects_a_bad_one() {
             "canary_config_reloads_total",
             &[("result", "failure")]
         ),
-        2.0
+        3.0
     );
 }
 

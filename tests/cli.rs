@@ -96,7 +96,39 @@ fn check_fails_on_a_missing_file() {
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&output.stderr).contains("/nonexistent/canary.toml"));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("/nonexistent/canary.toml"), "{stderr}");
+    // The cause is said once, after the message that names the file.
+    assert_eq!(
+        stderr.matches("No such file or directory").count(),
+        1,
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_first_run_without_canary_toml_says_what_to_do() {
+    let empty = tempfile::tempdir().unwrap();
+    let output = Command::new(BIN)
+        .current_dir(empty.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.starts_with(
+            "canary-proxy: canary.toml: cannot read config: No such file or directory"
+        ),
+        "{stderr}"
+    );
+    assert_eq!(
+        stderr.matches("No such file or directory").count(),
+        1,
+        "{stderr}"
+    );
+    assert!(stderr.contains("--config FILE"), "{stderr}");
+    assert!(stderr.contains("canary-proxy demo"), "{stderr}");
 }
 
 /// A proxy process, killed on drop.
