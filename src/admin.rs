@@ -11,9 +11,10 @@
 //! | `GET /healthz` | 200 while the process runs |
 //! | `GET /readyz` | 200 when some backend is healthy, else 503 |
 //!
-//! With a token configured, every `/admin/*` call needs `Authorization: Bearer TOKEN`.
-//! Reads return the table version as `ETag`; writes accept `If-Match` and answer 409 when the
-//! table has moved on. Errors are JSON: `{"error": "..."}`.
+//! With a token configured, every `/admin/*` call needs `Authorization: Bearer TOKEN` (the
+//! scheme in any case). Reads return the table version as `ETag`; writes accept `If-Match`
+//! (strong comparison, lists, `*`) and answer 412 when it names no current version. Errors are
+//! JSON: `{"error": "..."}`.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -83,7 +84,7 @@ async fn handle(control: &ControlPlane, request: Request<Incoming>) -> AdminResp
         let presented = request
             .headers()
             .get(AUTHORIZATION)
-            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+            .and_then(|v| bearer_token(v.as_bytes()));
         if !control.authorized(presented) {
             let mut response = error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
             response
@@ -136,7 +137,7 @@ async fn handle(control: &ControlPlane, request: Request<Incoming>) -> AdminResp
                 Ok(v) => v,
                 Err(message) => return error(StatusCode::BAD_REQUEST, message),
             };
-            match control.reload(if_match) {
+            match control.reload(if_match.as_deref()) {
                 Ok(version) => with_etag(
                     json_response(
                         StatusCode::OK,
@@ -177,7 +178,7 @@ async fn set_weights(control: &ControlPlane, request: Request<Incoming>) -> Admi
         Ok(changes) => changes,
         Err(e) => return control_error(control, &e),
     };
-    match control.set_weights(&changes, if_match) {
+    match control.set_weights(&changes, if_match.as_deref()) {
         Ok(applied) => weights_applied(applied),
         Err(e) => control_error(control, &e),
     }
@@ -211,9 +212,11 @@ fn parse_query_weights(query: &str) -> Result<Vec<(String, u32)>, ControlError> 
         .filter(|pair| !pair.is_empty())
         .map(|pair| {
             let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let weight = value
-                .parse::<u32>()
-                .map_err(|_| ControlError::InvalidWeight {
+            // Plain decimal digits: `u32::from_str` would also take a leading `+`.
+            let weight = Some(value)
+                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|v| v.parse::<u32>().ok())
+                .ok_or_else(|| ControlError::InvalidWeight {
                     backend: name.to_string(),
                     value: format!("{value:?}"),
                 })?;
@@ -246,27 +249,89 @@ fn parse_json_weights(body: &[u8]) -> Result<Vec<(String, u32)>, ControlError> {
         .collect()
 }
 
-/// The version `If-Match` asks for (`None`: unconditional), or why the header is unusable.
-fn if_match(request: &Request<Incoming>) -> Result<Option<u64>, &'static str> {
-    let Some(value) = request.headers().get(IF_MATCH) else {
-        return Ok(None);
-    };
-    let text = value.to_str().unwrap_or("").trim();
-    if text == "*" {
+/// The token of an `Authorization: Bearer TOKEN` value. The scheme is case-insensitive and
+/// may be followed by several spaces (RFC 9110 §11.4); the token is taken as it is.
+fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+    let space = value.iter().position(|&b| b == b' ')?;
+    let (scheme, rest) = value.split_at(space);
+    if !scheme.eq_ignore_ascii_case(b"bearer") {
+        return None;
+    }
+    let token = rest.trim_ascii_start();
+    (!token.is_empty()).then_some(token)
+}
+
+/// The table versions `If-Match` accepts (`None`: unconditional), or why the header is
+/// unusable. Every `If-Match` line counts, as one list.
+fn if_match(request: &Request<Incoming>) -> Result<Option<Vec<u64>>, &'static str> {
+    let mut lines = request.headers().get_all(IF_MATCH).iter().peekable();
+    if lines.peek().is_none() {
         return Ok(None);
     }
-    text.trim_start_matches("W/")
-        .trim_matches('"')
-        .parse()
-        .map(Some)
-        .map_err(|_| "If-Match must be an ETag returned by this API")
+    let mut joined = Vec::new();
+    for line in lines {
+        if !joined.is_empty() {
+            joined.push(b',');
+        }
+        joined.extend_from_slice(line.as_bytes());
+    }
+    parse_if_match(&joined)
+}
+
+/// Parses an `If-Match` field value (RFC 9110 §13.1.1): `*`, or a comma-separated list of
+/// entity tags. Our tags are strong, `"VERSION"`, and `If-Match` compares strongly, so a
+/// weak tag (`W/"3"`) or a tag this API never issues can match nothing: such tags are left
+/// out. `Ok(Some(empty))` therefore means "matches no version".
+fn parse_if_match(value: &[u8]) -> Result<Option<Vec<u64>>, &'static str> {
+    const MALFORMED: &str =
+        "If-Match must be * or a list of entity tags such as \"3\" (as sent in ETag)";
+    if value.trim_ascii() == b"*" {
+        return Ok(None);
+    }
+    let mut versions = Vec::new();
+    let mut rest = value;
+    loop {
+        // Skip separators and optional white space; empty list elements are allowed.
+        rest = rest.trim_ascii_start();
+        while let Some(after) = rest.strip_prefix(b",") {
+            rest = after.trim_ascii_start();
+        }
+        if rest.is_empty() {
+            return Ok(Some(versions));
+        }
+        let (weak, quoted) = match rest.strip_prefix(b"W/") {
+            Some(after) => (true, after),
+            None => (false, rest),
+        };
+        let opaque = quoted.strip_prefix(b"\"").ok_or(MALFORMED)?;
+        let end = opaque.iter().position(|&b| b == b'"').ok_or(MALFORMED)?;
+        let tag = &opaque[..end];
+        // etagc: %x21 / %x23-7E / obs-text
+        if tag.iter().any(|&b| b < 0x21 || b == 0x7f) {
+            return Err(MALFORMED);
+        }
+        rest = opaque[end + 1..].trim_ascii_start();
+        if !rest.is_empty() && !rest.starts_with(b",") {
+            return Err(MALFORMED);
+        }
+        let version = std::str::from_utf8(tag)
+            .ok()
+            .filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|t| t.parse::<u64>().ok());
+        if let (false, Some(version)) = (weak, version) {
+            versions.push(version);
+        }
+    }
 }
 
 fn control_error(control: &ControlPlane, e: &ControlError) -> AdminResponse {
     match e {
-        ControlError::Stale { current, .. } => {
+        ControlError::Stale { current } => {
             let body = json!({"error": Chain(e).to_string(), "version": current});
-            with_etag(json_response(StatusCode::CONFLICT, body), *current)
+            with_etag(
+                json_response(StatusCode::PRECONDITION_FAILED, body),
+                *current,
+            )
         }
         ControlError::UnknownBackend(_)
         | ControlError::InvalidWeight { .. }
@@ -476,6 +541,67 @@ mod tests {
             Err(ControlError::InvalidWeight { .. })
         ));
         assert!(parse_query_weights("").unwrap().is_empty());
+        for bad in ["v2=+5", "v2= 5", "v2=5 ", "v2=", "v2=%205", "v2=4294967296"] {
+            assert!(
+                matches!(
+                    parse_query_weights(bad),
+                    Err(ControlError::InvalidWeight { .. })
+                ),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            parse_query_weights("v2=007").unwrap(),
+            [("v2".to_string(), 7)]
+        );
+    }
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer_token(b"Bearer abc"), Some(&b"abc"[..]));
+        assert_eq!(bearer_token(b"bearer abc"), Some(&b"abc"[..]));
+        assert_eq!(bearer_token(b"BEARER   abc"), Some(&b"abc"[..]));
+        assert_eq!(bearer_token(b"Bearer aBc"), Some(&b"aBc"[..]));
+        for bad in [
+            &b"Basic abc"[..],
+            b"Bearer",
+            b"Bearer ",
+            b"Bearerabc",
+            b"abc",
+            b"",
+        ] {
+            assert_eq!(
+                bearer_token(bad),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn if_match_lists_weak_tags_and_star() {
+        let parse = |v: &str| parse_if_match(v.as_bytes());
+        assert_eq!(parse("*"), Ok(None));
+        assert_eq!(parse(" * "), Ok(None));
+        assert_eq!(parse(r#""3""#), Ok(Some(vec![3])));
+        assert_eq!(parse(r#""2", "3""#), Ok(Some(vec![2, 3])));
+        assert_eq!(parse(r#" ,"2",,"3" ,"#), Ok(Some(vec![2, 3])));
+        // Weak and foreign tags are valid syntax that can never match.
+        assert_eq!(parse(r#"W/"3""#), Ok(Some(vec![])));
+        assert_eq!(parse(r#"W/"3", "4""#), Ok(Some(vec![4])));
+        assert_eq!(parse(r#""abc", "+3", """#), Ok(Some(vec![])));
+        for bad in [
+            "3",
+            r#""3"#,
+            r#""3" "4""#,
+            r#""3";"4""#,
+            r#"w/"3""#,
+            r#"*, "3""#,
+            "\"a b\"",
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

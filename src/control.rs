@@ -21,8 +21,10 @@ use crate::routing::RoutingTable;
 /// Why a change was refused; the table is untouched.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
-    #[error("the table is at version {current}, not {expected} (If-Match): re-read and retry")]
-    Stale { expected: u64, current: u64 },
+    #[error(
+        "If-Match names no current version: the table is at version {current}; re-read and retry"
+    )]
+    Stale { current: u64 },
     #[error("unknown backend {0:?}")]
     UnknownBackend(String),
     #[error("weight of {backend:?} must be an integer from 0 to {MAX_WEIGHT}, got {value}")]
@@ -149,7 +151,7 @@ impl ControlPlane {
     pub fn set_weights(
         &self,
         changes: &[(String, u32)],
-        if_match: Option<u64>,
+        if_match: Option<&[u64]>,
     ) -> Result<WeightsApplied, ControlError> {
         if changes.is_empty() {
             return Err(ControlError::NoWeights);
@@ -206,9 +208,17 @@ impl ControlPlane {
 
     /// Re-reads the config file and applies it whole, or leaves everything as it was.
     /// Backends whose connection settings are unchanged keep their pools and health state.
-    pub fn reload(&self, if_match: Option<u64>) -> Result<u64, ControlError> {
+    /// `if_match`: the versions the caller accepts (`None`: any).
+    ///
+    /// `canary_config_reloads_total` counts attempts to apply a file: a refused precondition
+    /// or a proxy without a config file is not one, an unreadable or invalid file is.
+    pub fn reload(&self, if_match: Option<&[u64]>) -> Result<u64, ControlError> {
         let result = self.try_reload(if_match);
-        self.metrics.config_reload(result.is_ok());
+        match &result {
+            Ok(_) => self.metrics.config_reload(true),
+            Err(ControlError::Stale { .. } | ControlError::NoConfigFile) => {}
+            Err(_) => self.metrics.config_reload(false),
+        }
         match &result {
             Ok(version) => tracing::info!(target: "audit", version, "config reloaded"),
             Err(error) => {
@@ -221,7 +231,7 @@ impl ControlPlane {
         result
     }
 
-    fn try_reload(&self, if_match: Option<u64>) -> Result<u64, ControlError> {
+    fn try_reload(&self, if_match: Option<&[u64]>) -> Result<u64, ControlError> {
         let path = self
             .config_path
             .as_ref()
@@ -277,9 +287,10 @@ impl ControlPlane {
     }
 }
 
-fn check_version(if_match: Option<u64>, current: u64) -> Result<(), ControlError> {
+/// `If-Match` with strong comparison: the current version must be one of those listed.
+fn check_version(if_match: Option<&[u64]>, current: u64) -> Result<(), ControlError> {
     match if_match {
-        Some(expected) if expected != current => Err(ControlError::Stale { expected, current }),
+        Some(accepted) if !accepted.contains(&current) => Err(ControlError::Stale { current }),
         _ => Ok(()),
     }
 }
@@ -343,13 +354,15 @@ mod tests {
     #[test]
     fn stale_versions_are_refused() {
         assert!(check_version(None, 4).is_ok());
-        assert!(check_version(Some(4), 4).is_ok());
+        assert!(check_version(Some(&[4]), 4).is_ok());
+        assert!(check_version(Some(&[2, 4]), 4).is_ok());
         assert!(matches!(
-            check_version(Some(3), 4),
-            Err(ControlError::Stale {
-                expected: 3,
-                current: 4
-            })
+            check_version(Some(&[3]), 4),
+            Err(ControlError::Stale { current: 4 })
+        ));
+        assert!(matches!(
+            check_version(Some(&[]), 4),
+            Err(ControlError::Stale { current: 4 })
         ));
     }
 }

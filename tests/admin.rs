@@ -81,6 +81,12 @@ async fn bad_weight_changes_get_400_json_and_change_nothing() {
         ("/admin/weight?v2=-5", None, "integer"),
         ("/admin/weight?v2=2.5", None, "integer"),
         ("/admin/weight?v2=ten", None, "integer"),
+        // Plain decimal digits only.
+        ("/admin/weight?v2=+5", None, "integer"),
+        ("/admin/weight?v2=%205", None, "integer"),
+        ("/admin/weight?v2=5%20", None, "integer"),
+        ("/admin/weight?v2=", None, "integer"),
+        ("/admin/weight?v2=0x10", None, "integer"),
         ("/admin/weight?v1=0&v2=0", None, "all weights"),
         (
             "/admin/weight",
@@ -122,7 +128,7 @@ async fn bad_weight_changes_get_400_json_and_change_nothing() {
 }
 
 #[tokio::test]
-async fn stale_if_match_gets_409_and_current_if_match_applies() {
+async fn stale_if_match_gets_412_and_current_if_match_applies() {
     let v1 = upstream("v1").await;
     let proxy = start_proxy(&config(
         &[("v1", vec![v1.url()], 1), ("v2", vec![v1.url()], 1)],
@@ -140,14 +146,15 @@ async fn stale_if_match_gets_409_and_current_if_match_applies() {
     assert_eq!(first.status(), 200);
     let newer = etag(&first);
     assert_ne!(newer, seen);
-    // A second writer that read the old version loses, and learns the current one.
+    // A second writer that read the old version loses (412, RFC 9110 §13.1.1), and learns
+    // the current one.
     let stale = c
         .post(proxy.admin("/admin/weight?v2=7"))
         .header("if-match", &seen)
         .send()
         .await
         .unwrap();
-    assert_eq!(stale.status(), 409);
+    assert_eq!(stale.status(), 412);
     assert_eq!(etag(&stale), newer);
     let body = json_of(stale).await;
     assert!(body["error"].as_str().unwrap().contains("If-Match"));
@@ -160,6 +167,100 @@ async fn stale_if_match_gets_409_and_current_if_match_applies() {
         .await
         .unwrap();
     assert_eq!(garbage.status(), 400);
+}
+
+#[tokio::test]
+async fn if_match_compares_strongly_and_takes_lists_and_star() {
+    let v1 = upstream("v1").await;
+    let proxy = start_proxy(&config(
+        &[("v1", vec![v1.url()], 1), ("v2", vec![v1.url()], 1)],
+        "",
+    ))
+    .await;
+    let c = client();
+    let set = |value: &'static str, weight: u32| {
+        c.post(proxy.admin(&format!("/admin/weight?v2={weight}")))
+            .header("if-match", value)
+            .send()
+    };
+    // The current version (1) in a list, however spaced.
+    assert_eq!(set(r#""7", "1""#, 2).await.unwrap().status(), 200);
+    assert_eq!(set(r#""9","2" , "11""#, 3).await.unwrap().status(), 200);
+    // A weak tag never matches in If-Match, not even the current version (now 3).
+    assert_eq!(set(r#"W/"3""#, 4).await.unwrap().status(), 412);
+    assert_eq!(set(r#"W/"3", "2""#, 4).await.unwrap().status(), 412);
+    // A tag this API never issued matches nothing.
+    assert_eq!(set(r#""abc""#, 4).await.unwrap().status(), 412);
+    // `*` matches whatever the version.
+    assert_eq!(set("*", 4).await.unwrap().status(), 200);
+    // Malformed lists are refused as such.
+    for bad in ["3", r#""3"; "4""#, r#"*, "4""#, r#""4"#] {
+        assert_eq!(set(bad, 5).await.unwrap().status(), 400, "{bad}");
+    }
+    let now = c.get(proxy.admin("/admin/weight")).send().await.unwrap();
+    assert_eq!(etag(&now), "\"4\"");
+    assert_eq!(json_of(now).await["v2"], 4);
+}
+
+#[tokio::test]
+async fn refused_preconditions_and_missing_files_are_not_counted_as_reloads() {
+    let v1 = upstream("v1").await;
+    let text = config(&[("v1", vec![v1.url()], 1)], "");
+    let with_file = start_proxy_with_file(&text).await;
+    let without_file = start_proxy(&text).await;
+    let c = client();
+    let stale = c
+        .post(with_file.admin("/admin/reload"))
+        .header("if-match", "\"7\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stale.status(), 412);
+    let no_file = c
+        .post(without_file.admin("/admin/reload"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(no_file.status(), 400);
+    for proxy in [&with_file, &without_file] {
+        let metrics = c
+            .get(proxy.admin("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(
+            metric(&metrics, "canary_config_reloads_total", &[]),
+            0.0,
+            "{metrics}"
+        );
+    }
+    // A real attempt still counts.
+    let good = c
+        .post(with_file.admin("/admin/reload"))
+        .header("if-match", "\"1\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(good.status(), 200);
+    let metrics = c
+        .get(with_file.admin("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(
+            &metrics,
+            "canary_config_reloads_total",
+            &[("result", "success")]
+        ),
+        1.0
+    );
 }
 
 #[tokio::test]
@@ -194,6 +295,30 @@ async fn token_guards_every_admin_call_but_not_probes_or_metrics() {
             .await
             .unwrap();
         assert_eq!(right.status(), 200, "{path}");
+    }
+    // The scheme is case-insensitive (RFC 9110 §11.1); the token is not.
+    for scheme in ["bearer", "BEARER", "Bearer  "] {
+        let response = c
+            .get(proxy.admin("/admin/weight"))
+            .header("authorization", format!("{scheme} s3cret-token"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{scheme:?}");
+    }
+    for wrong in [
+        "Basic s3cret-token",
+        "Bearers3cret-token",
+        "Bearer",
+        "s3cret-token",
+    ] {
+        let response = c
+            .get(proxy.admin("/admin/weight"))
+            .header("authorization", wrong)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 401, "{wrong:?}");
     }
     let unauthorized_write = c
         .post(proxy.admin("/admin/weight?v1=5"))
