@@ -420,6 +420,56 @@ async fn weight_changes_are_written_back_with_comments_kept() {
     assert_eq!(proxy.table.load().backends[1].weight, 50);
 }
 
+#[cfg(unix)]
+#[tokio::test]
+async fn weight_changes_are_written_through_a_symlinked_config() {
+    let v1 = upstream("v1").await;
+    let text = config(
+        &[("v1", vec![v1.url()], 90), ("v2", vec![v1.url()], 10)],
+        "",
+    );
+    let proxy = start_proxy_with_file(&text).await;
+    // canary.toml -> real/canary.toml, as a config kept in a checked-out repository often is.
+    let link = proxy.config_path.clone().unwrap();
+    let dir = link.parent().unwrap().to_path_buf();
+    std::fs::create_dir(dir.join("real")).unwrap();
+    std::fs::rename(&link, dir.join("real/canary.toml")).unwrap();
+    std::os::unix::fs::symlink("real/canary.toml", &link).unwrap();
+
+    let response = client()
+        .post(proxy.admin("/admin/weight?v2=30&v1=70"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(json_of(response).await["persisted"], true);
+    // The link is still a link, and its target has the new weights.
+    assert!(
+        std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink(),
+        "the link was replaced by a plain file"
+    );
+    let target = std::fs::read_to_string(dir.join("real/canary.toml")).unwrap();
+    assert_eq!(
+        target,
+        text.replace("weight = 90\n", "weight = 70\n")
+            .replace("weight = 10\n", "weight = 30\n")
+    );
+    // The temporary file went to the target's directory and is gone.
+    let names = |d: &std::path::Path| -> Vec<String> {
+        std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    assert_eq!(names(&dir.join("real")), ["canary.toml"]);
+    let mut top = names(&dir);
+    top.sort();
+    assert_eq!(top, ["canary.toml", "real"]);
+}
+
 #[tokio::test]
 async fn reload_applies_a_good_file_and_rejects_a_bad_one() {
     let (v1, v2) = (upstream("v1").await, upstream("v2").await);
