@@ -77,7 +77,7 @@ pub async fn serve_admin(
     }
 }
 
-async fn handle(control: &ControlPlane, request: Request<Incoming>) -> AdminResponse {
+async fn handle(control: &Arc<ControlPlane>, request: Request<Incoming>) -> AdminResponse {
     let method = request.method().clone();
     let path = request.uri().path().to_string();
     if path.starts_with("/admin/") {
@@ -137,7 +137,10 @@ async fn handle(control: &ControlPlane, request: Request<Incoming>) -> AdminResp
                 Ok(v) => v,
                 Err(message) => return error(StatusCode::BAD_REQUEST, message),
             };
-            match control.reload(if_match.as_deref()) {
+            let reloaded = control
+                .run_blocking(move |control| control.reload(if_match.as_deref()))
+                .await;
+            match reloaded {
                 Ok(version) => with_etag(
                     json_response(
                         StatusCode::OK,
@@ -159,7 +162,7 @@ async fn handle(control: &ControlPlane, request: Request<Incoming>) -> AdminResp
     }
 }
 
-async fn set_weights(control: &ControlPlane, request: Request<Incoming>) -> AdminResponse {
+async fn set_weights(control: &Arc<ControlPlane>, request: Request<Incoming>) -> AdminResponse {
     let if_match = match if_match(&request) {
         Ok(v) => v,
         Err(message) => return error(StatusCode::BAD_REQUEST, message),
@@ -178,7 +181,10 @@ async fn set_weights(control: &ControlPlane, request: Request<Incoming>) -> Admi
         Ok(changes) => changes,
         Err(e) => return control_error(control, &e),
     };
-    match control.set_weights(&changes, if_match.as_deref()) {
+    let applied = control
+        .run_blocking(move |control| control.set_weights(&changes, if_match.as_deref()))
+        .await;
+    match applied {
         Ok(applied) => weights_applied(applied),
         Err(e) => control_error(control, &e),
     }
@@ -344,6 +350,14 @@ fn control_error(control: &ControlPlane, e: &ControlError) -> AdminResponse {
             let version = control.table().load().version;
             let body = json!({"error": Chain(e).to_string(), "version": version});
             with_etag(json_response(StatusCode::BAD_REQUEST, body), version)
+        }
+        ControlError::Interrupted(_) => {
+            let version = control.table().load().version;
+            let body = json!({"error": Chain(e).to_string(), "version": version});
+            with_etag(
+                json_response(StatusCode::INTERNAL_SERVER_ERROR, body),
+                version,
+            )
         }
     }
 }

@@ -41,6 +41,8 @@ pub enum ControlError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Token(#[from] TokenError),
+    #[error("the change stopped before it completed; read the table to see its state")]
+    Interrupted(#[source] tokio::task::JoinError),
 }
 
 /// Why the proxy cannot start.
@@ -146,8 +148,25 @@ impl ControlPlane {
         }
     }
 
+    /// Runs a change (`set_weights`, `reload`) on tokio's blocking pool and waits for it.
+    /// Changes read, write and sync the config file; on the runtime that serves the admin API
+    /// and runs the health checks (one thread in the binary) that would stall them all while
+    /// the disk is slow. The changes stay serialized by the control plane's own lock, and the
+    /// result comes back once the change is applied, so a reply sent after it is never ahead of
+    /// the table.
+    pub async fn run_blocking<T: Send + 'static>(
+        self: &Arc<Self>,
+        change: impl FnOnce(&ControlPlane) -> Result<T, ControlError> + Send + 'static,
+    ) -> Result<T, ControlError> {
+        let control = self.clone();
+        tokio::task::spawn_blocking(move || change(&control))
+            .await
+            .map_err(ControlError::Interrupted)?
+    }
+
     /// Sets the weights of the named backends (others keep theirs) and writes them back to
-    /// the config file.
+    /// the config file. Blocks on file I/O: from async code, call it through
+    /// [`run_blocking`](Self::run_blocking).
     pub fn set_weights(
         &self,
         changes: &[(String, u32)],
@@ -206,7 +225,8 @@ impl ControlPlane {
         })
     }
 
-    /// Re-reads the config file and applies it whole, or leaves everything as it was.
+    /// Re-reads the config file and applies it whole, or leaves everything as it was. Blocks
+    /// on file I/O: from async code, call it through [`run_blocking`](Self::run_blocking).
     /// Backends whose connection settings are unchanged keep their pools and health state.
     /// `if_match`: the versions the caller accepts (`None`: any).
     ///

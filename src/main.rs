@@ -146,8 +146,8 @@ async fn reload_on_sighup(
                     return;
                 }
                 tracing::info!("SIGHUP: reloading the config file");
-                // Errors are logged by the control plane.
-                let _ = control.reload(None);
+                // Off the runtime (file I/O); errors are logged by the control plane.
+                let _ = control.run_blocking(|control| control.reload(None)).await;
             }
             () = control.shutdown_token().cancelled() => return,
         }

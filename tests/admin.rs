@@ -567,6 +567,105 @@ async fn reload_applies_a_good_file_and_rejects_a_bad_one() {
     );
 }
 
+/// Replaces the config file by a FIFO, so the next read of it blocks until `text` is written
+/// into it, `after` from now, by a plain thread (a disk or network file system that stalls).
+#[cfg(unix)]
+fn stall_config_reads(
+    path: &std::path::Path,
+    text: String,
+    after: Duration,
+) -> std::thread::JoinHandle<()> {
+    std::fs::remove_file(path).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let path = path.to_owned();
+    std::thread::spawn(move || {
+        std::thread::sleep(after);
+        std::fs::write(&path, text).unwrap();
+    })
+}
+
+/// Asks `/healthz` every 100 ms for `span` and returns the slowest answer: while a change
+/// waits for its file, the runtime that serves the admin API (and runs the health checks)
+/// must go on.
+#[cfg(unix)]
+async fn slowest_healthz(proxy: &TestProxy, span: Duration) -> Duration {
+    let c = client();
+    let mut slowest = Duration::ZERO;
+    let started = std::time::Instant::now();
+    while started.elapsed() < span {
+        let asked = std::time::Instant::now();
+        let response = c.get(proxy.admin("/healthz")).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        slowest = slowest.max(asked.elapsed());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    slowest
+}
+
+/// A current-thread runtime, as the binary's control plane has.
+#[cfg(unix)]
+#[tokio::test]
+async fn a_reload_waiting_for_its_file_does_not_stall_the_admin_runtime() {
+    let v1 = upstream("v1").await;
+    let text = config(&[("v1", vec![v1.url()], 1)], "");
+    let proxy = start_proxy_with_file(&text).await;
+    let path = proxy.config_path.clone().unwrap();
+    let writer = stall_config_reads(
+        &path,
+        text.replace("weight = 1", "weight = 2"),
+        Duration::from_millis(1500),
+    );
+    let reload = tokio::spawn({
+        let url = proxy.admin("/admin/reload");
+        async move { client().post(url).send().await.unwrap().status() }
+    });
+    let slowest = slowest_healthz(&proxy, Duration::from_millis(1000)).await;
+    assert!(
+        slowest < Duration::from_millis(500),
+        "/healthz took {slowest:?}"
+    );
+    assert_eq!(reload.await.unwrap(), 200);
+    writer.join().unwrap();
+    // Applied before the reply.
+    let weights = client()
+        .get(proxy.admin("/admin/weight"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(json_of(weights).await, json!({"v1": 2}));
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn a_weight_write_back_waiting_for_its_file_does_not_stall_the_admin_runtime() {
+    let v1 = upstream("v1").await;
+    let text = config(
+        &[("v1", vec![v1.url()], 90), ("v2", vec![v1.url()], 10)],
+        "",
+    );
+    let proxy = start_proxy_with_file(&text).await;
+    let path = proxy.config_path.clone().unwrap();
+    let writer = stall_config_reads(&path, text.clone(), Duration::from_millis(1500));
+    let change = tokio::spawn({
+        let url = proxy.admin("/admin/weight?v2=40&v1=60");
+        async move { json_of(client().post(url).send().await.unwrap()).await }
+    });
+    let slowest = slowest_healthz(&proxy, Duration::from_millis(1000)).await;
+    assert!(
+        slowest < Duration::from_millis(500),
+        "/healthz took {slowest:?}"
+    );
+    let body = change.await.unwrap();
+    assert_eq!(body["persisted"], true, "{body}");
+    writer.join().unwrap();
+    let written = std::fs::read_to_string(&path).unwrap();
+    assert!(written.contains("weight = 60") && written.contains("weight = 40"));
+}
+
 #[tokio::test]
 async fn explain_says_which_backend_and_why() {
     let (v1, v2) = (upstream("v1").await, upstream("v2").await);
