@@ -17,11 +17,12 @@
 //! JSON: `{"error": "..."}`.
 
 use std::convert::Infallible;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::header::{ALLOW, AUTHORIZATION, CONTENT_TYPE, ETAG, IF_MATCH};
-use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http::header::{ALLOW, AUTHORIZATION, CONTENT_TYPE, ETAG, HOST, IF_MATCH, ORIGIN};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -78,6 +79,9 @@ pub async fn serve_admin(
 }
 
 async fn handle(control: &Arc<ControlPlane>, request: Request<Incoming>) -> AdminResponse {
+    if let Some(refused) = refuse_other_sites(&request, &control.allowed_hosts()) {
+        return refused;
+    }
     let method = request.method().clone();
     let path = request.uri().path().to_string();
     if path.starts_with("/admin/") {
@@ -253,6 +257,130 @@ fn parse_json_weights(body: &[u8]) -> Result<Vec<(String, u32)>, ControlError> {
             Ok((name, weight))
         })
         .collect()
+}
+
+/// Keeps browsers from driving the API on behalf of a web page (403, before the token is
+/// looked at):
+/// - every request must be addressed to an IP literal, `localhost` or a name in
+///   `admin.allowed_hosts`: DNS rebinding points a name of the attacker's at this listener, so
+///   the browser sends that name as `Host`;
+/// - a mutation (any method but GET, HEAD, OPTIONS, TRACE) carrying `Origin` must come from
+///   this API's own origin (`http://` + `Host`; `Origin: null` is another site), and one
+///   carrying `Sec-Fetch-Site` must say `same-origin` or `none`. Without those headers it is
+///   not a browser's cross-site request (curl, scripts).
+///
+/// Also 400 for an HTTP/1.1 request without `Host` or with several (RFC 9112 §3.2).
+fn refuse_other_sites(
+    request: &Request<Incoming>,
+    allowed_hosts: &[String],
+) -> Option<AdminResponse> {
+    let mut hosts = request.headers().get_all(HOST).iter();
+    let host = match (hosts.next(), hosts.next()) {
+        (None, _) => None,
+        (Some(host), None) => match host.to_str() {
+            Ok(host) => Some(host),
+            Err(_) => return Some(error(StatusCode::BAD_REQUEST, "Host is not valid")),
+        },
+        (Some(_), Some(_)) => {
+            return Some(error(StatusCode::BAD_REQUEST, "more than one Host header"));
+        }
+    };
+    if host.is_none() && request.version() >= Version::HTTP_11 {
+        return Some(error(
+            StatusCode::BAD_REQUEST,
+            "HTTP/1.1 requests need a Host header",
+        ));
+    }
+    // An absolute-form target (`POST http://host/...`) names the host as well: both must pass.
+    let target = request.uri().authority().map(|a| a.as_str());
+    for name in target.into_iter().chain(host) {
+        if !host_is_allowed(name, allowed_hosts) {
+            let message = format!(
+                "Host {name:?} is not allowed here: use an IP address or localhost, or add the \
+                 name to admin.allowed_hosts"
+            );
+            return Some(error(StatusCode::FORBIDDEN, &message));
+        }
+    }
+    let safe = matches!(
+        *request.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+    );
+    if safe {
+        return None;
+    }
+    cross_site(request.headers(), target.or(host)).map(|why| {
+        error(
+            StatusCode::FORBIDDEN,
+            &format!("cross-site request refused: {why}"),
+        )
+    })
+}
+
+/// Whether `host` (a `Host` value, port optional) is an IPv4 or IPv6 literal, `localhost`, or
+/// one of `allowed` (lowercase); names compare case-insensitively, a trailing dot ignored.
+fn host_is_allowed(host: &str, allowed: &[String]) -> bool {
+    let Some(name) = host_without_port(host) else {
+        return false;
+    };
+    if let Some(literal) = name.strip_prefix('[').and_then(|n| n.strip_suffix(']')) {
+        return literal.parse::<Ipv6Addr>().is_ok();
+    }
+    if name.parse::<Ipv4Addr>().is_ok() {
+        return true;
+    }
+    let name = name.strip_suffix('.').unwrap_or(name);
+    name.eq_ignore_ascii_case("localhost") || allowed.iter().any(|a| a.eq_ignore_ascii_case(name))
+}
+
+/// `host` without its `:port` (`[::1]:9901` -> `[::1]`), or `None` when the port is not digits.
+fn host_without_port(host: &str) -> Option<&str> {
+    let (name, port) = if host.starts_with('[') {
+        let end = host.find(']')? + 1;
+        let rest = &host[end..];
+        if rest.is_empty() {
+            (&host[..end], "")
+        } else {
+            (&host[..end], rest.strip_prefix(':')?)
+        }
+    } else {
+        host.split_once(':').unwrap_or((host, ""))
+    };
+    port.bytes().all(|b| b.is_ascii_digit()).then_some(name)
+}
+
+/// Why a mutation looks like a browser's request from another origin, if it does. `own` is
+/// the host this request was addressed to.
+fn cross_site(headers: &http::HeaderMap, own: Option<&str>) -> Option<String> {
+    if let Some(site) = headers.get("sec-fetch-site") {
+        let site = site.to_str().unwrap_or("");
+        if !site.eq_ignore_ascii_case("same-origin") && !site.eq_ignore_ascii_case("none") {
+            return Some(format!(
+                "Sec-Fetch-Site is {site:?}; only this API's own pages may change it"
+            ));
+        }
+    }
+    let mut origins = headers.get_all(ORIGIN).iter();
+    let origin = origins.next()?;
+    if origins.next().is_some() {
+        return Some("more than one Origin header".to_string());
+    }
+    let origin = origin.to_str().unwrap_or("");
+    if origin == "null" {
+        return Some(
+            "Origin is null (a sandboxed page, or a file or data URL is another site)".to_string(),
+        );
+    }
+    let Some(own) = own.map(|host| format!("http://{host}")) else {
+        return Some(format!("Origin {origin:?} and no Host to compare it with"));
+    };
+    if origin.eq_ignore_ascii_case(&own) {
+        None
+    } else {
+        Some(format!(
+            "Origin {origin:?} is not this API's own origin ({own})"
+        ))
+    }
 }
 
 /// The token of an `Authorization: Bearer TOKEN` value. The scheme is case-insensitive and
@@ -568,6 +696,87 @@ mod tests {
             parse_query_weights("v2=007").unwrap(),
             [("v2".to_string(), 7)]
         );
+    }
+
+    #[test]
+    fn hosts_are_ip_literals_localhost_or_allowed_names() {
+        let allowed = ["canary.internal".to_string()];
+        for ok in [
+            "127.0.0.1",
+            "127.0.0.1:9901",
+            "10.1.2.3:80",
+            "[::1]",
+            "[::1]:9901",
+            "[2001:db8::7]:9901",
+            "localhost",
+            "LocalHost:9901",
+            "localhost.",
+            "canary.internal",
+            "Canary.Internal:9901",
+            "canary.internal.:1",
+        ] {
+            assert!(host_is_allowed(ok, &allowed), "{ok}");
+        }
+        for refused in [
+            "evil.example",
+            "evil.example:9901",
+            "localhost.evil.example",
+            "canary.internal.evil.example",
+            "127.0.0.1.nip.io",
+            "127.1",
+            "[::1",
+            "[localhost]",
+            "::1",
+            "localhost:x",
+            "localhost:9901:1",
+            "user@localhost",
+            "",
+        ] {
+            assert!(!host_is_allowed(refused, &allowed), "{refused}");
+        }
+        assert!(!host_is_allowed("canary.internal", &[]));
+    }
+
+    #[test]
+    fn mutations_from_other_origins_are_refused() {
+        let headers = |pairs: &[(&'static str, &'static str)]| {
+            let mut map = http::HeaderMap::new();
+            for (k, v) in pairs {
+                map.append(*k, HeaderValue::from_static(v));
+            }
+            map
+        };
+        let own = Some("127.0.0.1:9901");
+        for ok in [
+            &[][..],
+            &[("origin", "http://127.0.0.1:9901")],
+            &[("origin", "HTTP://127.0.0.1:9901")],
+            &[("sec-fetch-site", "same-origin")],
+            &[("sec-fetch-site", "none")],
+            &[
+                ("sec-fetch-site", "same-origin"),
+                ("origin", "http://127.0.0.1:9901"),
+            ],
+        ] {
+            assert_eq!(cross_site(&headers(ok), own), None, "{ok:?}");
+        }
+        for refused in [
+            &[("origin", "http://evil.example")][..],
+            &[("origin", "null")],
+            &[("origin", "http://127.0.0.1:8080")],
+            &[("origin", "https://127.0.0.1:9901")],
+            &[("origin", "http://127.0.0.1:9901/")],
+            &[("sec-fetch-site", "cross-site")],
+            &[("sec-fetch-site", "same-site")],
+            &[("sec-fetch-site", "")],
+            &[
+                ("origin", "http://127.0.0.1:9901"),
+                ("origin", "http://evil.example"),
+            ],
+        ] {
+            assert!(cross_site(&headers(refused), own).is_some(), "{refused:?}");
+        }
+        assert!(cross_site(&headers(&[("origin", "http://localhost")]), None).is_some());
     }
 
     #[test]

@@ -112,6 +112,10 @@ pub struct AdminSettings {
     /// Name of the environment variable holding the bearer token, so the secret stays out of
     /// the file. Never empty; mutually exclusive with `token`.
     pub token_env: Option<String>,
+    /// Host names the admin API answers to besides IP literals and `localhost` (lowercase,
+    /// without port or trailing dot). Any other `Host` gets 403: a DNS rebinding attack needs
+    /// a name of its own to point at this listener. Default empty.
+    pub allowed_hosts: Vec<String>,
 }
 
 impl Default for AdminSettings {
@@ -120,6 +124,7 @@ impl Default for AdminSettings {
             listen: SocketAddr::from(([127, 0, 0, 1], 9901)),
             token: None,
             token_env: None,
+            allowed_hosts: Vec::new(),
         }
     }
 }
@@ -446,6 +451,7 @@ struct RawAdmin {
     listen: Option<Spanned<String>>,
     token: Option<Spanned<String>>,
     token_env: Option<Spanned<String>>,
+    allowed_hosts: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -761,12 +767,38 @@ impl RawAdmin {
                 ),
             ));
         }
+        let allowed_hosts = self
+            .allowed_hosts
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+            .map(|(i, name)| host_name(&format!("admin.allowed_hosts[{i}]"), name))
+            .collect::<Result<_, _>>()?;
         Ok(AdminSettings {
             listen,
             token,
             token_env,
+            allowed_hosts,
         })
     }
+}
+
+/// A host name as a `Host` header carries it, without port: letters, digits, `-`, `_` and
+/// dots. Returned lowercase and without a trailing dot, as the admin API compares it.
+fn host_name(key: &str, raw: Spanned<String>) -> Result<String, FieldError> {
+    let name = raw.get_ref().trim_end_matches('.');
+    let is_name_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    if name.is_empty() || !name.chars().all(is_name_char) || name.contains("..") {
+        return Err(FieldError::new(
+            key,
+            raw.span(),
+            format!(
+                "{:?} is not a host name (letters, digits, '-', '_' and '.' only; no scheme, port or wildcard)",
+                raw.get_ref()
+            ),
+        ));
+    }
+    Ok(name.to_ascii_lowercase())
 }
 
 fn validate_backends(
@@ -2280,6 +2312,36 @@ backend = "v2"
         ]
         .concat());
         assert_eq!(valid(&guarded).admin.token_env.as_deref(), Some("T"));
+    }
+
+    #[test]
+    fn admin_allowed_hosts() {
+        let admin = |line: &str| doc(&[&["[admin]", line][..], &V1].concat());
+        assert!(valid(&V1.join("\n")).admin.allowed_hosts.is_empty());
+        assert_eq!(
+            valid(&admin(
+                "allowed_hosts = [\"Canary.Internal\", \"ops.example.com.\"]"
+            ))
+            .admin
+            .allowed_hosts,
+            ["canary.internal", "ops.example.com"]
+        );
+        for bad in [
+            "\"canary.internal:9901\"",
+            "\"http://canary.internal\"",
+            "\"*.example.com\"",
+            "\"\"",
+            "\"a..b\"",
+            "\"two words\"",
+        ] {
+            let message = assert_invalid(
+                &admin(&format!("allowed_hosts = [\"ok.example\", {bad}]")),
+                "admin.allowed_hosts[1]",
+                2,
+            );
+            assert!(message.contains("is not a host name"), "{message}");
+        }
+        assert_invalid(&admin("allowed_hosts = [1]"), "admin.allowed_hosts[0]", 2);
     }
 
     #[test]

@@ -87,6 +87,9 @@ pub struct ControlPlane {
     health: HealthSupervisor,
     /// The admin bearer token; replaced by a reload.
     token: RwLock<Option<String>>,
+    /// `admin.allowed_hosts`: names the admin API answers to besides IP literals and
+    /// `localhost`; replaced by a reload.
+    allowed_hosts: RwLock<Arc<[String]>>,
     /// The config the current table came from, to warn about changes a reload cannot apply.
     config: Mutex<Config>,
     /// Serializes read-modify-write changes so none is lost.
@@ -108,6 +111,7 @@ impl ControlPlane {
             metrics,
             health: HealthSupervisor::new(shutdown.child_token()),
             token: RwLock::new(token),
+            allowed_hosts: RwLock::new(config.admin.allowed_hosts.clone().into()),
             config: Mutex::new(config),
             writes: Mutex::new(()),
             shutdown,
@@ -136,6 +140,14 @@ impl ControlPlane {
     /// The settings the proxy was started with (listeners, timeouts of the server).
     pub fn config(&self) -> Config {
         self.lock_config().clone()
+    }
+
+    /// `admin.allowed_hosts` as currently configured.
+    pub fn allowed_hosts(&self) -> Arc<[String]> {
+        self.allowed_hosts
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// True when `presented` matches the admin token, or when no token is configured.
@@ -275,6 +287,10 @@ impl ControlPlane {
         self.table.store(Arc::new(next));
         self.health.sync(&self.table.load());
         *self.token.write().unwrap_or_else(|e| e.into_inner()) = token;
+        *self
+            .allowed_hosts
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = config.admin.allowed_hosts.clone().into();
         *self.lock_config() = config;
         Ok(version)
     }

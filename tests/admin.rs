@@ -339,6 +339,196 @@ async fn token_guards_every_admin_call_but_not_probes_or_metrics() {
 }
 
 #[tokio::test]
+async fn browsers_on_other_origins_cannot_change_anything() {
+    let v1 = upstream("v1").await;
+    let text = config(
+        &[("v1", vec![v1.url()], 90), ("v2", vec![v1.url()], 10)],
+        "",
+    );
+    let proxy = start_proxy_with_file(&text).await;
+    let c = client();
+    let own = format!("http://{}", proxy.admin_addr);
+    let other_port = format!("http://127.0.0.1:{}", proxy.addr.port());
+    // What a web page can send without a CORS preflight: a "simple" POST, text/plain.
+    type Case<'a> = (
+        reqwest::Method,
+        &'static str,
+        Option<&'static str>,
+        Vec<(&'static str, &'a str)>,
+    );
+    let refused: Vec<Case<'_>> = vec![
+        (
+            reqwest::Method::POST,
+            "/admin/weight",
+            Some(r#"{"v2":100}"#),
+            vec![("origin", "http://evil.example")],
+        ),
+        (
+            reqwest::Method::POST,
+            "/admin/weight?v1=0",
+            None,
+            vec![("origin", "null")],
+        ),
+        (
+            reqwest::Method::POST,
+            "/admin/reload",
+            None,
+            vec![("origin", "http://evil.example")],
+        ),
+        (
+            reqwest::Method::PUT,
+            "/admin/weight?v1=0",
+            None,
+            vec![("origin", other_port.as_str())],
+        ),
+        (
+            reqwest::Method::POST,
+            "/admin/weight?v1=0",
+            None,
+            vec![("sec-fetch-site", "cross-site")],
+        ),
+        // Another port of the same host is the same *site*, but not the same origin.
+        (
+            reqwest::Method::POST,
+            "/admin/weight?v1=0",
+            None,
+            vec![("sec-fetch-site", "same-site")],
+        ),
+        (
+            reqwest::Method::DELETE,
+            "/admin/weight",
+            None,
+            vec![("origin", "http://evil.example")],
+        ),
+    ];
+    for (method, path, body, headers) in refused {
+        let mut request = c
+            .request(method.clone(), proxy.admin(path))
+            .header("content-type", "text/plain");
+        for (k, v) in &headers {
+            request = request.header(*k, *v);
+        }
+        if let Some(body) = body {
+            request = request.body(body);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 403, "{method} {path} {headers:?}");
+        let error = json_of(response).await["error"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(error.contains("cross-site"), "{error}");
+    }
+    let weights = c.get(proxy.admin("/admin/weight")).send().await.unwrap();
+    assert_eq!(etag(&weights), "\"1\"", "nothing changed");
+
+    // The API's own origin, Sec-Fetch-Site same-origin / none, and curl (no Origin) may.
+    // Bodies are JSON whatever their Content-Type says.
+    let allowed: Vec<(&str, Vec<(&str, &str)>)> = vec![
+        (r#"{"v2":20}"#, vec![("origin", own.as_str())]),
+        (r#"{"v2":21}"#, vec![("sec-fetch-site", "same-origin")]),
+        (r#"{"v2":22}"#, vec![("sec-fetch-site", "none")]),
+        (r#"{"v2":23}"#, vec![]),
+    ];
+    for (body, headers) in allowed {
+        let mut request = c
+            .post(proxy.admin("/admin/weight"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body);
+        for (k, v) in &headers {
+            request = request.header(*k, *v);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 200, "{headers:?}");
+    }
+    // Reads are not mutations: a foreign page cannot read the answer anyway (no CORS).
+    let read = c
+        .get(proxy.admin("/admin/weight"))
+        .header("origin", "http://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(read.status(), 200);
+    assert_eq!(json_of(read).await, json!({"v1": 90, "v2": 23}));
+}
+
+/// The status code of a raw HTTP/1.1 request to the admin listener.
+async fn raw_status(proxy: &TestProxy, request: &str) -> u16 {
+    let answer = raw_exchange(proxy.admin_addr, request.as_bytes(), Duration::from_secs(5)).await;
+    answer
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no status line for {request:?}: {answer:?}"))
+}
+
+#[tokio::test]
+async fn only_ip_literals_localhost_and_allowed_names_may_be_the_host() {
+    let v1 = upstream("v1").await;
+    let mut text = config(&[("v1", vec![v1.url()], 1)], "");
+    text.push_str("\n[admin]\nallowed_hosts = [\"canary.internal\"]\n");
+    let proxy = start_proxy(&text).await;
+    let get = |path: &str, host: &str| {
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")
+    };
+    let port = proxy.admin_addr.port();
+    for host in [
+        format!("127.0.0.1:{port}"),
+        format!("localhost:{port}"),
+        "LOCALHOST".to_string(),
+        "[::1]:9901".to_string(),
+        "10.1.2.3".to_string(),
+        format!("canary.internal:{port}"),
+        "Canary.Internal".to_string(),
+    ] {
+        assert_eq!(
+            raw_status(&proxy, &get("/admin/routes", &host)).await,
+            200,
+            "{host}"
+        );
+    }
+    // DNS rebinding: the attacker's name, now resolving to 127.0.0.1, is the Host.
+    for host in [
+        format!("evil.example:{port}"),
+        "localhost.evil.example".to_string(),
+        "canary.internal.evil.example".to_string(),
+        "127.0.0.1.nip.io".to_string(),
+    ] {
+        for path in ["/admin/routes", "/admin/weight", "/metrics", "/healthz"] {
+            assert_eq!(
+                raw_status(&proxy, &get(path, &host)).await,
+                403,
+                "{host} {path}"
+            );
+        }
+    }
+    let answer = raw_exchange(
+        proxy.admin_addr,
+        get("/admin/routes", "evil.example").as_bytes(),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(
+        answer.contains("admin.allowed_hosts") && !answer.contains("backends"),
+        "{answer}"
+    );
+    // An absolute-form target names the host too.
+    assert_eq!(
+        raw_status(
+            &proxy,
+            "GET http://evil.example/admin/routes HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        )
+        .await,
+        403
+    );
+    // HTTP/1.1 without Host is malformed (RFC 9112 §3.2).
+    assert_eq!(
+        raw_status(&proxy, "GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n").await,
+        400
+    );
+}
+
+#[tokio::test]
 async fn mutations_need_post_or_put() {
     let v1 = upstream("v1").await;
     let proxy = start_proxy(&config(&[("v1", vec![v1.url()], 1)], "")).await;
