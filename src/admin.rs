@@ -49,6 +49,10 @@ pub async fn serve_admin(
     control: Arc<ControlPlane>,
     shutdown: CancellationToken,
 ) {
+    match listener.local_addr() {
+        Ok(addr) => control.admin_listening_on(addr),
+        Err(error) => tracing::warn!(%error, "admin listener has no address"),
+    }
     loop {
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -474,7 +478,8 @@ fn control_error(control: &ControlPlane, e: &ControlError) -> AdminResponse {
         | ControlError::MalformedJson(_)
         | ControlError::NoConfigFile
         | ControlError::Config(_)
-        | ControlError::Token(_) => {
+        | ControlError::Token(_)
+        | ControlError::WouldOpenAdmin { .. } => {
             let version = control.table().load().version;
             let body = json!({"error": Chain(e).to_string(), "version": version});
             with_etag(json_response(StatusCode::BAD_REQUEST, body), version)

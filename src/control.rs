@@ -5,6 +5,7 @@
 //! version (the admin API's `ETag`), can be made conditional on the version the operator last
 //! saw (`If-Match`), and is logged with its old and new values (target `audit`).
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -41,6 +42,11 @@ pub enum ControlError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Token(#[from] TokenError),
+    #[error(
+        "the admin API listens on {listen} until a restart, and this file sets no admin token: \
+         applying it would open that listener to anyone; keep `token` or `token_env`"
+    )]
+    WouldOpenAdmin { listen: SocketAddr },
     #[error("the change stopped before it completed; read the table to see its state")]
     Interrupted(#[source] tokio::task::JoinError),
 }
@@ -90,6 +96,11 @@ pub struct ControlPlane {
     /// `admin.allowed_hosts`: names the admin API answers to besides IP literals and
     /// `localhost`; replaced by a reload.
     allowed_hosts: RwLock<Arc<[String]>>,
+    /// The address the admin listener is bound to: `admin.listen` of the config the proxy
+    /// started with, then the listener's own address once it serves. A reload cannot move
+    /// the listener, so this (not the new file's `admin.listen`) decides whether a token is
+    /// required.
+    admin_bound: Mutex<SocketAddr>,
     /// The config the current table came from, to warn about changes a reload cannot apply.
     config: Mutex<Config>,
     /// Serializes read-modify-write changes so none is lost.
@@ -112,6 +123,7 @@ impl ControlPlane {
             health: HealthSupervisor::new(shutdown.child_token()),
             token: RwLock::new(token),
             allowed_hosts: RwLock::new(config.admin.allowed_hosts.clone().into()),
+            admin_bound: Mutex::new(config.admin.listen),
             config: Mutex::new(config),
             writes: Mutex::new(()),
             shutdown,
@@ -140,6 +152,11 @@ impl ControlPlane {
     /// The settings the proxy was started with (listeners, timeouts of the server).
     pub fn config(&self) -> Config {
         self.lock_config().clone()
+    }
+
+    /// Records where the admin listener is bound (the admin server calls it when it starts).
+    pub fn admin_listening_on(&self, addr: SocketAddr) {
+        *self.admin_bound.lock().unwrap_or_else(|e| e.into_inner()) = addr;
     }
 
     /// `admin.allowed_hosts` as currently configured.
@@ -273,6 +290,11 @@ impl ControlPlane {
         check_version(if_match, current.version)?;
         let config = config::load(path)?;
         let token = config.admin.resolve_token()?;
+        // A reload can never weaken access: the listener stays where it was bound.
+        let listen = *self.admin_bound.lock().unwrap_or_else(|e| e.into_inner());
+        if token.is_none() && !listen.ip().is_loopback() {
+            return Err(ControlError::WouldOpenAdmin { listen });
+        }
         let next =
             RoutingTable::from_config(&config, current.version + 1, Some(&current), &self.metrics);
         let version = next.version;

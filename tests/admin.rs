@@ -857,6 +857,91 @@ async fn a_weight_write_back_waiting_for_its_file_does_not_stall_the_admin_runti
 }
 
 #[tokio::test]
+async fn a_reload_cannot_leave_a_public_admin_listener_without_a_token() {
+    let v1 = upstream("v1").await;
+    let backends = config(&[("v1", vec![v1.url()], 1)], "");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("canary.toml");
+    let admin_section = |lines: &str| format!("{backends}\n[admin]\n{lines}\n");
+    std::fs::write(
+        &path,
+        admin_section("listen = \"0.0.0.0:0\"\ntoken = \"s3cret\""),
+    )
+    .unwrap();
+    let control = canary_proxy::ControlPlane::new(
+        canary_proxy::config::load(&path).unwrap(),
+        Some(path.clone()),
+    )
+    .unwrap();
+    // The admin listener really is on every interface (port 0; the test only talks to it
+    // over loopback).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin_listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let admin = format!(
+        "http://127.0.0.1:{}",
+        admin_listener.local_addr().unwrap().port()
+    );
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(canary_proxy::run(
+        control.clone(),
+        listener,
+        admin_listener,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let c = client();
+
+    // The file now says loopback and no token: valid on its own, but admin.listen only
+    // changes on restart, so applying it would leave 0.0.0.0 open to anyone.
+    std::fs::write(&path, admin_section("listen = \"127.0.0.1:0\"")).unwrap();
+    let response = c
+        .post(format!("{admin}/admin/reload"))
+        .bearer_auth("s3cret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let error = json_of(response).await["error"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        error.contains("0.0.0.0") && error.contains("token"),
+        "{error}"
+    );
+    let open = c.get(format!("{admin}/admin/weight")).send().await.unwrap();
+    assert_eq!(open.status(), 401, "the token still guards the listener");
+    // The SIGHUP path goes through the same check.
+    let hup = control.run_blocking(|control| control.reload(None)).await;
+    assert!(hup.is_err(), "{hup:?}");
+    assert_eq!(control.table().load().version, 1);
+
+    // A file that keeps a token (a new one) is applied.
+    std::fs::write(
+        &path,
+        admin_section("listen = \"127.0.0.1:0\"\ntoken = \"n3w\""),
+    )
+    .unwrap();
+    let response = c
+        .post(format!("{admin}/admin/reload"))
+        .bearer_auth("s3cret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let renewed = c
+        .get(format!("{admin}/admin/weight"))
+        .bearer_auth("n3w")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(renewed.status(), 200);
+    let _ = stop.send(());
+    task.await.unwrap();
+}
+
+#[tokio::test]
 async fn explain_says_which_backend_and_why() {
     let (v1, v2) = (upstream("v1").await, upstream("v2").await);
     let mut text = config(
