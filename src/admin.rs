@@ -11,6 +11,10 @@
 //! | `GET /healthz` | 200 while the process runs |
 //! | `GET /readyz` | 200 when some backend is healthy, else 503 |
 //!
+//! HTTP/1.1 only, bounded so it cannot starve the data plane of descriptors: at most
+//! `admin.max_connections` connections (past it, a short 503), `admin.header_read_timeout` for
+//! each request head, each idle pause between requests and each body, bodies of 64 KiB.
+//!
 //! With a token configured, every `/admin/*` call needs `Authorization: Bearer TOKEN` (the
 //! scheme in any case). Reads return the table version as `ETag`; writes accept `If-Match`
 //! (strong comparison, lists, `*`) and answer 412 when it names no current version. Errors are
@@ -19,17 +23,20 @@
 use std::convert::Infallible;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{ALLOW, AUTHORIZATION, CONTENT_TYPE, ETAG, HOST, IF_MATCH, ORIGIN};
+use http::header::{ALLOW, AUTHORIZATION, CONNECTION, CONTENT_TYPE, ETAG, HOST, IF_MATCH, ORIGIN};
 use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
+use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{Map, Value, json};
-use tokio::net::TcpListener;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{MAX_WEIGHT, RuleMatcher, RuleSource};
@@ -38,12 +45,30 @@ use crate::metrics;
 use crate::routing::{Reason, RoutingTable};
 use crate::sticky::BUCKETS;
 
-/// Admin request bodies are tiny; anything bigger is refused.
+/// Admin request bodies are tiny; anything bigger is refused (413).
 const MAX_BODY: usize = 64 * 1024;
+
+/// hyper's read buffer per connection, which bounds a request head (hyper's minimum is 8 KiB).
+const MAX_HEAD_BUFFER: usize = 64 * 1024;
+
+/// How long a connection turned away at `admin.max_connections` may take to read its 503.
+const REFUSAL_LINGER: Duration = Duration::from_secs(1);
 
 type AdminResponse = Response<Full<Bytes>>;
 
 /// Serves the admin API until `shutdown` is cancelled.
+///
+/// It shares the process's descriptors with the data plane, so it is bounded: HTTP/1.1 only
+/// (hyper's server, whose timer starts when a connection opens, unlike the HTTP/1-or-2
+/// detection of hyper-util's auto server), at most `admin.max_connections` connections, each
+/// closed when a request head (or the next one on a keep-alive connection) or a body does not
+/// arrive within `admin.header_read_timeout`.
+///
+/// Past the cap, a new connection is accepted, answered a short 503 and closed, rather than
+/// left in the kernel's backlog: the operator's curl or a scraper learns at once why (instead
+/// of hanging until the backlog overflows and connects time out), and the descriptor is back
+/// within [`REFUSAL_LINGER`]. At most as many refusals as `max_connections` linger at once;
+/// beyond that a connection gets the 503 only if it can be written at once, and is closed.
 pub async fn serve_admin(
     listener: TcpListener,
     control: Arc<ControlPlane>,
@@ -53,27 +78,51 @@ pub async fn serve_admin(
         Ok(addr) => control.admin_listening_on(addr),
         Err(error) => tracing::warn!(%error, "admin listener has no address"),
     }
+    let settings = control.config().admin;
+    let read_timeout = settings.header_read_timeout;
+    let slots = Arc::new(Semaphore::new(settings.max_connections));
+    let refusals = Arc::new(Semaphore::new(settings.max_connections));
+    let busy = busy_answer(settings.max_connections);
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(read_timeout)
+        .max_buf_size(MAX_HEAD_BUFFER);
     loop {
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(error) => {
+                    // Out of descriptors, say: back off rather than spin.
                     tracing::warn!(%error, "admin accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
             () = shutdown.cancelled() => return,
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            match refusals.clone().try_acquire_owned() {
+                Ok(lingering) => {
+                    tokio::spawn(refuse(stream, busy.clone(), lingering));
+                }
+                // Best effort: the answer fits the socket buffer, but closing at once may
+                // reset the connection before the client reads it.
+                Err(_) => drop(stream.try_write(&busy)),
+            }
+            continue;
+        };
         let control = control.clone();
         let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |request| {
+        let connection = builder.serve_connection(
+            TokioIo::new(stream),
+            service_fn(move |request| {
                 let control = control.clone();
-                async move { Ok::<_, Infallible>(handle(&control, request).await) }
-            });
-            let builder = auto::Builder::new(TokioExecutor::new());
-            let connection = builder.serve_connection(TokioIo::new(stream), service);
+                async move { Ok::<_, Infallible>(handle(&control, request, read_timeout).await) }
+            }),
+        );
+        tokio::spawn(async move {
+            let _slot = slot;
             tokio::select! {
                 _ = connection => {}
                 () = shutdown.cancelled() => {}
@@ -82,7 +131,41 @@ pub async fn serve_admin(
     }
 }
 
-async fn handle(control: &Arc<ControlPlane>, request: Request<Incoming>) -> AdminResponse {
+/// The whole answer to a connection over `admin.max_connections`.
+fn busy_answer(max_connections: usize) -> Bytes {
+    let body = json!({
+        "error": format!(
+            "the admin API is serving admin.max_connections ({max_connections}) connections; retry shortly"
+        )
+    })
+    .to_string();
+    Bytes::from(format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    ))
+}
+
+/// Writes `answer`, ends the connection, and reads what the client still sends until it
+/// closes (bounded by [`REFUSAL_LINGER`]): closing with unread data would reset the
+/// connection, and a reset can discard the answer before the client reads it.
+async fn refuse(mut stream: TcpStream, answer: Bytes, _lingering: OwnedSemaphorePermit) {
+    let _ = tokio::time::timeout(REFUSAL_LINGER, async {
+        stream.write_all(&answer).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 1024];
+        while stream.read(&mut sink).await? > 0 {}
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
+}
+
+/// Answers one request. `read_timeout` bounds reading its body.
+async fn handle(
+    control: &Arc<ControlPlane>,
+    request: Request<Incoming>,
+    read_timeout: Duration,
+) -> AdminResponse {
     if let Some(refused) = refuse_other_sites(&request, &control.allowed_hosts()) {
         return refused;
     }
@@ -129,7 +212,9 @@ async fn handle(control: &Arc<ControlPlane>, request: Request<Incoming>) -> Admi
             json_response(StatusCode::OK, weights_json(&table)),
             table.version,
         ),
-        (Method::POST | Method::PUT, "/admin/weight") => set_weights(control, request).await,
+        (Method::POST | Method::PUT, "/admin/weight") => {
+            set_weights(control, request, read_timeout).await
+        }
         (_, "/admin/weight") => {
             not_allowed("use GET to read, POST or PUT to set", "GET, POST, PUT")
         }
@@ -170,15 +255,33 @@ async fn handle(control: &Arc<ControlPlane>, request: Request<Incoming>) -> Admi
     }
 }
 
-async fn set_weights(control: &Arc<ControlPlane>, request: Request<Incoming>) -> AdminResponse {
+async fn set_weights(
+    control: &Arc<ControlPlane>,
+    request: Request<Incoming>,
+    read_timeout: Duration,
+) -> AdminResponse {
     let if_match = match if_match(&request) {
         Ok(v) => v,
         Err(message) => return error(StatusCode::BAD_REQUEST, message),
     };
     let query = request.uri().query().unwrap_or("").to_string();
-    let body = match Limited::new(request.into_body(), MAX_BODY).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(_) => return error(StatusCode::BAD_REQUEST, "body unreadable or over 64 KiB"),
+    let reading = Limited::new(request.into_body(), MAX_BODY).collect();
+    let body = match tokio::time::timeout(read_timeout, reading).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) if e.is::<LengthLimitError>() => {
+            return closing(error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request body over 64 KiB",
+            ));
+        }
+        Ok(Err(_)) => return closing(error(StatusCode::BAD_REQUEST, "request body unreadable")),
+        Err(_) => {
+            let message = format!(
+                "request body not received within admin.header_read_timeout ({})",
+                crate::duration::format_duration(read_timeout)
+            );
+            return closing(error(StatusCode::REQUEST_TIMEOUT, &message));
+        }
     };
     let parsed = if body.iter().all(u8::is_ascii_whitespace) {
         parse_query_weights(&query)
@@ -645,6 +748,14 @@ fn with_etag(mut response: AdminResponse, version: u64) -> AdminResponse {
 
 fn error(status: StatusCode, message: &str) -> AdminResponse {
     json_response(status, json!({"error": message}))
+}
+
+/// `response` with `Connection: close`: the rest of the request body was not read.
+fn closing(mut response: AdminResponse) -> AdminResponse {
+    response
+        .headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("close"));
+    response
 }
 
 fn not_allowed(message: &str, allow: &'static str) -> AdminResponse {

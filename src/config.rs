@@ -116,7 +116,17 @@ pub struct AdminSettings {
     /// without port or trailing dot). Any other `Host` gets 403: a DNS rebinding attack needs
     /// a name of its own to point at this listener. Default empty.
     pub allowed_hosts: Vec<String>,
+    /// Connections the admin API serves at once; past it a new connection gets a short 503 and
+    /// is closed, so the admin port cannot use up the descriptors the data plane needs.
+    /// Default 64; 1 to [`MAX_ADMIN_CONNECTIONS`]. Takes effect on restart.
+    pub max_connections: usize,
+    /// A request head must arrive within this, an idle keep-alive connection is closed after
+    /// it, and a request body must arrive within it too. Default 10s. Takes effect on restart.
+    pub header_read_timeout: Duration,
 }
+
+/// The most connections `admin.max_connections` may allow.
+pub const MAX_ADMIN_CONNECTIONS: usize = 10_000;
 
 impl Default for AdminSettings {
     fn default() -> Self {
@@ -125,6 +135,8 @@ impl Default for AdminSettings {
             token: None,
             token_env: None,
             allowed_hosts: Vec::new(),
+            max_connections: 64,
+            header_read_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -452,6 +464,8 @@ struct RawAdmin {
     token: Option<Spanned<String>>,
     token_env: Option<Spanned<String>>,
     allowed_hosts: Option<Vec<Spanned<String>>>,
+    max_connections: Option<Spanned<RawInt>>,
+    header_read_timeout: Option<Spanned<RawDuration>>,
 }
 
 #[derive(Deserialize)]
@@ -774,11 +788,34 @@ impl RawAdmin {
             .enumerate()
             .map(|(i, name)| host_name(&format!("admin.allowed_hosts[{i}]"), name))
             .collect::<Result<_, _>>()?;
+        let defaults = AdminSettings::default();
+        let max_connections = match self.max_connections {
+            None => defaults.max_connections,
+            Some(raw) => {
+                let span = raw.span();
+                let n = threshold("admin.max_connections", Some(raw), 1)? as usize;
+                if n > MAX_ADMIN_CONNECTIONS {
+                    return Err(FieldError::new(
+                        "admin.max_connections",
+                        span,
+                        format!("must be an integer from 1 to {MAX_ADMIN_CONNECTIONS}, got {n}"),
+                    ));
+                }
+                n
+            }
+        };
+        let header_read_timeout = positive_duration(
+            "admin.header_read_timeout",
+            self.header_read_timeout,
+            defaults.header_read_timeout,
+        )?;
         Ok(AdminSettings {
             listen,
             token,
             token_env,
             allowed_hosts,
+            max_connections,
+            header_read_timeout,
         })
     }
 }
@@ -2342,6 +2379,34 @@ backend = "v2"
             assert!(message.contains("is not a host name"), "{message}");
         }
         assert_invalid(&admin("allowed_hosts = [1]"), "admin.allowed_hosts[0]", 2);
+    }
+
+    #[test]
+    fn admin_connection_limits() {
+        let admin = |line: &str| doc(&[&["[admin]", line][..], &V1].concat());
+        let defaults = valid(&V1.join("\n")).admin;
+        assert_eq!(defaults.max_connections, 64);
+        assert_eq!(defaults.header_read_timeout, Duration::from_secs(10));
+        let set = valid(&admin(
+            "max_connections = 8\nheader_read_timeout = \"250ms\"",
+        ))
+        .admin;
+        assert_eq!(set.max_connections, 8);
+        assert_eq!(set.header_read_timeout, Duration::from_millis(250));
+        for bad in ["0", "-1", "10001", "\"64\""] {
+            assert_invalid(
+                &admin(&format!("max_connections = {bad}")),
+                "admin.max_connections",
+                2,
+            );
+        }
+        for bad in ["\"0s\"", "\"10\"", "10"] {
+            assert_invalid(
+                &admin(&format!("header_read_timeout = {bad}")),
+                "admin.header_read_timeout",
+                2,
+            );
+        }
     }
 
     #[test]

@@ -322,6 +322,14 @@ impl ControlPlane {
         let changed = [
             ("proxy.listen", old.proxy.listen != next.proxy.listen),
             ("admin.listen", old.admin.listen != next.admin.listen),
+            (
+                "admin.max_connections",
+                old.admin.max_connections != next.admin.max_connections,
+            ),
+            (
+                "admin.header_read_timeout",
+                old.admin.header_read_timeout != next.admin.header_read_timeout,
+            ),
             ("proxy.workers", old.proxy.workers != next.proxy.workers),
             (
                 "proxy.header_read_timeout",

@@ -941,6 +941,140 @@ async fn a_reload_cannot_leave_a_public_admin_listener_without_a_token() {
     task.await.unwrap();
 }
 
+/// Waits (up to `limit`) for the peer to close `stream`, returning how long that took from
+/// `since`, or `None` if it is still open (or answered something) at `limit`.
+async fn closed_after(
+    stream: &mut tokio::net::TcpStream,
+    since: std::time::Instant,
+    limit: Duration,
+) -> Option<Duration> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 1024];
+    match tokio::time::timeout(limit, stream.read(&mut buf)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => Some(since.elapsed()),
+        Ok(Ok(_)) | Err(_) => None,
+    }
+}
+
+#[tokio::test]
+async fn admin_connections_are_capped_and_idle_ones_closed() {
+    use tokio::io::AsyncWriteExt;
+    let v1 = upstream("v1").await;
+    let mut text = config(&[("v1", vec![v1.url()], 1)], "");
+    text.push_str("\n[admin]\nmax_connections = 4\nheader_read_timeout = \"600ms\"\n");
+    let proxy = start_proxy(&text).await;
+    let opened = std::time::Instant::now();
+    let mut idle = Vec::new();
+    for _ in 0..4 {
+        idle.push(
+            tokio::net::TcpStream::connect(proxy.admin_addr)
+                .await
+                .unwrap(),
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A fifth connection is refused at once, with a reason.
+    let asked = std::time::Instant::now();
+    let refused = raw_exchange(
+        proxy.admin_addr,
+        b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(refused.starts_with("HTTP/1.1 503 "), "{refused}");
+    assert!(refused.contains("admin.max_connections"), "{refused}");
+    assert!(asked.elapsed() < Duration::from_millis(500));
+    // The data port is not affected.
+    let served = client().get(proxy.url("/")).send().await.unwrap();
+    assert_eq!(served.status(), 200);
+    // Connections that send no head are closed within the header timeout.
+    for stream in &mut idle {
+        let took = closed_after(stream, opened, Duration::from_secs(3))
+            .await
+            .expect("idle admin connection still open after 3 s");
+        assert!(
+            took >= Duration::from_millis(500) && took < Duration::from_millis(1500),
+            "closed after {took:?}"
+        );
+    }
+    // Their slots are free again.
+    let c = client();
+    let health = c.get(proxy.admin("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+
+    // A keep-alive connection idle after a request is closed too.
+    let mut stream = tokio::net::TcpStream::connect(proxy.admin_addr)
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(read_request_head(&mut stream).await, "no answer");
+    let answered = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let took = loop {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 1024];
+        match tokio::time::timeout(Duration::from_secs(3), stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break answered.elapsed(),
+            Ok(Ok(n)) => rest.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("idle keep-alive connection still open after 3 s"),
+        }
+    };
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_millis(1500),
+        "closed {took:?} after the answer"
+    );
+}
+
+#[tokio::test]
+async fn admin_request_bodies_are_bounded_in_time_and_size() {
+    use tokio::io::AsyncWriteExt;
+    let v1 = upstream("v1").await;
+    let mut text = config(&[("v1", vec![v1.url()], 1), ("v2", vec![v1.url()], 1)], "");
+    text.push_str("\n[admin]\nheader_read_timeout = \"500ms\"\n");
+    let proxy = start_proxy(&text).await;
+    // A body that stops coming.
+    let mut stream = tokio::net::TcpStream::connect(proxy.admin_addr)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    stream
+        .write_all(
+            b"POST /admin/weight HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 20\r\n\r\n{\"v2\":",
+        )
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        use tokio::io::AsyncReadExt;
+        match tokio::time::timeout(Duration::from_secs(3), stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => answer.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("no answer to a stalled body after 3 s"),
+        }
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_millis(1500),
+        "answered after {took:?}"
+    );
+    // A body over 64 KiB.
+    let big = format!("{{\"v2\": 5, \"pad\": \"{}\"}}", "x".repeat(70 * 1024));
+    let response = client()
+        .post(proxy.admin("/admin/weight"))
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 413);
+    assert_eq!(proxy.table.load().version, 1);
+}
+
 #[tokio::test]
 async fn explain_says_which_backend_and_why() {
     let (v1, v2) = (upstream("v1").await, upstream("v2").await);
