@@ -75,6 +75,21 @@ fn is_missing_config(error: &anyhow::Error) -> bool {
     )
 }
 
+/// Raises the soft limit on open files to the hard limit: every client connection takes a
+/// descriptor, and often one upstream as well, so the usual soft limit of 1024 is reached by
+/// a few hundred clients; the hard limit is what the operator (systemd's LimitNOFILE, ulimit
+/// -Hn, the container runtime) allows. Logged either way.
+fn raise_open_file_limit() {
+    let before = rlimit::Resource::NOFILE.get();
+    match (before, rlimit::increase_nofile_limit(u64::MAX)) {
+        (Ok((soft, hard)), Ok(now)) if now > soft => {
+            tracing::info!(from = soft, to = now, hard, "open file limit raised");
+        }
+        (_, Ok(now)) => tracing::info!(limit = now, "open file limit"),
+        (_, Err(error)) => tracing::warn!(%error, "cannot raise the open file limit"),
+    }
+}
+
 /// The control runtime: admin API, health checks, signals (and the demo upstreams). Client
 /// traffic is served on the worker threads, each with a runtime of its own.
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -108,6 +123,7 @@ async fn start(
     path: PathBuf,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    raise_open_file_limit();
     let (listen, admin_listen) = (config.proxy.listen, config.admin.listen);
     let workers = canary_proxy::worker_count(config.proxy.workers);
     let control = ControlPlane::new(config, Some(path.clone()))?;

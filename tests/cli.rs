@@ -598,6 +598,36 @@ async fn workers_each_serve_on_their_own_thread() {
     assert_eq!(v1.hits() + v2.hits(), 300);
 }
 
+/// `Max open files` of a process: (soft, hard).
+fn open_file_limits(pid: &str) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let mut values = line["Max open files".len()..].split_whitespace();
+    (
+        values.next().unwrap().to_string(),
+        values.next().unwrap().to_string(),
+    )
+}
+
+#[tokio::test]
+async fn the_open_file_limit_is_raised_to_the_hard_limit() {
+    let (_, hard) = open_file_limits("self");
+    if hard.parse::<u64>().is_ok_and(|h| h <= 256) {
+        eprintln!("hard limit {hard}: nothing to raise here");
+        return;
+    }
+    let v1 = upstream("v1").await;
+    let dir = write_config(&config(&[("v1", vec![v1.url()], 1)], ""));
+    let proxy = spawn_proxy_with_ulimit(&dir.path().join("canary.toml"), "-Sn 256");
+    let (soft, proxy_hard) = open_file_limits(&proxy.child.id().to_string());
+    assert_eq!(proxy_hard, hard);
+    assert_eq!(soft, hard, "the soft limit was not raised");
+    assert!(proxy.log_contains("open file limit"), "not logged");
+}
+
 #[tokio::test]
 async fn idle_admin_connections_cannot_starve_the_data_port() {
     let v1 = upstream("v1").await;
