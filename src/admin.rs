@@ -11,63 +11,118 @@
 //! | `GET /healthz` | 200 while the process runs |
 //! | `GET /readyz` | 200 when some backend is healthy, else 503 |
 //!
-//! With a token configured, every `/admin/*` call needs `Authorization: Bearer TOKEN`.
-//! Reads return the table version as `ETag`; writes accept `If-Match` and answer 409 when the
-//! table has moved on. Errors are JSON: `{"error": "..."}`.
+//! HTTP/1.1 only, bounded so it cannot starve the data plane of descriptors: at most
+//! `admin.max_connections` connections (past it, a short 503), `admin.header_read_timeout` for
+//! each request head, each idle pause between requests and each body, bodies of 64 KiB.
+//!
+//! With a token configured, every `/admin/*` call needs `Authorization: Bearer TOKEN` (the
+//! scheme in any case). Reads return the table version as `ETag`; writes accept `If-Match`
+//! (strong comparison, lists, `*`) and answer 412 when it names no current version. Errors are
+//! JSON: `{"error": "..."}`.
 
 use std::convert::Infallible;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{ALLOW, AUTHORIZATION, CONTENT_TYPE, ETAG, IF_MATCH};
-use http::{HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http::header::{ALLOW, AUTHORIZATION, CONNECTION, CONTENT_TYPE, ETAG, HOST, IF_MATCH, ORIGIN};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
+use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{Map, Value, json};
-use tokio::net::TcpListener;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{MAX_WEIGHT, RuleMatcher, RuleSource};
-use crate::control::{ControlError, ControlPlane, WeightsApplied};
+use crate::control::{Chain, ControlError, ControlPlane, WeightsApplied};
 use crate::metrics;
 use crate::routing::{Reason, RoutingTable};
 use crate::sticky::BUCKETS;
 
-/// Admin request bodies are tiny; anything bigger is refused.
+/// Admin request bodies are tiny; anything bigger is refused (413).
 const MAX_BODY: usize = 64 * 1024;
+
+/// hyper's read buffer per connection, which bounds a request head (hyper's minimum is 8 KiB).
+const MAX_HEAD_BUFFER: usize = 64 * 1024;
+
+/// How long a connection turned away at `admin.max_connections` may take to read its 503.
+const REFUSAL_LINGER: Duration = Duration::from_secs(1);
 
 type AdminResponse = Response<Full<Bytes>>;
 
 /// Serves the admin API until `shutdown` is cancelled.
+///
+/// It shares the process's descriptors with the data plane, so it is bounded: HTTP/1.1 only
+/// (hyper's server, whose timer starts when a connection opens, unlike the HTTP/1-or-2
+/// detection of hyper-util's auto server), at most `admin.max_connections` connections, each
+/// closed when a request head (or the next one on a keep-alive connection) or a body does not
+/// arrive within `admin.header_read_timeout`.
+///
+/// Past the cap, a new connection is accepted, answered a short 503 and closed, rather than
+/// left in the kernel's backlog: the operator's curl or a scraper learns at once why (instead
+/// of hanging until the backlog overflows and connects time out), and the descriptor is back
+/// within [`REFUSAL_LINGER`]. At most as many refusals as `max_connections` linger at once;
+/// beyond that a connection gets the 503 only if it can be written at once, and is closed.
 pub async fn serve_admin(
     listener: TcpListener,
     control: Arc<ControlPlane>,
     shutdown: CancellationToken,
 ) {
+    match listener.local_addr() {
+        Ok(addr) => control.admin_listening_on(addr),
+        Err(error) => tracing::warn!(%error, "admin listener has no address"),
+    }
+    let settings = control.config().admin;
+    let read_timeout = settings.header_read_timeout;
+    let slots = Arc::new(Semaphore::new(settings.max_connections));
+    let refusals = Arc::new(Semaphore::new(settings.max_connections));
+    let busy = busy_answer(settings.max_connections);
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(read_timeout)
+        .max_buf_size(MAX_HEAD_BUFFER);
     loop {
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(error) => {
+                    // Out of descriptors, say: back off rather than spin.
                     tracing::warn!(%error, "admin accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
             () = shutdown.cancelled() => return,
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            match refusals.clone().try_acquire_owned() {
+                Ok(lingering) => {
+                    tokio::spawn(refuse(stream, busy.clone(), lingering));
+                }
+                // Best effort: the answer fits the socket buffer, but closing at once may
+                // reset the connection before the client reads it.
+                Err(_) => drop(stream.try_write(&busy)),
+            }
+            continue;
+        };
         let control = control.clone();
         let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |request| {
+        let connection = builder.serve_connection(
+            TokioIo::new(stream),
+            service_fn(move |request| {
                 let control = control.clone();
-                async move { Ok::<_, Infallible>(handle(&control, request).await) }
-            });
-            let builder = auto::Builder::new(TokioExecutor::new());
-            let connection = builder.serve_connection(TokioIo::new(stream), service);
+                async move { Ok::<_, Infallible>(handle(&control, request, read_timeout).await) }
+            }),
+        );
+        tokio::spawn(async move {
+            let _slot = slot;
             tokio::select! {
                 _ = connection => {}
                 () = shutdown.cancelled() => {}
@@ -76,14 +131,51 @@ pub async fn serve_admin(
     }
 }
 
-async fn handle(control: &ControlPlane, request: Request<Incoming>) -> AdminResponse {
+/// The whole answer to a connection over `admin.max_connections`.
+fn busy_answer(max_connections: usize) -> Bytes {
+    let body = json!({
+        "error": format!(
+            "the admin API is serving admin.max_connections ({max_connections}) connections; retry shortly"
+        )
+    })
+    .to_string();
+    Bytes::from(format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    ))
+}
+
+/// Writes `answer`, ends the connection, and reads what the client still sends until it
+/// closes (bounded by [`REFUSAL_LINGER`]): closing with unread data would reset the
+/// connection, and a reset can discard the answer before the client reads it.
+async fn refuse(mut stream: TcpStream, answer: Bytes, _lingering: OwnedSemaphorePermit) {
+    let _ = tokio::time::timeout(REFUSAL_LINGER, async {
+        stream.write_all(&answer).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 1024];
+        while stream.read(&mut sink).await? > 0 {}
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
+}
+
+/// Answers one request. `read_timeout` bounds reading its body.
+async fn handle(
+    control: &Arc<ControlPlane>,
+    request: Request<Incoming>,
+    read_timeout: Duration,
+) -> AdminResponse {
+    if let Some(refused) = refuse_other_sites(&request, &control.allowed_hosts()) {
+        return refused;
+    }
     let method = request.method().clone();
     let path = request.uri().path().to_string();
     if path.starts_with("/admin/") {
         let presented = request
             .headers()
             .get(AUTHORIZATION)
-            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+            .and_then(|v| bearer_token(v.as_bytes()));
         if !control.authorized(presented) {
             let mut response = error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
             response
@@ -120,7 +212,9 @@ async fn handle(control: &ControlPlane, request: Request<Incoming>) -> AdminResp
             json_response(StatusCode::OK, weights_json(&table)),
             table.version,
         ),
-        (Method::POST | Method::PUT, "/admin/weight") => set_weights(control, request).await,
+        (Method::POST | Method::PUT, "/admin/weight") => {
+            set_weights(control, request, read_timeout).await
+        }
         (_, "/admin/weight") => {
             not_allowed("use GET to read, POST or PUT to set", "GET, POST, PUT")
         }
@@ -136,7 +230,10 @@ async fn handle(control: &ControlPlane, request: Request<Incoming>) -> AdminResp
                 Ok(v) => v,
                 Err(message) => return error(StatusCode::BAD_REQUEST, message),
             };
-            match control.reload(if_match) {
+            let reloaded = control
+                .run_blocking(move |control| control.reload(if_match.as_deref()))
+                .await;
+            match reloaded {
                 Ok(version) => with_etag(
                     json_response(
                         StatusCode::OK,
@@ -158,15 +255,33 @@ async fn handle(control: &ControlPlane, request: Request<Incoming>) -> AdminResp
     }
 }
 
-async fn set_weights(control: &ControlPlane, request: Request<Incoming>) -> AdminResponse {
+async fn set_weights(
+    control: &Arc<ControlPlane>,
+    request: Request<Incoming>,
+    read_timeout: Duration,
+) -> AdminResponse {
     let if_match = match if_match(&request) {
         Ok(v) => v,
         Err(message) => return error(StatusCode::BAD_REQUEST, message),
     };
     let query = request.uri().query().unwrap_or("").to_string();
-    let body = match Limited::new(request.into_body(), MAX_BODY).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(_) => return error(StatusCode::BAD_REQUEST, "body unreadable or over 64 KiB"),
+    let reading = Limited::new(request.into_body(), MAX_BODY).collect();
+    let body = match tokio::time::timeout(read_timeout, reading).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) if e.is::<LengthLimitError>() => {
+            return closing(error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request body over 64 KiB",
+            ));
+        }
+        Ok(Err(_)) => return closing(error(StatusCode::BAD_REQUEST, "request body unreadable")),
+        Err(_) => {
+            let message = format!(
+                "request body not received within admin.header_read_timeout ({})",
+                crate::duration::format_duration(read_timeout)
+            );
+            return closing(error(StatusCode::REQUEST_TIMEOUT, &message));
+        }
     };
     let parsed = if body.iter().all(u8::is_ascii_whitespace) {
         parse_query_weights(&query)
@@ -177,7 +292,10 @@ async fn set_weights(control: &ControlPlane, request: Request<Incoming>) -> Admi
         Ok(changes) => changes,
         Err(e) => return control_error(control, &e),
     };
-    match control.set_weights(&changes, if_match) {
+    let applied = control
+        .run_blocking(move |control| control.set_weights(&changes, if_match.as_deref()))
+        .await;
+    match applied {
         Ok(applied) => weights_applied(applied),
         Err(e) => control_error(control, &e),
     }
@@ -194,7 +312,7 @@ fn weights_applied(applied: WeightsApplied) -> AdminResponse {
         Some(Ok(())) => body["persisted"] = json!(true),
         Some(Err(e)) => {
             body["persisted"] = json!(false);
-            body["persist_error"] = json!(e.to_string());
+            body["persist_error"] = json!(Chain(e).to_string());
         }
         None => {
             body["persisted"] = json!(false);
@@ -211,9 +329,11 @@ fn parse_query_weights(query: &str) -> Result<Vec<(String, u32)>, ControlError> 
         .filter(|pair| !pair.is_empty())
         .map(|pair| {
             let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let weight = value
-                .parse::<u32>()
-                .map_err(|_| ControlError::InvalidWeight {
+            // Plain decimal digits: `u32::from_str` would also take a leading `+`.
+            let weight = Some(value)
+                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|v| v.parse::<u32>().ok())
+                .ok_or_else(|| ControlError::InvalidWeight {
                     backend: name.to_string(),
                     value: format!("{value:?}"),
                 })?;
@@ -246,27 +366,213 @@ fn parse_json_weights(body: &[u8]) -> Result<Vec<(String, u32)>, ControlError> {
         .collect()
 }
 
-/// The version `If-Match` asks for (`None`: unconditional), or why the header is unusable.
-fn if_match(request: &Request<Incoming>) -> Result<Option<u64>, &'static str> {
-    let Some(value) = request.headers().get(IF_MATCH) else {
-        return Ok(None);
+/// Keeps browsers from driving the API on behalf of a web page (403, before the token is
+/// looked at):
+/// - every request must be addressed to an IP literal, `localhost` or a name in
+///   `admin.allowed_hosts`: DNS rebinding points a name of the attacker's at this listener, so
+///   the browser sends that name as `Host`;
+/// - a mutation (any method but GET, HEAD, OPTIONS, TRACE) carrying `Origin` must come from
+///   this API's own origin (`http://` + `Host`; `Origin: null` is another site), and one
+///   carrying `Sec-Fetch-Site` must say `same-origin` or `none`. Without those headers it is
+///   not a browser's cross-site request (curl, scripts).
+///
+/// Also 400 for an HTTP/1.1 request without `Host` or with several (RFC 9112 §3.2).
+fn refuse_other_sites(
+    request: &Request<Incoming>,
+    allowed_hosts: &[String],
+) -> Option<AdminResponse> {
+    let mut hosts = request.headers().get_all(HOST).iter();
+    let host = match (hosts.next(), hosts.next()) {
+        (None, _) => None,
+        (Some(host), None) => match host.to_str() {
+            Ok(host) => Some(host),
+            Err(_) => return Some(error(StatusCode::BAD_REQUEST, "Host is not valid")),
+        },
+        (Some(_), Some(_)) => {
+            return Some(error(StatusCode::BAD_REQUEST, "more than one Host header"));
+        }
     };
-    let text = value.to_str().unwrap_or("").trim();
-    if text == "*" {
+    if host.is_none() && request.version() >= Version::HTTP_11 {
+        return Some(error(
+            StatusCode::BAD_REQUEST,
+            "HTTP/1.1 requests need a Host header",
+        ));
+    }
+    // An absolute-form target (`POST http://host/...`) names the host as well: both must pass.
+    let target = request.uri().authority().map(|a| a.as_str());
+    for name in target.into_iter().chain(host) {
+        if !host_is_allowed(name, allowed_hosts) {
+            let message = format!(
+                "Host {name:?} is not allowed here: use an IP address or localhost, or add the \
+                 name to admin.allowed_hosts"
+            );
+            return Some(error(StatusCode::FORBIDDEN, &message));
+        }
+    }
+    let safe = matches!(
+        *request.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+    );
+    if safe {
+        return None;
+    }
+    cross_site(request.headers(), target.or(host)).map(|why| {
+        error(
+            StatusCode::FORBIDDEN,
+            &format!("cross-site request refused: {why}"),
+        )
+    })
+}
+
+/// Whether `host` (a `Host` value, port optional) is an IPv4 or IPv6 literal, `localhost`, or
+/// one of `allowed` (lowercase); names compare case-insensitively, a trailing dot ignored.
+fn host_is_allowed(host: &str, allowed: &[String]) -> bool {
+    let Some(name) = host_without_port(host) else {
+        return false;
+    };
+    if let Some(literal) = name.strip_prefix('[').and_then(|n| n.strip_suffix(']')) {
+        return literal.parse::<Ipv6Addr>().is_ok();
+    }
+    if name.parse::<Ipv4Addr>().is_ok() {
+        return true;
+    }
+    let name = name.strip_suffix('.').unwrap_or(name);
+    name.eq_ignore_ascii_case("localhost") || allowed.iter().any(|a| a.eq_ignore_ascii_case(name))
+}
+
+/// `host` without its `:port` (`[::1]:9901` -> `[::1]`), or `None` when the port is not digits.
+fn host_without_port(host: &str) -> Option<&str> {
+    let (name, port) = if host.starts_with('[') {
+        let end = host.find(']')? + 1;
+        let rest = &host[end..];
+        if rest.is_empty() {
+            (&host[..end], "")
+        } else {
+            (&host[..end], rest.strip_prefix(':')?)
+        }
+    } else {
+        host.split_once(':').unwrap_or((host, ""))
+    };
+    port.bytes().all(|b| b.is_ascii_digit()).then_some(name)
+}
+
+/// Why a mutation looks like a browser's request from another origin, if it does. `own` is
+/// the host this request was addressed to.
+fn cross_site(headers: &http::HeaderMap, own: Option<&str>) -> Option<String> {
+    if let Some(site) = headers.get("sec-fetch-site") {
+        let site = site.to_str().unwrap_or("");
+        if !site.eq_ignore_ascii_case("same-origin") && !site.eq_ignore_ascii_case("none") {
+            return Some(format!(
+                "Sec-Fetch-Site is {site:?}; only this API's own pages may change it"
+            ));
+        }
+    }
+    let mut origins = headers.get_all(ORIGIN).iter();
+    let origin = origins.next()?;
+    if origins.next().is_some() {
+        return Some("more than one Origin header".to_string());
+    }
+    let origin = origin.to_str().unwrap_or("");
+    if origin == "null" {
+        return Some(
+            "Origin is null (a sandboxed page, or a file or data URL is another site)".to_string(),
+        );
+    }
+    let Some(own) = own.map(|host| format!("http://{host}")) else {
+        return Some(format!("Origin {origin:?} and no Host to compare it with"));
+    };
+    if origin.eq_ignore_ascii_case(&own) {
+        None
+    } else {
+        Some(format!(
+            "Origin {origin:?} is not this API's own origin ({own})"
+        ))
+    }
+}
+
+/// The token of an `Authorization: Bearer TOKEN` value. The scheme is case-insensitive and
+/// may be followed by several spaces (RFC 9110 §11.4); the token is taken as it is.
+fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+    let space = value.iter().position(|&b| b == b' ')?;
+    let (scheme, rest) = value.split_at(space);
+    if !scheme.eq_ignore_ascii_case(b"bearer") {
+        return None;
+    }
+    let token = rest.trim_ascii_start();
+    (!token.is_empty()).then_some(token)
+}
+
+/// The table versions `If-Match` accepts (`None`: unconditional), or why the header is
+/// unusable. Every `If-Match` line counts, as one list.
+fn if_match(request: &Request<Incoming>) -> Result<Option<Vec<u64>>, &'static str> {
+    let mut lines = request.headers().get_all(IF_MATCH).iter().peekable();
+    if lines.peek().is_none() {
         return Ok(None);
     }
-    text.trim_start_matches("W/")
-        .trim_matches('"')
-        .parse()
-        .map(Some)
-        .map_err(|_| "If-Match must be an ETag returned by this API")
+    let mut joined = Vec::new();
+    for line in lines {
+        if !joined.is_empty() {
+            joined.push(b',');
+        }
+        joined.extend_from_slice(line.as_bytes());
+    }
+    parse_if_match(&joined)
+}
+
+/// Parses an `If-Match` field value (RFC 9110 §13.1.1): `*`, or a comma-separated list of
+/// entity tags. Our tags are strong, `"VERSION"`, and `If-Match` compares strongly, so a
+/// weak tag (`W/"3"`) or a tag this API never issues can match nothing: such tags are left
+/// out. `Ok(Some(empty))` therefore means "matches no version".
+fn parse_if_match(value: &[u8]) -> Result<Option<Vec<u64>>, &'static str> {
+    const MALFORMED: &str =
+        "If-Match must be * or a list of entity tags such as \"3\" (as sent in ETag)";
+    if value.trim_ascii() == b"*" {
+        return Ok(None);
+    }
+    let mut versions = Vec::new();
+    let mut rest = value;
+    loop {
+        // Skip separators and optional white space; empty list elements are allowed.
+        rest = rest.trim_ascii_start();
+        while let Some(after) = rest.strip_prefix(b",") {
+            rest = after.trim_ascii_start();
+        }
+        if rest.is_empty() {
+            return Ok(Some(versions));
+        }
+        let (weak, quoted) = match rest.strip_prefix(b"W/") {
+            Some(after) => (true, after),
+            None => (false, rest),
+        };
+        let opaque = quoted.strip_prefix(b"\"").ok_or(MALFORMED)?;
+        let end = opaque.iter().position(|&b| b == b'"').ok_or(MALFORMED)?;
+        let tag = &opaque[..end];
+        // etagc: %x21 / %x23-7E / obs-text
+        if tag.iter().any(|&b| b < 0x21 || b == 0x7f) {
+            return Err(MALFORMED);
+        }
+        rest = opaque[end + 1..].trim_ascii_start();
+        if !rest.is_empty() && !rest.starts_with(b",") {
+            return Err(MALFORMED);
+        }
+        let version = std::str::from_utf8(tag)
+            .ok()
+            .filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|t| t.parse::<u64>().ok());
+        if let (false, Some(version)) = (weak, version) {
+            versions.push(version);
+        }
+    }
 }
 
 fn control_error(control: &ControlPlane, e: &ControlError) -> AdminResponse {
     match e {
-        ControlError::Stale { current, .. } => {
-            let body = json!({"error": e.to_string(), "version": current});
-            with_etag(json_response(StatusCode::CONFLICT, body), *current)
+        ControlError::Stale { current } => {
+            let body = json!({"error": Chain(e).to_string(), "version": current});
+            with_etag(
+                json_response(StatusCode::PRECONDITION_FAILED, body),
+                *current,
+            )
         }
         ControlError::UnknownBackend(_)
         | ControlError::InvalidWeight { .. }
@@ -275,10 +581,19 @@ fn control_error(control: &ControlPlane, e: &ControlError) -> AdminResponse {
         | ControlError::MalformedJson(_)
         | ControlError::NoConfigFile
         | ControlError::Config(_)
-        | ControlError::Token(_) => {
+        | ControlError::Token(_)
+        | ControlError::WouldOpenAdmin { .. } => {
             let version = control.table().load().version;
-            let body = json!({"error": e.to_string(), "version": version});
+            let body = json!({"error": Chain(e).to_string(), "version": version});
             with_etag(json_response(StatusCode::BAD_REQUEST, body), version)
+        }
+        ControlError::Interrupted(_) => {
+            let version = control.table().load().version;
+            let body = json!({"error": Chain(e).to_string(), "version": version});
+            with_etag(
+                json_response(StatusCode::INTERNAL_SERVER_ERROR, body),
+                version,
+            )
         }
     }
 }
@@ -437,6 +752,14 @@ fn error(status: StatusCode, message: &str) -> AdminResponse {
     json_response(status, json!({"error": message}))
 }
 
+/// `response` with `Connection: close`: the rest of the request body was not read.
+fn closing(mut response: AdminResponse) -> AdminResponse {
+    response
+        .headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
 fn not_allowed(message: &str, allow: &'static str) -> AdminResponse {
     let mut response = error(StatusCode::METHOD_NOT_ALLOWED, message);
     response
@@ -478,6 +801,148 @@ mod tests {
             Err(ControlError::InvalidWeight { .. })
         ));
         assert!(parse_query_weights("").unwrap().is_empty());
+        for bad in ["v2=+5", "v2= 5", "v2=5 ", "v2=", "v2=%205", "v2=4294967296"] {
+            assert!(
+                matches!(
+                    parse_query_weights(bad),
+                    Err(ControlError::InvalidWeight { .. })
+                ),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            parse_query_weights("v2=007").unwrap(),
+            [("v2".to_string(), 7)]
+        );
+    }
+
+    #[test]
+    fn hosts_are_ip_literals_localhost_or_allowed_names() {
+        let allowed = ["canary.internal".to_string()];
+        for ok in [
+            "127.0.0.1",
+            "127.0.0.1:9901",
+            "10.1.2.3:80",
+            "[::1]",
+            "[::1]:9901",
+            "[2001:db8::7]:9901",
+            "localhost",
+            "LocalHost:9901",
+            "localhost.",
+            "canary.internal",
+            "Canary.Internal:9901",
+            "canary.internal.:1",
+        ] {
+            assert!(host_is_allowed(ok, &allowed), "{ok}");
+        }
+        for refused in [
+            "evil.example",
+            "evil.example:9901",
+            "localhost.evil.example",
+            "canary.internal.evil.example",
+            "127.0.0.1.nip.io",
+            "127.1",
+            "[::1",
+            "[localhost]",
+            "::1",
+            "localhost:x",
+            "localhost:9901:1",
+            "user@localhost",
+            "",
+        ] {
+            assert!(!host_is_allowed(refused, &allowed), "{refused}");
+        }
+        assert!(!host_is_allowed("canary.internal", &[]));
+    }
+
+    #[test]
+    fn mutations_from_other_origins_are_refused() {
+        let headers = |pairs: &[(&'static str, &'static str)]| {
+            let mut map = http::HeaderMap::new();
+            for (k, v) in pairs {
+                map.append(*k, HeaderValue::from_static(v));
+            }
+            map
+        };
+        let own = Some("127.0.0.1:9901");
+        for ok in [
+            &[][..],
+            &[("origin", "http://127.0.0.1:9901")],
+            &[("origin", "HTTP://127.0.0.1:9901")],
+            &[("sec-fetch-site", "same-origin")],
+            &[("sec-fetch-site", "none")],
+            &[
+                ("sec-fetch-site", "same-origin"),
+                ("origin", "http://127.0.0.1:9901"),
+            ],
+        ] {
+            assert_eq!(cross_site(&headers(ok), own), None, "{ok:?}");
+        }
+        for refused in [
+            &[("origin", "http://evil.example")][..],
+            &[("origin", "null")],
+            &[("origin", "http://127.0.0.1:8080")],
+            &[("origin", "https://127.0.0.1:9901")],
+            &[("origin", "http://127.0.0.1:9901/")],
+            &[("sec-fetch-site", "cross-site")],
+            &[("sec-fetch-site", "same-site")],
+            &[("sec-fetch-site", "")],
+            &[
+                ("origin", "http://127.0.0.1:9901"),
+                ("origin", "http://evil.example"),
+            ],
+        ] {
+            assert!(cross_site(&headers(refused), own).is_some(), "{refused:?}");
+        }
+        assert!(cross_site(&headers(&[("origin", "http://localhost")]), None).is_some());
+    }
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer_token(b"Bearer abc"), Some(&b"abc"[..]));
+        assert_eq!(bearer_token(b"bearer abc"), Some(&b"abc"[..]));
+        assert_eq!(bearer_token(b"BEARER   abc"), Some(&b"abc"[..]));
+        assert_eq!(bearer_token(b"Bearer aBc"), Some(&b"aBc"[..]));
+        for bad in [
+            &b"Basic abc"[..],
+            b"Bearer",
+            b"Bearer ",
+            b"Bearerabc",
+            b"abc",
+            b"",
+        ] {
+            assert_eq!(
+                bearer_token(bad),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn if_match_lists_weak_tags_and_star() {
+        let parse = |v: &str| parse_if_match(v.as_bytes());
+        assert_eq!(parse("*"), Ok(None));
+        assert_eq!(parse(" * "), Ok(None));
+        assert_eq!(parse(r#""3""#), Ok(Some(vec![3])));
+        assert_eq!(parse(r#""2", "3""#), Ok(Some(vec![2, 3])));
+        assert_eq!(parse(r#" ,"2",,"3" ,"#), Ok(Some(vec![2, 3])));
+        // Weak and foreign tags are valid syntax that can never match.
+        assert_eq!(parse(r#"W/"3""#), Ok(Some(vec![])));
+        assert_eq!(parse(r#"W/"3", "4""#), Ok(Some(vec![4])));
+        assert_eq!(parse(r#""abc", "+3", """#), Ok(Some(vec![])));
+        for bad in [
+            "3",
+            r#""3"#,
+            r#""3" "4""#,
+            r#""3";"4""#,
+            r#"w/"3""#,
+            r#"*, "3""#,
+            "\"a b\"",
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -125,7 +125,21 @@ pub struct AdminSettings {
     /// Name of the environment variable holding the bearer token, so the secret stays out of
     /// the file. Never empty; mutually exclusive with `token`.
     pub token_env: Option<String>,
+    /// Host names the admin API answers to besides IP literals and `localhost` (lowercase,
+    /// without port or trailing dot). Any other `Host` gets 403: a DNS rebinding attack needs
+    /// a name of its own to point at this listener. Default empty.
+    pub allowed_hosts: Vec<String>,
+    /// Connections the admin API serves at once; past it a new connection gets a short 503 and
+    /// is closed, so the admin port cannot use up the descriptors the data plane needs.
+    /// Default 64; 1 to [`MAX_ADMIN_CONNECTIONS`]. Takes effect on restart.
+    pub max_connections: usize,
+    /// A request head must arrive within this, an idle keep-alive connection is closed after
+    /// it, and a request body must arrive within it too. Default 10s. Takes effect on restart.
+    pub header_read_timeout: Duration,
 }
+
+/// The most connections `admin.max_connections` may allow.
+pub const MAX_ADMIN_CONNECTIONS: usize = 10_000;
 
 impl Default for AdminSettings {
     fn default() -> Self {
@@ -133,6 +147,9 @@ impl Default for AdminSettings {
             listen: SocketAddr::from(([127, 0, 0, 1], 9901)),
             token: None,
             token_env: None,
+            allowed_hosts: Vec::new(),
+            max_connections: 64,
+            header_read_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -140,10 +157,10 @@ impl Default for AdminSettings {
 impl AdminSettings {
     /// The bearer token in effect: `token`, or the value of the `token_env` variable read now.
     ///
-    /// Returns `Ok(None)` when no token is configured, and an error message when `token_env`
-    /// names a variable that is unset, empty or not UTF-8 (the proxy must not start
-    /// unauthenticated by accident).
-    pub fn resolve_token(&self) -> Result<Option<String>, String> {
+    /// Returns `Ok(None)` when no token is configured, and an error when `token_env` names a
+    /// variable that is unset, empty or not UTF-8 (the proxy must not start unauthenticated by
+    /// accident).
+    pub fn resolve_token(&self) -> Result<Option<String>, TokenError> {
         if let Some(token) = &self.token {
             return Ok(Some(token.clone()));
         }
@@ -152,12 +169,24 @@ impl AdminSettings {
         };
         match std::env::var(var) {
             Ok(value) if !value.is_empty() => Ok(Some(value)),
-            Ok(_) => Err(format!(
-                "admin.token_env: environment variable {var} is empty"
-            )),
-            Err(e) => Err(format!("admin.token_env: environment variable {var}: {e}")),
+            Ok(_) => Err(TokenError::Empty { var: var.clone() }),
+            Err(std::env::VarError::NotPresent) => Err(TokenError::Unset { var: var.clone() }),
+            Err(std::env::VarError::NotUnicode(_)) => {
+                Err(TokenError::NotUnicode { var: var.clone() })
+            }
         }
     }
+}
+
+/// Why the admin token named by `admin.token_env` cannot be used.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TokenError {
+    #[error("admin.token_env: environment variable {var} is not set")]
+    Unset { var: String },
+    #[error("admin.token_env: environment variable {var} is empty")]
+    Empty { var: String },
+    #[error("admin.token_env: environment variable {var} is not valid UTF-8")]
+    NotUnicode { var: String },
 }
 
 /// One `[[backend]]`: a version of the service, with its endpoints and traffic share.
@@ -374,7 +403,7 @@ impl Config {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read (missing, unreadable, not UTF-8).
-    #[error("{path}: cannot read config: {source}")]
+    #[error("{path}: cannot read config")]
     Read {
         path: String,
         #[source]
@@ -450,6 +479,9 @@ struct RawAdmin {
     listen: Option<Spanned<String>>,
     token: Option<Spanned<String>>,
     token_env: Option<Spanned<String>>,
+    allowed_hosts: Option<Vec<Spanned<String>>>,
+    max_connections: Option<Spanned<RawInt>>,
+    header_read_timeout: Option<Spanned<RawDuration>>,
 }
 
 #[derive(Deserialize)]
@@ -780,12 +812,61 @@ impl RawAdmin {
                 ),
             ));
         }
+        let allowed_hosts = self
+            .allowed_hosts
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+            .map(|(i, name)| host_name(&format!("admin.allowed_hosts[{i}]"), name))
+            .collect::<Result<_, _>>()?;
+        let defaults = AdminSettings::default();
+        let max_connections = match self.max_connections {
+            None => defaults.max_connections,
+            Some(raw) => {
+                let span = raw.span();
+                let n = threshold("admin.max_connections", Some(raw), 1)? as usize;
+                if n > MAX_ADMIN_CONNECTIONS {
+                    return Err(FieldError::new(
+                        "admin.max_connections",
+                        span,
+                        format!("must be an integer from 1 to {MAX_ADMIN_CONNECTIONS}, got {n}"),
+                    ));
+                }
+                n
+            }
+        };
+        let header_read_timeout = positive_duration(
+            "admin.header_read_timeout",
+            self.header_read_timeout,
+            defaults.header_read_timeout,
+        )?;
         Ok(AdminSettings {
             listen,
             token,
             token_env,
+            allowed_hosts,
+            max_connections,
+            header_read_timeout,
         })
     }
+}
+
+/// A host name as a `Host` header carries it, without port: letters, digits, `-`, `_` and
+/// dots. Returned lowercase and without a trailing dot, as the admin API compares it.
+fn host_name(key: &str, raw: Spanned<String>) -> Result<String, FieldError> {
+    let name = raw.get_ref().trim_end_matches('.');
+    let is_name_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    if name.is_empty() || !name.chars().all(is_name_char) || name.contains("..") {
+        return Err(FieldError::new(
+            key,
+            raw.span(),
+            format!(
+                "{:?} is not a host name (letters, digits, '-', '_' and '.' only; no scheme, port or wildcard)",
+                raw.get_ref()
+            ),
+        ));
+    }
+    Ok(name.to_ascii_lowercase())
 }
 
 fn validate_backends(
@@ -2308,6 +2389,64 @@ backend = "v2"
     }
 
     #[test]
+    fn admin_allowed_hosts() {
+        let admin = |line: &str| doc(&[&["[admin]", line][..], &V1].concat());
+        assert!(valid(&V1.join("\n")).admin.allowed_hosts.is_empty());
+        assert_eq!(
+            valid(&admin(
+                "allowed_hosts = [\"Canary.Internal\", \"ops.example.com.\"]"
+            ))
+            .admin
+            .allowed_hosts,
+            ["canary.internal", "ops.example.com"]
+        );
+        for bad in [
+            "\"canary.internal:9901\"",
+            "\"http://canary.internal\"",
+            "\"*.example.com\"",
+            "\"\"",
+            "\"a..b\"",
+            "\"two words\"",
+        ] {
+            let message = assert_invalid(
+                &admin(&format!("allowed_hosts = [\"ok.example\", {bad}]")),
+                "admin.allowed_hosts[1]",
+                2,
+            );
+            assert!(message.contains("is not a host name"), "{message}");
+        }
+        assert_invalid(&admin("allowed_hosts = [1]"), "admin.allowed_hosts[0]", 2);
+    }
+
+    #[test]
+    fn admin_connection_limits() {
+        let admin = |line: &str| doc(&[&["[admin]", line][..], &V1].concat());
+        let defaults = valid(&V1.join("\n")).admin;
+        assert_eq!(defaults.max_connections, 64);
+        assert_eq!(defaults.header_read_timeout, Duration::from_secs(10));
+        let set = valid(&admin(
+            "max_connections = 8\nheader_read_timeout = \"250ms\"",
+        ))
+        .admin;
+        assert_eq!(set.max_connections, 8);
+        assert_eq!(set.header_read_timeout, Duration::from_millis(250));
+        for bad in ["0", "-1", "10001", "\"64\""] {
+            assert_invalid(
+                &admin(&format!("max_connections = {bad}")),
+                "admin.max_connections",
+                2,
+            );
+        }
+        for bad in ["\"0s\"", "\"10\"", "10"] {
+            assert_invalid(
+                &admin(&format!("header_read_timeout = {bad}")),
+                "admin.header_read_timeout",
+                2,
+            );
+        }
+    }
+
+    #[test]
     fn listen_addresses() {
         let text = doc(&[&["[proxy]", "listen = \"localhost:8080\""][..], &V1].concat());
         assert!(assert_invalid(&text, "proxy.listen", 2).contains("IP:PORT"));
@@ -2460,9 +2599,15 @@ backend = "v2"
     fn unreadable_file_is_a_read_error() {
         let err = load(Path::new("/nonexistent/canary.toml")).unwrap_err();
         assert!(matches!(err, ConfigError::Read { .. }));
+        // The message names the file; the cause is its source, not repeated in it.
+        assert_eq!(
+            err.to_string(),
+            "/nonexistent/canary.toml: cannot read config"
+        );
+        let cause = std::error::Error::source(&err).map(ToString::to_string);
         assert!(
-            err.to_string()
-                .starts_with("/nonexistent/canary.toml: cannot read config: ")
+            cause.as_deref().is_some_and(|c| c.contains("No such file")),
+            "{cause:?}"
         );
     }
 

@@ -5,6 +5,7 @@
 //! version (the admin API's `ETag`), can be made conditional on the version the operator last
 //! saw (`If-Match`), and is logged with its old and new values (target `audit`).
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -12,7 +13,7 @@ use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
 use crate::SharedTable;
-use crate::config::{self, Config, ConfigError, MAX_WEIGHT};
+use crate::config::{self, Config, ConfigError, MAX_WEIGHT, TokenError};
 use crate::health::HealthSupervisor;
 use crate::metrics::Metrics;
 use crate::persist::{self, PersistError};
@@ -21,8 +22,10 @@ use crate::routing::RoutingTable;
 /// Why a change was refused; the table is untouched.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
-    #[error("the table is at version {current}, not {expected} (If-Match): re-read and retry")]
-    Stale { expected: u64, current: u64 },
+    #[error(
+        "If-Match names no current version: the table is at version {current}; re-read and retry"
+    )]
+    Stale { current: u64 },
     #[error("unknown backend {0:?}")]
     UnknownBackend(String),
     #[error("weight of {backend:?} must be an integer from 0 to {MAX_WEIGHT}, got {value}")]
@@ -37,15 +40,39 @@ pub enum ControlError {
     NoConfigFile,
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("admin token: {0}")]
-    Token(String),
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    #[error(
+        "the admin API listens on {listen} until a restart, and this file sets no admin token: \
+         applying it would open that listener to anyone; keep `token` or `token_env`"
+    )]
+    WouldOpenAdmin { listen: SocketAddr },
+    #[error("the change stopped before it completed; read the table to see its state")]
+    Interrupted(#[source] tokio::task::JoinError),
 }
 
 /// Why the proxy cannot start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("admin token: {0}")]
-    Token(String),
+    #[error(transparent)]
+    Token(#[from] TokenError),
+}
+
+/// Shows an error and each of its causes, `error: cause: cause`, as anyhow's `{:#}` does: for
+/// the admin API's JSON and for logs, where nothing else walks the `source` chain. Messages
+/// never embed their own source, so each cause appears once.
+pub(crate) struct Chain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(cause) = source {
+            write!(f, ": {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
+    }
 }
 
 /// The result of a weight change.
@@ -66,6 +93,14 @@ pub struct ControlPlane {
     health: HealthSupervisor,
     /// The admin bearer token; replaced by a reload.
     token: RwLock<Option<String>>,
+    /// `admin.allowed_hosts`: names the admin API answers to besides IP literals and
+    /// `localhost`; replaced by a reload.
+    allowed_hosts: RwLock<Arc<[String]>>,
+    /// The address the admin listener is bound to: `admin.listen` of the config the proxy
+    /// started with, then the listener's own address once it serves. A reload cannot move
+    /// the listener, so this (not the new file's `admin.listen`) decides whether a token is
+    /// required.
+    admin_bound: Mutex<SocketAddr>,
     /// The config the current table came from, to warn about changes a reload cannot apply.
     config: Mutex<Config>,
     /// Serializes read-modify-write changes so none is lost.
@@ -77,7 +112,7 @@ impl ControlPlane {
     /// Builds the first table (version 1) from a validated config. `config_path` is where
     /// reloads read from and weight changes are written back to.
     pub fn new(config: Config, config_path: Option<PathBuf>) -> Result<Arc<Self>, StartError> {
-        let token = config.admin.resolve_token().map_err(StartError::Token)?;
+        let token = config.admin.resolve_token()?;
         let metrics = Arc::new(Metrics::new());
         let table = RoutingTable::from_config(&config, 1, None, &metrics);
         let shutdown = CancellationToken::new();
@@ -87,6 +122,8 @@ impl ControlPlane {
             metrics,
             health: HealthSupervisor::new(shutdown.child_token()),
             token: RwLock::new(token),
+            allowed_hosts: RwLock::new(config.admin.allowed_hosts.clone().into()),
+            admin_bound: Mutex::new(config.admin.listen),
             config: Mutex::new(config),
             writes: Mutex::new(()),
             shutdown,
@@ -117,6 +154,19 @@ impl ControlPlane {
         self.lock_config().clone()
     }
 
+    /// Records where the admin listener is bound (the admin server calls it when it starts).
+    pub fn admin_listening_on(&self, addr: SocketAddr) {
+        *self.admin_bound.lock().unwrap_or_else(|e| e.into_inner()) = addr;
+    }
+
+    /// `admin.allowed_hosts` as currently configured.
+    pub fn allowed_hosts(&self) -> Arc<[String]> {
+        self.allowed_hosts
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// True when `presented` matches the admin token, or when no token is configured.
     pub fn authorized(&self, presented: Option<&[u8]>) -> bool {
         let token = self.token.read().unwrap_or_else(|e| e.into_inner());
@@ -127,12 +177,29 @@ impl ControlPlane {
         }
     }
 
+    /// Runs a change (`set_weights`, `reload`) on tokio's blocking pool and waits for it.
+    /// Changes read, write and sync the config file; on the runtime that serves the admin API
+    /// and runs the health checks (one thread in the binary) that would stall them all while
+    /// the disk is slow. The changes stay serialized by the control plane's own lock, and the
+    /// result comes back once the change is applied, so a reply sent after it is never ahead of
+    /// the table.
+    pub async fn run_blocking<T: Send + 'static>(
+        self: &Arc<Self>,
+        change: impl FnOnce(&ControlPlane) -> Result<T, ControlError> + Send + 'static,
+    ) -> Result<T, ControlError> {
+        let control = self.clone();
+        tokio::task::spawn_blocking(move || change(&control))
+            .await
+            .map_err(ControlError::Interrupted)?
+    }
+
     /// Sets the weights of the named backends (others keep theirs) and writes them back to
-    /// the config file.
+    /// the config file. Blocks on file I/O: from async code, call it through
+    /// [`run_blocking`](Self::run_blocking).
     pub fn set_weights(
         &self,
         changes: &[(String, u32)],
-        if_match: Option<u64>,
+        if_match: Option<&[u64]>,
     ) -> Result<WeightsApplied, ControlError> {
         if changes.is_empty() {
             return Err(ControlError::NoWeights);
@@ -173,7 +240,10 @@ impl ControlPlane {
             let all: Vec<(&str, u32)> = weights.iter().map(|(n, w)| (n.as_str(), *w)).collect();
             let result = persist::write_weights(path, &all);
             if let Err(error) = &result {
-                tracing::error!(%error, "weight change applied but not written to the config file");
+                tracing::error!(
+                    error = %Chain(error),
+                    "weight change applied but not written to the config file"
+                );
             }
             result
         });
@@ -184,21 +254,33 @@ impl ControlPlane {
         })
     }
 
-    /// Re-reads the config file and applies it whole, or leaves everything as it was.
+    /// Re-reads the config file and applies it whole, or leaves everything as it was. Blocks
+    /// on file I/O: from async code, call it through [`run_blocking`](Self::run_blocking).
     /// Backends whose connection settings are unchanged keep their pools and health state.
-    pub fn reload(&self, if_match: Option<u64>) -> Result<u64, ControlError> {
+    /// `if_match`: the versions the caller accepts (`None`: any).
+    ///
+    /// `canary_config_reloads_total` counts attempts to apply a file: a refused precondition
+    /// or a proxy without a config file is not one, an unreadable or invalid file is.
+    pub fn reload(&self, if_match: Option<&[u64]>) -> Result<u64, ControlError> {
         let result = self.try_reload(if_match);
-        self.metrics.config_reload(result.is_ok());
+        match &result {
+            Ok(_) => self.metrics.config_reload(true),
+            Err(ControlError::Stale { .. } | ControlError::NoConfigFile) => {}
+            Err(_) => self.metrics.config_reload(false),
+        }
         match &result {
             Ok(version) => tracing::info!(target: "audit", version, "config reloaded"),
             Err(error) => {
-                tracing::error!(%error, "config reload rejected; the old table keeps serving")
+                tracing::error!(
+                    error = %Chain(error),
+                    "config reload rejected; the old table keeps serving"
+                )
             }
         }
         result
     }
 
-    fn try_reload(&self, if_match: Option<u64>) -> Result<u64, ControlError> {
+    fn try_reload(&self, if_match: Option<&[u64]>) -> Result<u64, ControlError> {
         let path = self
             .config_path
             .as_ref()
@@ -207,7 +289,12 @@ impl ControlPlane {
         let current = self.table.load_full();
         check_version(if_match, current.version)?;
         let config = config::load(path)?;
-        let token = config.admin.resolve_token().map_err(ControlError::Token)?;
+        let token = config.admin.resolve_token()?;
+        // A reload can never weaken access: the listener stays where it was bound.
+        let listen = *self.admin_bound.lock().unwrap_or_else(|e| e.into_inner());
+        if token.is_none() && !listen.ip().is_loopback() {
+            return Err(ControlError::WouldOpenAdmin { listen });
+        }
         let next =
             RoutingTable::from_config(&config, current.version + 1, Some(&current), &self.metrics);
         let version = next.version;
@@ -222,6 +309,10 @@ impl ControlPlane {
         self.table.store(Arc::new(next));
         self.health.sync(&self.table.load());
         *self.token.write().unwrap_or_else(|e| e.into_inner()) = token;
+        *self
+            .allowed_hosts
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = config.admin.allowed_hosts.clone().into();
         *self.lock_config() = config;
         Ok(version)
     }
@@ -231,6 +322,14 @@ impl ControlPlane {
         let changed = [
             ("proxy.listen", old.proxy.listen != next.proxy.listen),
             ("admin.listen", old.admin.listen != next.admin.listen),
+            (
+                "admin.max_connections",
+                old.admin.max_connections != next.admin.max_connections,
+            ),
+            (
+                "admin.header_read_timeout",
+                old.admin.header_read_timeout != next.admin.header_read_timeout,
+            ),
             ("proxy.workers", old.proxy.workers != next.proxy.workers),
             (
                 "proxy.header_read_timeout",
@@ -254,9 +353,10 @@ impl ControlPlane {
     }
 }
 
-fn check_version(if_match: Option<u64>, current: u64) -> Result<(), ControlError> {
+/// `If-Match` with strong comparison: the current version must be one of those listed.
+fn check_version(if_match: Option<&[u64]>, current: u64) -> Result<(), ControlError> {
     match if_match {
-        Some(expected) if expected != current => Err(ControlError::Stale { expected, current }),
+        Some(accepted) if !accepted.contains(&current) => Err(ControlError::Stale { current }),
         _ => Ok(()),
     }
 }
@@ -297,15 +397,38 @@ mod tests {
     }
 
     #[test]
+    fn chain_shows_each_cause_once() {
+        let error = PersistError::Read {
+            path: PathBuf::from("dir/canary.toml"),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "gone"),
+        };
+        assert_eq!(error.to_string(), "cannot read dir/canary.toml");
+        assert_eq!(
+            Chain(&error).to_string(),
+            "cannot read dir/canary.toml: gone"
+        );
+        let reload = ControlError::from(ConfigError::Read {
+            path: "canary.toml".into(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "gone"),
+        });
+        assert_eq!(
+            Chain(&reload).to_string(),
+            "canary.toml: cannot read config: gone"
+        );
+    }
+
+    #[test]
     fn stale_versions_are_refused() {
         assert!(check_version(None, 4).is_ok());
-        assert!(check_version(Some(4), 4).is_ok());
+        assert!(check_version(Some(&[4]), 4).is_ok());
+        assert!(check_version(Some(&[2, 4]), 4).is_ok());
         assert!(matches!(
-            check_version(Some(3), 4),
-            Err(ControlError::Stale {
-                expected: 3,
-                current: 4
-            })
+            check_version(Some(&[3]), 4),
+            Err(ControlError::Stale { current: 4 })
+        ));
+        assert!(matches!(
+            check_version(Some(&[]), 4),
+            Err(ControlError::Stale { current: 4 })
         ));
     }
 }

@@ -54,8 +54,39 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("canary-proxy: {error:#}");
+            if is_missing_config(&error) {
+                eprintln!(
+                    "canary-proxy: pass `--config FILE` to use a config file elsewhere, or run \
+                     `canary-proxy demo` to try the proxy with two built-in upstreams"
+                );
+            }
             ExitCode::FAILURE
         }
+    }
+}
+
+/// True when the config file does not exist: the usual first run, in a directory without
+/// `canary.toml`.
+fn is_missing_config(error: &anyhow::Error) -> bool {
+    matches!(
+        error.downcast_ref::<canary_proxy::ConfigError>(),
+        Some(canary_proxy::ConfigError::Read { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound
+    )
+}
+
+/// Raises the soft limit on open files to the hard limit: every client connection takes a
+/// descriptor, and often one upstream as well, so the usual soft limit of 1024 is reached by
+/// a few hundred clients; the hard limit is what the operator (systemd's LimitNOFILE, ulimit
+/// -Hn, the container runtime) allows. Logged either way.
+fn raise_open_file_limit() {
+    let before = rlimit::Resource::NOFILE.get();
+    match (before, rlimit::increase_nofile_limit(u64::MAX)) {
+        (Ok((soft, hard)), Ok(now)) if now > soft => {
+            tracing::info!(from = soft, to = now, hard, "open file limit raised");
+        }
+        (_, Ok(now)) => tracing::info!(limit = now, "open file limit"),
+        (_, Err(error)) => tracing::warn!(%error, "cannot raise the open file limit"),
     }
 }
 
@@ -92,6 +123,7 @@ async fn start(
     path: PathBuf,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    raise_open_file_limit();
     let (listen, admin_listen) = (config.proxy.listen, config.admin.listen);
     let workers = canary_proxy::worker_count(config.proxy.workers);
     let control = ControlPlane::new(config, Some(path.clone()))?;
@@ -130,8 +162,8 @@ async fn reload_on_sighup(
                     return;
                 }
                 tracing::info!("SIGHUP: reloading the config file");
-                // Errors are logged by the control plane.
-                let _ = control.reload(None);
+                // Off the runtime (file I/O); errors are logged by the control plane.
+                let _ = control.run_blocking(|control| control.reload(None)).await;
             }
             () = control.shutdown_token().cancelled() => return,
         }

@@ -3,7 +3,8 @@
 //! Only the `weight` values of the named `[[backend]]` tables change: comments, key order and
 //! layout stay as the operator wrote them (toml_edit). The new text goes to a temporary file in
 //! the same directory, which is synced and then renamed over the original, so a crash leaves
-//! either the old file or the new one, never half of each.
+//! either the old file or the new one, never half of each. A config path that is a symlink is
+//! resolved when writing, so the link stays and its target gets the change.
 
 use std::fs;
 use std::io::Write;
@@ -11,16 +12,18 @@ use std::path::{Path, PathBuf};
 
 use toml_edit::{DocumentMut, Item, Value};
 
-/// Why a weight change could not be written back (it still applies in memory).
+/// Why a weight change could not be written back (it still applies in memory). The message
+/// names the file and the step; the cause is the `source`, printed after it by whoever shows
+/// the whole chain.
 #[derive(Debug, thiserror::Error)]
 pub enum PersistError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("{path} is no longer valid TOML: {source}")]
+    #[error("{path} is no longer valid TOML")]
     Parse {
         path: PathBuf,
         #[source]
@@ -28,7 +31,7 @@ pub enum PersistError {
     },
     #[error("{path} has no [[backend]] named {name:?} (edited since it was loaded?)")]
     MissingBackend { path: PathBuf, name: String },
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}")]
     Write {
         path: PathBuf,
         #[source]
@@ -36,12 +39,17 @@ pub enum PersistError {
     },
 }
 
-/// Sets `weight` of each named backend in the file at `path`, atomically.
+/// Sets `weight` of each named backend in the file at `path`, atomically. When `path` is a
+/// symlink (or lies under one), the file it resolves to now is the one replaced, with the
+/// temporary file beside it: renaming over the link itself would turn it into a plain file
+/// and leave the target with the old weights.
 pub fn write_weights(path: &Path, weights: &[(&str, u32)]) -> Result<(), PersistError> {
-    let text = fs::read_to_string(path).map_err(|source| PersistError::Read {
+    let read_error = |source| PersistError::Read {
         path: path.to_owned(),
         source,
-    })?;
+    };
+    let target = fs::canonicalize(path).map_err(read_error)?;
+    let text = fs::read_to_string(&target).map_err(read_error)?;
     let updated = set_weights(&text, weights).map_err(|e| match e {
         EditError::Parse(source) => PersistError::Parse {
             path: path.to_owned(),
@@ -52,7 +60,7 @@ pub fn write_weights(path: &Path, weights: &[(&str, u32)]) -> Result<(), Persist
             name,
         },
     })?;
-    replace_file(path, updated.as_bytes()).map_err(|source| PersistError::Write {
+    replace_file(&target, updated.as_bytes()).map_err(|source| PersistError::Write {
         path: path.to_owned(),
         source,
     })
@@ -169,6 +177,21 @@ weight = 10
         assert!(text.contains("weight = 35") && text.contains("# most traffic"));
         // No temporary file is left behind.
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+        // Through a symlink: the link stays, the target changes.
+        #[cfg(unix)]
+        {
+            let link = dir.path().join("link.toml");
+            std::os::unix::fs::symlink(&path, &link).unwrap();
+            write_weights(&link, &[("v2", 36)]).unwrap();
+            assert!(
+                fs::symlink_metadata(&link)
+                    .unwrap()
+                    .file_type()
+                    .is_symlink()
+            );
+            assert!(fs::read_to_string(&path).unwrap().contains("weight = 36"));
+            fs::remove_file(&link).unwrap();
+        }
         let missing = dir.path().join("nope/canary.toml");
         assert!(matches!(
             write_weights(&missing, &[("v2", 1)]),

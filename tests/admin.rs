@@ -81,6 +81,12 @@ async fn bad_weight_changes_get_400_json_and_change_nothing() {
         ("/admin/weight?v2=-5", None, "integer"),
         ("/admin/weight?v2=2.5", None, "integer"),
         ("/admin/weight?v2=ten", None, "integer"),
+        // Plain decimal digits only.
+        ("/admin/weight?v2=+5", None, "integer"),
+        ("/admin/weight?v2=%205", None, "integer"),
+        ("/admin/weight?v2=5%20", None, "integer"),
+        ("/admin/weight?v2=", None, "integer"),
+        ("/admin/weight?v2=0x10", None, "integer"),
         ("/admin/weight?v1=0&v2=0", None, "all weights"),
         (
             "/admin/weight",
@@ -122,7 +128,7 @@ async fn bad_weight_changes_get_400_json_and_change_nothing() {
 }
 
 #[tokio::test]
-async fn stale_if_match_gets_409_and_current_if_match_applies() {
+async fn stale_if_match_gets_412_and_current_if_match_applies() {
     let v1 = upstream("v1").await;
     let proxy = start_proxy(&config(
         &[("v1", vec![v1.url()], 1), ("v2", vec![v1.url()], 1)],
@@ -140,14 +146,15 @@ async fn stale_if_match_gets_409_and_current_if_match_applies() {
     assert_eq!(first.status(), 200);
     let newer = etag(&first);
     assert_ne!(newer, seen);
-    // A second writer that read the old version loses, and learns the current one.
+    // A second writer that read the old version loses (412, RFC 9110 §13.1.1), and learns
+    // the current one.
     let stale = c
         .post(proxy.admin("/admin/weight?v2=7"))
         .header("if-match", &seen)
         .send()
         .await
         .unwrap();
-    assert_eq!(stale.status(), 409);
+    assert_eq!(stale.status(), 412);
     assert_eq!(etag(&stale), newer);
     let body = json_of(stale).await;
     assert!(body["error"].as_str().unwrap().contains("If-Match"));
@@ -160,6 +167,100 @@ async fn stale_if_match_gets_409_and_current_if_match_applies() {
         .await
         .unwrap();
     assert_eq!(garbage.status(), 400);
+}
+
+#[tokio::test]
+async fn if_match_compares_strongly_and_takes_lists_and_star() {
+    let v1 = upstream("v1").await;
+    let proxy = start_proxy(&config(
+        &[("v1", vec![v1.url()], 1), ("v2", vec![v1.url()], 1)],
+        "",
+    ))
+    .await;
+    let c = client();
+    let set = |value: &'static str, weight: u32| {
+        c.post(proxy.admin(&format!("/admin/weight?v2={weight}")))
+            .header("if-match", value)
+            .send()
+    };
+    // The current version (1) in a list, however spaced.
+    assert_eq!(set(r#""7", "1""#, 2).await.unwrap().status(), 200);
+    assert_eq!(set(r#""9","2" , "11""#, 3).await.unwrap().status(), 200);
+    // A weak tag never matches in If-Match, not even the current version (now 3).
+    assert_eq!(set(r#"W/"3""#, 4).await.unwrap().status(), 412);
+    assert_eq!(set(r#"W/"3", "2""#, 4).await.unwrap().status(), 412);
+    // A tag this API never issued matches nothing.
+    assert_eq!(set(r#""abc""#, 4).await.unwrap().status(), 412);
+    // `*` matches whatever the version.
+    assert_eq!(set("*", 4).await.unwrap().status(), 200);
+    // Malformed lists are refused as such.
+    for bad in ["3", r#""3"; "4""#, r#"*, "4""#, r#""4"#] {
+        assert_eq!(set(bad, 5).await.unwrap().status(), 400, "{bad}");
+    }
+    let now = c.get(proxy.admin("/admin/weight")).send().await.unwrap();
+    assert_eq!(etag(&now), "\"4\"");
+    assert_eq!(json_of(now).await["v2"], 4);
+}
+
+#[tokio::test]
+async fn refused_preconditions_and_missing_files_are_not_counted_as_reloads() {
+    let v1 = upstream("v1").await;
+    let text = config(&[("v1", vec![v1.url()], 1)], "");
+    let with_file = start_proxy_with_file(&text).await;
+    let without_file = start_proxy(&text).await;
+    let c = client();
+    let stale = c
+        .post(with_file.admin("/admin/reload"))
+        .header("if-match", "\"7\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stale.status(), 412);
+    let no_file = c
+        .post(without_file.admin("/admin/reload"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(no_file.status(), 400);
+    for proxy in [&with_file, &without_file] {
+        let metrics = c
+            .get(proxy.admin("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(
+            metric(&metrics, "canary_config_reloads_total", &[]),
+            0.0,
+            "{metrics}"
+        );
+    }
+    // A real attempt still counts.
+    let good = c
+        .post(with_file.admin("/admin/reload"))
+        .header("if-match", "\"1\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(good.status(), 200);
+    let metrics = c
+        .get(with_file.admin("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(
+            &metrics,
+            "canary_config_reloads_total",
+            &[("result", "success")]
+        ),
+        1.0
+    );
 }
 
 #[tokio::test]
@@ -195,6 +296,30 @@ async fn token_guards_every_admin_call_but_not_probes_or_metrics() {
             .unwrap();
         assert_eq!(right.status(), 200, "{path}");
     }
+    // The scheme is case-insensitive (RFC 9110 §11.1); the token is not.
+    for scheme in ["bearer", "BEARER", "Bearer  "] {
+        let response = c
+            .get(proxy.admin("/admin/weight"))
+            .header("authorization", format!("{scheme} s3cret-token"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{scheme:?}");
+    }
+    for wrong in [
+        "Basic s3cret-token",
+        "Bearers3cret-token",
+        "Bearer",
+        "s3cret-token",
+    ] {
+        let response = c
+            .get(proxy.admin("/admin/weight"))
+            .header("authorization", wrong)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 401, "{wrong:?}");
+    }
     let unauthorized_write = c
         .post(proxy.admin("/admin/weight?v1=5"))
         .send()
@@ -211,6 +336,196 @@ async fn token_guards_every_admin_call_but_not_probes_or_metrics() {
             "{path}"
         );
     }
+}
+
+#[tokio::test]
+async fn browsers_on_other_origins_cannot_change_anything() {
+    let v1 = upstream("v1").await;
+    let text = config(
+        &[("v1", vec![v1.url()], 90), ("v2", vec![v1.url()], 10)],
+        "",
+    );
+    let proxy = start_proxy_with_file(&text).await;
+    let c = client();
+    let own = format!("http://{}", proxy.admin_addr);
+    let other_port = format!("http://127.0.0.1:{}", proxy.addr.port());
+    // What a web page can send without a CORS preflight: a "simple" POST, text/plain.
+    type Case<'a> = (
+        reqwest::Method,
+        &'static str,
+        Option<&'static str>,
+        Vec<(&'static str, &'a str)>,
+    );
+    let refused: Vec<Case<'_>> = vec![
+        (
+            reqwest::Method::POST,
+            "/admin/weight",
+            Some(r#"{"v2":100}"#),
+            vec![("origin", "http://evil.example")],
+        ),
+        (
+            reqwest::Method::POST,
+            "/admin/weight?v1=0",
+            None,
+            vec![("origin", "null")],
+        ),
+        (
+            reqwest::Method::POST,
+            "/admin/reload",
+            None,
+            vec![("origin", "http://evil.example")],
+        ),
+        (
+            reqwest::Method::PUT,
+            "/admin/weight?v1=0",
+            None,
+            vec![("origin", other_port.as_str())],
+        ),
+        (
+            reqwest::Method::POST,
+            "/admin/weight?v1=0",
+            None,
+            vec![("sec-fetch-site", "cross-site")],
+        ),
+        // Another port of the same host is the same *site*, but not the same origin.
+        (
+            reqwest::Method::POST,
+            "/admin/weight?v1=0",
+            None,
+            vec![("sec-fetch-site", "same-site")],
+        ),
+        (
+            reqwest::Method::DELETE,
+            "/admin/weight",
+            None,
+            vec![("origin", "http://evil.example")],
+        ),
+    ];
+    for (method, path, body, headers) in refused {
+        let mut request = c
+            .request(method.clone(), proxy.admin(path))
+            .header("content-type", "text/plain");
+        for (k, v) in &headers {
+            request = request.header(*k, *v);
+        }
+        if let Some(body) = body {
+            request = request.body(body);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 403, "{method} {path} {headers:?}");
+        let error = json_of(response).await["error"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(error.contains("cross-site"), "{error}");
+    }
+    let weights = c.get(proxy.admin("/admin/weight")).send().await.unwrap();
+    assert_eq!(etag(&weights), "\"1\"", "nothing changed");
+
+    // The API's own origin, Sec-Fetch-Site same-origin / none, and curl (no Origin) may.
+    // Bodies are JSON whatever their Content-Type says.
+    let allowed: Vec<(&str, Vec<(&str, &str)>)> = vec![
+        (r#"{"v2":20}"#, vec![("origin", own.as_str())]),
+        (r#"{"v2":21}"#, vec![("sec-fetch-site", "same-origin")]),
+        (r#"{"v2":22}"#, vec![("sec-fetch-site", "none")]),
+        (r#"{"v2":23}"#, vec![]),
+    ];
+    for (body, headers) in allowed {
+        let mut request = c
+            .post(proxy.admin("/admin/weight"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body);
+        for (k, v) in &headers {
+            request = request.header(*k, *v);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 200, "{headers:?}");
+    }
+    // Reads are not mutations: a foreign page cannot read the answer anyway (no CORS).
+    let read = c
+        .get(proxy.admin("/admin/weight"))
+        .header("origin", "http://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(read.status(), 200);
+    assert_eq!(json_of(read).await, json!({"v1": 90, "v2": 23}));
+}
+
+/// The status code of a raw HTTP/1.1 request to the admin listener.
+async fn raw_status(proxy: &TestProxy, request: &str) -> u16 {
+    let answer = raw_exchange(proxy.admin_addr, request.as_bytes(), Duration::from_secs(5)).await;
+    answer
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no status line for {request:?}: {answer:?}"))
+}
+
+#[tokio::test]
+async fn only_ip_literals_localhost_and_allowed_names_may_be_the_host() {
+    let v1 = upstream("v1").await;
+    let mut text = config(&[("v1", vec![v1.url()], 1)], "");
+    text.push_str("\n[admin]\nallowed_hosts = [\"canary.internal\"]\n");
+    let proxy = start_proxy(&text).await;
+    let get = |path: &str, host: &str| {
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")
+    };
+    let port = proxy.admin_addr.port();
+    for host in [
+        format!("127.0.0.1:{port}"),
+        format!("localhost:{port}"),
+        "LOCALHOST".to_string(),
+        "[::1]:9901".to_string(),
+        "10.1.2.3".to_string(),
+        format!("canary.internal:{port}"),
+        "Canary.Internal".to_string(),
+    ] {
+        assert_eq!(
+            raw_status(&proxy, &get("/admin/routes", &host)).await,
+            200,
+            "{host}"
+        );
+    }
+    // DNS rebinding: the attacker's name, now resolving to 127.0.0.1, is the Host.
+    for host in [
+        format!("evil.example:{port}"),
+        "localhost.evil.example".to_string(),
+        "canary.internal.evil.example".to_string(),
+        "127.0.0.1.nip.io".to_string(),
+    ] {
+        for path in ["/admin/routes", "/admin/weight", "/metrics", "/healthz"] {
+            assert_eq!(
+                raw_status(&proxy, &get(path, &host)).await,
+                403,
+                "{host} {path}"
+            );
+        }
+    }
+    let answer = raw_exchange(
+        proxy.admin_addr,
+        get("/admin/routes", "evil.example").as_bytes(),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(
+        answer.contains("admin.allowed_hosts") && !answer.contains("backends"),
+        "{answer}"
+    );
+    // An absolute-form target names the host too.
+    assert_eq!(
+        raw_status(
+            &proxy,
+            "GET http://evil.example/admin/routes HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        )
+        .await,
+        403
+    );
+    // HTTP/1.1 without Host is malformed (RFC 9112 §3.2).
+    assert_eq!(
+        raw_status(&proxy, "GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n").await,
+        400
+    );
 }
 
 #[tokio::test]
@@ -283,15 +598,66 @@ async fn weight_changes_are_written_back_with_comments_kept() {
     assert_eq!(response.status(), 200);
     let body = json_of(response).await;
     assert_eq!(body["persisted"], false);
-    assert!(
-        body["persist_error"]
-            .as_str()
-            .unwrap()
-            .contains("canary.toml"),
+    let persist_error = body["persist_error"].as_str().unwrap();
+    assert!(persist_error.contains("canary.toml"), "{body}");
+    // The cause is named, once.
+    assert_eq!(
+        persist_error.matches("No such file or directory").count(),
+        1,
         "{body}"
     );
     assert_eq!(body["weights"]["v2"], 50);
     assert_eq!(proxy.table.load().backends[1].weight, 50);
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn weight_changes_are_written_through_a_symlinked_config() {
+    let v1 = upstream("v1").await;
+    let text = config(
+        &[("v1", vec![v1.url()], 90), ("v2", vec![v1.url()], 10)],
+        "",
+    );
+    let proxy = start_proxy_with_file(&text).await;
+    // canary.toml -> real/canary.toml, as a config kept in a checked-out repository often is.
+    let link = proxy.config_path.clone().unwrap();
+    let dir = link.parent().unwrap().to_path_buf();
+    std::fs::create_dir(dir.join("real")).unwrap();
+    std::fs::rename(&link, dir.join("real/canary.toml")).unwrap();
+    std::os::unix::fs::symlink("real/canary.toml", &link).unwrap();
+
+    let response = client()
+        .post(proxy.admin("/admin/weight?v2=30&v1=70"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(json_of(response).await["persisted"], true);
+    // The link is still a link, and its target has the new weights.
+    assert!(
+        std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink(),
+        "the link was replaced by a plain file"
+    );
+    let target = std::fs::read_to_string(dir.join("real/canary.toml")).unwrap();
+    assert_eq!(
+        target,
+        text.replace("weight = 90\n", "weight = 70\n")
+            .replace("weight = 10\n", "weight = 30\n")
+    );
+    // The temporary file went to the target's directory and is gone.
+    let names = |d: &std::path::Path| -> Vec<String> {
+        std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    assert_eq!(names(&dir.join("real")), ["canary.toml"]);
+    let mut top = names(&dir);
+    top.sort();
+    assert_eq!(top, ["canary.toml", "real"]);
 }
 
 #[tokio::test]
@@ -350,6 +716,21 @@ async fn reload_applies_a_good_file_and_rejects_a_bad_one() {
             .unwrap();
         assert_eq!(still.headers()["x-canary-backend"], "v2");
     }
+    // A file that is gone: 400 naming the file and the cause, once.
+    std::fs::remove_file(&path).unwrap();
+    let response = c.post(proxy.admin("/admin/reload")).send().await.unwrap();
+    assert_eq!(response.status(), 400);
+    let body = json_of(response).await;
+    let error = body["error"].as_str().unwrap();
+    assert!(
+        error.contains("canary.toml: cannot read config: "),
+        "{error}"
+    );
+    assert_eq!(
+        error.matches("No such file or directory").count(),
+        1,
+        "{error}"
+    );
     let metrics = c
         .get(proxy.admin("/metrics"))
         .send()
@@ -372,8 +753,326 @@ async fn reload_applies_a_good_file_and_rejects_a_bad_one() {
             "canary_config_reloads_total",
             &[("result", "failure")]
         ),
-        2.0
+        3.0
     );
+}
+
+/// Replaces the config file by a FIFO, so the next read of it blocks until `text` is written
+/// into it, `after` from now, by a plain thread (a disk or network file system that stalls).
+#[cfg(unix)]
+fn stall_config_reads(
+    path: &std::path::Path,
+    text: String,
+    after: Duration,
+) -> std::thread::JoinHandle<()> {
+    std::fs::remove_file(path).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let path = path.to_owned();
+    std::thread::spawn(move || {
+        std::thread::sleep(after);
+        std::fs::write(&path, text).unwrap();
+    })
+}
+
+/// Asks `/healthz` every 100 ms for `span` and returns the slowest answer: while a change
+/// waits for its file, the runtime that serves the admin API (and runs the health checks)
+/// must go on.
+#[cfg(unix)]
+async fn slowest_healthz(proxy: &TestProxy, span: Duration) -> Duration {
+    let c = client();
+    let mut slowest = Duration::ZERO;
+    let started = std::time::Instant::now();
+    while started.elapsed() < span {
+        let asked = std::time::Instant::now();
+        let response = c.get(proxy.admin("/healthz")).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        slowest = slowest.max(asked.elapsed());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    slowest
+}
+
+/// A current-thread runtime, as the binary's control plane has.
+#[cfg(unix)]
+#[tokio::test]
+async fn a_reload_waiting_for_its_file_does_not_stall_the_admin_runtime() {
+    let v1 = upstream("v1").await;
+    let text = config(&[("v1", vec![v1.url()], 1)], "");
+    let proxy = start_proxy_with_file(&text).await;
+    let path = proxy.config_path.clone().unwrap();
+    let writer = stall_config_reads(
+        &path,
+        text.replace("weight = 1", "weight = 2"),
+        Duration::from_millis(1500),
+    );
+    let reload = tokio::spawn({
+        let url = proxy.admin("/admin/reload");
+        async move { client().post(url).send().await.unwrap().status() }
+    });
+    let slowest = slowest_healthz(&proxy, Duration::from_millis(1000)).await;
+    assert!(
+        slowest < Duration::from_millis(500),
+        "/healthz took {slowest:?}"
+    );
+    assert_eq!(reload.await.unwrap(), 200);
+    writer.join().unwrap();
+    // Applied before the reply.
+    let weights = client()
+        .get(proxy.admin("/admin/weight"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(json_of(weights).await, json!({"v1": 2}));
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn a_weight_write_back_waiting_for_its_file_does_not_stall_the_admin_runtime() {
+    let v1 = upstream("v1").await;
+    let text = config(
+        &[("v1", vec![v1.url()], 90), ("v2", vec![v1.url()], 10)],
+        "",
+    );
+    let proxy = start_proxy_with_file(&text).await;
+    let path = proxy.config_path.clone().unwrap();
+    let writer = stall_config_reads(&path, text.clone(), Duration::from_millis(1500));
+    let change = tokio::spawn({
+        let url = proxy.admin("/admin/weight?v2=40&v1=60");
+        async move { json_of(client().post(url).send().await.unwrap()).await }
+    });
+    let slowest = slowest_healthz(&proxy, Duration::from_millis(1000)).await;
+    assert!(
+        slowest < Duration::from_millis(500),
+        "/healthz took {slowest:?}"
+    );
+    let body = change.await.unwrap();
+    assert_eq!(body["persisted"], true, "{body}");
+    writer.join().unwrap();
+    let written = std::fs::read_to_string(&path).unwrap();
+    assert!(written.contains("weight = 60") && written.contains("weight = 40"));
+}
+
+#[tokio::test]
+async fn a_reload_cannot_leave_a_public_admin_listener_without_a_token() {
+    let v1 = upstream("v1").await;
+    let backends = config(&[("v1", vec![v1.url()], 1)], "");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("canary.toml");
+    let admin_section = |lines: &str| format!("{backends}\n[admin]\n{lines}\n");
+    std::fs::write(
+        &path,
+        admin_section("listen = \"0.0.0.0:0\"\ntoken = \"s3cret\""),
+    )
+    .unwrap();
+    let control = canary_proxy::ControlPlane::new(
+        canary_proxy::config::load(&path).unwrap(),
+        Some(path.clone()),
+    )
+    .unwrap();
+    // The admin listener really is on every interface (port 0; the test only talks to it
+    // over loopback).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin_listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let admin = format!(
+        "http://127.0.0.1:{}",
+        admin_listener.local_addr().unwrap().port()
+    );
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(canary_proxy::run(
+        control.clone(),
+        listener,
+        admin_listener,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let c = client();
+
+    // The file now says loopback and no token: valid on its own, but admin.listen only
+    // changes on restart, so applying it would leave 0.0.0.0 open to anyone.
+    std::fs::write(&path, admin_section("listen = \"127.0.0.1:0\"")).unwrap();
+    let response = c
+        .post(format!("{admin}/admin/reload"))
+        .bearer_auth("s3cret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let error = json_of(response).await["error"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        error.contains("0.0.0.0") && error.contains("token"),
+        "{error}"
+    );
+    let open = c.get(format!("{admin}/admin/weight")).send().await.unwrap();
+    assert_eq!(open.status(), 401, "the token still guards the listener");
+    // The SIGHUP path goes through the same check.
+    let hup = control.run_blocking(|control| control.reload(None)).await;
+    assert!(hup.is_err(), "{hup:?}");
+    assert_eq!(control.table().load().version, 1);
+
+    // A file that keeps a token (a new one) is applied.
+    std::fs::write(
+        &path,
+        admin_section("listen = \"127.0.0.1:0\"\ntoken = \"n3w\""),
+    )
+    .unwrap();
+    let response = c
+        .post(format!("{admin}/admin/reload"))
+        .bearer_auth("s3cret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let renewed = c
+        .get(format!("{admin}/admin/weight"))
+        .bearer_auth("n3w")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(renewed.status(), 200);
+    let _ = stop.send(());
+    task.await.unwrap();
+}
+
+/// Waits (up to `limit`) for the peer to close `stream`, returning how long that took from
+/// `since`, or `None` if it is still open (or answered something) at `limit`.
+async fn closed_after(
+    stream: &mut tokio::net::TcpStream,
+    since: std::time::Instant,
+    limit: Duration,
+) -> Option<Duration> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 1024];
+    match tokio::time::timeout(limit, stream.read(&mut buf)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => Some(since.elapsed()),
+        Ok(Ok(_)) | Err(_) => None,
+    }
+}
+
+#[tokio::test]
+async fn admin_connections_are_capped_and_idle_ones_closed() {
+    use tokio::io::AsyncWriteExt;
+    let v1 = upstream("v1").await;
+    let mut text = config(&[("v1", vec![v1.url()], 1)], "");
+    text.push_str("\n[admin]\nmax_connections = 4\nheader_read_timeout = \"600ms\"\n");
+    let proxy = start_proxy(&text).await;
+    let opened = std::time::Instant::now();
+    let mut idle = Vec::new();
+    for _ in 0..4 {
+        idle.push(
+            tokio::net::TcpStream::connect(proxy.admin_addr)
+                .await
+                .unwrap(),
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A fifth connection is refused at once, with a reason.
+    let asked = std::time::Instant::now();
+    let refused = raw_exchange(
+        proxy.admin_addr,
+        b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(refused.starts_with("HTTP/1.1 503 "), "{refused}");
+    assert!(refused.contains("admin.max_connections"), "{refused}");
+    assert!(asked.elapsed() < Duration::from_millis(500));
+    // The data port is not affected.
+    let served = client().get(proxy.url("/")).send().await.unwrap();
+    assert_eq!(served.status(), 200);
+    // Connections that send no head are closed within the header timeout.
+    for stream in &mut idle {
+        let took = closed_after(stream, opened, Duration::from_secs(3))
+            .await
+            .expect("idle admin connection still open after 3 s");
+        assert!(
+            took >= Duration::from_millis(500) && took < Duration::from_millis(1500),
+            "closed after {took:?}"
+        );
+    }
+    // Their slots are free again.
+    let c = client();
+    let health = c.get(proxy.admin("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+
+    // A keep-alive connection idle after a request is closed too.
+    let mut stream = tokio::net::TcpStream::connect(proxy.admin_addr)
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(read_request_head(&mut stream).await, "no answer");
+    let answered = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let took = loop {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 1024];
+        match tokio::time::timeout(Duration::from_secs(3), stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break answered.elapsed(),
+            Ok(Ok(n)) => rest.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("idle keep-alive connection still open after 3 s"),
+        }
+    };
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_millis(1500),
+        "closed {took:?} after the answer"
+    );
+}
+
+#[tokio::test]
+async fn admin_request_bodies_are_bounded_in_time_and_size() {
+    use tokio::io::AsyncWriteExt;
+    let v1 = upstream("v1").await;
+    let mut text = config(&[("v1", vec![v1.url()], 1), ("v2", vec![v1.url()], 1)], "");
+    text.push_str("\n[admin]\nheader_read_timeout = \"500ms\"\n");
+    let proxy = start_proxy(&text).await;
+    // A body that stops coming.
+    let mut stream = tokio::net::TcpStream::connect(proxy.admin_addr)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    stream
+        .write_all(
+            b"POST /admin/weight HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 20\r\n\r\n{\"v2\":",
+        )
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        use tokio::io::AsyncReadExt;
+        match tokio::time::timeout(Duration::from_secs(3), stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => answer.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("no answer to a stalled body after 3 s"),
+        }
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_millis(1500),
+        "answered after {took:?}"
+    );
+    // A body over 64 KiB.
+    let big = format!("{{\"v2\": 5, \"pad\": \"{}\"}}", "x".repeat(70 * 1024));
+    let response = client()
+        .post(proxy.admin("/admin/weight"))
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 413);
+    assert_eq!(proxy.table.load().version, 1);
 }
 
 #[tokio::test]

@@ -96,7 +96,39 @@ fn check_fails_on_a_missing_file() {
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&output.stderr).contains("/nonexistent/canary.toml"));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("/nonexistent/canary.toml"), "{stderr}");
+    // The cause is said once, after the message that names the file.
+    assert_eq!(
+        stderr.matches("No such file or directory").count(),
+        1,
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_first_run_without_canary_toml_says_what_to_do() {
+    let empty = tempfile::tempdir().unwrap();
+    let output = Command::new(BIN)
+        .current_dir(empty.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.starts_with(
+            "canary-proxy: canary.toml: cannot read config: No such file or directory"
+        ),
+        "{stderr}"
+    );
+    assert_eq!(
+        stderr.matches("No such file or directory").count(),
+        1,
+        "{stderr}"
+    );
+    assert!(stderr.contains("--config FILE"), "{stderr}");
+    assert!(stderr.contains("canary-proxy demo"), "{stderr}");
 }
 
 /// A proxy process, killed on drop.
@@ -145,14 +177,28 @@ impl Drop for ProxyProcess {
 /// Starts the binary on a config file and reads the addresses it bound from its log.
 fn spawn_proxy_at(path: &Path, env: &[(&str, &str)]) -> ProxyProcess {
     let mut command = Command::new(BIN);
-    command
-        .arg("--config")
-        .arg(path)
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped());
+    command.arg("--config").arg(path);
     for (k, v) in env {
         command.env(k, v);
     }
+    spawn_logged(command)
+}
+
+/// Starts the binary on a config file under sh's `ulimit ARGS` (`-n 256`: soft and hard
+/// limit on open files; `-Sn 256`: the soft one only). `exec` keeps the process id.
+fn spawn_proxy_with_ulimit(path: &Path, args: &str) -> ProxyProcess {
+    let mut command = Command::new("sh");
+    command
+        .arg("-c")
+        .arg(format!("ulimit {args} && exec \"$0\" --config \"$1\""))
+        .arg(BIN)
+        .arg(path);
+    spawn_logged(command)
+}
+
+/// Runs `command` (the proxy), logging at info to a pipe, until it says it has started.
+fn spawn_logged(mut command: Command) -> ProxyProcess {
+    command.env("RUST_LOG", "info").stderr(Stdio::piped());
     let mut child = command.spawn().unwrap();
     let stderr = child.stderr.take().unwrap();
     let mut lines = BufReader::new(stderr).lines();
@@ -188,14 +234,19 @@ fn spawn_proxy_at(path: &Path, env: &[(&str, &str)]) -> ProxyProcess {
 
 /// Starts the binary on a config text; its admin listener goes to port 0 as well.
 fn spawn_proxy(config: &str) -> (ProxyProcess, tempfile::TempDir) {
+    let dir = write_config(config);
+    (spawn_proxy_at(&dir.path().join("canary.toml"), &[]), dir)
+}
+
+/// A temporary directory with `canary.toml`: the config text, its admin listener on port 0.
+fn write_config(config: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("canary.toml");
     std::fs::write(
-        &path,
+        dir.path().join("canary.toml"),
         format!("{config}\n[admin]\nlisten = \"127.0.0.1:0\"\n"),
     )
     .unwrap();
-    (spawn_proxy_at(&path, &[]), dir)
+    dir
 }
 
 fn rss_kib(pid: u32, field: &str) -> u64 {
@@ -545,4 +596,81 @@ async fn workers_each_serve_on_their_own_thread() {
         task.await.unwrap();
     }
     assert_eq!(v1.hits() + v2.hits(), 300);
+}
+
+/// `Max open files` of a process: (soft, hard).
+fn open_file_limits(pid: &str) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let mut values = line["Max open files".len()..].split_whitespace();
+    (
+        values.next().unwrap().to_string(),
+        values.next().unwrap().to_string(),
+    )
+}
+
+#[tokio::test]
+async fn the_open_file_limit_is_raised_to_the_hard_limit() {
+    let (_, hard) = open_file_limits("self");
+    if hard.parse::<u64>().is_ok_and(|h| h <= 256) {
+        eprintln!("hard limit {hard}: nothing to raise here");
+        return;
+    }
+    let v1 = upstream("v1").await;
+    let dir = write_config(&config(&[("v1", vec![v1.url()], 1)], ""));
+    let proxy = spawn_proxy_with_ulimit(&dir.path().join("canary.toml"), "-Sn 256");
+    let (soft, proxy_hard) = open_file_limits(&proxy.child.id().to_string());
+    assert_eq!(proxy_hard, hard);
+    assert_eq!(soft, hard, "the soft limit was not raised");
+    assert!(proxy.log_contains("open file limit"), "not logged");
+}
+
+#[tokio::test]
+async fn idle_admin_connections_cannot_starve_the_data_port() {
+    let v1 = upstream("v1").await;
+    let dir = write_config(&config(&[("v1", vec![v1.url()], 1)], ""));
+    // 256 descriptors in all: the proxy must not hand them to idle admin connections.
+    let proxy = spawn_proxy_with_ulimit(&dir.path().join("canary.toml"), "-n 256");
+    let mut idle = Vec::new();
+    for _ in 0..400 {
+        // A proxy that stopped accepting fills its backlog; then connects hang.
+        match tokio::time::timeout(Duration::from_secs(4), TcpStream::connect(proxy.admin)).await {
+            Ok(Ok(stream)) => idle.push(stream),
+            Ok(Err(error)) => panic!("connect {}: {error}", idle.len()),
+            Err(_) => {
+                eprintln!(
+                    "the admin port stopped accepting after {} connections",
+                    idle.len()
+                );
+                break;
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let served = tokio::time::timeout(
+        Duration::from_secs(3),
+        client().get(format!("http://{}/", proxy.addr)).send(),
+    )
+    .await
+    .expect("the data port did not answer within 3 s")
+    .unwrap();
+    assert_eq!(served.status(), 200);
+    // The admin port answers too: a short 503 while its connections are all taken (once the
+    // refusals of the flood above have lingered their second).
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let busy = raw_exchange(
+        proxy.admin,
+        b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        Duration::from_secs(3),
+    )
+    .await;
+    assert!(busy.starts_with("HTTP/1.1 503 "), "{busy}");
+    assert!(
+        !proxy.log_contains("Too many open files"),
+        "the proxy ran out of descriptors"
+    );
+    drop(idle);
 }
