@@ -23,17 +23,30 @@ What it measures
     canary-proxy's RSS / high-water mark is reported after the 64-connection small-GET runs
     and at the end.
 
+    Old build vs new build: --baseline PATH (env BASELINE) names a second canary-proxy
+    binary, e.g. one built from an older commit in another worktree. It runs as one more
+    contestant, "canary@base", with the same generated config (other ports), the same sanity
+    checks and the same accounting, right next to canary in every round (canary first in odd
+    rounds, canary@base first in even rounds), also in the swaps scenario. The report then
+    gives canary/canary@base for req/s, p99 and CPU µs per request, per scenario and in a
+    summary table: on a shared, noisy machine only such same-run ratios mean anything.
+    --proxies canary,canary@base leaves nginx and HAProxy out (about half the time).
+
 How to run
-    python3 benches/load.py                # DURATION=5 s per run, ROUNDS=2 (about 3 min)
+    python3 benches/load.py                # DURATION=5 s per run, ROUNDS=2 (about 3 min;
+                                           # 4.5 min with --baseline)
     python3 benches/load.py --quick        # 2 s runs, 1 round (about 1 min)
     python3 benches/load.py --duration 10 --rounds 3 --no-build
     python3 benches/load.py --wait-idle 600   # shared machine: wait for idle cores, and
                                               # repeat runs disturbed by outside load
+    python3 benches/load.py --baseline ../wt-base/target/release/canary-proxy
+    python3 benches/load.py --baseline OLD --proxies canary,canary@base   # old vs new only
 
-    Environment: DURATION, ROUNDS, PROXY_CPU, LOAD_CPU, and CANARY_EXTRA: extra lines for
-    canary-proxy's [proxy] table, e.g. CANARY_EXTRA='workers = 1' (several lines separated
-    by newlines). Needs nginx (nginx-light), haproxy, wrk and taskset; installs nothing.
-    Builds target/release/canary-proxy with cargo unless --no-build.
+    Environment: DURATION, ROUNDS, PROXY_CPU, LOAD_CPU, BASELINE, and CANARY_EXTRA: extra
+    lines for canary-proxy's [proxy] table, e.g. CANARY_EXTRA='workers = 1' (several lines
+    separated by newlines; used for canary@base too). Needs nginx (nginx-light), haproxy
+    (unless --proxies leaves it out), wrk and taskset; installs nothing. Builds
+    target/release/canary-proxy with cargo unless --no-build (never the --baseline binary).
 
     Everything listens on 127.0.0.1 on free ports; configs and logs live in a temp dir that
     is removed at the end (kept, and its path printed, when something failed). The markdown
@@ -46,6 +59,7 @@ import http.client
 import os
 import platform
 import grp
+import hashlib
 import pwd
 import re
 import resource
@@ -64,7 +78,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CANARY_BIN = os.path.join(ROOT, "target", "release", "canary-proxy")
 REPORT_PATH = os.path.join(ROOT, "target", "load-bench.md")
 NEEDS = "needs: apt-get install nginx-light haproxy wrk"
-PROXIES = ("canary", "nginx", "haproxy")
+BASE = "canary@base"  # the --baseline binary
+PROXIES = ("canary", "nginx", "haproxy")  # contestants without --baseline, in run order
+ALL_PROXIES = ("canary", BASE, "nginx", "haproxy")  # every contestant, in run order
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 WARMUP_S = 1
 OUTSIDE_LOAD = 0.10  # CPU (share of one core) used by processes not started here: flagged
@@ -90,6 +106,8 @@ class Settings:
     canary_extra: str
     build: bool
     wait_idle: int
+    baseline: str = ""  # absolute path of the canary@base binary, "" without --baseline
+    proxies: tuple = PROXIES  # contestants, in run order (a subsequence of ALL_PROXIES)
 
 
 def parse_settings():
@@ -109,6 +127,14 @@ def parse_settings():
                         "cores to be idle (5 s before starting, 2 s before each run) and "
                         "re-running runs disturbed by outside load (up to 2 times each). "
                         "Default 0: never wait, only flag disturbed runs")
+    p.add_argument("--baseline", default=os.environ.get("BASELINE", ""), metavar="PATH",
+                   help="a second canary-proxy binary (an older build) measured in the same "
+                        f"run as contestant {BASE}, next to canary in every round; the "
+                        "report adds canary/canary@base ratios (env BASELINE)")
+    p.add_argument("--proxies", default="", metavar="NAMES",
+                   help="comma-separated contestants: canary, canary@base (or base), nginx, "
+                        "haproxy; canary is always needed. Default: all (canary@base only "
+                        "with --baseline). E.g. canary,canary@base to compare two builds only")
     a = p.parse_args()
     if a.quick:
         a.duration, a.rounds = 2, 1
@@ -119,6 +145,23 @@ def parse_settings():
     unknown = [k for k in only if k not in known]
     if unknown:
         p.error(f"unknown scenario {', '.join(unknown)}; known: {', '.join(known)}")
+    baseline = os.path.abspath(a.baseline) if a.baseline else ""
+    if baseline and not (os.path.isfile(baseline) and os.access(baseline, os.X_OK)):
+        p.error(f"--baseline {a.baseline}: not an executable file")
+    default = ALL_PROXIES if baseline else PROXIES
+    names = [BASE if n.strip() == "base" else n.strip() for n in a.proxies.split(",")
+             if n.strip()]
+    unknown = [n for n in names if n not in ALL_PROXIES]
+    if unknown:
+        p.error(f"unknown proxy {', '.join(unknown)}; known: {', '.join(ALL_PROXIES)}")
+    if names and "canary" not in names:
+        p.error("--proxies must include canary (the build under test)")
+    if names and BASE in names and not baseline:
+        p.error(f"--proxies {BASE} needs --baseline PATH (or env BASELINE)")
+    if names and baseline and BASE not in names:
+        p.error(f"--baseline given but --proxies leaves out {BASE}; add it, or unset "
+                "BASELINE / drop --baseline")
+    proxies = tuple(n for n in ALL_PROXIES if n in names) if names else default
     s = Settings(
         scenarios=only or known,
         duration=a.duration,
@@ -128,6 +171,8 @@ def parse_settings():
         canary_extra=os.environ.get("CANARY_EXTRA", ""),
         build=not a.no_build,
         wait_idle=a.wait_idle,
+        baseline=baseline,
+        proxies=proxies,
     )
     cpus = os.sched_getaffinity(0)
     if s.proxy_cpu == s.load_cpu or s.proxy_cpu not in cpus or s.load_cpu not in cpus:
@@ -136,8 +181,11 @@ def parse_settings():
     return s
 
 
-def check_tools():
-    missing = [t for t in ("nginx", "haproxy", "wrk", "taskset") if shutil.which(t) is None]
+def check_tools(settings):
+    tools = ("nginx", "haproxy", "wrk", "taskset")
+    if "haproxy" not in settings.proxies:
+        tools = ("nginx", "wrk", "taskset")  # nginx is always needed: it is the upstream
+    missing = [t for t in tools if shutil.which(t) is None]
     if missing:
         print(f"missing: {', '.join(missing)}", file=sys.stderr)
         print(NEEDS)
@@ -437,7 +485,8 @@ def canary_extra_proxy_keys(extra):
             + "\n# ---- end of $CANARY_EXTRA ----\n")
 
 
-def write_canary_conf(tmp, port, admin_port, port_v1, port_v2, extra):
+def write_canary_conf(tmp, port, admin_port, port_v1, port_v2, extra, name="canary.toml"):
+    """canary's config; canary@base gets the same one (name canary-base.toml), other ports."""
     conf = f"""[proxy]
 listen = "127.0.0.1:{port}"
 request_timeout = "30s"
@@ -455,7 +504,7 @@ name = "v2"
 urls = ["http://127.0.0.1:{port_v2}"]
 weight = 10
 """
-    path = os.path.join(tmp, "canary.toml")
+    path = os.path.join(tmp, name)
     with open(path, "w") as f:
         f.write(conf)
     return path
@@ -468,9 +517,23 @@ weight = 10
 @dataclass
 class Fleet:
     tmp: str
-    ports: dict  # v1, v2, canary, admin, nginx, haproxy
+    ports: dict  # v1, v2, canary, admin, nginx, haproxy (+ canary@base, admin@base)
     procs: dict = field(default_factory=dict)  # name -> Popen
     canary_conf: str = ""
+
+
+def is_canary(proxy):
+    """canary or canary@base: a canary-proxy binary (x-canary-backend, admin API, memory)."""
+    return proxy == "canary" or proxy.startswith("canary@")
+
+
+def admin_key(proxy):
+    """Key of a canary-proxy binary's admin port in Fleet.ports: admin, admin@base."""
+    return "admin" + proxy[len("canary"):]
+
+
+def canary_bin(settings, proxy):
+    return settings.baseline if proxy == BASE else CANARY_BIN
 
 
 def build_canary(settings):
@@ -483,10 +546,38 @@ def build_canary(settings):
                                "--no-build to measure the existing binary")
     if not os.access(CANARY_BIN, os.X_OK):
         raise RuntimeError(f"{CANARY_BIN} missing; run cargo build --release")
+    if settings.baseline and not os.access(settings.baseline, os.X_OK):
+        raise RuntimeError(f"--baseline {settings.baseline} missing or not executable")
+
+
+def start_canary(settings, procs, fleet, proxy):
+    """Starts canary (target/release/canary-proxy) or canary@base (--baseline) on the proxy
+    core with the generated config, after `canary-proxy check` accepted it."""
+    binary, tmp, ports = canary_bin(settings, proxy), fleet.tmp, fleet.ports
+    suffix = proxy[len("canary"):].replace("@", "-")  # "" or "-base"
+    conf = write_canary_conf(tmp, ports[proxy], ports[admin_key(proxy)], ports["v1"],
+                             ports["v2"], settings.canary_extra, f"canary{suffix}.toml")
+    if proxy == "canary":
+        fleet.canary_conf = conf
+    check = subprocess.run([binary, "check", "--config", conf], capture_output=True,
+                           text=True)
+    if check.returncode != 0:
+        raise RuntimeError(f"{proxy} ({binary}) check rejected the generated config:\n"
+                           f"{check.stdout}{check.stderr}")
+    env = dict(os.environ, RUST_LOG="warn")
+    logf = os.path.join(tmp, f"canary{suffix}.log")
+    fleet.procs[proxy] = procs.start(proxy, ["taskset", "-c", str(settings.proxy_cpu), binary,
+                                             "--config", conf], logf, env=env)
+    name = "canary-proxy" if proxy == "canary" else proxy
+    wait_listening(ports[proxy], fleet.procs[proxy], name, logf)
+    wait_listening(ports[admin_key(proxy)], fleet.procs[proxy], f"{name} admin", logf)
 
 
 def start_fleet(settings, procs, tmp):
-    ports = dict(zip(("v1", "v2", "canary", "admin", "nginx", "haproxy"), free_ports(6)))
+    names = ["v1", "v2", "canary", "admin", "nginx", "haproxy"]
+    if BASE in settings.proxies:
+        names += [BASE, admin_key(BASE)]
+    ports = dict(zip(names, free_ports(len(names))))
     fleet = Fleet(tmp=tmp, ports=ports)
     pin_load = ["taskset", "-c", str(settings.load_cpu)]
     pin_proxy = ["taskset", "-c", str(settings.proxy_cpu)]
@@ -498,31 +589,23 @@ def start_fleet(settings, procs, tmp):
     wait_listening(ports["v1"], fleet.procs["upstream"], "upstream nginx", logf)
     wait_listening(ports["v2"], fleet.procs["upstream"], "upstream nginx", logf)
 
-    fleet.canary_conf = write_canary_conf(tmp, ports["canary"], ports["admin"], ports["v1"],
-                                          ports["v2"], settings.canary_extra)
-    check = subprocess.run([CANARY_BIN, "check", "--config", fleet.canary_conf],
-                           capture_output=True, text=True)
-    if check.returncode != 0:
-        raise RuntimeError(f"canary-proxy check rejected the generated config:\n"
-                           f"{check.stdout}{check.stderr}")
-    env = dict(os.environ, RUST_LOG="warn")
-    logf = os.path.join(tmp, "canary.log")
-    fleet.procs["canary"] = procs.start("canary", pin_proxy + [CANARY_BIN, "--config",
-                                        fleet.canary_conf], logf, env=env)
-    wait_listening(ports["canary"], fleet.procs["canary"], "canary-proxy", logf)
-    wait_listening(ports["admin"], fleet.procs["canary"], "canary-proxy admin", logf)
+    for proxy in settings.proxies:
+        if is_canary(proxy):
+            start_canary(settings, procs, fleet, proxy)
 
-    prefix, conf = write_nginx_proxy_conf(tmp, ports["nginx"], ports["v1"], ports["v2"])
-    logf = os.path.join(prefix, "stdout.log")
-    fleet.procs["nginx"] = procs.start("nginx", pin_proxy + ["nginx", "-p", prefix, "-c", conf],
-                                       logf)
-    wait_listening(ports["nginx"], fleet.procs["nginx"], "nginx proxy", logf)
+    if "nginx" in settings.proxies:
+        prefix, conf = write_nginx_proxy_conf(tmp, ports["nginx"], ports["v1"], ports["v2"])
+        logf = os.path.join(prefix, "stdout.log")
+        fleet.procs["nginx"] = procs.start("nginx", pin_proxy + ["nginx", "-p", prefix, "-c",
+                                           conf], logf)
+        wait_listening(ports["nginx"], fleet.procs["nginx"], "nginx proxy", logf)
 
-    conf = write_haproxy_conf(tmp, ports["haproxy"], ports["v1"], ports["v2"])
-    logf = os.path.join(tmp, "haproxy.log")
-    fleet.procs["haproxy"] = procs.start("haproxy", pin_proxy + ["haproxy", "-db", "-f", conf],
-                                         logf)
-    wait_listening(ports["haproxy"], fleet.procs["haproxy"], "haproxy", logf)
+    if "haproxy" in settings.proxies:
+        conf = write_haproxy_conf(tmp, ports["haproxy"], ports["v1"], ports["v2"])
+        logf = os.path.join(tmp, "haproxy.log")
+        fleet.procs["haproxy"] = procs.start("haproxy", pin_proxy + ["haproxy", "-db", "-f",
+                                             conf], logf)
+        wait_listening(ports["haproxy"], fleet.procs["haproxy"], "haproxy", logf)
     return fleet
 
 
@@ -749,8 +832,8 @@ def measure(settings, procs, fleet, proxy, sc, duration, lua):
     # Requests in flight when wrk stops reach the upstream but are not counted by wrk.
     res["up_mismatch"] = (abs(res["up_reqs"] - res["requests"])
                           > sc.conns + 0.01 * res["requests"])
-    if proxy == "canary":
-        res["mem"] = memory_kib(fleet.procs["canary"].pid)
+    if is_canary(proxy):
+        res["mem"] = memory_kib(fleet.procs[proxy].pid)
     return res
 
 
@@ -818,8 +901,8 @@ class Swapper(threading.Thread):
         self.join(timeout=10)
 
 
-def reset_weights(fleet):
-    status, _, body = request(fleet.ports["admin"], "POST", "/admin/weight?v2=10")
+def reset_weights(admin_port):
+    status, _, body = request(admin_port, "POST", "/admin/weight?v2=10")
     if status != 200:
         raise RuntimeError(f"resetting weights: {status} {body!r}")
 
@@ -832,15 +915,15 @@ def sanity_checks(settings, procs, fleet, lua):
     """Each proxy answers 200 (canary with x-canary-backend), reaches both v1 and v2 (by
     body), and serves /16k and POST /post; the upstream keeps POST connections alive."""
     notes = []
-    for proxy in PROXIES:
+    for proxy in settings.proxies:
         port = fleet.ports[proxy]
         status, headers, body = request(port)
         if status != 200:
             raise RuntimeError(f"{proxy}: GET / -> {status} {body!r}")
-        if proxy == "canary":
+        if is_canary(proxy):
             backend = headers.get("x-canary-backend")
             if backend not in ("v1", "v2") or body != f"hello from {backend}\n".encode():
-                raise RuntimeError(f"canary: x-canary-backend={backend!r}, body {body!r}")
+                raise RuntimeError(f"{proxy}: x-canary-backend={backend!r}, body {body!r}")
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
         hits = {"v1": 0, "v2": 0}
         n = 400
@@ -946,40 +1029,92 @@ class IdleGate:
                 f"idle cores; {self.reruns} run(s) repeated because of outside load.")
 
 
-def machine_info(settings):
-    commit = cmd_output(["git", "rev-parse", "--short", "HEAD"])
-    dirty = cmd_output(["git", "status", "--porcelain", "--untracked-files=no"])
+def git_commit(cwd):
+    """Short HEAD of the checkout at cwd (+ a note on uncommitted changes), or None."""
+    try:
+        p = subprocess.run(["git", "-C", cwd, "rev-parse", "--short", "HEAD"],
+                           capture_output=True, text=True)
+    except OSError:
+        return None
+    if p.returncode != 0:
+        return None
+    commit = p.stdout.strip()
+    dirty = cmd_output(["git", "-C", cwd, "status", "--porcelain", "--untracked-files=no"])
     if dirty:
         commit += f" + uncommitted changes in {len(dirty.splitlines())} file(s)"
+    return commit
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def built_at(path):
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(os.path.getmtime(path)))
+
+
+def baseline_info(settings):
+    """The canary@base line: path, the commit of the checkout it was built in (when it sits
+    at CHECKOUT/target/PROFILE/canary-proxy), build time, and whether it equals canary."""
+    path = settings.baseline
+    parts = path.split(os.sep)
+    commit = None
+    if len(parts) >= 4 and parts[-3] == "target":
+        commit = git_commit(os.sep.join(parts[:-3]) or os.sep)
+    line = (f"- {BASE}: {path}; " + (f"checkout at commit {commit}" if commit else
+                                     "commit unknown (not in CHECKOUT/target/…)")
+            + f"; binary built {built_at(path)}")
+    if file_sha256(path) == file_sha256(CANARY_BIN):
+        line += (" ⚠ the same binary as canary (identical bytes): canary/canary@base "
+                 "ratios show only the noise")
+    return line
+
+
+def machine_info(settings):
+    commit = git_commit(ROOT) or "?"
     cpu_model = "?"
     with open("/proc/cpuinfo") as f:
         for line in f:
             if line.startswith("model name"):
                 cpu_model = line.split(":", 1)[1].strip()
                 break
-    built = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(os.path.getmtime(CANARY_BIN)))
     wrk_v = cmd_output(["wrk", "-v"]).splitlines()[0].split(" Copyright")[0]
-    return [
+    tools = [cmd_output(["nginx", "-v"])]
+    if "haproxy" in settings.proxies:
+        tools.append(cmd_output(["haproxy", "-v"]).splitlines()[0])
+    info = [
         f"- machine: {os.cpu_count()} cores (nproc {cmd_output(['nproc'])}), {cpu_model}, "
         f"kernel {platform.release()}",
-        f"- {cmd_output(['nginx', '-v'])}; {cmd_output(['haproxy', '-v']).splitlines()[0]}; "
-        f"{wrk_v}",
-        f"- canary-proxy: commit {commit}; binary built {built}; "
+        f"- {'; '.join(tools)}; {wrk_v}",
+        f"- canary-proxy: commit {commit}; binary built {built_at(CANARY_BIN)}; "
         f"CANARY_EXTRA={settings.canary_extra!r}",
+    ]
+    if settings.baseline:
+        info.append(baseline_info(settings))
+    if settings.proxies != PROXIES:
+        info.append(f"- contestants: {', '.join(settings.proxies)}"
+                    + (f" (canary and {BASE} trade places in even rounds)"
+                       if BASE in settings.proxies else ""))
+    info.append(
         f"- proxy under test on core {settings.proxy_cpu}; upstream nginx + wrk (-t1) on core "
         f"{settings.load_cpu}; {settings.duration} s per run, {settings.rounds} round(s), "
-        f"1 s warm-up per proxy per scenario",
-    ] + ([f"- HAProxy maxconn {haproxy_maxconn()} instead of 10000: the file descriptor "
-          f"limit is {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}"]
-         if haproxy_maxconn() < 10000 else [])
+        f"1 s warm-up per proxy per scenario")
+    if "haproxy" in settings.proxies and haproxy_maxconn() < 10000:
+        info.append(f"- HAProxy maxconn {haproxy_maxconn()} instead of 10000: the file "
+                    f"descriptor limit is {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}")
+    return info
 
 
 def med(runs, key):
     return statistics.median(r[key] for r in runs)
 
 
-def fmt_rps(runs):
-    s = f"{med(runs, 'rps'):,.0f}"
+def flagged(runs):
+    s = ""
     if any(r["non2xx"] or r["socket_errors"] or r["up_mismatch"] for r in runs):
         s += " ⚠"
     if any(r["foreign"] for r in runs):
@@ -987,21 +1122,34 @@ def fmt_rps(runs):
     return s
 
 
-TABLE_HEAD = ("| proxy | req/s | p50 | p99 | CPU µs/req | core util | proxy core busy "
-              "| load core busy | outside CPU | upstream conns opened "
-              "| vs nginx (req/s; p99) |\n"
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+def fmt_rps(runs):
+    return f"{med(runs, 'rps'):,.0f}" + flagged(runs)
 
 
-def table_row(label, runs, ref=None):
-    vs = "—"
-    if ref is not None:
-        vs = f"{med(runs, 'rps') / med(ref, 'rps'):.2f}×; {med(runs, 'p99') / med(ref, 'p99'):.2f}×"
-    return (f"| {label} | {fmt_rps(runs)} | {med(runs, 'p50'):.2f} ms | "
-            f"{med(runs, 'p99'):.2f} ms | {med(runs, 'cpu_us_per_req'):.1f} | "
-            f"{med(runs, 'util'):.0%} | {med(runs, 'proxy_core'):.0%} | "
-            f"{med(runs, 'load_core'):.0%} | {max(r['outside_cpu'] for r in runs):.0%} | "
-            f"{max(r['up_conns'] for r in runs)} | {vs} |")
+def table_head(vs_nginx=True):
+    """The scenario table's head; the "vs nginx" column only when nginx ran."""
+    head = ("| proxy | req/s | p50 | p99 | CPU µs/req | core util | proxy core busy "
+            "| load core busy | outside CPU | upstream conns opened |")
+    rule = "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    if vs_nginx:
+        head += " vs nginx (req/s; p99) |"
+        rule += "---|"
+    return head + "\n" + rule
+
+
+def table_row(label, runs, ref=None, vs_nginx=True):
+    row = (f"| {label} | {fmt_rps(runs)} | {med(runs, 'p50'):.2f} ms | "
+           f"{med(runs, 'p99'):.2f} ms | {med(runs, 'cpu_us_per_req'):.1f} | "
+           f"{med(runs, 'util'):.0%} | {med(runs, 'proxy_core'):.0%} | "
+           f"{med(runs, 'load_core'):.0%} | {max(r['outside_cpu'] for r in runs):.0%} | "
+           f"{max(r['up_conns'] for r in runs)} |")
+    if vs_nginx:
+        vs = "—"
+        if ref is not None:
+            vs = (f"{med(runs, 'rps') / med(ref, 'rps'):.2f}×; "
+                  f"{med(runs, 'p99') / med(ref, 'p99'):.2f}×")
+        row += f" {vs} |"
+    return row
 
 
 def error_notes(label, runs):
@@ -1025,41 +1173,124 @@ def error_notes(label, runs):
     return notes
 
 
-def scenario_markdown(sc, results):
-    lines = [f"### {sc.title}", "", TABLE_HEAD]
-    for proxy in PROXIES:
-        lines.append(table_row(proxy, results[proxy], None if proxy == "nginx"
-                               else results["nginx"]))
-    c, n, h = (results[p] for p in PROXIES)
-    lines += ["", f"canary/nginx req/s = {med(c, 'rps') / med(n, 'rps'):.2f}×, "
-              f"p99 = {med(c, 'p99') / med(n, 'p99'):.2f}×; "
-              f"canary/haproxy = {med(c, 'rps') / med(h, 'rps'):.2f}×"]
-    for proxy in PROXIES:
+# canary vs canary@base: (key, label in the report)
+BASE_KEYS = (("rps", "req/s"), ("p99", "p99"), ("cpu_us_per_req", "CPU µs/req"))
+
+
+def base_ratio(new, old, key):
+    """canary/canary@base for one key: ratio of the medians, and "(lo–hi)" of the per-round
+    ratios (the two builds ran back to back in each round) when there are several rounds."""
+    text = f"{med(new, key) / med(old, key):.2f}×"
+    per_round = [n[key] / o[key] for n, o in zip(new, old) if o[key]]
+    if len(per_round) > 1:
+        text += f" ({min(per_round):.2f}–{max(per_round):.2f})"
+    return text
+
+
+def base_line(new, old):
+    return (f"canary/{BASE}: " + ", ".join(f"{label} {base_ratio(new, old, key)}"
+                                           for key, label in BASE_KEYS)
+            + flagged(new + old))
+
+
+BASE_SUMMARY_HEAD = (
+    f"| scenario | CPU µs/req canary | CPU µs/req {BASE} | ratio CPU µs/req | ratio req/s "
+    "| ratio p99 | marks |\n|---|---:|---:|---:|---:|---:|---|")
+
+
+def base_summary_row(title, new, old):
+    return (f"| {title} | {med(new, 'cpu_us_per_req'):.1f} | {med(old, 'cpu_us_per_req'):.1f} | "
+            + " | ".join(base_ratio(new, old, key) for key in
+                         ("cpu_us_per_req", "rps", "p99"))
+            + f" |{flagged(new + old)} |")
+
+
+def base_summary_markdown(rows, rounds):
+    spread = (" In parentheses the lowest and highest per-round ratio: the two builds ran "
+              "back to back in every round (canary first in odd rounds, canary@base first in "
+              "even ones), so a spread that includes 1.00 means no measurable difference."
+              if rounds > 1 else " One round only: no spread; use more rounds (an even number "
+              "keeps the order balanced) to judge a small difference.")
+    return ([f"## canary vs {BASE} (same run)", "", BASE_SUMMARY_HEAD] + rows
+            + ["", f"ratio = canary/{BASE}, of the medians over rounds: CPU µs/req and p99 "
+               f"below 1.00× and req/s above 1.00× mean canary does better than {BASE}."
+               + spread
+               + " ⚠/† as in the tables below.", ""])
+
+
+def scenario_markdown(settings, sc, results, base_rows):
+    proxies = settings.proxies
+    vs_nginx = "nginx" in proxies
+    lines = [f"### {sc.title}", "", table_head(vs_nginx)]
+    for proxy in proxies:
+        lines.append(table_row(proxy, results[proxy],
+                               None if proxy == "nginx" or not vs_nginx else results["nginx"],
+                               vs_nginx))
+    c = results["canary"]
+    ratios = []
+    if vs_nginx:
+        n = results["nginx"]
+        ratios.append(f"canary/nginx req/s = {med(c, 'rps') / med(n, 'rps'):.2f}×, "
+                      f"p99 = {med(c, 'p99') / med(n, 'p99'):.2f}×")
+    if "haproxy" in proxies:
+        h = results["haproxy"]
+        ratios.append(f"canary/haproxy = {med(c, 'rps') / med(h, 'rps'):.2f}×")
+    lines.append("")
+    if ratios:
+        lines.append("; ".join(ratios))
+    if BASE in proxies:
+        lines += ([""] if ratios else []) + [base_line(c, results[BASE])]
+        base_rows.append(base_summary_row(sc.title, c, results[BASE]))
+    for proxy in proxies:
         lines += error_notes(proxy, results[proxy])
     return lines + [""]
 
 
-def swap_markdown(without, with_, swaps):
-    lines = ["### table swaps: canary-proxy alone, small GET, 64 connections", "", TABLE_HEAD,
-             table_row("canary, no swaps", without),
-             table_row("canary, 10 swaps/s", with_), ""]
-    ratio = med(with_, "rps") / med(without, "rps")
-    p99 = med(with_, "p99") / med(without, "p99")
-    done = sum(s.done for s in swaps)
-    ok = sum(s.ok for s in swaps)
-    lines.append(f"with swaps / without = {ratio:.2f}× req/s (p99 {p99:.2f}×); "
-                 f"{done} weight changes POSTed, {ok} answered 200")
-    for s in swaps:
-        for failure in s.failures[:5]:
-            lines.append(f"  - ⚠ swap failed: {failure}")
-    lines += error_notes("no swaps", without) + error_notes("swaps", with_)
-    return lines + [""]
+def swap_markdown(settings, results, base_rows):
+    """results: {build: (without, with_, swappers)} for canary (and canary@base)."""
+    vs_nginx = "nginx" in settings.proxies
+    alone = "alone" if len(results) == 1 else f"alone ({' and '.join(results)})"
+    lines = [f"### table swaps: canary-proxy {alone}, small GET, 64 connections", "",
+             table_head(vs_nginx)]
+    for build, (without, with_, _) in results.items():
+        lines += [table_row(f"{build}, no swaps", without, vs_nginx=vs_nginx),
+                  table_row(f"{build}, 10 swaps/s", with_, vs_nginx=vs_nginx)]
+    lines.append("")
+    notes = []
+    for build, (without, with_, swaps) in results.items():
+        ratio = med(with_, "rps") / med(without, "rps")
+        p99 = med(with_, "p99") / med(without, "p99")
+        done = sum(s.done for s in swaps)
+        ok = sum(s.ok for s in swaps)
+        who = "" if len(results) == 1 else f"{build}: "
+        lines.append(f"{who}with swaps / without = {ratio:.2f}× req/s (p99 {p99:.2f}×); "
+                     f"{done} weight changes POSTed, {ok} answered 200")
+        if len(results) > 1:
+            lines.append("")
+        for s in swaps:
+            for failure in s.failures[:5]:
+                notes.append(f"  - ⚠ {build}: swap failed: {failure}")
+        prefix = "" if len(results) == 1 else f"{build} "
+        notes += (error_notes(f"{prefix}no swaps", without)
+                  + error_notes(f"{prefix}swaps", with_))
+    if BASE in results:
+        (c0, c1, _), (b0, b1, _) = results["canary"], results[BASE]
+        lines += [f"no swaps: {base_line(c0, b0)}", "",
+                  f"10 swaps/s: {base_line(c1, b1)}"]
+        base_rows += [base_summary_row("table swaps: no swaps", c0, b0),
+                      base_summary_row("table swaps: 10 swaps/s", c1, b1)]
+    return lines + notes + [""]
 
 
 def rss_markdown(mem_points):
-    parts = [f"{label}: VmRSS {m['VmRSS'] / 1024:.1f} MiB, VmHWM {m['VmHWM'] / 1024:.1f} MiB"
-             for label, m in mem_points]
-    return ["canary-proxy memory — " + "; ".join(parts), ""]
+    """mem_points: {build: [(label, {VmRSS, VmHWM})]}, one line per canary-proxy binary."""
+    lines = []
+    for build, points in mem_points.items():
+        parts = [f"{label}: VmRSS {m['VmRSS'] / 1024:.1f} MiB, VmHWM {m['VmHWM'] / 1024:.1f} "
+                 "MiB" for label, m in points]
+        name = "canary-proxy" if build == "canary" else build
+        lines += [f"{name} memory — " + "; ".join(parts), ""]
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1078,53 +1309,83 @@ LEGEND = (
     "trustworthy).")
 
 
-def run_proxy_scenarios(settings, procs, fleet, lua, gate, mem_points):
-    """Scenarios 1-5: per scenario a warm-up per proxy, then rounds of canary, nginx,
-    haproxy back to back."""
+def round_order(proxies, rnd):
+    """Run order in round rnd: canary and canary@base trade places in even rounds, so
+    neither build always runs first; everything else keeps its place."""
+    order = list(proxies)
+    if rnd % 2 == 0 and BASE in order:
+        i, j = order.index("canary"), order.index(BASE)
+        order[i], order[j] = order[j], order[i]
+    return order
+
+
+def run_proxy_scenarios(settings, procs, fleet, lua, gate, mem_points, base_rows):
+    """Scenarios 1-5: per scenario a warm-up per proxy, then rounds of canary, (canary@base,)
+    nginx, haproxy back to back."""
     md = []
+    width = max(8, max(len(p) for p in settings.proxies))  # log column, as before --baseline
     for sc in SCENARIOS:
         if sc.key not in settings.scenarios:
             continue
         log(f"== {sc.title}")
-        results = {p: [] for p in PROXIES}
-        for proxy in PROXIES:
+        results = {p: [] for p in settings.proxies}
+        for proxy in settings.proxies:
             measure(settings, procs, fleet, proxy, sc, WARMUP_S, lua)
         for rnd in range(1, settings.rounds + 1):
-            for proxy in PROXIES:
+            for proxy in round_order(settings.proxies, rnd):
                 results[proxy].append(measured_run(settings, procs, fleet, proxy, sc, lua,
-                                                   gate, f"round {rnd} {proxy:<8}"))
-        md += scenario_markdown(sc, results)
+                                                   gate, f"round {rnd} {proxy:<{width}}"))
+        md += scenario_markdown(settings, sc, results, base_rows)
         if sc.key == "get64":
-            mem_points.append(("after small GET/64", results["canary"][-1]["mem"]))
+            for proxy in settings.proxies:
+                if is_canary(proxy):
+                    mem_points[proxy].append(("after small GET/64", results[proxy][-1]["mem"]))
     return md
 
 
-def run_swap_scenario(settings, procs, fleet, lua, gate):
-    """Scenario 6: canary-proxy alone, rounds of (no swaps, 10 weight changes per second)."""
-    log("== table swaps (canary-proxy only)")
+def swapped_run(settings, procs, fleet, build, sc, lua, gate, label):
+    """One counted run of build with the admin API changing weights 10 times a second."""
+    for attempt in range(3):
+        gate.wait(2)
+        swapper = Swapper(fleet.ports[admin_key(build)])
+        swapper.start()
+        try:
+            res = measure(settings, procs, fleet, build, sc, settings.duration, lua)
+        finally:
+            swapper.stop()
+        reset_weights(fleet.ports[admin_key(build)])
+        log(f"  {label}{describe(res)}  ({swapper.ok}/{swapper.done} swaps OK)")
+        if not gate.may_rerun(res, attempt):
+            break
+        log("    (outside load: run repeated)")
+    return res, swapper
+
+
+def run_swap_scenario(settings, procs, fleet, lua, gate, base_rows):
+    """Scenario 6: canary-proxy alone, rounds of (no swaps, 10 weight changes per second);
+    with --baseline canary@base too, next to canary: no swaps for both, then swaps for
+    both."""
+    builds = [p for p in settings.proxies if is_canary(p)]
+    log("== table swaps (canary-proxy only)" if len(builds) == 1 else
+        f"== table swaps ({' and '.join(builds)} only)")
     sc = Scenario("swaps", "small GET under weight swaps", "/", 64)
-    measure(settings, procs, fleet, "canary", sc, WARMUP_S, lua)
-    without, with_, swaps = [], [], []
+    for build in builds:
+        measure(settings, procs, fleet, build, sc, WARMUP_S, lua)
+    results = {b: ([], [], []) for b in builds}
+    width = max(len(b) for b in builds)
     for rnd in range(1, settings.rounds + 1):
-        without.append(measured_run(settings, procs, fleet, "canary", sc, lua, gate,
-                                    f"round {rnd} no swaps "))
-        for attempt in range(3):
-            gate.wait(2)
-            swapper = Swapper(fleet.ports["admin"])
-            swapper.start()
-            try:
-                res = measure(settings, procs, fleet, "canary", sc, settings.duration, lua)
-            finally:
-                swapper.stop()
-            reset_weights(fleet)
-            log(f"  round {rnd} swaps    {describe(res)}  ({swapper.ok}/{swapper.done} swaps "
-                "OK)")
-            if not gate.may_rerun(res, attempt):
-                break
-            log("    (outside load: run repeated)")
-        with_.append(res)
-        swaps.append(swapper)
-    return swap_markdown(without, with_, swaps)
+        order = round_order(builds, rnd)
+        for build in order:
+            who = "" if len(builds) == 1 else f"{build:<{width}} "
+            results[build][0].append(measured_run(settings, procs, fleet, build, sc, lua, gate,
+                                                  f"round {rnd} {who}no swaps "))
+        for build in order:
+            who = "" if len(builds) == 1 else f"{build:<{width}} "
+            res, swapper = swapped_run(settings, procs, fleet, build, sc, lua, gate,
+                                       f"round {rnd} {who}swaps    ")
+            results[build][1].append(res)
+            results[build][2].append(swapper)
+    return swap_markdown(settings, results, base_rows)
 
 
 def run_benchmark(settings, procs, tmp):
@@ -1139,19 +1400,26 @@ def run_benchmark(settings, procs, tmp):
     for line in info:
         log(line)
     fleet = start_fleet(settings, procs, tmp)
-    log(f"started: upstream v1/v2 on :{fleet.ports['v1']}/:{fleet.ports['v2']}, canary "
-        f":{fleet.ports['canary']} (admin :{fleet.ports['admin']}), nginx :{fleet.ports['nginx']}"
-        f", haproxy :{fleet.ports['haproxy']}; temp dir {tmp}")
+    log(f"started: upstream v1/v2 on :{fleet.ports['v1']}/:{fleet.ports['v2']}, "
+        + ", ".join(f"{p} :{fleet.ports[p]}"
+                    + (f" (admin :{fleet.ports[admin_key(p)]})" if is_canary(p) else "")
+                    for p in settings.proxies)
+        + f"; temp dir {tmp}")
     lua = write_post_lua(tmp)
     for note in sanity_checks(settings, procs, fleet, lua):
         log(f"sanity: {note}")
 
-    mem_points = []
-    md = ["# canary-proxy load benchmark", ""] + info + [""]
-    md += run_proxy_scenarios(settings, procs, fleet, lua, gate, mem_points)
+    mem_points = {p: [] for p in settings.proxies if is_canary(p)}
+    base_rows = []
+    body = run_proxy_scenarios(settings, procs, fleet, lua, gate, mem_points, base_rows)
     if "swaps" in settings.scenarios:
-        md += run_swap_scenario(settings, procs, fleet, lua, gate)
-    mem_points.append(("at the end", memory_kib(fleet.procs["canary"].pid)))
+        body += run_swap_scenario(settings, procs, fleet, lua, gate, base_rows)
+    md = ["# canary-proxy load benchmark", ""] + info + [""]
+    if base_rows:
+        md += base_summary_markdown(base_rows, settings.rounds)
+    md += body
+    for build in mem_points:
+        mem_points[build].append(("at the end", memory_kib(fleet.procs[build].pid)))
     md += rss_markdown(mem_points)
     if gate.summary_line():
         md += [gate.summary_line(), ""]
@@ -1162,7 +1430,7 @@ def run_benchmark(settings, procs, tmp):
 
 def main():
     settings = parse_settings()
-    check_tools()
+    check_tools(settings)
     # SIGINT too: a shell starting this in the background would otherwise leave it ignored.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)
