@@ -40,7 +40,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{MAX_WEIGHT, RuleMatcher, RuleSource};
-use crate::control::{Chain, ControlError, ControlPlane, WeightsApplied};
+use crate::control::{ControlError, ControlPlane, WeightsApplied};
+use crate::error::Chain;
 use crate::metrics;
 use crate::routing::{Reason, RoutingTable};
 use crate::sticky::BUCKETS;

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::SharedTable;
 use crate::config::{self, Config, ConfigError, MAX_WEIGHT, TokenError};
+use crate::error::Chain;
 use crate::health::HealthSupervisor;
 use crate::metrics::Metrics;
 use crate::persist::{self, PersistError};
@@ -56,23 +57,6 @@ pub enum ControlError {
 pub enum StartError {
     #[error(transparent)]
     Token(#[from] TokenError),
-}
-
-/// Shows an error and each of its causes, `error: cause: cause`, as anyhow's `{:#}` does: for
-/// the admin API's JSON and for logs, where nothing else walks the `source` chain. Messages
-/// never embed their own source, so each cause appears once.
-pub(crate) struct Chain<'a>(pub &'a (dyn std::error::Error + 'static));
-
-impl std::fmt::Display for Chain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut source = self.0.source();
-        while let Some(cause) = source {
-            write!(f, ": {cause}")?;
-            source = cause.source();
-        }
-        Ok(())
-    }
 }
 
 /// The result of a weight change.
@@ -338,6 +322,10 @@ impl ControlPlane {
             (
                 "proxy.shutdown_grace",
                 old.proxy.shutdown_grace != next.proxy.shutdown_grace,
+            ),
+            (
+                "proxy.send_timeout",
+                old.proxy.send_timeout != next.proxy.send_timeout,
             ),
         ];
         for (key, _) in changed.iter().filter(|(_, changed)| *changed) {

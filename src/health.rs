@@ -32,6 +32,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{HealthCheckConfig, OutlierConfig};
+use crate::error::Chain;
 use crate::routing::{Endpoint, RoutingTable};
 
 /// The `User-Agent` of probes, so upstream logs can tell them from client traffic.
@@ -420,25 +421,14 @@ impl fmt::Display for ProbeFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ProbeFailure::Timeout(timeout) => write!(f, "no answer within {timeout:?}"),
-            ProbeFailure::Request(error) => write_chain(f, error),
+            ProbeFailure::Request(error) => write!(f, "{}", Chain(error)),
             ProbeFailure::Body(error) => {
                 f.write_str("reading the body: ")?;
-                write_chain(f, error)
+                write!(f, "{}", Chain(error))
             }
             ProbeFailure::Status(status) => write!(f, "answered {status}"),
         }
     }
-}
-
-/// An error and its sources on one line (`client error (Connect): tcp connect error: ...`).
-fn write_chain(f: &mut fmt::Formatter<'_>, error: &dyn std::error::Error) -> fmt::Result {
-    write!(f, "{error}")?;
-    let mut source = error.source();
-    while let Some(cause) = source {
-        write!(f, ": {cause}")?;
-        source = cause.source();
-    }
-    Ok(())
 }
 
 /// One probe: connect (or reuse), send `GET`, read the head and at most [`MAX_PROBE_BODY`]

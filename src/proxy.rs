@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::error::{ProxyError, UpstreamErrorKind};
+use crate::error::{Chain, ProxyError, UpstreamErrorKind};
 use crate::headers;
 use crate::metrics::Metrics;
 use crate::routing::{Backend, Endpoint, Reason, RoutingTable};
@@ -347,16 +347,7 @@ async fn tunnel(client: OnUpgrade, mut upstream: TcpStream, early: Bytes) {
 }
 
 fn error_source(error: &ProxyError) -> Option<String> {
-    std::error::Error::source(error).map(|source| {
-        let mut text = source.to_string();
-        let mut next = source.source();
-        while let Some(cause) = next {
-            text.push_str(": ");
-            text.push_str(&cause.to_string());
-            next = cause.source();
-        }
-        text
-    })
+    std::error::Error::source(error).map(|source| Chain(source).to_string())
 }
 
 /// The response the client gets when the proxy cannot give it an upstream one.
