@@ -21,7 +21,7 @@
 //! JSON: `{"error": "..."}`.
 
 use std::convert::Infallible;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -428,33 +428,17 @@ fn refuse_other_sites(
 /// Whether `host` (a `Host` value, port optional) is an IPv4 or IPv6 literal, `localhost`, or
 /// one of `allowed` (lowercase); names compare case-insensitively, a trailing dot ignored.
 fn host_is_allowed(host: &str, allowed: &[String]) -> bool {
-    let Some(name) = host_without_port(host) else {
+    let Some(name) = crate::headers::authority_host(host.as_bytes())
+        .and_then(|name| std::str::from_utf8(name).ok())
+    else {
         return false;
     };
-    if let Some(literal) = name.strip_prefix('[').and_then(|n| n.strip_suffix(']')) {
-        return literal.parse::<Ipv6Addr>().is_ok();
-    }
-    if name.parse::<Ipv4Addr>().is_ok() {
+    // An IPv6 literal (its brackets kept) was checked by `authority_host`.
+    if name.starts_with('[') || name.parse::<Ipv4Addr>().is_ok() {
         return true;
     }
     let name = name.strip_suffix('.').unwrap_or(name);
     name.eq_ignore_ascii_case("localhost") || allowed.iter().any(|a| a.eq_ignore_ascii_case(name))
-}
-
-/// `host` without its `:port` (`[::1]:9901` -> `[::1]`), or `None` when the port is not digits.
-fn host_without_port(host: &str) -> Option<&str> {
-    let (name, port) = if host.starts_with('[') {
-        let end = host.find(']')? + 1;
-        let rest = &host[end..];
-        if rest.is_empty() {
-            (&host[..end], "")
-        } else {
-            (&host[..end], rest.strip_prefix(':')?)
-        }
-    } else {
-        host.split_once(':').unwrap_or((host, ""))
-    };
-    port.bytes().all(|b| b.is_ascii_digit()).then_some(name)
 }
 
 /// Why a mutation looks like a browser's request from another origin, if it does. `own` is

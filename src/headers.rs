@@ -212,22 +212,32 @@ static REG_NAME: [bool; 256] = {
 /// optionally `:` and a port of 1 to 5 digits up to 65535. No userinfo, no path, no spaces, no
 /// list. IPvFuture literals and zone identifiers are not accepted. A byte scan, no allocation.
 pub fn is_valid_authority(value: &[u8]) -> bool {
-    let (host_ok, rest) = match value.strip_prefix(b"[") {
-        Some(literal) => match memchr::memchr(b']', literal) {
-            Some(end) => (is_ipv6(&literal[..end]), &literal[end + 1..]),
-            None => return false,
-        },
+    authority_host(value).is_some()
+}
+
+/// The host of a valid authority ([`is_valid_authority`]) without its port (an IPv6 address
+/// keeps its brackets), or `None` when `value` is not one.
+pub fn authority_host(value: &[u8]) -> Option<&[u8]> {
+    let (host, host_ok, rest) = match value.strip_prefix(b"[") {
+        Some(literal) => {
+            let end = memchr::memchr(b']', literal)?;
+            (
+                &value[..end + 2],
+                is_ipv6(&literal[..end]),
+                &literal[end + 1..],
+            )
+        }
         None => {
             let end = memchr::memchr(b':', value).unwrap_or(value.len());
-            (is_reg_name(&value[..end]), &value[end..])
+            (&value[..end], is_reg_name(&value[..end]), &value[end..])
         }
     };
-    host_ok
-        && match rest {
-            [] => true,
-            [b':', port @ ..] => is_port(port),
-            _ => false,
-        }
+    let port_ok = match rest {
+        [] => true,
+        [b':', port @ ..] => is_port(port),
+        _ => false,
+    };
+    (host_ok && port_ok).then_some(host)
 }
 
 fn is_reg_name(name: &[u8]) -> bool {
@@ -369,6 +379,22 @@ mod tests {
     }
 
     #[test]
+    fn the_host_of_an_authority_drops_only_the_port() {
+        assert_eq!(authority_host(b"a.example:8080"), Some(&b"a.example"[..]));
+        assert_eq!(authority_host(b"127.0.0.1"), Some(&b"127.0.0.1"[..]));
+        assert_eq!(authority_host(b"[::1]:9901"), Some(&b"[::1]"[..]));
+        assert_eq!(authority_host(b"[::1]"), Some(&b"[::1]"[..]));
+        for bad in [&b"a b"[..], b"[::1", b"a:port", b"a:123456", b"", b"[zz]:1"] {
+            assert_eq!(
+                authority_host(bad),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
     fn strips_fixed_and_connection_named_headers() {
         let mut h = map(&[
             ("connection", "keep-alive, X-Secret"),
@@ -434,6 +460,10 @@ mod tests {
             "a:0",
         ] {
             assert!(is_valid_authority(good.as_bytes()), "{good}");
+            assert!(
+                authority_host(good.as_bytes())
+                    .is_some_and(|h| good.starts_with(std::str::from_utf8(h).unwrap()))
+            );
         }
         for bad in [
             "",
