@@ -228,8 +228,8 @@ pub fn authority_host(value: &[u8]) -> Option<&[u8]> {
             )
         }
         None => {
-            let end = memchr::memchr(b':', value).unwrap_or(value.len());
-            (&value[..end], is_reg_name(&value[..end]), &value[end..])
+            let end = reg_name_len(value)?;
+            (&value[..end], true, &value[end..])
         }
     };
     let port_ok = match rest {
@@ -240,26 +240,29 @@ pub fn authority_host(value: &[u8]) -> Option<&[u8]> {
     (host_ok && port_ok).then_some(host)
 }
 
-fn is_reg_name(name: &[u8]) -> bool {
-    if name.is_empty() {
-        return false;
-    }
+/// The length of the non-empty reg-name at the start of `value` (up to a `:` or the end), or
+/// `None` when a byte before that is not allowed in one. One pass, no call per byte: this runs
+/// on every request.
+fn reg_name_len(value: &[u8]) -> Option<usize> {
     let mut i = 0;
-    while i < name.len() {
-        let byte = name[i];
+    while i < value.len() {
+        let byte = value[i];
+        if byte == b':' {
+            break;
+        }
         if !REG_NAME[usize::from(byte)] {
-            return false;
+            return None;
         }
         if byte == b'%' {
             // pct-encoded = "%" HEXDIG HEXDIG
-            match name.get(i + 1..i + 3) {
+            match value.get(i + 1..i + 3) {
                 Some([a, b]) if a.is_ascii_hexdigit() && b.is_ascii_hexdigit() => i += 2,
-                _ => return false,
+                _ => return None,
             }
         }
         i += 1;
     }
-    true
+    (i > 0).then_some(i)
 }
 
 fn is_ipv6(address: &[u8]) -> bool {

@@ -147,11 +147,14 @@ impl Proxy {
             && headers::is_websocket_upgrade(request.headers());
         let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut request));
         let (mut parts, body) = request.into_parts();
-        // The request target and Host, on every path (`http1` checked its own requests
-        // already; hyper's get the same checks here): `Host` becomes the one the request goes
-        // upstream with, before routing, so that rules see that one too.
-        let host =
-            headers::settle_host(&parts.method, &parts.uri, &mut parts.headers, parts.version)?;
+        // The request target and Host, on every path: `Host` becomes the one the request goes
+        // upstream with, before routing, so that rules see that one too. `http1` settled its
+        // own requests while framing their heads; hyper's get the same checks here.
+        let host = if matches!(body, ForwardBody::Hyper(_)) {
+            headers::settle_host(&parts.method, &parts.uri, &mut parts.headers, parts.version)?
+        } else {
+            parts.headers.get(HOST).cloned()
+        };
         if matches!(body, ForwardBody::Hyper(_)) && parts.version < Version::HTTP_2 {
             // An HTTP/1 request hyper parsed: the framing check `http1` makes on its own.
             headers::check_transfer_coding(&parts.headers)?;
