@@ -6,3 +6,5 @@
 
 pub mod analysis;
 pub mod histogram;
+#[cfg(test)]
+mod simulation;
