@@ -28,6 +28,8 @@
 //! - `admin`: the admin HTTP API on its own listener.
 //! - `persist`: writes weight changes back into the config file, comments kept.
 //! - `health`: active health checks and passive outlier ejection per endpoint.
+//! - `rollout`: progressive rollout: the latency buckets the hot path fills and the pure
+//!   statistics (anytime-valid tests) behind each step's pass / fail / inconclusive.
 //! - `metrics`: the Prometheus metrics, with label handles resolved ahead of time.
 //! - `workers`: thread-per-core serving, one current-thread runtime and SO_REUSEPORT listener
 //!   per worker.
@@ -47,6 +49,7 @@ mod http1;
 mod metrics;
 mod persist;
 mod proxy;
+mod rollout;
 mod routing;
 mod server;
 mod sticky;
