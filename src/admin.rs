@@ -43,6 +43,7 @@ use crate::config::{MAX_WEIGHT, RuleMatcher, RuleSource};
 use crate::control::{ControlError, ControlPlane, WeightsApplied};
 use crate::error::Chain;
 use crate::metrics;
+use crate::rollout::{Command, RolloutController, RolloutError};
 use crate::routing::{Reason, RoutingTable};
 use crate::sticky::BUCKETS;
 
@@ -73,6 +74,7 @@ type AdminResponse = Response<Full<Bytes>>;
 pub async fn serve_admin(
     listener: TcpListener,
     control: Arc<ControlPlane>,
+    rollout: Arc<RolloutController>,
     shutdown: CancellationToken,
 ) {
     match listener.local_addr() {
@@ -113,13 +115,16 @@ pub async fn serve_admin(
             }
             continue;
         };
-        let control = control.clone();
+        let (control, rollout) = (control.clone(), rollout.clone());
         let shutdown = shutdown.clone();
         let connection = builder.serve_connection(
             TokioIo::new(stream),
             service_fn(move |request| {
-                let control = control.clone();
-                async move { Ok::<_, Infallible>(handle(&control, request, read_timeout).await) }
+                let (control, rollout) = (control.clone(), rollout.clone());
+                async move {
+                    let response = handle(&control, &rollout, request, read_timeout).await;
+                    Ok::<_, Infallible>(response)
+                }
             }),
         );
         tokio::spawn(async move {
@@ -164,6 +169,7 @@ async fn refuse(mut stream: TcpStream, answer: Bytes, _lingering: OwnedSemaphore
 /// Answers one request. `read_timeout` bounds reading its body.
 async fn handle(
     control: &Arc<ControlPlane>,
+    rollout: &Arc<RolloutController>,
     request: Request<Incoming>,
     read_timeout: Duration,
 ) -> AdminResponse {
@@ -246,6 +252,32 @@ async fn handle(
             }
         }
         (_, "/admin/reload") => not_allowed("reload needs POST or PUT", "POST, PUT"),
+        (Method::GET, "/admin/rollout") => match rollout.status() {
+            Some(status) => json_response(StatusCode::OK, status),
+            None => rollout_error(&RolloutError::NotConfigured),
+        },
+        (_, "/admin/rollout") => not_allowed("the rollout is read with GET", "GET"),
+        (Method::POST, command) if command.starts_with("/admin/rollout/") => {
+            let name = &command["/admin/rollout/".len()..];
+            let Some(command) = Command::parse(name) else {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    "no such rollout command; use start, pause, resume, promote or abort",
+                );
+            };
+            let rollout = rollout.clone();
+            match tokio::task::spawn_blocking(move || rollout.command(command)).await {
+                Ok(Ok(status)) => json_response(StatusCode::OK, status),
+                Ok(Err(e)) => rollout_error(&e),
+                Err(_) => error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "the rollout command stopped before it completed; read GET /admin/rollout",
+                ),
+            }
+        }
+        (_, command) if command.starts_with("/admin/rollout/") => {
+            not_allowed("rollout commands need POST", "POST")
+        }
         (_, "/admin/routes" | "/admin/explain" | "/healthz" | "/readyz" | "/metrics") => {
             not_allowed("this endpoint is read-only: use GET", "GET")
         }
@@ -572,6 +604,11 @@ fn control_error(control: &ControlPlane, e: &ControlError) -> AdminResponse {
             let body = json!({"error": Chain(e).to_string(), "version": version});
             with_etag(json_response(StatusCode::BAD_REQUEST, body), version)
         }
+        ControlError::Owned { .. } => {
+            let version = control.table().load().version;
+            let body = json!({"error": Chain(e).to_string(), "version": version});
+            with_etag(json_response(StatusCode::CONFLICT, body), version)
+        }
         ControlError::Interrupted(_) => {
             let version = control.table().load().version;
             let body = json!({"error": Chain(e).to_string(), "version": version});
@@ -580,6 +617,17 @@ fn control_error(control: &ControlPlane, e: &ControlError) -> AdminResponse {
                 version,
             )
         }
+    }
+}
+
+fn rollout_error(e: &RolloutError) -> AdminResponse {
+    match e {
+        RolloutError::NotConfigured => error(StatusCode::NOT_FOUND, &e.to_string()),
+        RolloutError::Conflict(conflict) => json_response(
+            StatusCode::CONFLICT,
+            json!({"error": e.to_string(), "state": conflict.state.as_str()}),
+        ),
+        RolloutError::Weights(_) => error(StatusCode::INTERNAL_SERVER_ERROR, &Chain(e).to_string()),
     }
 }
 

@@ -44,7 +44,85 @@ pub struct Config {
     pub backends: Vec<BackendConfig>,
     /// Header/cookie rules (`[[rule]]`), tried in declaration order; the first match wins.
     pub rules: Vec<RuleConfig>,
+    /// The progressive rollout the proxy runs itself (`[rollout]`), if any.
+    pub rollout: Option<RolloutConfig>,
 }
+
+/// `[rollout]`: the plan of a progressive rollout from `baseline` to `canary`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RolloutConfig {
+    /// Index into `backends` of the version being replaced.
+    pub baseline: usize,
+    /// Index into `backends` of the version being rolled out; never the baseline.
+    pub canary: usize,
+    /// The canary's percent of baseline + canary traffic at each step: strictly rising, each
+    /// from 1 to 100, the last one 100 (the promotion itself).
+    pub steps: Vec<u32>,
+    /// The least time spent at a step before it may advance. Default 1m.
+    pub step_time: Duration,
+    /// Steps (percents, each one of `steps`) that wait for `POST /admin/rollout/resume` before
+    /// they start.
+    pub approve: Vec<u32>,
+    /// Each transition is POSTed here as JSON (best effort). An `http://` URL.
+    pub webhook: Option<Uri>,
+    pub analysis: AnalysisConfig,
+}
+
+/// `[rollout.analysis]`: how the two versions are compared.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AnalysisConfig {
+    /// How often the verdict is computed. Default 5s.
+    pub interval: Duration,
+    /// Requests each version needs at the current step before the step can pass. Default 100.
+    pub min_requests: u64,
+    /// A step still inconclusive after this long goes to `on_inconclusive`. Default 10m; at
+    /// least `step_time`.
+    pub max_step_time: Duration,
+    pub on_inconclusive: OnInconclusive,
+    /// The canary's error rate may exceed the baseline's by this much (absolute). Default 0.01.
+    pub error_tolerance: f64,
+    /// The canary's p99 may exceed the baseline's by this fraction. Default 0.25.
+    pub latency_tolerance: f64,
+    /// A canary as good as the baseline is rolled back at most `1 - confidence` of the time.
+    /// Default 0.99.
+    pub confidence: f64,
+}
+
+impl Default for AnalysisConfig {
+    fn default() -> Self {
+        AnalysisConfig {
+            interval: Duration::from_secs(5),
+            min_requests: 100,
+            max_step_time: Duration::from_secs(600),
+            on_inconclusive: OnInconclusive::Hold,
+            error_tolerance: 0.01,
+            latency_tolerance: 0.25,
+            confidence: 0.99,
+        }
+    }
+}
+
+/// What a step still inconclusive at `max_step_time` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnInconclusive {
+    /// Stay at the step (and keep analysing) until the operator or the evidence decides.
+    Hold,
+    Rollback,
+    Advance,
+}
+
+impl OnInconclusive {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnInconclusive::Hold => "hold",
+            OnInconclusive::Rollback => "rollback",
+            OnInconclusive::Advance => "advance",
+        }
+    }
+}
+
+/// The steps of a rollout when `steps` is not given.
+pub const DEFAULT_ROLLOUT_STEPS: [u32; 5] = [1, 5, 20, 50, 100];
 
 /// `[proxy]`: the client-facing side of the proxy.
 #[derive(Debug, Clone)]
@@ -452,6 +530,56 @@ struct RawConfig {
     admin: Option<RawAdmin>,
     backend: Option<Spanned<Vec<Spanned<RawBackend>>>>,
     rule: Option<Vec<Spanned<RawRule>>>,
+    rollout: Option<Spanned<RawRollout>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+struct RawRollout {
+    baseline: Option<Spanned<String>>,
+    canary: Option<Spanned<String>>,
+    steps: Option<Spanned<Vec<Spanned<RawInt>>>>,
+    step_time: Option<Spanned<RawDuration>>,
+    approve: Option<Vec<Spanned<RawInt>>>,
+    webhook: Option<Spanned<String>>,
+    analysis: Option<RawAnalysis>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+struct RawAnalysis {
+    interval: Option<Spanned<RawDuration>>,
+    min_requests: Option<Spanned<RawInt>>,
+    max_step_time: Option<Spanned<RawDuration>>,
+    on_inconclusive: Option<Spanned<String>>,
+    error_tolerance: Option<Spanned<RawNumber>>,
+    latency_tolerance: Option<Spanned<RawNumber>>,
+    confidence: Option<Spanned<RawNumber>>,
+}
+
+/// Any TOML number, integer or float, range-checked in stage 2.
+struct RawNumber(f64);
+
+impl<'de> Deserialize<'de> for RawNumber {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct NumberVisitor;
+        impl Visitor<'_> for NumberVisitor {
+            type Value = RawNumber;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a number such as 0.01")
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<RawNumber, E> {
+                Ok(RawNumber(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<RawNumber, E> {
+                Ok(RawNumber(v as f64))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<RawNumber, E> {
+                Ok(RawNumber(v as f64))
+            }
+        }
+        deserializer.deserialize_f64(NumberVisitor)
+    }
 }
 
 #[derive(Deserialize)]
@@ -679,11 +807,16 @@ impl RawConfig {
             .enumerate()
             .map(|(i, rule)| validate_rule(i, rule, &backends, text))
             .collect::<Result<_, _>>()?;
+        let rollout = self
+            .rollout
+            .map(|raw| validate_rollout(raw, &backends))
+            .transpose()?;
         Ok(Config {
             proxy,
             admin,
             backends,
             rules,
+            rollout,
         })
     }
 }
@@ -1248,6 +1381,229 @@ fn validate_rule(
 // ---------------------------------------------------------------------------------------------
 // Value checks shared by several keys.
 
+fn validate_rollout(
+    raw: Spanned<RawRollout>,
+    backends: &[BackendConfig],
+) -> Result<RolloutConfig, FieldError> {
+    let table_span = raw.span();
+    let raw = raw.into_inner();
+    let backend = |key: &str, name: Option<Spanned<String>>| {
+        let name = name.ok_or_else(|| FieldError::missing(key, table_span.clone()))?;
+        backends
+            .iter()
+            .position(|b| &b.name == name.get_ref())
+            .ok_or_else(|| {
+                let known: Vec<&str> = backends.iter().map(|b| b.name.as_str()).collect();
+                FieldError::new(
+                    key,
+                    name.span(),
+                    format!(
+                        "no backend named {:?}; backends: {}",
+                        name.get_ref(),
+                        known.join(", ")
+                    ),
+                )
+            })
+    };
+    let canary_span = raw
+        .canary
+        .as_ref()
+        .map_or(table_span.clone(), Spanned::span);
+    let baseline = backend("rollout.baseline", raw.baseline)?;
+    let canary = backend("rollout.canary", raw.canary)?;
+    if baseline == canary {
+        return Err(FieldError::new(
+            "rollout.canary",
+            canary_span,
+            "the canary must be another backend than the baseline",
+        ));
+    }
+    let steps = match raw.steps {
+        None => DEFAULT_ROLLOUT_STEPS.to_vec(),
+        Some(list) => rollout_steps(list)?,
+    };
+    let mut approve = Vec::new();
+    for (i, step) in raw.approve.unwrap_or_default().into_iter().enumerate() {
+        let value = step.get_ref().0;
+        match u32::try_from(value) {
+            Ok(percent) if steps.contains(&percent) => approve.push(percent),
+            _ => {
+                return Err(FieldError::new(
+                    format!("rollout.approve[{i}]"),
+                    step.span(),
+                    format!("{value} is not one of the steps {steps:?}"),
+                ));
+            }
+        }
+    }
+    let webhook = raw.webhook.map(webhook_url).transpose()?;
+    let step_time = positive_duration("rollout.step_time", raw.step_time, Duration::from_secs(60))?;
+    let analysis = validate_analysis(raw.analysis, step_time)?;
+    Ok(RolloutConfig {
+        baseline,
+        canary,
+        steps,
+        step_time,
+        approve,
+        webhook,
+        analysis,
+    })
+}
+
+fn rollout_steps(list: Spanned<Vec<Spanned<RawInt>>>) -> Result<Vec<u32>, FieldError> {
+    let list_span = list.span();
+    let mut steps: Vec<u32> = Vec::new();
+    for (i, step) in list.into_inner().into_iter().enumerate() {
+        let value = step.get_ref().0;
+        let key = format!("rollout.steps[{i}]");
+        let percent = match u32::try_from(value) {
+            Ok(percent @ 1..=100) => percent,
+            _ => {
+                return Err(FieldError::new(
+                    key,
+                    step.span(),
+                    format!("a step is the canary's percent, from 1 to 100; got {value}"),
+                ));
+            }
+        };
+        if steps.last().is_some_and(|&last| last >= percent) {
+            return Err(FieldError::new(
+                key,
+                step.span(),
+                format!("steps must rise: {percent} comes after {steps:?}"),
+            ));
+        }
+        steps.push(percent);
+    }
+    if steps.last() != Some(&100) {
+        return Err(FieldError::new(
+            "rollout.steps",
+            list_span,
+            "the last step must be 100 (the promotion itself)",
+        ));
+    }
+    Ok(steps)
+}
+
+fn webhook_url(raw: Spanned<String>) -> Result<Uri, FieldError> {
+    let invalid = |why: &str| {
+        FieldError::new(
+            "rollout.webhook",
+            raw.span(),
+            format!("{:?} {why}", raw.get_ref()),
+        )
+    };
+    let uri: Uri = raw.get_ref().parse().map_err(|_| invalid("is not a URL"))?;
+    if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+        return Err(invalid("must be an http://HOST[:PORT]/PATH URL"));
+    }
+    Ok(uri)
+}
+
+fn validate_analysis(
+    raw: Option<RawAnalysis>,
+    step_time: Duration,
+) -> Result<AnalysisConfig, FieldError> {
+    let defaults = AnalysisConfig::default();
+    let Some(raw) = raw else {
+        return Ok(AnalysisConfig {
+            max_step_time: defaults.max_step_time.max(step_time),
+            ..defaults
+        });
+    };
+    let max_step_span = raw.max_step_time.as_ref().map_or(0..0, Spanned::span);
+    let max_step_given = raw.max_step_time.is_some();
+    let max_step_time = positive_duration(
+        "rollout.analysis.max_step_time",
+        raw.max_step_time,
+        defaults.max_step_time.max(step_time),
+    )?;
+    if max_step_given && max_step_time < step_time {
+        return Err(FieldError::new(
+            "rollout.analysis.max_step_time",
+            max_step_span,
+            format!(
+                "must be at least rollout.step_time ({})",
+                format_duration(step_time)
+            ),
+        ));
+    }
+    let on_inconclusive = match raw.on_inconclusive {
+        None => defaults.on_inconclusive,
+        Some(value) => match value.get_ref().as_str() {
+            "hold" => OnInconclusive::Hold,
+            "rollback" => OnInconclusive::Rollback,
+            "advance" => OnInconclusive::Advance,
+            other => {
+                return Err(FieldError::new(
+                    "rollout.analysis.on_inconclusive",
+                    value.span(),
+                    format!("{other:?} is not one of \"hold\", \"rollback\", \"advance\""),
+                ));
+            }
+        },
+    };
+    let min_requests = match raw.min_requests {
+        None => defaults.min_requests,
+        Some(raw) => u64::try_from(raw.get_ref().0).map_err(|_| {
+            FieldError::new(
+                "rollout.analysis.min_requests",
+                raw.span(),
+                format!("must be 0 or more, got {}", raw.get_ref().0),
+            )
+        })?,
+    };
+    Ok(AnalysisConfig {
+        interval: positive_duration("rollout.analysis.interval", raw.interval, defaults.interval)?,
+        min_requests,
+        max_step_time,
+        on_inconclusive,
+        error_tolerance: fraction(
+            "rollout.analysis.error_tolerance",
+            raw.error_tolerance,
+            defaults.error_tolerance,
+            0.0..1.0,
+        )?,
+        latency_tolerance: fraction(
+            "rollout.analysis.latency_tolerance",
+            raw.latency_tolerance,
+            defaults.latency_tolerance,
+            0.0..10.0,
+        )?,
+        confidence: fraction(
+            "rollout.analysis.confidence",
+            raw.confidence,
+            defaults.confidence,
+            0.5..1.0,
+        )?,
+    })
+}
+
+/// A number in `range` (start included, end excluded), or the default when absent.
+fn fraction(
+    key: &str,
+    raw: Option<Spanned<RawNumber>>,
+    default: f64,
+    range: Range<f64>,
+) -> Result<f64, FieldError> {
+    let Some(raw) = raw else {
+        return Ok(default);
+    };
+    let value = raw.get_ref().0;
+    if range.contains(&value) {
+        Ok(value)
+    } else {
+        Err(FieldError::new(
+            key,
+            raw.span(),
+            format!(
+                "must be at least {} and below {}, got {value}",
+                range.start, range.end
+            ),
+        ))
+    }
+}
+
 fn socket_addr(
     key: &str,
     raw: Option<Spanned<String>>,
@@ -1656,6 +2012,159 @@ mod tests {
         "urls = [\"http://127.0.0.1:8081\"]",
         "weight = 1",
     ];
+
+    const V2: [&str; 4] = [
+        "[[backend]]",
+        "name = \"v2\"",
+        "urls = [\"http://127.0.0.1:8082\"]",
+        "weight = 0",
+    ];
+
+    #[test]
+    fn the_rollout_of_the_contract_parses_with_its_defaults() {
+        let text = doc(&[
+            &V1[..],
+            &V2[..],
+            &["[rollout]", "baseline = \"v1\"", "canary = \"v2\""][..],
+        ]
+        .concat());
+        let rollout = valid(&text).rollout.unwrap();
+        assert_eq!((rollout.baseline, rollout.canary), (0, 1));
+        assert_eq!(rollout.steps, DEFAULT_ROLLOUT_STEPS);
+        assert_eq!(rollout.step_time, Duration::from_secs(60));
+        assert!(rollout.approve.is_empty() && rollout.webhook.is_none());
+        assert_eq!(rollout.analysis, AnalysisConfig::default());
+        let full = doc(&[
+            &V1[..],
+            &V2[..],
+            &[
+                "[rollout]",
+                "baseline = \"v1\"",
+                "canary = \"v2\"",
+                "steps = [10, 100]",
+                "step_time = \"30s\"",
+                "approve = [100]",
+                "webhook = \"http://127.0.0.1:9/hook\"",
+                "[rollout.analysis]",
+                "interval = \"1s\"",
+                "min_requests = 0",
+                "max_step_time = \"1m\"",
+                "on_inconclusive = \"rollback\"",
+                "error_tolerance = 0.02",
+                "latency_tolerance = 1",
+                "confidence = 0.999",
+            ][..],
+        ]
+        .concat());
+        let rollout = valid(&full).rollout.unwrap();
+        assert_eq!(rollout.steps, [10, 100]);
+        assert_eq!(rollout.approve, [100]);
+        assert_eq!(rollout.analysis.on_inconclusive, OnInconclusive::Rollback);
+        assert_eq!(rollout.analysis.latency_tolerance, 1.0);
+        assert_eq!(rollout.analysis.min_requests, 0);
+        assert!(valid(&doc(&[&V1[..], &V2[..]].concat())).rollout.is_none());
+    }
+
+    #[test]
+    fn bad_rollouts_name_the_key_and_line() {
+        let with = |lines: &[&str]| {
+            let head = ["[rollout]", "baseline = \"v1\"", "canary = \"v2\""];
+            doc(&[&V1[..], &V2[..], &head[..], lines].concat())
+        };
+        // The [rollout] table starts on line 9.
+        for (lines, key, line, says) in [
+            (
+                &["steps = [5, 50]"][..],
+                "rollout.steps",
+                12,
+                "last step must be 100",
+            ),
+            (
+                &["steps = [50, 20, 100]"][..],
+                "rollout.steps[1]",
+                12,
+                "must rise",
+            ),
+            (
+                &["steps = [0, 100]"][..],
+                "rollout.steps[0]",
+                12,
+                "from 1 to 100",
+            ),
+            (
+                &["approve = [7]"][..],
+                "rollout.approve[0]",
+                12,
+                "not one of the steps",
+            ),
+            (
+                &["webhook = \"ftp://x/\""][..],
+                "rollout.webhook",
+                12,
+                "http://",
+            ),
+            (
+                &["step_time = \"0s\""][..],
+                "rollout.step_time",
+                12,
+                "greater than 0",
+            ),
+            (
+                &[
+                    "step_time = \"5m\"",
+                    "[rollout.analysis]",
+                    "max_step_time = \"1m\"",
+                ][..],
+                "rollout.analysis.max_step_time",
+                14,
+                "at least rollout.step_time",
+            ),
+            (
+                &["[rollout.analysis]", "confidence = 1.0"][..],
+                "rollout.analysis.confidence",
+                13,
+                "below 1",
+            ),
+            (
+                &["[rollout.analysis]", "error_tolerance = -0.1"][..],
+                "rollout.analysis.error_tolerance",
+                13,
+                "at least 0",
+            ),
+            (
+                &["[rollout.analysis]", "on_inconclusive = \"wait\""][..],
+                "rollout.analysis.on_inconclusive",
+                13,
+                "hold",
+            ),
+            (
+                &["[rollout.analysis]", "min_requests = -1"][..],
+                "rollout.analysis.min_requests",
+                13,
+                "0 or more",
+            ),
+        ] {
+            let message = assert_invalid(&with(lines), key, line);
+            assert!(message.contains(says), "{key}: {message}");
+        }
+        let unknown = doc(&[
+            &V1[..],
+            &V2[..],
+            &["[rollout]", "baseline = \"v1\"", "canary = \"v3\""][..],
+        ]
+        .concat());
+        let message = assert_invalid(&unknown, "rollout.canary", 11);
+        assert!(message.contains("backends: v1, v2"), "{message}");
+        let same = doc(&[
+            &V1[..],
+            &V2[..],
+            &["[rollout]", "baseline = \"v1\"", "canary = \"v1\""][..],
+        ]
+        .concat());
+        assert_invalid(&same, "rollout.canary", 11);
+        let missing = doc(&[&V1[..], &V2[..], &["[rollout]", "canary = \"v2\""][..]].concat());
+        assert_invalid(&missing, "rollout.baseline", 9);
+    }
 
     /// The example from PRODUCT.md, verbatim.
     const PRODUCT_EXAMPLE: &str = r#"[proxy]

@@ -50,6 +50,18 @@ pub enum ControlError {
     WouldOpenAdmin { listen: SocketAddr },
     #[error("the change stopped before it completed; read the table to see its state")]
     Interrupted(#[source] tokio::task::JoinError),
+    /// The weights of these backends are driven by something else (the progressive rollout).
+    #[error("the weight of {backend:?} is set by {owner}; use its commands instead")]
+    Owned { backend: String, owner: String },
+}
+
+/// Backends whose weights only their owner (the rollout) may set, and who that is, for the
+/// message of a refused write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WeightOwner {
+    pub backends: Vec<String>,
+    /// Says who, e.g. "the rollout (running)".
+    pub owner: String,
 }
 
 /// Why the proxy cannot start.
@@ -89,6 +101,11 @@ pub struct ControlPlane {
     config: Mutex<Config>,
     /// Serializes read-modify-write changes so none is lost.
     writes: Mutex<()>,
+    /// Backends whose weights admin writes may not touch (409). A leaf lock: taken briefly,
+    /// never while waiting for another.
+    weight_owner: Mutex<Option<WeightOwner>>,
+    /// Bumped after every successful reload, for whoever follows the config (the rollout).
+    reloads: tokio::sync::watch::Sender<u64>,
     shutdown: CancellationToken,
 }
 
@@ -110,10 +127,17 @@ impl ControlPlane {
             admin_bound: Mutex::new(config.admin.listen),
             config: Mutex::new(config),
             writes: Mutex::new(()),
+            weight_owner: Mutex::new(None),
+            reloads: tokio::sync::watch::Sender::new(0),
             shutdown,
         };
         control.health.sync(&control.table.load());
         Ok(Arc::new(control))
+    }
+
+    /// The config file the proxy reads on reload, if it was started from one.
+    pub fn config_path(&self) -> Option<&std::path::Path> {
+        self.config_path.as_deref()
     }
 
     pub fn table(&self) -> &SharedTable {
@@ -177,18 +201,60 @@ impl ControlPlane {
             .map_err(ControlError::Interrupted)?
     }
 
+    /// Hands the weights of some backends to an owner (the rollout), or gives them back
+    /// (`None`): while owned, [`set_weights`](Self::set_weights) refuses to touch them.
+    pub fn set_weight_owner(&self, owner: Option<WeightOwner>) {
+        *self.weight_owner.lock().unwrap_or_else(|e| e.into_inner()) = owner;
+    }
+
+    /// A receiver that sees the table version after each successful reload.
+    pub fn subscribe_reloads(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.reloads.subscribe()
+    }
+
     /// Sets the weights of the named backends (others keep theirs) and writes them back to
-    /// the config file. Blocks on file I/O: from async code, call it through
-    /// [`run_blocking`](Self::run_blocking).
+    /// the config file; refused for backends another party owns ([`WeightOwner`]). Blocks on
+    /// file I/O: from async code, call it through [`run_blocking`](Self::run_blocking).
     pub fn set_weights(
         &self,
         changes: &[(String, u32)],
         if_match: Option<&[u64]>,
     ) -> Result<WeightsApplied, ControlError> {
+        self.change_weights(changes, if_match, false)
+    }
+
+    /// [`set_weights`](Self::set_weights) for the owner of the weights (the rollout): the same
+    /// versioned, audited, persisted change, not refused for owned backends.
+    pub fn set_owned_weights(
+        &self,
+        changes: &[(String, u32)],
+        by: &str,
+    ) -> Result<WeightsApplied, ControlError> {
+        tracing::info!(target: "audit", by, "weights set by their owner");
+        self.change_weights(changes, None, true)
+    }
+
+    fn change_weights(
+        &self,
+        changes: &[(String, u32)],
+        if_match: Option<&[u64]>,
+        as_owner: bool,
+    ) -> Result<WeightsApplied, ControlError> {
         if changes.is_empty() {
             return Err(ControlError::NoWeights);
         }
         let _write = self.writes.lock().unwrap_or_else(|e| e.into_inner());
+        if !as_owner {
+            let owner = self.weight_owner.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(owner) = owner.as_ref()
+                && let Some((name, _)) = changes.iter().find(|(n, _)| owner.backends.contains(n))
+            {
+                return Err(ControlError::Owned {
+                    backend: name.clone(),
+                    owner: owner.owner.clone(),
+                });
+            }
+        }
         let current = self.table.load_full();
         check_version(if_match, current.version)?;
         let mut indexed = Vec::with_capacity(changes.len());
@@ -253,7 +319,10 @@ impl ControlPlane {
             Err(_) => self.metrics.config_reload(false),
         }
         match &result {
-            Ok(version) => tracing::info!(target: "audit", version, "config reloaded"),
+            Ok(version) => {
+                tracing::info!(target: "audit", version, "config reloaded");
+                self.reloads.send_replace(*version);
+            }
             Err(error) => {
                 tracing::error!(
                     error = %Chain(error),

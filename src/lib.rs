@@ -74,6 +74,7 @@ pub use health::{EndpointHealth, EndpointStatus, HealthSupervisor, ProbeCounter,
 pub use metrics::{BackendMetrics, Metrics};
 pub use persist::{PersistError, write_weights};
 pub use proxy::{Proxy, SharedTable};
+pub use rollout::{RolloutController, RolloutError};
 pub use routing::{Backend, Decision, Endpoint, MAX_BACKENDS, Reason, RoutingTable, Rule};
 pub use server::{ServerOptions, serve};
 pub use sticky::{BUCKETS, StickySettings, bucket, fnv1a_32};
@@ -94,27 +95,44 @@ pub async fn run(
 ) {
     let config = control.config();
     let options = ServerOptions::new(&config.proxy);
-    let token = control.shutdown_token().clone();
-    let admin = tokio::spawn(serve_admin(
-        admin_listener,
-        control.clone(),
-        token.child_token(),
-    ));
+    let background = start_background(&control, admin_listener);
     let proxy = Proxy::new(
         control.table().clone(),
         control.metrics().clone(),
-        token.child_token(),
+        control.shutdown_token().child_token(),
     );
     serve(listener, proxy, options, shutdown).await;
-    stop_background(&control, admin).await;
+    stop_background(&control, background).await;
 }
 
-/// Stops the admin listener and the health checks through the control plane's cancellation
-/// token, waiting for them up to [`TASK_STOP_DEADLINE`].
-async fn stop_background(control: &ControlPlane, admin: tokio::task::JoinHandle<()>) {
+/// The control plane's tasks beside the proxy: the admin API and the rollout's driver.
+struct Background {
+    admin: tokio::task::JoinHandle<()>,
+    rollout: tokio::task::JoinHandle<()>,
+}
+
+/// Starts the admin API and the rollout (resumed from its state file, if any).
+fn start_background(control: &Arc<ControlPlane>, admin_listener: TcpListener) -> Background {
+    let token = control.shutdown_token();
+    let rollout = RolloutController::new(control.clone());
+    Background {
+        rollout: tokio::spawn(rollout.clone().drive(token.child_token())),
+        admin: tokio::spawn(serve_admin(
+            admin_listener,
+            control.clone(),
+            rollout,
+            token.child_token(),
+        )),
+    }
+}
+
+/// Stops the admin listener, the rollout and the health checks through the control plane's
+/// cancellation token, waiting for them up to [`TASK_STOP_DEADLINE`].
+async fn stop_background(control: &ControlPlane, background: Background) {
     control.shutdown_token().cancel();
     let stopped = async {
-        let _ = admin.await;
+        let _ = background.admin.await;
+        let _ = background.rollout.await;
         control.health().stopped().await;
     };
     if tokio::time::timeout(TASK_STOP_DEADLINE, stopped)

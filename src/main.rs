@@ -109,6 +109,26 @@ fn check(path: &Path) -> anyhow::Result<()> {
         config.proxy.listen, config.admin.listen
     );
     print!("{table}");
+    if let Some(rollout) = &config.rollout {
+        let a = &rollout.analysis;
+        println!(
+            "rollout: {} -> {}, steps {:?} (approve {:?}), step_time {}; analysis every {}, \
+             min_requests {}, max_step_time {} then {}, error_tolerance {}, latency_tolerance {}, \
+             confidence {}",
+            config.backends[rollout.baseline].name,
+            config.backends[rollout.canary].name,
+            rollout.steps,
+            rollout.approve,
+            canary_proxy::format_duration(rollout.step_time),
+            canary_proxy::format_duration(a.interval),
+            a.min_requests,
+            canary_proxy::format_duration(a.max_step_time),
+            a.on_inconclusive.as_str(),
+            a.error_tolerance,
+            a.latency_tolerance,
+            a.confidence,
+        );
+    }
     Ok(())
 }
 

@@ -90,6 +90,8 @@ pub struct Metrics {
     reloads_failure: IntCounter,
     in_flight: IntGauge,
     unrouted: BackendMetrics,
+    /// The progressive rollout's gauges and counters, set by its controller.
+    pub rollout: RolloutMetrics,
     /// Serializes scrapes: `render` resets and refills the table gauges, and two concurrent
     /// scrapes must not see each other's half-filled state.
     render_lock: Mutex<()>,
@@ -269,6 +271,7 @@ impl Metrics {
                 "Client requests received whose response head has not been sent yet.",
             ),
             unrouted: BackendMetrics::new(UNROUTED_BACKEND, families.clone(), false),
+            rollout: RolloutMetrics::new(r),
             families,
             registry,
             render_lock: Mutex::new(()),
@@ -343,6 +346,90 @@ impl Metrics {
             tracing::error!(error = %error, "cannot encode metrics");
         }
         text
+    }
+}
+
+/// The rollout's metrics. Labels are the fixed names of states, events, metrics and verdicts.
+pub struct RolloutMetrics {
+    state: IntGaugeVec,
+    step: IntGauge,
+    canary_percent: IntGauge,
+    verdicts: IntCounterVec,
+    transitions: IntCounterVec,
+    webhook_failures: IntCounter,
+}
+
+impl RolloutMetrics {
+    fn new(r: &Registry) -> Self {
+        let metrics = RolloutMetrics {
+            state: int_gauge_vec(
+                r,
+                "canary_rollout_state",
+                "1 for the state the progressive rollout is in, 0 for the others.",
+                &["state"],
+            ),
+            step: int_gauge(
+                r,
+                "canary_rollout_step",
+                "The rollout's current step, 0-based (an index into rollout.steps).",
+            ),
+            canary_percent: int_gauge(
+                r,
+                "canary_rollout_canary_percent",
+                "The canary's percent of baseline + canary traffic the rollout has set.",
+            ),
+            verdicts: int_counter_vec(
+                r,
+                "canary_rollout_verdicts_total",
+                "Rollout analysis verdicts, by metric (errors, latency) and verdict (pass, fail, \
+                 inconclusive); one per metric every analysis interval.",
+                &["metric", "verdict"],
+            ),
+            transitions: int_counter_vec(
+                r,
+                "canary_rollout_transitions_total",
+                "Rollout transitions, by event (started, advanced, promoted, rolled_back, ...).",
+                &["event"],
+            ),
+            webhook_failures: register(
+                r,
+                IntCounter::new(
+                    "canary_rollout_webhook_failures_total",
+                    "Rollout transitions the webhook did not accept (error or non-2xx answer).",
+                )
+                .expect("valid metric definition"),
+            ),
+        };
+        for state in crate::rollout::State::ALL {
+            metrics.state.with_label_values(&[state.as_str()]).set(0);
+        }
+        for event in crate::rollout::Event::ALL {
+            metrics.transitions.with_label_values(&[event.as_str()]);
+        }
+        metrics
+    }
+
+    /// Shows where the rollout stands.
+    pub fn show(&self, state: crate::rollout::State, step: usize, canary_percent: u32) {
+        for other in crate::rollout::State::ALL {
+            self.state
+                .with_label_values(&[other.as_str()])
+                .set(i64::from(other == state));
+        }
+        self.step.set(i64::try_from(step).unwrap_or(i64::MAX));
+        self.canary_percent.set(i64::from(canary_percent));
+    }
+
+    pub fn verdict(&self, metric: &str, verdict: &str) {
+        self.verdicts.with_label_values(&[metric, verdict]).inc();
+    }
+
+    pub fn transition(&self, event: crate::rollout::Event) {
+        self.transitions.with_label_values(&[event.as_str()]).inc();
+    }
+
+    pub fn webhook_failed(&self) {
+        self.webhook_failures.inc();
     }
 }
 

@@ -100,7 +100,7 @@ fn set_weights(text: &str, weights: &[(&str, u32)]) -> Result<String, EditError>
 
 /// Replaces `path` with `bytes` through a synced temporary file and a rename, keeping the
 /// original file's permissions.
-fn replace_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn replace_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())

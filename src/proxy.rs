@@ -114,14 +114,21 @@ impl Proxy {
                 error_response(&error, outcome.request_id.clone(), named)
             }
         };
+        let elapsed = started.elapsed();
         let metrics = match outcome.backend {
-            Some(index) => &table.backends[index].metrics,
+            Some(index) => {
+                let backend = &table.backends[index];
+                if let Some(meter) = &backend.meter {
+                    meter.record(response.status(), elapsed);
+                }
+                &backend.metrics
+            }
             None => self.metrics.unrouted(),
         };
         if let Some(reason) = outcome.reason {
             metrics.decision(reason);
         }
-        metrics.response(response.status(), started.elapsed());
+        metrics.response(response.status(), elapsed);
         response
     }
 

@@ -27,6 +27,7 @@ use crate::config::{
 use crate::duration::format_duration;
 use crate::health::{EndpointHealth, EndpointStatus};
 use crate::metrics::{BackendMetrics, Metrics};
+use crate::rollout::VersionMeter;
 use crate::sticky::{self, BUCKETS, StickySettings};
 use crate::upstream::{ConnectionPool, ExchangeTimeouts, Upstream, UpstreamSettings};
 
@@ -76,6 +77,9 @@ pub struct Backend {
     /// This backend's metric handles, resolved once so requests never look labels up.
     pub metrics: BackendMetrics,
     pub health: Option<HealthCheckConfig>,
+    /// Requests, errors and latencies for the rollout's analysis, when this backend is its
+    /// baseline or canary; shared with the tables derived from this one.
+    pub meter: Option<Arc<VersionMeter>>,
     /// Round-robin cursor over `endpoints`, shared with the tables derived from this one.
     cursor: Arc<AtomicUsize>,
 }
@@ -249,9 +253,21 @@ impl RoutingTable {
         let backends = config
             .backends
             .iter()
-            .map(|b| {
+            .enumerate()
+            .map(|(i, b)| {
                 let old = previous.and_then(|t| t.backend(&b.name));
-                Backend::from_config(b, settings, old, metrics)
+                let mut backend = Backend::from_config(b, settings, old, metrics);
+                // The rollout's two versions are measured for its analysis; a version keeps
+                // its meter across reloads.
+                let measured = config
+                    .rollout
+                    .as_ref()
+                    .is_some_and(|r| r.baseline == i || r.canary == i);
+                backend.meter = measured.then(|| {
+                    old.and_then(|b| b.meter.clone())
+                        .unwrap_or_else(|| Arc::new(VersionMeter::default()))
+                });
+                backend
             })
             .collect();
         let rules = config.rules.iter().map(Rule::from_config).collect();
@@ -570,6 +586,7 @@ impl Backend {
             metrics: metrics.backend(&config.name),
             health: config.health.clone(),
             cursor: old.map_or_else(Arc::default, |b| b.cursor.clone()),
+            meter: None,
         }
     }
 }
@@ -688,6 +705,7 @@ mod tests {
                 metrics: Metrics::new().backend("v"),
                 health: None,
                 cursor: Arc::default(),
+                meter: None,
             })
             .collect();
         let second = Duration::from_secs(1);

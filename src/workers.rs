@@ -114,18 +114,14 @@ pub async fn run_workers(
         }
         finished.push(finished_rx);
     }
-    let admin = tokio::spawn(crate::admin::serve_admin(
-        admin_listener,
-        control.clone(),
-        control.shutdown_token().child_token(),
-    ));
+    let background = crate::start_background(&control, admin_listener);
     shutdown.await;
     stop.cancel();
     for worker in finished {
         // Each worker bounds its own drain; an error means its thread ended early.
         let _ = worker.await;
     }
-    crate::stop_background(&control, admin).await;
+    crate::stop_background(&control, background).await;
     Ok(())
 }
 

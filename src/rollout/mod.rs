@@ -1,10 +1,18 @@
-//! Progressive rollout: the latency buckets the hot path fills (`histogram`) and the pure
-//! statistics that turn each interval's counts into pass / fail / inconclusive (`analysis`).
-// The state machine that calls these lands separately (issue 9); until then nothing in the
-// crate uses them outside tests.
-#![allow(dead_code)]
+//! The progressive rollout the proxy runs itself: the plan and its state machine
+//! ([`machine`]), the per-version measurements taken on the hot path ([`meter`]), the latency
+//! buckets ([`histogram`]), the statistics that decide ([`analysis`], pure), the controller
+//! that ties them to the control plane and the admin API ([`controller`]), and the webhook
+//! each transition is posted to ([`webhook`]).
 
 pub mod analysis;
+pub mod controller;
 pub mod histogram;
+pub mod machine;
+pub mod meter;
 #[cfg(test)]
 mod simulation;
+pub mod webhook;
+
+pub use controller::{RolloutController, RolloutError};
+pub use machine::{Command, Event, State};
+pub use meter::VersionMeter;

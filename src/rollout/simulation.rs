@@ -167,8 +167,6 @@ type Arrivals = (u32, Option<Poisson<f64>>, Option<Poisson<f64>>);
 struct Scenario {
     baseline: Version,
     canary: Version,
-    /// Req/s per version at the 50% step (2x this in total).
-    rate: f64,
     /// Requests per interval at each canary percent used.
     arrivals: Vec<Arrivals>,
 }
@@ -185,7 +183,6 @@ impl Scenario {
         Self {
             baseline,
             canary,
-            rate,
             arrivals,
         }
     }

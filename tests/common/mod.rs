@@ -284,6 +284,16 @@ impl TestProxy {
         format!("http://{}{}", self.admin_addr, path)
     }
 
+    /// Stops this proxy and starts a new one from the same config file and directory (what
+    /// it persisted there is read again), as a restart of the process would.
+    pub async fn restart(mut self) -> TestProxy {
+        let path = self.config_path.clone().expect("started from a file");
+        let dir = self._dir.take();
+        self.shutdown().await;
+        let parsed = canary_proxy::config::load(&path).expect("config is still valid");
+        launch(parsed, Some(path), dir).await
+    }
+
     /// Stops accepting and waits for the drain to finish.
     pub async fn shutdown(mut self) {
         if let Some(stop) = self.stop.take() {

@@ -1,0 +1,484 @@
+//! Runs the rollout: every analysis interval it reads both versions' meters, feeds the
+//! analysis, and applies what the state machine decides through the control plane (the same
+//! versioned, audited, persisted weight change as the admin API); operators' commands come
+//! through here too. While a rollout is under way it owns its two backends' weights: admin
+//! writes to them get 409.
+//!
+//! What survives a restart (state, step, history, and the `fail` evidence, so that a restart
+//! never hands a bad canary a fresh chance) is written after every interval and transition to
+//! `NAME.rollout.json` beside the config file `NAME.toml`, atomically. A restarted step starts
+//! its clock, its shown counts and its `pass` evidence afresh.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::analysis::{AnalysisSettings, Evidence, MetricVerdict, Verdict, VersionTick};
+use super::histogram;
+use super::machine::{Change, Command, Conflict, Machine, Plan, StepReport};
+use super::meter::Counts;
+use crate::config::RolloutConfig;
+use crate::control::{ControlError, ControlPlane, WeightOwner};
+use crate::error::Chain;
+
+/// Why a rollout command was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RolloutError {
+    #[error("no rollout is configured: add a [rollout] table to the config file and reload")]
+    NotConfigured,
+    #[error(transparent)]
+    Conflict(#[from] Conflict),
+    #[error("the rollout's weight change failed")]
+    Weights(#[source] ControlError),
+}
+
+/// The rollout of the current config, if it has one.
+pub struct RolloutController {
+    control: Arc<ControlPlane>,
+    run: Mutex<Option<Run>>,
+    /// Where the state is persisted; `None` without a config file.
+    state_path: Option<PathBuf>,
+}
+
+/// What is persisted.
+#[derive(Serialize, Deserialize)]
+struct Persisted {
+    baseline: String,
+    canary: String,
+    machine: Machine,
+    evidence: Evidence,
+}
+
+/// A configured rollout and everything it measures.
+struct Run {
+    config: RolloutConfig,
+    plan: Plan,
+    baseline: String,
+    canary: String,
+    machine: Machine,
+    evidence: Evidence,
+    /// When the current step began, or the proxy restarted into it.
+    step_started: Instant,
+    /// Meter readings (baseline, canary) when the step began, for the counts shown.
+    at_step_start: [Counts; 2],
+    /// Meter readings at the last interval, for the analysis (each interval's own traffic).
+    at_last_tick: [Counts; 2],
+    /// The verdicts of the last interval.
+    verdicts: Option<[MetricVerdict; 2]>,
+    rng: StdRng,
+}
+
+impl RolloutController {
+    /// The rollout of the control plane's config, resumed from its state file when one names
+    /// the same baseline and canary.
+    pub fn new(control: Arc<ControlPlane>) -> Arc<Self> {
+        let state_path = control
+            .config_path()
+            .map(|p| p.with_extension("rollout.json"));
+        let controller = Arc::new(RolloutController {
+            control,
+            run: Mutex::new(None),
+            state_path,
+        });
+        controller.follow_config();
+        controller
+    }
+
+    /// The rollout as `GET /admin/rollout` shows it; `None` when none is configured.
+    pub fn status(&self) -> Option<Value> {
+        self.lock().as_ref().map(|run| run.status(&self.control))
+    }
+
+    /// Applies an operator's command and answers the resulting status. Blocks on file I/O
+    /// (the weight change, the state file): call it from a blocking context.
+    pub fn command(&self, command: Command) -> Result<Value, RolloutError> {
+        let mut guard = self.lock();
+        let run = guard.as_mut().ok_or(RolloutError::NotConfigured)?;
+        let change = run.machine.command(&run.plan, command, unix_ms())?;
+        self.apply(run, change, &format!("operator: {}", command.as_str()))?;
+        Ok(run.status(&self.control))
+    }
+
+    /// Drives the rollout until `shutdown`: an analysis every interval, and the config
+    /// followed after each reload.
+    pub async fn drive(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut reloads = self.control.subscribe_reloads();
+        loop {
+            let interval = self
+                .lock()
+                .as_ref()
+                .map_or(Duration::from_secs(1), |run| run.config.analysis.interval);
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                changed = reloads.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let controller = self.clone();
+                    let _ = tokio::task::spawn_blocking(move || controller.follow_config()).await;
+                }
+                () = tokio::time::sleep(interval) => {
+                    let controller = self.clone();
+                    let _ = tokio::task::spawn_blocking(move || controller.tick()).await;
+                }
+            }
+        }
+    }
+
+    /// One analysis interval: the traffic since the last one goes into the evidence, the
+    /// verdicts into the state machine.
+    pub fn tick(&self) {
+        let mut guard = self.lock();
+        let Some(run) = guard.as_mut() else {
+            return;
+        };
+        let now = run.read_meters(&self.control);
+        if run.machine.state.is_active() {
+            let [baseline, canary] = [0, 1].map(|i| now[i].since(&run.at_last_tick[i]));
+            run.evidence.observe(
+                &VersionTick {
+                    requests: canary.requests,
+                    errors: canary.errors,
+                    latency: &canary.latency,
+                },
+                &VersionTick {
+                    requests: baseline.requests,
+                    errors: baseline.errors,
+                    latency: &baseline.latency,
+                },
+                &mut run.rng,
+            );
+            let verdicts = [run.evidence.errors(), run.evidence.latency()];
+            let metrics = &self.control.metrics().rollout;
+            metrics.verdict("errors", verdict_str(verdicts[0].verdict));
+            metrics.verdict("latency", verdict_str(verdicts[1].verdict));
+            run.verdicts = Some(verdicts);
+            let [baseline_step, canary_step] = [0, 1].map(|i| now[i].since(&run.at_step_start[i]));
+            let report = StepReport {
+                elapsed: run.step_started.elapsed(),
+                baseline_requests: baseline_step.requests,
+                canary_requests: canary_step.requests,
+                errors: verdicts[0].verdict,
+                latency: verdicts[1].verdict,
+            };
+            run.at_last_tick = now;
+            if let Some(change) = run.machine.tick(&run.plan, &report, unix_ms()) {
+                if let Err(error) = self.apply(run, change, "analysis") {
+                    tracing::error!(error = %Chain(&error), "the rollout could not apply its step");
+                }
+                return;
+            }
+        } else {
+            run.at_last_tick = now;
+        }
+        self.persist(run);
+    }
+
+    /// Takes the rollout section of the current config: a new baseline/canary pair resets the
+    /// rollout to `idle`; the same pair keeps its state under the new plan; none ends it.
+    pub fn follow_config(&self) {
+        let config = self.control.config();
+        let mut guard = self.lock();
+        let Some(rollout) = config.rollout else {
+            if guard.take().is_some() {
+                tracing::info!("the config has no [rollout] any more; the rollout is dropped");
+            }
+            self.control.set_weight_owner(None);
+            return;
+        };
+        let baseline = config.backends[rollout.baseline].name.clone();
+        let canary = config.backends[rollout.canary].name.clone();
+        let plan = Plan::from(&rollout);
+        if let Some(run) = guard.as_mut()
+            && run.baseline == baseline
+            && run.canary == canary
+        {
+            run.machine.step = run.machine.step.min(plan.steps.len().saturating_sub(1));
+            run.config = rollout;
+            run.plan = plan;
+            self.own_weights(run);
+            return;
+        }
+        let settings = settings(&rollout);
+        let (machine, evidence) = match (guard.take(), self.load(&baseline, &canary)) {
+            // Another pair replaces a rollout this process ran: it starts over, history kept.
+            (Some(old), _) => {
+                let mut machine = old.machine;
+                machine.reset(
+                    unix_ms(),
+                    &format!("the config names a new pair: {baseline} -> {canary}"),
+                );
+                self.control
+                    .metrics()
+                    .rollout
+                    .transition(super::Event::Reset);
+                (machine, Evidence::new(&settings))
+            }
+            (None, Some(persisted)) => {
+                let mut evidence = persisted.evidence;
+                // A restarted step starts its pass evidence afresh.
+                evidence.start_step();
+                (persisted.machine, evidence)
+            }
+            (None, None) => (Machine::default(), Evidence::new(&settings)),
+        };
+        let mut run = Run {
+            config: rollout,
+            plan,
+            baseline,
+            canary,
+            machine,
+            evidence,
+            step_started: Instant::now(),
+            at_step_start: [Counts::default(), Counts::default()],
+            at_last_tick: [Counts::default(), Counts::default()],
+            verdicts: None,
+            rng: StdRng::seed_from_u64(rand::rng().random()),
+        };
+        let now = run.read_meters(&self.control);
+        run.at_step_start = now.clone();
+        run.at_last_tick = now;
+        if run.machine.state.is_active() {
+            // The weights were written back to the config file with each step; set them again
+            // in case the file was edited while the proxy was down.
+            let percent = run.machine.canary_percent;
+            if let Err(error) = self.set_weights(&run, percent) {
+                tracing::error!(error = %Chain(&error), "the rollout could not restore its weights");
+            }
+            tracing::info!(
+                state = run.machine.state.as_str(),
+                step = run.machine.step,
+                canary_percent = percent,
+                "rollout resumed; the step's clock and counts start afresh"
+            );
+        }
+        self.own_weights(&run);
+        self.show(&run);
+        self.persist(&run);
+        *guard = Some(run);
+    }
+
+    /// Carries out a transition: weights, step bookkeeping, metrics, state file, webhook.
+    fn apply(&self, run: &mut Run, change: Change, by: &str) -> Result<(), RolloutError> {
+        let result = match change.canary_percent {
+            Some(percent) => self
+                .set_weights(run, percent)
+                .map(|_| ())
+                .map_err(RolloutError::Weights),
+            None => Ok(()),
+        };
+        if change.new_step {
+            run.step_started = Instant::now();
+            let now = run.read_meters(&self.control);
+            run.at_step_start = now;
+            run.evidence.start_step();
+        }
+        let entry = run.machine.history.last().cloned();
+        tracing::info!(
+            target: "audit",
+            event = change.event.as_str(),
+            state = run.machine.state.as_str(),
+            step = run.machine.step,
+            canary_percent = run.machine.canary_percent,
+            by,
+            reason = entry.as_ref().map_or("", |e| e.reason.as_str()),
+            "rollout transition"
+        );
+        self.control.metrics().rollout.transition(change.event);
+        self.own_weights(run);
+        self.show(run);
+        self.persist(run);
+        if let (Some(url), Some(entry)) = (run.config.webhook.clone(), entry) {
+            let body = json!({
+                "baseline": run.baseline,
+                "canary": run.canary,
+                "event": entry.event,
+                "state": entry.state,
+                "step": entry.step,
+                "canary_percent": entry.canary_percent,
+                "reason": entry.reason,
+                "at": entry.at,
+            });
+            super::webhook::post(url, body, self.control.metrics().clone());
+        }
+        result
+    }
+
+    fn set_weights(&self, run: &Run, canary_percent: u32) -> Result<(), ControlError> {
+        let changes = [
+            (run.baseline.clone(), 100 - canary_percent.min(100)),
+            (run.canary.clone(), canary_percent.min(100)),
+        ];
+        self.control
+            .set_owned_weights(&changes, "rollout")
+            .map(|_| ())
+    }
+
+    /// While under way, the rollout owns its two backends' weights.
+    fn own_weights(&self, run: &Run) {
+        let owner = run.machine.state.is_active().then(|| WeightOwner {
+            backends: vec![run.baseline.clone(), run.canary.clone()],
+            owner: format!("the rollout ({})", run.machine.state.as_str()),
+        });
+        self.control.set_weight_owner(owner);
+    }
+
+    fn show(&self, run: &Run) {
+        self.control.metrics().rollout.show(
+            run.machine.state,
+            run.machine.step,
+            run.machine.canary_percent,
+        );
+    }
+
+    fn persist(&self, run: &Run) {
+        let Some(path) = &self.state_path else {
+            return;
+        };
+        let persisted = PersistedRef {
+            baseline: &run.baseline,
+            canary: &run.canary,
+            machine: &run.machine,
+            evidence: &run.evidence,
+        };
+        let written = serde_json::to_vec(&persisted)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| crate::persist::replace_file(path, &bytes));
+        if let Err(error) = written {
+            tracing::error!(path = %path.display(), %error, "cannot write the rollout state");
+        }
+    }
+
+    fn load(&self, baseline: &str, canary: &str) -> Option<Persisted> {
+        let path = self.state_path.as_ref()?;
+        let bytes = match std::fs::read(path) {
+            Ok(bytes) => bytes,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(error) => {
+                tracing::error!(path = %path.display(), %error, "cannot read the rollout state; starting idle");
+                return None;
+            }
+        };
+        match serde_json::from_slice::<Persisted>(&bytes) {
+            Ok(persisted) if persisted.baseline == baseline && persisted.canary == canary => {
+                Some(persisted)
+            }
+            Ok(_) => {
+                tracing::info!(path = %path.display(), "the saved rollout is of another pair; starting idle");
+                None
+            }
+            Err(error) => {
+                tracing::error!(path = %path.display(), %error, "the rollout state is unreadable; starting idle");
+                None
+            }
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Option<Run>> {
+        self.run.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// [`Persisted`] by reference, to write without a copy of the evidence.
+#[derive(Serialize)]
+struct PersistedRef<'a> {
+    baseline: &'a str,
+    canary: &'a str,
+    machine: &'a Machine,
+    evidence: &'a Evidence,
+}
+
+impl Run {
+    /// The meters of the two versions now (zero for a version that has none yet).
+    fn read_meters(&self, control: &ControlPlane) -> [Counts; 2] {
+        let table = control.table().load();
+        [&self.baseline, &self.canary].map(|name| {
+            table
+                .backend(name)
+                .and_then(|b| b.meter.as_ref())
+                .map(|meter| meter.counts())
+                .unwrap_or_default()
+        })
+    }
+
+    fn status(&self, control: &ControlPlane) -> Value {
+        let now = self.read_meters(control);
+        let shown = |i: usize| {
+            let counts = now[i].since(&self.at_step_start[i]);
+            let quantile = |q| histogram::quantile_micros(&counts.latency, q).map(|us| us / 1000.0);
+            json!({
+                "requests": counts.requests,
+                "errors": counts.errors,
+                "error_rate": counts.error_rate(),
+                "p50_ms": quantile(0.5),
+                "p99_ms": quantile(0.99),
+            })
+        };
+        let verdict = |i: usize| {
+            self.verdicts.as_ref().map_or(
+                json!({"verdict": "inconclusive", "low": null, "high": null}),
+                |v| json!({"verdict": v[i].verdict, "low": v[i].low, "high": v[i].high}),
+            )
+        };
+        let step_time = crate::duration::format_duration(self.plan.step_time);
+        // Each version's p99 interval at this step (null where there is no bound yet).
+        let latency = self.evidence.latency_intervals();
+        let millis = |(low, high): (f64, f64)| json!([low / 1000.0, high / 1000.0]);
+        let pairs = self.evidence.pairs();
+        json!({
+            "state": self.machine.state.as_str(),
+            "step": self.machine.step,
+            "steps": self.plan.steps,
+            "approve": self.plan.approve,
+            "canary_percent": self.machine.canary_percent,
+            "baseline_name": self.baseline,
+            "canary_name": self.canary,
+            "step_elapsed_s": self.machine.state.is_active().then(|| self.step_started.elapsed().as_secs_f64()),
+            "step_time": step_time,
+            "min_requests": self.plan.min_requests,
+            "baseline": shown(0),
+            "canary": shown(1),
+            "verdict": {
+                "errors": verdict(0)["verdict"],
+                "latency": verdict(1)["verdict"],
+            },
+            "intervals": {
+                "errors": verdict(0),
+                "latency": verdict(1),
+                "canary_p99_ms": millis(latency.canary_p99),
+                "baseline_p99_ms": millis(latency.baseline_p99),
+                "pairs": {"rollout": pairs.0, "step": pairs.1},
+            },
+            "history": self.machine.history,
+        })
+    }
+}
+
+fn settings(config: &RolloutConfig) -> AnalysisSettings {
+    AnalysisSettings {
+        error_tolerance: config.analysis.error_tolerance,
+        latency_tolerance: config.analysis.latency_tolerance,
+        confidence: config.analysis.confidence,
+    }
+}
+
+fn verdict_str(verdict: Verdict) -> &'static str {
+    match verdict {
+        Verdict::Pass => "pass",
+        Verdict::Fail => "fail",
+        Verdict::Inconclusive => "inconclusive",
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
