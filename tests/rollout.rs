@@ -17,15 +17,21 @@ use tokio::net::TcpListener;
 /// A keep-alive HTTP/1.1 upstream named `name` that answers 500 to every `fail_every`-th
 /// request (never when 0) and 200 otherwise, each response naming it in the body.
 async fn version(name: &'static str, fail_every: usize) -> String {
+    switchable(name, Arc::new(AtomicUsize::new(fail_every))).await
+}
+
+/// [`version`] whose `fail_every` can be changed while it runs.
+async fn switchable(name: &'static str, fail_every: Arc<AtomicUsize>) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let count = Arc::new(AtomicUsize::new(0));
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
-            let count = count.clone();
+            let (count, fail_every) = (count.clone(), fail_every.clone());
             tokio::spawn(async move {
                 while read_request_head(&mut stream).await {
                     let n = count.fetch_add(1, Ordering::SeqCst) + 1;
+                    let fail_every = fail_every.load(Ordering::SeqCst);
                     let failing = fail_every > 0 && n.is_multiple_of(fail_every);
                     let status = if failing { "500 Oops" } else { "200 OK" };
                     let answer = format!(
@@ -219,6 +225,31 @@ async fn a_canary_failing_a_fifth_of_requests_is_rolled_back_and_traffic_returns
     let served = load.served_after(after);
     assert!(served.len() > 20, "{}", served.len());
     assert!(served.iter().all(|b| b == "v1"), "{served:?}");
+}
+
+/// A fixed canary started again after a rollback is judged on fresh evidence: the old
+/// rollout's `fail` evidence does not roll the new one back.
+#[tokio::test]
+async fn a_new_start_after_a_rollback_begins_with_fresh_evidence() {
+    let failing = Arc::new(AtomicUsize::new(5));
+    let (v1, v2) = (
+        version("v1", 0).await,
+        switchable("v2", failing.clone()).await,
+    );
+    let proxy = start_proxy_with_file(&rollout_config(&v1, &v2, "", "")).await;
+    let _load = Load::start(&proxy, 8);
+    assert_eq!(command(&proxy, "start").await.0, 200);
+    wait_for(&proxy, Duration::from_secs(30), |s| {
+        s["state"] == "rolled_back"
+    })
+    .await;
+    failing.store(0, Ordering::SeqCst);
+    assert_eq!(command(&proxy, "start").await.0, 200);
+    let done = wait_for(&proxy, Duration::from_secs(40), |s| {
+        s["state"] == "promoted" || s["state"] == "rolled_back"
+    })
+    .await;
+    assert_eq!(done["state"], "promoted", "{done:#}");
 }
 
 #[tokio::test]

@@ -102,6 +102,10 @@ impl RolloutController {
         let mut guard = self.lock();
         let run = guard.as_mut().ok_or(RolloutError::NotConfigured)?;
         let change = run.machine.command(&run.plan, command, unix_ms())?;
+        if change.event == super::Event::Started {
+            // A new rollout: its evidence (and its tolerances) start afresh.
+            run.evidence = Evidence::new(&settings(&run.config));
+        }
         self.apply(run, change, &format!("operator: {}", command.as_str()))?;
         Ok(run.status(&self.control))
     }
@@ -201,6 +205,13 @@ impl RolloutController {
             && run.canary == canary
         {
             run.machine.step = run.machine.step.min(plan.steps.len().saturating_sub(1));
+            if settings(&run.config) != settings(&rollout) {
+                // New tolerances would start the evidence afresh, a fresh chance to fail for a
+                // bad canary: they apply from the next rollout.
+                tracing::warn!(
+                    "rollout.analysis tolerances or confidence changed; they apply from the next start of this rollout"
+                );
+            }
             run.config = rollout;
             run.plan = plan;
             self.own_weights(run);
