@@ -252,10 +252,18 @@ async fn handle(
             }
         }
         (_, "/admin/reload") => not_allowed("reload needs POST or PUT", "POST, PUT"),
-        (Method::GET, "/admin/rollout") => match rollout.status() {
-            Some(status) => json_response(StatusCode::OK, status),
-            None => rollout_error(&RolloutError::NotConfigured),
-        },
+        (Method::GET, "/admin/rollout") => {
+            // The rollout's lock is held while it writes its state file: wait off the runtime.
+            let rollout = rollout.clone();
+            match tokio::task::spawn_blocking(move || rollout.status()).await {
+                Ok(Some(status)) => json_response(StatusCode::OK, status),
+                Ok(None) => rollout_error(&RolloutError::NotConfigured),
+                Err(_) => error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "reading the rollout failed",
+                ),
+            }
+        }
         (_, "/admin/rollout") => not_allowed("the rollout is read with GET", "GET"),
         (Method::POST, command) if command.starts_with("/admin/rollout/") => {
             let name = &command["/admin/rollout/".len()..];

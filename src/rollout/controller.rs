@@ -10,6 +10,7 @@
 //! its clock, its shown counts and its `pass` evidence afresh.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -43,6 +44,9 @@ pub enum RolloutError {
 pub struct RolloutController {
     control: Arc<ControlPlane>,
     run: Mutex<Option<Run>>,
+    /// The analysis interval in milliseconds, for the driver to read without the lock (held
+    /// while the state file is written).
+    interval_ms: AtomicU64,
     /// Where the state is persisted; `None` without a config file.
     state_path: Option<PathBuf>,
 }
@@ -85,6 +89,7 @@ impl RolloutController {
         let controller = Arc::new(RolloutController {
             control,
             run: Mutex::new(None),
+            interval_ms: AtomicU64::new(1000),
             state_path,
         });
         controller.follow_config();
@@ -115,10 +120,7 @@ impl RolloutController {
     pub async fn drive(self: Arc<Self>, shutdown: CancellationToken) {
         let mut reloads = self.control.subscribe_reloads();
         loop {
-            let interval = self
-                .lock()
-                .as_ref()
-                .map_or(Duration::from_secs(1), |run| run.config.analysis.interval);
+            let interval = Duration::from_millis(self.interval_ms.load(Ordering::Relaxed));
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 changed = reloads.changed() => {
@@ -190,6 +192,10 @@ impl RolloutController {
     pub fn follow_config(&self) {
         let config = self.control.config();
         let mut guard = self.lock();
+        let interval = config.rollout.as_ref().map_or(1000, |r| {
+            u64::try_from(r.analysis.interval.as_millis()).unwrap_or(u64::MAX)
+        });
+        self.interval_ms.store(interval.max(1), Ordering::Relaxed);
         let Some(rollout) = config.rollout else {
             if guard.take().is_some() {
                 tracing::info!("the config has no [rollout] any more; the rollout is dropped");
