@@ -185,6 +185,17 @@ pub enum Verdict {
     Inconclusive,
 }
 
+impl Verdict {
+    /// The verdict as the admin API and metrics name it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Pass => "pass",
+            Verdict::Fail => "fail",
+            Verdict::Inconclusive => "inconclusive",
+        }
+    }
+}
+
 /// A verdict and the interval behind it, for display.
 ///
 /// - errors: bounds on `p_canary - p_baseline` (fractions, in `[-1, 1]`); `low` is the bound

@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::analysis::{AnalysisSettings, Evidence, MetricVerdict, Verdict, VersionTick};
+use super::analysis::{AnalysisSettings, Evidence, MetricVerdict, VersionTick};
 use super::histogram;
 use super::machine::{Change, Command, Conflict, Machine, Plan, StepReport};
 use super::meter::Counts;
@@ -163,8 +163,8 @@ impl RolloutController {
             );
             let verdicts = [run.evidence.errors(), run.evidence.latency()];
             let metrics = &self.control.metrics().rollout;
-            metrics.verdict("errors", verdict_str(verdicts[0].verdict));
-            metrics.verdict("latency", verdict_str(verdicts[1].verdict));
+            metrics.verdict("errors", verdicts[0].verdict.as_str());
+            metrics.verdict("latency", verdicts[1].verdict.as_str());
             run.verdicts = Some(verdicts);
             let [baseline_step, canary_step] = [0, 1].map(|i| now[i].since(&run.at_step_start[i]));
             let report = StepReport {
@@ -181,10 +181,11 @@ impl RolloutController {
                 }
                 return;
             }
+            // The evidence moved: keep it.
+            self.persist(run);
         } else {
             run.at_last_tick = now;
         }
-        self.persist(run);
     }
 
     /// Takes the rollout section of the current config: a new baseline/canary pair resets the
@@ -483,14 +484,6 @@ fn settings(config: &RolloutConfig) -> AnalysisSettings {
         error_tolerance: config.analysis.error_tolerance,
         latency_tolerance: config.analysis.latency_tolerance,
         confidence: config.analysis.confidence,
-    }
-}
-
-fn verdict_str(verdict: Verdict) -> &'static str {
-    match verdict {
-        Verdict::Pass => "pass",
-        Verdict::Fail => "fail",
-        Verdict::Inconclusive => "inconclusive",
     }
 }
 
