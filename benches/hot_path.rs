@@ -1,5 +1,5 @@
-//! The per-request hot path: the routing decision (rules, sticky bucket, weighted pick) and the
-//! request header rewrite. Target: a routing decision under 100 ns with no heap allocation.
+//! The per-request hot path: the routing decision (rules, sticky bucket, weighted pick), the
+//! request header rewrite, and the rollout's measurement of each answer. Target: a routing decision under 100 ns with no heap allocation.
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
@@ -108,5 +108,30 @@ fn host_check(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, routing, header_rewrite, host_check);
+/// What a configured rollout adds to each answered request of its two backends: one
+/// measurement (request, error, latency bucket) into the worker's counters.
+fn rollout_measurement(c: &mut Criterion) {
+    let config = canary_proxy::config::parse(CONFIG, "bench.toml").unwrap();
+    let table = RoutingTable::from_config(&config, 1, None, &canary_proxy::Metrics::new());
+    let meter = table.backends[0]
+        .meter
+        .clone()
+        .expect("the bench table has a rollout");
+    c.bench_function("rollout/record an answer", |b| {
+        b.iter(|| {
+            meter.record(
+                black_box(http::StatusCode::OK),
+                black_box(std::time::Duration::from_micros(1834)),
+            )
+        })
+    });
+}
+
+criterion_group!(
+    benches,
+    routing,
+    header_rewrite,
+    host_check,
+    rollout_measurement
+);
 criterion_main!(benches);

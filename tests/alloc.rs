@@ -1,10 +1,12 @@
-//! The routing decision allocates nothing: counted with dhat's allocator in testing mode.
-//! (One test per binary: dhat allows one profiler per process.)
+//! The routing decision, and the rollout's measurement of the answer, allocate nothing:
+//! counted with dhat's allocator in testing mode. (One test per binary: dhat allows one
+//! profiler per process.)
 
 use std::hint::black_box;
+use std::time::Duration;
 
 use canary_proxy::{Metrics, RoutingTable};
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderValue, StatusCode};
 
 #[global_allocator]
 static ALLOC: dhat::Alloc = dhat::Alloc;
@@ -13,9 +15,10 @@ static ALLOC: dhat::Alloc = dhat::Alloc;
 const CONFIG: &str = include_str!("fixtures/hot_path.toml");
 
 #[test]
-fn routing_decisions_do_not_allocate() {
+fn routing_decisions_and_rollout_measurements_do_not_allocate() {
     let config = canary_proxy::config::parse(CONFIG, "alloc.toml").unwrap();
     let table = RoutingTable::from_config(&config, 1, None, &Metrics::new());
+    assert!(table.backends.iter().all(|b| b.meter.is_some()));
     let requests: Vec<HeaderMap> = [
         vec![("host", "shop.example")],
         vec![
@@ -52,10 +55,11 @@ fn routing_decisions_do_not_allocate() {
     for _ in 0..1000 {
         for headers in &requests {
             let decision = table.route(black_box(headers), &mut rng).unwrap();
-            let endpoint = table.backends[decision.backend]
-                .pick_endpoint(None)
-                .unwrap();
-            black_box(endpoint);
+            let backend = &table.backends[decision.backend];
+            black_box(&backend.endpoints[decision.endpoint]);
+            if let Some(meter) = &backend.meter {
+                meter.record(StatusCode::OK, black_box(Duration::from_micros(1234)));
+            }
         }
     }
     let after = dhat::HeapStats::get();
