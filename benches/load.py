@@ -976,9 +976,11 @@ def rollout_status(admin_port):
     return json.loads(body)
 
 
-def start_rollout(fleet):
+def start_rollout(fleet, other=f"{BASE} runs the same config without [rollout] (no meters, no "
+                                "analysis)"):
     """POST /admin/rollout/start on canary's admin port; it must answer 200 and then be
-    running (or waiting for approval) at 10%. Returns the report's line."""
+    running (or waiting for approval) at 10%. Returns the report's line; other: what it is
+    compared with."""
     port = fleet.ports[admin_key("canary")]
     status, _, body = request(port, "POST", "/admin/rollout/start")
     if status != 200:
@@ -991,8 +993,7 @@ def start_rollout(fleet):
     line = (f"- rollout: canary runs a progressive rollout v1 -> v2 (steps "
             f"{list(ROLLOUT_STEPS)}, approve [100], step_time 24h, analysis every 5 s), "
             f"started through POST /admin/rollout/start (200; then {st['state']}, step "
-            f"{st['step']}, canary {st['canary_percent']}%); {BASE} runs the same config "
-            "without [rollout] (no meters, no analysis)")
+            f"{st['step']}, canary {st['canary_percent']}%); {other}")
     log(line[2:])
     return line
 
