@@ -32,6 +32,14 @@ What it measures
     summary table: on a shared, noisy machine only such same-run ratios mean anything.
     --proxies canary,canary@base leaves nginx and HAProxy out (about half the time).
 
+    Cost of a running rollout: --rollout gives canary (and only canary) a [rollout] section
+    (v1 -> v2, steps [10, 100], approve [100], step_time 24h: the split stays 90/10 and it
+    never promotes) and starts it with POST /admin/rollout/start before the sanity checks;
+    canary@base gets the same config without [rollout]. With --baseline
+    target/release/canary-proxy both run the same binary, so canary/canary@base is the cost
+    of the rollout: its per-version meters on the hot path and its analysis every 5 s. The
+    rollout must still be under way after the last run (checked; the report says so).
+
 How to run
     python3 benches/load.py                # DURATION=5 s per run, ROUNDS=2 (about 3 min;
                                            # 4.5 min with --baseline)
@@ -41,6 +49,8 @@ How to run
                                               # repeat runs disturbed by outside load
     python3 benches/load.py --baseline ../wt-base/target/release/canary-proxy
     python3 benches/load.py --baseline OLD --proxies canary,canary@base   # old vs new only
+    python3 benches/load.py --rollout --baseline target/release/canary-proxy \
+        --proxies canary,canary@base --scenarios get64,post4k   # a rollout's cost
 
     Environment: DURATION, ROUNDS, PROXY_CPU, LOAD_CPU, BASELINE, and CANARY_EXTRA: extra
     lines for canary-proxy's [proxy] table, e.g. CANARY_EXTRA='workers = 1' (several lines
@@ -56,6 +66,7 @@ How to run
 import argparse
 import ctypes
 import http.client
+import json
 import os
 import platform
 import grp
@@ -108,6 +119,7 @@ class Settings:
     wait_idle: int
     baseline: str = ""  # absolute path of the canary@base binary, "" without --baseline
     proxies: tuple = PROXIES  # contestants, in run order (a subsequence of ALL_PROXIES)
+    rollout: bool = False  # canary runs a rollout (--rollout); canary@base does not
 
 
 def parse_settings():
@@ -135,6 +147,12 @@ def parse_settings():
                    help="comma-separated contestants: canary, canary@base (or base), nginx, "
                         "haproxy; canary is always needed. Default: all (canary@base only "
                         "with --baseline). E.g. canary,canary@base to compare two builds only")
+    p.add_argument("--rollout", action="store_true",
+                   help="canary runs a progressive rollout (v1 -> v2 at 90/10, started "
+                        f"through the admin API, never promoting during the run); {BASE} "
+                        "runs without one. Needs --baseline; --baseline "
+                        "target/release/canary-proxy measures the rollout's cost on the same "
+                        "binary. Leaves out the swaps scenario (the rollout owns the weights)")
     a = p.parse_args()
     if a.quick:
         a.duration, a.rounds = 2, 1
@@ -145,8 +163,18 @@ def parse_settings():
     unknown = [k for k in only if k not in known]
     if unknown:
         p.error(f"unknown scenario {', '.join(unknown)}; known: {', '.join(known)}")
+    if a.rollout:
+        if "swaps" in only:
+            p.error("--rollout cannot run the swaps scenario: while a rollout is under way it "
+                    "owns the v1/v2 weights and the admin API answers weight writes with 409")
+        # Every scenario but swaps when none are named.
+        only = only or [k for k in known if k != "swaps"]
     baseline = os.path.abspath(a.baseline) if a.baseline else ""
-    if baseline and not (os.path.isfile(baseline) and os.access(baseline, os.X_OK)):
+    # target/release/canary-proxy itself may be the baseline (--rollout: same binary); then
+    # it may not exist yet when this script is about to build it.
+    same_as_canary = baseline == CANARY_BIN and not a.no_build
+    if baseline and not same_as_canary and not (os.path.isfile(baseline)
+                                                 and os.access(baseline, os.X_OK)):
         p.error(f"--baseline {a.baseline}: not an executable file")
     default = ALL_PROXIES if baseline else PROXIES
     names = [BASE if n.strip() == "base" else n.strip() for n in a.proxies.split(",")
@@ -162,6 +190,10 @@ def parse_settings():
         p.error(f"--baseline given but --proxies leaves out {BASE}; add it, or unset "
                 "BASELINE / drop --baseline")
     proxies = tuple(n for n in ALL_PROXIES if n in names) if names else default
+    if a.rollout and BASE not in proxies:
+        p.error(f"--rollout compares canary (rollout running) with {BASE} (no rollout) in the "
+                "same run: give --baseline PATH, e.g. --baseline target/release/canary-proxy "
+                "for the same binary")
     s = Settings(
         scenarios=only or known,
         duration=a.duration,
@@ -173,6 +205,7 @@ def parse_settings():
         wait_idle=a.wait_idle,
         baseline=baseline,
         proxies=proxies,
+        rollout=a.rollout,
     )
     cpus = os.sched_getaffinity(0)
     if s.proxy_cpu == s.load_cpu or s.proxy_cpu not in cpus or s.load_cpu not in cpus:
@@ -485,8 +518,30 @@ def canary_extra_proxy_keys(extra):
             + "\n# ---- end of $CANARY_EXTRA ----\n")
 
 
-def write_canary_conf(tmp, port, admin_port, port_v1, port_v2, extra, name="canary.toml"):
-    """canary's config; canary@base gets the same one (name canary-base.toml), other ports."""
+# --rollout: canary's plan. Step 10 keeps the 90/10 split of the other contestants; the
+# approval gate before 100 and a step_time far longer than any benchmark keep it from
+# advancing, so it stays `running` at step 0 for the whole run (the analysis still runs every
+# interval, as in production). Without [rollout] a backend has no meter at all.
+ROLLOUT_STEPS = (10, 100)
+ROLLOUT_TOML = """
+[rollout]
+baseline = "v1"
+canary = "v2"
+steps = [10, 100]
+approve = [100]
+step_time = "24h"
+
+[rollout.analysis]
+interval = "5s"
+on_inconclusive = "hold"
+"""
+ROLLOUT_ACTIVE = ("running", "waiting_approval")
+
+
+def write_canary_conf(tmp, port, admin_port, port_v1, port_v2, extra, name="canary.toml",
+                      rollout=False):
+    """canary's config; canary@base gets the same one (name canary-base.toml), other ports.
+    rollout: append ROLLOUT_TOML (only canary, with --rollout)."""
     conf = f"""[proxy]
 listen = "127.0.0.1:{port}"
 request_timeout = "30s"
@@ -504,6 +559,8 @@ name = "v2"
 urls = ["http://127.0.0.1:{port_v2}"]
 weight = 10
 """
+    if rollout:
+        conf += ROLLOUT_TOML
     path = os.path.join(tmp, name)
     with open(path, "w") as f:
         f.write(conf)
@@ -556,7 +613,8 @@ def start_canary(settings, procs, fleet, proxy):
     binary, tmp, ports = canary_bin(settings, proxy), fleet.tmp, fleet.ports
     suffix = proxy[len("canary"):].replace("@", "-")  # "" or "-base"
     conf = write_canary_conf(tmp, ports[proxy], ports[admin_key(proxy)], ports["v1"],
-                             ports["v2"], settings.canary_extra, f"canary{suffix}.toml")
+                             ports["v2"], settings.canary_extra, f"canary{suffix}.toml",
+                             rollout=settings.rollout and proxy == "canary")
     if proxy == "canary":
         fleet.canary_conf = conf
     check = subprocess.run([binary, "check", "--config", conf], capture_output=True,
@@ -908,6 +966,60 @@ def reset_weights(admin_port):
 
 
 # ---------------------------------------------------------------------------------------------
+# --rollout: canary runs a progressive rollout
+# ---------------------------------------------------------------------------------------------
+
+def rollout_status(admin_port):
+    status, _, body = request(admin_port, path="/admin/rollout")
+    if status != 200:
+        raise RuntimeError(f"GET /admin/rollout -> {status} {body[:300]!r}")
+    return json.loads(body)
+
+
+def start_rollout(fleet, other=f"{BASE} runs the same config without [rollout] (no meters, no "
+                                "analysis)"):
+    """POST /admin/rollout/start on canary's admin port; it must answer 200 and then be
+    running (or waiting for approval) at 10%. Returns the report's line; other: what it is
+    compared with."""
+    port = fleet.ports[admin_key("canary")]
+    status, _, body = request(port, "POST", "/admin/rollout/start")
+    if status != 200:
+        raise RuntimeError(f"canary: POST /admin/rollout/start -> {status} {body[:300]!r}")
+    st = rollout_status(port)
+    if st.get("state") not in ROLLOUT_ACTIVE or st.get("canary_percent") != ROLLOUT_STEPS[0]:
+        raise RuntimeError(f"canary: after POST /admin/rollout/start the rollout is "
+                           f"{st.get('state')!r} at {st.get('canary_percent')!r}%, expected "
+                           f"running at {ROLLOUT_STEPS[0]}%")
+    line = (f"- rollout: canary runs a progressive rollout v1 -> v2 (steps "
+            f"{list(ROLLOUT_STEPS)}, approve [100], step_time 24h, analysis every 5 s), "
+            f"started through POST /admin/rollout/start (200; then {st['state']}, step "
+            f"{st['step']}, canary {st['canary_percent']}%); {other}")
+    log(line[2:])
+    return line
+
+
+def rollout_end_line(fleet):
+    """After the last run: the rollout must still be under way at 10%, with both versions
+    counted by its meters. Returns the report's line (⚠ when it is not)."""
+    st = rollout_status(fleet.ports[admin_key("canary")])
+    counted = (f"its meters counted {st['baseline']['requests']:,} v1 and "
+               f"{st['canary']['requests']:,} v2 requests at this step, verdicts errors "
+               f"{st['verdict']['errors']}, latency {st['verdict']['latency']}")
+    events = [h["event"] for h in st.get("history", [])]
+    if st["state"] in ROLLOUT_ACTIVE and st["canary_percent"] == ROLLOUT_STEPS[0] \
+            and st["canary"]["requests"] > 0 and st["baseline"]["requests"] > 0:
+        line = (f"- rollout after the last run: still {st['state']} at step {st['step']} "
+                f"(canary {st['canary_percent']}%); {counted}; transitions: "
+                f"{', '.join(events)}")
+    else:
+        line = (f"- ⚠ rollout after the last run: {st['state']} at canary "
+                f"{st['canary_percent']}% ({counted}; transitions: {', '.join(events)}): "
+                "the runs after it left `running` did not measure a running rollout")
+    log(line[2:])
+    return line
+
+
+# ---------------------------------------------------------------------------------------------
 # Sanity checks
 # ---------------------------------------------------------------------------------------------
 
@@ -1069,8 +1181,12 @@ def baseline_info(settings):
                                      "commit unknown (not in CHECKOUT/target/…)")
             + f"; binary built {built_at(path)}")
     if file_sha256(path) == file_sha256(CANARY_BIN):
-        line += (" ⚠ the same binary as canary (identical bytes): canary/canary@base "
-                 "ratios show only the noise")
+        if settings.rollout:
+            line += (" — the same binary as canary (identical bytes): canary/canary@base "
+                     "ratios show the cost of the running rollout (and the noise)")
+        else:
+            line += (" ⚠ the same binary as canary (identical bytes): canary/canary@base "
+                     "ratios show only the noise")
     return line
 
 
@@ -1205,13 +1321,18 @@ def base_summary_row(title, new, old):
             + f" |{flagged(new + old)} |")
 
 
-def base_summary_markdown(rows, rounds):
+def base_summary_markdown(rows, rounds, rollout=False):
     spread = (" In parentheses the lowest and highest per-round ratio: the two builds ran "
               "back to back in every round (canary first in odd rounds, canary@base first in "
               "even ones), so a spread that includes 1.00 means no measurable difference."
               if rounds > 1 else " One round only: no spread; use more rounds (an even number "
               "keeps the order balanced) to judge a small difference.")
-    return ([f"## canary vs {BASE} (same run)", "", BASE_SUMMARY_HEAD] + rows
+    head = [f"## canary vs {BASE} (same run)", ""]
+    if rollout:
+        head = [f"## canary with a running rollout vs {BASE} without (same run)", "",
+                f"canary ran the rollout (v1 -> v2 at 90/10, state running); {BASE} had no "
+                "[rollout]. A ratio above 1.00× in CPU µs/req is what the rollout costs.", ""]
+    return (head + [BASE_SUMMARY_HEAD] + rows
             + ["", f"ratio = canary/{BASE}, of the medians over rounds: CPU µs/req and p99 "
                f"below 1.00× and req/s above 1.00× mean canary does better than {BASE}."
                + spread
@@ -1223,7 +1344,8 @@ def scenario_markdown(settings, sc, results, base_rows):
     vs_nginx = "nginx" in proxies
     lines = [f"### {sc.title}", "", table_head(vs_nginx)]
     for proxy in proxies:
-        lines.append(table_row(proxy, results[proxy],
+        label = f"{proxy} (rollout running)" if settings.rollout and proxy == "canary" else proxy
+        lines.append(table_row(label, results[proxy],
                                None if proxy == "nginx" or not vs_nginx else results["nginx"],
                                vs_nginx))
     c = results["canary"]
@@ -1406,6 +1528,8 @@ def run_benchmark(settings, procs, tmp):
                     for p in settings.proxies)
         + f"; temp dir {tmp}")
     lua = write_post_lua(tmp)
+    if settings.rollout:
+        info.append(start_rollout(fleet))  # before the checks: they see the rollout's split
     for note in sanity_checks(settings, procs, fleet, lua):
         log(f"sanity: {note}")
 
@@ -1414,9 +1538,11 @@ def run_benchmark(settings, procs, tmp):
     body = run_proxy_scenarios(settings, procs, fleet, lua, gate, mem_points, base_rows)
     if "swaps" in settings.scenarios:
         body += run_swap_scenario(settings, procs, fleet, lua, gate, base_rows)
+    if settings.rollout:
+        info.append(rollout_end_line(fleet))
     md = ["# canary-proxy load benchmark", ""] + info + [""]
     if base_rows:
-        md += base_summary_markdown(base_rows, settings.rounds)
+        md += base_summary_markdown(base_rows, settings.rounds, settings.rollout)
     md += body
     for build in mem_points:
         mem_points[build].append(("at the end", memory_kib(fleet.procs[build].pid)))

@@ -1,0 +1,332 @@
+#!/usr/bin/env python3
+"""Instructions per request with and without a running rollout, by callgrind (exact, unlike
+times on a shared machine).
+
+What it measures
+    One canary-proxy binary (default target/release/canary-proxy), run under
+    `valgrind --tool=callgrind` twice per repeat: "without" = load.py's generated config (v1
+    90, v2 10, no [rollout]); "with" = the same config plus load.py's [rollout] section
+    (steps [10, 100], approve [100], step_time 24h, analysis every 5 s), started with
+    POST /admin/rollout/start and checked to be running at 10% before and after the count.
+    Per run: a warm-up with wrk, `callgrind_control -z` (counters to zero), a fixed wrk run
+    (-t1, --conns connections, --duration seconds), `callgrind_control -d` (dump), then the
+    proxy is stopped. The dump's total of user-space instructions (Ir, every thread of the
+    process) divided by wrk's request count is "instructions per request".
+
+    The rollout's analysis (every 5 s, on a blocking thread) is in the "with" total. Under
+    callgrind the proxy serves some 10 times fewer requests per second than natively, so a
+    cost paid per second weighs about 10 times more per request here than in the load
+    benchmark. So callgrind keeps each thread apart (--separate-threads=yes) and the report
+    gives, besides the whole process, the worker threads alone (the threads that ran
+    Proxy::handle: the hot path, with the meters) and the other threads (control plane,
+    analysis, state file) in instructions per second; analyses counted from
+    canary_rollout_verdicts_total.
+
+    The upstream is load.py's nginx (v1 and v2 on two ports). The proxy runs on PROXY_CPU
+    (default 0), wrk and the upstream on LOAD_CPU (default 1), as in load.py, so the proxy
+    has the same number of worker threads (one per core it may use).
+
+How to run
+    python3 benches/instructions.py                 # 10 s runs, 2 repeats, GET /: ~2 min
+    python3 benches/instructions.py --post          # 4 KiB POST instead of small GET
+    python3 benches/instructions.py --binary PATH --duration 20 --repeat 3 --conns 64
+
+    Needs valgrind (callgrind_control, callgrind_annotate), nginx, wrk and taskset; installs
+    nothing (exit 2 when one is missing). Builds nothing: build target/release/canary-proxy
+    first (`cargo build --release --locked`). Everything it starts (nginx, valgrind with the
+    proxy, wrk) runs in its own process group and is stopped at the end, also on Ctrl-C;
+    dumps, configs and logs live in a temp dir that is removed (kept and printed on failure).
+    The report goes to stdout and target/instructions.md; progress to stderr.
+"""
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.dont_write_bytecode = True  # no benches/__pycache__ from importing load.py
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import load  # noqa: E402  (load.py beside this file: configs, processes, wrk, checks)
+
+REPORT_PATH = os.path.join(load.ROOT, "target", "instructions.md")
+VARIANTS = ("without", "with")  # no [rollout]; a started rollout
+HOT_SYMBOL = b"canary_proxy::proxy::Proxy::handle"  # only worker threads run it
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--binary", default=load.CANARY_BIN,
+                   help="the canary-proxy binary (default target/release/canary-proxy)")
+    p.add_argument("--duration", type=int, default=10, help="seconds per counted wrk run")
+    p.add_argument("--warmup", type=int, default=3, help="seconds of wrk before counting")
+    p.add_argument("--conns", type=int, default=16, help="wrk connections (default 16)")
+    p.add_argument("--repeat", type=int, default=2,
+                   help="runs per variant; without/with alternate, each repeat swaps the order")
+    p.add_argument("--post", action="store_true", help="4 KiB POST /post instead of GET /")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the temp dir with the callgrind dumps (for callgrind_annotate)")
+    a = p.parse_args()
+    a.binary = os.path.abspath(a.binary)
+    if not (os.path.isfile(a.binary) and os.access(a.binary, os.X_OK)):
+        p.error(f"{a.binary}: not an executable file (cargo build --release --locked first)")
+    if a.duration < 1 or a.repeat < 1 or a.conns < 1 or a.warmup < 0:
+        p.error("--duration, --repeat and --conns must be at least 1, --warmup at least 0")
+    return a
+
+
+def check_tools():
+    tools = ("valgrind", "callgrind_control", "callgrind_annotate", "nginx", "wrk", "taskset")
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        print(f"missing: {', '.join(missing)}", file=sys.stderr)
+        print("needs: apt-get install valgrind nginx-light wrk")
+        sys.exit(2)
+
+
+def settings_for(args):
+    """The load.Settings fields load's helpers read (cores, CANARY_EXTRA)."""
+    return load.Settings(scenarios=[], duration=args.duration, rounds=1,
+                         proxy_cpu=int(os.environ.get("PROXY_CPU", 0)),
+                         load_cpu=int(os.environ.get("LOAD_CPU", 1)),
+                         canary_extra=os.environ.get("CANARY_EXTRA", ""), build=False,
+                         wait_idle=0)
+
+
+def callgrind_total(dump):
+    """Ir of a callgrind dump: its `totals:` (or `summary:`) line, first event."""
+    found = None
+    with open(dump) as f:
+        for line in f:
+            m = re.match(r"(totals|summary):\s+(\d+)", line)
+            if m:
+                found = int(m.group(2))
+                if m.group(1) == "totals":
+                    break
+    if found is None:
+        raise RuntimeError(f"{dump}: no totals/summary line")
+    return found
+
+
+def runs_hot_path(dump):
+    """Whether this thread's dump names Proxy::handle (callgrind writes a function's name in
+    full the first time a file mentions it): a worker thread."""
+    with open(dump, "rb") as f:
+        return HOT_SYMBOL in f.read()
+
+
+def metric(admin_port, name):
+    _, _, body = load.request(admin_port, path="/metrics")
+    total = 0.0
+    for line in body.decode().splitlines():
+        if line.startswith(name):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def wait_dumps(run_dir, before, timeout=60.0):
+    """The per-thread files callgrind_control -d wrote (callgrind.PID.1-NN), once no new one
+    has appeared and none has grown for a second."""
+    deadline = time.monotonic() + timeout
+    seen, quiet = {}, 0.0
+    while time.monotonic() < deadline:
+        now = {f: os.path.getsize(os.path.join(run_dir, f))
+               for f in set(os.listdir(run_dir)) - before if f.startswith("callgrind.")}
+        quiet = quiet + 0.25 if now and now == seen else 0.0
+        if quiet >= 1.0:
+            return [os.path.join(run_dir, f) for f in sorted(now)]
+        seen = now
+        time.sleep(0.25)
+    raise RuntimeError("callgrind_control -d wrote no dump")
+
+
+def one_run(args, settings, procs, fleet, variant, lua, index):
+    """Starts the proxy under callgrind with or without a rollout, counts one wrk run, stops
+    it. Returns a dict of the figures."""
+    tmp = fleet.tmp
+    rollout = variant == "with"
+    run_dir = os.path.join(tmp, f"run{index}-{variant}")
+    os.makedirs(run_dir)
+    ports = load.free_ports(2)
+    fleet.ports["canary"], fleet.ports["admin"] = ports
+    conf = load.write_canary_conf(run_dir, ports[0], ports[1], fleet.ports["v1"],
+                                  fleet.ports["v2"], settings.canary_extra, "canary.toml",
+                                  rollout=rollout)
+    check = subprocess.run([args.binary, "check", "--config", conf], capture_output=True,
+                           text=True)
+    if check.returncode != 0:
+        raise RuntimeError(f"canary-proxy check rejected the config:\n{check.stdout}"
+                           f"{check.stderr}")
+    logf = os.path.join(run_dir, "proxy.log")
+    argv = ["taskset", "-c", str(settings.proxy_cpu), "valgrind", "--tool=callgrind",
+            "--separate-threads=yes", f"--callgrind-out-file={run_dir}/callgrind.%p",
+            args.binary, "--config", conf]
+    env = dict(os.environ, RUST_LOG="warn")
+    proc = procs.start(f"callgrind {variant}", argv, logf, env=env)
+    fleet.procs["canary"] = proc
+    load.wait_listening(ports[0], proc, "canary-proxy under callgrind", logf, timeout=120)
+    load.wait_listening(ports[1], proc, "canary-proxy admin under callgrind", logf,
+                        timeout=60)
+    try:
+        if rollout:
+            load.start_rollout(fleet, "the runs without use the same config without "
+                                      "[rollout]")
+        url = f"http://127.0.0.1:{ports[0]}{'/post' if args.post else '/'}"
+        body = lua if args.post else None
+        if args.warmup:
+            load.run_wrk(settings, procs, url, args.conns, args.warmup, body)
+        ticks0 = metric(ports[1], "canary_rollout_verdicts_total") / 2
+        before = set(os.listdir(run_dir))
+        ctl = subprocess.run(["callgrind_control", "-z", str(proc.pid)], capture_output=True,
+                             text=True)
+        if ctl.returncode != 0:
+            raise RuntimeError(f"callgrind_control -z failed: {ctl.stdout}{ctl.stderr}")
+        up0 = load.upstream_counters(fleet)
+        res = load.run_wrk(settings, procs, url, args.conns, args.duration, body)
+        up1 = load.upstream_counters(fleet)
+        ctl = subprocess.run(["callgrind_control", "-d", str(proc.pid)], capture_output=True,
+                             text=True)
+        if ctl.returncode != 0:
+            raise RuntimeError(f"callgrind_control -d failed: {ctl.stdout}{ctl.stderr}")
+        dumps = wait_dumps(run_dir, before)
+        ticks1 = metric(ports[1], "canary_rollout_verdicts_total") / 2
+        end = load.rollout_end_line(fleet) if rollout else ""
+    finally:
+        procs._stop(proc)
+    if res["non2xx"] or res["socket_errors"]:
+        raise RuntimeError(f"{variant}: wrk saw errors: non-2xx {res['non2xx']}, "
+                           f"{res.get('socket_detail', '')}")
+    if end.startswith("- ⚠"):
+        raise RuntimeError(f"the rollout did not stay under way: {end}")
+    totals = [(callgrind_total(d), runs_hot_path(d)) for d in dumps]
+    ir = sum(t for t, _ in totals)
+    workers = sum(t for t, hot in totals if hot)
+    if not workers:
+        raise RuntimeError(f"no thread dump of {variant} names Proxy::handle: {dumps}")
+    n = res["requests"]
+    out = {
+        "variant": variant,
+        "requests": n,
+        "rps": res["rps"],
+        "upstream": up1[1] - up0[1] - 1,  # minus the first status read's own request
+        "threads": len(totals),
+        "worker_threads": sum(1 for _, hot in totals if hot),
+        "ir": ir,
+        "per_req": ir / n,
+        "worker_per_req": workers / n,
+        "other_per_s": (ir - workers) / args.duration,
+        "ticks": ticks1 - ticks0,
+    }
+    load.log(f"  {variant:<7} {n:>7} requests ({out['rps']:.0f}/s, upstream "
+             f"{out['upstream']}): {ir:,} Ir = {out['per_req']:,.0f} per request; worker "
+             f"thread(s) {out['worker_per_req']:,.0f} per request; other threads "
+             f"{out['other_per_s']:,.0f} per s; {out['ticks']:.0f} analyses")
+    return out
+
+
+def report(args, runs):
+    def med(variant, key):
+        return statistics.median(r[key] for r in runs if r["variant"] == variant)
+
+    def ratio(key):
+        w, wo = med("with", key), med("without", key)
+        return f"{w / wo:.4f} ({(w / wo - 1) * 100:+.2f}%)"
+
+    kind = "4 KiB POST /post" if args.post else "small GET /"
+    lines = [
+        "# canary-proxy: instructions per request with and without a running rollout", "",
+        f"- binary {args.binary} (built {load.built_at(args.binary)}; checkout "
+        f"{load.git_commit(load.ROOT) or '?'})",
+        f"- {kind}, wrk -t1 -c{args.conns}, {args.warmup} s warm-up then {args.duration} s "
+        f"counted, {args.repeat} run(s) per variant (alternating); user-space instructions "
+        "(Ir) under callgrind, divided by wrk's request count",
+        "- with = [rollout] v1 -> v2, steps [10, 100], approve [100], step_time 24h, analysis "
+        "every 5 s, started by POST /admin/rollout/start and still running at 10% after the "
+        "count; without = the same config without [rollout]",
+        "- worker threads = the threads that ran Proxy::handle (the hot path, meters "
+        "included); other threads = control plane, the rollout's analysis and state file", "",
+        "| run | variant | requests (upstream) | req/s | Ir per request, whole process "
+        "| Ir per request, worker threads | other threads, Ir per s | analyses |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for i, r in enumerate(runs, 1):
+        lines.append(f"| {i} | {r['variant']} | {r['requests']:,} ({r['upstream']:,}) | "
+                     f"{r['rps']:,.0f} | {r['per_req']:,.0f} | {r['worker_per_req']:,.0f} | "
+                     f"{r['other_per_s']:,.0f} | {r['ticks']:.0f} |")
+    lines += [
+        "",
+        "| median | without | with | with / without |",
+        "|---|---:|---:|---:|",
+        f"| Ir per request, whole process | {med('without', 'per_req'):,.0f} | "
+        f"{med('with', 'per_req'):,.0f} | {ratio('per_req')} |",
+        f"| Ir per request, worker threads | {med('without', 'worker_per_req'):,.0f} | "
+        f"{med('with', 'worker_per_req'):,.0f} | {ratio('worker_per_req')} |",
+        f"| other threads, Ir per second | {med('without', 'other_per_s'):,.0f} | "
+        f"{med('with', 'other_per_s'):,.0f} | {ratio('other_per_s')} |",
+        "",
+        "Under callgrind the proxy serves far fewer requests per second than natively, so "
+        "what the other threads do per second (the analysis among it) weighs more per request "
+        "in the whole-process figure than it does at full speed; the worker threads' figure "
+        "is the hot path's own cost.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    args = parse_args()
+    check_tools()
+    settings = settings_for(args)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, load._interrupt)
+    load.raise_fd_limit()
+    procs = load.Processes()
+    tmp = tempfile.mkdtemp(prefix="canary-instr-")
+    keep = args.keep
+    try:
+        ports = dict(zip(("v1", "v2"), load.free_ports(2)))
+        fleet = load.Fleet(tmp=tmp, ports=ports)
+        prefix, conf = load.write_upstream_conf(tmp, ports["v1"], ports["v2"])
+        logf = os.path.join(prefix, "stdout.log")
+        fleet.procs["upstream"] = procs.start(
+            "upstream", ["taskset", "-c", str(settings.load_cpu), "nginx", "-p", prefix, "-c",
+                         conf], logf)
+        load.wait_listening(ports["v1"], fleet.procs["upstream"], "upstream nginx", logf)
+        load.wait_listening(ports["v2"], fleet.procs["upstream"], "upstream nginx", logf)
+        lua = load.write_post_lua(tmp)
+        runs = []
+        for rep in range(args.repeat):
+            order = VARIANTS if rep % 2 == 0 else VARIANTS[::-1]
+            for variant in order:
+                runs.append(one_run(args, settings, procs, fleet, variant, lua, len(runs) + 1))
+        text = report(args, runs)
+        print(text, end="")
+        os.makedirs(os.path.dirname(REPORT_PATH), exist_ok=True)
+        with open(REPORT_PATH, "w") as f:
+            f.write(text)
+        load.log(f"report written to {REPORT_PATH}")
+    except load.Interrupted as e:
+        load.log(f"interrupted by {e}; stopping everything")
+        sys.exit(130)
+    except Exception as e:
+        keep = True
+        load.log(f"error: {e}")
+        if not isinstance(e, RuntimeError):
+            raise
+        sys.exit(1)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+        procs.stop_all()
+        if keep:
+            load.log(f"dumps, logs and configs kept in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
