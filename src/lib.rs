@@ -26,6 +26,7 @@
 //! - `control`: [`ControlPlane`], through which every table change goes (weights, reloads),
 //!   atomic, versioned and audited.
 //! - `admin`: the admin HTTP API on its own listener.
+//! - `admin_client`: a small HTTP/1.1 client for that API, for the operator's subcommands.
 //! - `persist`: writes weight changes back into the config file, comments kept.
 //! - `health`: active health checks and passive outlier ejection per endpoint.
 //! - `rollout`: progressive rollout: the latency buckets the hot path fills and the pure
@@ -36,6 +37,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod admin_client;
 mod codec;
 pub mod config;
 mod control;
@@ -63,6 +65,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 pub use admin::serve_admin;
+pub use admin_client::{AdminClient, AdminClientError, DEFAULT_ADMIN_URL, TOKEN_ENV};
 pub use config::{Config, ConfigError};
 pub use control::{ControlError, ControlPlane, StartError, WeightsApplied};
 pub use demo::{DEMO_CONFIG, demo_upstream};
