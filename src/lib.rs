@@ -30,7 +30,8 @@
 //! - `persist`: writes weight changes back into the config file, comments kept.
 //! - `health`: active health checks and passive outlier ejection per endpoint.
 //! - `rollout`: progressive rollout: the latency buckets the hot path fills and the pure
-//!   statistics (anytime-valid tests) behind each step's pass / fail / inconclusive.
+//!   statistics (anytime-valid tests) behind each step's pass / fail / inconclusive; the
+//!   terminal view of a rollout (`rollout::view`, pure).
 //! - `metrics`: the Prometheus metrics, with label handles resolved ahead of time.
 //! - `workers`: thread-per-core serving, one current-thread runtime and SO_REUSEPORT listener
 //!   per worker.
@@ -77,7 +78,7 @@ pub use health::{EndpointHealth, EndpointStatus, HealthSupervisor, ProbeCounter,
 pub use metrics::{BackendMetrics, Metrics};
 pub use persist::{PersistError, write_weights};
 pub use proxy::{Proxy, SharedTable};
-pub use rollout::{RolloutController, RolloutError};
+pub use rollout::{RolloutController, RolloutError, view as rollout_view};
 pub use routing::{Backend, Decision, Endpoint, MAX_BACKENDS, Reason, RoutingTable, Rule};
 pub use server::{ServerOptions, serve};
 pub use sticky::{BUCKETS, StickySettings, bucket, fnv1a_32};
