@@ -27,6 +27,7 @@
 //!   atomic, versioned and audited.
 //! - `admin`: the admin HTTP API on its own listener.
 //! - `admin_client`: a small HTTP/1.1 client for that API, for the operator's subcommands.
+//! - `cli`: `canary-proxy rollout ...` through the admin client: commands, status, watch.
 //! - `persist`: writes weight changes back into the config file, comments kept.
 //! - `health`: active health checks and passive outlier ejection per endpoint.
 //! - `rollout`: progressive rollout: the latency buckets the hot path fills and the pure
@@ -39,6 +40,7 @@
 
 mod admin;
 mod admin_client;
+mod cli;
 mod codec;
 pub mod config;
 mod control;
@@ -67,6 +69,7 @@ use tokio::net::TcpListener;
 
 pub use admin::serve_admin;
 pub use admin_client::{AdminClient, AdminClientError, DEFAULT_ADMIN_URL, TOKEN_ENV};
+pub use cli::{Outcome, Terminal, rollout as rollout_command, watch_rollout};
 pub use config::{Config, ConfigError};
 pub use control::{ControlError, ControlPlane, StartError, WeightsApplied};
 pub use demo::{DEMO_CONFIG, demo_upstream};
@@ -78,7 +81,9 @@ pub use health::{EndpointHealth, EndpointStatus, HealthSupervisor, ProbeCounter,
 pub use metrics::{BackendMetrics, Metrics};
 pub use persist::{PersistError, write_weights};
 pub use proxy::{Proxy, SharedTable};
-pub use rollout::{RolloutController, RolloutError, view as rollout_view};
+pub use rollout::{
+    Command as RolloutCommand, RolloutController, RolloutError, view as rollout_view,
+};
 pub use routing::{Backend, Decision, Endpoint, MAX_BACKENDS, Reason, RoutingTable, Rule};
 pub use server::{ServerOptions, serve};
 pub use sticky::{BUCKETS, StickySettings, bucket, fnv1a_32};

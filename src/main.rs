@@ -1,13 +1,15 @@
 //! The `canary-proxy` binary: parses the command line, sets up logging, and runs the proxy,
-//! `check` or `demo`. Everything else lives in the library.
+//! `check`, `demo` or `rollout`. Everything else lives in the library.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use canary_proxy::ControlPlane;
-use clap::{Parser, Subcommand};
+use canary_proxy::{
+    AdminClient, AdminClientError, ControlPlane, Outcome, RolloutCommand, Terminal,
+};
+use clap::{Args, Parser, Subcommand};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
@@ -34,6 +36,42 @@ enum Command {
     /// Start two demo upstreams (v1 on 127.0.0.1:8081, v2 on :8082) and the proxy on :8080
     /// with the bundled canary.toml.
     Demo,
+    /// Drive and show the progressive rollout of a running proxy through its admin API.
+    Rollout(RolloutArgs),
+}
+
+#[derive(Args)]
+struct RolloutArgs {
+    #[command(subcommand)]
+    action: Option<RolloutAction>,
+    /// The proxy's admin API.
+    #[arg(long, global = true, value_name = "URL", default_value = canary_proxy::DEFAULT_ADMIN_URL)]
+    admin: String,
+    /// Bearer token for the admin API; by default the CANARY_ADMIN_TOKEN environment variable
+    /// (which, unlike an argument, other users cannot read in the process list).
+    #[arg(long, global = true, value_name = "TOKEN")]
+    token: Option<String>,
+}
+
+#[derive(Subcommand, Clone, Copy)]
+enum RolloutAction {
+    /// Show the rollout (the default): the steps, both versions side by side, the verdicts
+    /// with their intervals, the history.
+    Status {
+        /// Redraw every second until the rollout is promoted or rolled back (or Ctrl-C).
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Start at the first step (from idle, or after a rollback).
+    Start,
+    /// Hold the current step's traffic; a failing verdict still rolls back.
+    Pause,
+    /// Go on after a pause, or approve the step that waits for approval.
+    Resume,
+    /// Send all of the pair's traffic to the canary now.
+    Promote,
+    /// Roll back now: all of the pair's traffic to the baseline.
+    Abort,
 }
 
 fn main() -> ExitCode {
@@ -46,12 +84,17 @@ fn main() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     let result = match cli.command {
-        Some(Command::Check) => check(&cli.config),
-        Some(Command::Demo) => runtime().and_then(|rt| rt.block_on(demo())),
-        None => runtime().and_then(|rt| rt.block_on(serve(&cli.config))),
+        Some(Command::Check) => check(&cli.config).map(|()| ExitCode::SUCCESS),
+        Some(Command::Demo) => runtime()
+            .and_then(|rt| rt.block_on(demo()))
+            .map(|()| ExitCode::SUCCESS),
+        Some(Command::Rollout(args)) => runtime().and_then(|rt| rt.block_on(rollout(args))),
+        None => runtime()
+            .and_then(|rt| rt.block_on(serve(&cli.config)))
+            .map(|()| ExitCode::SUCCESS),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(error) => {
             eprintln!("canary-proxy: {error:#}");
             if is_missing_config(&error) {
@@ -60,9 +103,46 @@ fn main() -> ExitCode {
                      `canary-proxy demo` to try the proxy with two built-in upstreams"
                 );
             }
+            if let Some(AdminClientError::Connect { .. }) = error.downcast_ref() {
+                eprintln!(
+                    "canary-proxy: is the proxy running? `--admin URL` names its admin API \
+                     (default {})",
+                    canary_proxy::DEFAULT_ADMIN_URL
+                );
+            }
             ExitCode::FAILURE
         }
     }
+}
+
+/// `canary-proxy rollout ...`: exit 0 when done, 1 when the proxy refused the command (409)
+/// or could not be asked.
+async fn rollout(args: RolloutArgs) -> anyhow::Result<ExitCode> {
+    let token = args.token.or_else(|| {
+        std::env::var(canary_proxy::TOKEN_ENV)
+            .ok()
+            .filter(|t| !t.is_empty())
+    });
+    let client = AdminClient::new(&args.admin, token.as_deref())?;
+    let (command, watch) = match args.action {
+        None => (None, false),
+        Some(RolloutAction::Status { watch }) => (None, watch),
+        Some(RolloutAction::Start) => (Some(RolloutCommand::Start), false),
+        Some(RolloutAction::Pause) => (Some(RolloutCommand::Pause), false),
+        Some(RolloutAction::Resume) => (Some(RolloutCommand::Resume), false),
+        Some(RolloutAction::Promote) => (Some(RolloutCommand::Promote), false),
+        Some(RolloutAction::Abort) => (Some(RolloutCommand::Abort), false),
+    };
+    let interrupted = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let outcome =
+        canary_proxy::rollout_command(&client, command, watch, Terminal::stdout(), interrupted)
+            .await?;
+    Ok(match outcome {
+        Outcome::Done => ExitCode::SUCCESS,
+        Outcome::Refused => ExitCode::FAILURE,
+    })
 }
 
 /// True when the config file does not exist: the usual first run, in a directory without
@@ -254,4 +334,44 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
         let _ = tokio::signal::ctrl_c().await;
         tracing::info!("shutdown signal received");
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn rollout_defaults_to_status_and_takes_admin_and_token_before_or_after_the_command() {
+        let parse = |args: &[&str]| match Cli::try_parse_from(args).map(|cli| cli.command) {
+            Ok(Some(Command::Rollout(args))) => args,
+            _ => panic!("{args:?} is not a rollout command"),
+        };
+        let default = parse(&["canary-proxy", "rollout"]);
+        assert!(default.action.is_none());
+        assert_eq!(default.admin, canary_proxy::DEFAULT_ADMIN_URL);
+        assert!(default.token.is_none());
+        let before = parse(&["canary-proxy", "rollout", "--admin", "http://h:1", "pause"]);
+        assert!(matches!(before.action, Some(RolloutAction::Pause)));
+        assert_eq!(before.admin, "http://h:1");
+        let after = parse(&[
+            "canary-proxy",
+            "rollout",
+            "status",
+            "--watch",
+            "--token",
+            "t",
+        ]);
+        assert!(matches!(
+            after.action,
+            Some(RolloutAction::Status { watch: true })
+        ));
+        assert_eq!(after.token.as_deref(), Some("t"));
+        assert!(Cli::try_parse_from(["canary-proxy", "rollout", "restart"]).is_err());
+    }
 }

@@ -1,5 +1,6 @@
 //! The `canary-proxy` binary itself: `check` on good and bad configs, a 512 MiB upload streamed
-//! through a running proxy with its memory watched, and `demo`.
+//! through a running proxy with its memory watched, `demo`, and `rollout ...` driving a real
+//! proxy's rollout.
 
 mod common;
 
@@ -673,4 +674,239 @@ async fn idle_admin_connections_cannot_starve_the_data_port() {
         "the proxy ran out of descriptors"
     );
     drop(idle);
+}
+
+/// Runs `canary-proxy rollout ARGS` (no token in the environment unless `env` sets one);
+/// (exit code, stdout, stderr), within 20 s.
+async fn rollout_cli(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
+    let mut command = tokio::process::Command::new(BIN);
+    command
+        .arg("rollout")
+        .args(args)
+        .env_remove("CANARY_ADMIN_TOKEN")
+        .env("COLUMNS", "80")
+        .kill_on_drop(true);
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let output = tokio::time::timeout(Duration::from_secs(20), command.output())
+        .await
+        .expect("`canary-proxy rollout` did not finish within 20 s")
+        .unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// A proxy process with a rollout of v1 -> v2 over [20, 50, 100] and no traffic (so it holds
+/// its first step), plus `admin` lines in [admin].
+async fn spawn_rollout_proxy(
+    admin: &str,
+    env: &[(&str, &str)],
+) -> (ProxyProcess, tempfile::TempDir, String, Upstream, Upstream) {
+    let (v1, v2) = (upstream("v1").await, upstream("v2").await);
+    let mut text = config(
+        &[("v1", vec![v1.url()], 100), ("v2", vec![v2.url()], 0)],
+        "",
+    );
+    text.push_str(
+        "[rollout]\nbaseline = \"v1\"\ncanary = \"v2\"\nsteps = [20, 50, 100]\nstep_time = \"5s\"\n\
+         [rollout.analysis]\ninterval = \"200ms\"\n",
+    );
+    text.push_str(&format!("[admin]\nlisten = \"127.0.0.1:0\"\n{admin}\n"));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("canary.toml");
+    std::fs::write(&path, text).unwrap();
+    let proxy = spawn_proxy_at(&path, env);
+    let url = format!("http://{}", proxy.admin);
+    (proxy, dir, url, v1, v2)
+}
+
+#[tokio::test]
+async fn rollout_commands_drive_a_real_proxy_and_exit_1_on_a_conflict() {
+    let (proxy, _dir, url, _v1, _v2) = spawn_rollout_proxy("", &[]).await;
+    let admin = ["--admin", url.as_str()];
+
+    // `status` is the default; nothing is under way yet.
+    let (code, out, err) = rollout_cli(&admin, &[]).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("○ idle") && out.contains("not started"),
+        "{out}"
+    );
+    assert!(
+        out.contains("[20%]──────────[50%]──────────[100%]"),
+        "{out}"
+    );
+
+    let (code, out, err) = rollout_cli(&["start", "--admin", &url], &[]).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        out,
+        "running, step 1 of 3: canary v2 20%, baseline v1 80%\n"
+    );
+
+    let (code, out, err) = rollout_cli(&["status", "--admin", &url], &[]).await;
+    assert_eq!(code, Some(0), "{err}");
+    for needle in [
+        "rollout v1 → v2",
+        "▶ running",
+        "[20%]──────────[50%]──────────[100%]",
+        "▲ now",
+        "baseline v1",
+        "canary v2",
+        "traffic             80%                       20%",
+        "p99 interval",
+        "? inconclusive",
+        "tolerance           +1.00 points              1.25x",
+        "started by the operator",
+    ] {
+        assert!(out.contains(needle), "no `{needle}` in:\n{out}");
+    }
+    assert!(!out.contains('\x1b'), "colours on a pipe:\n{out}");
+    assert!(out.lines().all(|l| l.chars().count() <= 80), "{out}");
+
+    let (code, out, _) = rollout_cli(&["pause", "--admin", &url], &[]).await;
+    assert_eq!(code, Some(0));
+    assert!(out.starts_with("paused, step 1 of 3"), "{out}");
+
+    // A command that makes no sense now: the error and the state, exit 1.
+    let (code, out, err) = rollout_cli(&["--admin", &url, "pause"], &[]).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        err.contains("cannot pause a rollout that is paused"),
+        "{err}"
+    );
+    assert!(out.starts_with("paused, step 1 of 3"), "{out}");
+
+    let (code, out, _) = rollout_cli(&["abort", "--admin", &url], &[]).await;
+    assert_eq!(code, Some(0));
+    assert_eq!(
+        out,
+        "rolled back, step 1 of 3: canary v2 0%, baseline v1 100%\n"
+    );
+    let (code, _, err) = rollout_cli(&["resume", "--admin", &url], &[]).await;
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("rolled_back") || err.contains("rolled back"),
+        "{err}"
+    );
+
+    // The proxy agrees.
+    let weights = client()
+        .get(format!("http://{}/admin/weight", proxy.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(weights.trim(), r#"{"v1":100,"v2":0}"#);
+}
+
+#[tokio::test]
+async fn rollout_status_watch_follows_the_rollout_to_its_end() {
+    let (_proxy, _dir, url, _v1, _v2) = spawn_rollout_proxy("", &[]).await;
+    assert_eq!(
+        rollout_cli(&["start", "--admin", &url], &[]).await.0,
+        Some(0)
+    );
+    let mut watch = tokio::process::Command::new(BIN)
+        .args(["rollout", "status", "--watch", "--admin", &url])
+        .env("COLUMNS", "80")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = watch.stdout.take().unwrap();
+    let mut out = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !String::from_utf8_lossy(&out).contains("▶ running") {
+        let n = tokio::time::timeout(Duration::from_secs(10), stdout.read(&mut chunk))
+            .await
+            .expect("no first frame within 10 s")
+            .unwrap();
+        assert!(n > 0, "{}", String::from_utf8_lossy(&out));
+        out.extend_from_slice(&chunk[..n]);
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1500), watch.wait())
+            .await
+            .is_err(),
+        "the watch ended while the rollout runs"
+    );
+    assert_eq!(
+        rollout_cli(&["promote", "--admin", &url], &[]).await.0,
+        Some(0)
+    );
+    let status = tokio::time::timeout(Duration::from_secs(10), watch.wait())
+        .await
+        .expect("the watch did not end with the rollout")
+        .unwrap();
+    assert!(status.success());
+    stdout.read_to_end(&mut out).await.unwrap();
+    let out = String::from_utf8_lossy(&out);
+    // On a pipe, a frame per change: running, then the promotion.
+    assert_eq!(out.matches("rollout v1 → v2").count(), 2, "{out}");
+    assert!(
+        out.contains("✓ promoted") && out.contains("promoted by the operator"),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn rollout_commands_without_a_rollout_or_a_proxy_say_so() {
+    let v1 = upstream("v1").await;
+    let (proxy, _dir) = spawn_proxy(&config(&[("v1", vec![v1.url()], 1)], ""));
+    let url = format!("http://{}", proxy.admin);
+    for args in [vec!["--admin", &url], vec!["start", "--admin", &url]] {
+        let (code, out, err) = rollout_cli(&args, &[]).await;
+        assert_eq!(code, Some(1), "{args:?}: {out}");
+        assert!(err.contains("no rollout is configured"), "{err}");
+        assert!(err.contains(&url) && err.contains("404"), "{err}");
+    }
+    // Nothing listens there any more.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let closed = format!("http://{closed}");
+    let (code, _, err) = rollout_cli(&["--admin", &closed], &[]).await;
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains(&format!("cannot connect to the admin API at {closed}")),
+        "{err}"
+    );
+    assert!(err.contains("is the proxy running?"), "{err}");
+    let (code, _, err) = rollout_cli(&["--admin", "https://127.0.0.1:9901"], &[]).await;
+    assert_eq!(code, Some(1));
+    assert!(err.contains("https is not supported"), "{err}");
+}
+
+#[tokio::test]
+async fn rollout_commands_send_the_token_from_the_flag_or_the_environment() {
+    let (_proxy, _dir, url, _v1, _v2) = spawn_rollout_proxy(
+        "token_env = \"CANARY_TEST_TOKEN\"",
+        &[("CANARY_TEST_TOKEN", "s3cret")],
+    )
+    .await;
+    let (code, _, err) = rollout_cli(&["--admin", &url], &[]).await;
+    assert_eq!(code, Some(1));
+    assert!(err.contains("401") && err.contains("--token"), "{err}");
+    assert!(err.contains("CANARY_ADMIN_TOKEN"), "{err}");
+    let (code, _, err) = rollout_cli(&["--admin", &url, "--token", "wrong"], &[]).await;
+    assert_eq!(code, Some(1));
+    assert!(err.contains("401") && err.contains("refused"), "{err}");
+    let (code, out, err) = rollout_cli(&["--admin", &url, "--token", "s3cret"], &[]).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("○ idle"), "{out}");
+    let (code, out, err) = rollout_cli(
+        &["start", "--admin", &url],
+        &[("CANARY_ADMIN_TOKEN", "s3cret")],
+    )
+    .await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.starts_with("running"), "{out}");
 }
