@@ -22,7 +22,8 @@
 //!   of connections hyper serves.
 //! - `server`: the client listener: picks HTTP/1.1 (`http1`) or h2c (hyper) per connection,
 //!   and drains on shutdown.
-//! - `demo`: the two built-in upstreams of `canary-proxy demo`.
+//! - `demo`: the two built-in upstreams of `canary-proxy demo`, the rollout plan and the load
+//!   generator of `demo --rollout`.
 //! - `control`: [`ControlPlane`], through which every table change goes (weights, reloads),
 //!   atomic, versioned and audited.
 //! - `admin`: the admin HTTP API on its own listener.
@@ -72,7 +73,10 @@ pub use admin_client::{AdminClient, AdminClientError, DEFAULT_ADMIN_URL, TOKEN_E
 pub use cli::{Outcome, Terminal, rollout as rollout_command, watch_rollout};
 pub use config::{Config, ConfigError};
 pub use control::{ControlError, ControlPlane, StartError, WeightsApplied};
-pub use demo::{DEMO_CONFIG, demo_upstream};
+pub use demo::{
+    DEMO_BAD_CANARY_FAIL_PERCENT, DEMO_CONFIG, DEMO_LOAD_PER_SECOND, DEMO_ROLLOUT,
+    DEMO_ROLLOUT_UPSTREAM_LATENCY, demo_config, demo_load, demo_upstream,
+};
 pub use duration::{format_duration, parse_duration};
 pub use error::{ProxyError, UpstreamErrorKind};
 pub use framing::{AmbiguousFraming, FramingGuard};

@@ -1,6 +1,9 @@
 //! The `canary-proxy` binary itself: `check` on good and bad configs, a 512 MiB upload streamed
-//! through a running proxy with its memory watched, `demo`, and `rollout ...` driving a real
-//! proxy's rollout.
+//! through a running proxy with its memory watched, `demo` and `demo --rollout` (a promotion,
+//! and a rollback with `--bad-canary`), and `rollout ...` driving a real proxy's rollout.
+//!
+//! The demos listen on fixed ports (8080-8082, 9901): their tests take [`DEMO_PORTS`] first,
+//! so they never run at the same time.
 
 mod common;
 
@@ -14,6 +17,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const BIN: &str = env!("CARGO_BIN_EXE_canary-proxy");
+
+/// Held by every test that runs a demo (fixed ports).
+static DEMO_PORTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn fixtures() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -322,6 +328,7 @@ async fn a_512_mib_upload_streams_through_with_flat_memory() {
 
 #[tokio::test]
 async fn demo_answers_on_8080_with_both_versions() {
+    let _ports = DEMO_PORTS.lock().await;
     let mut child = Command::new(BIN)
         .arg("demo")
         .stdout(Stdio::piped())
@@ -674,6 +681,182 @@ async fn idle_admin_connections_cannot_starve_the_data_port() {
         "the proxy ran out of descriptors"
     );
     drop(idle);
+}
+
+/// A `canary-proxy demo ...` process: its stdout and stderr collected by threads; killed on
+/// drop.
+struct DemoProcess {
+    child: Child,
+    stdout: std::sync::Arc<std::sync::Mutex<String>>,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl DemoProcess {
+    fn spawn(args: &[&str]) -> DemoProcess {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .env("COLUMNS", "80")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let collect = |pipe: Box<dyn std::io::Read + Send>| {
+            let text = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+            let sink = text.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    let mut text = sink.lock().unwrap();
+                    text.push_str(&line);
+                    text.push('\n');
+                }
+            });
+            text
+        };
+        let stdout = collect(Box::new(child.stdout.take().unwrap()));
+        let stderr = collect(Box::new(child.stderr.take().unwrap()));
+        DemoProcess {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Everything printed so far, once `needle` is among it (or a panic after `within`).
+    async fn wait_for(&mut self, needle: &str, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let out = self.stdout.lock().unwrap().clone();
+            if out.contains(needle) {
+                return out;
+            }
+            let exited = self.child.try_wait().unwrap();
+            assert!(
+                exited.is_none() && Instant::now() < deadline,
+                "no `{needle}` within {within:?} (exit: {exited:?})\nstdout:\n{out}\nstderr:\n{}",
+                self.stderr.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// SIGTERM, then the exit status (within 10 s).
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the demo did not exit on SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for DemoProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Who serves `n` requests to the demo's proxy now.
+async fn demo_served_by(n: usize) -> Vec<String> {
+    let c = client();
+    let mut served = Vec::new();
+    for _ in 0..n {
+        let response = c.get("http://127.0.0.1:8080/").send().await.unwrap();
+        served.push(
+            response.headers()["x-canary-backend"]
+                .to_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    served
+}
+
+/// The demo's config file, as its first lines name it.
+fn demo_config_path(out: &str) -> std::path::PathBuf {
+    let line = out
+        .lines()
+        .find_map(|l| l.trim_start().strip_prefix("config: "))
+        .unwrap();
+    std::path::PathBuf::from(line.trim())
+}
+
+#[tokio::test]
+async fn demo_rollout_promotes_a_healthy_canary_within_a_minute() {
+    let _ports = DEMO_PORTS.lock().await;
+    let started = Instant::now();
+    let mut demo = DemoProcess::spawn(&["demo", "--rollout"]);
+    let out = demo
+        .wait_for("The rollout is over", Duration::from_secs(60))
+        .await;
+    eprintln!("demo --rollout: over after {:?}\n{out}", started.elapsed());
+    assert!(out.contains("v2 was promoted"), "{out}");
+    // The final frame: all steps done, the promotion marked in words and symbols.
+    assert!(
+        out.contains("[20%]━━━━━━━━━━[50%]━━━━━━━━━━[100%]"),
+        "{out}"
+    );
+    assert!(
+        out.contains("✓ promoted") && out.contains("▲ promoted"),
+        "{out}"
+    );
+    let events: Vec<&str> = ["started", "advanced", "promoted"]
+        .into_iter()
+        .filter(|e| out.contains(&format!("  {e} ")))
+        .collect();
+    assert_eq!(events, ["started", "advanced", "promoted"], "{out}");
+    assert!(demo_served_by(20).await.iter().all(|b| b == "v2"));
+    let config = demo_config_path(&out);
+    assert!(config.exists(), "{}", config.display());
+    assert!(demo.terminate().success());
+    assert!(!config.exists(), "the demo's config was left behind");
+    assert!(!config.with_extension("rollout.json").exists());
+}
+
+#[tokio::test]
+async fn demo_rollout_with_a_bad_canary_rolls_it_back_within_seconds() {
+    let _ports = DEMO_PORTS.lock().await;
+    let started = Instant::now();
+    let mut demo = DemoProcess::spawn(&["demo", "--rollout", "--bad-canary"]);
+    let out = demo
+        .wait_for("The rollout is over", Duration::from_secs(30))
+        .await;
+    eprintln!(
+        "demo --rollout --bad-canary: over after {:?}\n{out}",
+        started.elapsed()
+    );
+    assert!(
+        out.contains("v2 on 127.0.0.1:8082 (fails 15% of its requests)"),
+        "{out}"
+    );
+    assert!(out.contains("v2 was rolled back"), "{out}");
+    assert!(out.contains("the errors verdict failed"), "{out}");
+    assert!(
+        out.contains("✗ rolled back") && out.contains("✗ fail"),
+        "{out}"
+    );
+    assert!(demo_served_by(20).await.iter().all(|b| b == "v1"));
+    assert!(demo.terminate().success());
+}
+
+#[test]
+fn demo_bad_canary_needs_rollout() {
+    let output = Command::new(BIN)
+        .args(["demo", "--bad-canary"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--rollout"));
 }
 
 /// Runs `canary-proxy rollout ARGS` (no token in the environment unless `env` sets one);
