@@ -760,7 +760,20 @@ impl DemoProcess {
 }
 
 impl Drop for DemoProcess {
+    /// SIGTERM first, so a failed test's demo still removes its temporary config; SIGKILL
+    /// when it has not exited within 5 s.
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
