@@ -1,28 +1,101 @@
-//! The two built-in upstreams of `canary-proxy demo`: each answers every path with its name,
-//! and `/health` with `ok`, so a newcomer sees the split without running anything else.
+//! The built-in pieces of `canary-proxy demo`: two upstreams that answer every path with their
+//! name (and `/health` with `ok`), so a newcomer sees the split without running anything
+//! else; for `demo --rollout`, the fast rollout plan added to the bundled config, a share of
+//! failed requests for `--bad-canary`, and a load generator at a fixed rate.
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response};
-use http_body_util::Full;
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
 
 /// The bundled `canary.toml`, which `demo` runs with wherever the binary is started.
 pub const DEMO_CONFIG: &str = include_str!("../canary.toml");
 
-/// Serves one demo upstream named `name` on `listener` until `shutdown` completes.
+/// The rollout `demo --rollout` appends to the bundled config: a healthy v2 is promoted in
+/// 20 to 30 s at [`DEMO_LOAD_PER_SECOND`], a v2 failing [`DEMO_BAD_CANARY_FAIL_PERCENT`]% of
+/// its requests is rolled back in 2 to 3 s (measured on two shared cores, debug build).
+///
+/// What sets the pace is the latency verdict: an upper bound on a version's p99 that stays
+/// valid however often it is read needs about 900 of that version's requests at the step
+/// (fewer cannot rule out that the slowest 1% is slower than all of them), so the first step
+/// is 20% of 500 requests/s, not 10% of 200. The tolerances are wider than the defaults
+/// (1 point, 25%), which need a few thousand requests per step to pass.
+pub const DEMO_ROLLOUT: &str = r#"
+# Added by `canary-proxy demo --rollout`: a fast plan for the demo's load (500 requests/s).
+[rollout]
+baseline = "v1"
+canary = "v2"
+steps = [20, 50, 100]
+step_time = "10s"
+
+[rollout.analysis]
+interval = "1s"
+min_requests = 100
+max_step_time = "1m"
+error_tolerance = 0.05
+latency_tolerance = 0.5
+"#;
+
+/// Requests a second the load generator of `demo --rollout` sends through the proxy.
+pub const DEMO_LOAD_PER_SECOND: u32 = 500;
+
+/// How long the upstreams of `demo --rollout` take to answer, as a service doing a little
+/// work would: with answers in microseconds, the p99s would compare scheduler noise.
+pub const DEMO_ROLLOUT_UPSTREAM_LATENCY: Duration = Duration::from_millis(2);
+
+/// Share of v2's requests answered 500 by `demo --rollout --bad-canary`, in percent.
+pub const DEMO_BAD_CANARY_FAIL_PERCENT: u32 = 15;
+
+/// Load requests in flight at most; past it the generator skips a beat rather than queue.
+const LOAD_MAX_IN_FLIGHT: usize = 64;
+
+/// A load request not answered within this is dropped.
+const LOAD_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The demo's config: the bundled `canary.toml`, plus [`DEMO_ROLLOUT`] when `rollout`.
+pub fn demo_config(rollout: bool) -> String {
+    if rollout {
+        format!("{DEMO_CONFIG}{DEMO_ROLLOUT}")
+    } else {
+        DEMO_CONFIG.to_string()
+    }
+}
+
+/// Whether the `n`-th request (from 0) of an upstream failing `percent`% of its requests
+/// fails: the failures are spread evenly, exactly `percent` of every 100.
+fn fails(n: u64, percent: u32) -> bool {
+    let percent = u64::from(percent.min(100));
+    (n + 1) * percent / 100 > n * percent / 100
+}
+
+/// Serves one demo upstream named `name` on `listener` until `shutdown` completes. It answers
+/// `fail_percent`% of its requests (spread evenly; never `/health`) with a 500, as a canary
+/// with a bug would, and every request but `/health` after `latency`.
 pub async fn demo_upstream(
     listener: TcpListener,
     name: &'static str,
+    fail_percent: u32,
+    latency: Duration,
     shutdown: impl Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
+    let served = Arc::new(AtomicU64::new(0));
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -31,21 +104,119 @@ pub async fn demo_upstream(
             },
             () = &mut shutdown => return,
         };
-        let service = service_fn(move |request: Request<Incoming>| async move {
-            let body = match request.uri().path() {
-                "/health" => "ok\n".to_string(),
-                path => format!("hello from {name} ({path})\n"),
+        let served = served.clone();
+        let service = service_fn(move |request: Request<Incoming>| {
+            let (status, body) = match request.uri().path() {
+                "/health" => (StatusCode::OK, "ok\n".to_string()),
+                path if fails(served.fetch_add(1, Ordering::Relaxed), fail_percent) => (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("{name} failed this request on purpose ({path}): {fail_percent}% do\n"),
+                ),
+                path => (StatusCode::OK, format!("hello from {name} ({path})\n")),
             };
-            let mut response = Response::new(Full::new(Bytes::from(body)));
-            response
-                .headers_mut()
-                .insert("x-served-by", http::HeaderValue::from_static(name));
-            Ok::<_, Infallible>(response)
+            let latency = if request.uri().path() == "/health" {
+                Duration::ZERO
+            } else {
+                latency
+            };
+            async move {
+                if !latency.is_zero() {
+                    tokio::time::sleep(latency).await;
+                }
+                let mut response = Response::new(Full::new(Bytes::from(body)));
+                *response.status_mut() = status;
+                response
+                    .headers_mut()
+                    .insert("x-served-by", http::HeaderValue::from_static(name));
+                Ok::<_, Infallible>(response)
+            }
         });
         tokio::spawn(async move {
             let _ = auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
+    }
+}
+
+/// Sends `per_second` GET requests a second to `http://target/` until `stop`: an open loop (a
+/// request leaves every 1/`per_second` s whether or not the earlier ones have been answered)
+/// over pooled keep-alive connections, with at most 64 in flight and each given 5 s, so a
+/// slow proxy sheds the demo's load rather than piling it up.
+pub async fn demo_load(target: SocketAddr, per_second: u32, stop: CancellationToken) {
+    let uri = match Uri::builder()
+        .scheme("http")
+        .authority(target.to_string())
+        .path_and_query("/")
+        .build()
+    {
+        Ok(uri) => uri,
+        Err(error) => {
+            tracing::error!(%target, %error, "demo load: bad target");
+            return;
+        }
+    };
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        // Below the proxy's header_read_timeout (10 s in the bundled config).
+        .pool_idle_timeout(Duration::from_secs(5))
+        .build(connector);
+    let in_flight = Arc::new(Semaphore::new(LOAD_MAX_IN_FLIGHT));
+    let mut beats = tokio::time::interval(Duration::from_secs(1) / per_second.max(1));
+    beats.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = beats.tick() => {}
+        }
+        let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+            continue;
+        };
+        let (client, uri, stop) = (client.clone(), uri.clone(), stop.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let exchange = async {
+                if let Ok(response) = client.get(uri).await {
+                    let _ = response.into_body().collect().await;
+                }
+            };
+            tokio::select! {
+                () = stop.cancelled() => {}
+                _ = tokio::time::timeout(LOAD_REQUEST_TIMEOUT, exchange) => {}
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_are_spread_evenly_and_exact() {
+        let failed = |percent| (0..1000).filter(|&n| fails(n, percent)).count();
+        assert_eq!(failed(0), 0);
+        assert_eq!(failed(15), 150);
+        assert_eq!(failed(100), 1000);
+        assert_eq!(failed(250), 1000);
+        // Never two in a row at 15%.
+        assert!((0..1000).all(|n| !(fails(n, 15) && fails(n + 1, 15))));
+    }
+
+    #[test]
+    fn the_rollout_demo_config_is_the_bundled_one_plus_a_valid_plan() {
+        assert_eq!(demo_config(false), DEMO_CONFIG);
+        let text = demo_config(true);
+        let dir = std::env::temp_dir().join(format!("canary-demo-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("canary.toml");
+        std::fs::write(&path, &text).unwrap();
+        let config = crate::config::load(&path);
+        let _ = std::fs::remove_dir_all(&dir);
+        let rollout = config.unwrap().rollout.unwrap();
+        assert_eq!(rollout.steps, [20, 50, 100]);
+        assert_eq!(rollout.step_time, Duration::from_secs(10));
     }
 }

@@ -22,20 +22,26 @@
 //!   of connections hyper serves.
 //! - `server`: the client listener: picks HTTP/1.1 (`http1`) or h2c (hyper) per connection,
 //!   and drains on shutdown.
-//! - `demo`: the two built-in upstreams of `canary-proxy demo`.
+//! - `demo`: the two built-in upstreams of `canary-proxy demo`, the rollout plan and the load
+//!   generator of `demo --rollout`.
 //! - `control`: [`ControlPlane`], through which every table change goes (weights, reloads),
 //!   atomic, versioned and audited.
 //! - `admin`: the admin HTTP API on its own listener.
+//! - `admin_client`: a small HTTP/1.1 client for that API, for the operator's subcommands.
+//! - `cli`: `canary-proxy rollout ...` through the admin client: commands, status, watch.
 //! - `persist`: writes weight changes back into the config file, comments kept.
 //! - `health`: active health checks and passive outlier ejection per endpoint.
 //! - `rollout`: progressive rollout: the latency buckets the hot path fills and the pure
-//!   statistics (anytime-valid tests) behind each step's pass / fail / inconclusive.
+//!   statistics (anytime-valid tests) behind each step's pass / fail / inconclusive; the
+//!   terminal view of a rollout (`rollout::view`, pure).
 //! - `metrics`: the Prometheus metrics, with label handles resolved ahead of time.
 //! - `workers`: thread-per-core serving, one current-thread runtime and SO_REUSEPORT listener
 //!   per worker.
 #![forbid(unsafe_code)]
 
 mod admin;
+mod admin_client;
+mod cli;
 mod codec;
 pub mod config;
 mod control;
@@ -63,9 +69,14 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 pub use admin::serve_admin;
+pub use admin_client::{AdminClient, AdminClientError, DEFAULT_ADMIN_URL, TOKEN_ENV};
+pub use cli::{Outcome, Terminal, rollout as rollout_command, watch_rollout};
 pub use config::{Config, ConfigError};
 pub use control::{ControlError, ControlPlane, StartError, WeightsApplied};
-pub use demo::{DEMO_CONFIG, demo_upstream};
+pub use demo::{
+    DEMO_BAD_CANARY_FAIL_PERCENT, DEMO_CONFIG, DEMO_LOAD_PER_SECOND, DEMO_ROLLOUT,
+    DEMO_ROLLOUT_UPSTREAM_LATENCY, demo_config, demo_load, demo_upstream,
+};
 pub use duration::{format_duration, parse_duration};
 pub use error::{ProxyError, UpstreamErrorKind};
 pub use framing::{AmbiguousFraming, FramingGuard};
@@ -74,7 +85,9 @@ pub use health::{EndpointHealth, EndpointStatus, HealthSupervisor, ProbeCounter,
 pub use metrics::{BackendMetrics, Metrics};
 pub use persist::{PersistError, write_weights};
 pub use proxy::{Proxy, SharedTable};
-pub use rollout::{RolloutController, RolloutError};
+pub use rollout::{
+    Command as RolloutCommand, RolloutController, RolloutError, view as rollout_view,
+};
 pub use routing::{Backend, Decision, Endpoint, MAX_BACKENDS, Reason, RoutingTable, Rule};
 pub use server::{ServerOptions, serve};
 pub use sticky::{BUCKETS, StickySettings, bucket, fnv1a_32};

@@ -1,14 +1,18 @@
 //! The `canary-proxy` binary: parses the command line, sets up logging, and runs the proxy,
-//! `check` or `demo`. Everything else lives in the library.
+//! `check`, `demo` or `rollout`. Everything else lives in the library.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use canary_proxy::ControlPlane;
-use clap::{Parser, Subcommand};
+use canary_proxy::{
+    AdminClient, AdminClientError, ControlPlane, Outcome, RolloutCommand, Terminal,
+};
+use clap::{Args, Parser, Subcommand};
+use serde_json::Value;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 /// mimalloc measured +5% req/s over glibc malloc under load (benches/load.py, one core).
@@ -33,25 +37,83 @@ enum Command {
     Check,
     /// Start two demo upstreams (v1 on 127.0.0.1:8081, v2 on :8082) and the proxy on :8080
     /// with the bundled canary.toml.
-    Demo,
+    Demo(DemoArgs),
+    /// Drive and show the progressive rollout of a running proxy through its admin API.
+    Rollout(RolloutArgs),
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Also roll v2 out under a built-in load (500 requests/s), with a fast plan, and draw the
+    /// rollout until it is promoted or rolled back.
+    #[arg(long)]
+    rollout: bool,
+    /// With --rollout: v2 answers 500 to 15% of its requests, so the rollout rolls it back.
+    #[arg(long, requires = "rollout")]
+    bad_canary: bool,
+}
+
+#[derive(Args)]
+struct RolloutArgs {
+    #[command(subcommand)]
+    action: Option<RolloutAction>,
+    /// The proxy's admin API.
+    #[arg(long, global = true, value_name = "URL", default_value = canary_proxy::DEFAULT_ADMIN_URL)]
+    admin: String,
+    /// Bearer token for the admin API; by default the CANARY_ADMIN_TOKEN environment variable
+    /// (which, unlike an argument, other users cannot read in the process list).
+    #[arg(long, global = true, value_name = "TOKEN")]
+    token: Option<String>,
+}
+
+#[derive(Subcommand, Clone, Copy)]
+enum RolloutAction {
+    /// Show the rollout (the default): the steps, both versions side by side, the verdicts
+    /// with their intervals, the history.
+    Status {
+        /// Redraw every second until the rollout is promoted or rolled back (or Ctrl-C).
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Start at the first step (from idle, or after a rollback).
+    Start,
+    /// Hold the current step's traffic; a failing verdict still rolls back.
+    Pause,
+    /// Go on after a pause, or approve the step that waits for approval.
+    Resume,
+    /// Send all of the pair's traffic to the canary now.
+    Promote,
+    /// Roll back now: all of the pair's traffic to the baseline.
+    Abort,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The rollout demo draws in the terminal; logs below warnings would scribble over it.
+    let quiet = matches!(
+        &cli.command,
+        Some(Command::Demo(DemoArgs { rollout: true, .. }))
+    );
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+            EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new(if quiet { "warn" } else { "info" })),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     let result = match cli.command {
-        Some(Command::Check) => check(&cli.config),
-        Some(Command::Demo) => runtime().and_then(|rt| rt.block_on(demo())),
-        None => runtime().and_then(|rt| rt.block_on(serve(&cli.config))),
+        Some(Command::Check) => check(&cli.config).map(|()| ExitCode::SUCCESS),
+        Some(Command::Demo(args)) => runtime()
+            .and_then(|rt| rt.block_on(demo(args)))
+            .map(|()| ExitCode::SUCCESS),
+        Some(Command::Rollout(args)) => runtime().and_then(|rt| rt.block_on(rollout(args))),
+        None => runtime()
+            .and_then(|rt| rt.block_on(serve(&cli.config)))
+            .map(|()| ExitCode::SUCCESS),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(error) => {
             eprintln!("canary-proxy: {error:#}");
             if is_missing_config(&error) {
@@ -60,9 +122,46 @@ fn main() -> ExitCode {
                      `canary-proxy demo` to try the proxy with two built-in upstreams"
                 );
             }
+            if let Some(AdminClientError::Connect { .. }) = error.downcast_ref() {
+                eprintln!(
+                    "canary-proxy: is the proxy running? `--admin URL` names its admin API \
+                     (default {})",
+                    canary_proxy::DEFAULT_ADMIN_URL
+                );
+            }
             ExitCode::FAILURE
         }
     }
+}
+
+/// `canary-proxy rollout ...`: exit 0 when done, 1 when the proxy refused the command (409)
+/// or could not be asked.
+async fn rollout(args: RolloutArgs) -> anyhow::Result<ExitCode> {
+    let token = args.token.or_else(|| {
+        std::env::var(canary_proxy::TOKEN_ENV)
+            .ok()
+            .filter(|t| !t.is_empty())
+    });
+    let client = AdminClient::new(&args.admin, token.as_deref())?;
+    let (command, watch) = match args.action {
+        None => (None, false),
+        Some(RolloutAction::Status { watch }) => (None, watch),
+        Some(RolloutAction::Start) => (Some(RolloutCommand::Start), false),
+        Some(RolloutAction::Pause) => (Some(RolloutCommand::Pause), false),
+        Some(RolloutAction::Resume) => (Some(RolloutCommand::Resume), false),
+        Some(RolloutAction::Promote) => (Some(RolloutCommand::Promote), false),
+        Some(RolloutAction::Abort) => (Some(RolloutCommand::Abort), false),
+    };
+    let interrupted = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let outcome =
+        canary_proxy::rollout_command(&client, command, watch, Terminal::stdout(), interrupted)
+            .await?;
+    Ok(match outcome {
+        Outcome::Done => ExitCode::SUCCESS,
+        Outcome::Refused => ExitCode::FAILURE,
+    })
 }
 
 /// True when the config file does not exist: the usual first run, in a directory without
@@ -190,47 +289,188 @@ async fn reload_on_sighup(
     }
 }
 
-async fn demo() -> anyhow::Result<()> {
+async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     // The demo runs from a copy of the bundled config, so reloads and weight changes made
     // through the admin API have a file to work on.
     let path = std::env::temp_dir().join(format!("canary-proxy-demo-{}.toml", std::process::id()));
-    std::fs::write(&path, canary_proxy::DEMO_CONFIG)
+    std::fs::write(&path, canary_proxy::demo_config(args.rollout))
         .with_context(|| format!("cannot write {}", path.display()))?;
     let config = canary_proxy::config::load(&path)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(());
-    for (name, port) in [("v1", 8081), ("v2", 8082)] {
+    let fail_percent = if args.bad_canary {
+        canary_proxy::DEMO_BAD_CANARY_FAIL_PERCENT
+    } else {
+        0
+    };
+    let latency = if args.rollout {
+        canary_proxy::DEMO_ROLLOUT_UPSTREAM_LATENCY
+    } else {
+        std::time::Duration::ZERO
+    };
+    for (name, port, fail_percent) in [("v1", 8081, 0), ("v2", 8082, fail_percent)] {
         let listener = TcpListener::bind(("127.0.0.1", port))
             .await
             .with_context(|| format!("demo upstream {name}: cannot listen on 127.0.0.1:{port}"))?;
         let mut stop = stop_rx.clone();
-        tokio::spawn(canary_proxy::demo_upstream(listener, name, async move {
-            let _ = stop.changed().await;
-        }));
+        tokio::spawn(canary_proxy::demo_upstream(
+            listener,
+            name,
+            fail_percent,
+            latency,
+            async move {
+                let _ = stop.changed().await;
+            },
+        ));
     }
     let (proxy, admin) = (config.proxy.listen, config.admin.listen);
-    println!(
-        "canary-proxy demo: v1 on 127.0.0.1:8081, v2 on 127.0.0.1:8082, proxy on {proxy}, admin on {admin}\n\
-         config: {config_path}\n\
-         Try:\n  \
-         curl -i http://{proxy}/                                  # weighted: 90% v1, 10% v2\n  \
-         for i in $(seq 20); do curl -s http://{proxy}/; done     # see the split\n  \
-         curl -i -H 'x-canary: always' http://{proxy}/            # rule: always v2\n  \
-         curl -i -H 'x-user-id: alice' http://{proxy}/            # sticky: alice keeps her version\n  \
-         curl -i --cookie 'uid=bob' http://{proxy}/               # sticky by cookie\n  \
-         curl -s -X POST 'http://{admin}/admin/weight?v2=50'      # shift traffic\n  \
-         curl -s http://{admin}/admin/routes                      # the effective table\n  \
-         curl -s -H 'x-user-id: alice' http://{admin}/admin/explain  # why alice gets her version\n  \
-         curl -s http://{admin}/metrics | grep canary_            # Prometheus metrics\n\
-         Ctrl-C stops it.",
-        config_path = path.display()
-    );
+    if !args.rollout {
+        println!(
+            "canary-proxy demo: v1 on 127.0.0.1:8081, v2 on 127.0.0.1:8082, proxy on {proxy}, admin on {admin}\n\
+             config: {config_path}\n\
+             Try:\n  \
+             curl -i http://{proxy}/                                  # weighted: 90% v1, 10% v2\n  \
+             for i in $(seq 20); do curl -s http://{proxy}/; done     # see the split\n  \
+             curl -i -H 'x-canary: always' http://{proxy}/            # rule: always v2\n  \
+             curl -i -H 'x-user-id: alice' http://{proxy}/            # sticky: alice keeps her version\n  \
+             curl -i --cookie 'uid=bob' http://{proxy}/               # sticky by cookie\n  \
+             curl -s -X POST 'http://{admin}/admin/weight?v2=50'      # shift traffic\n  \
+             curl -s http://{admin}/admin/routes                      # the effective table\n  \
+             curl -s -H 'x-user-id: alice' http://{admin}/admin/explain  # why alice gets her version\n  \
+             curl -s http://{admin}/metrics | grep canary_            # Prometheus metrics\n\
+             Ctrl-C stops it.",
+            config_path = path.display()
+        );
+    }
     let result = match shutdown_signal() {
+        Ok(shutdown) if args.rollout => {
+            let stop = CancellationToken::new();
+            let rollout = tokio::spawn(demo_rollout(
+                proxy,
+                admin,
+                args.bad_canary,
+                path.clone(),
+                stop.clone(),
+            ));
+            let stopped = stop.clone();
+            let shutdown = async move {
+                shutdown.await;
+                stopped.cancel();
+            };
+            let result = start(config, path.clone(), shutdown).await;
+            stop.cancel();
+            let _ = rollout.await;
+            result
+        }
         Ok(shutdown) => start(config, path.clone(), shutdown).await,
         Err(error) => Err(error),
     };
     let _ = stop_tx.send(());
     let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(path.with_extension("rollout.json"));
     result
+}
+
+/// The rollout part of `demo --rollout`: once the admin API answers, starts the load and the
+/// rollout, draws it until it is over, then stops the load and says what to try; the proxy
+/// runs on until `stop`.
+async fn demo_rollout(
+    proxy: std::net::SocketAddr,
+    admin: std::net::SocketAddr,
+    bad_canary: bool,
+    config_path: PathBuf,
+    stop: CancellationToken,
+) {
+    let client = match AdminClient::new(&format!("http://{admin}"), None) {
+        Ok(client) => client,
+        Err(error) => {
+            eprintln!("canary-proxy: {error}");
+            return;
+        }
+    };
+    // The admin API answers once the proxy has started (a few milliseconds).
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while client.get("/admin/rollout").await.is_err() {
+        if tokio::time::Instant::now() > deadline || stop.is_cancelled() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let load = stop.child_token();
+    let per_second = canary_proxy::DEMO_LOAD_PER_SECOND;
+    tokio::spawn(canary_proxy::demo_load(proxy, per_second, load.clone()));
+    let v2 = if bad_canary {
+        format!(
+            " (fails {}% of its requests)",
+            canary_proxy::DEMO_BAD_CANARY_FAIL_PERCENT
+        )
+    } else {
+        String::new()
+    };
+    let header = format!(
+        "canary-proxy demo --rollout{}\n  \
+         v1 on 127.0.0.1:8081, v2 on 127.0.0.1:8082{v2}\n  \
+         proxy on {proxy} under {per_second} requests/s of load, admin on {admin}\n  \
+         config: {}\n\n",
+        if bad_canary { " --bad-canary" } else { "" },
+        config_path.display()
+    );
+    let terminal = Terminal::stdout();
+    if !terminal.interactive {
+        print!("{header}");
+    }
+    if let Err(error) = client.post("/admin/rollout/start").await {
+        eprintln!("canary-proxy: the demo could not start the rollout: {error}");
+        load.cancel();
+        return;
+    }
+    let frame_header = if terminal.interactive {
+        header.as_str()
+    } else {
+        ""
+    };
+    let watched =
+        canary_proxy::watch_rollout(&client, terminal, frame_header, stop.cancelled()).await;
+    load.cancel();
+    let status = match watched {
+        Ok(status) if !stop.is_cancelled() => status,
+        Ok(_) => return,
+        Err(error) => {
+            eprintln!("canary-proxy: the demo cannot read the rollout: {error}");
+            return;
+        }
+    };
+    let took =
+        rollout_seconds(&status).map_or(String::new(), |s| format!(" {s:.1} s after the start"));
+    let (outcome, served_by) = if status["state"] == "promoted" {
+        (format!("v2 was promoted{took}."), "v2")
+    } else {
+        let why = status["history"]
+            .as_array()
+            .and_then(|h| h.last())
+            .and_then(|e| e["reason"].as_str())
+            .unwrap_or("");
+        (
+            format!("v2 was rolled back{took}.\nReason: {why}"),
+            "v1 again",
+        )
+    };
+    println!(
+        "\nThe rollout is over: {outcome}\n\
+         The load has stopped; the proxy runs on. Try:\n  \
+         curl -i http://{proxy}/                  # served by {served_by}\n  \
+         canary-proxy rollout status                     # this view, from the admin API\n  \
+         curl -s http://{admin}/admin/rollout     # the JSON behind it\n  \
+         curl -s http://{admin}/metrics | grep canary_rollout\n\
+         Ctrl-C stops it."
+    );
+}
+
+/// Seconds from the latest start to the last transition, from the rollout's history.
+fn rollout_seconds(status: &Value) -> Option<f64> {
+    let history = status["history"].as_array()?;
+    let started = history.iter().rev().find(|e| e["event"] == "started")?["at"].as_u64()?;
+    let ended = history.last()?["at"].as_u64()?;
+    Some(ended.saturating_sub(started) as f64 / 1000.0)
 }
 
 /// Registers SIGINT and SIGTERM handlers now (a signal arriving before registration would
@@ -254,4 +494,44 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
         let _ = tokio::signal::ctrl_c().await;
         tracing::info!("shutdown signal received");
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn rollout_defaults_to_status_and_takes_admin_and_token_before_or_after_the_command() {
+        let parse = |args: &[&str]| match Cli::try_parse_from(args).map(|cli| cli.command) {
+            Ok(Some(Command::Rollout(args))) => args,
+            _ => panic!("{args:?} is not a rollout command"),
+        };
+        let default = parse(&["canary-proxy", "rollout"]);
+        assert!(default.action.is_none());
+        assert_eq!(default.admin, canary_proxy::DEFAULT_ADMIN_URL);
+        assert!(default.token.is_none());
+        let before = parse(&["canary-proxy", "rollout", "--admin", "http://h:1", "pause"]);
+        assert!(matches!(before.action, Some(RolloutAction::Pause)));
+        assert_eq!(before.admin, "http://h:1");
+        let after = parse(&[
+            "canary-proxy",
+            "rollout",
+            "status",
+            "--watch",
+            "--token",
+            "t",
+        ]);
+        assert!(matches!(
+            after.action,
+            Some(RolloutAction::Status { watch: true })
+        ));
+        assert_eq!(after.token.as_deref(), Some("t"));
+        assert!(Cli::try_parse_from(["canary-proxy", "rollout", "restart"]).is_err());
+    }
 }

@@ -1,5 +1,9 @@
 //! The `canary-proxy` binary itself: `check` on good and bad configs, a 512 MiB upload streamed
-//! through a running proxy with its memory watched, and `demo`.
+//! through a running proxy with its memory watched, `demo` and `demo --rollout` (a promotion,
+//! and a rollback with `--bad-canary`), and `rollout ...` driving a real proxy's rollout.
+//!
+//! The demos listen on fixed ports (8080-8082, 9901): their tests take [`DEMO_PORTS`] first,
+//! so they never run at the same time.
 
 mod common;
 
@@ -13,6 +17,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const BIN: &str = env!("CARGO_BIN_EXE_canary-proxy");
+
+/// Held by every test that runs a demo (fixed ports).
+static DEMO_PORTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn fixtures() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -321,6 +328,7 @@ async fn a_512_mib_upload_streams_through_with_flat_memory() {
 
 #[tokio::test]
 async fn demo_answers_on_8080_with_both_versions() {
+    let _ports = DEMO_PORTS.lock().await;
     let mut child = Command::new(BIN)
         .arg("demo")
         .stdout(Stdio::piped())
@@ -673,4 +681,428 @@ async fn idle_admin_connections_cannot_starve_the_data_port() {
         "the proxy ran out of descriptors"
     );
     drop(idle);
+}
+
+/// A `canary-proxy demo ...` process: its stdout and stderr collected by threads; killed on
+/// drop.
+struct DemoProcess {
+    child: Child,
+    stdout: std::sync::Arc<std::sync::Mutex<String>>,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl DemoProcess {
+    fn spawn(args: &[&str]) -> DemoProcess {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .env("COLUMNS", "80")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let collect = |pipe: Box<dyn std::io::Read + Send>| {
+            let text = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+            let sink = text.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    let mut text = sink.lock().unwrap();
+                    text.push_str(&line);
+                    text.push('\n');
+                }
+            });
+            text
+        };
+        let stdout = collect(Box::new(child.stdout.take().unwrap()));
+        let stderr = collect(Box::new(child.stderr.take().unwrap()));
+        DemoProcess {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Everything printed so far, once `needle` is among it (or a panic after `within`).
+    async fn wait_for(&mut self, needle: &str, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let out = self.stdout.lock().unwrap().clone();
+            if out.contains(needle) {
+                return out;
+            }
+            let exited = self.child.try_wait().unwrap();
+            assert!(
+                exited.is_none() && Instant::now() < deadline,
+                "no `{needle}` within {within:?} (exit: {exited:?})\nstdout:\n{out}\nstderr:\n{}",
+                self.stderr.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// SIGTERM, then the exit status (within 10 s).
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the demo did not exit on SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for DemoProcess {
+    /// SIGTERM first, so a failed test's demo still removes its temporary config; SIGKILL
+    /// when it has not exited within 5 s.
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Who serves `n` requests to the demo's proxy now.
+async fn demo_served_by(n: usize) -> Vec<String> {
+    let c = client();
+    let mut served = Vec::new();
+    for _ in 0..n {
+        let response = c.get("http://127.0.0.1:8080/").send().await.unwrap();
+        served.push(
+            response.headers()["x-canary-backend"]
+                .to_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    served
+}
+
+/// The demo's config file, as its first lines name it.
+fn demo_config_path(out: &str) -> std::path::PathBuf {
+    let line = out
+        .lines()
+        .find_map(|l| l.trim_start().strip_prefix("config: "))
+        .unwrap();
+    std::path::PathBuf::from(line.trim())
+}
+
+#[tokio::test]
+async fn demo_rollout_promotes_a_healthy_canary_within_a_minute() {
+    let _ports = DEMO_PORTS.lock().await;
+    let started = Instant::now();
+    let mut demo = DemoProcess::spawn(&["demo", "--rollout"]);
+    let out = demo
+        .wait_for("The rollout is over", Duration::from_secs(60))
+        .await;
+    eprintln!("demo --rollout: over after {:?}\n{out}", started.elapsed());
+    assert!(out.contains("v2 was promoted"), "{out}");
+    // The final frame: all steps done, the promotion marked in words and symbols.
+    assert!(
+        out.contains("[20%]━━━━━━━━━━[50%]━━━━━━━━━━[100%]"),
+        "{out}"
+    );
+    assert!(
+        out.contains("✓ promoted") && out.contains("▲ promoted"),
+        "{out}"
+    );
+    let events: Vec<&str> = ["started", "advanced", "promoted"]
+        .into_iter()
+        .filter(|e| out.contains(&format!("  {e} ")))
+        .collect();
+    assert_eq!(events, ["started", "advanced", "promoted"], "{out}");
+    assert!(demo_served_by(20).await.iter().all(|b| b == "v2"));
+    let config = demo_config_path(&out);
+    assert!(config.exists(), "{}", config.display());
+    assert!(demo.terminate().success());
+    assert!(!config.exists(), "the demo's config was left behind");
+    assert!(!config.with_extension("rollout.json").exists());
+}
+
+#[tokio::test]
+async fn demo_rollout_with_a_bad_canary_rolls_it_back_within_seconds() {
+    let _ports = DEMO_PORTS.lock().await;
+    let started = Instant::now();
+    let mut demo = DemoProcess::spawn(&["demo", "--rollout", "--bad-canary"]);
+    let out = demo
+        .wait_for("The rollout is over", Duration::from_secs(30))
+        .await;
+    eprintln!(
+        "demo --rollout --bad-canary: over after {:?}\n{out}",
+        started.elapsed()
+    );
+    assert!(
+        out.contains("v2 on 127.0.0.1:8082 (fails 15% of its requests)"),
+        "{out}"
+    );
+    assert!(out.contains("v2 was rolled back"), "{out}");
+    assert!(out.contains("the errors verdict failed"), "{out}");
+    assert!(
+        out.contains("✗ rolled back") && out.contains("✗ fail"),
+        "{out}"
+    );
+    assert!(demo_served_by(20).await.iter().all(|b| b == "v1"));
+    assert!(demo.terminate().success());
+}
+
+#[test]
+fn demo_bad_canary_needs_rollout() {
+    let output = Command::new(BIN)
+        .args(["demo", "--bad-canary"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--rollout"));
+}
+
+/// Runs `canary-proxy rollout ARGS` (no token in the environment unless `env` sets one);
+/// (exit code, stdout, stderr), within 20 s.
+async fn rollout_cli(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
+    let mut command = tokio::process::Command::new(BIN);
+    command
+        .arg("rollout")
+        .args(args)
+        .env_remove("CANARY_ADMIN_TOKEN")
+        .env("COLUMNS", "80")
+        .kill_on_drop(true);
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let output = tokio::time::timeout(Duration::from_secs(20), command.output())
+        .await
+        .expect("`canary-proxy rollout` did not finish within 20 s")
+        .unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// A proxy process with a rollout of v1 -> v2 over [20, 50, 100] and no traffic (so it holds
+/// its first step), plus `admin` lines in [admin].
+async fn spawn_rollout_proxy(
+    admin: &str,
+    env: &[(&str, &str)],
+) -> (ProxyProcess, tempfile::TempDir, String, Upstream, Upstream) {
+    let (v1, v2) = (upstream("v1").await, upstream("v2").await);
+    let mut text = config(
+        &[("v1", vec![v1.url()], 100), ("v2", vec![v2.url()], 0)],
+        "",
+    );
+    text.push_str(
+        "[rollout]\nbaseline = \"v1\"\ncanary = \"v2\"\nsteps = [20, 50, 100]\nstep_time = \"5s\"\n\
+         [rollout.analysis]\ninterval = \"200ms\"\n",
+    );
+    text.push_str(&format!("[admin]\nlisten = \"127.0.0.1:0\"\n{admin}\n"));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("canary.toml");
+    std::fs::write(&path, text).unwrap();
+    let proxy = spawn_proxy_at(&path, env);
+    let url = format!("http://{}", proxy.admin);
+    (proxy, dir, url, v1, v2)
+}
+
+#[tokio::test]
+async fn rollout_commands_drive_a_real_proxy_and_exit_1_on_a_conflict() {
+    let (proxy, _dir, url, _v1, _v2) = spawn_rollout_proxy("", &[]).await;
+    let admin = ["--admin", url.as_str()];
+
+    // `status` is the default; nothing is under way yet.
+    let (code, out, err) = rollout_cli(&admin, &[]).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("○ idle") && out.contains("not started"),
+        "{out}"
+    );
+    assert!(
+        out.contains("[20%]──────────[50%]──────────[100%]"),
+        "{out}"
+    );
+
+    let (code, out, err) = rollout_cli(&["start", "--admin", &url], &[]).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        out,
+        "running, step 1 of 3: canary v2 20%, baseline v1 80%\n"
+    );
+
+    let (code, out, err) = rollout_cli(&["status", "--admin", &url], &[]).await;
+    assert_eq!(code, Some(0), "{err}");
+    for needle in [
+        "rollout v1 → v2",
+        "▶ running",
+        "[20%]──────────[50%]──────────[100%]",
+        "▲ now",
+        "baseline v1",
+        "canary v2",
+        "traffic             80%                       20%",
+        "p99 interval",
+        "? inconclusive",
+        "tolerance           +1.00 points              1.25x",
+        "started by the operator",
+    ] {
+        assert!(out.contains(needle), "no `{needle}` in:\n{out}");
+    }
+    assert!(!out.contains('\x1b'), "colours on a pipe:\n{out}");
+    assert!(out.lines().all(|l| l.chars().count() <= 80), "{out}");
+
+    let (code, out, _) = rollout_cli(&["pause", "--admin", &url], &[]).await;
+    assert_eq!(code, Some(0));
+    assert!(out.starts_with("paused, step 1 of 3"), "{out}");
+
+    // A command that makes no sense now: the error and the state, exit 1.
+    let (code, out, err) = rollout_cli(&["--admin", &url, "pause"], &[]).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        err.contains("cannot pause a rollout that is paused"),
+        "{err}"
+    );
+    assert!(out.starts_with("paused, step 1 of 3"), "{out}");
+
+    let (code, out, _) = rollout_cli(&["abort", "--admin", &url], &[]).await;
+    assert_eq!(code, Some(0));
+    assert_eq!(
+        out,
+        "rolled back, step 1 of 3: canary v2 0%, baseline v1 100%\n"
+    );
+    let (code, _, err) = rollout_cli(&["resume", "--admin", &url], &[]).await;
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("rolled_back") || err.contains("rolled back"),
+        "{err}"
+    );
+
+    // The proxy agrees.
+    let weights = client()
+        .get(format!("http://{}/admin/weight", proxy.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(weights.trim(), r#"{"v1":100,"v2":0}"#);
+}
+
+#[tokio::test]
+async fn rollout_status_watch_follows_the_rollout_to_its_end() {
+    let (_proxy, _dir, url, _v1, _v2) = spawn_rollout_proxy("", &[]).await;
+    assert_eq!(
+        rollout_cli(&["start", "--admin", &url], &[]).await.0,
+        Some(0)
+    );
+    let mut watch = tokio::process::Command::new(BIN)
+        .args(["rollout", "status", "--watch", "--admin", &url])
+        .env("COLUMNS", "80")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = watch.stdout.take().unwrap();
+    let mut out = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !String::from_utf8_lossy(&out).contains("▶ running") {
+        let n = tokio::time::timeout(Duration::from_secs(10), stdout.read(&mut chunk))
+            .await
+            .expect("no first frame within 10 s")
+            .unwrap();
+        assert!(n > 0, "{}", String::from_utf8_lossy(&out));
+        out.extend_from_slice(&chunk[..n]);
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1500), watch.wait())
+            .await
+            .is_err(),
+        "the watch ended while the rollout runs"
+    );
+    assert_eq!(
+        rollout_cli(&["promote", "--admin", &url], &[]).await.0,
+        Some(0)
+    );
+    let status = tokio::time::timeout(Duration::from_secs(10), watch.wait())
+        .await
+        .expect("the watch did not end with the rollout")
+        .unwrap();
+    assert!(status.success());
+    stdout.read_to_end(&mut out).await.unwrap();
+    let out = String::from_utf8_lossy(&out);
+    // On a pipe, a frame per change: running, then the promotion.
+    assert_eq!(out.matches("rollout v1 → v2").count(), 2, "{out}");
+    assert!(
+        out.contains("✓ promoted") && out.contains("promoted by the operator"),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn rollout_commands_without_a_rollout_or_a_proxy_say_so() {
+    let v1 = upstream("v1").await;
+    let (proxy, _dir) = spawn_proxy(&config(&[("v1", vec![v1.url()], 1)], ""));
+    let url = format!("http://{}", proxy.admin);
+    for args in [vec!["--admin", &url], vec!["start", "--admin", &url]] {
+        let (code, out, err) = rollout_cli(&args, &[]).await;
+        assert_eq!(code, Some(1), "{args:?}: {out}");
+        assert!(err.contains("no rollout is configured"), "{err}");
+        assert!(err.contains(&url) && err.contains("404"), "{err}");
+    }
+    // Nothing listens there any more.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let closed = format!("http://{closed}");
+    let (code, _, err) = rollout_cli(&["--admin", &closed], &[]).await;
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains(&format!("cannot connect to the admin API at {closed}")),
+        "{err}"
+    );
+    assert!(err.contains("is the proxy running?"), "{err}");
+    let (code, _, err) = rollout_cli(&["--admin", "https://127.0.0.1:9901"], &[]).await;
+    assert_eq!(code, Some(1));
+    assert!(err.contains("https is not supported"), "{err}");
+}
+
+#[tokio::test]
+async fn rollout_commands_send_the_token_from_the_flag_or_the_environment() {
+    let (_proxy, _dir, url, _v1, _v2) = spawn_rollout_proxy(
+        "token_env = \"CANARY_TEST_TOKEN\"",
+        &[("CANARY_TEST_TOKEN", "s3cret")],
+    )
+    .await;
+    let (code, _, err) = rollout_cli(&["--admin", &url], &[]).await;
+    assert_eq!(code, Some(1));
+    assert!(err.contains("401") && err.contains("--token"), "{err}");
+    assert!(err.contains("CANARY_ADMIN_TOKEN"), "{err}");
+    let (code, _, err) = rollout_cli(&["--admin", &url, "--token", "wrong"], &[]).await;
+    assert_eq!(code, Some(1));
+    assert!(err.contains("401") && err.contains("refused"), "{err}");
+    let (code, out, err) = rollout_cli(&["--admin", &url, "--token", "s3cret"], &[]).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("○ idle"), "{out}");
+    let (code, out, err) = rollout_cli(
+        &["start", "--admin", &url],
+        &[("CANARY_ADMIN_TOKEN", "s3cret")],
+    )
+    .await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.starts_with("running"), "{out}");
 }

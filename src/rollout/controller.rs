@@ -461,6 +461,15 @@ impl Run {
             "step_elapsed_s": self.machine.state.is_active().then(|| self.step_started.elapsed().as_secs_f64()),
             "step_time": step_time,
             "min_requests": self.plan.min_requests,
+            // What the verdicts are held against, for views of the intervals below.
+            "analysis": {
+                "interval": crate::duration::format_duration(self.config.analysis.interval),
+                "error_tolerance": self.config.analysis.error_tolerance,
+                "latency_tolerance": self.config.analysis.latency_tolerance,
+                "confidence": self.config.analysis.confidence,
+                "max_step_time": crate::duration::format_duration(self.plan.max_step_time),
+                "on_inconclusive": self.plan.on_inconclusive.as_str(),
+            },
             "baseline": shown(0),
             "canary": shown(1),
             "verdict": {
