@@ -243,14 +243,7 @@ async fn idempotent_requests_on_a_connection_the_upstream_dropped_are_sent_again
     let sent = heads.load(Ordering::SeqCst);
     // Each dropped request was seen once more by the upstream; none was lost.
     assert!(sent >= 40, "{sent}");
-    let metrics = c
-        .get(proxy.admin("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(proxy.admin("/metrics")).await;
     let errors: Vec<&str> = metrics
         .lines()
         .filter(|l| l.starts_with("canary_upstream_errors_total{") && !l.ends_with(" 0"))

@@ -108,14 +108,7 @@ fn rollout_config(v1: &str, v2: &str, extra: &str, analysis: &str) -> String {
 }
 
 async fn get_json(url: String) -> Value {
-    let text = client()
-        .get(url)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = get_text(url).await;
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
 }
 
@@ -185,14 +178,7 @@ async fn a_healthy_canary_is_promoted_step_by_step() {
         text.contains("weight = 100") && text.contains("weight = 0"),
         "{text}"
     );
-    let metrics = client()
-        .get(proxy.admin("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(proxy.admin("/metrics")).await;
     assert!(
         metrics.contains("canary_rollout_state{state=\"promoted\"} 1"),
         "{metrics}"

@@ -160,14 +160,7 @@ async fn an_upstream_that_reads_an_upload_slowly_is_not_timed_out_or_ejected() {
         started.elapsed()
     );
     // One failure would have ejected the endpoint (consecutive_failures = 1).
-    let text = client()
-        .get(proxy.admin("/admin/routes"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = get_text(proxy.admin("/admin/routes")).await;
     let routes: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(
         routes["backends"][0]["endpoints"][0]["ejected"], false,

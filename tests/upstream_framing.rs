@@ -266,14 +266,7 @@ async fn an_unasked_101_counts_against_the_endpoint() {
     for _ in 0..2 {
         assert_eq!(c.get(proxy.url("/")).send().await.unwrap().status(), 502);
     }
-    let routes = c
-        .get(proxy.admin("/admin/routes"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let routes = get_text(proxy.admin("/admin/routes")).await;
     let routes: serde_json::Value = serde_json::from_str(&routes).unwrap();
     assert_eq!(
         routes["backends"][0]["endpoints"][0]["ejected"], true,

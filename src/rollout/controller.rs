@@ -297,6 +297,8 @@ impl RolloutController {
             let now = run.read_meters(&self.control);
             run.at_step_start = now;
             run.evidence.start_step();
+            // The last verdicts were the step before's; the new step has none yet.
+            run.verdicts = None;
         }
         let entry = run.machine.history.last().cloned();
         tracing::info!(

@@ -380,6 +380,18 @@ pub fn config(backends: &[(&str, Vec<String>, u32)], extra: &str) -> String {
     text
 }
 
+/// The body of a GET to `url`, as text (the admin API's JSON, `/metrics`).
+pub async fn get_text(url: String) -> String {
+    client()
+        .get(url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 /// A plain HTTP/1.1 client that never goes through an environment proxy.
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
