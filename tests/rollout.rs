@@ -373,3 +373,89 @@ async fn without_a_rollout_the_endpoints_say_so() {
     assert!(response.text().await.unwrap().contains("[rollout]"));
     assert_eq!(command(&proxy, "start").await.0, 404);
 }
+
+/// A webhook that records the JSON bodies posted to it, answering `status`.
+async fn webhook(status: u16) -> (String, Arc<std::sync::Mutex<Vec<Value>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let posted = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = posted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                use tokio::io::AsyncReadExt;
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                // Head, then as much body as Content-Length says.
+                loop {
+                    if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                        let length: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length: "))
+                            .and_then(|v| v.trim().parse().ok())
+                            .unwrap_or(0);
+                        if buf.len() >= end + 4 + length {
+                            let body = &buf[end + 4..end + 4 + length];
+                            if let Ok(json) = serde_json::from_slice(body) {
+                                seen.lock().unwrap().push(json);
+                            }
+                            break;
+                        }
+                    }
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let answer = format!("HTTP/1.1 {status} X\r\ncontent-length: 0\r\n\r\n");
+                let _ = stream.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    (format!("http://{addr}/hook"), posted)
+}
+
+#[tokio::test]
+async fn each_transition_is_posted_to_the_webhook_and_a_failing_one_is_counted() {
+    let (v1, v2) = (version("v1", 0).await, version("v2", 0).await);
+    let (url, posted) = webhook(200).await;
+    let extra = format!("webhook = \"{url}\"");
+    let proxy = start_proxy_with_file(&rollout_config(&v1, &v2, &extra, "")).await;
+    assert_eq!(command(&proxy, "start").await.0, 200);
+    assert_eq!(command(&proxy, "abort").await.0, 200);
+    let started = Instant::now();
+    while posted.lock().unwrap().len() < 2 && started.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut events: Vec<Value> = posted.lock().unwrap().clone();
+    events.sort_by_key(|e| e["at"].as_u64());
+    let names: Vec<&str> = events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["started", "aborted"], "{events:?}");
+    assert_eq!(events[0]["canary"], "v2");
+    assert_eq!(events[0]["canary_percent"], 20);
+    assert_eq!(events[1]["state"], "rolled_back");
+
+    // A webhook that refuses: the rollout goes on, the failures are counted.
+    let (refusing, _) = webhook(500).await;
+    let extra = format!("webhook = \"{refusing}\"");
+    let proxy = start_proxy_with_file(&rollout_config(&v1, &v2, &extra, "")).await;
+    assert_eq!(command(&proxy, "start").await.1["state"], "running");
+    let started = Instant::now();
+    loop {
+        let metrics = get_text(proxy.admin("/metrics")).await;
+        if metrics.contains("canary_rollout_webhook_failures_total 1") {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "{metrics}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        get_json(proxy.admin("/admin/rollout")).await["state"],
+        "running"
+    );
+}
