@@ -161,6 +161,11 @@ async fn a_healthy_canary_is_promoted_step_by_step() {
     })
     .await;
     assert_eq!(done["canary_percent"], 100);
+    // The counts shown stay those of the last step while traffic goes on.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let later = get_json(proxy.admin("/admin/rollout")).await;
+    assert_eq!(later["canary"]["requests"], done["canary"]["requests"]);
+    assert!(done["canary"]["requests"].as_u64().unwrap() > 0, "{done:#}");
     assert_eq!(
         weights(&proxy).await,
         serde_json::json!({"v1": 0, "v2": 100})

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::analysis::{AnalysisSettings, Evidence, MetricVerdict, VersionTick};
 use super::histogram;
-use super::machine::{Change, Command, Conflict, Machine, Plan, StepReport};
+use super::machine::{Change, Command, Conflict, Machine, Plan, State, StepReport};
 use super::meter::Counts;
 use crate::config::RolloutConfig;
 use crate::control::{ControlError, ControlPlane, WeightOwner};
@@ -76,6 +76,9 @@ struct Run {
     at_last_tick: [Counts; 2],
     /// The verdicts of the last interval.
     verdicts: Option<[MetricVerdict; 2]>,
+    /// Meter readings when the rollout ended (promoted, rolled back), so the counts shown
+    /// are the last step's, not the traffic after it.
+    at_end: Option<[Counts; 2]>,
     rng: StdRng,
 }
 
@@ -258,6 +261,7 @@ impl RolloutController {
             at_step_start: [Counts::default(), Counts::default()],
             at_last_tick: [Counts::default(), Counts::default()],
             verdicts: None,
+            at_end: None,
             rng: StdRng::seed_from_u64(rand::rng().random()),
         };
         let now = run.read_meters(&self.control);
@@ -291,6 +295,10 @@ impl RolloutController {
                 .map(|_| ())
                 .map_err(RolloutError::Weights),
             None => Ok(()),
+        };
+        run.at_end = match run.machine.state {
+            State::Promoted | State::RolledBack => Some(run.read_meters(&self.control)),
+            _ => None,
         };
         if change.new_step {
             run.step_started = Instant::now();
@@ -429,7 +437,10 @@ impl Run {
     }
 
     fn status(&self, control: &ControlPlane) -> Value {
-        let now = self.read_meters(control);
+        let now = match &self.at_end {
+            Some(end) => end.clone(),
+            None => self.read_meters(control),
+        };
         let shown = |i: usize| {
             let counts = now[i].since(&self.at_step_start[i]);
             let quantile = |q| histogram::quantile_micros(&counts.latency, q).map(|us| us / 1000.0);
