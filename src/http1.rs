@@ -38,6 +38,7 @@ use crate::codec::{
 };
 use crate::headers;
 use crate::proxy::Proxy;
+use crate::stall::StallTimer;
 use crate::upstream::{ForwardBody, ProxyResponse};
 
 /// Read buffer of a client connection, made when a connection starts.
@@ -181,20 +182,14 @@ type ClientWriter = SendTimeout<OwnedWriteHalf>;
 #[derive(Debug)]
 pub struct SendTimeout<W> {
     inner: W,
-    limit: Duration,
-    /// The deadline of the write that is waiting; made at the first wait, then reused.
-    stall: Option<Pin<Box<Sleep>>>,
-    /// A write is waiting and `stall` holds its deadline.
-    waiting: bool,
+    stall: StallTimer,
 }
 
 impl<W> SendTimeout<W> {
     pub fn new(inner: W, limit: Duration) -> Self {
         SendTimeout {
             inner,
-            limit,
-            stall: None,
-            waiting: false,
+            stall: StallTimer::new(limit),
         }
     }
 
@@ -204,29 +199,14 @@ impl<W> SendTimeout<W> {
         polled: Poll<io::Result<T>>,
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<T>> {
-        if polled.is_ready() {
-            self.waiting = false;
-            return polled;
+        let stalled = self.stall.poll_stalled(polled.is_ready(), cx);
+        if polled.is_pending() && stalled.is_ready() {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client took nothing for send_timeout",
+            )));
         }
-        if !self.waiting {
-            self.waiting = true;
-            let deadline = Instant::now() + self.limit;
-            match &mut self.stall {
-                Some(stall) => stall.as_mut().reset(deadline),
-                None => self.stall = Some(Box::pin(tokio::time::sleep_until(deadline))),
-            }
-        }
-        if self
-            .stall
-            .as_mut()
-            .is_none_or(|stall| stall.as_mut().poll(cx).is_pending())
-        {
-            return Poll::Pending;
-        }
-        Poll::Ready(Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            "the client took nothing for send_timeout",
-        )))
+        polled
     }
 }
 

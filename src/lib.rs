@@ -13,6 +13,8 @@
 //!   delimiting, chunked decoding.
 //! - `http1`: HTTP/1.1 client connections served by the proxy itself (parse, forward, write
 //!   back on the connection's task); hands the rare request it does not take to hyper.
+//! - `stall`: the timer behind `send_timeout` and `read_timeout`: an I/O operation that has
+//!   waited too long since it last made progress fails.
 //! - `upstream`: the HTTP/1.1 exchange with an endpoint on a keep-alive connection, pooled per
 //!   endpoint and worker; a request whose connection could not be made comes back whole for the
 //!   retry.
@@ -58,6 +60,7 @@ mod proxy;
 mod rollout;
 mod routing;
 mod server;
+mod stall;
 mod sticky;
 mod upstream;
 mod workers;

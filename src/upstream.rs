@@ -38,6 +38,7 @@ use crate::codec::{
 use crate::config::MAX_WORKERS;
 use crate::http1::ClientBody;
 use crate::routing::Endpoint;
+use crate::stall::StallTimer;
 use crate::workers::current_worker;
 
 /// Connection settings of a backend. A reload that changes them keeps the endpoints and their
@@ -945,9 +946,7 @@ fn finish_head(
         reusable,
         endpoint: endpoint.clone(),
         idle_timeout: settings.idle_timeout,
-        read_timeout: timeouts.read,
-        stall: None,
-        moved: true,
+        stall: StallTimer::new(timeouts.read),
     }));
     Ok(response)
 }
@@ -978,11 +977,7 @@ struct Reading {
     endpoint: Arc<Endpoint>,
     idle_timeout: Duration,
     /// `read_timeout`: the longest pause between two reads of the body.
-    read_timeout: Duration,
-    /// Armed when the body first has to wait, then moved on after every piece.
-    stall: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// A piece arrived since the timer was last set.
-    moved: bool,
+    stall: StallTimer,
 }
 
 impl UpstreamBody {
@@ -1013,25 +1008,11 @@ impl Reading {
             cx,
         );
         if polled.is_ready() {
-            self.moved = true;
+            let _ = self.stall.poll_stalled(true, cx);
             return polled.map_err(ExchangeError::from);
         }
-        let moved = std::mem::take(&mut self.moved);
-        let stall = match &mut self.stall {
-            Some(stall) => {
-                if moved {
-                    stall
-                        .as_mut()
-                        .reset(tokio::time::Instant::now() + self.read_timeout);
-                }
-                stall
-            }
-            None => self
-                .stall
-                .insert(Box::pin(tokio::time::sleep(self.read_timeout))),
-        };
-        ready!(stall.as_mut().poll(cx));
-        Poll::Ready(Some(Err(ExchangeError::ReadTimeout(self.read_timeout))))
+        ready!(self.stall.poll_stalled(false, cx));
+        Poll::Ready(Some(Err(ExchangeError::ReadTimeout(self.stall.limit()))))
     }
 }
 
