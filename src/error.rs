@@ -24,9 +24,6 @@ impl std::fmt::Display for Chain<'_> {
 /// A request the proxy answers itself instead of with an upstream response.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
-    /// The request carried both Content-Length and Transfer-Encoding (request smuggling).
-    #[error("request has both Content-Length and Transfer-Encoding")]
-    AmbiguousFraming,
     /// CONNECT asks for a tunnel to an arbitrary host; a reverse proxy does not offer that.
     #[error("CONNECT is not supported by a reverse proxy")]
     ConnectMethod,
@@ -59,9 +56,6 @@ pub enum ProxyError {
     /// `host[:port]`, authority-form, `*` but for OPTIONS; RFC 9112 §3.2).
     #[error("bad request: {0}")]
     BadRequest(&'static str),
-    /// A transfer coding other than chunked: the proxy cannot pass it on labelled.
-    #[error("transfer coding other than chunked")]
-    UnsupportedCoding,
     /// The client did not send its request body within `request_timeout`.
     #[error("the client sent its request body too slowly (request_timeout {timeout:?})")]
     ClientTimeout { timeout: Duration },
@@ -94,10 +88,7 @@ impl UpstreamErrorKind {
 impl From<&ProxyError> for StatusCode {
     fn from(error: &ProxyError) -> StatusCode {
         match error {
-            ProxyError::AmbiguousFraming
-            | ProxyError::ClientBody { .. }
-            | ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ProxyError::UnsupportedCoding => StatusCode::NOT_IMPLEMENTED,
+            ProxyError::ClientBody { .. } | ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::ClientTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ProxyError::ConnectMethod => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::NoBackend => StatusCode::SERVICE_UNAVAILABLE,
@@ -125,16 +116,8 @@ mod tests {
             StatusCode::SERVICE_UNAVAILABLE
         );
         assert_eq!(
-            StatusCode::from(&ProxyError::AmbiguousFraming),
-            StatusCode::BAD_REQUEST
-        );
-        assert_eq!(
             StatusCode::from(&ProxyError::ConnectMethod),
             StatusCode::METHOD_NOT_ALLOWED
-        );
-        assert_eq!(
-            StatusCode::from(&ProxyError::UnsupportedCoding),
-            StatusCode::NOT_IMPLEMENTED
         );
         let slow = ProxyError::ClientTimeout {
             timeout: Duration::from_secs(1),

@@ -18,8 +18,8 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Uri, Version};
 use rand::RngExt;
 
-use crate::codec::has_token;
 use crate::error::ProxyError;
+use crate::http1::head::has_token;
 
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -91,16 +91,6 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(*name);
         }
     }
-}
-
-/// The transfer-coding check an HTTP/1 request must pass before it is forwarded: no coding but
-/// chunked (the one the proxy decodes; another would reach the upstream unlabelled once
-/// `Transfer-Encoding`, a hop-by-hop header, is stripped).
-pub fn check_transfer_coding(headers: &HeaderMap) -> Result<(), ProxyError> {
-    if crate::codec::transfer_encoding(headers) == Some(false) {
-        return Err(ProxyError::UnsupportedCoding);
-    }
-    Ok(())
 }
 
 /// Checks a request's target and `Host`, makes `Host` the one the request goes upstream with,
@@ -430,17 +420,6 @@ mod tests {
         ]);
         strip_hop_by_hop(&mut h);
         assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x"]);
-    }
-
-    #[test]
-    fn no_transfer_coding_but_chunked() {
-        assert!(check_transfer_coding(&map(&[("transfer-encoding", "chunked")])).is_ok());
-        assert!(check_transfer_coding(&map(&[])).is_ok());
-        let gzip = map(&[("transfer-encoding", "gzip, chunked")]);
-        assert!(matches!(
-            check_transfer_coding(&gzip),
-            Err(ProxyError::UnsupportedCoding)
-        ));
     }
 
     #[test]

@@ -9,21 +9,21 @@
 //! - `routing`: the [`RoutingTable`] snapshot and the routing decision.
 //! - `sticky`: the FNV-1a user buckets and where the user id is read from.
 //! - `headers`: hop-by-hop stripping, `X-Forwarded-*`, `x-request-id`.
-//! - `codec`: HTTP/1.1 message framing shared by both sides: heads into header maps, body
-//!   delimiting, chunked decoding.
-//! - `http1`: HTTP/1.1 client connections served by the proxy itself (parse, forward, write
-//!   back on the connection's task); hands the rare request it does not take to hyper.
+//! - `http1`: the HTTP/1.0 and HTTP/1.1 protocol, both sides, on httparse: heads and their
+//!   limits, bodies (chunked decoding, trailers), the client connection as a session. Knows
+//!   nothing of routing or proxying.
 //! - `stall`: the timer behind `send_timeout` and `read_timeout`: an I/O operation that has
 //!   waited too long since it last made progress fails.
 //! - `upstream`: the HTTP/1.1 exchange with an endpoint on a keep-alive connection, pooled per
 //!   endpoint and worker; a request whose connection could not be made comes back whole for the
 //!   retry.
-//! - `proxy`: the forward path of one request, and its error responses.
+//! - `proxy`: the forward path of one request, and its error responses; `proxy::h1` serves
+//!   HTTP/1 client connections through it, `proxy::h2` h2c ones (hyper).
 //! - `error`: [`ProxyError`] and the status code of each failure.
-//! - `framing`: detects requests with both Content-Length and Transfer-Encoding on the raw bytes
-//!   of connections hyper serves.
-//! - `server`: the client listener: picks HTTP/1.1 (`http1`) or h2c (hyper) per connection,
-//!   and drains on shutdown.
+//! - `server`: the client listener: picks HTTP/1 or h2c per connection, and drains on
+//!   shutdown.
+//! - `decode`: whole messages decoded from bytes by the HTTP/1 code, for fuzzing and the
+//!   differential test against hyper.
 //! - `demo`: the two built-in upstreams of `canary-proxy demo`, the rollout plan and the load
 //!   generator of `demo --rollout`.
 //! - `control`: [`ControlPlane`], through which every table change goes (weights, reloads),
@@ -44,13 +44,13 @@
 mod admin;
 mod admin_client;
 mod cli;
-mod codec;
 pub mod config;
 mod control;
+#[doc(hidden)]
+pub mod decode;
 mod demo;
 mod duration;
 mod error;
-mod framing;
 mod headers;
 mod health;
 mod http1;
@@ -82,7 +82,6 @@ pub use demo::{
 };
 pub use duration::{format_duration, parse_duration};
 pub use error::{ProxyError, UpstreamErrorKind};
-pub use framing::{AmbiguousFraming, FramingGuard};
 pub use headers::{add_forwarded, client_ip_value, request_id, settle_host, strip_hop_by_hop};
 pub use health::{EndpointHealth, EndpointStatus, HealthSupervisor, ProbeCounter, Transition};
 pub use metrics::{BackendMetrics, Metrics};

@@ -1,31 +1,23 @@
 //! The client-facing listener: accepts connections, tells HTTP/1 from h2c by each connection's
-//! first bytes, serves HTTP/1.1 with [`crate::http1`] (hyper's HTTP/1 server takes the
-//! connections it hands over) and h2c with hyper's HTTP/2 server, hands every request to the
-//! [`Proxy`], and drains on shutdown.
+//! first bytes, serves HTTP/1 with `proxy::h1` (on the proxy's own `http1` protocol layer) and
+//! h2c with hyper's HTTP/2 server (`proxy::h2`), and drains on shutdown.
 //!
 //! Slow or silent clients cannot pin the proxy: the first bytes of a connection (which decide
 //! HTTP/1 or HTTP/2) and every HTTP/1 request head must arrive within `header_read_timeout`.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderValue, Request};
-use hyper::body::Incoming;
-use hyper::server::conn::{http1, http2};
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper::server::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::config::ProxySettings;
-use crate::framing::FramingGuard;
 use crate::headers;
-use crate::http1::{Ended, SendTimeout};
-use crate::proxy::Proxy;
-use crate::upstream::{ForwardBody, ProxyResponse};
+use crate::proxy::{Proxy, h1, h2};
+use crate::stall::SendTimeout;
 
 /// How the listener treats client connections.
 #[derive(Debug, Clone, Copy)]
@@ -67,10 +59,6 @@ pub async fn serve(
     options: ServerOptions,
     shutdown: impl Future<Output = ()>,
 ) {
-    let mut http1 = http1::Builder::new();
-    http1
-        .timer(TokioTimer::new())
-        .header_read_timeout(options.header_read_timeout);
     // HTTP/2: pings find dead peers (HTTP/1 idle connections meet the header read timeout
     // instead), and the stream and header limits are stated rather than left to defaults.
     let mut http2 = http2::Builder::new(TokioExecutor::new());
@@ -110,7 +98,7 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let mut drained = open_connections.clone();
-        let (http1, http2) = (http1.clone(), http2.clone());
+        let http2 = http2.clone();
         let proxy = proxy.clone();
         tokio::spawn(async move {
             let Some(protocol) = sniff_protocol(&stream, options.header_read_timeout).await else {
@@ -120,29 +108,12 @@ pub async fn serve(
             let client_ip = headers::client_ip_value(peer.ip());
             let result = match protocol {
                 Protocol::Http1 => {
-                    let timeout = options.header_read_timeout;
-                    let send_timeout = options.send_timeout;
-                    let served = crate::http1::serve(
-                        stream,
-                        &client_ip,
-                        &proxy,
-                        timeout,
-                        send_timeout,
-                        &mut drained,
-                    );
-                    match served.await {
-                        Ended::Closed => Ok(()),
-                        Ended::HandOver(rewound) => {
-                            let rewound = SendTimeout::new(rewound, send_timeout);
-                            let (io, service) = hyper_service(rewound, proxy, client_ip);
-                            let connection = http1.serve_connection(io, service).with_upgrades();
-                            until_drained(connection, |c| c.graceful_shutdown(), drained).await
-                        }
-                    }
+                    h1::serve(stream, &client_ip, &proxy, options, &mut drained).await;
+                    Ok(())
                 }
                 Protocol::Http2 => {
                     let stream = SendTimeout::new(stream, options.send_timeout);
-                    let (io, service) = hyper_service(stream, proxy, client_ip);
+                    let (io, service) = h2::service(stream, proxy, client_ip);
                     let connection = http2.serve_connection(io, service);
                     until_drained(connection, |c| c.graceful_shutdown(), drained).await
                 }
@@ -166,39 +137,6 @@ pub async fn serve(
             tracing::warn!(grace = ?options.shutdown_grace, "grace period over, closing remaining connections");
         }
     }
-}
-
-/// The IO and service for a connection hyper serves: the IO watched for requests with
-/// ambiguous framing (which the service then answers 400), the service forwarding through
-/// `proxy`. (The service is a closure; naming its type would cost a boxed future per request.)
-#[allow(clippy::type_complexity)]
-fn hyper_service<S>(
-    stream: S,
-    proxy: Proxy,
-    client_ip: HeaderValue,
-) -> (
-    TokioIo<FramingGuard<S>>,
-    impl hyper::service::Service<
-        Request<Incoming>,
-        Response = ProxyResponse,
-        Error = Infallible,
-        Future = impl Future<Output = Result<ProxyResponse, Infallible>> + Send,
-    > + Clone
-    + Send
-    + 'static,
-) {
-    let (guarded, framing) = FramingGuard::new(stream);
-    // Built once per connection; each request clones one Arc.
-    let context = Arc::new((proxy, client_ip, framing));
-    let service = service_fn(move |request: Request<Incoming>| {
-        let context = context.clone();
-        async move {
-            let (proxy, client_ip, framing) = &*context;
-            let request = request.map(ForwardBody::Hyper);
-            Ok::<_, Infallible>(proxy.handle(request, client_ip, framing.detected()).await)
-        }
-    });
-    (TokioIo::new(guarded), service)
 }
 
 /// Runs a client connection; when the drain begins, asks it to finish the requests it has

@@ -4,10 +4,12 @@
 //! response body). The clock is read and the timer set only when an operation starts to
 //! wait; its sleep is allocated at the first wait and reused.
 
+use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 #[derive(Debug)]
@@ -50,6 +52,89 @@ impl StallTimer {
             Some(sleep) => sleep.as_mut().poll(cx),
             None => Poll::Pending,
         }
+    }
+}
+
+/// A client connection's writer whose writes fail (`TimedOut`) once one has waited
+/// `send_timeout` for the client to take bytes, as nginx's `send_timeout`: a client that stops
+/// reading cannot hold its connection and the upstream one behind it. hyper's HTTP/2
+/// connections get it too. A write that goes through at once costs one branch.
+#[derive(Debug)]
+pub struct SendTimeout<W> {
+    inner: W,
+    stall: StallTimer,
+}
+
+impl<W> SendTimeout<W> {
+    pub fn new(inner: W, limit: Duration) -> Self {
+        SendTimeout {
+            inner,
+            stall: StallTimer::new(limit),
+        }
+    }
+
+    pub fn into_inner(self) -> W {
+        self.inner
+    }
+
+    /// Passes a write's result on; a write that has been waiting for `limit` fails.
+    fn watch<T>(
+        &mut self,
+        polled: Poll<io::Result<T>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<T>> {
+        let stalled = self.stall.poll_stalled(polled.is_ready(), cx);
+        if polled.is_pending() && stalled.is_ready() {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client took nothing for send_timeout",
+            )));
+        }
+        polled
+    }
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for SendTimeout<W> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.watch(polled, cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.watch(polled, cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.inner).poll_flush(cx);
+        self.watch(polled, cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.watch(polled, cx)
+    }
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for SendTimeout<R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 

@@ -16,7 +16,7 @@
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
-use std::io::{self, Write as _};
+use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -24,19 +24,20 @@ use std::task::{Context, Poll, Waker, ready};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::request::Parts;
-use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
+use http::{Method, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
-use crate::codec::{
-    self, ChunkState, Framing, HeadFields, MAX_HEAD_LEN, MAX_HEADERS, MessageError, READ_CHUNK,
-};
 use crate::config::MAX_WORKERS;
-use crate::http1::ClientBody;
+use crate::http1::body::{self, Framing, MessageError, READ_CHUNK, encode_frame};
+use crate::http1::head::{
+    self, ResponseHead, keeps_alive, parse_response_head, recycle_map, response_framing,
+};
+use crate::http1::server::RequestBody as ClientBody;
 use crate::routing::Endpoint;
 use crate::stall::StallTimer;
 use crate::workers::current_worker;
@@ -200,8 +201,6 @@ struct Connection {
     read_buf: BytesMut,
     /// The request bytes being written; kept for its capacity.
     write_buf: Vec<u8>,
-    /// Scratch space for parsing response heads.
-    fields: HeadFields,
     /// When the connection last went idle (into the pool).
     idle_since: Instant,
 }
@@ -212,7 +211,6 @@ impl Connection {
             stream,
             read_buf: BytesMut::with_capacity(READ_CHUNK),
             write_buf: Vec::with_capacity(1024),
-            fields: HeadFields::default(),
             idle_since: Instant::now(),
         }
     }
@@ -378,7 +376,7 @@ impl Upstream {
                     let settings = self.settings;
                     let response =
                         finish_head(exchange, head, &parts.method, endpoint, settings, timeouts);
-                    codec::recycle_map(parts.headers);
+                    recycle_map(parts.headers);
                     return response.map_err(SendError::Failed);
                 }
                 Err(Failure::Stalled(Phase::Client)) => {
@@ -527,13 +525,6 @@ struct Exchange {
     progress: u64,
 }
 
-/// A parsed response head and how its body is framed.
-struct ResponseHead {
-    status: StatusCode,
-    version: Version,
-    headers: HeaderMap,
-}
-
 impl Exchange {
     /// Encodes the request head into the connection's write buffer; nothing is written yet.
     /// On a `reused` connection the written bytes are kept for a replay.
@@ -556,7 +547,7 @@ impl Exchange {
         buf.extend_from_slice(target.as_bytes());
         buf.extend_from_slice(b" HTTP/1.1\r\n");
         for (name, value) in &parts.headers {
-            codec::put_field(buf, name, value);
+            head::put_field(buf, name, value);
         }
         if let RequestBody::Streaming { chunked: true, .. } = request_body {
             buf.extend_from_slice(b"transfer-encoding: chunked\r\n");
@@ -749,8 +740,8 @@ impl Exchange {
         }
         loop {
             if !self.connection.read_buf.is_empty()
-                && let Some(head) =
-                    parse_response_head(&mut self.connection.read_buf, &mut self.connection.fields)?
+                && let Some(head) = parse_response_head(&mut self.connection.read_buf)
+                    .map_err(MessageError::from)?
             {
                 if head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS
                 {
@@ -759,7 +750,7 @@ impl Exchange {
                 return Poll::Ready(Ok(head));
             }
             let connection = &mut self.connection;
-            ready!(codec::poll_fill_more(
+            ready!(body::poll_fill_more(
                 &mut connection.stream,
                 &mut connection.read_buf,
                 cx
@@ -790,105 +781,6 @@ fn may_send_again(error: &ExchangeError, idempotent: bool, all_written: bool) ->
     closed && (idempotent || !all_written)
 }
 
-/// Appends a request body frame to `buf`; true when it was the trailers (the body's end).
-fn encode_frame(frame: Frame<Bytes>, chunked: bool, buf: &mut Vec<u8>) -> bool {
-    match frame.into_data() {
-        Ok(data) if chunked => {
-            if !data.is_empty() {
-                let _ = write!(buf, "{:x}\r\n", data.len());
-                buf.extend_from_slice(&data);
-                buf.extend_from_slice(b"\r\n");
-            }
-            false
-        }
-        Ok(data) => {
-            buf.extend_from_slice(&data);
-            false
-        }
-        Err(frame) => {
-            if let (Ok(trailers), true) = (frame.into_trailers(), chunked) {
-                buf.extend_from_slice(b"0\r\n");
-                for (name, value) in &trailers {
-                    codec::put_field(buf, name, value);
-                }
-                buf.extend_from_slice(b"\r\n");
-                return true;
-            }
-            false
-        }
-    }
-}
-
-/// Parses a response head at the start of `buf`, consuming it; `None` when it is not complete.
-/// Header values share the buffer's memory (no copy).
-fn parse_response_head(
-    buf: &mut BytesMut,
-    fields: &mut HeadFields,
-) -> Result<Option<ResponseHead>, MessageError> {
-    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
-    let mut parsed = httparse::Response::new(&mut []);
-    let config = httparse::ParserConfig::default();
-    let len = match config.parse_response_with_uninit_headers(&mut parsed, buf, &mut slots) {
-        Ok(httparse::Status::Complete(len)) if len <= MAX_HEAD_LEN => len,
-        Ok(httparse::Status::Complete(_)) => {
-            return Err(MessageError::Malformed("response head too large"));
-        }
-        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD_LEN => {
-            return Err(MessageError::Malformed("response head too large"));
-        }
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(error) => return Err(MessageError::Head(error)),
-    };
-    let status = parsed
-        .code
-        .and_then(|code| StatusCode::from_u16(code).ok())
-        .ok_or(MessageError::Malformed("invalid status code"))?;
-    let version = match parsed.version {
-        Some(0) => Version::HTTP_10,
-        _ => Version::HTTP_11,
-    };
-    fields.collect(buf, parsed.headers)?;
-    let head = buf.split_to(len).freeze();
-    let headers = fields.take_map(&head)?;
-    Ok(Some(ResponseHead {
-        status,
-        version,
-        headers,
-    }))
-}
-
-fn response_framing(method: &Method, head: &mut ResponseHead) -> Result<Framing, MessageError> {
-    let status = head.status;
-    if method == Method::HEAD
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED
-    {
-        return Ok(Framing::Empty);
-    }
-    // Codings other than chunked would reach the client unlabelled once the (hop-by-hop)
-    // Transfer-Encoding is stripped, so they are refused.
-    if let Some(only_chunked) = codec::transfer_encoding(&head.headers) {
-        return if only_chunked {
-            Ok(Framing::Chunked(ChunkState::Size))
-        } else {
-            Err(MessageError::Malformed(
-                "transfer coding other than chunked",
-            ))
-        };
-    }
-    Ok(codec::content_length(&mut head.headers)?.map_or(Framing::UntilClose, Framing::Length))
-}
-
-/// Whether the connection may carry another request after this response.
-fn keeps_alive(head: &ResponseHead) -> bool {
-    let has = |token: &[u8]| codec::has_token(&head.headers, &CONNECTION, token);
-    match head.version {
-        Version::HTTP_11 => !has(b"close"),
-        _ => has(b"keep-alive"),
-    }
-}
-
 /// Builds the response once its head is in: works out the body's framing, and when the whole
 /// body is already buffered (the common small response), returns the connection to the pool
 /// at once.
@@ -901,10 +793,10 @@ fn finish_head(
     timeouts: ExchangeTimeouts,
 ) -> Result<Response<UpstreamBody>, ExchangeError> {
     exchange.stop_keeping();
-    let framing = response_framing(method, &mut head)?;
+    let framing = response_framing(method, &mut head).map_err(MessageError::from)?;
     // A body delimited by the close, or a message with both Transfer-Encoding and
     // Content-Length (RFC 9112 §6.1: handle as an error), leaves nothing to reuse.
-    let reusable = keeps_alive(&head)
+    let reusable = keeps_alive(head.version, &head.headers)
         && framing != Framing::UntilClose
         && !(head.headers.contains_key(TRANSFER_ENCODING)
             && head.headers.contains_key(CONTENT_LENGTH));
@@ -1001,7 +893,7 @@ impl Reading {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, ExchangeError>>> {
         let connection = &mut self.exchange.connection;
-        let polled = codec::poll_body(
+        let polled = body::poll_body(
             &mut self.framing,
             &mut connection.stream,
             &mut connection.read_buf,
@@ -1095,83 +987,6 @@ pub type ProxyResponse = Response<ResponseBody>;
 mod tests {
     use super::*;
 
-    use http::HeaderValue;
-
-    fn parse(raw: &[u8]) -> (Result<Option<ResponseHead>, MessageError>, BytesMut) {
-        let mut buf = BytesMut::from(raw);
-        let parsed = parse_response_head(&mut buf, &mut HeadFields::default());
-        (parsed, buf)
-    }
-
-    fn head(raw: &[u8]) -> ResponseHead {
-        parse(raw).0.unwrap().unwrap()
-    }
-
-    #[test]
-    fn response_heads_parse_and_frame() {
-        let (parsed, buf) = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\n\r\nhello");
-        let mut parsed = parsed.unwrap().unwrap();
-        assert_eq!(parsed.status, 200);
-        assert_eq!(parsed.headers["x-a"], "1");
-        assert_eq!(&buf[..], b"hello");
-        assert_eq!(
-            response_framing(&Method::GET, &mut parsed).unwrap(),
-            Framing::Length(5)
-        );
-        assert_eq!(
-            response_framing(&Method::HEAD, &mut parsed).unwrap(),
-            Framing::Empty
-        );
-        assert!(keeps_alive(&parsed));
-
-        assert!(parse(b"HTTP/1.1 200 OK\r\nContent-Le").0.unwrap().is_none());
-        assert!(parse(b"HTTP/1.1 2x0 OK\r\n\r\n").0.is_err());
-
-        let mut chunked =
-            head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\n\r\n");
-        assert_eq!(
-            response_framing(&Method::GET, &mut chunked).unwrap(),
-            Framing::Chunked(ChunkState::Size)
-        );
-        for coded in [
-            &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n"[..],
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
-        ] {
-            assert!(response_framing(&Method::GET, &mut head(coded)).is_err());
-        }
-        let mut none = head(b"HTTP/1.1 200 OK\r\n\r\n");
-        assert_eq!(
-            response_framing(&Method::GET, &mut none).unwrap(),
-            Framing::UntilClose
-        );
-        let mut no_content = head(b"HTTP/1.1 204 No Content\r\nContent-Length: 3\r\n\r\n");
-        assert_eq!(
-            response_framing(&Method::GET, &mut no_content).unwrap(),
-            Framing::Empty
-        );
-        let mut same = head(b"HTTP/1.1 200 OK\r\nContent-Length: 3, 3\r\n\r\n");
-        assert_eq!(
-            response_framing(&Method::GET, &mut same).unwrap(),
-            Framing::Length(3)
-        );
-        let mut conflict =
-            head(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n");
-        assert!(response_framing(&Method::GET, &mut conflict).is_err());
-        let mut bad = head(b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n");
-        assert!(response_framing(&Method::GET, &mut bad).is_err());
-    }
-
-    #[test]
-    fn keep_alive_follows_version_and_connection() {
-        assert!(!keeps_alive(&head(
-            b"HTTP/1.1 200 OK\r\nConnection: Keep-Alive, Close\r\n\r\n"
-        )));
-        assert!(!keeps_alive(&head(b"HTTP/1.0 200 OK\r\n\r\n")));
-        assert!(keeps_alive(&head(
-            b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\n\r\n"
-        )));
-    }
-
     #[test]
     fn only_requests_the_upstream_cannot_have_acted_on_are_sent_again() {
         let reset =
@@ -1220,23 +1035,5 @@ mod tests {
         // the kernel has the FIN.
         std::thread::sleep(Duration::from_millis(50));
         assert!(!connection.is_quiet_now());
-    }
-
-    #[test]
-    fn request_frames_encode() {
-        let mut buf = Vec::new();
-        assert!(!encode_frame(
-            Frame::data(Bytes::from_static(b"hello")),
-            true,
-            &mut buf
-        ));
-        assert!(!encode_frame(Frame::data(Bytes::new()), true, &mut buf));
-        let mut trailers = HeaderMap::new();
-        trailers.insert("x-sum", HeaderValue::from_static("1"));
-        assert!(encode_frame(Frame::trailers(trailers), true, &mut buf));
-        assert_eq!(buf, b"5\r\nhello\r\n0\r\nx-sum: 1\r\n\r\n");
-        let mut raw = Vec::new();
-        encode_frame(Frame::data(Bytes::from_static(b"abc")), false, &mut raw);
-        assert_eq!(raw, b"abc");
     }
 }

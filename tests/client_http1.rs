@@ -1,6 +1,7 @@
-//! The client side of HTTP/1.1 over raw TCP: pipelining, keep-alive and `Connection: close`,
-//! HEAD, malformed and oversized heads, chunked responses to the client, and the requests
-//! handed to hyper (HTTP/1.0, `Expect: 100-continue`).
+//! The client side of HTTP/1 over raw TCP: pipelining, keep-alive and `Connection: close`,
+//! HTTP/1.0, HEAD, `Expect`, CONNECT, the one set of limits and its counted refusals,
+//! malformed bodies and trailers, chunked responses to the client, and clients that go away
+//! while their request is answered.
 
 mod common;
 
@@ -135,16 +136,67 @@ async fn responses_of_unknown_length_are_chunked_to_the_client() {
 }
 
 #[tokio::test]
-async fn http10_requests_are_served() {
-    let (_v1, proxy) = one_backend().await;
+async fn http10_requests_are_served_and_closed_unless_kept_alive() {
+    let (v1, proxy) = one_backend().await;
+    // Answered in HTTP/1.1 (RFC 9110 §2.5, as nginx), the connection closed after it.
     let answer = raw_exchange(
         proxy.addr,
         b"GET / HTTP/1.0\r\n\r\n",
         Duration::from_secs(2),
     )
     .await;
-    assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
     assert!(answer.ends_with("v1"), "{answer}");
+    // `Connection: keep-alive` keeps it open, and the answer says so.
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    for _ in 0..2 {
+        stream
+            .write_all(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            .await
+            .unwrap();
+        let answer = read_until(&mut stream, "v1", 1).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(
+            answer
+                .to_ascii_lowercase()
+                .contains("connection: keep-alive"),
+            "{answer}"
+        );
+    }
+    assert_eq!(v1.hits(), 3);
+}
+
+#[tokio::test]
+async fn http10_clients_get_bodies_of_unknown_length_delimited_by_the_close() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if read_request_head(&mut stream).await {
+                    let _ = stream.write_all(b"HTTP/1.1 200 OK\r\n\r\nstreamed").await;
+                }
+            });
+        }
+    });
+    let proxy = start_proxy(&config(&[("v1", vec![format!("http://{addr}")], 1)], "")).await;
+    let answer = raw_exchange(
+        proxy.addr,
+        b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+        Duration::from_secs(2),
+    )
+    .await;
+    let lower = answer.to_ascii_lowercase();
+    assert!(
+        !lower.contains("chunked"),
+        "no chunked coding for HTTP/1.0: {answer}"
+    );
+    assert!(lower.contains("connection: close"), "{answer}");
+    assert!(answer.ends_with("\r\n\r\nstreamed"), "{answer}");
 }
 
 #[tokio::test]
@@ -384,32 +436,26 @@ async fn a_stalled_upload_is_the_clients_timeout_not_the_upstreams() {
 }
 
 #[tokio::test]
-async fn requests_hyper_takes_over_get_the_same_checks() {
+async fn requests_after_an_http10_keep_alive_one_get_the_same_checks() {
     let (v1, proxy) = one_backend().await;
-    // An HTTP/1.0 keep-alive request hands the connection to hyper; the next requests on it
-    // are checked all the same.
     for (second, expected) in [
         (&b"POST /upload HTTP/1.1\r\nHost: a\r\nHost: b\r\nContent-Length: 0\r\n\r\n"[..], "400"),
         (
             b"POST /upload HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
             "501",
         ),
+        (
+            b"POST /upload HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            "400",
+        ),
     ] {
-        let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
-        stream
-            .write_all(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
-            .await
-            .unwrap();
-        let first = read_until(&mut stream, "v1", 1).await;
-        assert!(first.starts_with("HTTP/1.0 200"), "{first}");
-        stream.write_all(second).await.unwrap();
-        let answer = read_until(&mut stream, "\r\n\r\n", 1).await;
+        let answer = answer_after_http10(&proxy, second).await;
         assert!(answer.starts_with(&format!("HTTP/1.1 {expected}")), "{answer}");
     }
     assert_eq!(
         v1.hits(),
-        2,
-        "only the two HTTP/1.0 GETs reached the upstream"
+        3,
+        "only the three HTTP/1.0 GETs reached the upstream"
     );
 }
 
@@ -452,22 +498,23 @@ async fn a_body_of_many_tiny_chunks_arrives_whole() {
     assert!(text.bytes().all(|b| b == b'x'));
 }
 
-/// The status line of the answer to `second`, sent on a connection hyper serves: the first
-/// request (HTTP/1.0 keep-alive) hands it over.
-async fn answer_from_hyper(proxy: &TestProxy, second: &[u8]) -> String {
+/// The answer to `second`, sent on a connection after an HTTP/1.0 keep-alive request.
+async fn answer_after_http10(proxy: &TestProxy, second: &[u8]) -> String {
     let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
     stream
         .write_all(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
         .await
         .unwrap();
     let first = read_until(&mut stream, "v1", 1).await;
-    assert!(first.starts_with("HTTP/1.0 200"), "{first}");
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
     stream.write_all(second).await.unwrap();
-    read_until(&mut stream, "\r\n\r\n", 1).await
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(2), stream.read_to_end(&mut answer)).await;
+    String::from_utf8_lossy(&answer).into_owned()
 }
 
 #[tokio::test]
-async fn bad_targets_and_hosts_are_refused_alike_on_both_paths() {
+async fn bad_targets_and_hosts_are_refused_and_close_the_connection() {
     let (v1, proxy) = one_backend().await;
     for request in [
         &b"GET / HTTP/1.1\r\nHost: a, b\r\n\r\n"[..],
@@ -482,8 +529,12 @@ async fn bad_targets_and_hosts_are_refused_alike_on_both_paths() {
         let text = String::from_utf8_lossy(request);
         let own = raw_exchange(proxy.addr, request, Duration::from_secs(2)).await;
         assert!(own.starts_with("HTTP/1.1 400"), "{text}: {own}");
-        let hyper = answer_from_hyper(&proxy, request).await;
-        assert!(hyper.starts_with("HTTP/1.1 400"), "{text} (hyper): {hyper}");
+        let later = answer_after_http10(&proxy, request).await;
+        assert!(later.starts_with("HTTP/1.1 400"), "{text} (later): {later}");
+        assert!(
+            later.to_ascii_lowercase().contains("connection: close"),
+            "{later}"
+        );
     }
     assert_eq!(
         v1.hits(),
@@ -493,16 +544,242 @@ async fn bad_targets_and_hosts_are_refused_alike_on_both_paths() {
 }
 
 #[tokio::test]
-async fn an_overlong_request_line_is_414_on_both_paths() {
+async fn one_set_of_limits_on_every_request_and_every_refusal_counted() {
+    let (v1, proxy) = one_backend().await;
+    let long_line = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(9 * 1024));
+    let long_field = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "b".repeat(9 * 1024)
+    );
+    let fields: String = (0..101).map(|i| format!("x-{i}: 1\r\n")).collect();
+    let many = format!("GET / HTTP/1.1\r\nHost: x\r\n{fields}\r\n");
+    // The same with `Expect:` (which once went to hyper, with its 400 KiB limits).
+    let expecting = format!(
+        "POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 1\r\nX-Big: {}\r\n\r\n",
+        "b".repeat(9 * 1024)
+    );
+    for (request, status) in [
+        (long_line.as_str(), "414"),
+        (long_field.as_str(), "431"),
+        (many.as_str(), "431"),
+        (expecting.as_str(), "431"),
+    ] {
+        for answer in [
+            raw_exchange(proxy.addr, request.as_bytes(), Duration::from_secs(2)).await,
+            answer_after_http10(&proxy, request.as_bytes()).await,
+        ] {
+            assert!(
+                answer.starts_with(&format!("HTTP/1.1 {status}")),
+                "{answer}"
+            );
+            assert!(
+                answer.to_ascii_lowercase().contains("connection: close"),
+                "{answer}"
+            );
+        }
+    }
+    assert_eq!(v1.hits(), 4, "only the HTTP/1.0 GETs reached the upstream");
+    let metrics = get_text(proxy.admin("/metrics")).await;
+    for (status, count) in [("414", 2), ("431", 6)] {
+        let line = format!("canary_requests_total{{backend=\"none\",status=\"{status}\"}} {count}");
+        assert!(metrics.contains(&line), "{line} in\n{metrics}");
+    }
+}
+
+#[tokio::test]
+async fn an_overlong_request_line_is_414_first_or_later() {
     let (v1, proxy) = one_backend().await;
     let request = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(70 * 1024));
     let own = raw_exchange(proxy.addr, request.as_bytes(), Duration::from_secs(2)).await;
     assert!(own.starts_with("HTTP/1.1 414"), "{own}");
-    // hyper answers a request it could not parse in HTTP/1.0.
-    let hyper = answer_from_hyper(&proxy, request.as_bytes()).await;
-    assert!(
-        hyper.starts_with("HTTP/1.0 414") || hyper.starts_with("HTTP/1.1 414"),
-        "{hyper}"
-    );
+    let later = answer_after_http10(&proxy, request.as_bytes()).await;
+    assert!(later.starts_with("HTTP/1.1 414"), "{later}");
     assert_eq!(v1.hits(), 1, "only the HTTP/1.0 GET reached the upstream");
+}
+
+#[tokio::test]
+async fn an_expectation_other_than_100_continue_is_417() {
+    let (v1, proxy) = one_backend().await;
+    let answer = raw_exchange(
+        proxy.addr,
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: teapot\r\n\r\nhello",
+        Duration::from_secs(2),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 417"), "{answer}");
+    // No body, no interim answer; HTTP/1.0 ignores the field (RFC 9110 §10.1.1).
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_until(&mut stream, "v1", 1).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let ignored = raw_exchange(
+        proxy.addr,
+        b"GET / HTTP/1.0\r\nExpect: teapot\r\n\r\n",
+        Duration::from_secs(2),
+    )
+    .await;
+    assert!(ignored.starts_with("HTTP/1.1 200"), "{ignored}");
+    assert_eq!(v1.hits(), 2);
+}
+
+#[tokio::test]
+async fn connect_is_405_and_closes_the_connection() {
+    let (v1, proxy) = one_backend().await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    // Tunnel bytes right behind the request must never be read as a request.
+    stream
+        .write_all(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), stream.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 405"), "{answer}");
+    assert_eq!(answer.matches("HTTP/1.1").count(), 1, "{answer}");
+    assert_eq!(v1.hits(), 0);
+}
+
+/// The sum of v1's `canary_upstream_errors_total` series.
+fn upstream_errors(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("canary_upstream_errors_total{backend=\"v1\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// An upstream that reads each request head (and a body of `body_len` bytes) and never
+/// answers; reports each connection's end (the proxy closing it) on the channel.
+async fn silent_upstream(
+    body_len: usize,
+) -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<()>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (ended, ends) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let ended = ended.clone();
+            tokio::spawn(async move {
+                if read_request_head(&mut stream).await {
+                    let mut body = vec![0u8; body_len];
+                    let _ = stream.read_exact(&mut body).await;
+                    let mut sink = [0u8; 64];
+                    while let Ok(n) = stream.read(&mut sink).await {
+                        if n == 0 {
+                            break;
+                        }
+                    }
+                    let _ = ended.send(());
+                }
+            });
+        }
+    });
+    (addr, ends)
+}
+
+#[tokio::test]
+async fn a_client_that_goes_away_cancels_the_exchange_and_counts_as_499() {
+    for (request, body_len) in [
+        (&b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n"[..], 0),
+        (
+            b"POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
+            5,
+        ),
+    ] {
+        let (addr, mut ends) = silent_upstream(body_len).await;
+        let proxy = start_proxy(&config(
+            &[("v1", vec![format!("http://{addr}")], 1)],
+            "request_timeout = \"30s\"",
+        ))
+        .await;
+        let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+        stream.write_all(request).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let started = Instant::now();
+        drop(stream);
+        // The upstream connection is closed at once, not after request_timeout.
+        tokio::time::timeout(Duration::from_secs(3), ends.recv())
+            .await
+            .expect("the upstream connection is closed when the client goes away")
+            .unwrap();
+        assert!(started.elapsed() < Duration::from_secs(3));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let metrics = get_text(proxy.admin("/metrics")).await;
+        let gone = "canary_requests_total{backend=\"v1\",status=\"499\"} 1";
+        assert!(metrics.contains(gone), "{gone} in\n{metrics}");
+        assert_eq!(
+            upstream_errors(&metrics),
+            0,
+            "not the upstream's fault:\n{metrics}"
+        );
+        let routes = get_text(proxy.admin("/admin/routes")).await;
+        assert!(routes.contains("\"ejected\":false"), "{routes}");
+    }
+}
+
+#[tokio::test]
+async fn client_trailers_reach_the_upstream_without_framing_or_routing_fields() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel::<String>();
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut raw = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !raw.ends_with(b"\r\n\r\n") || raw.windows(4).filter(|w| w == b"\r\n\r\n").count() < 2
+        {
+            let n = stream.read(&mut chunk).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            raw.extend_from_slice(&chunk[..n]);
+        }
+        let _ = stream
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            .await;
+        let _ = seen_tx.send(String::from_utf8_lossy(&raw).into_owned());
+    });
+    let proxy = start_proxy(&config(&[("v1", vec![format!("http://{addr}")], 1)], "")).await;
+    let answer = raw_exchange(
+        proxy.addr,
+        b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\
+          5\r\nhello\r\n0\r\nx-checksum: 42\r\nContent-Length: 99\r\nHost: evil\r\n\
+          Transfer-Encoding: gzip\r\n\r\n",
+        Duration::from_secs(2),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let upstream_saw = seen.recv().await.unwrap();
+    let (_, body) = upstream_saw.split_once("\r\n\r\n").unwrap();
+    assert_eq!(
+        body, "5\r\nhello\r\n0\r\nx-checksum: 42\r\n\r\n",
+        "{upstream_saw}"
+    );
+}
+
+#[tokio::test]
+async fn lenient_chunk_size_lines_are_refused_as_the_clients_fault() {
+    for body in [
+        &b"5\nhello\r\n0\r\n\r\n"[..],
+        b" 5\r\nhello\r\n0\r\n\r\n",
+        b"5;a\nb\r\nhello\r\n0\r\n\r\n",
+        b"\r\nhello\r\n0\r\n\r\n",
+    ] {
+        let (v1, proxy) = one_backend().await;
+        let mut request =
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        request.extend_from_slice(body);
+        let answer = raw_exchange(proxy.addr, &request, Duration::from_secs(2)).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+        assert!(!answer.contains("received"), "{answer}");
+        let metrics = get_text(proxy.admin("/metrics")).await;
+        assert_eq!(upstream_errors(&metrics), 0, "{metrics}");
+        drop(v1);
+    }
 }

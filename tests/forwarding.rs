@@ -592,7 +592,7 @@ async fn absolute_form_targets_go_upstream_in_origin_form_with_their_authority_a
         "",
     ))
     .await;
-    // Served by the proxy's own HTTP/1.1 code, and by hyper (HTTP/1.0 is handed over).
+    // HTTP/1.1 and HTTP/1.0 alike.
     for version in ["HTTP/1.1", "HTTP/1.0"] {
         let request = format!("GET http://abs.example/p?q=1 {version}\r\nHost: hdr.example\r\n");
         let head = head_upstream_saw(&proxy, &request).await;

@@ -207,7 +207,7 @@ async fn an_upstream_that_stalls_mid_body_is_cut_off_after_read_timeout() {
     ))
     .await;
     for request in [
-        // Served by the proxy's own HTTP/1.1 code, and by hyper after a hand-over.
+        // HTTP/1.1 and HTTP/1.0 alike.
         &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
         b"GET / HTTP/1.0\r\n\r\n",
     ] {
@@ -287,7 +287,7 @@ async fn a_client_that_stops_reading_is_dropped_after_send_timeout() {
     .await;
     for request in [
         &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
-        // hyper serves this one (HTTP/1.0 is handed over).
+        // HTTP/1.0: the body delimited by the close.
         b"GET / HTTP/1.0\r\n\r\n",
     ] {
         upstream_closed.store(false, Ordering::SeqCst);

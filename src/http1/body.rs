@@ -1,23 +1,20 @@
-//! HTTP/1.1 message framing shared by both sides of the proxy (client connections it serves
-//! itself, upstream connections): heads parsed into `HeaderMap`s whose values share the read
-//! buffer, how a body is delimited, and reading a body (by length, chunked, or until close)
-//! from a buffered stream.
+//! Message bodies, both directions: reading one (by length, chunked, or until close) from a
+//! buffered stream, the chunked decoder (chunk-size lines by `httparse::parse_chunk_size`,
+//! trailers within the head limits and filtered), and encoding request bodies.
 
 use std::cell::RefCell;
-use std::io;
+use std::io::{self, Write as _};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
-use http::{HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http_body::{Frame, SizeHint};
-use tokio::io::AsyncRead;
+use tokio::io::{AsyncRead, ReadBuf};
 
-/// Most header fields in a head or trailer section (hyper's default limit too).
-pub const MAX_HEADERS: usize = 100;
-/// Longest head, chunk-size line or trailer section accepted.
-pub const MAX_HEAD_LEN: usize = 64 * 1024;
+use super::head::{HeadError, put_field};
+use super::{MAX_HEAD_LEN, MAX_HEADERS, MAX_LINE_LEN};
+
 /// Free space made in a read buffer before each read.
 pub const READ_CHUNK: usize = 8 * 1024;
 /// Most free space made for a body of known length before a read.
@@ -30,18 +27,34 @@ pub enum MessageError {
     Closed,
     #[error("reading failed")]
     Read(#[source] io::Error),
-    #[error("malformed head")]
-    Head(#[source] httparse::Error),
+    #[error(transparent)]
+    Head(#[from] HeadError),
     #[error("malformed message: {0}")]
     Malformed(&'static str),
 }
 
-/// Reads what the peer has sent into `buf`; `Ok(0)` at end of stream.
+thread_local! {
+    /// Where a read into a buffer that holds no memory lands first (see [`poll_fill`]).
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; READ_CHUNK].into_boxed_slice());
+}
+
+/// Reads what the peer has sent into `buf`; `Ok(0)` at end of stream. A buffer without
+/// memory (an idle connection gives its buffer up) reads into a scratch space of the thread
+/// and takes just the bytes that came: idle connections hold no read buffer.
 pub fn poll_fill<R: AsyncRead + Unpin>(
     io: &mut R,
     buf: &mut BytesMut,
     cx: &mut Context<'_>,
 ) -> Poll<io::Result<usize>> {
+    if buf.capacity() == 0 {
+        return SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            let mut read = ReadBuf::new(&mut scratch[..]);
+            ready!(Pin::new(io).poll_read(cx, &mut read))?;
+            buf.extend_from_slice(read.filled());
+            Poll::Ready(Ok(read.filled().len()))
+        });
+    }
     if buf.capacity() - buf.len() < READ_CHUNK / 4 {
         buf.reserve(READ_CHUNK);
     }
@@ -59,124 +72,6 @@ pub fn poll_fill_more<R: AsyncRead + Unpin>(
         Ok(_) => Poll::Ready(Ok(())),
         Err(error) => Poll::Ready(Err(MessageError::Read(error))),
     }
-}
-
-/// Header names of a head being parsed, with where each value lies in the head; kept with a
-/// connection for its capacity, so that parsing neither allocates nor zeroes a slot array.
-#[derive(Debug, Default)]
-pub struct HeadFields(Vec<(HeaderName, usize, usize)>);
-
-impl HeadFields {
-    /// Records the fields httparse found in `buf` (names checked now, values located).
-    pub fn collect(
-        &mut self,
-        buf: &[u8],
-        fields: &[httparse::Header<'_>],
-    ) -> Result<(), MessageError> {
-        let base = buf.as_ptr() as usize;
-        self.0.clear();
-        for field in fields {
-            let name = HeaderName::from_bytes(field.name.as_bytes())
-                .map_err(|_| MessageError::Malformed("invalid header name"))?;
-            let start = field.value.as_ptr() as usize - base;
-            self.0.push((name, start, start + field.value.len()));
-        }
-        Ok(())
-    }
-
-    /// The header map, its values slices of `head` (the same bytes `collect` saw, frozen).
-    pub fn take_map(&mut self, head: &Bytes) -> Result<HeaderMap, MessageError> {
-        // Room for the headers the proxy adds (X-Forwarded-*, request id, backend name), so
-        // that adding them does not grow (rehash) the map.
-        let mut headers = spare_map();
-        headers.reserve(self.0.len() + 8);
-        for (name, start, end) in self.0.drain(..) {
-            let value = HeaderValue::from_maybe_shared(head.slice(start..end))
-                .map_err(|_| MessageError::Malformed("invalid header value"))?;
-            headers.append(name, value);
-        }
-        Ok(headers)
-    }
-}
-
-thread_local! {
-    /// Emptied header maps of messages already sent, kept for their allocation (as hyper's
-    /// server keeps one per connection): each request and response head needs a map.
-    static SPARE_MAPS: RefCell<Vec<HeaderMap>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Spare maps kept per thread, and the largest map kept.
-const SPARE_MAPS_KEPT: usize = 64;
-const SPARE_MAP_CAPACITY: usize = 128;
-
-/// An empty header map, reused when one is spare.
-fn spare_map() -> HeaderMap {
-    SPARE_MAPS
-        .with(|spare| spare.borrow_mut().pop())
-        .unwrap_or_default()
-}
-
-/// Keeps the allocation of a map whose message has been sent, for the next head.
-pub fn recycle_map(mut map: HeaderMap) {
-    // `capacity` counts distinct names; `len` also counts repeated values.
-    if map.capacity() > SPARE_MAP_CAPACITY || map.len() > SPARE_MAP_CAPACITY {
-        return;
-    }
-    map.clear();
-    SPARE_MAPS.with(|spare| {
-        let mut spare = spare.borrow_mut();
-        if spare.len() < SPARE_MAPS_KEPT {
-            spare.push(map);
-        }
-    });
-}
-
-/// True when one of the comma-separated values of header `name` is `token` (any case).
-pub fn has_token(headers: &HeaderMap, name: &HeaderName, token: &[u8]) -> bool {
-    headers.get_all(name).iter().any(|v| {
-        v.as_bytes()
-            .split(|&b| b == b',')
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
-    })
-}
-
-/// Whether the message has `Transfer-Encoding`, and whether it is exactly `chunked` (the
-/// one coding the proxy decodes; any other would have to be passed on, and is refused).
-pub fn transfer_encoding(headers: &HeaderMap) -> Option<bool> {
-    let mut codings = headers.get_all(TRANSFER_ENCODING).iter().peekable();
-    codings.peek()?;
-    let mut count = 0;
-    let mut chunked = true;
-    for value in codings {
-        for coding in value.as_bytes().split(|&b| b == b',') {
-            count += 1;
-            chunked &= coding.trim_ascii().eq_ignore_ascii_case(b"chunked");
-        }
-    }
-    Some(chunked && count == 1)
-}
-
-/// The Content-Length, if any: every value (and every comma-separated part) must be the same
-/// decimal number. Repeated values that agree are folded into one, so that the next hop sees
-/// a single plain value whatever its parser makes of lists.
-pub fn content_length(headers: &mut HeaderMap) -> Result<Option<u64>, MessageError> {
-    let mut length = None;
-    let mut parts = 0;
-    for value in headers.get_all(CONTENT_LENGTH) {
-        for part in value.as_bytes().split(|&b| b == b',') {
-            let parsed = parse_decimal(part.trim_ascii())
-                .ok_or(MessageError::Malformed("invalid Content-Length"))?;
-            if length.is_some_and(|l| l != parsed) {
-                return Err(MessageError::Malformed("conflicting Content-Length values"));
-            }
-            length = Some(parsed);
-            parts += 1;
-        }
-    }
-    if let (Some(length), true) = (length, parts > 1) {
-        headers.insert(CONTENT_LENGTH, HeaderValue::from(length));
-    }
-    Ok(length)
 }
 
 /// How a message body is delimited (RFC 9112 §6.3).
@@ -219,14 +114,6 @@ impl Framing {
             Framing::Chunked(_) | Framing::UntilClose => SizeHint::default(),
         }
     }
-}
-
-/// Appends one header field line, `name: value\r\n`, to a head being written.
-pub fn put_field(buf: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
-    buf.extend_from_slice(name.as_str().as_bytes());
-    buf.extend_from_slice(b": ");
-    buf.extend_from_slice(value.as_bytes());
-    buf.extend_from_slice(b"\r\n");
 }
 
 /// The next piece of a body read from `io` through `buf`; `None` at its end (after which
@@ -283,42 +170,42 @@ pub fn poll_body<R: AsyncRead + Unpin>(
     }
 }
 
-pub fn parse_decimal(digits: &[u8]) -> Option<u64> {
-    if digits.is_empty() || digits.len() > 19 {
-        return None;
-    }
-    digits.iter().try_fold(0u64, |n, &d| {
-        d.is_ascii_digit().then(|| n * 10 + u64::from(d - b'0'))
-    })
-}
-
 /// What a step of the chunked decoder produced.
+#[derive(Debug)]
 pub enum Decoded {
     Data(Bytes),
+    /// The trailer section, filtered by [`filter_trailers`] (the body's end).
     Trailers(HeaderMap),
     End,
     NeedMore,
 }
 
 /// Decodes as much of a chunked body as `buf` holds, up to the next piece of output.
+///
+/// A chunk-size line is read by `httparse::parse_chunk_size` and must also start with a hex
+/// digit (httparse takes an empty size, or one after whitespace, as 0) and hold no bare LF
+/// (httparse lets one through in an extension); it may be up to [`MAX_LINE_LEN`] long. The
+/// trailer section has the limits of a head.
 pub fn decode_chunked(state: &mut ChunkState, buf: &mut BytesMut) -> Result<Decoded, MessageError> {
     loop {
         match *state {
             ChunkState::Size => {
-                let Some(line_end) = memchr::memchr(b'\n', buf) else {
-                    return too_long(buf.len()).map(|()| Decoded::NeedMore);
+                const INVALID: MessageError = MessageError::Malformed("invalid chunk-size line");
+                let (len, size) = match httparse::parse_chunk_size(buf) {
+                    Ok(httparse::Status::Complete(parsed)) => parsed,
+                    Ok(httparse::Status::Partial) if buf.len() > MAX_LINE_LEN => {
+                        return Err(MessageError::Malformed("chunk-size line too long"));
+                    }
+                    Ok(httparse::Status::Partial) => return Ok(Decoded::NeedMore),
+                    Err(_) => return Err(INVALID),
                 };
-                let line = buf[..line_end]
-                    .strip_suffix(b"\r")
-                    .unwrap_or(&buf[..line_end]);
-                let digits = line
-                    .split(|&b| b == b';')
-                    .next()
-                    .unwrap_or(b"")
-                    .trim_ascii();
-                let size =
-                    parse_hex(digits).ok_or(MessageError::Malformed("invalid chunk size"))?;
-                buf.advance(line_end + 1);
+                if len > MAX_LINE_LEN
+                    || !buf[0].is_ascii_hexdigit()
+                    || memchr::memchr(b'\n', &buf[..len - 1]).is_some()
+                {
+                    return Err(INVALID);
+                }
+                buf.advance(len);
                 *state = if size == 0 {
                     ChunkState::Trailers
                 } else {
@@ -355,61 +242,128 @@ pub fn decode_chunked(state: &mut ChunkState, buf: &mut BytesMut) -> Result<Deco
                 let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
                 return match httparse::parse_headers(buf, &mut slots) {
                     Ok(httparse::Status::Complete((len, fields))) => {
+                        if len > MAX_HEAD_LEN {
+                            return Err(HeadError::TooLarge.into());
+                        }
                         let mut trailers = HeaderMap::with_capacity(fields.len());
                         for field in fields {
+                            if field.name.len() + 2 + field.value.len() > MAX_LINE_LEN {
+                                return Err(HeadError::TooLarge.into());
+                            }
                             let name = HeaderName::from_bytes(field.name.as_bytes());
                             let value = HeaderValue::from_bytes(field.value);
-                            if let (Ok(name), Ok(value)) = (name, value) {
-                                trailers.append(name, value);
+                            match (name, value) {
+                                (Ok(name), Ok(value)) => {
+                                    trailers.append(name, value);
+                                }
+                                _ => return Err(MessageError::Malformed("invalid trailer field")),
                             }
                         }
                         buf.advance(len);
+                        filter_trailers(&mut trailers);
                         Ok(Decoded::Trailers(trailers))
                     }
-                    Ok(httparse::Status::Partial) => {
-                        too_long(buf.len()).map(|()| Decoded::NeedMore)
+                    Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD_LEN => {
+                        Err(HeadError::TooLarge.into())
                     }
-                    Err(error) => Err(MessageError::Head(error)),
+                    Ok(httparse::Status::Partial) => Ok(Decoded::NeedMore),
+                    Err(httparse::Error::TooManyHeaders) => Err(HeadError::TooLarge.into()),
+                    Err(_) => Err(MessageError::Malformed("invalid trailer section")),
                 };
             }
         }
     }
 }
 
-fn too_long(buffered: usize) -> Result<(), MessageError> {
-    if buffered > MAX_HEAD_LEN {
-        Err(MessageError::Malformed(
-            "chunk-size line or trailers too long",
-        ))
-    } else {
-        Ok(())
+/// Fields a trailer section must not carry, or that would change how the message is framed,
+/// routed or authorised if a recipient merged them into the head (RFC 9110 §6.5.1): the
+/// hop-by-hop fields, framing, routing, authentication, controls and content metadata.
+fn is_forbidden_trailer(name: &HeaderName) -> bool {
+    const NAMES: [&str; 16] = [
+        "keep-alive",
+        "proxy-connection",
+        "host",
+        "expect",
+        "max-forwards",
+        "cookie",
+        "set-cookie",
+        "range",
+        "content-range",
+        "age",
+        "expires",
+        "date",
+        "location",
+        "retry-after",
+        "vary",
+        "warning",
+    ];
+    let fixed = [
+        &header::CONNECTION,
+        &header::TRANSFER_ENCODING,
+        &header::CONTENT_LENGTH,
+        &header::TE,
+        &header::TRAILER,
+        &header::UPGRADE,
+        &header::AUTHORIZATION,
+        &header::PROXY_AUTHORIZATION,
+        &header::PROXY_AUTHENTICATE,
+        &header::WWW_AUTHENTICATE,
+        &header::CACHE_CONTROL,
+        &header::CONTENT_ENCODING,
+        &header::CONTENT_TYPE,
+    ];
+    let text = name.as_str();
+    fixed.contains(&name) || NAMES.contains(&text) || text.starts_with("if-")
+}
+
+/// Drops the trailer fields [`is_forbidden_trailer`] names; the rest go on.
+pub fn filter_trailers(trailers: &mut HeaderMap) {
+    let forbidden: Vec<HeaderName> = trailers
+        .keys()
+        .filter(|name| is_forbidden_trailer(name))
+        .cloned()
+        .collect();
+    for name in forbidden {
+        trailers.remove(name);
     }
 }
 
-fn parse_hex(digits: &[u8]) -> Option<u64> {
-    if digits.is_empty() || digits.len() > 15 {
-        return None;
-    }
-    digits.iter().try_fold(0u64, |n, &d| {
-        let value = (d as char).to_digit(16)?;
-        Some(n << 4 | u64::from(value))
-    })
-}
-
-/// A small deterministic generator (xorshift64) for the tests that mangle input.
-#[cfg(test)]
-pub fn xorshift(mut state: u64) -> impl FnMut() -> u64 {
-    move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
+/// Appends a request body frame to `buf`; true when it was the trailers (the body's end).
+/// Trailers go out only on a chunked body, filtered again.
+pub fn encode_frame(frame: Frame<Bytes>, chunked: bool, buf: &mut Vec<u8>) -> bool {
+    match frame.into_data() {
+        Ok(data) if chunked => {
+            if !data.is_empty() {
+                let _ = write!(buf, "{:x}\r\n", data.len());
+                buf.extend_from_slice(&data);
+                buf.extend_from_slice(b"\r\n");
+            }
+            false
+        }
+        Ok(data) => {
+            buf.extend_from_slice(&data);
+            false
+        }
+        Err(frame) => {
+            if let (Ok(mut trailers), true) = (frame.into_trailers(), chunked) {
+                filter_trailers(&mut trailers);
+                buf.extend_from_slice(b"0\r\n");
+                for (name, value) in &trailers {
+                    put_field(buf, name, value);
+                }
+                buf.extend_from_slice(b"\r\n");
+                return true;
+            }
+            false
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::http1::head::xorshift;
 
     fn decode_all(input: &[u8]) -> Result<(Vec<u8>, Option<HeaderMap>, usize), MessageError> {
         let mut buf = BytesMut::from(input);
@@ -435,6 +389,11 @@ mod tests {
         let (data, trailers, _) = decode_all(b"A\r\n0123456789\r\n0\r\nx-sum: 45\r\n\r\n").unwrap();
         assert_eq!(data, b"0123456789");
         assert_eq!(trailers.unwrap()["x-sum"], "45");
+        let (data, _, _) = decode_all(b"5 ;a=b\r\nhello\r\n0\r\n\r\n").unwrap();
+        assert_eq!(
+            data, b"hello",
+            "whitespace before an extension, as httparse and hyper"
+        );
     }
 
     #[test]
@@ -496,40 +455,67 @@ mod tests {
     }
 
     #[test]
-    fn recycled_maps_come_back_empty_with_their_room() {
-        let mut map = HeaderMap::with_capacity(32);
-        map.insert(CONTENT_LENGTH, HeaderValue::from_static("1"));
-        let capacity = map.capacity();
-        recycle_map(map);
-        let reused = spare_map();
-        assert!(reused.is_empty());
-        assert_eq!(reused.capacity(), capacity);
-        recycle_map(HeaderMap::with_capacity(4 * SPARE_MAP_CAPACITY));
-        assert_eq!(spare_map().capacity(), 0, "oversized maps are not kept");
+    fn lenient_chunk_size_lines_are_refused() {
+        // The chunked-desync class: a strict parser behind the proxy would read these
+        // differently, so the proxy reads none of them.
+        for bad in [
+            &b"5\nhello\r\n0\r\n\r\n"[..],
+            b" 5\r\nhello\r\n0\r\n\r\n",
+            b"\t5\r\nhello\r\n0\r\n\r\n",
+            b"\r\nhello\r\n0\r\n\r\n",
+            b"5;a\nb\r\nhello\r\n0\r\n\r\n",
+            b"0x5\r\nhello\r\n0\r\n\r\n",
+            b"+5\r\nhello\r\n0\r\n\r\n",
+            b"5\r\nhello\r\n0\n\r\n",
+            b"5\rhello\r\n0\r\n\r\n",
+        ] {
+            assert!(
+                decode_all(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let long = format!("5;{}\r\nhello\r\n0\r\n\r\n", "e".repeat(MAX_LINE_LEN));
+        assert!(decode_all(long.as_bytes()).is_err());
+        let mut partial = BytesMut::from(format!("5;{}", "e".repeat(MAX_LINE_LEN)).as_bytes());
+        assert!(decode_chunked(&mut ChunkState::Size, &mut partial).is_err());
     }
 
     #[test]
-    fn lengths_and_codings() {
-        let mut h = HeaderMap::new();
-        assert_eq!(content_length(&mut h).unwrap(), None);
-        h.append(CONTENT_LENGTH, HeaderValue::from_static("3, 3"));
-        h.append(CONTENT_LENGTH, HeaderValue::from_static("3"));
-        assert_eq!(content_length(&mut h).unwrap(), Some(3));
-        let folded: Vec<_> = h.get_all(CONTENT_LENGTH).iter().collect();
-        assert_eq!(folded, ["3"], "agreeing values are folded into one");
-        h.append(CONTENT_LENGTH, HeaderValue::from_static("4"));
-        assert!(content_length(&mut h).is_err());
-        let mut bad = HeaderMap::new();
-        bad.append(CONTENT_LENGTH, HeaderValue::from_static("-1"));
-        assert!(content_length(&mut bad).is_err());
-        let mut te = HeaderMap::new();
-        assert_eq!(transfer_encoding(&te), None);
-        te.append(TRANSFER_ENCODING, HeaderValue::from_static(" Chunked"));
-        assert_eq!(transfer_encoding(&te), Some(true));
-        let mut gzip = HeaderMap::new();
-        gzip.append(TRANSFER_ENCODING, HeaderValue::from_static("gzip, chunked"));
-        assert_eq!(transfer_encoding(&gzip), Some(false));
-        te.append(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
-        assert_eq!(transfer_encoding(&te), Some(false), "chunked twice");
+    fn trailers_lose_the_fields_that_must_not_be_trailers() {
+        let (_, trailers, _) = decode_all(
+            b"0\r\nContent-Length: 9\r\nHost: evil\r\nTransfer-Encoding: chunked\r\n\
+              Connection: close\r\nAuthorization: x\r\nIf-Match: *\r\nx-checksum: 7\r\n\
+              grpc-status: 0\r\n\r\n",
+        )
+        .unwrap();
+        let trailers = trailers.unwrap();
+        let mut names: Vec<&str> = trailers.keys().map(|n| n.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["grpc-status", "x-checksum"]);
+        // Too many trailer fields, or one too long: refused like a head.
+        let many: String = (0..200).map(|i| format!("x-{i}: 1\r\n")).collect();
+        assert!(decode_all(format!("0\r\n{many}\r\n").as_bytes()).is_err());
+        let big = format!("0\r\nx-big: {}\r\n\r\n", "b".repeat(MAX_LINE_LEN));
+        assert!(decode_all(big.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn request_frames_encode() {
+        let mut buf = Vec::new();
+        assert!(!encode_frame(
+            Frame::data(Bytes::from_static(b"hello")),
+            true,
+            &mut buf
+        ));
+        assert!(!encode_frame(Frame::data(Bytes::new()), true, &mut buf));
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-sum", HeaderValue::from_static("1"));
+        trailers.insert("content-length", HeaderValue::from_static("1"));
+        assert!(encode_frame(Frame::trailers(trailers), true, &mut buf));
+        assert_eq!(buf, b"5\r\nhello\r\n0\r\nx-sum: 1\r\n\r\n");
+        let mut raw = Vec::new();
+        encode_frame(Frame::data(Bytes::from_static(b"abc")), false, &mut raw);
+        assert_eq!(raw, b"abc");
     }
 }

@@ -1,8 +1,15 @@
 //! The forward path of one request, top to bottom: load the routing table once, pick a backend,
 //! rewrite the request, send it (retrying once elsewhere if the connection could not be made),
 //! rewrite the response. Every failure becomes a synthetic response in one place,
-//! [`error_response`].
+//! [`error_response`]. A client that goes away meanwhile cancels the exchange.
+//!
+//! - `h1`: HTTP/1 client connections (the protocol is `crate::http1`'s).
+//! - `h2`: h2c client connections, served by hyper.
 
+pub mod h1;
+pub mod h2;
+
+use std::future::Future;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -10,10 +17,6 @@ use bytes::Bytes;
 use http::header::{CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING, UPGRADE};
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
-use hyper::upgrade::OnUpgrade;
-use hyper_util::rt::TokioIo;
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -34,6 +37,9 @@ pub struct Proxy {
     /// Ends WebSocket tunnels once the drain is over.
     shutdown: CancellationToken,
 }
+
+/// The status counted for a request whose client went away before its answer (nginx's 499).
+pub const CLIENT_CLOSED: u16 = 499;
 
 /// What the forward path learned about a request, kept for the answer and the metrics even
 /// when it fails.
@@ -75,29 +81,57 @@ impl Proxy {
         }
     }
 
-    /// Answers one client request; never fails (errors become 4xx/5xx responses).
+    /// Ends WebSocket tunnels when the proxy shuts down.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Counts a request refused before routing (malformed, over a limit, bad framing).
+    pub fn count_refusal(&self, status: StatusCode) {
+        self.metrics
+            .unrouted()
+            .response(status, std::time::Duration::ZERO);
+    }
+
+    /// Answers one client request; never fails (errors become 4xx/5xx responses). `None` when
+    /// `client_gone` completed first: the exchange is dropped (its upstream connection
+    /// closed), and the request is counted as 499 with the backend it was routed to, and
+    /// against neither the upstream's health nor the rollout's counts.
     pub async fn handle(
         &self,
         request: Request<ForwardBody>,
         client_ip: &HeaderValue,
-        ambiguous_framing: bool,
-    ) -> ProxyResponse {
+        client_gone: impl Future<Output = ()>,
+    ) -> Option<ProxyResponse> {
         // One clock read serves the metrics and the request deadline.
         let started = Instant::now();
         let _in_flight = self.metrics.in_flight();
         let table = self.table.load_full();
         let mut outcome = Outcome::default();
-        let response = match self
-            .forward(
-                request,
-                client_ip,
-                ambiguous_framing,
-                &table,
-                started,
-                &mut outcome,
-            )
-            .await
-        {
+        let forwarded = {
+            let forward = self.forward(request, client_ip, &table, started, &mut outcome);
+            tokio::select! {
+                biased;
+                forwarded = forward => Some(forwarded),
+                () = client_gone => None,
+            }
+        };
+        let elapsed = started.elapsed();
+        let backend = outcome.backend.map(|index| &table.backends[index]);
+        let metrics = backend.map_or(self.metrics.unrouted(), |b| &b.metrics);
+        if let Some(reason) = outcome.reason {
+            metrics.decision(reason);
+        }
+        let Some(forwarded) = forwarded else {
+            tracing::debug!(
+                request_id = outcome.request_id.as_ref().and_then(|v| v.to_str().ok()),
+                "client closed the connection before the response"
+            );
+            let status = StatusCode::from_u16(CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST);
+            metrics.response(status, elapsed);
+            return None;
+        };
+        let response = match forwarded {
             Ok(response) => response,
             Err(error) => {
                 tracing::warn!(
@@ -106,7 +140,6 @@ impl Proxy {
                     request_id = outcome.request_id.as_ref().and_then(|v| v.to_str().ok()),
                     "request failed"
                 );
-                let backend = outcome.backend.map(|i| &table.backends[i]);
                 let named = table
                     .backend_header
                     .as_ref()
@@ -114,29 +147,17 @@ impl Proxy {
                 error_response(&error, outcome.request_id.clone(), named)
             }
         };
-        let elapsed = started.elapsed();
-        let metrics = match outcome.backend {
-            Some(index) => {
-                let backend = &table.backends[index];
-                if let Some(meter) = &backend.meter {
-                    meter.record(response.status(), elapsed);
-                }
-                &backend.metrics
-            }
-            None => self.metrics.unrouted(),
-        };
-        if let Some(reason) = outcome.reason {
-            metrics.decision(reason);
+        if let Some(meter) = backend.and_then(|b| b.meter.as_ref()) {
+            meter.record(response.status(), elapsed);
         }
         metrics.response(response.status(), elapsed);
-        response
+        Some(response)
     }
 
     async fn forward(
         &self,
-        mut request: Request<ForwardBody>,
+        request: Request<ForwardBody>,
         client_ip: &HeaderValue,
-        ambiguous_framing: bool,
         table: &RoutingTable,
         started: Instant,
         outcome: &mut Outcome,
@@ -144,28 +165,20 @@ impl Proxy {
         // Known before anything can fail, so every answer carries it.
         let request_id = headers::request_id(request.headers());
         outcome.request_id = Some(request_id.clone());
-        if ambiguous_framing {
-            return Err(ProxyError::AmbiguousFraming);
-        }
         if request.method() == Method::CONNECT {
             return Err(ProxyError::ConnectMethod);
         }
         let websocket = request.version() == Version::HTTP_11
             && headers::is_websocket_upgrade(request.headers());
-        let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut request));
         let (mut parts, body) = request.into_parts();
-        // The request target and Host, on every path: `Host` becomes the one the request goes
-        // upstream with, before routing, so that rules see that one too. `http1` settled its
-        // own requests while framing their heads; hyper's get the same checks here.
-        let host = if matches!(body, ForwardBody::Hyper(_)) {
+        // The request target and Host: `Host` becomes the one the request goes upstream with,
+        // before routing, so that rules see that one too. `h1` settles its requests before
+        // they get here (a refusal closes the connection); HTTP/2 ones are settled here.
+        let host = if parts.version >= Version::HTTP_2 {
             headers::settle_host(&parts.method, &parts.uri, &mut parts.headers, parts.version)?
         } else {
             parts.headers.get(HOST).cloned()
         };
-        if matches!(body, ForwardBody::Hyper(_)) && parts.version < Version::HTTP_2 {
-            // An HTTP/1 request hyper parsed: the framing check `http1` makes on its own.
-            headers::check_transfer_coding(&parts.headers)?;
-        }
 
         // Pick the backend and endpoint.
         let decision = table
@@ -281,8 +294,7 @@ impl Proxy {
         // A switch the client did not ask for would desynchronise the client connection: it
         // is refused, and counts against the endpoint like any malformed response.
         let unexpected_switch = switching
-            && (client_upgrade.is_none()
-                || !headers::is_websocket_upgrade_response(response.headers()));
+            && (!websocket || !headers::is_websocket_upgrade_response(response.headers()));
         target
             .endpoint
             .record_outcome(!unexpected_switch && !response.status().is_server_error());
@@ -312,52 +324,27 @@ impl Proxy {
                 .headers_mut()
                 .insert(headers::X_REQUEST_ID.clone(), id);
         }
-        if let (true, Some(client_upgrade), Some(upgrade)) =
-            (switching, client_upgrade, response_upgrade)
-        {
+        // The switch itself (writing the 101, then the tunnel) is the client connection's.
+        if let (true, Some(upgrade)) = (switching, response_upgrade) {
             response
                 .headers_mut()
                 .insert(CONNECTION, HeaderValue::from_static("upgrade"));
             response.headers_mut().insert(UPGRADE, upgrade);
-            if let Some((upstream, early)) = response.body_mut().take_upgraded() {
-                let shutdown = self.shutdown.clone();
-                tokio::spawn(async move {
-                    tokio::select! {
-                        () = tunnel(client_upgrade, upstream, early) => {}
-                        () = shutdown.cancelled() => {}
-                    }
-                });
-            }
         }
         Ok(response.map(Either::Left))
     }
 }
 
-/// Copies bytes both ways between an upgraded client connection and the upstream connection
-/// that switched protocols (first the bytes it sent right after its 101) until either side
-/// closes.
-async fn tunnel(client: OnUpgrade, mut upstream: TcpStream, early: Bytes) {
-    let client = match client.await {
-        Ok(client) => client,
-        Err(error) => {
-            tracing::debug!(%error, "upgrade did not complete");
-            return;
-        }
-    };
-    let mut client = TokioIo::new(client);
-    if !early.is_empty()
-        && let Err(error) = client.write_all(&early).await
-    {
-        tracing::debug!(%error, "tunnel closed with an error");
-        return;
-    }
-    if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        tracing::debug!(%error, "tunnel closed with an error");
-    }
-}
-
 fn error_source(error: &ProxyError) -> Option<String> {
     std::error::Error::source(error).map(|source| Chain(source).to_string())
+}
+
+/// An empty 499, for a path whose client cannot go away before its answer (the h2 service,
+/// whose `client_gone` never completes).
+fn client_closed_response() -> ProxyResponse {
+    let mut response = Response::new(Either::Right(Full::new(Bytes::new())));
+    *response.status_mut() = StatusCode::from_u16(CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST);
+    response
 }
 
 /// The response the client gets when the proxy cannot give it an upstream one.
@@ -385,9 +372,6 @@ pub fn error_response(
     if let Some((name, value)) = backend {
         headers.insert(name.clone(), value);
     }
-    if matches!(error, ProxyError::AmbiguousFraming) {
-        headers.insert(CONNECTION, HeaderValue::from_static("close"));
-    }
     response
 }
 
@@ -409,7 +393,7 @@ mod tests {
         assert_eq!(cause, format!("connect failed: {refused_text}"));
         let closed = ProxyError::Upstream {
             endpoint: "http://127.0.0.1:1".into(),
-            source: ExchangeError::Response(crate::codec::MessageError::Closed),
+            source: ExchangeError::Response(crate::http1::body::MessageError::Closed),
         };
         assert_eq!(
             error_source(&closed).unwrap(),

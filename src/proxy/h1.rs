@@ -1,0 +1,186 @@
+//! Proxying over an HTTP/1 client connection (as Pingora's `proxy_h1`): for each request the
+//! session reads, check its target, Host and framing, answer `Expect`, forward it through the
+//! [`Proxy`] while watching for the client going away, write the response, and after a
+//! WebSocket switch tunnel the two connections.
+//!
+//! Every refusal is counted (backend `none`), answered with the request id when there is a
+//! head, and closes the connection; CONNECT is one (405).
+
+use std::future::poll_fn;
+
+use bytes::Bytes;
+use http::header::EXPECT;
+use http::{HeaderValue, Method, Request, StatusCode, Version};
+use http_body_util::Either;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use super::Proxy;
+use crate::headers;
+use crate::http1::body::Framing;
+use crate::http1::head::{FramingError, RequestHead, keeps_alive, request_framing};
+use crate::http1::server::{NextRequest, ResponseMode, ServerSession};
+use crate::server::ServerOptions;
+use crate::upstream::ForwardBody;
+
+/// Serves HTTP/1 requests on `stream` until the client closes, an error or a refusal closes
+/// it, the drain ends it between requests, or it is switched to a tunnel.
+pub async fn serve(
+    stream: TcpStream,
+    client_ip: &HeaderValue,
+    proxy: &Proxy,
+    options: ServerOptions,
+    drain: &mut watch::Receiver<()>,
+) {
+    let mut session = ServerSession::new(stream, options.header_read_timeout, options.send_timeout);
+    loop {
+        let mut head = match session.read_head(drain).await {
+            NextRequest::Request(head) => head,
+            NextRequest::Done => return,
+            NextRequest::Refused(error) => {
+                proxy.count_refusal(error.status());
+                session.refuse(error.status(), None).await;
+                return;
+            }
+        };
+        let framing = match check_head(&mut head) {
+            Ok(Checked {
+                framing,
+                send_continue,
+            }) => {
+                if send_continue && session.write_continue().await.is_err() {
+                    return;
+                }
+                framing
+            }
+            Err(status) => {
+                proxy.count_refusal(status);
+                let id = headers::request_id(&head.headers);
+                session.refuse(status, Some(&id)).await;
+                return;
+            }
+        };
+        let mode = ResponseMode {
+            head_request: head.method == Method::HEAD,
+            version: head.version,
+            close: !keeps_alive(head.version, &head.headers),
+        };
+        let websocket =
+            head.version == Version::HTTP_11 && headers::is_websocket_upgrade(&head.headers);
+        let body = match session.request_body(framing) {
+            Some(body) => ForwardBody::Client(body),
+            None => ForwardBody::Empty,
+        };
+        let mut request = Request::new(body);
+        *request.method_mut() = head.method;
+        *request.uri_mut() = head.uri;
+        *request.version_mut() = head.version;
+        *request.headers_mut() = head.headers;
+
+        let client_gone = poll_fn(|cx| session.poll_client_gone(cx));
+        let handled = Box::pin(proxy.handle(request, client_ip, client_gone)).await;
+        let Some(mut response) = handled else {
+            // The client went away: so does the exchange (and its upstream connection).
+            return;
+        };
+
+        if websocket && response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let upstream = match response.body_mut() {
+                Either::Left(body) => body.take_upgraded(),
+                Either::Right(_) => None,
+            };
+            let written = session.write_response(response, mode).await;
+            if let (Ok(_), Some((upstream, early))) = (written, upstream)
+                && let Some((client, pipelined)) = session.into_upgraded()
+            {
+                spawn_tunnel(proxy, client, pipelined, upstream, early);
+            }
+            return;
+        }
+
+        // The request body, if there was one, is usually read to its end by now. If not (the
+        // upstream answered before it had it all, or it failed), the connection cannot carry
+        // another request: the response says so.
+        let unread = !session.body_complete();
+        let mode = ResponseMode {
+            close: mode.close || unread || drain.has_changed().unwrap_or(true),
+            ..mode
+        };
+        match session.write_response(response, mode).await {
+            Ok(false) => {}
+            Ok(true) => {
+                let unread = !session.body_complete();
+                session.close(unread).await;
+                return;
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+/// A request head the proxy takes, and how its body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checked {
+    pub framing: Framing,
+    /// `Expect: 100-continue` on a request with a body: the client waits for `100 Continue`.
+    pub send_continue: bool,
+}
+
+/// What the proxy makes of a request head before it forwards it, or the status it refuses it
+/// with: CONNECT (405); the target and Host ([`headers::settle_host`], 400; `Host` becomes
+/// the one the request goes on with); the body's framing (400, 501); `Expect` (removed;
+/// 417 for an expectation other than `100-continue`, ignored in HTTP/1.0, RFC 9110 §10.1.1).
+pub fn check_head(head: &mut RequestHead) -> Result<Checked, StatusCode> {
+    if head.method == Method::CONNECT {
+        // A tunnel to anywhere is no reverse proxy's business; what follows the request
+        // would be tunnel bytes, never read as requests.
+        return Err(StatusCode::METHOD_NOT_ALLOWED);
+    }
+    headers::settle_host(&head.method, &head.uri, &mut head.headers, head.version)
+        .map_err(|error| StatusCode::from(&error))?;
+    let framing = request_framing(head.version, &mut head.headers).map_err(FramingError::status)?;
+    let mut send_continue = false;
+    if let Some(expect) = head.headers.remove(EXPECT)
+        && head.version == Version::HTTP_11
+    {
+        if !expect.as_bytes().eq_ignore_ascii_case(b"100-continue") {
+            return Err(StatusCode::EXPECTATION_FAILED);
+        }
+        send_continue = !framing.is_end();
+    }
+    Ok(Checked {
+        framing,
+        send_continue,
+    })
+}
+
+/// Copies bytes both ways between the client connection and the upstream connection that
+/// switched protocols (first what each sent past the switch) until either side closes, or
+/// the proxy's shutdown ends it. It runs on its own: the drain does not wait for tunnels.
+fn spawn_tunnel(
+    proxy: &Proxy,
+    mut client: TcpStream,
+    from_client: Bytes,
+    mut upstream: TcpStream,
+    from_upstream: Bytes,
+) {
+    let shutdown = proxy.shutdown_token();
+    tokio::spawn(async move {
+        let run = async {
+            if !from_client.is_empty() {
+                upstream.write_all(&from_client).await?;
+            }
+            if !from_upstream.is_empty() {
+                client.write_all(&from_upstream).await?;
+            }
+            tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+        };
+        tokio::select! {
+            ended = run => if let Err(error) = ended {
+                tracing::debug!(%error, "tunnel closed with an error");
+            },
+            () = shutdown.cancelled() => {}
+        }
+    });
+}
