@@ -1,0 +1,967 @@
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::str::FromStr;
+use std::time::Duration;
+
+use http::HeaderName;
+use http::uri::{PathAndQuery, Uri};
+use regex::Regex;
+use toml::Spanned;
+
+use super::diagnostics::{FieldError, later, line_of, regex_reason};
+use super::raw::{
+    RawAdmin, RawAnalysis, RawBackend, RawConfig, RawDuration, RawHealth, RawInt, RawNumber,
+    RawOutlier, RawProxy, RawRollout, RawRule,
+};
+use super::{
+    AdminSettings, AnalysisConfig, BackendConfig, Config, DEFAULT_ROLLOUT_STEPS, EndpointUrl,
+    HealthCheckConfig, MAX_ADMIN_CONNECTIONS, MAX_WEIGHT, MAX_WORKERS, OnInconclusive,
+    OutlierConfig, ProxySettings, RolloutConfig, RuleConfig, RuleMatcher, RuleSource,
+};
+use crate::duration::{format_duration, parse_duration};
+
+// ---------------------------------------------------------------------------------------------
+// Stage 2: validation into the public types.
+
+impl RawConfig {
+    pub(super) fn validate(self, text: &str) -> Result<Config, FieldError> {
+        let proxy_listen_span = self
+            .proxy
+            .as_ref()
+            .and_then(|p| p.listen.as_ref())
+            .map(Spanned::span);
+        let admin_listen_span = self
+            .admin
+            .as_ref()
+            .and_then(|a| a.listen.as_ref())
+            .map(Spanned::span);
+        let proxy = self
+            .proxy
+            .map_or_else(|| Ok(ProxySettings::default()), RawProxy::validate)?;
+        let admin = self
+            .admin
+            .map_or_else(|| Ok(AdminSettings::default()), RawAdmin::validate)?;
+        if admin.listen == proxy.listen && admin.listen.port() != 0 {
+            let (key, span) = match (admin_listen_span, proxy_listen_span) {
+                (Some(span), _) => ("admin.listen", span),
+                (None, Some(span)) => ("proxy.listen", span),
+                (None, None) => ("admin.listen", 0..0),
+            };
+            return Err(FieldError::new(
+                key,
+                span,
+                format!("proxy and admin API cannot both listen on {}", admin.listen),
+            ));
+        }
+        let backends = validate_backends(self.backend, text)?;
+        let rules = self
+            .rule
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+            .map(|(i, rule)| validate_rule(i, rule, &backends, text))
+            .collect::<Result<_, _>>()?;
+        let rollout = self
+            .rollout
+            .map(|raw| validate_rollout(raw, &backends))
+            .transpose()?;
+        Ok(Config {
+            proxy,
+            admin,
+            backends,
+            rules,
+            rollout,
+        })
+    }
+}
+
+impl RawProxy {
+    fn validate(self) -> Result<ProxySettings, FieldError> {
+        let defaults = ProxySettings::default();
+        let user_id_header = self
+            .user_id_header
+            .map(|h| header_name("proxy.user_id_header", &h))
+            .transpose()?;
+        let user_id_cookie = self
+            .user_id_cookie
+            .map(|c| cookie_name("proxy.user_id_cookie", c))
+            .transpose()?;
+        let backend_header = match self.backend_header {
+            None => defaults.backend_header,
+            Some(h) if h.get_ref().is_empty() => None,
+            Some(h) => Some(header_name("proxy.backend_header", &h)?),
+        };
+        Ok(ProxySettings {
+            listen: socket_addr("proxy.listen", self.listen, defaults.listen)?,
+            connect_timeout: positive_duration(
+                "proxy.connect_timeout",
+                self.connect_timeout,
+                defaults.connect_timeout,
+            )?,
+            request_timeout: positive_duration(
+                "proxy.request_timeout",
+                self.request_timeout,
+                defaults.request_timeout,
+            )?,
+            client_body_timeout: positive_duration(
+                "proxy.client_body_timeout",
+                self.client_body_timeout,
+                defaults.client_body_timeout,
+            )?,
+            read_timeout: positive_duration(
+                "proxy.read_timeout",
+                self.read_timeout,
+                defaults.read_timeout,
+            )?,
+            send_timeout: positive_duration(
+                "proxy.send_timeout",
+                self.send_timeout,
+                defaults.send_timeout,
+            )?,
+            header_read_timeout: positive_duration(
+                "proxy.header_read_timeout",
+                self.header_read_timeout,
+                defaults.header_read_timeout,
+            )?,
+            upstream_idle_timeout: positive_duration(
+                "proxy.upstream_idle_timeout",
+                self.upstream_idle_timeout,
+                defaults.upstream_idle_timeout,
+            )?,
+            shutdown_grace: duration(
+                "proxy.shutdown_grace",
+                self.shutdown_grace,
+                defaults.shutdown_grace,
+            )?,
+            user_id_header,
+            user_id_cookie,
+            sticky_salt: self.sticky_salt.unwrap_or(defaults.sticky_salt),
+            backend_header,
+            workers: self
+                .workers
+                .map(|w| {
+                    let span = w.span();
+                    let n = threshold("proxy.workers", Some(w), 1)?;
+                    if n as usize > MAX_WORKERS {
+                        return Err(FieldError::new(
+                            "proxy.workers",
+                            span,
+                            format!("must be an integer from 1 to {MAX_WORKERS}, got {n}"),
+                        ));
+                    }
+                    Ok(n as usize)
+                })
+                .transpose()?,
+        })
+    }
+}
+
+impl RawAdmin {
+    fn validate(self) -> Result<AdminSettings, FieldError> {
+        let listen_span = self.listen.as_ref().map_or(0..0, Spanned::span);
+        let listen = socket_addr("admin.listen", self.listen, AdminSettings::default().listen)?;
+        if let (Some(token), Some(token_env)) = (&self.token, &self.token_env) {
+            let (key, span) = if token.span().start > token_env.span().start {
+                ("admin.token", token.span())
+            } else {
+                ("admin.token_env", token_env.span())
+            };
+            return Err(FieldError::new(
+                key,
+                span,
+                "set either `token` or `token_env`, not both",
+            ));
+        }
+        let token = self
+            .token
+            .map(|t| non_empty("admin.token", t))
+            .transpose()?;
+        let token_env = self
+            .token_env
+            .map(|var| {
+                let name = var.get_ref();
+                if name.contains(['=', '\0']) {
+                    return Err(FieldError::new(
+                        "admin.token_env",
+                        var.span(),
+                        format!("{name:?} is not an environment variable name"),
+                    ));
+                }
+                non_empty("admin.token_env", var)
+            })
+            .transpose()?;
+        if !listen.ip().is_loopback() && token.is_none() && token_env.is_none() {
+            return Err(FieldError::new(
+                "admin.listen",
+                listen_span,
+                format!(
+                    "the admin API on non-loopback address {listen} needs `token` or `token_env`"
+                ),
+            ));
+        }
+        let allowed_hosts = self
+            .allowed_hosts
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+            .map(|(i, name)| host_name(&format!("admin.allowed_hosts[{i}]"), name))
+            .collect::<Result<_, _>>()?;
+        let defaults = AdminSettings::default();
+        let max_connections = match self.max_connections {
+            None => defaults.max_connections,
+            Some(raw) => {
+                let span = raw.span();
+                let n = threshold("admin.max_connections", Some(raw), 1)? as usize;
+                if n > MAX_ADMIN_CONNECTIONS {
+                    return Err(FieldError::new(
+                        "admin.max_connections",
+                        span,
+                        format!("must be an integer from 1 to {MAX_ADMIN_CONNECTIONS}, got {n}"),
+                    ));
+                }
+                n
+            }
+        };
+        let header_read_timeout = positive_duration(
+            "admin.header_read_timeout",
+            self.header_read_timeout,
+            defaults.header_read_timeout,
+        )?;
+        Ok(AdminSettings {
+            listen,
+            token,
+            token_env,
+            allowed_hosts,
+            max_connections,
+            header_read_timeout,
+        })
+    }
+}
+
+/// A host name as a `Host` header carries it, without port: letters, digits, `-`, `_` and
+/// dots. Returned lowercase and without a trailing dot, as the admin API compares it.
+fn host_name(key: &str, raw: Spanned<String>) -> Result<String, FieldError> {
+    let name = raw.get_ref().trim_end_matches('.');
+    let is_name_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    if name.is_empty() || !name.chars().all(is_name_char) || name.contains("..") {
+        return Err(FieldError::new(
+            key,
+            raw.span(),
+            format!(
+                "{:?} is not a host name (letters, digits, '-', '_' and '.' only; no scheme, port or wildcard)",
+                raw.get_ref()
+            ),
+        ));
+    }
+    Ok(name.to_ascii_lowercase())
+}
+
+fn validate_backends(
+    raw: Option<Spanned<Vec<Spanned<RawBackend>>>>,
+    text: &str,
+) -> Result<Vec<BackendConfig>, FieldError> {
+    let no_backends = "no backends configured; add at least one [[backend]] table";
+    let Some(raw) = raw else {
+        return Err(FieldError::new("backend", 0..0, no_backends));
+    };
+    let list_span = raw.span();
+    let raw = raw.into_inner();
+    let first_span = raw.first().map_or_else(|| list_span.clone(), Spanned::span);
+    let mut backends: Vec<BackendConfig> = Vec::with_capacity(raw.len());
+    let mut first_line_by_name = HashMap::new();
+    for (i, backend) in raw.into_iter().enumerate() {
+        let name_span = backend.get_ref().name.as_ref().map(Spanned::span);
+        if i == crate::routing::MAX_BACKENDS {
+            return Err(FieldError::new(
+                format!("backend[{i}]"),
+                backend.span(),
+                format!(
+                    "at most {} backends are supported",
+                    crate::routing::MAX_BACKENDS
+                ),
+            ));
+        }
+        let backend = validate_backend(i, backend, text)?;
+        if let Some(first) = first_line_by_name.insert(backend.name.clone(), backend.line) {
+            return Err(FieldError::new(
+                format!("backend[{i}].name"),
+                name_span.unwrap_or(0..0),
+                format!(
+                    "duplicate backend name `{}` (first declared at line {first})",
+                    backend.name
+                ),
+            ));
+        }
+        backends.push(backend);
+    }
+    if backends.is_empty() {
+        return Err(FieldError::new("backend", list_span, no_backends));
+    }
+    if backends.iter().all(|b| b.weight == 0) {
+        return Err(FieldError::new(
+            "backend",
+            first_span,
+            "all backend weights are 0; at least one must be > 0",
+        ));
+    }
+    Ok(backends)
+}
+
+fn validate_backend(
+    i: usize,
+    raw: Spanned<RawBackend>,
+    text: &str,
+) -> Result<BackendConfig, FieldError> {
+    let table_span = raw.span();
+    let raw = raw.into_inner();
+    let key = |field: &str| format!("backend[{i}].{field}");
+
+    let name = raw
+        .name
+        .ok_or_else(|| FieldError::missing(key("name"), table_span.clone()))?;
+    if name.get_ref().is_empty() {
+        return Err(FieldError::new(
+            key("name"),
+            name.span(),
+            "must not be empty",
+        ));
+    }
+    if let Some(bad) = name
+        .get_ref()
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
+    {
+        return Err(FieldError::new(
+            key("name"),
+            name.span(),
+            format!(
+                "invalid character {bad:?} in backend name {:?}; use only letters, digits, `_`, `.` and `-`",
+                name.get_ref()
+            ),
+        ));
+    }
+    if name.get_ref() == crate::metrics::UNROUTED_BACKEND {
+        return Err(FieldError::new(
+            key("name"),
+            name.span(),
+            "`none` is reserved: metrics use backend=\"none\" for requests no backend served",
+        ));
+    }
+
+    let urls = raw
+        .urls
+        .ok_or_else(|| FieldError::missing(key("urls"), table_span.clone()))?;
+    if urls.get_ref().is_empty() {
+        return Err(FieldError::new(
+            key("urls"),
+            urls.span(),
+            "at least one URL is required",
+        ));
+    }
+    let mut endpoints: Vec<EndpointUrl> = Vec::with_capacity(urls.get_ref().len());
+    for (j, url) in urls.into_inner().into_iter().enumerate() {
+        let url_key = format!("backend[{i}].urls[{j}]");
+        let endpoint: EndpointUrl = url
+            .get_ref()
+            .parse()
+            .map_err(|message| FieldError::new(&url_key, url.span(), message))?;
+        if let Some(earlier) = endpoints.iter().position(|e| {
+            e.authority
+                .as_str()
+                .eq_ignore_ascii_case(endpoint.authority.as_str())
+        }) {
+            return Err(FieldError::new(
+                url_key,
+                url.span(),
+                format!(
+                    "duplicate endpoint {} (same as urls[{earlier}])",
+                    endpoint.authority
+                ),
+            ));
+        }
+        endpoints.push(endpoint);
+    }
+
+    let weight = raw
+        .weight
+        .ok_or_else(|| FieldError::missing(key("weight"), table_span.clone()))?;
+    let weight = match u32::try_from(weight.get_ref().0) {
+        Ok(w) if w <= MAX_WEIGHT => w,
+        _ if weight.get_ref().0 < 0 => {
+            return Err(FieldError::new(
+                key("weight"),
+                weight.span(),
+                format!("must be a non-negative integer, got {}", weight.get_ref().0),
+            ));
+        }
+        _ => {
+            return Err(FieldError::new(
+                key("weight"),
+                weight.span(),
+                format!("must be at most {MAX_WEIGHT}, got {}", weight.get_ref().0),
+            ));
+        }
+    };
+
+    let health = raw
+        .health
+        .map(|h| validate_health(&format!("backend[{i}].health"), h.into_inner()))
+        .transpose()?;
+    let outlier = raw
+        .outlier
+        .map(|o| validate_outlier(&format!("backend[{i}].outlier"), o.into_inner()))
+        .transpose()?
+        .unwrap_or_default();
+
+    Ok(BackendConfig {
+        name: name.into_inner(),
+        endpoints,
+        weight,
+        health,
+        outlier,
+        line: line_of(text, table_span.start),
+    })
+}
+
+fn validate_health(prefix: &str, raw: RawHealth) -> Result<HealthCheckConfig, FieldError> {
+    let defaults = HealthCheckConfig::default();
+    let key = |field: &str| format!("{prefix}.{field}");
+    let path = match raw.path {
+        None => defaults.path,
+        Some(path) => {
+            if !path.get_ref().starts_with('/') {
+                return Err(FieldError::new(
+                    key("path"),
+                    path.span(),
+                    format!("must start with `/`, got {:?}", path.get_ref()),
+                ));
+            }
+            PathAndQuery::from_str(path.get_ref()).map_err(|e| {
+                FieldError::new(
+                    key("path"),
+                    path.span(),
+                    format!("invalid path {:?}: {e}", path.get_ref()),
+                )
+            })?
+        }
+    };
+    Ok(HealthCheckConfig {
+        path,
+        interval: positive_duration(&key("interval"), raw.interval, defaults.interval)?,
+        timeout: positive_duration(&key("timeout"), raw.timeout, defaults.timeout)?,
+        unhealthy_threshold: threshold(
+            &key("unhealthy_threshold"),
+            raw.unhealthy_threshold,
+            defaults.unhealthy_threshold,
+        )?,
+        healthy_threshold: threshold(
+            &key("healthy_threshold"),
+            raw.healthy_threshold,
+            defaults.healthy_threshold,
+        )?,
+    })
+}
+
+fn validate_outlier(prefix: &str, raw: RawOutlier) -> Result<OutlierConfig, FieldError> {
+    let defaults = OutlierConfig::default();
+    let key = |field: &str| format!("{prefix}.{field}");
+    let consecutive_failures = match raw.consecutive_failures {
+        None => defaults.consecutive_failures,
+        Some(n) => u32::try_from(n.get_ref().0).map_err(|_| {
+            FieldError::new(
+                key("consecutive_failures"),
+                n.span(),
+                format!(
+                    "must be an integer from 0 (off) to {}, got {}",
+                    u32::MAX,
+                    n.get_ref().0
+                ),
+            )
+        })?,
+    };
+    let base_span = raw.base_ejection.as_ref().map_or(0..0, Spanned::span);
+    let base_ejection = positive_duration(
+        &key("base_ejection"),
+        raw.base_ejection,
+        defaults.base_ejection,
+    )?;
+    let max_span = raw.max_ejection.as_ref().map(Spanned::span);
+    let max_ejection = duration(
+        &key("max_ejection"),
+        raw.max_ejection,
+        defaults.max_ejection,
+    )?;
+    if max_ejection < base_ejection {
+        // Blame the key the operator wrote: max_ejection if set, else base_ejection, which
+        // then exceeds the default maximum.
+        return Err(match max_span {
+            Some(span) => FieldError::new(
+                key("max_ejection"),
+                span,
+                format!(
+                    "must be at least base_ejection ({}), got {}",
+                    format_duration(base_ejection),
+                    format_duration(max_ejection)
+                ),
+            ),
+            None => FieldError::new(
+                key("base_ejection"),
+                base_span,
+                format!(
+                    "must be at most max_ejection (default {}); set max_ejection too",
+                    format_duration(max_ejection)
+                ),
+            ),
+        });
+    }
+    Ok(OutlierConfig {
+        consecutive_failures,
+        base_ejection,
+        max_ejection,
+    })
+}
+
+fn validate_rule(
+    i: usize,
+    raw: Spanned<RawRule>,
+    backends: &[BackendConfig],
+    text: &str,
+) -> Result<RuleConfig, FieldError> {
+    let table_span = raw.span();
+    let raw = raw.into_inner();
+    let key = |field: &str| format!("rule[{i}].{field}");
+
+    let source = match (raw.header, raw.cookie) {
+        (Some(header), Some(cookie)) => {
+            let (field, span) = later(("header", header.span()), ("cookie", cookie.span()));
+            return Err(FieldError::new(
+                key(field),
+                span,
+                "a rule reads either `header` or `cookie`, not both",
+            ));
+        }
+        (None, None) => {
+            return Err(FieldError::new(
+                format!("rule[{i}]"),
+                table_span,
+                "a rule needs `header = \"NAME\"` or `cookie = \"NAME\"`",
+            ));
+        }
+        (Some(header), None) => RuleSource::Header(header_name(&key("header"), &header)?),
+        (None, Some(cookie)) => RuleSource::Cookie(cookie_name(&key("cookie"), cookie)?),
+    };
+
+    let mut given = [
+        raw.equals.as_ref().map(|s| ("equals", s.span())),
+        raw.matches.as_ref().map(|s| ("matches", s.span())),
+        raw.present.as_ref().map(|s| ("present", s.span())),
+    ]
+    .into_iter()
+    .flatten()
+    .collect::<Vec<_>>();
+    given.sort_by_key(|(_, span)| span.start);
+    if let Some((field, span)) = given.get(1) {
+        return Err(FieldError::new(
+            key(field),
+            span.clone(),
+            format!(
+                "a rule takes only one of `equals`, `matches` or `present` (`{}` is already set)",
+                given[0].0
+            ),
+        ));
+    }
+    let matcher = if let Some(value) = raw.equals {
+        RuleMatcher::Equals(value.into_inner())
+    } else if let Some(pattern) = raw.matches {
+        let regex = Regex::new(pattern.get_ref()).map_err(|e| {
+            FieldError::new(
+                key("matches"),
+                pattern.span(),
+                format!(
+                    "invalid regex {:?}: {}",
+                    pattern.get_ref(),
+                    regex_reason(&e)
+                ),
+            )
+        })?;
+        RuleMatcher::Matches(regex)
+    } else if let Some(present) = raw.present {
+        if !present.get_ref() {
+            return Err(FieldError::new(
+                key("present"),
+                present.span(),
+                "present must be true; omit the rule instead",
+            ));
+        }
+        RuleMatcher::Present
+    } else {
+        return Err(FieldError::new(
+            format!("rule[{i}]"),
+            table_span,
+            "a rule needs one of `equals = \"VALUE\"`, `matches = \"REGEX\"` or `present = true`",
+        ));
+    };
+
+    let target = raw
+        .backend
+        .ok_or_else(|| FieldError::missing(key("backend"), table_span.clone()))?;
+    let backend = backends
+        .iter()
+        .position(|b| b.name == *target.get_ref())
+        .ok_or_else(|| {
+            let declared = backends
+                .iter()
+                .map(|b| b.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ");
+            FieldError::new(
+                key("backend"),
+                target.span(),
+                format!(
+                    "unknown backend `{}`; declared backends: {declared}",
+                    target.get_ref()
+                ),
+            )
+        })?;
+
+    Ok(RuleConfig {
+        source,
+        matcher,
+        backend,
+        line: line_of(text, table_span.start),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Value checks shared by several keys.
+
+fn validate_rollout(
+    raw: Spanned<RawRollout>,
+    backends: &[BackendConfig],
+) -> Result<RolloutConfig, FieldError> {
+    let table_span = raw.span();
+    let raw = raw.into_inner();
+    let backend = |key: &str, name: Option<Spanned<String>>| {
+        let name = name.ok_or_else(|| FieldError::missing(key, table_span.clone()))?;
+        backends
+            .iter()
+            .position(|b| &b.name == name.get_ref())
+            .ok_or_else(|| {
+                let known: Vec<&str> = backends.iter().map(|b| b.name.as_str()).collect();
+                FieldError::new(
+                    key,
+                    name.span(),
+                    format!(
+                        "no backend named {:?}; backends: {}",
+                        name.get_ref(),
+                        known.join(", ")
+                    ),
+                )
+            })
+    };
+    let canary_span = raw
+        .canary
+        .as_ref()
+        .map_or(table_span.clone(), Spanned::span);
+    let baseline = backend("rollout.baseline", raw.baseline)?;
+    let canary = backend("rollout.canary", raw.canary)?;
+    if baseline == canary {
+        return Err(FieldError::new(
+            "rollout.canary",
+            canary_span,
+            "the canary must be another backend than the baseline",
+        ));
+    }
+    let steps = match raw.steps {
+        None => DEFAULT_ROLLOUT_STEPS.to_vec(),
+        Some(list) => rollout_steps(list)?,
+    };
+    let mut approve = Vec::new();
+    for (i, step) in raw.approve.unwrap_or_default().into_iter().enumerate() {
+        let value = step.get_ref().0;
+        match u32::try_from(value) {
+            Ok(percent) if steps.contains(&percent) => approve.push(percent),
+            _ => {
+                return Err(FieldError::new(
+                    format!("rollout.approve[{i}]"),
+                    step.span(),
+                    format!("{value} is not one of the steps {steps:?}"),
+                ));
+            }
+        }
+    }
+    let webhook = raw.webhook.map(webhook_url).transpose()?;
+    let step_time = positive_duration("rollout.step_time", raw.step_time, Duration::from_secs(60))?;
+    let analysis = validate_analysis(raw.analysis, step_time)?;
+    Ok(RolloutConfig {
+        baseline,
+        canary,
+        steps,
+        step_time,
+        approve,
+        webhook,
+        analysis,
+    })
+}
+
+fn rollout_steps(list: Spanned<Vec<Spanned<RawInt>>>) -> Result<Vec<u32>, FieldError> {
+    let list_span = list.span();
+    let mut steps: Vec<u32> = Vec::new();
+    for (i, step) in list.into_inner().into_iter().enumerate() {
+        let value = step.get_ref().0;
+        let key = format!("rollout.steps[{i}]");
+        let percent = match u32::try_from(value) {
+            Ok(percent @ 1..=100) => percent,
+            _ => {
+                return Err(FieldError::new(
+                    key,
+                    step.span(),
+                    format!("a step is the canary's percent, from 1 to 100; got {value}"),
+                ));
+            }
+        };
+        if steps.last().is_some_and(|&last| last >= percent) {
+            return Err(FieldError::new(
+                key,
+                step.span(),
+                format!("steps must rise: {percent} comes after {steps:?}"),
+            ));
+        }
+        steps.push(percent);
+    }
+    if steps.last() != Some(&100) {
+        return Err(FieldError::new(
+            "rollout.steps",
+            list_span,
+            "the last step must be 100 (the promotion itself)",
+        ));
+    }
+    Ok(steps)
+}
+
+fn webhook_url(raw: Spanned<String>) -> Result<Uri, FieldError> {
+    let invalid = |why: &str| {
+        FieldError::new(
+            "rollout.webhook",
+            raw.span(),
+            format!("{:?} {why}", raw.get_ref()),
+        )
+    };
+    let uri: Uri = raw.get_ref().parse().map_err(|_| invalid("is not a URL"))?;
+    if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+        return Err(invalid("must be an http://HOST[:PORT]/PATH URL"));
+    }
+    Ok(uri)
+}
+
+fn validate_analysis(
+    raw: Option<RawAnalysis>,
+    step_time: Duration,
+) -> Result<AnalysisConfig, FieldError> {
+    let defaults = AnalysisConfig::default();
+    let Some(raw) = raw else {
+        return Ok(AnalysisConfig {
+            max_step_time: defaults.max_step_time.max(step_time),
+            ..defaults
+        });
+    };
+    let max_step_span = raw.max_step_time.as_ref().map_or(0..0, Spanned::span);
+    let max_step_given = raw.max_step_time.is_some();
+    let max_step_time = positive_duration(
+        "rollout.analysis.max_step_time",
+        raw.max_step_time,
+        defaults.max_step_time.max(step_time),
+    )?;
+    if max_step_given && max_step_time < step_time {
+        return Err(FieldError::new(
+            "rollout.analysis.max_step_time",
+            max_step_span,
+            format!(
+                "must be at least rollout.step_time ({})",
+                format_duration(step_time)
+            ),
+        ));
+    }
+    let on_inconclusive = match raw.on_inconclusive {
+        None => defaults.on_inconclusive,
+        Some(value) => match value.get_ref().as_str() {
+            "hold" => OnInconclusive::Hold,
+            "rollback" => OnInconclusive::Rollback,
+            "advance" => OnInconclusive::Advance,
+            other => {
+                return Err(FieldError::new(
+                    "rollout.analysis.on_inconclusive",
+                    value.span(),
+                    format!("{other:?} is not one of \"hold\", \"rollback\", \"advance\""),
+                ));
+            }
+        },
+    };
+    let min_requests = match raw.min_requests {
+        None => defaults.min_requests,
+        Some(raw) => u64::try_from(raw.get_ref().0).map_err(|_| {
+            FieldError::new(
+                "rollout.analysis.min_requests",
+                raw.span(),
+                format!("must be 0 or more, got {}", raw.get_ref().0),
+            )
+        })?,
+    };
+    Ok(AnalysisConfig {
+        interval: positive_duration("rollout.analysis.interval", raw.interval, defaults.interval)?,
+        min_requests,
+        max_step_time,
+        on_inconclusive,
+        error_tolerance: fraction(
+            "rollout.analysis.error_tolerance",
+            raw.error_tolerance,
+            defaults.error_tolerance,
+            0.0..1.0,
+        )?,
+        latency_tolerance: fraction(
+            "rollout.analysis.latency_tolerance",
+            raw.latency_tolerance,
+            defaults.latency_tolerance,
+            0.0..10.0,
+        )?,
+        confidence: fraction(
+            "rollout.analysis.confidence",
+            raw.confidence,
+            defaults.confidence,
+            0.5..1.0,
+        )?,
+    })
+}
+
+/// A number in `range` (start included, end excluded), or the default when absent.
+fn fraction(
+    key: &str,
+    raw: Option<Spanned<RawNumber>>,
+    default: f64,
+    range: Range<f64>,
+) -> Result<f64, FieldError> {
+    let Some(raw) = raw else {
+        return Ok(default);
+    };
+    let value = raw.get_ref().0;
+    if range.contains(&value) {
+        Ok(value)
+    } else {
+        Err(FieldError::new(
+            key,
+            raw.span(),
+            format!(
+                "must be at least {} and below {}, got {value}",
+                range.start, range.end
+            ),
+        ))
+    }
+}
+
+fn socket_addr(
+    key: &str,
+    raw: Option<Spanned<String>>,
+    default: SocketAddr,
+) -> Result<SocketAddr, FieldError> {
+    let Some(raw) = raw else {
+        return Ok(default);
+    };
+    raw.get_ref().parse().map_err(|_| {
+        FieldError::new(
+            key,
+            raw.span(),
+            format!(
+                "invalid listen address {:?}; expected IP:PORT such as \"127.0.0.1:8080\" or \"[::1]:8080\" (host names are not resolved)",
+                raw.get_ref()
+            ),
+        )
+    })
+}
+
+fn duration(
+    key: &str,
+    raw: Option<Spanned<RawDuration>>,
+    default: Duration,
+) -> Result<Duration, FieldError> {
+    match raw {
+        None => Ok(default),
+        Some(raw) => {
+            parse_duration(&raw.get_ref().0).map_err(|e| FieldError::new(key, raw.span(), e))
+        }
+    }
+}
+
+fn positive_duration(
+    key: &str,
+    raw: Option<Spanned<RawDuration>>,
+    default: Duration,
+) -> Result<Duration, FieldError> {
+    let span = raw.as_ref().map_or(0..0, Spanned::span);
+    let value = duration(key, raw, default)?;
+    if value.is_zero() {
+        return Err(FieldError::new(
+            key,
+            span,
+            format!(
+                "must be greater than 0 (default {})",
+                format_duration(default)
+            ),
+        ));
+    }
+    Ok(value)
+}
+
+fn threshold(key: &str, raw: Option<Spanned<RawInt>>, default: u32) -> Result<u32, FieldError> {
+    let Some(raw) = raw else {
+        return Ok(default);
+    };
+    match u32::try_from(raw.get_ref().0) {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(FieldError::new(
+            key,
+            raw.span(),
+            format!(
+                "must be an integer from 1 to {}, got {}",
+                u32::MAX,
+                raw.get_ref().0
+            ),
+        )),
+    }
+}
+
+fn header_name(key: &str, raw: &Spanned<String>) -> Result<HeaderName, FieldError> {
+    if raw.get_ref().is_empty() {
+        return Err(FieldError::new(key, raw.span(), "must not be empty"));
+    }
+    HeaderName::from_bytes(raw.get_ref().as_bytes()).map_err(|_| {
+        FieldError::new(
+            key,
+            raw.span(),
+            format!("{:?} is not a valid HTTP header name", raw.get_ref()),
+        )
+    })
+}
+
+/// Cookie names are RFC 6265 tokens: visible ASCII except separators.
+fn cookie_name(key: &str, raw: Spanned<String>) -> Result<String, FieldError> {
+    let is_tchar = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+    if raw.get_ref().is_empty() || !raw.get_ref().chars().all(is_tchar) {
+        return Err(FieldError::new(
+            key,
+            raw.span(),
+            format!(
+                "{:?} is not a valid cookie name (letters, digits and !#$%&'*+-.^_`|~ only)",
+                raw.get_ref()
+            ),
+        ));
+    }
+    Ok(raw.into_inner())
+}
+
+fn non_empty(key: &str, raw: Spanned<String>) -> Result<String, FieldError> {
+    if raw.get_ref().is_empty() {
+        return Err(FieldError::new(key, raw.span(), "must not be empty"));
+    }
+    Ok(raw.into_inner())
+}
