@@ -68,6 +68,8 @@ pub async fn serve(
         .keep_alive_timeout(H2_KEEP_ALIVE)
         .max_concurrent_streams(256)
         .max_header_list_size(64 * 1024);
+    // Shared: each connection's task holds a pointer, not a copy of the settings.
+    let http2 = std::sync::Arc::new(http2);
     // Idle upstream connections of this worker are looked at once a second.
     let sweeper = tokio::spawn({
         let proxy = proxy.clone();
@@ -112,10 +114,16 @@ pub async fn serve(
                     Ok(())
                 }
                 Protocol::Http2 => {
+                    // Boxed: an HTTP/1 connection's task should not be the size of this one.
                     let stream = SendTimeout::new(stream, options.send_timeout);
                     let (io, service) = h2::service(stream, proxy, client_ip);
                     let connection = http2.serve_connection(io, service);
-                    until_drained(connection, |c| c.graceful_shutdown(), drained).await
+                    Box::pin(until_drained(
+                        connection,
+                        |c| c.graceful_shutdown(),
+                        drained,
+                    ))
+                    .await
                 }
             };
             if let Err(error) = result {

@@ -26,7 +26,7 @@ use http::header::{CONNECTION, CONTENT_LENGTH, DATE};
 use http::{HeaderValue, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
-use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::watch;
@@ -315,7 +315,7 @@ impl ServerSession {
 
     /// Answers a request that cannot be taken with `status` (and the request id, when there
     /// is one), and closes the connection.
-    pub async fn refuse(mut self, status: StatusCode, request_id: Option<&HeaderValue>) {
+    pub async fn refuse(&mut self, status: StatusCode, request_id: Option<&HeaderValue>) {
         let mut answer = format!(
             "HTTP/1.1 {} {}\r\ncontent-length: 0\r\ndate: {}\r\nconnection: close\r\n",
             status.as_str(),
@@ -335,27 +335,22 @@ impl ServerSession {
     /// Closes the connection; with `linger`, after reading (and dropping) what the client
     /// still sends for at most [`LINGER`], so that unread bytes do not turn the close into a
     /// reset that loses the answer.
-    pub async fn close(mut self, linger: bool) {
+    pub async fn close(&mut self, linger: bool) {
         let _ = self.write.shutdown().await;
         if !linger {
             return;
         }
         let shared = &self.shared;
-        let drain = async {
-            let mut sink = [0u8; 4096];
+        let drain = poll_fn(|cx| {
+            let side = &mut *lock(shared);
             loop {
-                let read = poll_fn(|cx| {
-                    let side = &mut *lock(shared);
-                    let mut read = ReadBuf::new(&mut sink);
-                    ready!(Pin::new(&mut side.io).poll_read(cx, &mut read))?;
-                    Poll::Ready(Ok::<_, io::Error>(read.filled().len()))
-                })
-                .await;
-                if matches!(read, Ok(0) | Err(_)) {
-                    break;
+                side.buf.clear();
+                match ready!(poll_fill(&mut side.io, &mut side.buf, cx)) {
+                    Ok(0) | Err(_) => return Poll::Ready(()),
+                    Ok(_) => {}
                 }
             }
-        };
+        });
         let _ = tokio::time::timeout(LINGER, drain).await;
     }
 

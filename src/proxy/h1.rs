@@ -26,6 +26,10 @@ use crate::upstream::ForwardBody;
 
 /// Serves HTTP/1 requests on `stream` until the client closes, an error or a refusal closes
 /// it, the drain ends it between requests, or it is switched to a tunnel.
+///
+/// Between requests the connection's task holds little: the session, and this loop waiting
+/// for a head. Everything a request needs (its exchange, writing its response) lives in a
+/// future allocated for that request.
 pub async fn serve(
     stream: TcpStream,
     client_ip: &HeaderValue,
@@ -35,87 +39,115 @@ pub async fn serve(
 ) {
     let mut session = ServerSession::new(stream, options.header_read_timeout, options.send_timeout);
     loop {
-        let mut head = match session.read_head(drain).await {
+        let head = match session.read_head(drain).await {
             NextRequest::Request(head) => head,
             NextRequest::Done => return,
             NextRequest::Refused(error) => {
                 proxy.count_refusal(error.status());
-                session.refuse(error.status(), None).await;
+                Box::pin(session.refuse(error.status(), None)).await;
                 return;
             }
         };
-        let framing = match check_head(&mut head) {
-            Ok(Checked {
-                framing,
-                send_continue,
-            }) => {
-                if send_continue && session.write_continue().await.is_err() {
-                    return;
+        let served = Box::pin(serve_request(&mut session, head, client_ip, proxy, drain));
+        match served.await {
+            After::Next => {}
+            After::Close => return,
+            After::Switched(upstream, from_upstream) => {
+                if let Some((client, from_client)) = session.into_upgraded() {
+                    spawn_tunnel(proxy, client, from_client, upstream, from_upstream);
                 }
-                framing
-            }
-            Err(status) => {
-                proxy.count_refusal(status);
-                let id = headers::request_id(&head.headers);
-                session.refuse(status, Some(&id)).await;
                 return;
             }
-        };
-        let mode = ResponseMode {
-            head_request: head.method == Method::HEAD,
-            version: head.version,
-            close: !keeps_alive(head.version, &head.headers),
-        };
-        let websocket =
-            head.version == Version::HTTP_11 && headers::is_websocket_upgrade(&head.headers);
-        let body = match session.request_body(framing) {
-            Some(body) => ForwardBody::Client(body),
-            None => ForwardBody::Empty,
-        };
-        let mut request = Request::new(body);
-        *request.method_mut() = head.method;
-        *request.uri_mut() = head.uri;
-        *request.version_mut() = head.version;
-        *request.headers_mut() = head.headers;
-
-        let client_gone = poll_fn(|cx| session.poll_client_gone(cx));
-        let handled = Box::pin(proxy.handle(request, client_ip, client_gone)).await;
-        let Some(mut response) = handled else {
-            // The client went away: so does the exchange (and its upstream connection).
-            return;
-        };
-
-        if websocket && response.status() == StatusCode::SWITCHING_PROTOCOLS {
-            let upstream = match response.body_mut() {
-                Either::Left(body) => body.take_upgraded(),
-                Either::Right(_) => None,
-            };
-            let written = session.write_response(response, mode).await;
-            if let (Ok(_), Some((upstream, early))) = (written, upstream)
-                && let Some((client, pipelined)) = session.into_upgraded()
-            {
-                spawn_tunnel(proxy, client, pipelined, upstream, early);
-            }
-            return;
         }
+    }
+}
 
-        // The request body, if there was one, is usually read to its end by now. If not (the
-        // upstream answered before it had it all, or it failed), the connection cannot carry
-        // another request: the response says so.
-        let unread = !session.body_complete();
-        let mode = ResponseMode {
-            close: mode.close || unread || drain.has_changed().unwrap_or(true),
-            ..mode
-        };
-        match session.write_response(response, mode).await {
-            Ok(false) => {}
-            Ok(true) => {
-                let unread = !session.body_complete();
-                session.close(unread).await;
-                return;
+/// What follows a request on its connection.
+enum After {
+    /// The next request.
+    Next,
+    /// Nothing: the connection is closed (or closes when the session is dropped).
+    Close,
+    /// A tunnel to this upstream connection, which sent these bytes past its 101.
+    Switched(TcpStream, Bytes),
+}
+
+/// Checks a request, forwards it through the proxy (watching for the client going away),
+/// and writes the response.
+async fn serve_request(
+    session: &mut ServerSession,
+    mut head: RequestHead,
+    client_ip: &HeaderValue,
+    proxy: &Proxy,
+    drain: &mut watch::Receiver<()>,
+) -> After {
+    let framing = match check_head(&mut head) {
+        Ok(Checked {
+            framing,
+            send_continue,
+        }) => {
+            if send_continue && session.write_continue().await.is_err() {
+                return After::Close;
             }
-            Err(_) => return,
+            framing
         }
+        Err(status) => {
+            proxy.count_refusal(status);
+            let id = headers::request_id(&head.headers);
+            session.refuse(status, Some(&id)).await;
+            return After::Close;
+        }
+    };
+    let mode = ResponseMode {
+        head_request: head.method == Method::HEAD,
+        version: head.version,
+        close: !keeps_alive(head.version, &head.headers),
+    };
+    let websocket =
+        head.version == Version::HTTP_11 && headers::is_websocket_upgrade(&head.headers);
+    let body = match session.request_body(framing) {
+        Some(body) => ForwardBody::Client(body),
+        None => ForwardBody::Empty,
+    };
+    let mut request = Request::new(body);
+    *request.method_mut() = head.method;
+    *request.uri_mut() = head.uri;
+    *request.version_mut() = head.version;
+    *request.headers_mut() = head.headers;
+
+    let client_gone = poll_fn(|cx| session.poll_client_gone(cx));
+    let Some(mut response) = proxy.handle(request, client_ip, client_gone).await else {
+        // The client went away: so does the exchange (and its upstream connection).
+        return After::Close;
+    };
+
+    if websocket && response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let upstream = match response.body_mut() {
+            Either::Left(body) => body.take_upgraded(),
+            Either::Right(_) => None,
+        };
+        return match (session.write_response(response, mode).await, upstream) {
+            (Ok(_), Some((upstream, early))) => After::Switched(upstream, early),
+            _ => After::Close,
+        };
+    }
+
+    // The request body, if there was one, is usually read to its end by now. If not (the
+    // upstream answered before it had it all, or it failed), the connection cannot carry
+    // another request: the response says so.
+    let unread = !session.body_complete();
+    let mode = ResponseMode {
+        close: mode.close || unread || drain.has_changed().unwrap_or(true),
+        ..mode
+    };
+    match session.write_response(response, mode).await {
+        Ok(false) => After::Next,
+        Ok(true) => {
+            let unread = !session.body_complete();
+            session.close(unread).await;
+            After::Close
+        }
+        Err(_) => After::Close,
     }
 }
 
