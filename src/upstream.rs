@@ -35,7 +35,7 @@ use tokio::net::TcpStream;
 use crate::config::MAX_WORKERS;
 use crate::http1::body::{self, Framing, MessageError, READ_CHUNK, encode_frame};
 use crate::http1::head::{
-    self, ResponseHead, keeps_alive, parse_response_head, recycle_map, response_framing,
+    self, Present, ResponseHead, keeps_alive, parse_response_head, recycle_map, response_framing,
 };
 use crate::http1::server::RequestBody as ClientBody;
 use crate::routing::Endpoint;
@@ -796,9 +796,11 @@ fn finish_head(
     let framing = response_framing(method, &mut head).map_err(MessageError::from)?;
     // A body delimited by the close, or a message with both Transfer-Encoding and
     // Content-Length (RFC 9112 §6.1: handle as an error), leaves nothing to reuse.
-    let reusable = keeps_alive(head.version, &head.headers)
+    let reusable = keeps_alive(head.version, head.present, &head.headers)
         && framing != Framing::UntilClose
-        && !(head.headers.contains_key(TRANSFER_ENCODING)
+        && !(head.present.may_have(Present::TRANSFER_ENCODING)
+            && head.present.may_have(Present::CONTENT_LENGTH)
+            && head.headers.contains_key(TRANSFER_ENCODING)
             && head.headers.contains_key(CONTENT_LENGTH));
     let mut response = Response::new(UpstreamBody {
         state: BodyState::Done,

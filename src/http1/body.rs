@@ -239,11 +239,22 @@ pub fn decode_chunked(state: &mut ChunkState, buf: &mut BytesMut) -> Result<Deco
                     buf.advance(2);
                     return Ok(Decoded::End);
                 }
+                // Every line of the section ends in CRLF: httparse would take a bare LF, and a
+                // parser before or after the proxy that does not would see the message end
+                // elsewhere (the next request hidden in "trailers", or the other way round).
+                if buf.first() == Some(&b'\n') {
+                    return Err(MessageError::Malformed("bare LF in the trailer section"));
+                }
                 let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
                 return match httparse::parse_headers(buf, &mut slots) {
                     Ok(httparse::Status::Complete((len, fields))) => {
                         if len > MAX_HEAD_LEN {
                             return Err(HeadError::TooLarge.into());
+                        }
+                        if memchr::memchr_iter(b'\n', &buf[..len])
+                            .any(|at| at == 0 || buf[at - 1] != b'\r')
+                        {
+                            return Err(MessageError::Malformed("bare LF in the trailer section"));
                         }
                         let mut trailers = HeaderMap::with_capacity(fields.len());
                         for field in fields {
@@ -468,6 +479,20 @@ mod tests {
             b"+5\r\nhello\r\n0\r\n\r\n",
             b"5\r\nhello\r\n0\n\r\n",
             b"5\rhello\r\n0\r\n\r\n",
+        ] {
+            assert!(
+                decode_all(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        // Bare LFs in the trailer section (found by the differential test against hyper: with
+        // the next request behind it, the two saw the message end in different places).
+        for bad in [
+            &b"0\r\n\n"[..],
+            b"0\r\n\nGET /admin HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"0\r\nx-t: 1\n\r\n",
+            b"0\r\nx-t: 1\r\n\n",
         ] {
             assert!(
                 decode_all(bad).is_err(),

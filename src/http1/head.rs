@@ -7,7 +7,7 @@ use std::mem::MaybeUninit;
 use std::time::SystemTime;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::header::{CONNECTION, CONTENT_LENGTH, EXPECT, TRANSFER_ENCODING, UPGRADE};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, Version};
 
 use super::body::{ChunkState, Framing};
@@ -39,6 +39,40 @@ impl HeadError {
     }
 }
 
+/// Which of the fields that decide framing and the connection's fate a head may have, noted
+/// while it is parsed: a field known absent costs no lookup (each is a hash and a probe).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Present(u8);
+
+impl Present {
+    pub const NONE: Present = Present(0);
+    /// For a map that was not parsed here: every field is looked up.
+    #[cfg(test)]
+    pub const ANY: Present = Present(u8::MAX);
+    pub const CONTENT_LENGTH: u8 = 1;
+    pub const TRANSFER_ENCODING: u8 = 1 << 1;
+    pub const CONNECTION: u8 = 1 << 2;
+    pub const UPGRADE: u8 = 1 << 3;
+    pub const EXPECT: u8 = 1 << 4;
+
+    /// Whether the head may have the field `bit` stands for.
+    pub fn may_have(self, bit: u8) -> bool {
+        self.0 & bit != 0
+    }
+
+    fn note(&mut self, name: &HeaderName) {
+        let bit = match *name {
+            CONTENT_LENGTH => Present::CONTENT_LENGTH,
+            TRANSFER_ENCODING => Present::TRANSFER_ENCODING,
+            CONNECTION => Present::CONNECTION,
+            UPGRADE => Present::UPGRADE,
+            EXPECT => Present::EXPECT,
+            _ => return,
+        };
+        self.0 |= bit;
+    }
+}
+
 /// A parsed request head.
 #[derive(Debug)]
 pub struct RequestHead {
@@ -46,6 +80,7 @@ pub struct RequestHead {
     pub uri: Uri,
     pub version: Version,
     pub headers: HeaderMap,
+    pub present: Present,
 }
 
 /// A parsed response head.
@@ -54,6 +89,7 @@ pub struct ResponseHead {
     pub status: StatusCode,
     pub version: Version,
     pub headers: HeaderMap,
+    pub present: Present,
 }
 
 /// Where each header field of a head being parsed lies in the buffer.
@@ -100,8 +136,9 @@ fn collect(
     spans: &mut FieldSpans,
     buf: &[u8],
     fields: &[httparse::Header<'_>],
-) -> Result<(), HeadError> {
+) -> Result<Present, HeadError> {
     let base = buf.as_ptr() as usize;
+    let mut present = Present::NONE;
     spans.clear();
     for field in fields {
         if field.name.len() + 2 + field.value.len() > MAX_LINE_LEN {
@@ -109,10 +146,11 @@ fn collect(
         }
         let name = HeaderName::from_bytes(field.name.as_bytes())
             .map_err(|_| HeadError::Malformed("invalid header name"))?;
+        present.note(&name);
         let start = field.value.as_ptr() as usize - base;
         spans.push((name, start, start + field.value.len()));
     }
-    Ok(())
+    Ok(present)
 }
 
 /// The header map of a head, its values slices of `head` (the bytes `collect` saw, frozen).
@@ -194,7 +232,7 @@ pub fn parse_request_head(buf: &mut BytesMut) -> Result<Option<RequestHead>, Hea
     };
     let mut spans = SPANS.take();
     let collected = collect(&mut spans, buf, parsed.headers);
-    let head = collected.and_then(|()| {
+    let head = collected.and_then(|present| {
         let raw = buf.split_to(len).freeze();
         let uri = Uri::from_maybe_shared(raw.slice(target_start..target_end))
             .map_err(|_| HeadError::Malformed("invalid request target"))?;
@@ -204,6 +242,7 @@ pub fn parse_request_head(buf: &mut BytesMut) -> Result<Option<RequestHead>, Hea
             uri,
             version,
             headers,
+            present,
         })
     });
     spans.clear();
@@ -242,13 +281,14 @@ pub fn parse_response_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, H
     };
     let mut spans = SPANS.take();
     let collected = collect(&mut spans, buf, parsed.headers);
-    let head = collected.and_then(|()| {
+    let head = collected.and_then(|present| {
         let raw = buf.split_to(len).freeze();
         let headers = take_map(&mut spans, &raw)?;
         Ok(ResponseHead {
             status,
             version,
             headers,
+            present,
         })
     });
     spans.clear();
@@ -336,7 +376,14 @@ impl FramingError {
 
 /// How a request body is delimited (RFC 9112 §6.3): chunked, by length, or none. Repeated
 /// Content-Length values that agree are folded into one.
-pub fn request_framing(version: Version, headers: &mut HeaderMap) -> Result<Framing, FramingError> {
+pub fn request_framing(
+    version: Version,
+    present: Present,
+    headers: &mut HeaderMap,
+) -> Result<Framing, FramingError> {
+    if !present.may_have(Present::TRANSFER_ENCODING | Present::CONTENT_LENGTH) {
+        return Ok(Framing::Empty);
+    }
     let chunked = transfer_encoding(headers);
     if chunked.is_some() && headers.contains_key(CONTENT_LENGTH) {
         return Err(FramingError::Ambiguous);
@@ -365,6 +412,12 @@ pub fn response_framing(method: &Method, head: &mut ResponseHead) -> Result<Fram
     {
         return Ok(Framing::Empty);
     }
+    if !head
+        .present
+        .may_have(Present::TRANSFER_ENCODING | Present::CONTENT_LENGTH)
+    {
+        return Ok(Framing::UntilClose);
+    }
     // Codings other than chunked would reach the client unlabelled once the (hop-by-hop)
     // Transfer-Encoding is stripped, so they are refused.
     if let Some(only_chunked) = transfer_encoding(&head.headers) {
@@ -379,7 +432,10 @@ pub fn response_framing(method: &Method, head: &mut ResponseHead) -> Result<Fram
 
 /// Whether the connection may carry another message after this one (RFC 9112 §9.3):
 /// HTTP/1.1 unless `Connection: close`, HTTP/1.0 only with `Connection: keep-alive`.
-pub fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
+pub fn keeps_alive(version: Version, present: Present, headers: &HeaderMap) -> bool {
+    if !present.may_have(Present::CONNECTION) {
+        return version == Version::HTTP_11;
+    }
     let has = |token: &[u8]| has_token(headers, &CONNECTION, token);
     match version {
         Version::HTTP_11 => !has(b"close"),
@@ -547,7 +603,7 @@ mod tests {
             let cut = (next() % (bytes.len() as u64 + 1)) as usize;
             let mut buf = BytesMut::from(&bytes[..cut]);
             if let Ok(Some(mut head)) = parse_request_head(&mut buf) {
-                let _ = request_framing(head.version, &mut head.headers);
+                let _ = request_framing(head.version, head.present, &mut head.headers);
             }
         }
     }
@@ -563,7 +619,7 @@ mod tests {
     #[test]
     fn request_bodies_are_framed_like_rfc_9112() {
         let framing = |pairs: &[(&'static str, &'static str)]| {
-            request_framing(Version::HTTP_11, &mut headers(pairs))
+            request_framing(Version::HTTP_11, Present::ANY, &mut headers(pairs))
         };
         assert_eq!(framing(&[]), Ok(Framing::Empty));
         assert_eq!(framing(&[("content-length", "5")]), Ok(Framing::Length(5)));
@@ -586,13 +642,14 @@ mod tests {
         assert!(matches!(
             request_framing(
                 Version::HTTP_10,
+                Present::ANY,
                 &mut headers(&[("transfer-encoding", "chunked")])
             ),
             Err(FramingError::Invalid(_))
         ));
         let mut repeated = headers(&[("content-length", "5"), ("content-length", "5")]);
         assert_eq!(
-            request_framing(Version::HTTP_11, &mut repeated),
+            request_framing(Version::HTTP_11, Present::ANY, &mut repeated),
             Ok(Framing::Length(5))
         );
         assert_eq!(repeated.get_all("content-length").iter().count(), 1);
@@ -614,7 +671,7 @@ mod tests {
             response_framing(&Method::HEAD, &mut parsed).unwrap(),
             Framing::Empty
         );
-        assert!(keeps_alive(parsed.version, &parsed.headers));
+        assert!(keeps_alive(parsed.version, parsed.present, &parsed.headers));
 
         assert!(
             response(b"HTTP/1.1 200 OK\r\nContent-Le")
@@ -662,7 +719,7 @@ mod tests {
     fn keep_alive_follows_version_and_connection() {
         let alive = |raw: &[u8]| {
             let head = head(raw);
-            keeps_alive(head.version, &head.headers)
+            keeps_alive(head.version, head.present, &head.headers)
         };
         assert!(!alive(
             b"HTTP/1.1 200 OK\r\nConnection: Keep-Alive, Close\r\n\r\n"

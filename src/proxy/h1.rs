@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use super::Proxy;
 use crate::headers;
 use crate::http1::body::Framing;
-use crate::http1::head::{FramingError, RequestHead, keeps_alive, request_framing};
+use crate::http1::head::{FramingError, Present, RequestHead, keeps_alive, request_framing};
 use crate::http1::server::{NextRequest, ResponseMode, ServerSession};
 use crate::server::ServerOptions;
 use crate::upstream::ForwardBody;
@@ -101,10 +101,11 @@ async fn serve_request(
     let mode = ResponseMode {
         head_request: head.method == Method::HEAD,
         version: head.version,
-        close: !keeps_alive(head.version, &head.headers),
+        close: !keeps_alive(head.version, head.present, &head.headers),
     };
-    let websocket =
-        head.version == Version::HTTP_11 && headers::is_websocket_upgrade(&head.headers);
+    let websocket = head.version == Version::HTTP_11
+        && head.present.may_have(Present::UPGRADE)
+        && headers::is_websocket_upgrade(&head.headers);
     let body = match session.request_body(framing) {
         Some(body) => ForwardBody::Client(body),
         None => ForwardBody::Empty,
@@ -171,9 +172,11 @@ pub fn check_head(head: &mut RequestHead) -> Result<Checked, StatusCode> {
     }
     headers::settle_host(&head.method, &head.uri, &mut head.headers, head.version)
         .map_err(|error| StatusCode::from(&error))?;
-    let framing = request_framing(head.version, &mut head.headers).map_err(FramingError::status)?;
+    let framing = request_framing(head.version, head.present, &mut head.headers)
+        .map_err(FramingError::status)?;
     let mut send_continue = false;
-    if let Some(expect) = head.headers.remove(EXPECT)
+    if head.present.may_have(Present::EXPECT)
+        && let Some(expect) = head.headers.remove(EXPECT)
         && head.version == Version::HTTP_11
     {
         if !expect.as_bytes().eq_ignore_ascii_case(b"100-continue") {
