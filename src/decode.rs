@@ -195,6 +195,26 @@ mod tests {
             request(b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n"),
             Outcome::Refused(405)
         );
+        // Expectations: 100-continue (any case) and an empty list pass, others are 417.
+        for (expect, outcome) in [
+            ("100-Continue", true),
+            ("", true),
+            (" ", true),
+            ("x", false),
+        ] {
+            let bytes = format!(
+                "POST / HTTP/1.1\r\nHost: a\r\nExpect: {expect}\r\nContent-Length: 1\r\n\r\nx"
+            );
+            let decoded = request(bytes.as_bytes());
+            assert_eq!(
+                matches!(decoded, Outcome::Accepted(_)),
+                outcome,
+                "{expect:?}: {decoded:?}"
+            );
+            if !outcome {
+                assert_eq!(decoded, Outcome::Refused(417));
+            }
+        }
     }
 
     #[test]

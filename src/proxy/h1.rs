@@ -179,10 +179,12 @@ pub fn check_head(head: &mut RequestHead) -> Result<Checked, StatusCode> {
         && let Some(expect) = head.headers.remove(EXPECT)
         && head.version == Version::HTTP_11
     {
-        if !expect.as_bytes().eq_ignore_ascii_case(b"100-continue") {
+        // An empty field is an empty list: no expectation.
+        let expect = expect.as_bytes().trim_ascii();
+        if !expect.is_empty() && !expect.eq_ignore_ascii_case(b"100-continue") {
             return Err(StatusCode::EXPECTATION_FAILED);
         }
-        send_continue = !framing.is_end();
+        send_continue = !expect.is_empty() && !framing.is_end();
     }
     Ok(Checked {
         framing,
