@@ -783,3 +783,24 @@ async fn lenient_chunk_size_lines_are_refused_as_the_clients_fault() {
         drop(v1);
     }
 }
+
+#[tokio::test]
+async fn pipelined_requests_then_a_half_close_are_all_answered() {
+    // Like nginx, which peeks: buffered requests mean the client is still there, even though
+    // it has closed its sending side (`printf ... | nc -N`).
+    let (v1, proxy) = one_backend().await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(b"GET /slow?ms=300 HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    stream.shutdown().await.unwrap();
+    let mut answers = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answers))
+        .await
+        .expect("answered and closed")
+        .unwrap();
+    let answers = String::from_utf8_lossy(&answers);
+    assert_eq!(answers.matches("HTTP/1.1 200").count(), 2, "{answers}");
+    assert_eq!(v1.hits(), 2);
+}

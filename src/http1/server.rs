@@ -57,6 +57,8 @@ struct ReadSide {
     io: OwnedReadHalf,
     buf: BytesMut,
     body: Framing,
+    /// The client closed its sending side behind pipelined requests still buffered.
+    eof: bool,
 }
 
 type Shared = Arc<Mutex<ReadSide>>;
@@ -153,6 +155,7 @@ impl ServerSession {
                 io,
                 buf: BytesMut::new(),
                 body: Framing::Empty,
+                eof: false,
             })),
             write: SendTimeout::new(write, send_timeout),
             clock: HeadClock::new(header_read_timeout),
@@ -221,14 +224,17 @@ impl ServerSession {
 
     /// Ready when the client has gone away (closed or reset) while its request is being
     /// answered. Watched only once the request body is read (until then the body's reads see
-    /// it); bytes of pipelined requests are kept, up to a head's size.
+    /// it); bytes of pipelined requests are kept, up to a head's size. A client that sent
+    /// pipelined requests and then closed its sending side is not gone: they are answered
+    /// (as nginx, which peeks and sees their bytes first).
     pub fn poll_client_gone(&self, cx: &mut Context<'_>) -> Poll<()> {
         let side = &mut *lock(&self.shared);
         loop {
-            if !side.body.is_end() || side.buf.len() >= MAX_HEAD_LEN {
+            if !side.body.is_end() || side.eof || side.buf.len() >= MAX_HEAD_LEN {
                 return Poll::Pending;
             }
             match poll_fill(&mut side.io, &mut side.buf, cx) {
+                Poll::Ready(Ok(0)) if !side.buf.is_empty() => side.eof = true,
                 Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(()),
                 Poll::Ready(Ok(_)) => {}
                 Poll::Pending => return Poll::Pending,
