@@ -11,7 +11,9 @@
 //! - its body is what an independent, naive reading of the same bytes gives (head end found by
 //!   the first empty line, then Content-Length, a plain chunked decoder, or until the end);
 //! - decoding just the bytes it took gives the same message, and any shorter prefix of them
-//!   is `Incomplete` (the bytes arriving in pieces could not be read differently).
+//!   is `Incomplete` (the bytes arriving in pieces could not be read differently). The fuzz
+//!   targets try two cuts per input ([`Cuts::Sampled`]); the replay of `fuzz/regressions/`
+//!   tries them all ([`Cuts::All`]).
 #![allow(dead_code)]
 
 use canary_proxy::decode::{self, Message, Outcome};
@@ -46,8 +48,21 @@ pub fn response_method(byte: u8) -> Method {
     }
 }
 
+/// Which prefixes of an accepted message are decoded, each expected to be `Incomplete`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cuts {
+    /// One byte short, and one cut picked from the input's bytes.
+    Sampled,
+    /// Every one (quadratic: for the few regression inputs).
+    All,
+}
+
 /// Target `request_head_body`: the input as the bytes a client sent.
 pub fn check_request(data: &[u8]) {
+    check_request_cuts(data, Cuts::Sampled);
+}
+
+pub fn check_request_cuts(data: &[u8], cuts: Cuts) {
     let outcome = decode::request(data);
     match &outcome {
         Outcome::Refused(status) => assert!(
@@ -57,7 +72,13 @@ pub fn check_request(data: &[u8]) {
         Outcome::Incomplete => {}
         Outcome::Accepted(message) => {
             request_accepted(data, message);
-            prefixes_agree(data, message.consumed, &outcome, true, decode::request);
+            prefixes_agree(
+                data,
+                message.consumed,
+                &outcome,
+                Some(cuts),
+                decode::request,
+            );
         }
     }
 }
@@ -65,6 +86,10 @@ pub fn check_request(data: &[u8]) {
 /// Target `response_head_body`: the first byte picks the request method (GET, HEAD, POST),
 /// the rest is what the upstream sent.
 pub fn check_response(data: &[u8]) {
+    check_response_cuts(data, Cuts::Sampled);
+}
+
+pub fn check_response_cuts(data: &[u8], cuts: Cuts) {
     let Some((&first, rest)) = data.split_first() else {
         return;
     };
@@ -79,7 +104,7 @@ pub fn check_response(data: &[u8]) {
                 rest,
                 message.consumed,
                 &outcome,
-                !until_close,
+                (!until_close).then_some(cuts),
                 |bytes: &[u8]| decode::response(bytes, &method),
             );
         }
@@ -88,6 +113,10 @@ pub fn check_response(data: &[u8]) {
 
 /// Target `chunked`: the input as a chunked body.
 pub fn check_chunked(data: &[u8]) {
+    check_chunked_cuts(data, Cuts::Sampled);
+}
+
+pub fn check_chunked_cuts(data: &[u8], cuts: Cuts) {
     let outcome = decode::chunked(data);
     let naive = naive_chunked(data);
     match &outcome {
@@ -104,18 +133,24 @@ pub fn check_chunked(data: &[u8]) {
                 "the proxy's chunked body differs from the naive decoder's (body, consumed)"
             );
             check_trailers(message);
-            prefixes_agree(data, message.consumed, &outcome, true, decode::chunked);
+            prefixes_agree(
+                data,
+                message.consumed,
+                &outcome,
+                Some(cuts),
+                decode::chunked,
+            );
         }
     }
 }
 
-/// `decode(&data[..consumed])` is the same outcome; when `cuts_incomplete`, every shorter
-/// prefix is `Incomplete` (two are tried: one byte short, and one cut picked from the input).
+/// `decode(&data[..consumed])` is the same outcome; with `cuts`, shorter prefixes are
+/// `Incomplete` (not for a body that runs until the close: a prefix of it is a shorter one).
 fn prefixes_agree(
     data: &[u8],
     consumed: usize,
     outcome: &Outcome,
-    cuts_incomplete: bool,
+    cuts: Option<Cuts>,
     decode: impl Fn(&[u8]) -> Outcome,
 ) {
     assert!(consumed <= data.len(), "consumed past the input");
@@ -124,10 +159,13 @@ fn prefixes_agree(
         outcome,
         "the bytes the message took, alone, decode differently"
     );
-    if !cuts_incomplete || consumed == 0 {
-        return;
-    }
-    for cut in [consumed - 1, cut_point(data, consumed)] {
+    let cuts: Vec<usize> = match cuts {
+        _ if consumed == 0 => Vec::new(),
+        None => Vec::new(),
+        Some(Cuts::Sampled) => vec![consumed - 1, cut_point(data, consumed)],
+        Some(Cuts::All) => (0..consumed).collect(),
+    };
+    for cut in cuts {
         assert_eq!(
             decode(&data[..cut]),
             Outcome::Incomplete,
