@@ -12,7 +12,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http_body::{Frame, SizeHint};
 use tokio::io::{AsyncRead, ReadBuf};
 
-use super::head::{HeadError, put_field};
+use super::head::{HeadError, put_field, raw_line_len};
 use super::{MAX_HEAD_LEN, MAX_HEADERS, MAX_LINE_LEN};
 
 /// Free space made in a read buffer before each read.
@@ -191,18 +191,23 @@ pub fn decode_chunked(state: &mut ChunkState, buf: &mut BytesMut) -> Result<Deco
         match *state {
             ChunkState::Size => {
                 const INVALID: MessageError = MessageError::Malformed("invalid chunk-size line");
+                const TOO_LONG: MessageError = MessageError::Malformed("chunk-size line too long");
+                // Measured without its CRLF, whole or still arriving (a CR at the end of what
+                // has come may be the start of the CRLF).
                 let (len, size) = match httparse::parse_chunk_size(buf) {
                     Ok(httparse::Status::Complete(parsed)) => parsed,
-                    Ok(httparse::Status::Partial) if buf.len() > MAX_LINE_LEN => {
-                        return Err(MessageError::Malformed("chunk-size line too long"));
+                    Ok(httparse::Status::Partial)
+                        if buf.len() - usize::from(buf.ends_with(b"\r")) > MAX_LINE_LEN =>
+                    {
+                        return Err(TOO_LONG);
                     }
                     Ok(httparse::Status::Partial) => return Ok(Decoded::NeedMore),
                     Err(_) => return Err(INVALID),
                 };
-                if len > MAX_LINE_LEN
-                    || !buf[0].is_ascii_hexdigit()
-                    || memchr::memchr(b'\n', &buf[..len - 1]).is_some()
-                {
+                if len - 2 > MAX_LINE_LEN {
+                    return Err(TOO_LONG);
+                }
+                if !buf[0].is_ascii_hexdigit() || memchr::memchr(b'\n', &buf[..len - 1]).is_some() {
                     return Err(INVALID);
                 }
                 buf.advance(len);
@@ -257,8 +262,11 @@ pub fn decode_chunked(state: &mut ChunkState, buf: &mut BytesMut) -> Result<Deco
                             return Err(MessageError::Malformed("bare LF in the trailer section"));
                         }
                         let mut trailers = HeaderMap::with_capacity(fields.len());
+                        let base = buf.as_ptr() as usize;
                         for field in fields {
-                            if field.name.len() + 2 + field.value.len() > MAX_LINE_LEN {
+                            let start = field.name.as_ptr() as usize - base;
+                            let end = field.value.as_ptr() as usize - base + field.value.len();
+                            if raw_line_len(buf, start, end) > MAX_LINE_LEN {
                                 return Err(HeadError::TooLarge.into());
                             }
                             let name = HeaderName::from_bytes(field.name.as_bytes());

@@ -130,7 +130,19 @@ pub fn recycle_map(mut map: HeaderMap) {
     });
 }
 
-/// Checks the fields httparse found in `buf` (names valid, each line within
+/// The length of the line that starts at `start` and whose content runs at least to
+/// `content_end`, as it came (whitespace included), without its line end (LF or CRLF).
+pub(super) fn raw_line_len(buf: &[u8], start: usize, content_end: usize) -> usize {
+    let end = memchr::memchr(b'\n', &buf[content_end..]).map_or(buf.len(), |at| content_end + at);
+    let end = if end > start && buf[end - 1] == b'\r' {
+        end - 1
+    } else {
+        end
+    };
+    end - start
+}
+
+/// Checks the fields httparse found in `buf` (names valid, each line as it came within
 /// [`MAX_LINE_LEN`]) and records where their values lie.
 fn collect(
     spans: &mut FieldSpans,
@@ -141,14 +153,16 @@ fn collect(
     let mut present = Present::NONE;
     spans.clear();
     for field in fields {
-        if field.name.len() + 2 + field.value.len() > MAX_LINE_LEN {
+        let line_start = field.name.as_ptr() as usize - base;
+        let start = field.value.as_ptr() as usize - base;
+        let end = start + field.value.len();
+        if raw_line_len(buf, line_start, end) > MAX_LINE_LEN {
             return Err(HeadError::TooLarge);
         }
         let name = HeaderName::from_bytes(field.name.as_bytes())
             .map_err(|_| HeadError::Malformed("invalid header name"))?;
         present.note(&name);
-        let start = field.value.as_ptr() as usize - base;
-        spans.push((name, start, start + field.value.len()));
+        spans.push((name, start, end));
     }
     Ok(present)
 }
@@ -182,26 +196,22 @@ fn complete_len(
 }
 
 /// Refuses an incomplete head as soon as it cannot fit the limits: a first line (after the
-/// empty lines a message may start with) or a last, unfinished line over [`MAX_LINE_LEN`],
-/// or a head over [`MAX_HEAD_LEN`].
+/// empty lines a message may start with) or a last, unfinished line already over
+/// [`MAX_LINE_LEN`], or a head over [`MAX_HEAD_LEN`]. Lines are measured as in a complete
+/// head ([`raw_line_len`]: as they came, without the line end; a CR at the end of what has
+/// come may be the start of one), so a head is refused or not whatever pieces it came in.
 fn partial_limits(buf: &[u8]) -> Result<(), HeadError> {
-    let start = buf
-        .iter()
-        .position(|&b| b != b'\r' && b != b'\n')
-        .unwrap_or(buf.len());
+    let start = base_line_start(buf);
+    let unfinished = |line: &[u8]| line.len() - usize::from(line.ends_with(b"\r"));
     let first = &buf[start..];
-    match memchr::memchr(b'\n', first) {
-        None if first.len() > MAX_LINE_LEN => Err(HeadError::UriTooLong),
+    match memchr::memrchr(b'\n', first) {
+        None if unfinished(first) > MAX_LINE_LEN => Err(HeadError::UriTooLong),
         None => Ok(()),
         Some(_) if buf.len() > MAX_HEAD_LEN => Err(HeadError::TooLarge),
-        Some(_) => {
-            let last_line = memchr::memrchr(b'\n', first).map_or(0, |i| first.len() - i - 1);
-            if last_line > MAX_LINE_LEN {
-                Err(HeadError::TooLarge)
-            } else {
-                Ok(())
-            }
+        Some(last_lf) if unfinished(&first[last_lf + 1..]) > MAX_LINE_LEN => {
+            Err(HeadError::TooLarge)
         }
+        Some(_) => Ok(()),
     }
 }
 
@@ -219,7 +229,7 @@ pub fn parse_request_head(buf: &mut BytesMut) -> Result<Option<RequestHead>, Hea
     let target = parsed.path.ok_or(HeadError::Malformed("no target"))?;
     let target_start = target.as_ptr() as usize - base;
     let target_end = target_start + target.len();
-    if target_end + " HTTP/1.1".len() - base_line_start(buf) > MAX_LINE_LEN {
+    if raw_line_len(buf, base_line_start(buf), target_end) > MAX_LINE_LEN {
         return Err(HeadError::UriTooLong);
     }
     let method = parsed
@@ -254,7 +264,7 @@ pub fn parse_request_head(buf: &mut BytesMut) -> Result<Option<RequestHead>, Hea
 fn base_line_start(buf: &[u8]) -> usize {
     buf.iter()
         .position(|&b| b != b'\r' && b != b'\n')
-        .unwrap_or(0)
+        .unwrap_or(buf.len())
 }
 
 /// Parses a response head at the start of `buf`, consuming it; `None` when it is not complete.
@@ -582,6 +592,57 @@ mod tests {
             response(endless.as_bytes()).0.err(),
             Some(HeadError::TooLarge)
         );
+    }
+
+    #[test]
+    fn a_head_at_the_limits_is_taken_or_refused_whatever_pieces_it_comes_in() {
+        // Found by the fuzz targets' prefix checks: lines were measured one way whole (the
+        // request line to the version, a field without the whitespace around its value) and
+        // another while arriving (every byte so far).
+        let exactly = |fill: usize| "a".repeat(fill);
+        let line_8k = format!(
+            "GET /{} HTTP/1.1\r\nHost: a\r\n\r\n",
+            exactly(MAX_LINE_LEN - 14)
+        );
+        // Field lines of exactly 8 KiB and one byte more, as they came (4 + 8184 + 4 bytes).
+        let padded = format!(
+            "GET / HTTP/1.1\r\nHost: a\r\nX:  {}    \r\n\r\n",
+            exactly(MAX_LINE_LEN - 8)
+        );
+        let over = format!(
+            "GET / HTTP/1.1\r\nHost: a\r\nX:  {}     \r\n\r\n",
+            exactly(MAX_LINE_LEN - 8)
+        );
+        let line_over = format!(
+            "GET /{} HTTP/1.1\r\nHost: a\r\n\r\n",
+            exactly(MAX_LINE_LEN - 13)
+        );
+        for (raw, whole_ok) in [
+            (&line_8k, true),
+            (&padded, true),
+            (&over, false),
+            (&line_over, false),
+        ] {
+            let whole = parse(raw.as_bytes()).map(|head| head.is_some());
+            assert_eq!(whole.is_ok(), whole_ok, "{whole:?}");
+            for cut in 1..raw.len() {
+                match parse(&raw.as_bytes()[..cut]) {
+                    Ok(None) => {}
+                    Ok(Some(_)) => assert_eq!(cut, raw.len()),
+                    Err(error) => assert!(!whole_ok, "cut at {cut} of {}: {error:?}", raw.len()),
+                }
+            }
+        }
+        let response = format!(
+            "HTTP/1.1 200 OK\r\nX:  {}    \r\nContent-Length: 0\r\n\r\n",
+            exactly(MAX_LINE_LEN - 8)
+        );
+        for cut in 1..response.len() {
+            assert!(
+                self::response(&response.as_bytes()[..cut]).0.is_ok(),
+                "cut at {cut}"
+            );
+        }
     }
 
     #[test]
