@@ -39,9 +39,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use crate::chain::Chain;
 use crate::config::{MAX_WEIGHT, RuleMatcher, RuleSource};
 use crate::control::{ControlError, ControlPlane, WeightsApplied};
-use crate::error::Chain;
 use crate::metrics;
 use crate::rollout::{Command, RolloutController, RolloutError};
 use crate::routing::{Reason, RoutingTable};

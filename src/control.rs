@@ -13,8 +13,8 @@ use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
 use crate::SharedTable;
+use crate::chain::Chain;
 use crate::config::{self, Config, ConfigError, MAX_WEIGHT, TokenError};
-use crate::error::Chain;
 use crate::health::HealthSupervisor;
 use crate::metrics::Metrics;
 use crate::persist::{self, PersistError};

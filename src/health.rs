@@ -31,8 +31,8 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
+use crate::chain::Chain;
 use crate::config::{HealthCheckConfig, OutlierConfig};
-use crate::error::Chain;
 use crate::routing::{Endpoint, RoutingTable};
 
 /// The `User-Agent` of probes, so upstream logs can tell them from client traffic.

@@ -43,6 +43,7 @@
 
 mod admin;
 mod admin_client;
+mod chain;
 mod cli;
 pub mod config;
 mod control;
@@ -63,6 +64,7 @@ mod server;
 mod stall;
 mod sticky;
 mod upstream;
+mod worker_index;
 mod workers;
 
 use std::future::Future;
@@ -90,7 +92,7 @@ pub use proxy::{Proxy, SharedTable};
 pub use rollout::{
     Command as RolloutCommand, RolloutController, RolloutError, view as rollout_view,
 };
-pub use routing::{Backend, Decision, Endpoint, MAX_BACKENDS, Reason, RoutingTable, Rule};
+pub use routing::{Backend, Decision, Endpoint, Reason, RoutingTable, Rule};
 pub use server::{ServerOptions, serve};
 pub use sticky::{BUCKETS, StickySettings, bucket, fnv1a_32};
 pub use workers::{bind_listeners, run_workers, worker_count};

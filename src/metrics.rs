@@ -22,6 +22,7 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
+use crate::config::UNROUTED_BACKEND;
 use crate::error::UpstreamErrorKind;
 use crate::routing::{Reason, RoutingTable};
 
@@ -33,9 +34,6 @@ pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 pub const DURATION_BUCKETS: [f64; 15] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
-
-/// The `backend` label of requests answered without a backend (400, 405, 503).
-pub const UNROUTED_BACKEND: &str = "none";
 
 /// One slot per [`Reason`] variant, in [`reason_slot`] order.
 const REASONS: [Reason; 4] = [

@@ -31,10 +31,6 @@ use crate::rollout::VersionMeter;
 use crate::sticky::{self, BUCKETS, StickySettings};
 use crate::upstream::{ConnectionPool, ExchangeTimeouts, Upstream, UpstreamSettings};
 
-/// The most backends a table can hold; decisions track eligibility in a `u64` bit set so that
-/// they never allocate.
-pub const MAX_BACKENDS: usize = 64;
-
 /// The bit of backend `index` in a backend set; none for an index past `MAX_BACKENDS`, which
 /// validation rejects.
 fn bit(index: usize) -> u64 {

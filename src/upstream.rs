@@ -40,7 +40,7 @@ use crate::http1::head::{
 use crate::http1::server::RequestBody as ClientBody;
 use crate::routing::Endpoint;
 use crate::stall::StallTimer;
-use crate::workers::current_worker;
+use crate::worker_index::current_worker;
 
 /// Connection settings of a backend. A reload that changes them keeps the endpoints and their
 /// pools: the new values apply from the next connect, checkout or checkin.

@@ -20,7 +20,8 @@ use http_body_util::{Either, Full};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::error::{Chain, ProxyError, UpstreamErrorKind};
+use crate::chain::Chain;
+use crate::error::{ProxyError, UpstreamErrorKind};
 use crate::headers;
 use crate::metrics::Metrics;
 use crate::routing::{Backend, Endpoint, Reason, RoutingTable};

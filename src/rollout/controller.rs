@@ -25,9 +25,9 @@ use super::analysis::{AnalysisSettings, Evidence, MetricVerdict, VersionTick};
 use super::histogram;
 use super::machine::{Change, Command, Conflict, Machine, Plan, State, StepReport};
 use super::meter::Counts;
+use crate::chain::Chain;
 use crate::config::RolloutConfig;
 use crate::control::{ControlError, ControlPlane, WeightOwner};
-use crate::error::Chain;
 
 /// Why a rollout command was refused.
 #[derive(Debug, thiserror::Error)]
