@@ -110,7 +110,15 @@ pub async fn serve(
             let client_ip = headers::client_ip_value(peer.ip());
             let result = match protocol {
                 Protocol::Http1 => {
-                    h1::serve(stream, &client_ip, &proxy, options, &mut drained).await;
+                    h1::serve(
+                        stream,
+                        &client_ip,
+                        &proxy,
+                        options.header_read_timeout,
+                        options.send_timeout,
+                        &mut drained,
+                    )
+                    .await;
                     Ok(())
                 }
                 Protocol::Http2 => {
