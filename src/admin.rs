@@ -675,7 +675,7 @@ fn routes_json(table: &RoutingTable) -> Value {
                 .map(|e| {
                     let status = e.health.status();
                     json!({
-                        "url": e.url,
+                        "url": e.url(),
                         "healthy": e.is_healthy(),
                         "active_check_up": status.active_up,
                         "ejected": status.ejected,

@@ -483,13 +483,13 @@ impl ProbeTask {
         } = self;
         let uri = match Uri::builder()
             .scheme("http")
-            .authority(endpoint.authority.clone())
+            .authority(endpoint.authority().clone())
             .path_and_query(config.path.clone())
             .build()
         {
             Ok(uri) => uri,
             Err(error) => {
-                tracing::error!(backend = %backend, endpoint = %endpoint.url, %error, "cannot build the health check URL; endpoint not checked");
+                tracing::error!(backend = %backend, endpoint = %endpoint.url(), %error, "cannot build the health check URL; endpoint not checked");
                 return;
             }
         };
@@ -507,7 +507,7 @@ impl ProbeTask {
                 }
             };
             if let Err(error) = &result {
-                tracing::debug!(backend = %backend, endpoint = %endpoint.url, %error, "health check failed");
+                tracing::debug!(backend = %backend, endpoint = %endpoint.url(), %error, "health check failed");
             }
             let transition = endpoint.health.record_probe(
                 result.is_ok(),
@@ -517,14 +517,14 @@ impl ProbeTask {
             match (transition, &result) {
                 (Some(Transition::Down { failures }), Err(error)) => tracing::warn!(
                     backend = %backend,
-                    endpoint = %endpoint.url,
+                    endpoint = %endpoint.url(),
                     failures,
                     %error,
                     "endpoint marked down"
                 ),
                 (Some(Transition::Up { passes }), _) => tracing::info!(
                     backend = %backend,
-                    endpoint = %endpoint.url,
+                    endpoint = %endpoint.url(),
                     passes,
                     "endpoint marked up"
                 ),
@@ -622,7 +622,7 @@ impl HealthSupervisor {
             let lost_check = present.contains(&key) && !wanted.contains_key(&key);
             probe.restore_up.store(lost_check, Ordering::Release);
             probe.token.cancel();
-            tracing::debug!(backend = %probe.backend, endpoint = %probe.endpoint.url, "health check stopped");
+            tracing::debug!(backend = %probe.backend, endpoint = %probe.endpoint.url(), "health check stopped");
             stopping.push(probe.task);
         }
         for (key, (endpoint, backend, config)) in wanted {
@@ -642,7 +642,7 @@ impl HealthSupervisor {
         config: &HealthCheckConfig,
     ) -> Option<RunningProbe> {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            tracing::error!(backend = %backend, endpoint = %endpoint.url, "health checks need a tokio runtime; endpoint not checked");
+            tracing::error!(backend = %backend, endpoint = %endpoint.url(), "health checks need a tokio runtime; endpoint not checked");
             return None;
         };
         let token = self.token.child_token();
@@ -661,7 +661,7 @@ impl HealthSupervisor {
                 target.health.set_active(true);
             }
         });
-        tracing::debug!(backend = %backend, endpoint = %endpoint.url, path = %config.path, interval = ?config.interval, "health check started");
+        tracing::debug!(backend = %backend, endpoint = %endpoint.url(), path = %config.path, interval = ?config.interval, "health check started");
         Some(RunningProbe {
             endpoint: endpoint.clone(),
             backend: backend.to_owned(),

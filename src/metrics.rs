@@ -330,7 +330,7 @@ impl Metrics {
                 .set(i64::from(effective));
             for endpoint in &backend.endpoints {
                 self.endpoint_up
-                    .with_label_values(&[backend.name.as_str(), endpoint.url.as_str()])
+                    .with_label_values(&[backend.name.as_str(), endpoint.url()])
                     .set(i64::from(endpoint.is_healthy()));
             }
         }

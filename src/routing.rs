@@ -29,7 +29,7 @@ use crate::health::{EndpointHealth, EndpointStatus};
 use crate::metrics::{BackendMetrics, Metrics};
 use crate::rollout::VersionMeter;
 use crate::sticky::{self, BUCKETS, StickySettings};
-use crate::upstream::{ConnectionPool, ExchangeTimeouts, Upstream, UpstreamSettings};
+use crate::upstream::{ExchangeTimeouts, Peer, Upstream, UpstreamSettings};
 
 /// The bit of backend `index` in a backend set; none for an index past `MAX_BACKENDS`, which
 /// validation rejects.
@@ -83,14 +83,11 @@ pub struct Backend {
 /// One instance of a backend.
 #[derive(Debug)]
 pub struct Endpoint {
-    /// The URL as configured, for logs, metrics and the admin API.
-    pub url: String,
-    /// `host:port` that requests are sent to.
-    pub authority: Authority,
+    /// Where requests go (URL, `host:port`) and the idle keep-alive connections there, which
+    /// the upstream side owns; kept with the endpoint across table changes.
+    pub peer: Arc<Peer>,
     /// Active check verdict and passive ejection, shared by every table holding this endpoint.
     pub health: EndpointHealth,
-    /// Idle keep-alive connections to this endpoint, kept with it across table changes.
-    pub pool: ConnectionPool,
 }
 
 /// A configured rule, resolved to the backend it pins requests to.
@@ -141,11 +138,19 @@ impl Endpoint {
     pub fn new(url: String, authority: Authority, outlier: OutlierConfig) -> Self {
         let health = EndpointHealth::new(&url, outlier);
         Endpoint {
-            url,
-            authority,
+            peer: Arc::new(Peer::new(url, authority)),
             health,
-            pool: ConnectionPool::default(),
         }
+    }
+
+    /// The URL as configured, for logs, metrics and the admin API.
+    pub fn url(&self) -> &str {
+        &self.peer.url
+    }
+
+    /// `host:port` that requests are sent to.
+    pub fn authority(&self) -> &Authority {
+        &self.peer.authority
     }
 
     /// True when routing may send requests here: up by the active check and not ejected.
@@ -559,7 +564,7 @@ impl Backend {
             .endpoints
             .iter()
             .map(|e| {
-                let kept = old.and_then(|b| b.endpoints.iter().find(|o| o.url == e.url));
+                let kept = old.and_then(|b| b.endpoints.iter().find(|o| o.url() == e.url));
                 if let Some(kept) = kept {
                     // Same endpoint, same health state; only the outlier settings may change.
                     kept.health.set_outlier(config.outlier);
@@ -610,7 +615,7 @@ impl fmt::Display for RoutingTable {
             }
             writeln!(f)?;
             for e in &b.endpoints {
-                writeln!(f, "    -> {}", e.url)?;
+                writeln!(f, "    -> {}", e.url())?;
             }
             if let Some(h) = &b.health {
                 writeln!(
@@ -933,7 +938,7 @@ mod tests {
         let t = table(&[1], vec![], StickySettings::default());
         let b = &t.backends[0];
         let urls: Vec<_> = (0..4)
-            .map(|_| b.pick_endpoint(None).unwrap().url.clone())
+            .map(|_| b.pick_endpoint(None).unwrap().url().to_owned())
             .collect();
         assert_ne!(urls[0], urls[1]);
         assert_eq!(urls[0], urls[2]);
@@ -1193,7 +1198,7 @@ mod tests {
         assert!(Arc::ptr_eq(&kept.endpoints[0], ejected));
         assert!(kept.endpoints[0].status().ejected, "still ejected");
         let fresh = &kept.endpoints[1];
-        assert_eq!(fresh.url, "http://127.0.0.1:3");
+        assert_eq!(fresh.url(), "http://127.0.0.1:3");
         assert!(fresh.is_healthy());
         // The dropped URL coming back later is a new endpoint: nothing holds its old state.
         let third = RoutingTable::from_config(

@@ -75,9 +75,8 @@ impl Proxy {
     pub fn sweep_idle_connections(&self) {
         let table = self.table.load();
         for backend in &table.backends {
-            let idle_timeout = backend.upstream.settings().idle_timeout;
             for endpoint in &backend.endpoints {
-                endpoint.pool.sweep(idle_timeout);
+                backend.upstream.sweep(&endpoint.peer);
             }
         }
     }
@@ -211,7 +210,7 @@ impl Proxy {
         // has none (HTTP/1.0) gets the endpoint's.
         if !upstream_headers.contains_key(HOST) {
             let host =
-                host.or_else(|| HeaderValue::from_str(target.endpoint.authority.as_str()).ok());
+                host.or_else(|| HeaderValue::from_str(target.endpoint.authority().as_str()).ok());
             if let Some(host) = host {
                 upstream_headers.insert(HOST, host);
             }
@@ -231,11 +230,12 @@ impl Proxy {
         // then still whole: nothing of it was written).
         let mut retried = false;
         let mut response = loop {
-            let sent =
-                target
-                    .backend
-                    .upstream
-                    .send(target.endpoint, outgoing, table.timeouts, started);
+            let sent = target.backend.upstream.send(
+                &target.endpoint.peer,
+                outgoing,
+                table.timeouts,
+                started,
+            );
             let upstream_failed = |kind| {
                 target.endpoint.record_outcome(false);
                 target.backend.metrics.upstream_error(kind);
@@ -253,14 +253,14 @@ impl Proxy {
                 Err(SendError::TimedOut(timeout)) => {
                     upstream_failed(UpstreamErrorKind::Timeout);
                     return Err(ProxyError::Timeout {
-                        endpoint: target.endpoint.url.clone(),
+                        endpoint: target.endpoint.url().to_owned(),
                         timeout,
                     });
                 }
                 Err(SendError::Failed(source)) => {
                     upstream_failed(UpstreamErrorKind::Upstream);
                     return Err(ProxyError::Upstream {
-                        endpoint: target.endpoint.url.clone(),
+                        endpoint: target.endpoint.url().to_owned(),
                         source,
                     });
                 }
@@ -274,11 +274,11 @@ impl Proxy {
                 .flatten();
             let Some((index, endpoint)) = retry else {
                 return Err(ProxyError::Connect {
-                    endpoint: target.endpoint.url.clone(),
+                    endpoint: target.endpoint.url().to_owned(),
                     source: failure,
                 });
             };
-            tracing::debug!(failed = %target.endpoint.url, retry = %endpoint.url, "connect failed, retrying");
+            tracing::debug!(failed = %target.endpoint.url(), retry = %endpoint.url(), "connect failed, retrying");
             target = Target {
                 backend: &table.backends[index],
                 index,
@@ -306,7 +306,7 @@ impl Proxy {
                 .metrics
                 .upstream_error(UpstreamErrorKind::Upstream);
             return Err(ProxyError::UnexpectedUpgrade {
-                endpoint: target.endpoint.url.clone(),
+                endpoint: target.endpoint.url().to_owned(),
             });
         }
         if response.headers().contains_key(TRANSFER_ENCODING) {
