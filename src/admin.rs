@@ -202,7 +202,12 @@ async fn handle(
             }
         }
         (Method::GET, "/metrics") => {
-            let mut response = text(StatusCode::OK, control.metrics().render(&table));
+            let mut response = text(
+                StatusCode::OK,
+                control
+                    .metrics()
+                    .render(|gauges| table.export_gauges(gauges)),
+            );
             response.headers_mut().insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static(metrics::CONTENT_TYPE),

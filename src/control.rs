@@ -12,13 +12,12 @@ use std::sync::{Arc, Mutex, RwLock};
 use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
-use crate::SharedTable;
 use crate::chain::Chain;
 use crate::config::{self, Config, ConfigError, MAX_WEIGHT, TokenError};
 use crate::health::HealthSupervisor;
 use crate::metrics::Metrics;
 use crate::persist::{self, PersistError};
-use crate::routing::RoutingTable;
+use crate::routing::{RoutingTable, SharedTable};
 
 /// Why a change was refused; the table is untouched.
 #[derive(Debug, thiserror::Error)]

@@ -50,24 +50,6 @@ pub enum ProxyError {
     Timeout { endpoint: String, timeout: Duration },
 }
 
-/// The upstream error kinds, as a bounded metric label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UpstreamErrorKind {
-    Connect,
-    Upstream,
-    Timeout,
-}
-
-impl UpstreamErrorKind {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            UpstreamErrorKind::Connect => "connect",
-            UpstreamErrorKind::Upstream => "upstream",
-            UpstreamErrorKind::Timeout => "timeout",
-        }
-    }
-}
-
 impl From<&ProxyError> for StatusCode {
     fn from(error: &ProxyError) -> StatusCode {
         match error {

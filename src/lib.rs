@@ -83,16 +83,16 @@ pub use demo::{
     DEMO_ROLLOUT_UPSTREAM_LATENCY, demo_config, demo_load, demo_upstream,
 };
 pub use duration::{format_duration, parse_duration};
-pub use error::{ProxyError, UpstreamErrorKind};
+pub use error::ProxyError;
 pub use headers::{add_forwarded, client_ip_value, request_id, settle_host, strip_hop_by_hop};
 pub use health::{EndpointHealth, EndpointStatus, HealthSupervisor, ProbeCounter, Transition};
 pub use metrics::{BackendMetrics, Metrics};
 pub use persist::{PersistError, write_weights};
-pub use proxy::{Proxy, SharedTable};
+pub use proxy::Proxy;
 pub use rollout::{
     Command as RolloutCommand, RolloutController, RolloutError, view as rollout_view,
 };
-pub use routing::{Backend, Decision, Endpoint, Reason, RoutingTable, Rule};
+pub use routing::{Backend, Decision, Endpoint, Reason, RoutingTable, Rule, SharedTable};
 pub use server::{ServerOptions, serve};
 pub use sticky::{BUCKETS, StickySettings, bucket, fnv1a_32};
 pub use workers::{bind_listeners, run_workers, worker_count};

@@ -17,6 +17,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use arc_swap::ArcSwap;
 use http::uri::Authority;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use rand::{Rng, RngExt};
@@ -26,7 +27,7 @@ use crate::config::{
 };
 use crate::duration::format_duration;
 use crate::health::{EndpointHealth, EndpointStatus};
-use crate::metrics::{BackendMetrics, Metrics};
+use crate::metrics::{BackendMetrics, DecisionReason, Metrics, TableGauges};
 use crate::rollout::VersionMeter;
 use crate::sticky::{self, BUCKETS, StickySettings};
 use crate::upstream::{ExchangeTimeouts, Peer, Upstream, UpstreamSettings};
@@ -36,6 +37,10 @@ use crate::upstream::{ExchangeTimeouts, Peer, Upstream, UpstreamSettings};
 fn bit(index: usize) -> u64 {
     1u64.checked_shl(index as u32).unwrap_or(0)
 }
+
+/// The shared routing table: each request loads it once; the control plane swaps it with one
+/// store.
+pub type SharedTable = Arc<ArcSwap<RoutingTable>>;
 
 /// One snapshot of everything routing needs. Never mutated: a change builds a new table and
 /// swaps it in with one store.
@@ -124,11 +129,17 @@ pub enum Reason {
 impl Reason {
     /// The label used in metrics and logs.
     pub fn as_str(&self) -> &'static str {
+        self.label().as_str()
+    }
+
+    /// The reason as a metric label: without the rule number or the bucket.
+    #[inline]
+    pub fn label(&self) -> DecisionReason {
         match self {
-            Reason::Rule(_) => "rule",
-            Reason::Sticky(_) => "sticky",
-            Reason::Weight => "weight",
-            Reason::Fallback => "fallback",
+            Reason::Rule(_) => DecisionReason::Rule,
+            Reason::Sticky(_) => DecisionReason::Sticky,
+            Reason::Weight => DecisionReason::Weight,
+            Reason::Fallback => DecisionReason::Fallback,
         }
     }
 }
@@ -482,6 +493,19 @@ impl RoutingTable {
     /// True when no weighted backend is healthy, so routing fails open.
     pub fn is_failing_open(&self) -> bool {
         self.routable(self.healthy_mask()).1
+    }
+
+    /// Sets the gauges of a metrics scrape from this table: each backend's configured and
+    /// effective weight, each endpoint's health, the version, and whether routing fails open.
+    pub fn export_gauges(&self, gauges: &TableGauges) {
+        let effective = self.effective_weights();
+        for (backend, effective) in self.backends.iter().zip(effective) {
+            gauges.backend(&backend.name, backend.weight, effective);
+            for endpoint in &backend.endpoints {
+                gauges.endpoint(&backend.name, endpoint.url(), endpoint.is_healthy());
+            }
+        }
+        gauges.table(self.version, self.is_failing_open());
     }
 
     fn members(&self, mask: u64) -> impl Iterator<Item = (usize, u64)> + '_ {
@@ -1260,5 +1284,99 @@ mod tests {
             t.route(&h, &mut StdRng::seed_from_u64(0)).unwrap().reason,
             Reason::Rule(0)
         );
+    }
+
+    const GAUGES_CONFIG: &str = r#"
+[[backend]]
+name = "v1"
+urls = ["http://127.0.0.1:8081", "http://127.0.0.1:8082"]
+weight = 90
+
+[[backend]]
+name = "v2"
+urls = ["http://127.0.0.1:8083"]
+weight = 10
+"#;
+
+    const GAUGES_V1_ONLY: &str = r#"
+[[backend]]
+name = "v1"
+urls = ["http://127.0.0.1:8081"]
+weight = 100
+"#;
+
+    /// The value of the sample `name{labels}` in `render` output, `labels` written exactly as
+    /// the encoder does, or `None` when the series is absent.
+    fn sample(text: &str, name: &str, labels: &str) -> Option<f64> {
+        let series = if labels.is_empty() {
+            format!("{name} ")
+        } else {
+            format!("{name}{{{labels}}} ")
+        };
+        text.lines()
+            .find_map(|line| line.strip_prefix(&series))
+            .map(|value| value.parse().expect("numeric sample"))
+    }
+
+    #[test]
+    fn table_gauges_follow_health_and_reloads() {
+        let metrics = Metrics::new();
+        let from_config = |text: &str, version| {
+            let config = crate::config::parse(text, "t.toml").expect("test config is valid");
+            RoutingTable::from_config(&config, version, None, &metrics)
+        };
+        let render = |t: &RoutingTable| metrics.render(|gauges| t.export_gauges(gauges));
+        let t = from_config(GAUGES_CONFIG, 1);
+        let weight = |text: &str, b: &str| {
+            (
+                sample(text, "canary_backend_weight", &format!(r#"backend="{b}""#)),
+                sample(
+                    text,
+                    "canary_backend_effective_weight",
+                    &format!(r#"backend="{b}""#),
+                ),
+            )
+        };
+        let up = |text: &str, b: &str, port: u16| {
+            let labels = format!(r#"backend="{b}",endpoint="http://127.0.0.1:{port}""#);
+            sample(text, "canary_endpoint_up", &labels)
+        };
+
+        let text = render(&t);
+        assert_eq!(weight(&text, "v1"), (Some(90.0), Some(90.0)));
+        assert_eq!(weight(&text, "v2"), (Some(10.0), Some(10.0)));
+        assert_eq!(up(&text, "v1", 8081), Some(1.0));
+        assert_eq!(up(&text, "v2", 8083), Some(1.0));
+        assert_eq!(sample(&text, "canary_failing_open", ""), Some(0.0));
+
+        // v2 down: its share is 0 while its configured weight stays.
+        for endpoint in &t.backends[1].endpoints {
+            endpoint.set_healthy(false);
+        }
+        let text = render(&t);
+        assert_eq!(weight(&text, "v1"), (Some(90.0), Some(90.0)));
+        assert_eq!(weight(&text, "v2"), (Some(10.0), Some(0.0)));
+        assert_eq!(up(&text, "v2", 8083), Some(0.0));
+
+        // One v1 endpoint down keeps v1 eligible; both down fails open over configured weights.
+        t.backends[0].endpoints[0].set_healthy(false);
+        let text = render(&t);
+        assert_eq!(up(&text, "v1", 8081), Some(0.0));
+        assert_eq!(up(&text, "v1", 8082), Some(1.0));
+        assert_eq!(weight(&text, "v1"), (Some(90.0), Some(90.0)));
+        t.backends[0].endpoints[1].set_healthy(false);
+        let text = render(&t);
+        assert_eq!(weight(&text, "v1"), (Some(90.0), Some(90.0)));
+        assert_eq!(weight(&text, "v2"), (Some(10.0), Some(10.0)));
+        assert_eq!(sample(&text, "canary_failing_open", ""), Some(1.0));
+
+        // A reload that drops v2 and an endpoint of v1: their gauges disappear.
+        let text = render(&from_config(GAUGES_V1_ONLY, 2));
+        assert_eq!(weight(&text, "v1"), (Some(100.0), Some(100.0)));
+        assert_eq!(weight(&text, "v2"), (None, None));
+        assert_eq!(up(&text, "v1", 8081), Some(1.0));
+        assert_eq!(up(&text, "v1", 8082), None);
+        assert_eq!(up(&text, "v2", 8083), None);
+        assert_eq!(sample(&text, "canary_table_version", ""), Some(2.0));
     }
 }

@@ -12,7 +12,6 @@ pub mod h2;
 use std::future::Future;
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING, UPGRADE};
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
@@ -21,14 +20,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::chain::Chain;
-use crate::error::{ProxyError, UpstreamErrorKind};
+use crate::error::ProxyError;
 use crate::headers;
-use crate::metrics::Metrics;
-use crate::routing::{Backend, Endpoint, Reason, RoutingTable};
+use crate::metrics::{Metrics, UpstreamErrorKind};
+use crate::routing::{Backend, Endpoint, Reason, RoutingTable, SharedTable};
 use crate::upstream::{ExchangeError, ForwardBody, ProxyResponse, SendError};
-
-/// The shared routing table: each request loads it once; the admin API swaps it with one store.
-pub type SharedTable = Arc<ArcSwap<RoutingTable>>;
 
 /// Forwards requests according to the current routing table.
 #[derive(Clone)]
@@ -120,7 +116,7 @@ impl Proxy {
         let backend = outcome.backend.map(|index| &table.backends[index]);
         let metrics = backend.map_or(self.metrics.unrouted(), |b| &b.metrics);
         if let Some(reason) = outcome.reason {
-            metrics.decision(reason);
+            metrics.decision(reason.label());
         }
         let Some(forwarded) = forwarded else {
             tracing::debug!(
