@@ -41,9 +41,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::chain::Chain;
 use crate::config::{MAX_WEIGHT, RuleMatcher, RuleSource};
+use crate::control::rollout::{RolloutController, RolloutError};
 use crate::control::{ControlError, ControlPlane, WeightsApplied};
 use crate::metrics;
-use crate::rollout::{Command, RolloutController, RolloutError};
+use crate::rollout::Command;
 use crate::routing::{Reason, RoutingTable};
 use crate::sticky::BUCKETS;
 

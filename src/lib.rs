@@ -56,7 +56,6 @@ mod headers;
 mod health;
 mod http1;
 mod metrics;
-mod persist;
 mod proxy;
 mod rollout;
 mod routing;
@@ -77,6 +76,7 @@ pub use admin::serve_admin;
 pub use admin_client::{AdminClient, AdminClientError, DEFAULT_ADMIN_URL, TOKEN_ENV};
 pub use cli::{Outcome, Terminal, rollout as rollout_command, watch_rollout};
 pub use config::{Config, ConfigError};
+pub use control::rollout::{RolloutController, RolloutError};
 pub use control::{ControlError, ControlPlane, StartError, WeightsApplied};
 pub use demo::{
     DEMO_BAD_CANARY_FAIL_PERCENT, DEMO_CONFIG, DEMO_LOAD_PER_SECOND, DEMO_ROLLOUT,
@@ -87,11 +87,8 @@ pub use error::ProxyError;
 pub use headers::{add_forwarded, client_ip_value, request_id, settle_host, strip_hop_by_hop};
 pub use health::{EndpointHealth, EndpointStatus, HealthSupervisor, ProbeCounter, Transition};
 pub use metrics::{BackendMetrics, Metrics};
-pub use persist::{PersistError, write_weights};
 pub use proxy::Proxy;
-pub use rollout::{
-    Command as RolloutCommand, RolloutController, RolloutError, view as rollout_view,
-};
+pub use rollout::{Command as RolloutCommand, view as rollout_view};
 pub use routing::{Backend, Decision, Endpoint, Reason, RoutingTable, Rule, SharedTable};
 pub use server::{ServerOptions, serve};
 pub use sticky::{BUCKETS, StickySettings, bucket, fnv1a_32};

@@ -5,6 +5,10 @@
 //! version (the admin API's `ETag`), can be made conditional on the version the operator last
 //! saw (`If-Match`), and is logged with its old and new values (target `audit`).
 
+pub mod persist;
+pub mod rollout;
+mod webhook;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
@@ -16,8 +20,8 @@ use crate::chain::Chain;
 use crate::config::{self, Config, ConfigError, MAX_WEIGHT, TokenError};
 use crate::health::HealthSupervisor;
 use crate::metrics::Metrics;
-use crate::persist::{self, PersistError};
 use crate::routing::{RoutingTable, SharedTable};
+use persist::PersistError;
 
 /// Why a change was refused; the table is untouched.
 #[derive(Debug, thiserror::Error)]
