@@ -45,8 +45,8 @@ use crate::control::rollout::{RolloutController, RolloutError};
 use crate::control::{ControlError, ControlPlane, WeightsApplied};
 use crate::metrics;
 use crate::rollout::Command;
+use crate::routing::sticky::BUCKETS;
 use crate::routing::{Reason, RoutingTable};
-use crate::sticky::BUCKETS;
 
 /// Admin request bodies are tiny; anything bigger is refused (413).
 const MAX_BODY: usize = 64 * 1024;

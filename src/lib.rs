@@ -53,7 +53,6 @@ mod demo;
 mod duration;
 mod error;
 mod headers;
-mod health;
 mod http1;
 mod metrics;
 mod proxy;
@@ -61,7 +60,6 @@ mod rollout;
 mod routing;
 mod server;
 mod stall;
-mod sticky;
 mod upstream;
 mod worker_index;
 mod workers;
@@ -76,6 +74,7 @@ pub use admin::serve_admin;
 pub use admin_client::{AdminClient, AdminClientError, DEFAULT_ADMIN_URL, TOKEN_ENV};
 pub use cli::{Outcome, Terminal, rollout as rollout_command, watch_rollout};
 pub use config::{Config, ConfigError};
+pub use control::health::HealthSupervisor;
 pub use control::rollout::{RolloutController, RolloutError};
 pub use control::{ControlError, ControlPlane, StartError, WeightsApplied};
 pub use demo::{
@@ -85,13 +84,13 @@ pub use demo::{
 pub use duration::{format_duration, parse_duration};
 pub use error::ProxyError;
 pub use headers::{add_forwarded, client_ip_value, request_id, settle_host, strip_hop_by_hop};
-pub use health::{EndpointHealth, EndpointStatus, HealthSupervisor, ProbeCounter, Transition};
 pub use metrics::{BackendMetrics, Metrics};
 pub use proxy::Proxy;
 pub use rollout::{Command as RolloutCommand, view as rollout_view};
+pub use routing::health::{EndpointHealth, EndpointStatus, ProbeCounter, Transition};
+pub use routing::sticky::{BUCKETS, StickySettings, bucket, fnv1a_32};
 pub use routing::{Backend, Decision, Endpoint, Reason, RoutingTable, Rule, SharedTable};
 pub use server::{ServerOptions, serve};
-pub use sticky::{BUCKETS, StickySettings, bucket, fnv1a_32};
 pub use workers::{bind_listeners, run_workers, worker_count};
 
 /// How long background tasks (admin listener, health checks) get to stop after the drain.

@@ -5,6 +5,7 @@
 //! version (the admin API's `ETag`), can be made conditional on the version the operator last
 //! saw (`If-Match`), and is logged with its old and new values (target `audit`).
 
+pub mod health;
 pub mod persist;
 pub mod rollout;
 mod webhook;
@@ -18,9 +19,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::chain::Chain;
 use crate::config::{self, Config, ConfigError, MAX_WEIGHT, TokenError};
-use crate::health::HealthSupervisor;
 use crate::metrics::Metrics;
 use crate::routing::{RoutingTable, SharedTable};
+use health::HealthSupervisor;
 use persist::PersistError;
 
 /// Why a change was refused; the table is untouched.

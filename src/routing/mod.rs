@@ -12,6 +12,13 @@
 //! about (a reload keeps every endpoint whose URL is unchanged). A decision picks the backend
 //! and its endpoint from one reading of health: the endpoint it returns is one it saw healthy,
 //! unless it fails open.
+//!
+//! - `sticky`: the FNV-1a user buckets, and where the user id is read from.
+//! - `health`: each endpoint's [`EndpointHealth`]: the active check's verdict and passive
+//!   ejection. The probes that feed it run in `control::health`.
+
+pub mod health;
+pub mod sticky;
 
 use std::fmt;
 use std::sync::Arc;
@@ -26,11 +33,11 @@ use crate::config::{
     BackendConfig, Config, HealthCheckConfig, OutlierConfig, RuleConfig, RuleMatcher, RuleSource,
 };
 use crate::duration::format_duration;
-use crate::health::{EndpointHealth, EndpointStatus};
 use crate::metrics::{BackendMetrics, DecisionReason, Metrics, TableGauges};
 use crate::rollout::VersionMeter;
-use crate::sticky::{self, BUCKETS, StickySettings};
 use crate::upstream::{ExchangeTimeouts, Peer, Upstream, UpstreamSettings};
+use health::{EndpointHealth, EndpointStatus};
+use sticky::{BUCKETS, StickySettings};
 
 /// The bit of backend `index` in a backend set; none for an index past `MAX_BACKENDS`, which
 /// validation rejects.
@@ -696,8 +703,8 @@ impl fmt::Display for RoutingTable {
 
 #[cfg(test)]
 mod tests {
+    use super::sticky::bucket;
     use super::*;
-    use crate::sticky::bucket;
     use http::header::COOKIE;
     use rand::SeedableRng;
     use rand::rngs::StdRng;
