@@ -474,7 +474,7 @@ fn refuse_other_sites(
 /// Whether `host` (a `Host` value, port optional) is an IPv4 or IPv6 literal, `localhost`, or
 /// one of `allowed` (lowercase); names compare case-insensitively, a trailing dot ignored.
 fn host_is_allowed(host: &str, allowed: &[String]) -> bool {
-    let Some(name) = crate::headers::authority_host(host.as_bytes())
+    let Some(name) = crate::proxy::headers::authority_host(host.as_bytes())
         .and_then(|name| std::str::from_utf8(name).ok())
     else {
         return false;

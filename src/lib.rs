@@ -51,8 +51,6 @@ mod control;
 pub mod decode;
 mod demo;
 mod duration;
-mod error;
-mod headers;
 mod http1;
 mod metrics;
 mod proxy;
@@ -82,10 +80,12 @@ pub use demo::{
     DEMO_ROLLOUT_UPSTREAM_LATENCY, demo_config, demo_load, demo_upstream,
 };
 pub use duration::{format_duration, parse_duration};
-pub use error::ProxyError;
-pub use headers::{add_forwarded, client_ip_value, request_id, settle_host, strip_hop_by_hop};
 pub use metrics::{BackendMetrics, Metrics};
 pub use proxy::Proxy;
+pub use proxy::error::ProxyError;
+pub use proxy::headers::{
+    add_forwarded, client_ip_value, request_id, settle_host, strip_hop_by_hop,
+};
 pub use rollout::{Command as RolloutCommand, view as rollout_view};
 pub use routing::health::{EndpointHealth, EndpointStatus, ProbeCounter, Transition};
 pub use routing::sticky::{BUCKETS, StickySettings, bucket, fnv1a_32};

@@ -15,8 +15,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::config::ProxySettings;
-use crate::headers;
-use crate::proxy::{Proxy, h1, h2};
+use crate::proxy::{Proxy, h1, h2, headers};
 use crate::stall::SendTimeout;
 
 /// How the listener treats client connections.

@@ -17,8 +17,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use super::Proxy;
-use crate::headers;
+use super::{Proxy, headers};
 use crate::http1::body::Framing;
 use crate::http1::head::{FramingError, RequestHead, keeps_alive, request_framing};
 use crate::http1::server::{NextRequest, ResponseMode, ServerSession};

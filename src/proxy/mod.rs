@@ -6,8 +6,10 @@
 //! - `h1`: HTTP/1 client connections (the protocol is `crate::http1`'s).
 //! - `h2`: h2c client connections, served by hyper.
 
+pub mod error;
 pub mod h1;
 pub mod h2;
+pub mod headers;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -20,11 +22,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::chain::Chain;
-use crate::error::ProxyError;
-use crate::headers;
 use crate::metrics::{Metrics, UpstreamErrorKind};
 use crate::routing::{Backend, Endpoint, Reason, RoutingTable, SharedTable};
 use crate::upstream::{ExchangeError, ForwardBody, ProxyResponse, SendError};
+use error::ProxyError;
 
 /// Forwards requests according to the current routing table.
 #[derive(Clone)]
