@@ -42,9 +42,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
-mod admin_client;
 mod chain;
-mod cli;
 pub mod config;
 mod control;
 #[doc(hidden)]
@@ -68,9 +66,9 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
+pub use admin::cli::{Outcome, Terminal, rollout as rollout_command, watch_rollout};
+pub use admin::client::{AdminClient, AdminClientError, DEFAULT_ADMIN_URL, TOKEN_ENV};
 pub use admin::serve_admin;
-pub use admin_client::{AdminClient, AdminClientError, DEFAULT_ADMIN_URL, TOKEN_ENV};
-pub use cli::{Outcome, Terminal, rollout as rollout_command, watch_rollout};
 pub use config::{Config, ConfigError};
 pub use control::health::HealthSupervisor;
 pub use control::rollout::{RolloutController, RolloutError};

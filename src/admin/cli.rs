@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use serde_json::Value;
 
-use crate::admin_client::{AdminClient, AdminClientError};
+use super::client::{AdminClient, AdminClientError};
 use crate::rollout::Command;
 use crate::rollout::view;
 

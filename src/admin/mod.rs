@@ -19,6 +19,12 @@
 //! scheme in any case). Reads return the table version as `ETag`; writes accept `If-Match`
 //! (strong comparison, lists, `*`) and answer 412 when it names no current version. Errors are
 //! JSON: `{"error": "..."}`.
+//!
+//! Beside the server: `client`, a small HTTP/1.1 client of this API for the operator's
+//! subcommands, and `cli`, the `canary-proxy rollout ...` subcommand built on it.
+
+pub mod cli;
+pub mod client;
 
 use std::convert::Infallible;
 use std::net::Ipv4Addr;
