@@ -120,8 +120,9 @@ struct ProbeTask {
 
 impl ProbeTask {
     /// Probes every `interval` until cancelled, feeding the results to the endpoint's
-    /// [`ProbeCounter`] (which sets its verdict). Each probe is bounded by `timeout`, and every
-    /// endpoint has its own task, so a black-holed endpoint delays nobody else.
+    /// [`ProbeCounter`](crate::routing::health::ProbeCounter) (which sets its verdict). Each
+    /// probe is bounded by `timeout`, and every endpoint has its own task, so a black-holed
+    /// endpoint delays nobody else.
     async fn run(self) {
         let ProbeTask {
             endpoint,
