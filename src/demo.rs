@@ -68,7 +68,7 @@ const LOAD_MAX_IN_FLIGHT: usize = 64;
 /// A load request not answered within this is dropped.
 const LOAD_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The demo's config: the bundled `canary.toml`, plus [`DEMO_ROLLOUT`] when `rollout`.
+/// The demo's config: the bundled `canary.toml`, plus `DEMO_ROLLOUT` when `rollout`.
 pub fn demo_config(rollout: bool) -> String {
     if rollout {
         format!("{DEMO_CONFIG}{DEMO_ROLLOUT}")

@@ -55,7 +55,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_millis(millis))
 }
 
-/// Prints `d` in the shortest form [`parse_duration`] reads back exactly: `"1h"`, `"90s"`,
+/// Prints `d` in the shortest form `parse_duration` reads back exactly: `"1h"`, `"90s"`,
 /// `"500ms"`, `"0s"` for zero.
 ///
 /// Durations with a sub-millisecond part cannot be written in the config grammar; they are

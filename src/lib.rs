@@ -3,66 +3,62 @@
 //! buckets, and by weight.
 //!
 //! # Layout
-//! - [`config`]: the `canary.toml` file, parsed in two stages (raw serde, then validated types
-//!   whose errors name the key and line).
-//! - `duration`: the `"500ms"` / `"2s"` / `"1m"` durations of the config file.
-//! - `routing`: the [`RoutingTable`] snapshot and the routing decision.
-//! - `sticky`: the FNV-1a user buckets and where the user id is read from.
-//! - `headers`: hop-by-hop stripping, `X-Forwarded-*`, `x-request-id`.
-//! - `http1`: the HTTP/1.0 and HTTP/1.1 protocol, both sides, on httparse: heads and their
+//! From the top down; a module imports only modules listed below it (files within one folder
+//! may use each other).
+//! - `server`: the client listener: picks HTTP/1 or h2c per connection, and drains on
+//!   shutdown. `workers`: thread-per-core serving, one current-thread runtime and
+//!   SO_REUSEPORT listener per worker.
+//! - `admin/`: the admin HTTP API on its own listener; `admin::client`, a small HTTP/1.1
+//!   client for that API; `admin::cli`, `canary-proxy rollout ...` through it.
+//! - `demo`: the two built-in upstreams of `canary-proxy demo`, the rollout plan and the load
+//!   generator of `demo --rollout`. `decode`: whole messages decoded from bytes by the HTTP/1
+//!   code, for fuzzing and the differential test against hyper.
+//! - `proxy/`: the forward path of one request (route, rewrite the request, send with one
+//!   retry elsewhere, rewrite the response) and its error responses; `h1` serves HTTP/1
+//!   client connections through it, `h2` h2c ones (hyper); `headers` (hop-by-hop,
+//!   `X-Forwarded-*`, `x-request-id`, the Host check); `error` (`ProxyError`, status codes).
+//! - `control/`: [`ControlPlane`], through which every table change goes (weights, reloads),
+//!   atomic, versioned and audited; writing weights back into the config file (`persist`);
+//!   the active health checks (`health`); the rollout's controller and webhook (`rollout`,
+//!   `webhook`).
+//! - `routing/`: the [`RoutingTable`] snapshot, its backends and endpoints, and the routing
+//!   decision; the sticky user buckets (`sticky`); each endpoint's health, active verdict and
+//!   passive ejection (`health`).
+//! - `metrics`: the Prometheus metrics, with label handles resolved ahead of time; its labels
+//!   are its own types, and it knows nothing of routing.
+//! - `rollout/`: the progressive rollout's parts below routing: its state machine, the
+//!   per-version meter and latency buckets the hot path fills, the pure statistics
+//!   (anytime-valid tests) behind each step's verdict, and the terminal view of a rollout.
+//! - `upstream/`: the HTTP/1.1 exchange with an endpoint (its `Peer`) on a keep-alive
+//!   connection, pooled per endpoint and worker; a request whose connection could not be made
+//!   comes back whole for the retry.
+//! - `http1/`: the HTTP/1.0 and HTTP/1.1 protocol, both sides, on httparse: heads and their
 //!   limits, bodies (chunked decoding, trailers), the client connection as a session. Knows
 //!   nothing of routing or proxying.
-//! - `stall`: the timer behind `send_timeout` and `read_timeout`: an I/O operation that has
-//!   waited too long since it last made progress fails.
-//! - `upstream`: the HTTP/1.1 exchange with an endpoint on a keep-alive connection, pooled per
-//!   endpoint and worker; a request whose connection could not be made comes back whole for the
-//!   retry.
-//! - `proxy`: the forward path of one request, and its error responses; `proxy::h1` serves
-//!   HTTP/1 client connections through it, `proxy::h2` h2c ones (hyper).
-//! - `error`: [`ProxyError`] and the status code of each failure.
-//! - `server`: the client listener: picks HTTP/1 or h2c per connection, and drains on
-//!   shutdown.
-//! - `decode`: whole messages decoded from bytes by the HTTP/1 code, for fuzzing and the
-//!   differential test against hyper.
-//! - `demo`: the two built-in upstreams of `canary-proxy demo`, the rollout plan and the load
-//!   generator of `demo --rollout`.
-//! - `control`: [`ControlPlane`], through which every table change goes (weights, reloads),
-//!   atomic, versioned and audited.
-//! - `admin`: the admin HTTP API on its own listener.
-//! - `admin_client`: a small HTTP/1.1 client for that API, for the operator's subcommands.
-//! - `cli`: `canary-proxy rollout ...` through the admin client: commands, status, watch.
-//! - `persist`: writes weight changes back into the config file, comments kept.
-//! - `health`: active health checks and passive outlier ejection per endpoint.
-//! - `rollout`: progressive rollout: the latency buckets the hot path fills and the pure
-//!   statistics (anytime-valid tests) behind each step's pass / fail / inconclusive; the
-//!   terminal view of a rollout (`rollout::view`, pure).
-//! - `metrics`: the Prometheus metrics, with label handles resolved ahead of time.
-//! - `workers`: thread-per-core serving, one current-thread runtime and SO_REUSEPORT listener
-//!   per worker.
+//! - [`config`]: the `canary.toml` file, parsed in two stages (raw serde, then validated types
+//!   whose errors name the key and line).
+//! - Leaves: `duration` (the `"500ms"` / `"2s"` / `"1m"` durations of the config file),
+//!   `stall` (the timer behind `send_timeout` and `read_timeout`), `chain` (an error and its
+//!   causes on one line), `worker_index` (which worker thread the code runs on).
 #![forbid(unsafe_code)]
 
 mod admin;
-mod admin_client;
-mod cli;
+mod chain;
 pub mod config;
 mod control;
 #[doc(hidden)]
 pub mod decode;
 mod demo;
 mod duration;
-mod error;
-mod headers;
-mod health;
 mod http1;
 mod metrics;
-mod persist;
 mod proxy;
 mod rollout;
 mod routing;
 mod server;
 mod stall;
-mod sticky;
 mod upstream;
+mod worker_index;
 mod workers;
 
 use std::future::Future;
@@ -71,28 +67,29 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
-pub use admin::serve_admin;
-pub use admin_client::{AdminClient, AdminClientError, DEFAULT_ADMIN_URL, TOKEN_ENV};
-pub use cli::{Outcome, Terminal, rollout as rollout_command, watch_rollout};
+use admin::serve_admin;
+use control::rollout::RolloutController;
+use proxy::Proxy;
+use server::{ServerOptions, serve};
+
+// What the binary (src/main.rs), the integration tests and the benches use; nothing else.
+pub use admin::cli::{Outcome, Terminal, rollout as rollout_command, watch_rollout};
+pub use admin::client::{AdminClient, AdminClientError, DEFAULT_ADMIN_URL, TOKEN_ENV};
 pub use config::{Config, ConfigError};
-pub use control::{ControlError, ControlPlane, StartError, WeightsApplied};
+pub use control::ControlPlane;
+pub use control::health::HealthSupervisor;
 pub use demo::{
-    DEMO_BAD_CANARY_FAIL_PERCENT, DEMO_CONFIG, DEMO_LOAD_PER_SECOND, DEMO_ROLLOUT,
-    DEMO_ROLLOUT_UPSTREAM_LATENCY, demo_config, demo_load, demo_upstream,
+    DEMO_BAD_CANARY_FAIL_PERCENT, DEMO_LOAD_PER_SECOND, DEMO_ROLLOUT_UPSTREAM_LATENCY, demo_config,
+    demo_load, demo_upstream,
 };
-pub use duration::{format_duration, parse_duration};
-pub use error::{ProxyError, UpstreamErrorKind};
-pub use headers::{add_forwarded, client_ip_value, request_id, settle_host, strip_hop_by_hop};
-pub use health::{EndpointHealth, EndpointStatus, HealthSupervisor, ProbeCounter, Transition};
-pub use metrics::{BackendMetrics, Metrics};
-pub use persist::{PersistError, write_weights};
-pub use proxy::{Proxy, SharedTable};
-pub use rollout::{
-    Command as RolloutCommand, RolloutController, RolloutError, view as rollout_view,
+pub use duration::format_duration;
+pub use metrics::Metrics;
+pub use proxy::error::ProxyError;
+pub use proxy::headers::{
+    add_forwarded, client_ip_value, request_id, settle_host, strip_hop_by_hop,
 };
-pub use routing::{Backend, Decision, Endpoint, MAX_BACKENDS, Reason, RoutingTable, Rule};
-pub use server::{ServerOptions, serve};
-pub use sticky::{BUCKETS, StickySettings, bucket, fnv1a_32};
+pub use rollout::Command as RolloutCommand;
+pub use routing::{Endpoint, RoutingTable, SharedTable};
 pub use workers::{bind_listeners, run_workers, worker_count};
 
 /// How long background tasks (admin listener, health checks) get to stop after the drain.

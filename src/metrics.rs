@@ -1,15 +1,17 @@
 //! The proxy's Prometheus metrics: one [`Metrics`] per proxy, holding its own registry, and a
 //! [`BackendMetrics`] handle per backend that the forward path counts into.
 //!
-//! Labels are bounded by construction: the hot path takes only typed values ([`Reason`],
-//! [`UpstreamErrorKind`], [`StatusCode`]), and the one free-form label, the backend name, is
+//! Labels are bounded by construction: the hot path takes only typed values
+//! ([`DecisionReason`], [`UpstreamErrorKind`], [`StatusCode`]), and the one free-form label,
+//! the backend name, is
 //! fixed when a routing table is built, never taken from a request. Each handle resolves its
 //! label children once (lazily for status codes), so counting a request is a few atomic
 //! operations with no hashing, locking or allocation.
 //!
 //! The gauges that describe the routing table (weights, effective weights, endpoint health) are
-//! not updated by whoever changes the table: [`Metrics::render`] sets them from the table being
-//! served at scrape time, so they cannot go stale or outlive a backend removed by a reload.
+//! not updated by whoever changes the table: [`Metrics::render`] resets them and has its caller
+//! set them ([`TableGauges`]) from the table being served at scrape time, so they cannot go
+//! stale or outlive a backend removed by a reload. This module knows nothing of routing.
 
 use std::fmt;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
@@ -22,8 +24,7 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-use crate::error::UpstreamErrorKind;
-use crate::routing::{Reason, RoutingTable};
+use crate::config::UNROUTED_BACKEND;
 
 /// The `Content-Type` of [`Metrics::render`]'s output (Prometheus text format 0.0.4).
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -34,15 +35,51 @@ pub const DURATION_BUCKETS: [f64; 15] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
-/// The `backend` label of requests answered without a backend (400, 405, 503).
-pub const UNROUTED_BACKEND: &str = "none";
+/// Why routing chose a backend, as the `reason` label of `canary_route_decisions_total`: the
+/// routing decision's reason without its rule number or bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecisionReason {
+    Rule,
+    Sticky,
+    Weight,
+    Fallback,
+}
 
-/// One slot per [`Reason`] variant, in [`reason_slot`] order.
-const REASONS: [Reason; 4] = [
-    Reason::Rule(0),
-    Reason::Sticky(0),
-    Reason::Weight,
-    Reason::Fallback,
+impl DecisionReason {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            DecisionReason::Rule => "rule",
+            DecisionReason::Sticky => "sticky",
+            DecisionReason::Weight => "weight",
+            DecisionReason::Fallback => "fallback",
+        }
+    }
+}
+
+/// The upstream error kinds, as a bounded metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamErrorKind {
+    Connect,
+    Upstream,
+    Timeout,
+}
+
+impl UpstreamErrorKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            UpstreamErrorKind::Connect => "connect",
+            UpstreamErrorKind::Upstream => "upstream",
+            UpstreamErrorKind::Timeout => "timeout",
+        }
+    }
+}
+
+/// One slot per [`DecisionReason`], in [`reason_slot`] order.
+const REASONS: [DecisionReason; 4] = [
+    DecisionReason::Rule,
+    DecisionReason::Sticky,
+    DecisionReason::Weight,
+    DecisionReason::Fallback,
 ];
 
 /// One slot per [`UpstreamErrorKind`], in [`error_slot`] order.
@@ -57,12 +94,12 @@ const ERROR_KINDS: [UpstreamErrorKind; 3] = [
 /// just without a cache slot.
 const CACHED_STATUSES: std::ops::RangeInclusive<u16> = 100..=599;
 
-fn reason_slot(reason: Reason) -> usize {
+fn reason_slot(reason: DecisionReason) -> usize {
     match reason {
-        Reason::Rule(_) => 0,
-        Reason::Sticky(_) => 1,
-        Reason::Weight => 2,
-        Reason::Fallback => 3,
+        DecisionReason::Rule => 0,
+        DecisionReason::Sticky => 1,
+        DecisionReason::Weight => 2,
+        DecisionReason::Fallback => 3,
     }
 }
 
@@ -81,11 +118,7 @@ pub struct Metrics {
     /// The label families, shared with every [`BackendMetrics`] so handles can resolve the
     /// children they did not resolve up front.
     families: Arc<Families>,
-    weight: IntGaugeVec,
-    effective_weight: IntGaugeVec,
-    endpoint_up: IntGaugeVec,
-    table_version: IntGauge,
-    failing_open: IntGauge,
+    table: TableGauges,
     reloads_success: IntCounter,
     reloads_failure: IntCounter,
     in_flight: IntGauge,
@@ -95,6 +128,16 @@ pub struct Metrics {
     /// Serializes scrapes: `render` resets and refills the table gauges, and two concurrent
     /// scrapes must not see each other's half-filled state.
     render_lock: Mutex<()>,
+}
+
+/// The gauges that describe the routing table being served. [`Metrics::render`] resets them at
+/// every scrape and has its caller set them from that table.
+pub struct TableGauges {
+    weight: IntGaugeVec,
+    effective_weight: IntGaugeVec,
+    endpoint_up: IntGaugeVec,
+    version: IntGauge,
+    failing_open: IntGauge,
 }
 
 /// The labelled families the per-backend handles count into.
@@ -232,37 +275,7 @@ impl Metrics {
         // Two series of one family, created up front so both results export 0 from the start.
         let reloads = "Configuration reloads, by result.";
         Metrics {
-            weight: int_gauge_vec(
-                r,
-                "canary_backend_weight",
-                "Configured weight of each backend in the routing table being served.",
-                &["backend"],
-            ),
-            effective_weight: int_gauge_vec(
-                r,
-                "canary_backend_effective_weight",
-                "Weight each backend receives right now: its configured weight when it has a \
-                 healthy endpoint, 0 when not, the configured weights when failing open.",
-                &["backend"],
-            ),
-            endpoint_up: int_gauge_vec(
-                r,
-                "canary_endpoint_up",
-                "1 when the endpoint is considered healthy, 0 when it is marked down.",
-                &["backend", "endpoint"],
-            ),
-            table_version: int_gauge(
-                r,
-                "canary_table_version",
-                "Version of the routing table being served; bumped by every reload or admin \
-                 change.",
-            ),
-            failing_open: int_gauge(
-                r,
-                "canary_failing_open",
-                "1 when no weighted backend is healthy, so requests are routed by configured \
-                 weights regardless of health.",
-            ),
+            table: TableGauges::new(r),
             reloads_success: int_counter(r, "canary_config_reloads_total", reloads, "success"),
             reloads_failure: int_counter(r, "canary_config_reloads_total", reloads, "failure"),
             in_flight: int_gauge(
@@ -309,36 +322,18 @@ impl Metrics {
         }
     }
 
-    /// The scrape: sets the table gauges from `table` (the one being served), then encodes every
-    /// metric in the Prometheus text format (see `metrics::CONTENT_TYPE`).
-    pub fn render(&self, table: &RoutingTable) -> String {
+    /// The scrape: resets the table gauges and has `set_table_gauges` set them from the table
+    /// being served, then encodes every metric in the Prometheus text format (see
+    /// `metrics::CONTENT_TYPE`).
+    pub fn render(&self, set_table_gauges: impl FnOnce(&TableGauges)) -> String {
         // Nothing in the critical section can leave state half-updated for the next scrape (it
         // starts with a reset), so a poisoned lock is safe to take over.
         let _scrape = self
             .render_lock
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        self.weight.reset();
-        self.effective_weight.reset();
-        self.endpoint_up.reset();
-        let effective = table.effective_weights();
-        for (backend, effective) in table.backends.iter().zip(effective) {
-            let name = [backend.name.as_str()];
-            self.weight
-                .with_label_values(&name)
-                .set(i64::from(backend.weight));
-            self.effective_weight
-                .with_label_values(&name)
-                .set(i64::from(effective));
-            for endpoint in &backend.endpoints {
-                self.endpoint_up
-                    .with_label_values(&[backend.name.as_str(), endpoint.url.as_str()])
-                    .set(i64::from(endpoint.is_healthy()));
-            }
-        }
-        self.table_version
-            .set(i64::try_from(table.version).unwrap_or(i64::MAX));
-        self.failing_open.set(i64::from(table.is_failing_open()));
+        self.table.reset();
+        set_table_gauges(&self.table);
 
         let mut text = String::new();
         if let Err(error) = TextEncoder::new().encode_utf8(&self.registry.gather(), &mut text) {
@@ -346,6 +341,75 @@ impl Metrics {
             tracing::error!(error = %error, "cannot encode metrics");
         }
         text
+    }
+}
+
+impl TableGauges {
+    fn new(r: &Registry) -> Self {
+        TableGauges {
+            weight: int_gauge_vec(
+                r,
+                "canary_backend_weight",
+                "Configured weight of each backend in the routing table being served.",
+                &["backend"],
+            ),
+            effective_weight: int_gauge_vec(
+                r,
+                "canary_backend_effective_weight",
+                "Weight each backend receives right now: its configured weight when it has a \
+                 healthy endpoint, 0 when not, the configured weights when failing open.",
+                &["backend"],
+            ),
+            endpoint_up: int_gauge_vec(
+                r,
+                "canary_endpoint_up",
+                "1 when the endpoint is considered healthy, 0 when it is marked down.",
+                &["backend", "endpoint"],
+            ),
+            version: int_gauge(
+                r,
+                "canary_table_version",
+                "Version of the routing table being served; bumped by every reload or admin \
+                 change.",
+            ),
+            failing_open: int_gauge(
+                r,
+                "canary_failing_open",
+                "1 when no weighted backend is healthy, so requests are routed by configured \
+                 weights regardless of health.",
+            ),
+        }
+    }
+
+    /// A backend's configured weight, and the weight it receives right now.
+    pub fn backend(&self, name: &str, weight: u32, effective_weight: u32) {
+        self.weight
+            .with_label_values(&[name])
+            .set(i64::from(weight));
+        self.effective_weight
+            .with_label_values(&[name])
+            .set(i64::from(effective_weight));
+    }
+
+    /// Whether an endpoint of `backend` is considered healthy.
+    pub fn endpoint(&self, backend: &str, url: &str, up: bool) {
+        self.endpoint_up
+            .with_label_values(&[backend, url])
+            .set(i64::from(up));
+    }
+
+    /// The table's version, and whether routing fails open.
+    pub fn table(&self, version: u64, failing_open: bool) {
+        self.version.set(i64::try_from(version).unwrap_or(i64::MAX));
+        self.failing_open.set(i64::from(failing_open));
+    }
+
+    /// Forgets every backend and endpoint, so that a scrape shows only those of the table
+    /// being served.
+    fn reset(&self) {
+        self.weight.reset();
+        self.effective_weight.reset();
+        self.endpoint_up.reset();
     }
 }
 
@@ -464,7 +528,7 @@ impl BackendMetrics {
     }
 
     /// Counts one routing decision that chose this backend.
-    pub fn decision(&self, reason: Reason) {
+    pub fn decision(&self, reason: DecisionReason) {
         self.series.decision(reason).inc();
     }
 
@@ -481,7 +545,7 @@ impl BackendMetrics {
 }
 
 impl BackendSeries {
-    fn decision(&self, reason: Reason) -> &IntCounter {
+    fn decision(&self, reason: DecisionReason) -> &IntCounter {
         self.decisions[reason_slot(reason)].get_or_init(|| {
             self.families
                 .decisions
@@ -550,30 +614,6 @@ mod tests {
     use super::*;
     use std::time::Instant;
 
-    const CONFIG: &str = r#"
-[[backend]]
-name = "v1"
-urls = ["http://127.0.0.1:8081", "http://127.0.0.1:8082"]
-weight = 90
-
-[[backend]]
-name = "v2"
-urls = ["http://127.0.0.1:8083"]
-weight = 10
-"#;
-
-    const V1_ONLY: &str = r#"
-[[backend]]
-name = "v1"
-urls = ["http://127.0.0.1:8081"]
-weight = 100
-"#;
-
-    fn table(metrics: &Metrics, text: &str, version: u64) -> RoutingTable {
-        let config = crate::config::parse(text, "t.toml").expect("test config is valid");
-        RoutingTable::from_config(&config, version, None, metrics)
-    }
-
     /// The value of the sample `name{labels}` in `render` output, `labels` written exactly as
     /// the encoder does (`backend="v1",status="200"`), or `None` when the series is absent.
     fn sample(text: &str, name: &str, labels: &str) -> Option<f64> {
@@ -610,12 +650,12 @@ weight = 100
         let metrics = Metrics::new();
         let v1 = metrics.backend("v1");
         for _ in 0..3 {
-            v1.decision(Reason::Weight);
+            v1.decision(DecisionReason::Weight);
         }
-        v1.decision(Reason::Rule(2));
-        v1.decision(Reason::Sticky(17));
-        v1.decision(Reason::Fallback);
-        v1.decision(Reason::Fallback);
+        v1.decision(DecisionReason::Rule);
+        v1.decision(DecisionReason::Sticky);
+        v1.decision(DecisionReason::Fallback);
+        v1.decision(DecisionReason::Fallback);
         v1.upstream_error(UpstreamErrorKind::Connect);
         v1.upstream_error(UpstreamErrorKind::Timeout);
         v1.upstream_error(UpstreamErrorKind::Timeout);
@@ -683,7 +723,7 @@ weight = 100
             Some(1)
         );
 
-        let text = metrics.render(&table(&metrics, CONFIG, 1));
+        let text = metrics.render(|_| {});
         let duration = "canary_request_duration_seconds";
         assert_eq!(
             sample(&text, &format!("{duration}_count"), r#"backend="v1""#),
@@ -724,9 +764,9 @@ weight = 100
         let again = metrics.backend("v1");
         first.response(StatusCode::OK, Duration::ZERO);
         again.response(StatusCode::OK, Duration::ZERO);
-        first.clone().decision(Reason::Weight);
-        again.decision(Reason::Weight);
-        let text = metrics.render(&table(&metrics, CONFIG, 1));
+        first.clone().decision(DecisionReason::Weight);
+        again.decision(DecisionReason::Weight);
+        let text = metrics.render(|_| {});
         let requests = r#"backend="v1",status="200""#;
         assert_eq!(sample(&text, "canary_requests_total", requests), Some(2.0));
         let weight = r#"backend="v1",reason="weight""#;
@@ -781,7 +821,7 @@ weight = 100
     #[test]
     fn in_flight_guard_counts_until_dropped() {
         let metrics = Metrics::new();
-        let text = || metrics.render(&table(&metrics, CONFIG, 1));
+        let text = || metrics.render(|_| {});
         let in_flight = |text: &str| sample(text, "canary_in_flight_requests", "");
         assert_eq!(in_flight(&text()), Some(0.0));
         let a = metrics.in_flight();
@@ -813,7 +853,11 @@ weight = 100
         let metrics = Metrics::new();
         let v1 = metrics.backend("v1");
         v1.response(StatusCode::OK, Duration::from_millis(1));
-        let text = metrics.render(&table(&metrics, CONFIG, 7));
+        let text = metrics.render(|gauges| {
+            gauges.backend("v1", 90, 90);
+            gauges.endpoint("v1", "http://127.0.0.1:8081", true);
+            gauges.table(7, false);
+        });
         for (name, kind) in [
             ("canary_requests_total", "counter"),
             ("canary_request_duration_seconds", "histogram"),
@@ -845,63 +889,6 @@ weight = 100
             sample(&text, "canary_config_reloads_total", r#"result="failure""#),
             Some(0.0)
         );
-    }
-
-    #[test]
-    fn gauges_follow_the_table_health_and_reloads() {
-        let metrics = Metrics::new();
-        let t = table(&metrics, CONFIG, 1);
-        let weight = |text: &str, b: &str| {
-            (
-                sample(text, "canary_backend_weight", &format!(r#"backend="{b}""#)),
-                sample(
-                    text,
-                    "canary_backend_effective_weight",
-                    &format!(r#"backend="{b}""#),
-                ),
-            )
-        };
-        let up = |text: &str, b: &str, port: u16| {
-            let labels = format!(r#"backend="{b}",endpoint="http://127.0.0.1:{port}""#);
-            sample(text, "canary_endpoint_up", &labels)
-        };
-
-        let text = metrics.render(&t);
-        assert_eq!(weight(&text, "v1"), (Some(90.0), Some(90.0)));
-        assert_eq!(weight(&text, "v2"), (Some(10.0), Some(10.0)));
-        assert_eq!(up(&text, "v1", 8081), Some(1.0));
-        assert_eq!(up(&text, "v2", 8083), Some(1.0));
-        assert_eq!(sample(&text, "canary_failing_open", ""), Some(0.0));
-
-        // v2 down: its share is 0 while its configured weight stays.
-        for endpoint in &t.backends[1].endpoints {
-            endpoint.set_healthy(false);
-        }
-        let text = metrics.render(&t);
-        assert_eq!(weight(&text, "v1"), (Some(90.0), Some(90.0)));
-        assert_eq!(weight(&text, "v2"), (Some(10.0), Some(0.0)));
-        assert_eq!(up(&text, "v2", 8083), Some(0.0));
-
-        // One v1 endpoint down keeps v1 eligible; both down fails open over configured weights.
-        t.backends[0].endpoints[0].set_healthy(false);
-        let text = metrics.render(&t);
-        assert_eq!(up(&text, "v1", 8081), Some(0.0));
-        assert_eq!(up(&text, "v1", 8082), Some(1.0));
-        assert_eq!(weight(&text, "v1"), (Some(90.0), Some(90.0)));
-        t.backends[0].endpoints[1].set_healthy(false);
-        let text = metrics.render(&t);
-        assert_eq!(weight(&text, "v1"), (Some(90.0), Some(90.0)));
-        assert_eq!(weight(&text, "v2"), (Some(10.0), Some(10.0)));
-        assert_eq!(sample(&text, "canary_failing_open", ""), Some(1.0));
-
-        // A reload that drops v2 and an endpoint of v1: their gauges disappear.
-        let text = metrics.render(&table(&metrics, V1_ONLY, 2));
-        assert_eq!(weight(&text, "v1"), (Some(100.0), Some(100.0)));
-        assert_eq!(weight(&text, "v2"), (None, None));
-        assert_eq!(up(&text, "v1", 8081), Some(1.0));
-        assert_eq!(up(&text, "v1", 8082), None);
-        assert_eq!(up(&text, "v2", 8083), None);
-        assert_eq!(sample(&text, "canary_table_version", ""), Some(2.0));
     }
 
     #[test]
@@ -940,9 +927,9 @@ weight = 100
         for i in 0..n {
             let i = std::hint::black_box(i);
             v1.decision(if i % 16 == 0 {
-                Reason::Sticky(i)
+                DecisionReason::Sticky
             } else {
-                Reason::Weight
+                DecisionReason::Weight
             });
             v1.response(
                 statuses[i as usize % 4],

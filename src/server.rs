@@ -15,8 +15,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::config::ProxySettings;
-use crate::headers;
-use crate::proxy::{Proxy, h1, h2};
+use crate::proxy::{Proxy, h1, h2, headers};
 use crate::stall::SendTimeout;
 
 /// How the listener treats client connections.
@@ -110,7 +109,15 @@ pub async fn serve(
             let client_ip = headers::client_ip_value(peer.ip());
             let result = match protocol {
                 Protocol::Http1 => {
-                    h1::serve(stream, &client_ip, &proxy, options, &mut drained).await;
+                    h1::serve(
+                        stream,
+                        &client_ip,
+                        &proxy,
+                        options.header_read_timeout,
+                        options.send_timeout,
+                        &mut drained,
+                    )
+                    .await;
                     Ok(())
                 }
                 Protocol::Http2 => {

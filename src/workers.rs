@@ -4,7 +4,6 @@
 //! never leaves its thread: no work stealing, no cross-thread wakeups on the request path.
 //! The control plane (admin API, health checks, signals) runs on the caller's runtime.
 
-use std::cell::Cell;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -20,16 +19,7 @@ use crate::config::MAX_WORKERS;
 use crate::control::ControlPlane;
 use crate::proxy::Proxy;
 use crate::server::{ServerOptions, serve};
-
-thread_local! {
-    /// The index of the worker running on this thread (0 on any other thread).
-    static WORKER: Cell<usize> = const { Cell::new(0) };
-}
-
-/// The index of the current worker, used to pick its own upstream connection pools.
-pub(crate) fn current_worker() -> usize {
-    WORKER.with(Cell::get)
-}
+use crate::worker_index::set_current_worker;
 
 /// The number of workers to run: as configured, else one per core this process may use.
 pub fn worker_count(configured: Option<usize>) -> usize {
@@ -81,7 +71,7 @@ pub async fn run_workers(
         let spawned = std::thread::Builder::new()
             .name(format!("canary-worker-{index}"))
             .spawn(move || {
-                WORKER.with(|w| w.set(index));
+                set_current_worker(index);
                 let runtime = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()

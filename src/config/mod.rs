@@ -35,6 +35,14 @@ pub const MAX_WEIGHT: u32 = 1_000_000;
 /// The response header naming the serving backend when `proxy.backend_header` is not set.
 pub const DEFAULT_BACKEND_HEADER: &str = "x-canary-backend";
 
+/// The most backends a config may declare; routing decisions track eligibility in a `u64` bit
+/// set so that they never allocate.
+pub const MAX_BACKENDS: usize = 64;
+
+/// The `backend` label of requests answered without a backend (400, 405, 503), and so a name
+/// no backend may take.
+pub const UNROUTED_BACKEND: &str = "none";
+
 /// A validated configuration: everything the proxy needs to start or to swap in on reload.
 #[derive(Debug, Clone)]
 pub struct Config {

@@ -16,8 +16,9 @@ use super::raw::{
 };
 use super::{
     AdminSettings, AnalysisConfig, BackendConfig, Config, DEFAULT_ROLLOUT_STEPS, EndpointUrl,
-    HealthCheckConfig, MAX_ADMIN_CONNECTIONS, MAX_WEIGHT, MAX_WORKERS, OnInconclusive,
-    OutlierConfig, ProxySettings, RolloutConfig, RuleConfig, RuleMatcher, RuleSource,
+    HealthCheckConfig, MAX_ADMIN_CONNECTIONS, MAX_BACKENDS, MAX_WEIGHT, MAX_WORKERS,
+    OnInconclusive, OutlierConfig, ProxySettings, RolloutConfig, RuleConfig, RuleMatcher,
+    RuleSource, UNROUTED_BACKEND,
 };
 use crate::duration::{format_duration, parse_duration};
 
@@ -272,14 +273,11 @@ fn validate_backends(
     let mut first_line_by_name = HashMap::new();
     for (i, backend) in raw.into_iter().enumerate() {
         let name_span = backend.get_ref().name.as_ref().map(Spanned::span);
-        if i == crate::routing::MAX_BACKENDS {
+        if i == MAX_BACKENDS {
             return Err(FieldError::new(
                 format!("backend[{i}]"),
                 backend.span(),
-                format!(
-                    "at most {} backends are supported",
-                    crate::routing::MAX_BACKENDS
-                ),
+                format!("at most {} backends are supported", MAX_BACKENDS),
             ));
         }
         let backend = validate_backend(i, backend, text)?;
@@ -341,7 +339,7 @@ fn validate_backend(
             ),
         ));
     }
-    if name.get_ref() == crate::metrics::UNROUTED_BACKEND {
+    if name.get_ref() == UNROUTED_BACKEND {
         return Err(FieldError::new(
             key("name"),
             name.span(),

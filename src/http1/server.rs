@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, DATE};
-use http::{HeaderValue, StatusCode, Version};
+use http::{HeaderName, HeaderValue, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use tokio::io::AsyncWriteExt;
@@ -319,9 +319,13 @@ impl ServerSession {
         written.map(|()| close)
     }
 
-    /// Answers a request that cannot be taken with `status` (and the request id, when there
-    /// is one), and closes the connection.
-    pub async fn refuse(&mut self, status: StatusCode, request_id: Option<&HeaderValue>) {
+    /// Answers a request that cannot be taken with `status` (and the request id header, when
+    /// there is one), and closes the connection.
+    pub async fn refuse(
+        &mut self,
+        status: StatusCode,
+        request_id: Option<(&HeaderName, &HeaderValue)>,
+    ) {
         let mut answer = format!(
             "HTTP/1.1 {} {}\r\ncontent-length: 0\r\ndate: {}\r\nconnection: close\r\n",
             status.as_str(),
@@ -329,8 +333,8 @@ impl ServerSession {
             String::from_utf8_lossy(&http_date()),
         )
         .into_bytes();
-        if let Some(id) = request_id {
-            put_field(&mut answer, &crate::headers::X_REQUEST_ID, id);
+        if let Some((name, id)) = request_id {
+            put_field(&mut answer, name, id);
         }
         answer.extend_from_slice(b"\r\n");
         if self.write.write_all(&answer).await.is_ok() {

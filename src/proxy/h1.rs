@@ -7,6 +7,7 @@
 //! head, and closes the connection; CONNECT is one (405).
 
 use std::future::poll_fn;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::EXPECT;
@@ -16,16 +17,16 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use super::Proxy;
-use crate::headers;
+use super::{Proxy, headers};
 use crate::http1::body::Framing;
 use crate::http1::head::{FramingError, Present, RequestHead, keeps_alive, request_framing};
 use crate::http1::server::{NextRequest, ResponseMode, ServerSession};
-use crate::server::ServerOptions;
 use crate::upstream::ForwardBody;
 
 /// Serves HTTP/1 requests on `stream` until the client closes, an error or a refusal closes
-/// it, the drain ends it between requests, or it is switched to a tunnel.
+/// it, the drain ends it between requests, or it is switched to a tunnel. Each request head
+/// must arrive within `header_read_timeout`; a write to the client may wait at most
+/// `send_timeout` for the client to read.
 ///
 /// Between requests the connection's task holds little: the session, and this loop waiting
 /// for a head. Everything a request needs (its exchange, writing its response) lives in a
@@ -34,10 +35,11 @@ pub async fn serve(
     stream: TcpStream,
     client_ip: &HeaderValue,
     proxy: &Proxy,
-    options: ServerOptions,
+    header_read_timeout: Duration,
+    send_timeout: Duration,
     drain: &mut watch::Receiver<()>,
 ) {
-    let mut session = ServerSession::new(stream, options.header_read_timeout, options.send_timeout);
+    let mut session = ServerSession::new(stream, header_read_timeout, send_timeout);
     loop {
         let head = match session.read_head(drain).await {
             NextRequest::Request(head) => head,
@@ -94,7 +96,9 @@ async fn serve_request(
         Err(status) => {
             proxy.count_refusal(status);
             let id = headers::request_id(&head.headers);
-            session.refuse(status, Some(&id)).await;
+            session
+                .refuse(status, Some((&headers::X_REQUEST_ID, &id)))
+                .await;
             return After::Close;
         }
     };

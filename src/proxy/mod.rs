@@ -5,29 +5,33 @@
 //!
 //! - `h1`: HTTP/1 client connections (the protocol is `crate::http1`'s).
 //! - `h2`: h2c client connections, served by hyper.
+//! - `headers`: the request target and `Host` check, hop-by-hop stripping, `X-Forwarded-*`,
+//!   `x-request-id`.
+//! - `error`: [`ProxyError`] and the status code of each failure.
 
+pub mod error;
 pub mod h1;
 pub mod h2;
+pub mod headers;
 
 use std::future::Future;
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING, UPGRADE};
-use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
+use http::request::Parts;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::error::{Chain, ProxyError, UpstreamErrorKind};
-use crate::headers;
-use crate::metrics::Metrics;
-use crate::routing::{Backend, Endpoint, Reason, RoutingTable};
-use crate::upstream::{ExchangeError, ForwardBody, ProxyResponse, SendError};
-
-/// The shared routing table: each request loads it once; the admin API swaps it with one store.
-pub type SharedTable = Arc<ArcSwap<RoutingTable>>;
+use crate::chain::Chain;
+use crate::metrics::{Metrics, UpstreamErrorKind};
+use crate::routing::{Backend, Endpoint, Reason, RoutingTable, SharedTable};
+use crate::upstream::{
+    ConnectError, ExchangeError, ForwardBody, ProxyResponse, SendError, UpstreamBody,
+};
+use error::ProxyError;
 
 /// Forwards requests according to the current routing table.
 #[derive(Clone)]
@@ -74,9 +78,8 @@ impl Proxy {
     pub fn sweep_idle_connections(&self) {
         let table = self.table.load();
         for backend in &table.backends {
-            let idle_timeout = backend.upstream.settings().idle_timeout;
             for endpoint in &backend.endpoints {
-                endpoint.pool.sweep(idle_timeout);
+                backend.upstream.sweep(&endpoint.peer);
             }
         }
     }
@@ -120,7 +123,7 @@ impl Proxy {
         let backend = outcome.backend.map(|index| &table.backends[index]);
         let metrics = backend.map_or(self.metrics.unrouted(), |b| &b.metrics);
         if let Some(reason) = outcome.reason {
-            metrics.decision(reason);
+            metrics.decision(reason.label());
         }
         let Some(forwarded) = forwarded else {
             tracing::debug!(
@@ -154,6 +157,8 @@ impl Proxy {
         Some(response)
     }
 
+    /// The forward path: check the request, route it, rewrite it for the upstream, send it
+    /// (retrying elsewhere when no connection could be made), rewrite the response.
     async fn forward(
         &self,
         request: Request<ForwardBody>,
@@ -180,159 +185,224 @@ impl Proxy {
             parts.headers.get(HOST).cloned()
         };
 
-        // Pick the backend and endpoint.
-        let decision = table
-            .route(&parts.headers, &mut rand::rng())
-            .ok_or(ProxyError::NoBackend)?;
-        let backend = &table.backends[decision.backend];
-        outcome.backend = Some(decision.backend);
-        outcome.reason = Some(decision.reason);
-        let endpoint = backend
-            .endpoints
-            .get(decision.endpoint)
-            .ok_or(ProxyError::NoBackend)?;
-        let mut target = Target {
-            backend,
-            index: decision.backend,
-            endpoint,
-        };
+        let target = route(table, &parts.headers, outcome)?;
+        let outgoing = rewrite_request(
+            parts,
+            body,
+            host,
+            client_ip,
+            request_id,
+            websocket,
+            target.endpoint,
+        );
+        let (response, target) = send_with_retry(table, target, outgoing, started, outcome).await?;
+        rewrite_response(
+            response,
+            &target,
+            websocket,
+            table,
+            outcome.request_id.clone(),
+        )
+    }
+}
 
-        // Rewrite the request head.
-        let mut upstream_headers = parts.headers;
-        let upgrade_value = upstream_headers.get(UPGRADE).cloned();
-        headers::strip_hop_by_hop(&mut upstream_headers);
-        headers::add_forwarded(&mut upstream_headers, client_ip, host.as_ref());
-        upstream_headers.insert(headers::X_REQUEST_ID.clone(), request_id);
-        if parts.version == Version::HTTP_2 {
-            headers::join_cookies(&mut upstream_headers);
-        }
-        // Host as `settle_host` made it (put back if `Connection` named it); a request that
-        // has none (HTTP/1.0) gets the endpoint's.
-        if !upstream_headers.contains_key(HOST) {
-            let host =
-                host.or_else(|| HeaderValue::from_str(target.endpoint.authority.as_str()).ok());
-            if let Some(host) = host {
-                upstream_headers.insert(HOST, host);
-            }
-        }
-        if let (true, Some(upgrade)) = (websocket, upgrade_value) {
-            upstream_headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
-            upstream_headers.insert(UPGRADE, upgrade);
-        }
-        // Origin-form target: the connection already says which endpoint it goes to.
-        let path = headers::origin_form(&parts.uri);
-        let mut outgoing = Request::new(body);
-        *outgoing.method_mut() = parts.method;
-        *outgoing.uri_mut() = Uri::from(path);
-        *outgoing.headers_mut() = upstream_headers;
+/// Picks the backend and endpoint that serve a request with these headers, and notes the
+/// decision in `outcome`.
+fn route<'t>(
+    table: &'t RoutingTable,
+    headers: &HeaderMap,
+    outcome: &mut Outcome,
+) -> Result<Target<'t>, ProxyError> {
+    let decision = table
+        .route(headers, &mut rand::rng())
+        .ok_or(ProxyError::NoBackend)?;
+    let backend = &table.backends[decision.backend];
+    outcome.backend = Some(decision.backend);
+    outcome.reason = Some(decision.reason);
+    let endpoint = backend
+        .endpoints
+        .get(decision.endpoint)
+        .ok_or(ProxyError::NoBackend)?;
+    Ok(Target {
+        backend,
+        index: decision.backend,
+        endpoint,
+    })
+}
 
-        // Send, retrying once elsewhere when no connection could be made (the request is
-        // then still whole: nothing of it was written).
-        let mut retried = false;
-        let mut response = loop {
-            let sent =
-                target
-                    .backend
-                    .upstream
-                    .send(target.endpoint, outgoing, table.timeouts, started);
-            let upstream_failed = |kind| {
-                target.endpoint.record_outcome(false);
-                target.backend.metrics.upstream_error(kind);
-            };
-            let (request, failure) = match sent.await {
-                Ok(response) => break response,
-                // The client's own body failing (malformed, the client gone, or stalled) says
-                // nothing about the upstream: no passive health failure, no upstream error.
-                Err(SendError::Failed(ExchangeError::RequestBody(source))) => {
-                    return Err(ProxyError::ClientBody { source });
-                }
-                Err(SendError::ClientStalled(timeout)) => {
-                    return Err(ProxyError::ClientTimeout { timeout });
-                }
-                Err(SendError::TimedOut(timeout)) => {
-                    upstream_failed(UpstreamErrorKind::Timeout);
-                    return Err(ProxyError::Timeout {
-                        endpoint: target.endpoint.url.clone(),
-                        timeout,
-                    });
-                }
-                Err(SendError::Failed(source)) => {
-                    upstream_failed(UpstreamErrorKind::Upstream);
-                    return Err(ProxyError::Upstream {
-                        endpoint: target.endpoint.url.clone(),
-                        source,
-                    });
-                }
-                Err(SendError::NotSent { request, error }) => {
-                    upstream_failed(UpstreamErrorKind::Connect);
-                    (request, error)
-                }
-            };
-            let retry = (!retried)
-                .then(|| table.alternative(target.index, target.endpoint, &mut rand::rng()))
-                .flatten();
-            let Some((index, endpoint)) = retry else {
-                return Err(ProxyError::Connect {
-                    endpoint: target.endpoint.url.clone(),
-                    source: failure,
-                });
-            };
-            tracing::debug!(failed = %target.endpoint.url, retry = %endpoint.url, "connect failed, retrying");
-            target = Target {
-                backend: &table.backends[index],
-                index,
-                endpoint,
-            };
-            outcome.backend = Some(index);
-            outgoing = *request;
-            retried = true;
-        };
+/// The request as it goes upstream: hop-by-hop headers stripped, `X-Forwarded-*` and
+/// `x-request-id` added, `Host` as `settle_host` made it (or the endpoint's for a request that
+/// has none), a WebSocket upgrade kept, and an origin-form target.
+fn rewrite_request(
+    parts: Parts,
+    body: ForwardBody,
+    host: Option<HeaderValue>,
+    client_ip: &HeaderValue,
+    request_id: HeaderValue,
+    websocket: bool,
+    endpoint: &Endpoint,
+) -> Request<ForwardBody> {
+    let mut upstream_headers = parts.headers;
+    let upgrade_value = upstream_headers.get(UPGRADE).cloned();
+    headers::strip_hop_by_hop(&mut upstream_headers);
+    headers::add_forwarded(&mut upstream_headers, client_ip, host.as_ref());
+    upstream_headers.insert(headers::X_REQUEST_ID.clone(), request_id);
+    if parts.version == Version::HTTP_2 {
+        headers::join_cookies(&mut upstream_headers);
+    }
+    // Host as `settle_host` made it (put back if `Connection` named it); a request that
+    // has none (HTTP/1.0) gets the endpoint's.
+    if !upstream_headers.contains_key(HOST) {
+        let host = host.or_else(|| HeaderValue::from_str(endpoint.authority().as_str()).ok());
+        if let Some(host) = host {
+            upstream_headers.insert(HOST, host);
+        }
+    }
+    if let (true, Some(upgrade)) = (websocket, upgrade_value) {
+        upstream_headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        upstream_headers.insert(UPGRADE, upgrade);
+    }
+    // Origin-form target: the connection already says which endpoint it goes to.
+    let path = headers::origin_form(&parts.uri);
+    let mut outgoing = Request::new(body);
+    *outgoing.method_mut() = parts.method;
+    *outgoing.uri_mut() = Uri::from(path);
+    *outgoing.headers_mut() = upstream_headers;
+    outgoing
+}
 
-        // Rewrite the response head.
-        let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
-        let response_upgrade = response.headers().get(UPGRADE).cloned();
-        // A switch the client did not ask for would desynchronise the client connection: it
-        // is refused, and counts against the endpoint like any malformed response.
-        let unexpected_switch = switching
-            && (!websocket || !headers::is_websocket_upgrade_response(response.headers()));
-        target
-            .endpoint
-            .record_outcome(!unexpected_switch && !response.status().is_server_error());
-        if unexpected_switch {
-            // Dropping the response closes the upstream connection.
+/// Sends the request to `target`, and when no connection could be made there (the request is
+/// then still whole: nothing of it was written), once more to another endpoint or backend.
+/// Returns the response head and where it came from.
+async fn send_with_retry<'t>(
+    table: &'t RoutingTable,
+    mut target: Target<'t>,
+    mut outgoing: Request<ForwardBody>,
+    started: Instant,
+    outcome: &mut Outcome,
+) -> Result<(Response<UpstreamBody>, Target<'t>), ProxyError> {
+    let mut retried = false;
+    loop {
+        let sent =
             target
                 .backend
-                .metrics
-                .upstream_error(UpstreamErrorKind::Upstream);
-            return Err(ProxyError::UnexpectedUpgrade {
-                endpoint: target.endpoint.url.clone(),
+                .upstream
+                .send(&target.endpoint.peer, outgoing, table.timeouts, started);
+        let (request, failure) = match sent.await {
+            Ok(response) => return Ok((response, target)),
+            Err(error) => not_sent(&target, error)?,
+        };
+        let retry = (!retried)
+            .then(|| table.alternative(target.index, target.endpoint, &mut rand::rng()))
+            .flatten();
+        let Some((index, endpoint)) = retry else {
+            return Err(ProxyError::Connect {
+                endpoint: target.endpoint.url().to_owned(),
+                source: failure,
             });
-        }
-        if response.headers().contains_key(TRANSFER_ENCODING) {
-            // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length, which must not be
-            // passed on (hyper decoded the chunked body; it re-frames it for the client).
-            response.headers_mut().remove(CONTENT_LENGTH);
-        }
-        headers::strip_hop_by_hop(response.headers_mut());
-        if let Some(name) = &table.backend_header {
-            response
-                .headers_mut()
-                .insert(name.clone(), target.backend.name_value.clone());
-        }
-        if let Some(id) = outcome.request_id.clone() {
-            response
-                .headers_mut()
-                .insert(headers::X_REQUEST_ID.clone(), id);
-        }
-        // The switch itself (writing the 101, then the tunnel) is the client connection's.
-        if let (true, Some(upgrade)) = (switching, response_upgrade) {
-            response
-                .headers_mut()
-                .insert(CONNECTION, HeaderValue::from_static("upgrade"));
-            response.headers_mut().insert(UPGRADE, upgrade);
-        }
-        Ok(response.map(Either::Left))
+        };
+        tracing::debug!(failed = %target.endpoint.url(), retry = %endpoint.url(), "connect failed, retrying");
+        target = Target {
+            backend: &table.backends[index],
+            index,
+            endpoint,
+        };
+        outcome.backend = Some(index);
+        outgoing = *request;
+        retried = true;
     }
+}
+
+/// What a failed send leaves: the request, whole, when no connection could be made (it may
+/// go elsewhere), else the error the client is answered with. A failure of the upstream counts
+/// against the endpoint's health and in the backend's metrics; the client's own body failing
+/// (malformed, the client gone, or stalled) says nothing about the upstream.
+fn not_sent(
+    target: &Target<'_>,
+    error: SendError,
+) -> Result<(Box<Request<ForwardBody>>, ConnectError), ProxyError> {
+    let upstream_failed = |kind| {
+        target.endpoint.record_outcome(false);
+        target.backend.metrics.upstream_error(kind);
+    };
+    match error {
+        SendError::Failed(ExchangeError::RequestBody(source)) => {
+            Err(ProxyError::ClientBody { source })
+        }
+        SendError::ClientStalled(timeout) => Err(ProxyError::ClientTimeout { timeout }),
+        SendError::TimedOut(timeout) => {
+            upstream_failed(UpstreamErrorKind::Timeout);
+            Err(ProxyError::Timeout {
+                endpoint: target.endpoint.url().to_owned(),
+                timeout,
+            })
+        }
+        SendError::Failed(source) => {
+            upstream_failed(UpstreamErrorKind::Upstream);
+            Err(ProxyError::Upstream {
+                endpoint: target.endpoint.url().to_owned(),
+                source,
+            })
+        }
+        SendError::NotSent { request, error } => {
+            upstream_failed(UpstreamErrorKind::Connect);
+            Ok((request, error))
+        }
+    }
+}
+
+/// The response as the client gets it, once judged: a 5xx, or a protocol switch the client
+/// did not ask for, counts against the endpoint's health (the switch is refused: it would
+/// desynchronise the client connection). Hop-by-hop headers are stripped, the backend header
+/// and `x-request-id` added, and a WebSocket switch kept.
+fn rewrite_response(
+    mut response: Response<UpstreamBody>,
+    target: &Target<'_>,
+    websocket: bool,
+    table: &RoutingTable,
+    request_id: Option<HeaderValue>,
+) -> Result<ProxyResponse, ProxyError> {
+    let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+    let response_upgrade = response.headers().get(UPGRADE).cloned();
+    let unexpected_switch =
+        switching && (!websocket || !headers::is_websocket_upgrade_response(response.headers()));
+    target
+        .endpoint
+        .record_outcome(!unexpected_switch && !response.status().is_server_error());
+    if unexpected_switch {
+        // Dropping the response closes the upstream connection.
+        target
+            .backend
+            .metrics
+            .upstream_error(UpstreamErrorKind::Upstream);
+        return Err(ProxyError::UnexpectedUpgrade {
+            endpoint: target.endpoint.url().to_owned(),
+        });
+    }
+    if response.headers().contains_key(TRANSFER_ENCODING) {
+        // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length, which must not be
+        // passed on (hyper decoded the chunked body; it re-frames it for the client).
+        response.headers_mut().remove(CONTENT_LENGTH);
+    }
+    headers::strip_hop_by_hop(response.headers_mut());
+    if let Some(name) = &table.backend_header {
+        response
+            .headers_mut()
+            .insert(name.clone(), target.backend.name_value.clone());
+    }
+    if let Some(id) = request_id {
+        response
+            .headers_mut()
+            .insert(headers::X_REQUEST_ID.clone(), id);
+    }
+    // The switch itself (writing the 101, then the tunnel) is the client connection's.
+    if let (true, Some(upgrade)) = (switching, response_upgrade) {
+        response
+            .headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        response.headers_mut().insert(UPGRADE, upgrade);
+    }
+    Ok(response.map(Either::Left))
 }
 
 fn error_source(error: &ProxyError) -> Option<String> {
@@ -378,8 +448,6 @@ pub fn error_response(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    use crate::upstream::ConnectError;
 
     #[test]
     fn a_logged_failure_names_each_cause_once() {

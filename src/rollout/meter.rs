@@ -10,7 +10,7 @@ use http::StatusCode;
 
 use super::histogram::{LATENCY_BUCKETS, latency_bucket};
 use crate::config::MAX_WORKERS;
-use crate::workers::current_worker;
+use crate::worker_index::current_worker;
 
 /// One worker's counters. Aligned so that two workers' counters never share a cache line.
 #[repr(align(128))]

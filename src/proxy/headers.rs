@@ -18,7 +18,7 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Uri, Version};
 use rand::RngExt;
 
-use crate::error::ProxyError;
+use super::error::ProxyError;
 use crate::http1::head::has_token;
 
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");

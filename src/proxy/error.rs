@@ -4,23 +4,6 @@ use std::time::Duration;
 
 use http::StatusCode;
 
-/// Shows an error and each of its causes, `error: cause: cause`, as anyhow's `{:#}` does: for
-/// the admin API's JSON and for logs, where nothing else walks the `source` chain. Messages
-/// never embed their own source, so each cause appears once.
-pub(crate) struct Chain<'a>(pub &'a (dyn std::error::Error + 'static));
-
-impl std::fmt::Display for Chain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut source = self.0.source();
-        while let Some(cause) = source {
-            write!(f, ": {cause}")?;
-            source = cause.source();
-        }
-        Ok(())
-    }
-}
-
 /// A request the proxy answers itself instead of with an upstream response.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -65,24 +48,6 @@ pub enum ProxyError {
     /// No response head within `request_timeout`.
     #[error("upstream {endpoint} sent no response within {timeout:?}")]
     Timeout { endpoint: String, timeout: Duration },
-}
-
-/// The upstream error kinds, as a bounded metric label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UpstreamErrorKind {
-    Connect,
-    Upstream,
-    Timeout,
-}
-
-impl UpstreamErrorKind {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            UpstreamErrorKind::Connect => "connect",
-            UpstreamErrorKind::Upstream => "upstream",
-            UpstreamErrorKind::Timeout => "timeout",
-        }
-    }
 }
 
 impl From<&ProxyError> for StatusCode {

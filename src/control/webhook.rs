@@ -40,7 +40,7 @@ pub fn post(url: Uri, body: Value, metrics: Arc<Metrics>) {
         let failure = match tokio::time::timeout(TIMEOUT, client.request(request)).await {
             Ok(Ok(response)) if response.status().is_success() => return,
             Ok(Ok(response)) => format!("answered {}", response.status()),
-            Ok(Err(error)) => crate::error::Chain(&error).to_string(),
+            Ok(Err(error)) => crate::chain::Chain(&error).to_string(),
             Err(_) => format!("no answer within {TIMEOUT:?}"),
         };
         tracing::warn!(%url, failure, "rollout webhook failed; the rollout goes on");

@@ -12,11 +12,19 @@
 //! about (a reload keeps every endpoint whose URL is unchanged). A decision picks the backend
 //! and its endpoint from one reading of health: the endpoint it returns is one it saw healthy,
 //! unless it fails open.
+//!
+//! - `sticky`: the FNV-1a user buckets, and where the user id is read from.
+//! - `health`: each endpoint's [`EndpointHealth`]: the active check's verdict and passive
+//!   ejection. The probes that feed it run in `control::health`.
+
+pub mod health;
+pub mod sticky;
 
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use arc_swap::ArcSwap;
 use http::uri::Authority;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use rand::{Rng, RngExt};
@@ -25,21 +33,21 @@ use crate::config::{
     BackendConfig, Config, HealthCheckConfig, OutlierConfig, RuleConfig, RuleMatcher, RuleSource,
 };
 use crate::duration::format_duration;
-use crate::health::{EndpointHealth, EndpointStatus};
-use crate::metrics::{BackendMetrics, Metrics};
+use crate::metrics::{BackendMetrics, DecisionReason, Metrics, TableGauges};
 use crate::rollout::VersionMeter;
-use crate::sticky::{self, BUCKETS, StickySettings};
-use crate::upstream::{ConnectionPool, ExchangeTimeouts, Upstream, UpstreamSettings};
-
-/// The most backends a table can hold; decisions track eligibility in a `u64` bit set so that
-/// they never allocate.
-pub const MAX_BACKENDS: usize = 64;
+use crate::upstream::{ExchangeTimeouts, Peer, Upstream, UpstreamSettings};
+use health::{EndpointHealth, EndpointStatus};
+use sticky::{BUCKETS, StickySettings};
 
 /// The bit of backend `index` in a backend set; none for an index past `MAX_BACKENDS`, which
 /// validation rejects.
 fn bit(index: usize) -> u64 {
     1u64.checked_shl(index as u32).unwrap_or(0)
 }
+
+/// The shared routing table: each request loads it once; the control plane swaps it with one
+/// store.
+pub type SharedTable = Arc<ArcSwap<RoutingTable>>;
 
 /// One snapshot of everything routing needs. Never mutated: a change builds a new table and
 /// swaps it in with one store.
@@ -87,14 +95,11 @@ pub struct Backend {
 /// One instance of a backend.
 #[derive(Debug)]
 pub struct Endpoint {
-    /// The URL as configured, for logs, metrics and the admin API.
-    pub url: String,
-    /// `host:port` that requests are sent to.
-    pub authority: Authority,
+    /// Where requests go (URL, `host:port`) and the idle keep-alive connections there, which
+    /// the upstream side owns; kept with the endpoint across table changes.
+    pub peer: Arc<Peer>,
     /// Active check verdict and passive ejection, shared by every table holding this endpoint.
     pub health: EndpointHealth,
-    /// Idle keep-alive connections to this endpoint, kept with it across table changes.
-    pub pool: ConnectionPool,
 }
 
 /// A configured rule, resolved to the backend it pins requests to.
@@ -131,11 +136,17 @@ pub enum Reason {
 impl Reason {
     /// The label used in metrics and logs.
     pub fn as_str(&self) -> &'static str {
+        self.label().as_str()
+    }
+
+    /// The reason as a metric label: without the rule number or the bucket.
+    #[inline]
+    pub fn label(&self) -> DecisionReason {
         match self {
-            Reason::Rule(_) => "rule",
-            Reason::Sticky(_) => "sticky",
-            Reason::Weight => "weight",
-            Reason::Fallback => "fallback",
+            Reason::Rule(_) => DecisionReason::Rule,
+            Reason::Sticky(_) => DecisionReason::Sticky,
+            Reason::Weight => DecisionReason::Weight,
+            Reason::Fallback => DecisionReason::Fallback,
         }
     }
 }
@@ -145,11 +156,19 @@ impl Endpoint {
     pub fn new(url: String, authority: Authority, outlier: OutlierConfig) -> Self {
         let health = EndpointHealth::new(&url, outlier);
         Endpoint {
-            url,
-            authority,
+            peer: Arc::new(Peer::new(url, authority)),
             health,
-            pool: ConnectionPool::default(),
         }
+    }
+
+    /// The URL as configured, for logs, metrics and the admin API.
+    pub fn url(&self) -> &str {
+        &self.peer.url
+    }
+
+    /// `host:port` that requests are sent to.
+    pub fn authority(&self) -> &Authority {
+        &self.peer.authority
     }
 
     /// True when routing may send requests here: up by the active check and not ejected.
@@ -483,6 +502,19 @@ impl RoutingTable {
         self.routable(self.healthy_mask()).1
     }
 
+    /// Sets the gauges of a metrics scrape from this table: each backend's configured and
+    /// effective weight, each endpoint's health, the version, and whether routing fails open.
+    pub fn export_gauges(&self, gauges: &TableGauges) {
+        let effective = self.effective_weights();
+        for (backend, effective) in self.backends.iter().zip(effective) {
+            gauges.backend(&backend.name, backend.weight, effective);
+            for endpoint in &backend.endpoints {
+                gauges.endpoint(&backend.name, endpoint.url(), endpoint.is_healthy());
+            }
+        }
+        gauges.table(self.version, self.is_failing_open());
+    }
+
     fn members(&self, mask: u64) -> impl Iterator<Item = (usize, u64)> + '_ {
         self.backends
             .iter()
@@ -563,7 +595,7 @@ impl Backend {
             .endpoints
             .iter()
             .map(|e| {
-                let kept = old.and_then(|b| b.endpoints.iter().find(|o| o.url == e.url));
+                let kept = old.and_then(|b| b.endpoints.iter().find(|o| o.url() == e.url));
                 if let Some(kept) = kept {
                     // Same endpoint, same health state; only the outlier settings may change.
                     kept.health.set_outlier(config.outlier);
@@ -614,7 +646,7 @@ impl fmt::Display for RoutingTable {
             }
             writeln!(f)?;
             for e in &b.endpoints {
-                writeln!(f, "    -> {}", e.url)?;
+                writeln!(f, "    -> {}", e.url())?;
             }
             if let Some(h) = &b.health {
                 writeln!(
@@ -671,8 +703,8 @@ impl fmt::Display for RoutingTable {
 
 #[cfg(test)]
 mod tests {
+    use super::sticky::bucket;
     use super::*;
-    use crate::sticky::bucket;
     use http::header::COOKIE;
     use rand::SeedableRng;
     use rand::rngs::StdRng;
@@ -937,7 +969,7 @@ mod tests {
         let t = table(&[1], vec![], StickySettings::default());
         let b = &t.backends[0];
         let urls: Vec<_> = (0..4)
-            .map(|_| b.pick_endpoint(None).unwrap().url.clone())
+            .map(|_| b.pick_endpoint(None).unwrap().url().to_owned())
             .collect();
         assert_ne!(urls[0], urls[1]);
         assert_eq!(urls[0], urls[2]);
@@ -1197,7 +1229,7 @@ mod tests {
         assert!(Arc::ptr_eq(&kept.endpoints[0], ejected));
         assert!(kept.endpoints[0].status().ejected, "still ejected");
         let fresh = &kept.endpoints[1];
-        assert_eq!(fresh.url, "http://127.0.0.1:3");
+        assert_eq!(fresh.url(), "http://127.0.0.1:3");
         assert!(fresh.is_healthy());
         // The dropped URL coming back later is a new endpoint: nothing holds its old state.
         let third = RoutingTable::from_config(
@@ -1259,5 +1291,99 @@ mod tests {
             t.route(&h, &mut StdRng::seed_from_u64(0)).unwrap().reason,
             Reason::Rule(0)
         );
+    }
+
+    const GAUGES_CONFIG: &str = r#"
+[[backend]]
+name = "v1"
+urls = ["http://127.0.0.1:8081", "http://127.0.0.1:8082"]
+weight = 90
+
+[[backend]]
+name = "v2"
+urls = ["http://127.0.0.1:8083"]
+weight = 10
+"#;
+
+    const GAUGES_V1_ONLY: &str = r#"
+[[backend]]
+name = "v1"
+urls = ["http://127.0.0.1:8081"]
+weight = 100
+"#;
+
+    /// The value of the sample `name{labels}` in `render` output, `labels` written exactly as
+    /// the encoder does, or `None` when the series is absent.
+    fn sample(text: &str, name: &str, labels: &str) -> Option<f64> {
+        let series = if labels.is_empty() {
+            format!("{name} ")
+        } else {
+            format!("{name}{{{labels}}} ")
+        };
+        text.lines()
+            .find_map(|line| line.strip_prefix(&series))
+            .map(|value| value.parse().expect("numeric sample"))
+    }
+
+    #[test]
+    fn table_gauges_follow_health_and_reloads() {
+        let metrics = Metrics::new();
+        let from_config = |text: &str, version| {
+            let config = crate::config::parse(text, "t.toml").expect("test config is valid");
+            RoutingTable::from_config(&config, version, None, &metrics)
+        };
+        let render = |t: &RoutingTable| metrics.render(|gauges| t.export_gauges(gauges));
+        let t = from_config(GAUGES_CONFIG, 1);
+        let weight = |text: &str, b: &str| {
+            (
+                sample(text, "canary_backend_weight", &format!(r#"backend="{b}""#)),
+                sample(
+                    text,
+                    "canary_backend_effective_weight",
+                    &format!(r#"backend="{b}""#),
+                ),
+            )
+        };
+        let up = |text: &str, b: &str, port: u16| {
+            let labels = format!(r#"backend="{b}",endpoint="http://127.0.0.1:{port}""#);
+            sample(text, "canary_endpoint_up", &labels)
+        };
+
+        let text = render(&t);
+        assert_eq!(weight(&text, "v1"), (Some(90.0), Some(90.0)));
+        assert_eq!(weight(&text, "v2"), (Some(10.0), Some(10.0)));
+        assert_eq!(up(&text, "v1", 8081), Some(1.0));
+        assert_eq!(up(&text, "v2", 8083), Some(1.0));
+        assert_eq!(sample(&text, "canary_failing_open", ""), Some(0.0));
+
+        // v2 down: its share is 0 while its configured weight stays.
+        for endpoint in &t.backends[1].endpoints {
+            endpoint.set_healthy(false);
+        }
+        let text = render(&t);
+        assert_eq!(weight(&text, "v1"), (Some(90.0), Some(90.0)));
+        assert_eq!(weight(&text, "v2"), (Some(10.0), Some(0.0)));
+        assert_eq!(up(&text, "v2", 8083), Some(0.0));
+
+        // One v1 endpoint down keeps v1 eligible; both down fails open over configured weights.
+        t.backends[0].endpoints[0].set_healthy(false);
+        let text = render(&t);
+        assert_eq!(up(&text, "v1", 8081), Some(0.0));
+        assert_eq!(up(&text, "v1", 8082), Some(1.0));
+        assert_eq!(weight(&text, "v1"), (Some(90.0), Some(90.0)));
+        t.backends[0].endpoints[1].set_healthy(false);
+        let text = render(&t);
+        assert_eq!(weight(&text, "v1"), (Some(90.0), Some(90.0)));
+        assert_eq!(weight(&text, "v2"), (Some(10.0), Some(10.0)));
+        assert_eq!(sample(&text, "canary_failing_open", ""), Some(1.0));
+
+        // A reload that drops v2 and an endpoint of v1: their gauges disappear.
+        let text = render(&from_config(GAUGES_V1_ONLY, 2));
+        assert_eq!(weight(&text, "v1"), (Some(100.0), Some(100.0)));
+        assert_eq!(weight(&text, "v2"), (None, None));
+        assert_eq!(up(&text, "v1", 8081), Some(1.0));
+        assert_eq!(up(&text, "v1", 8082), None);
+        assert_eq!(up(&text, "v2", 8083), None);
+        assert_eq!(sample(&text, "canary_table_version", ""), Some(2.0));
     }
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use serde_json::Value;
 
-use crate::admin_client::{AdminClient, AdminClientError};
+use super::client::{AdminClient, AdminClientError};
 use crate::rollout::Command;
 use crate::rollout::view;
 
@@ -144,7 +144,7 @@ pub async fn watch_rollout(
                 trouble = None;
             }
             Err(error) => {
-                let message = crate::error::Chain(&error).to_string();
+                let message = crate::chain::Chain(&error).to_string();
                 if !terminal.interactive && trouble.as_ref() != Some(&message) {
                     eprintln!("canary-proxy: {message} (retrying every second)");
                 }

@@ -21,13 +21,14 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::analysis::{AnalysisSettings, Evidence, MetricVerdict, VersionTick};
-use super::histogram;
-use super::machine::{Change, Command, Conflict, Machine, Plan, State, StepReport};
-use super::meter::Counts;
+use super::{ControlError, ControlPlane, WeightOwner};
+use crate::chain::Chain;
 use crate::config::RolloutConfig;
-use crate::control::{ControlError, ControlPlane, WeightOwner};
-use crate::error::Chain;
+use crate::rollout::Event;
+use crate::rollout::analysis::{AnalysisSettings, Evidence, MetricVerdict, VersionTick};
+use crate::rollout::histogram;
+use crate::rollout::machine::{Change, Command, Conflict, Machine, Plan, State, StepReport};
+use crate::rollout::meter::Counts;
 
 /// Why a rollout command was refused.
 #[derive(Debug, thiserror::Error)]
@@ -110,7 +111,7 @@ impl RolloutController {
         let mut guard = self.lock();
         let run = guard.as_mut().ok_or(RolloutError::NotConfigured)?;
         let change = run.machine.command(&run.plan, command, unix_ms())?;
-        if change.event == super::Event::Started {
+        if change.event == Event::Started {
             // A new rollout: its evidence (and its tolerances) start afresh.
             run.evidence = Evidence::new(&settings(&run.config));
         }
@@ -236,10 +237,7 @@ impl RolloutController {
                     unix_ms(),
                     &format!("the config names a new pair: {baseline} -> {canary}"),
                 );
-                self.control
-                    .metrics()
-                    .rollout
-                    .transition(super::Event::Reset);
+                self.control.metrics().rollout.transition(Event::Reset);
                 (machine, Evidence::new(&settings))
             }
             (None, Some(persisted)) => {
@@ -378,7 +376,7 @@ impl RolloutController {
         };
         let written = serde_json::to_vec(&persisted)
             .map_err(std::io::Error::other)
-            .and_then(|bytes| crate::persist::replace_file(path, &bytes));
+            .and_then(|bytes| super::persist::replace_file(path, &bytes));
         if let Err(error) = written {
             tracing::error!(path = %path.display(), %error, "cannot write the rollout state");
         }

@@ -5,6 +5,11 @@
 //! version (the admin API's `ETag`), can be made conditional on the version the operator last
 //! saw (`If-Match`), and is logged with its old and new values (target `audit`).
 
+pub mod health;
+pub mod persist;
+pub mod rollout;
+mod webhook;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
@@ -12,13 +17,12 @@ use std::sync::{Arc, Mutex, RwLock};
 use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
-use crate::SharedTable;
+use crate::chain::Chain;
 use crate::config::{self, Config, ConfigError, MAX_WEIGHT, TokenError};
-use crate::error::Chain;
-use crate::health::HealthSupervisor;
 use crate::metrics::Metrics;
-use crate::persist::{self, PersistError};
-use crate::routing::RoutingTable;
+use crate::routing::{RoutingTable, SharedTable};
+use health::HealthSupervisor;
+use persist::PersistError;
 
 /// Why a change was refused; the table is untouched.
 #[derive(Debug, thiserror::Error)]

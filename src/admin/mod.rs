@@ -19,6 +19,12 @@
 //! scheme in any case). Reads return the table version as `ETag`; writes accept `If-Match`
 //! (strong comparison, lists, `*`) and answer 412 when it names no current version. Errors are
 //! JSON: `{"error": "..."}`.
+//!
+//! Beside the server: `client`, a small HTTP/1.1 client of this API for the operator's
+//! subcommands, and `cli`, the `canary-proxy rollout ...` subcommand built on it.
+
+pub mod cli;
+pub mod client;
 
 use std::convert::Infallible;
 use std::net::Ipv4Addr;
@@ -39,13 +45,14 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use crate::chain::Chain;
 use crate::config::{MAX_WEIGHT, RuleMatcher, RuleSource};
+use crate::control::rollout::{RolloutController, RolloutError};
 use crate::control::{ControlError, ControlPlane, WeightsApplied};
-use crate::error::Chain;
 use crate::metrics;
-use crate::rollout::{Command, RolloutController, RolloutError};
+use crate::rollout::Command;
+use crate::routing::sticky::BUCKETS;
 use crate::routing::{Reason, RoutingTable};
-use crate::sticky::BUCKETS;
 
 /// Admin request bodies are tiny; anything bigger is refused (413).
 const MAX_BODY: usize = 64 * 1024;
@@ -202,7 +209,12 @@ async fn handle(
             }
         }
         (Method::GET, "/metrics") => {
-            let mut response = text(StatusCode::OK, control.metrics().render(&table));
+            let mut response = text(
+                StatusCode::OK,
+                control
+                    .metrics()
+                    .render(|gauges| table.export_gauges(gauges)),
+            );
             response.headers_mut().insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static(metrics::CONTENT_TYPE),
@@ -468,7 +480,7 @@ fn refuse_other_sites(
 /// Whether `host` (a `Host` value, port optional) is an IPv4 or IPv6 literal, `localhost`, or
 /// one of `allowed` (lowercase); names compare case-insensitively, a trailing dot ignored.
 fn host_is_allowed(host: &str, allowed: &[String]) -> bool {
-    let Some(name) = crate::headers::authority_host(host.as_bytes())
+    let Some(name) = crate::proxy::headers::authority_host(host.as_bytes())
         .and_then(|name| std::str::from_utf8(name).ok())
     else {
         return false;
@@ -675,7 +687,7 @@ fn routes_json(table: &RoutingTable) -> Value {
                 .map(|e| {
                     let status = e.health.status();
                     json!({
-                        "url": e.url,
+                        "url": e.url(),
                         "healthy": e.is_healthy(),
                         "active_check_up": status.active_up,
                         "ejected": status.ejected,

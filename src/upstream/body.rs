@@ -1,0 +1,283 @@
+//! The bodies that pass through: the client's request body on its way up ([`ForwardBody`]),
+//! and the response body read from the upstream connection ([`UpstreamBody`]), which hands
+//! the connection back to its pool when it ends.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::{Method, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::net::TcpStream;
+
+use super::exchange::Exchange;
+use super::pool::Connection;
+use super::{ExchangeError, ExchangeTimeouts, Peer, UpstreamSettings};
+use crate::http1::body::{self, Framing, MessageError};
+use crate::http1::head::{Present, ResponseHead, keeps_alive, response_framing};
+use crate::http1::server::RequestBody as ClientBody;
+use crate::stall::StallTimer;
+
+/// The body of a request sent upstream: the client's own, streamed as it arrives.
+#[derive(Debug)]
+pub enum ForwardBody {
+    /// None at all.
+    Empty,
+    /// From a connection hyper serves (HTTP/2, and HTTP/1 connections handed to it).
+    Hyper(Incoming),
+    /// From an HTTP/1.1 connection the proxy serves itself.
+    Client(ClientBody),
+}
+
+/// Why reading a client's request body failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardBodyError {
+    #[error(transparent)]
+    Hyper(#[from] hyper::Error),
+    #[error(transparent)]
+    Client(#[from] MessageError),
+}
+
+impl Body for ForwardBody {
+    type Data = Bytes;
+    type Error = ForwardBodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ForwardBodyError>>> {
+        let polled = match self.get_mut() {
+            ForwardBody::Empty => return Poll::Ready(None),
+            ForwardBody::Hyper(body) => {
+                ready!(Pin::new(body).poll_frame(cx)).map(|f| f.map_err(ForwardBodyError::from))
+            }
+            ForwardBody::Client(body) => {
+                ready!(Pin::new(body).poll_frame(cx)).map(|f| f.map_err(ForwardBodyError::from))
+            }
+        };
+        Poll::Ready(polled)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ForwardBody::Empty => true,
+            ForwardBody::Hyper(body) => body.is_end_stream(),
+            ForwardBody::Client(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ForwardBody::Empty => SizeHint::with_exact(0),
+            ForwardBody::Hyper(body) => body.size_hint(),
+            ForwardBody::Client(body) => body.size_hint(),
+        }
+    }
+}
+
+/// Builds the response once its head is in: works out the body's framing, and when the whole
+/// body is already buffered (the common small response), returns the connection to the pool
+/// at once.
+pub(super) fn finish_head(
+    mut exchange: Exchange,
+    mut head: ResponseHead,
+    method: &Method,
+    peer: &Arc<Peer>,
+    settings: UpstreamSettings,
+    timeouts: ExchangeTimeouts,
+) -> Result<Response<UpstreamBody>, ExchangeError> {
+    exchange.stop_keeping();
+    let framing = response_framing(method, &mut head).map_err(MessageError::from)?;
+    // A body delimited by the close, or a message with both Transfer-Encoding and
+    // Content-Length (RFC 9112 §6.1: handle as an error), leaves nothing to reuse.
+    let reusable = keeps_alive(head.version, head.present, &head.headers)
+        && framing != Framing::UntilClose
+        && !(head.present.may_have(Present::TRANSFER_ENCODING)
+            && head.present.may_have(Present::CONTENT_LENGTH)
+            && head.headers.contains_key(TRANSFER_ENCODING)
+            && head.headers.contains_key(CONTENT_LENGTH));
+    let mut response = Response::new(UpstreamBody {
+        state: BodyState::Done,
+    });
+    *response.status_mut() = head.status;
+    *response.version_mut() = head.version;
+    let status = head.status;
+    *response.headers_mut() = head.headers;
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        response.body_mut().state = BodyState::Switched(Some(exchange.connection));
+        return Ok(response);
+    }
+    let buffered = exchange.connection.read_buf.len() as u64;
+    let whole = match framing {
+        Framing::Empty => Some(None),
+        Framing::Length(n) if n <= buffered => Some(Some(
+            exchange.connection.read_buf.split_to(n as usize).freeze(),
+        )),
+        _ => None,
+    };
+    if let Some(data) = whole {
+        if reusable
+            && exchange.request_done()
+            && !exchange.broken
+            && exchange.connection.read_buf.is_empty()
+        {
+            peer.pool
+                .checkin(exchange.connection, settings.idle_timeout);
+        }
+        response.body_mut().state = BodyState::Whole(data.filter(|d| !d.is_empty()));
+        return Ok(response);
+    }
+    response.body_mut().state = BodyState::Reading(Box::new(Reading {
+        exchange,
+        framing,
+        reusable,
+        peer: peer.clone(),
+        idle_timeout: settings.idle_timeout,
+        stall: StallTimer::new(timeouts.read),
+    }));
+    Ok(response)
+}
+
+/// A response body from upstream. Read to the end, it hands its connection back to the
+/// peer's pool (when the upstream keeps it alive and the request went out whole); dropped
+/// earlier (a client gone mid-body), the connection closes.
+pub struct UpstreamBody {
+    state: BodyState,
+}
+
+enum BodyState {
+    /// The whole body came with the head; the connection is already back in the pool.
+    Whole(Option<Bytes>),
+    /// The body is read from the connection as it is polled.
+    Reading(Box<Reading>),
+    /// A 101 response: the connection now belongs to the tunnel.
+    Switched(Option<Connection>),
+    /// Nothing more.
+    Done,
+}
+
+struct Reading {
+    exchange: Exchange,
+    framing: Framing,
+    /// The upstream keeps the connection alive after this response.
+    reusable: bool,
+    peer: Arc<Peer>,
+    idle_timeout: Duration,
+    /// `read_timeout`: the longest pause between two reads of the body.
+    stall: StallTimer,
+}
+
+impl UpstreamBody {
+    /// For a 101 response: the upstream connection and any bytes it already sent past the
+    /// head, for the tunnel.
+    pub fn take_upgraded(&mut self) -> Option<(TcpStream, Bytes)> {
+        match &mut self.state {
+            BodyState::Switched(connection) => {
+                connection.take().map(|c| (c.stream, c.read_buf.freeze()))
+            }
+            _ => None,
+        }
+    }
+}
+
+impl Reading {
+    /// The next piece of the body; `None` at its end. An error once the upstream has sent
+    /// nothing for `read_timeout`.
+    fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ExchangeError>>> {
+        let connection = &mut self.exchange.connection;
+        let polled = body::poll_body(
+            &mut self.framing,
+            &mut connection.stream,
+            &mut connection.read_buf,
+            cx,
+        );
+        if polled.is_ready() {
+            let _ = self.stall.poll_stalled(true, cx);
+            return polled.map_err(ExchangeError::from);
+        }
+        ready!(self.stall.poll_stalled(false, cx));
+        Poll::Ready(Some(Err(ExchangeError::ReadTimeout(self.stall.limit()))))
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = ExchangeError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ExchangeError>>> {
+        let reading = match &mut self.state {
+            BodyState::Whole(data) => {
+                let data = data.take();
+                self.state = BodyState::Done;
+                return Poll::Ready(data.map(|d| Ok(Frame::data(d))));
+            }
+            BodyState::Reading(reading) => reading,
+            BodyState::Switched(_) | BodyState::Done => return Poll::Ready(None),
+        };
+        let polled = match reading.exchange.poll_send_along(cx) {
+            Ok(()) => reading.poll_next(cx),
+            Err(error) => Poll::Ready(Some(Err(error))),
+        };
+        match &polled {
+            Poll::Ready(Some(Ok(_))) if !reading.framing.is_end() => {}
+            Poll::Pending => {}
+            Poll::Ready(Some(Err(_))) => self.state = BodyState::Done,
+            Poll::Ready(Some(Ok(_)) | None) => {
+                // The body is complete: the connection goes back to the pool if it can.
+                if let BodyState::Reading(reading) =
+                    std::mem::replace(&mut self.state, BodyState::Done)
+                {
+                    let Reading {
+                        exchange,
+                        reusable,
+                        peer,
+                        idle_timeout,
+                        ..
+                    } = *reading;
+                    if reusable
+                        && exchange.request_done()
+                        && !exchange.broken
+                        && exchange.connection.read_buf.is_empty()
+                    {
+                        peer.pool.checkin(exchange.connection, idle_timeout);
+                    }
+                }
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.state {
+            BodyState::Whole(data) => data.is_none(),
+            BodyState::Reading(reading) => reading.framing.is_end(),
+            BodyState::Switched(_) | BodyState::Done => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.state {
+            BodyState::Whole(data) => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            BodyState::Reading(reading) => reading.framing.size_hint(),
+            BodyState::Switched(_) | BodyState::Done => SizeHint::with_exact(0),
+        }
+    }
+}
+
+/// A response from upstream, or one the proxy made itself (errors).
+pub type ResponseBody = http_body_util::Either<UpstreamBody, http_body_util::Full<Bytes>>;
+
+/// A response as the proxy hands it to hyper.
+pub type ProxyResponse = Response<ResponseBody>;
