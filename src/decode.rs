@@ -6,7 +6,8 @@
 use bytes::BytesMut;
 use http::{HeaderMap, Method};
 
-use crate::http1::body::{ChunkState, Decoded, Framing, decode_chunked};
+use crate::http1::body::{Decoded, decode_chunked};
+use crate::http1::head::{ChunkState, Framing};
 use crate::http1::head::{parse_request_head, parse_response_head, response_framing};
 use crate::proxy::h1::check_head;
 

@@ -9,10 +9,10 @@ use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http_body::{Frame, SizeHint};
+use http_body::Frame;
 use tokio::io::{AsyncRead, ReadBuf};
 
-use super::head::{HeadError, put_field, raw_line_len};
+use super::head::{ChunkState, Framing, HeadError, put_field, raw_line_len};
 use super::{MAX_HEAD_LEN, MAX_HEADERS, MAX_LINE_LEN};
 
 /// Free space made in a read buffer before each read.
@@ -71,48 +71,6 @@ pub fn poll_fill_more<R: AsyncRead + Unpin>(
         Ok(0) => Poll::Ready(Err(MessageError::Closed)),
         Ok(_) => Poll::Ready(Ok(())),
         Err(error) => Poll::Ready(Err(MessageError::Read(error))),
-    }
-}
-
-/// How a message body is delimited (RFC 9112 §6.3).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Framing {
-    /// No body (a request without one; a response to HEAD, 1xx, 204, 304), or the end reached.
-    Empty,
-    /// Content-Length: this many bytes still to come.
-    Length(u64),
-    /// Transfer-Encoding ending in chunked.
-    Chunked(ChunkState),
-    /// Neither (responses only): the body runs until the connection closes.
-    UntilClose,
-}
-
-/// Where a chunked body decoder is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ChunkState {
-    /// Expecting a chunk-size line.
-    Size,
-    /// Inside a chunk's data, this many bytes left.
-    Data(u64),
-    /// Expecting the CRLF after a chunk's data.
-    DataEnd,
-    /// After the last chunk: expecting trailer fields or the final CRLF.
-    Trailers,
-}
-
-impl Framing {
-    /// Whether the body has been read to its end.
-    pub fn is_end(&self) -> bool {
-        matches!(self, Framing::Empty | Framing::Length(0))
-    }
-
-    /// What is known of the length of the body still to come.
-    pub fn size_hint(&self) -> SizeHint {
-        match self {
-            Framing::Length(remaining) => SizeHint::with_exact(*remaining),
-            Framing::Empty => SizeHint::with_exact(0),
-            Framing::Chunked(_) | Framing::UntilClose => SizeHint::default(),
-        }
     }
 }
 

@@ -10,7 +10,8 @@ use bytes::{Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, EXPECT, TRANSFER_ENCODING, UPGRADE};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, Version};
 
-use super::body::{ChunkState, Framing};
+use http_body::SizeHint;
+
 use super::{MAX_HEAD_LEN, MAX_HEADERS, MAX_LINE_LEN};
 
 /// Why a head (or a trailer section) cannot be taken.
@@ -361,6 +362,48 @@ pub fn parse_decimal(digits: &[u8]) -> Option<u64> {
     digits.iter().try_fold(0u64, |n, &d| {
         d.is_ascii_digit().then(|| n * 10 + u64::from(d - b'0'))
     })
+}
+
+/// How a message body is delimited (RFC 9112 §6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body (a request without one; a response to HEAD, 1xx, 204, 304), or the end reached.
+    Empty,
+    /// Content-Length: this many bytes still to come.
+    Length(u64),
+    /// Transfer-Encoding ending in chunked.
+    Chunked(ChunkState),
+    /// Neither (responses only): the body runs until the connection closes.
+    UntilClose,
+}
+
+/// Where a chunked body decoder is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkState {
+    /// Expecting a chunk-size line.
+    Size,
+    /// Inside a chunk's data, this many bytes left.
+    Data(u64),
+    /// Expecting the CRLF after a chunk's data.
+    DataEnd,
+    /// After the last chunk: expecting trailer fields or the final CRLF.
+    Trailers,
+}
+
+impl Framing {
+    /// Whether the body has been read to its end.
+    pub fn is_end(&self) -> bool {
+        matches!(self, Framing::Empty | Framing::Length(0))
+    }
+
+    /// What is known of the length of the body still to come.
+    pub fn size_hint(&self) -> SizeHint {
+        match self {
+            Framing::Length(remaining) => SizeHint::with_exact(*remaining),
+            Framing::Empty => SizeHint::with_exact(0),
+            Framing::Chunked(_) | Framing::UntilClose => SizeHint::default(),
+        }
+    }
 }
 
 /// Why a request's body cannot be delimited.

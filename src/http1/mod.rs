@@ -2,8 +2,8 @@
 //! the protocol (as Pingora's `protocols::http::v1`), which knows nothing of routing or of
 //! what is done with a message.
 //!
-//! - `head`: request and response heads, the limits below, body delimitation (RFC 9112 §6),
-//!   keep-alive rules.
+//! - `head`: request and response heads, the limits below, how a body is delimited (RFC 9112
+//!   §6: `Framing`), keep-alive rules.
 //! - `body`: reading a body by length, chunked or until close; the chunked decoder; trailer
 //!   filtering; encoding request bodies.
 //! - `server`: a client connection as a session (read request head and body, write response

@@ -33,8 +33,10 @@ use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
 use super::MAX_HEAD_LEN;
-use super::body::{Framing, MessageError, poll_body, poll_fill};
-use super::head::{HeadError, RequestHead, http_date, parse_request_head, put_field, recycle_map};
+use super::body::{MessageError, poll_body, poll_fill};
+use super::head::{
+    Framing, HeadError, RequestHead, http_date, parse_request_head, put_field, recycle_map,
+};
 use crate::stall::SendTimeout;
 
 /// Response body pieces up to this size are copied next to the head (larger ones are written

@@ -18,8 +18,9 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::{Proxy, headers};
-use crate::http1::body::Framing;
-use crate::http1::head::{FramingError, Present, RequestHead, keeps_alive, request_framing};
+use crate::http1::head::{
+    Framing, FramingError, Present, RequestHead, keeps_alive, request_framing,
+};
 use crate::http1::server::{NextRequest, ResponseMode, ServerSession};
 use crate::upstream::ForwardBody;
 

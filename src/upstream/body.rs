@@ -17,8 +17,8 @@ use tokio::net::TcpStream;
 use super::exchange::Exchange;
 use super::pool::Connection;
 use super::{ExchangeError, ExchangeTimeouts, Peer, UpstreamSettings};
-use crate::http1::body::{self, Framing, MessageError};
-use crate::http1::head::{Present, ResponseHead, keeps_alive, response_framing};
+use crate::http1::body::{self, MessageError};
+use crate::http1::head::{Framing, Present, ResponseHead, keeps_alive, response_framing};
 use crate::http1::server::RequestBody as ClientBody;
 use crate::stall::StallTimer;
 
