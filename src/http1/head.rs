@@ -134,6 +134,10 @@ pub fn recycle_map(mut map: HeaderMap) {
 /// The length of the line that starts at `start` and whose content runs at least to
 /// `content_end`, as it came (whitespace included), without its line end (LF or CRLF).
 pub(super) fn raw_line_len(buf: &[u8], start: usize, content_end: usize) -> usize {
+    // Usually the line ends right there (a call to memchr would cost more than the line).
+    if buf.get(content_end..content_end + 2) == Some(b"\r\n") {
+        return content_end - start;
+    }
     let end = memchr::memchr(b'\n', &buf[content_end..]).map_or(buf.len(), |at| content_end + at);
     let end = if end > start && buf[end - 1] == b'\r' {
         end - 1
