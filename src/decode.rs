@@ -152,6 +152,13 @@ pub fn response(bytes: &[u8], method: &Method) -> Outcome {
     }
 }
 
+/// Whether the proxy drops a trailer field of this name (RFC 9110 §6.5.1); a name that is not a
+/// valid field name is dropped too.
+pub fn is_forbidden_trailer(name: &str) -> bool {
+    http::HeaderName::from_bytes(name.as_bytes())
+        .map_or(true, |name| crate::http1::body::is_forbidden_trailer(&name))
+}
+
 /// A chunked body at the start of `bytes`: its data and trailers, or why not.
 pub fn chunked(bytes: &[u8]) -> Outcome {
     let mut buf = BytesMut::from(bytes);

@@ -609,23 +609,24 @@ impl fmt::Debug for BackendMetrics {
     }
 }
 
+/// The value of the sample `name{labels}` in `render` output, `labels` written exactly as the
+/// encoder does (`backend="v1",status="200"`), or `None` when the series is absent.
+#[cfg(test)]
+pub(crate) fn sample(text: &str, name: &str, labels: &str) -> Option<f64> {
+    let series = if labels.is_empty() {
+        format!("{name} ")
+    } else {
+        format!("{name}{{{labels}}} ")
+    };
+    text.lines()
+        .find_map(|line| line.strip_prefix(&series))
+        .map(|value| value.parse().expect("numeric sample"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::time::Instant;
-
-    /// The value of the sample `name{labels}` in `render` output, `labels` written exactly as
-    /// the encoder does (`backend="v1",status="200"`), or `None` when the series is absent.
-    fn sample(text: &str, name: &str, labels: &str) -> Option<f64> {
-        let series = if labels.is_empty() {
-            format!("{name} ")
-        } else {
-            format!("{name}{{{labels}}} ")
-        };
-        text.lines()
-            .find_map(|line| line.strip_prefix(&series))
-            .map(|value| value.parse().expect("numeric sample"))
-    }
 
     fn counter(metrics: &Metrics, name: &str, labels: &[(&str, &str)]) -> Option<u64> {
         metrics

@@ -106,10 +106,8 @@ async fn malformed_and_oversized_heads_are_refused() {
     assert_eq!(v1.hits(), 0);
 }
 
-#[tokio::test]
-async fn responses_of_unknown_length_are_chunked_to_the_client() {
-    // The upstream ends its body by closing; the client gets it chunked on a connection
-    // that stays open for the next request.
+/// A proxy in front of an upstream whose response body ends when it closes the connection.
+async fn close_delimited_proxy() -> TestProxy {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -121,7 +119,14 @@ async fn responses_of_unknown_length_are_chunked_to_the_client() {
             });
         }
     });
-    let proxy = start_proxy(&config(&[("v1", vec![format!("http://{addr}")], 1)], "")).await;
+    start_proxy(&config(&[("v1", vec![format!("http://{addr}")], 1)], "")).await
+}
+
+#[tokio::test]
+async fn responses_of_unknown_length_are_chunked_to_the_client() {
+    // The upstream ends its body by closing; the client gets it chunked on a connection
+    // that stays open for the next request.
+    let proxy = close_delimited_proxy().await;
     let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
     for _ in 0..2 {
         stream
@@ -172,18 +177,7 @@ async fn http10_requests_are_served_and_closed_unless_kept_alive() {
 
 #[tokio::test]
 async fn http10_clients_get_bodies_of_unknown_length_delimited_by_the_close() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                if read_request_head(&mut stream).await {
-                    let _ = stream.write_all(b"HTTP/1.1 200 OK\r\n\r\nstreamed").await;
-                }
-            });
-        }
-    });
-    let proxy = start_proxy(&config(&[("v1", vec![format!("http://{addr}")], 1)], "")).await;
+    let proxy = close_delimited_proxy().await;
     let answer = raw_exchange(
         proxy.addr,
         b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",

@@ -319,43 +319,6 @@ fn statuses(bytes: &[u8]) -> Vec<u16> {
 // ---------------------------------------------------------------------------------------------
 // Comparison
 
-/// Trailer fields our decoder drops (`http1::body::is_forbidden_trailer`), dropped from
-/// hyper's trailers too before comparing.
-fn is_forbidden_trailer(name: &str) -> bool {
-    const NAMES: &[&str] = &[
-        "keep-alive",
-        "proxy-connection",
-        "host",
-        "expect",
-        "max-forwards",
-        "cookie",
-        "set-cookie",
-        "range",
-        "content-range",
-        "age",
-        "expires",
-        "date",
-        "location",
-        "retry-after",
-        "vary",
-        "warning",
-        "connection",
-        "transfer-encoding",
-        "content-length",
-        "te",
-        "trailer",
-        "upgrade",
-        "authorization",
-        "proxy-authorization",
-        "proxy-authenticate",
-        "www-authenticate",
-        "cache-control",
-        "content-encoding",
-        "content-type",
-    ];
-    NAMES.contains(&name) || name.starts_with("if-")
-}
-
 type Fields = Vec<(String, Vec<u8>)>;
 
 fn fields(map: &HeaderMap) -> Fields {
@@ -423,7 +386,7 @@ fn difference(ours: &Message, theirs: &HyperRequest) -> Option<&'static str> {
         .map(fields)
         .unwrap_or_default()
         .into_iter()
-        .filter(|(name, _)| !is_forbidden_trailer(name))
+        .filter(|(name, _)| !decode::is_forbidden_trailer(name))
         .collect();
     let mut ours_trailers = ours.trailers.clone();
     ours_trailers.sort_by(|a, b| a.0.cmp(&b.0));

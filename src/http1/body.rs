@@ -255,7 +255,7 @@ pub fn decode_chunked(state: &mut ChunkState, buf: &mut BytesMut) -> Result<Deco
 /// Fields a trailer section must not carry, or that would change how the message is framed,
 /// routed or authorised if a recipient merged them into the head (RFC 9110 §6.5.1): the
 /// hop-by-hop fields, framing, routing, authentication, controls and content metadata.
-fn is_forbidden_trailer(name: &HeaderName) -> bool {
+pub(crate) fn is_forbidden_trailer(name: &HeaderName) -> bool {
     const NAMES: [&str; 16] = [
         "keep-alive",
         "proxy-connection",

@@ -1312,18 +1312,7 @@ urls = ["http://127.0.0.1:8081"]
 weight = 100
 "#;
 
-    /// The value of the sample `name{labels}` in `render` output, `labels` written exactly as
-    /// the encoder does, or `None` when the series is absent.
-    fn sample(text: &str, name: &str, labels: &str) -> Option<f64> {
-        let series = if labels.is_empty() {
-            format!("{name} ")
-        } else {
-            format!("{name}{{{labels}}} ")
-        };
-        text.lines()
-            .find_map(|line| line.strip_prefix(&series))
-            .map(|value| value.parse().expect("numeric sample"))
-    }
+    use crate::metrics::sample;
 
     #[test]
     fn table_gauges_follow_health_and_reloads() {
