@@ -286,6 +286,12 @@ pub fn parse_response_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, H
     else {
         return Ok(None);
     };
+    // The status line has the limit of any line (found by fuzzing: it was only checked while
+    // arriving, so a long one passed when it came in one read and failed in two).
+    let start = base_line_start(buf);
+    if raw_line_len(buf, start, start) > MAX_LINE_LEN {
+        return Err(HeadError::TooLarge);
+    }
     let status = parsed
         .code
         .and_then(|code| StatusCode::from_u16(code).ok())
@@ -634,6 +640,14 @@ mod tests {
             response(field.as_bytes()).0.err(),
             Some(HeadError::TooLarge)
         );
+        // A status line over the limit is refused whole too, not only while it arrives.
+        let status = format!("HTTP/1.1 204 {}\r\n\r\n", "a".repeat(MAX_LINE_LEN - 12));
+        assert_eq!(
+            response(status.as_bytes()).0.err(),
+            Some(HeadError::TooLarge)
+        );
+        let status_8k = format!("HTTP/1.1 204 {}\r\n\r\n", "a".repeat(MAX_LINE_LEN - 13));
+        assert!(response(status_8k.as_bytes()).0.unwrap().is_some());
         let endless = format!("HTTP/1.1 200 {}", "a".repeat(MAX_LINE_LEN));
         assert_eq!(
             response(endless.as_bytes()).0.err(),
