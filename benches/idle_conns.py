@@ -67,16 +67,22 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from load import (  # noqa: E402  (load.py beside this file)
+    Interrupted,
+    _interrupt,
+    children_of,
+    free_ports,
+    log,
+    tail,
+)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CANARY_BIN = os.path.join(ROOT, "target", "release", "canary-proxy")
 NEEDS = "needs: apt-get install nginx-light"
 BASE = "canary@base"  # the --baseline binary
 SAMPLE = 50  # connections that get a second request after the measurement
 WARMUP_REQUESTS = 20
-
-
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
 
 
 def parse_args():
@@ -181,38 +187,9 @@ def raise_fd_limit():
         return soft
 
 
-class Interrupted(Exception):
-    pass
-
-
-def _interrupt(signum, _frame):
-    raise Interrupted(signal.Signals(signum).name)
-
-
 # ---------------------------------------------------------------------------------------------
-# Small helpers (copied from load.py)
+# Small helpers (the rest come from load.py)
 # ---------------------------------------------------------------------------------------------
-
-def free_ports(n):
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def tail(path, n=20):
-    try:
-        with open(path, errors="replace") as f:
-            return "".join(f.readlines()[-n:])
-    except OSError:
-        return "(no log)"
-
 
 def wait_serving(port, proc, name, logfile, timeout=10.0):
     """Until GET / on port answers 200 (the proxy reaches the upstream)."""
@@ -247,20 +224,6 @@ def warm_up(port, n=WARMUP_REQUESTS):
         if resp.status != 200:
             raise RuntimeError(f"warm-up request got {resp.status}")
     conn.close()
-
-
-def children_of(pid):
-    kids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    rest = f.read().rsplit(")", 1)[1].split()
-                if int(rest[1]) == pid:
-                    kids.append(int(entry))
-            except (OSError, IndexError):
-                pass
-    return kids
 
 
 def memory(pids):
