@@ -51,7 +51,12 @@ pub async fn serve(
                 return;
             }
         };
-        let served = Box::pin(serve_request(&mut session, head, client_ip, proxy, drain));
+        // Allocated first and then written: the future (about 4 KiB) is built in place
+        // rather than built on the stack and copied.
+        let served = Box::into_pin(Box::write(
+            Box::new_uninit(),
+            serve_request(&mut session, head, client_ip, proxy, drain),
+        ));
         match served.await {
             After::Next => {}
             After::Close => return,
