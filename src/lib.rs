@@ -39,7 +39,8 @@
 //!   whose errors name the key and line).
 //! - Leaves: `duration` (the `"500ms"` / `"2s"` / `"1m"` durations of the config file),
 //!   `stall` (the timer behind `send_timeout` and `read_timeout`), `chain` (an error and its
-//!   causes on one line), `worker_index` (which worker thread the code runs on).
+//!   causes on one line), `worker_index` (which worker thread the code runs on), `id` (random
+//!   128-bit ids in hex: request ids, anonymous users' ids).
 #![forbid(unsafe_code)]
 
 mod admin;
@@ -51,6 +52,7 @@ pub mod decode;
 mod demo;
 mod duration;
 mod http1;
+mod id;
 mod metrics;
 mod proxy;
 mod rollout;

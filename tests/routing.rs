@@ -247,3 +247,200 @@ async fn a_host_rule_sees_the_host_the_request_is_forwarded_with() {
         assert_eq!(backend_of(&answer), expected, "{request:?}: {answer}");
     }
 }
+
+/// A browser-like client: its own cookie jar, no environment proxy.
+fn visitor() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .cookie_store(true)
+        .timeout(std::time::Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// Which backend served a request, and the `Set-Cookie` of its response (if any).
+async fn visit(
+    client: &reqwest::Client,
+    request: reqwest::RequestBuilder,
+) -> (String, Option<String>) {
+    let _ = client;
+    let response = request.send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let set_cookie = response
+        .headers()
+        .get("set-cookie")
+        .map(|v| v.to_str().unwrap().to_string());
+    let served = response.headers()["x-served-by"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    (served, set_cookie)
+}
+
+const STICKY_COOKIE: &str = "sticky_cookie = \"canary_uid\"";
+
+/// Each of `visitors` makes `requests` requests (8 visitors at a time); returns the backend
+/// each was served by, after checking that it was the same for all its requests and that only
+/// a visitor's first request ever got a cookie.
+async fn visit_all(visitors: &[reqwest::Client], url: &str, requests: usize) -> Vec<String> {
+    let mut tasks = Vec::new();
+    for chunk in visitors.chunks(visitors.len().div_ceil(8)) {
+        let chunk = chunk.to_vec();
+        let url = url.to_string();
+        tasks.push(tokio::spawn(async move {
+            let mut served_by = Vec::new();
+            for client in &chunk {
+                let (first, _) = visit(client, client.get(&url)).await;
+                for _ in 1..requests {
+                    let (next, set_cookie) = visit(client, client.get(&url)).await;
+                    assert_eq!(next, first, "a visitor changed version");
+                    assert_eq!(set_cookie, None, "a visitor with the cookie got another");
+                }
+                served_by.push(first);
+            }
+            served_by
+        }));
+    }
+    let mut served_by = Vec::new();
+    for task in tasks {
+        served_by.extend(task.await.unwrap());
+    }
+    served_by
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_visitors_keep_their_version_and_only_move_onto_a_rising_canary() {
+    let (v1, v2) = (upstream("v1").await, upstream("v2").await);
+    let proxy = start_proxy(&config(
+        &[("v1", vec![v1.url()], 90), ("v2", vec![v2.url()], 10)],
+        STICKY_COOKIE,
+    ))
+    .await;
+    let url = proxy.url("/");
+
+    // The first answer gives the id, with the contract's attributes.
+    let one = visitor();
+    let (_, set_cookie) = visit(&one, one.get(&url)).await;
+    let set_cookie = set_cookie.expect("an anonymous visitor gets a cookie");
+    let (pair, attributes) = set_cookie.split_once("; ").unwrap();
+    let id = pair.strip_prefix("canary_uid=").unwrap();
+    assert_eq!(id.len(), 32, "{set_cookie}");
+    assert!(id.bytes().all(|b| b.is_ascii_hexdigit()), "{set_cookie}");
+    assert_eq!(
+        attributes,
+        "Path=/; Max-Age=2592000; HttpOnly; SameSite=Lax"
+    );
+
+    let visitors: Vec<reqwest::Client> = (0..500).map(|_| visitor()).collect();
+    let before = visit_all(&visitors, &url, 4).await;
+    let on_v2 = before.iter().filter(|b| *b == "v2").count();
+    // Binomial(500, 0.1): mean 50, sd 6.7; 25..=80 is beyond 3.7 sd on either side.
+    assert!((25..=80).contains(&on_v2), "{on_v2} of 500 on v2 at 10%");
+
+    let c = client();
+    let raised = c
+        .post(proxy.admin("/admin/weight?v1=70&v2=30"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(raised.status(), 200);
+    let after = visit_all(&visitors, &url, 2).await;
+    for (was, is) in before.iter().zip(&after) {
+        assert!(!(was == "v2" && is == "v1"), "a visitor moved back to v1");
+    }
+    let on_v2 = after.iter().filter(|b| *b == "v2").count();
+    assert!(on_v2 > before.iter().filter(|b| *b == "v2").count());
+    // Binomial(500, 0.3): mean 150, sd 10.2.
+    assert!((110..=190).contains(&on_v2), "{on_v2} of 500 on v2 at 30%");
+}
+
+#[tokio::test]
+async fn pinned_requests_and_known_users_get_no_cookie() {
+    let (v1, v2) = (upstream("v1").await, upstream("v2").await);
+    let rule = "\n[[rule]]\nheader = \"x-canary\"\nequals = \"always\"\nbackend = \"v2\"\n";
+    let mut text = config(
+        &[("v1", vec![v1.url()], 50), ("v2", vec![v2.url()], 50)],
+        STICKY_COOKIE,
+    );
+    text.push_str(rule);
+    let proxy = start_proxy(&text).await;
+    let url = proxy.url("/");
+    let c = visitor();
+    for _ in 0..20 {
+        let (served, set_cookie) = visit(&c, c.get(&url).header("x-canary", "always")).await;
+        assert_eq!((served.as_str(), set_cookie), ("v2", None), "rule-pinned");
+        let (_, set_cookie) = visit(&c, c.get(&url).header("x-user-id", "alice")).await;
+        assert_eq!(set_cookie, None, "a user id header");
+        let (_, set_cookie) = visit(&c, c.get(&url).header("cookie", "uid=bob")).await;
+        assert_eq!(set_cookie, None, "a user id cookie");
+    }
+    // The user id header and cookie come before the sticky cookie.
+    let id = "0123456789abcdef0123456789abcdef";
+    for user in ["alice", "bob", "carol", "dave"] {
+        let expected = if reference_bucket("", user) < 5000 {
+            "v1"
+        } else {
+            "v2"
+        };
+        let request = c
+            .get(&url)
+            .header("x-user-id", user)
+            .header("cookie", format!("canary_uid={id}"));
+        assert_eq!(visit(&c, request).await.0, expected, "{user}");
+    }
+    // A client that sends the sticky cookie is bucketed by it, by the published formula.
+    let expected = if reference_bucket("", id) < 5000 {
+        "v1"
+    } else {
+        "v2"
+    };
+    for _ in 0..10 {
+        let request = client()
+            .get(&url)
+            .header("cookie", format!("a=1; canary_uid={id}"));
+        let (served, set_cookie) = visit(&c, request).await;
+        assert_eq!((served.as_str(), set_cookie), (expected, None));
+    }
+}
+
+#[tokio::test]
+async fn explain_names_where_the_user_id_came_from() {
+    let (v1, v2) = (upstream("v1").await, upstream("v2").await);
+    let proxy = start_proxy(&config(
+        &[("v1", vec![v1.url()], 90), ("v2", vec![v2.url()], 10)],
+        STICKY_COOKIE,
+    ))
+    .await;
+    let c = client();
+    let explain = |request: reqwest::RequestBuilder| async move {
+        let text = request.send().await.unwrap().text().await.unwrap();
+        serde_json::from_str::<serde_json::Value>(&text).unwrap()
+    };
+    let url = proxy.admin("/admin/explain");
+    let by_header = explain(c.get(&url).header("x-user-id", "alice")).await;
+    assert_eq!(by_header["user_id_source"], "header");
+    assert_eq!(by_header["user_id"], "alice");
+    let by_cookie = explain(c.get(&url).header("cookie", "canary_uid=abc; uid=bob")).await;
+    assert_eq!(by_cookie["user_id_source"], "cookie");
+    assert_eq!(by_cookie["user_id"], "bob");
+    let by_sticky = explain(c.get(&url).header("cookie", "canary_uid=abc")).await;
+    assert_eq!(by_sticky["user_id_source"], "sticky_cookie");
+    assert_eq!(by_sticky["reason"], "sticky");
+    assert_eq!(
+        by_sticky["bucket"],
+        serde_json::json!(reference_bucket("", "abc"))
+    );
+    let new = explain(c.get(&url)).await;
+    assert_eq!(new["user_id_source"], "new");
+    assert_eq!(new["reason"], "sticky");
+    let set_cookie = new["set_cookie"].as_str().unwrap();
+    let id = new["user_id"].as_str().unwrap();
+    assert!(
+        set_cookie.starts_with(&format!("canary_uid={id}; Path=/;")),
+        "{set_cookie}"
+    );
+    assert_eq!(new["bucket"], serde_json::json!(reference_bucket("", id)));
+    let routes = explain(c.get(proxy.admin("/admin/routes"))).await;
+    assert_eq!(routes["sticky"]["sticky_cookie"], "canary_uid");
+    assert_eq!(routes["sticky"]["sticky_cookie_max_age"], "720h");
+}

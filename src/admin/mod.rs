@@ -735,6 +735,8 @@ fn routes_json(table: &RoutingTable) -> Value {
             "user_id_header": table.sticky.header.as_ref().map(|h| h.as_str()),
             "user_id_cookie": table.sticky.cookie,
             "salt": table.sticky.salt,
+            "sticky_cookie": table.sticky.anonymous.as_ref().map(|c| c.name.as_str()),
+            "sticky_cookie_max_age": table.sticky.anonymous.as_ref().map(|c| crate::duration::format_duration(c.max_age)),
             "buckets": BUCKETS,
         },
         "request_timeout": crate::duration::format_duration(table.timeouts.request),
@@ -746,19 +748,39 @@ fn routes_json(table: &RoutingTable) -> Value {
 
 fn explain_json(table: &RoutingTable, request: &Request<Incoming>) -> Value {
     let headers = request.headers();
-    let user_id = table
-        .sticky
-        .user_id(headers)
-        .map(|id| String::from_utf8_lossy(id).into_owned());
+    let user = table.sticky.user_id(headers);
     let Some(decision) = table.route(headers, &mut rand::rng()) else {
         return json!({"backend": null, "reason": "no backend has a weight above 0", "version": table.version});
+    };
+    let (user_id, source) = match (user, decision.new_user) {
+        (Some((id, source)), _) => (
+            Some(String::from_utf8_lossy(id).into_owned()),
+            Some(source.as_str()),
+        ),
+        // What a request like this one gets: a new id, given in the sticky cookie.
+        (None, Some(id)) => (
+            Some(String::from_utf8_lossy(&crate::id::hex(id)).into_owned()),
+            Some("new"),
+        ),
+        (None, None) => (None, None),
     };
     let mut body = json!({
         "backend": table.backends[decision.backend].name,
         "reason": decision.reason.as_str(),
         "user_id": user_id,
+        "user_id_source": source,
         "version": table.version,
     });
+    if let Some(set_cookie) = decision
+        .new_user
+        .and_then(|id| table.sticky.set_cookie(id))
+        .and_then(|v| v.to_str().ok().map(str::to_owned))
+    {
+        body["set_cookie"] = json!(set_cookie);
+        body["note"] = json!(
+            "a request without a user id gets a new random id in the sticky cookie: this is one draw"
+        );
+    }
     match decision.reason {
         Reason::Rule(n) => {
             let rule = &table.rules[n];

@@ -172,6 +172,12 @@ pub struct ProxySettings {
     /// Prefixed to the user id before hashing, so bucket assignments can be reshuffled
     /// without renaming users. Default empty.
     pub sticky_salt: String,
+    /// Cookie that gives anonymous visitors a user id: read after `user_id_header` and
+    /// `user_id_cookie`; a request with none of them gets a new random id in it. `None`: no
+    /// such cookie, and anonymous requests are split by weight.
+    pub sticky_cookie: Option<String>,
+    /// `Max-Age` of the sticky cookie. Default 720h (30 days); whole seconds, at least 1s.
+    pub sticky_cookie_max_age: Duration,
     /// Response header naming the backend that served. Default `x-canary-backend`; an empty
     /// string in the file disables it (`None`).
     pub backend_header: Option<HeaderName>,
@@ -198,6 +204,8 @@ impl Default for ProxySettings {
             user_id_header: None,
             user_id_cookie: None,
             sticky_salt: String::new(),
+            sticky_cookie: None,
+            sticky_cookie_max_age: Duration::from_secs(720 * 3600),
             backend_header: Some(HeaderName::from_static(DEFAULT_BACKEND_HEADER)),
             workers: None,
         }
@@ -1545,6 +1553,49 @@ backend = "v2"
         ]
         .concat());
         assert_eq!(valid(&ephemeral).proxy.listen.port(), 0);
+    }
+
+    #[test]
+    fn the_sticky_cookie() {
+        let proxy = |lines: &[&str]| doc(&[&["[proxy]"][..], lines, &V1].concat());
+        let config = valid(&proxy(&["sticky_cookie = \"canary_uid\""]));
+        assert_eq!(config.proxy.sticky_cookie.as_deref(), Some("canary_uid"));
+        assert_eq!(
+            config.proxy.sticky_cookie_max_age,
+            Duration::from_secs(30 * 24 * 3600)
+        );
+        let config = valid(&proxy(&[
+            "sticky_cookie = \"v\"",
+            "sticky_cookie_max_age = \"1h\"",
+        ]));
+        assert_eq!(
+            config.proxy.sticky_cookie_max_age,
+            Duration::from_secs(3600)
+        );
+        assert_eq!(valid(&proxy(&[])).proxy.sticky_cookie, None);
+        assert_invalid(
+            &proxy(&["sticky_cookie = \"a b\""]),
+            "proxy.sticky_cookie",
+            2,
+        );
+        assert_invalid(&proxy(&["sticky_cookie = \"\""]), "proxy.sticky_cookie", 2);
+        let same = assert_invalid(
+            &proxy(&["user_id_cookie = \"uid\"", "sticky_cookie = \"uid\""]),
+            "proxy.sticky_cookie",
+            3,
+        );
+        assert!(same.contains("user_id_cookie"), "{same}");
+        let fraction = assert_invalid(
+            &proxy(&["sticky_cookie_max_age = \"1500ms\""]),
+            "proxy.sticky_cookie_max_age",
+            2,
+        );
+        assert!(fraction.contains("whole seconds"), "{fraction}");
+        assert_invalid(
+            &proxy(&["sticky_cookie_max_age = \"0s\""]),
+            "proxy.sticky_cookie_max_age",
+            2,
+        );
     }
 
     #[test]

@@ -87,6 +87,8 @@ pub(super) struct RawProxy {
     pub(super) user_id_header: Option<Spanned<String>>,
     pub(super) user_id_cookie: Option<Spanned<String>>,
     pub(super) sticky_salt: Option<String>,
+    pub(super) sticky_cookie: Option<Spanned<String>>,
+    pub(super) sticky_cookie_max_age: Option<Spanned<RawDuration>>,
     pub(super) backend_header: Option<Spanned<String>>,
     pub(super) workers: Option<Spanned<RawInt>>,
 }

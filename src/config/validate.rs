@@ -88,6 +88,40 @@ impl RawProxy {
             .user_id_cookie
             .map(|c| cookie_name("proxy.user_id_cookie", c))
             .transpose()?;
+        let sticky_cookie = self
+            .sticky_cookie
+            .map(|c| {
+                let span = c.span();
+                let name = cookie_name("proxy.sticky_cookie", c)?;
+                if user_id_cookie.as_ref() == Some(&name) {
+                    return Err(FieldError::new(
+                        "proxy.sticky_cookie",
+                        span,
+                        format!(
+                            "{name:?} is already proxy.user_id_cookie; the sticky cookie needs a \
+                             name of its own (the proxy writes it, the application writes the other)"
+                        ),
+                    ));
+                }
+                Ok(name)
+            })
+            .transpose()?;
+        let max_age_span = self
+            .sticky_cookie_max_age
+            .as_ref()
+            .map_or(0..0, Spanned::span);
+        let sticky_cookie_max_age = positive_duration(
+            "proxy.sticky_cookie_max_age",
+            self.sticky_cookie_max_age,
+            defaults.sticky_cookie_max_age,
+        )?;
+        if sticky_cookie_max_age.subsec_nanos() != 0 {
+            return Err(FieldError::new(
+                "proxy.sticky_cookie_max_age",
+                max_age_span,
+                "Max-Age counts whole seconds; use s, m or h",
+            ));
+        }
         let backend_header = match self.backend_header {
             None => defaults.backend_header,
             Some(h) if h.get_ref().is_empty() => None,
@@ -138,6 +172,8 @@ impl RawProxy {
             user_id_header,
             user_id_cookie,
             sticky_salt: self.sticky_salt.unwrap_or(defaults.sticky_salt),
+            sticky_cookie,
+            sticky_cookie_max_age,
             backend_header,
             workers: self
                 .workers

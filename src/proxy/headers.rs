@@ -16,7 +16,6 @@ use http::header::{
 };
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Uri, Version};
-use rand::RngExt;
 
 use super::error::ProxyError;
 use crate::http1::head::has_token;
@@ -350,12 +349,7 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
 }
 
 fn new_request_id() -> HeaderValue {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let bits: u128 = rand::rng().random();
-    let mut text = [0u8; 32];
-    for (i, byte) in text.iter_mut().enumerate() {
-        *byte = HEX[((bits >> (4 * i)) & 0xf) as usize];
-    }
+    let text = crate::id::hex(crate::id::random(&mut rand::rng()));
     HeaderValue::from_bytes(&text).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
 }
 

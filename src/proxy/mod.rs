@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::task::Poll;
 
 use bytes::Bytes;
-use http::header::{CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING, UPGRADE};
+use http::header::{CONNECTION, CONTENT_LENGTH, HOST, SET_COOKIE, TRANSFER_ENCODING, UPGRADE};
 use http::request::Parts;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
@@ -57,6 +57,8 @@ struct Outcome {
     /// retry on another backend counts the decision and the request in one place.
     reason: Option<Reason>,
     request_id: Option<HeaderValue>,
+    /// The new anonymous user id routing drew, which the response gives the client.
+    new_user: Option<u128>,
 }
 
 /// Where a request is being sent.
@@ -139,7 +141,7 @@ impl Proxy {
             metrics.response(status, elapsed);
             return None;
         };
-        let response = match forwarded {
+        let mut response = match forwarded {
             Ok(response) => response,
             Err(error) => {
                 tracing::warn!(
@@ -155,6 +157,10 @@ impl Proxy {
                 error_response(&error, outcome.request_id.clone(), named)
             }
         };
+        if let Some(cookie) = outcome.new_user.and_then(|id| table.sticky.set_cookie(id)) {
+            // Whatever the answer, the visitor keeps the id that picked its version.
+            response.headers_mut().append(SET_COOKIE, cookie);
+        }
         if let Some(meter) = backend.and_then(|b| b.meter.as_ref()) {
             meter.record(response.status(), elapsed);
         }
@@ -224,6 +230,7 @@ fn route<'t>(
     let backend = &table.backends[decision.backend];
     outcome.backend = Some(decision.backend);
     outcome.reason = Some(decision.reason);
+    outcome.new_user = decision.new_user;
     let endpoint = backend
         .endpoints
         .get(decision.endpoint)

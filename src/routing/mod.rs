@@ -37,7 +37,7 @@ use crate::metrics::{BackendMetrics, DecisionReason, Metrics, TableGauges};
 use crate::rollout::VersionMeter;
 use crate::upstream::{ExchangeTimeouts, Peer, Upstream, UpstreamSettings};
 use health::{EndpointHealth, EndpointStatus};
-use sticky::{BUCKETS, StickySettings};
+use sticky::{BUCKETS, StickyCookie, StickySettings};
 
 /// The bit of backend `index` in a backend set; none for an index past `MAX_BACKENDS`, which
 /// validation rejects.
@@ -118,6 +118,9 @@ pub struct Decision {
     /// open the next in turn.
     pub endpoint: usize,
     pub reason: Reason,
+    /// A new anonymous user id, drawn for this request (no user id, a sticky cookie set): its
+    /// bucket picked the backend, and the response gives it to the client.
+    pub new_user: Option<u128>,
 }
 
 /// Why a backend was chosen; bounded, so it can be a metric label.
@@ -298,6 +301,10 @@ impl RoutingTable {
                 header: config.proxy.user_id_header.clone(),
                 cookie: config.proxy.user_id_cookie.clone(),
                 salt: config.proxy.sticky_salt.clone(),
+                anonymous: config.proxy.sticky_cookie.clone().map(|name| StickyCookie {
+                    name,
+                    max_age: config.proxy.sticky_cookie_max_age,
+                }),
             },
             ExchangeTimeouts {
                 client_body: config.proxy.client_body_timeout,
@@ -414,8 +421,10 @@ impl RoutingTable {
         // Each pass either returns or clears the bit of a backend in `healthy` (a decision
         // that is not a fallback only picks backends in it), so this ends within
         // `backends.len() + 1` passes; the last possible one fails open, which always returns.
+        // A new anonymous id is drawn once, by the first pass that needs it.
+        let mut new_user = None;
         loop {
-            let (backend, reason) = self.decide(headers, healthy, rng)?;
+            let (backend, reason) = self.decide(headers, healthy, &mut new_user, rng)?;
             let fallback = reason == Reason::Fallback;
             match self.backends[backend].pick(None) {
                 Some((endpoint, seen_healthy)) if seen_healthy || fallback => {
@@ -423,6 +432,7 @@ impl RoutingTable {
                         backend,
                         endpoint,
                         reason,
+                        new_user,
                     });
                 }
                 None if fallback => return None,
@@ -432,11 +442,14 @@ impl RoutingTable {
     }
 
     /// The backend for a request given the set of `healthy` backends: rules, sticky bucket,
-    /// weighted pick, or the fail-open pick when nothing eligible is healthy.
+    /// weighted pick, or the fail-open pick when nothing eligible is healthy. A request with
+    /// no user id, when the table has a sticky cookie, gets a new id in `new_user` (unless a
+    /// rule pins it) and is bucketed by it.
     fn decide(
         &self,
         headers: &HeaderMap,
         healthy: u64,
+        new_user: &mut Option<u128>,
         rng: &mut impl Rng,
     ) -> Option<(usize, Reason)> {
         for (n, rule) in self.rules.iter().enumerate() {
@@ -445,7 +458,12 @@ impl RoutingTable {
             }
         }
         let (mask, fallback) = self.routable(healthy);
-        let (backend, reason) = match self.sticky.bucket_of(headers) {
+        let bucket = self.sticky.bucket_of(headers).or_else(|| {
+            self.sticky.anonymous.as_ref()?;
+            let id = *new_user.get_or_insert_with(|| crate::id::random(rng));
+            Some(self.sticky.bucket_of_new(id))
+        });
+        let (backend, reason) = match bucket {
             Some(bucket) => (self.bucket_owner(mask, bucket)?, Reason::Sticky(bucket)),
             None => (self.weighted_pick(mask, rng)?, Reason::Weight),
         };
@@ -754,6 +772,7 @@ mod tests {
             header: Some(HeaderName::from_static("x-user-id")),
             cookie: Some("uid".into()),
             salt: String::new(),
+            anonymous: None,
         }
     }
 
@@ -858,6 +877,57 @@ mod tests {
         let b = bucket(b"", b"alice");
         assert_eq!(d.reason, Reason::Sticky(b));
         assert_eq!(d.backend, usize::from(b >= 5000));
+    }
+
+    #[test]
+    fn anonymous_requests_draw_one_id_that_picks_their_bucket() {
+        let sticky = StickySettings {
+            anonymous: Some(StickyCookie {
+                name: "canary_uid".into(),
+                max_age: Duration::from_secs(60),
+            }),
+            ..user_sticky()
+        };
+        let pin = rule(
+            RuleSource::Header(HeaderName::from_static("x-canary")),
+            RuleMatcher::Equals("always".into()),
+            1,
+        );
+        let t = table(&[50, 50], vec![pin], sticky);
+        let mut rng = StdRng::seed_from_u64(3);
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..200 {
+            let d = t.route(&HeaderMap::new(), &mut rng).unwrap();
+            let id = d.new_user.expect("an anonymous request gets an id");
+            let b = bucket(b"", &crate::id::hex(id));
+            assert_eq!(d.reason, Reason::Sticky(b));
+            assert_eq!(d.backend, usize::from(b >= 5000));
+            assert!(seen.insert(id), "ids repeat");
+        }
+        // A user id, or a rule, and no id is drawn.
+        for h in [
+            headers(&[("x-user-id", "alice")]),
+            headers(&[("cookie", "uid=bob")]),
+            headers(&[("cookie", "canary_uid=carol")]),
+            headers(&[("x-canary", "always")]),
+        ] {
+            assert_eq!(t.route(&h, &mut rng).unwrap().new_user, None, "{h:?}");
+        }
+        // The id is drawn once even when the decision is made again (its backend went down
+        // meanwhile): the request goes where its id's bucket falls among those left.
+        set_backend_health(&t, 0, false);
+        for seed in 0..20 {
+            let first_draw = crate::id::random(&mut StdRng::seed_from_u64(seed));
+            let mut rng = StdRng::seed_from_u64(seed);
+            let d = t.route_from(0b11, &HeaderMap::new(), &mut rng).unwrap();
+            assert_eq!(d.new_user, Some(first_draw));
+            let b = bucket(b"", &crate::id::hex(first_draw));
+            assert_eq!((d.backend, d.reason), (1, Reason::Sticky(b)));
+        }
+        // Without a sticky cookie, anonymous requests are split by weight, with no id.
+        let t = table(&[50, 50], vec![], user_sticky());
+        let d = t.route(&HeaderMap::new(), &mut rng).unwrap();
+        assert_eq!((d.reason, d.new_user), (Reason::Weight, None));
     }
 
     #[test]

@@ -1,13 +1,15 @@
-//! Sticky user buckets: the FNV-1a hash that maps a user id to one of 10 000 buckets, and the
-//! lookup of the user id in a request (header first, then cookie).
+//! Sticky user buckets: the FNV-1a hash that maps a user id to one of 10 000 buckets, the
+//! lookup of the user id in a request (header, then cookie, then the sticky cookie), and the
+//! cookie that gives anonymous visitors an id of their own.
 //!
 //! The formula is part of the product contract, because operators compute it outside the proxy
 //! to know which version a given user sees:
 //! `bucket = fnv1a_32(sticky_salt + user_id) mod 10000`, over the UTF-8 bytes.
 
-use http::HeaderMap;
-use http::HeaderName;
+use std::time::Duration;
+
 use http::header::COOKIE;
+use http::{HeaderMap, HeaderName, HeaderValue};
 
 /// Number of sticky buckets; backends own consecutive ranges of `[0, BUCKETS)`.
 pub const BUCKETS: u32 = 10_000;
@@ -39,25 +41,86 @@ pub struct StickySettings {
     pub cookie: Option<String>,
     /// Prefixed to the user id before hashing, so different services can bucket differently.
     pub salt: String,
+    /// The proxy's own cookie for anonymous visitors: read last; a request with no user id
+    /// gets a new one in it.
+    pub anonymous: Option<StickyCookie>,
+}
+
+/// The cookie (`proxy.sticky_cookie`) that keeps an anonymous visitor on one version.
+#[derive(Debug, Clone)]
+pub struct StickyCookie {
+    pub name: String,
+    pub max_age: Duration,
+}
+
+/// Where a request's user id came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdSource {
+    /// `proxy.user_id_header`.
+    Header,
+    /// `proxy.user_id_cookie`.
+    Cookie,
+    /// `proxy.sticky_cookie`, given by the proxy on an earlier response.
+    StickyCookie,
+}
+
+impl IdSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IdSource::Header => "header",
+            IdSource::Cookie => "cookie",
+            IdSource::StickyCookie => "sticky_cookie",
+        }
+    }
 }
 
 impl StickySettings {
-    /// The user id of a request: the first non-empty value of the header, else the cookie.
-    pub fn user_id<'a>(&self, headers: &'a HeaderMap) -> Option<&'a [u8]> {
+    /// The user id of a request and where it was found: the first non-empty value of the
+    /// header, the cookie, then the sticky cookie.
+    pub fn user_id<'a>(&self, headers: &'a HeaderMap) -> Option<(&'a [u8], IdSource)> {
         if let Some(name) = &self.header
             && let Some(value) = headers.get(name)
             && !value.is_empty()
         {
-            return Some(value.as_bytes());
+            return Some((value.as_bytes(), IdSource::Header));
         }
-        let name = self.cookie.as_deref()?;
-        cookie(headers, name).filter(|v| !v.is_empty())
+        let named = |name: &str, source| {
+            cookie(headers, name)
+                .filter(|v| !v.is_empty())
+                .map(|id| (id, source))
+        };
+        self.cookie
+            .as_deref()
+            .and_then(|name| named(name, IdSource::Cookie))
+            .or_else(|| {
+                let anonymous = self.anonymous.as_ref()?;
+                named(&anonymous.name, IdSource::StickyCookie)
+            })
     }
 
     /// The sticky bucket of a request, when it carries a user id.
     pub fn bucket_of(&self, headers: &HeaderMap) -> Option<u32> {
         self.user_id(headers)
-            .map(|id| bucket(self.salt.as_bytes(), id))
+            .map(|(id, _)| bucket(self.salt.as_bytes(), id))
+    }
+
+    /// The sticky bucket of a new anonymous user id (`id` as its cookie carries it).
+    pub fn bucket_of_new(&self, id: u128) -> u32 {
+        bucket(self.salt.as_bytes(), &crate::id::hex(id))
+    }
+
+    /// `Set-Cookie` giving an anonymous visitor the id `id`; `None` without a sticky cookie.
+    pub fn set_cookie(&self, id: u128) -> Option<HeaderValue> {
+        let anonymous = self.anonymous.as_ref()?;
+        let id = crate::id::hex(id);
+        let mut value = Vec::with_capacity(anonymous.name.len() + 96);
+        value.extend_from_slice(anonymous.name.as_bytes());
+        value.push(b'=');
+        value.extend_from_slice(&id);
+        value.extend_from_slice(b"; Path=/; Max-Age=");
+        value.extend_from_slice(anonymous.max_age.as_secs().to_string().as_bytes());
+        value.extend_from_slice(b"; HttpOnly; SameSite=Lax");
+        HeaderValue::from_bytes(&value).ok()
     }
 }
 
@@ -151,14 +214,58 @@ mod tests {
             header: Some(HeaderName::from_static("x-user-id")),
             cookie: Some("uid".into()),
             salt: String::new(),
+            anonymous: Some(StickyCookie {
+                name: "canary_uid".into(),
+                max_age: Duration::from_secs(60),
+            }),
         };
-        let both = headers(&[("x-user-id", "h"), ("cookie", "uid=c")]);
-        assert_eq!(sticky.user_id(&both), Some(&b"h"[..]));
-        let cookie_only = headers(&[("cookie", "uid=c")]);
-        assert_eq!(sticky.user_id(&cookie_only), Some(&b"c"[..]));
+        let all = headers(&[("x-user-id", "h"), ("cookie", "uid=c; canary_uid=s")]);
+        assert_eq!(sticky.user_id(&all), Some((&b"h"[..], IdSource::Header)));
+        let cookies = headers(&[("cookie", "canary_uid=s; uid=c")]);
+        assert_eq!(
+            sticky.user_id(&cookies),
+            Some((&b"c"[..], IdSource::Cookie))
+        );
         let empty_header = headers(&[("x-user-id", ""), ("cookie", "uid=c")]);
-        assert_eq!(sticky.user_id(&empty_header), Some(&b"c"[..]));
+        assert_eq!(
+            sticky.user_id(&empty_header),
+            Some((&b"c"[..], IdSource::Cookie))
+        );
+        let anonymous = headers(&[("cookie", "uid=; canary_uid=s")]);
+        assert_eq!(
+            sticky.user_id(&anonymous),
+            Some((&b"s"[..], IdSource::StickyCookie))
+        );
         assert_eq!(sticky.user_id(&HeaderMap::new()), None);
-        assert_eq!(sticky.bucket_of(&cookie_only), Some(bucket(b"", b"c")));
+        assert_eq!(sticky.bucket_of(&cookies), Some(bucket(b"", b"c")));
+        let without = StickySettings {
+            anonymous: None,
+            ..sticky
+        };
+        assert_eq!(without.user_id(&anonymous), None);
+    }
+
+    #[test]
+    fn a_new_id_is_bucketed_as_its_cookie_will_be() {
+        let sticky = StickySettings {
+            salt: "s".into(),
+            anonymous: Some(StickyCookie {
+                name: "canary_uid".into(),
+                max_age: Duration::from_secs(720 * 3600),
+            }),
+            ..StickySettings::default()
+        };
+        let id = 0x0123_4567_89ab_cdef_0123_4567_89ab_cdef_u128;
+        let set = sticky.set_cookie(id).unwrap();
+        assert_eq!(
+            set,
+            "canary_uid=fedcba9876543210fedcba9876543210; Path=/; Max-Age=2592000; HttpOnly; SameSite=Lax"
+        );
+        let value = set.to_str().unwrap().split(';').next().unwrap();
+        let next = headers(&[("cookie", "other=1")]);
+        let mut next = next;
+        next.append(COOKIE, HeaderValue::from_str(value).unwrap());
+        assert_eq!(sticky.bucket_of(&next), Some(sticky.bucket_of_new(id)));
+        assert_eq!(StickySettings::default().set_cookie(id), None);
     }
 }
