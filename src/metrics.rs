@@ -2,7 +2,8 @@
 //! [`BackendMetrics`] handle per backend that the forward path counts into.
 //!
 //! Labels are bounded by construction: the hot path takes only typed values
-//! ([`DecisionReason`], [`UpstreamErrorKind`], [`StatusCode`]), and the one free-form label,
+//! ([`DecisionReason`], [`UpstreamErrorKind`], [`FaultKind`], [`StatusCode`]), and the one
+//! free-form label,
 //! the backend name, is
 //! fixed when a routing table is built, never taken from a request. Each handle resolves its
 //! label children once (lazily for status codes), so counting a request is a few atomic
@@ -73,6 +74,33 @@ impl UpstreamErrorKind {
         }
     }
 }
+
+/// What a fault injected into a request, as a bounded metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultKind {
+    /// Answered without forwarding.
+    Abort,
+    /// Held before forwarding.
+    Delay,
+}
+
+impl FaultKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            FaultKind::Abort => "abort",
+            FaultKind::Delay => "delay",
+        }
+    }
+
+    fn slot(self) -> usize {
+        match self {
+            FaultKind::Abort => 0,
+            FaultKind::Delay => 1,
+        }
+    }
+}
+
+const FAULT_KINDS: [FaultKind; 2] = [FaultKind::Abort, FaultKind::Delay];
 
 /// One slot per [`DecisionReason`], in [`reason_slot`] order.
 const REASONS: [DecisionReason; 4] = [
@@ -146,6 +174,7 @@ struct Families {
     duration: HistogramVec,
     upstream_errors: IntCounterVec,
     decisions: IntCounterVec,
+    faults: IntCounterVec,
 }
 
 /// The counters of one backend, resolved ahead of time. Cheap to clone (one `Arc`); the routing
@@ -164,6 +193,7 @@ struct BackendSeries {
     duration: OnceLock<Histogram>,
     decisions: [OnceLock<IntCounter>; REASONS.len()],
     errors: [OnceLock<IntCounter>; ERROR_KINDS.len()],
+    faults: [OnceLock<IntCounter>; FAULT_KINDS.len()],
 }
 
 /// Counts one request in `canary_in_flight_requests` for as long as it lives. Dropping it is the
@@ -270,6 +300,13 @@ impl Metrics {
                 "Routing decisions, by chosen backend and reason (rule, sticky, weight; fallback \
                  when no eligible backend was healthy and routing failed open).",
                 &["backend", "reason"],
+            ),
+            faults: int_counter_vec(
+                r,
+                "canary_faults_injected_total",
+                "Faults injected into requests (fault drills), by the backend routed to and kind \
+                 (abort: answered without forwarding; delay: held before forwarding).",
+                &["backend", "kind"],
             ),
         });
         // Two series of one family, created up front so both results export 0 from the start.
@@ -507,6 +544,7 @@ impl BackendMetrics {
             duration: OnceLock::new(),
             decisions: Default::default(),
             errors: Default::default(),
+            faults: Default::default(),
         };
         if eager {
             series.duration();
@@ -515,6 +553,9 @@ impl BackendMetrics {
             }
             for kind in ERROR_KINDS {
                 series.error(kind);
+            }
+            for kind in FAULT_KINDS {
+                series.fault(kind);
             }
         }
         BackendMetrics {
@@ -542,6 +583,11 @@ impl BackendMetrics {
     pub fn upstream_error(&self, kind: UpstreamErrorKind) {
         self.series.error(kind).inc();
     }
+
+    /// Counts one fault injected into a request routed to this backend.
+    pub fn fault(&self, kind: FaultKind) {
+        self.series.fault(kind).inc();
+    }
 }
 
 impl BackendSeries {
@@ -557,6 +603,14 @@ impl BackendSeries {
         self.errors[error_slot(kind)].get_or_init(|| {
             self.families
                 .upstream_errors
+                .with_label_values(&[self.name.as_str(), kind.as_str()])
+        })
+    }
+
+    fn fault(&self, kind: FaultKind) -> &IntCounter {
+        self.faults[kind.slot()].get_or_init(|| {
+            self.families
+                .faults
                 .with_label_values(&[self.name.as_str(), kind.as_str()])
         })
     }
@@ -867,6 +921,7 @@ mod tests {
             ("canary_endpoint_up", "gauge"),
             ("canary_upstream_errors_total", "counter"),
             ("canary_route_decisions_total", "counter"),
+            ("canary_faults_injected_total", "counter"),
             ("canary_config_reloads_total", "counter"),
             ("canary_in_flight_requests", "gauge"),
             ("canary_table_version", "gauge"),

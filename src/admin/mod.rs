@@ -6,6 +6,9 @@
 //! | `POST`/`PUT /admin/weight` | sets weights from a JSON body `{"v2":20}` or a query `?v2=20`; names left out keep theirs |
 //! | `GET /admin/routes` | the whole effective table |
 //! | `GET /admin/explain` | which backend a request with these headers would get, and why |
+//! | `GET /admin/faults` | the faults in force |
+//! | `PUT /admin/faults` | replaces them with the JSON list in the body (keys of `[[fault]]`) |
+//! | `DELETE /admin/faults` | removes them all, or `?backend=NAME`'s |
 //! | `POST`/`PUT /admin/reload` | re-reads the config file |
 //! | `GET /metrics` | Prometheus text format |
 //! | `GET /healthz` | 200 while the process runs |
@@ -21,10 +24,12 @@
 //! JSON: `{"error": "..."}`.
 //!
 //! Beside the server: `client`, a small HTTP/1.1 client of this API for the operator's
-//! subcommands, and `cli`, the `canary-proxy rollout ...` subcommand built on it.
+//! subcommands, and `cli`, the `canary-proxy rollout ...` subcommand built on it. `faults`:
+//! the JSON of `/admin/faults`.
 
 pub mod cli;
 pub mod client;
+mod faults;
 
 use std::convert::Infallible;
 use std::net::Ipv4Addr;
@@ -264,6 +269,20 @@ async fn handle(
             }
         }
         (_, "/admin/reload") => not_allowed("reload needs POST or PUT", "POST, PUT"),
+        (Method::GET, "/admin/faults") => with_etag(
+            json_response(
+                StatusCode::OK,
+                faults::to_json(table.version, &crate::control::faults_of(&table)),
+            ),
+            table.version,
+        ),
+        (Method::PUT | Method::DELETE, "/admin/faults") => {
+            change_faults(control, request, read_timeout).await
+        }
+        (_, "/admin/faults") => not_allowed(
+            "use GET to read, PUT to replace, DELETE to remove",
+            "GET, PUT, DELETE",
+        ),
         (Method::GET, "/admin/rollout") => {
             // The rollout's lock is held while it writes its state file: wait off the runtime.
             let rollout = rollout.clone();
@@ -308,6 +327,33 @@ async fn handle(
     }
 }
 
+/// The body of an admin write, read within `read_timeout` and [`MAX_BODY`]; else the answer
+/// that refuses it.
+async fn read_body(
+    request: Request<Incoming>,
+    read_timeout: Duration,
+) -> Result<Bytes, AdminResponse> {
+    let reading = Limited::new(request.into_body(), MAX_BODY).collect();
+    match tokio::time::timeout(read_timeout, reading).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<LengthLimitError>() => Err(closing(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request body over 64 KiB",
+        ))),
+        Ok(Err(_)) => Err(closing(error(
+            StatusCode::BAD_REQUEST,
+            "request body unreadable",
+        ))),
+        Err(_) => {
+            let message = format!(
+                "request body not received within admin.header_read_timeout ({})",
+                crate::duration::format_duration(read_timeout)
+            );
+            Err(closing(error(StatusCode::REQUEST_TIMEOUT, &message)))
+        }
+    }
+}
+
 async fn set_weights(
     control: &Arc<ControlPlane>,
     request: Request<Incoming>,
@@ -318,23 +364,9 @@ async fn set_weights(
         Err(message) => return error(StatusCode::BAD_REQUEST, message),
     };
     let query = request.uri().query().unwrap_or("").to_string();
-    let reading = Limited::new(request.into_body(), MAX_BODY).collect();
-    let body = match tokio::time::timeout(read_timeout, reading).await {
-        Ok(Ok(collected)) => collected.to_bytes(),
-        Ok(Err(e)) if e.is::<LengthLimitError>() => {
-            return closing(error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "request body over 64 KiB",
-            ));
-        }
-        Ok(Err(_)) => return closing(error(StatusCode::BAD_REQUEST, "request body unreadable")),
-        Err(_) => {
-            let message = format!(
-                "request body not received within admin.header_read_timeout ({})",
-                crate::duration::format_duration(read_timeout)
-            );
-            return closing(error(StatusCode::REQUEST_TIMEOUT, &message));
-        }
+    let body = match read_body(request, read_timeout).await {
+        Ok(body) => body,
+        Err(refused) => return refused,
     };
     let parsed = if body.iter().all(u8::is_ascii_whitespace) {
         parse_query_weights(&query)
@@ -352,6 +384,71 @@ async fn set_weights(
         Ok(applied) => weights_applied(applied),
         Err(e) => control_error(control, &e),
     }
+}
+
+/// `PUT /admin/faults` (the body replaces the faults in force) and `DELETE /admin/faults`
+/// (all of them, or `?backend=NAME`'s).
+async fn change_faults(
+    control: &Arc<ControlPlane>,
+    request: Request<Incoming>,
+    read_timeout: Duration,
+) -> AdminResponse {
+    let if_match = match if_match(&request) {
+        Ok(v) => v,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
+    };
+    let applied = if request.method() == Method::DELETE {
+        let backend = match faults_backend_query(request.uri().query().unwrap_or("")) {
+            Ok(backend) => backend,
+            Err(message) => return error(StatusCode::BAD_REQUEST, &message),
+        };
+        control
+            .run_blocking(move |control| {
+                control.clear_faults(backend.as_deref(), if_match.as_deref())
+            })
+            .await
+    } else {
+        let body = match read_body(request, read_timeout).await {
+            Ok(body) => body,
+            Err(refused) => return refused,
+        };
+        let faults = match faults::parse(&body) {
+            Ok(faults) => faults,
+            Err(e) => return control_error(control, &e),
+        };
+        control
+            .run_blocking(move |control| control.set_faults(faults, if_match.as_deref()))
+            .await
+    };
+    match applied {
+        Ok(applied) => with_etag(
+            json_response(
+                StatusCode::OK,
+                faults::to_json(applied.version, &applied.faults),
+            ),
+            applied.version,
+        ),
+        Err(e) => control_error(control, &e),
+    }
+}
+
+/// `?backend=NAME` of `DELETE /admin/faults`; nothing else may be asked.
+fn faults_backend_query(query: &str) -> Result<Option<String>, String> {
+    let mut backend = None;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("backend", name)) if !name.is_empty() && backend.is_none() => {
+                backend = Some(name.to_owned());
+            }
+            _ => {
+                return Err(format!(
+                    "unexpected query {pair:?}; DELETE /admin/faults removes every fault, \
+                     ?backend=NAME only that backend's"
+                ));
+            }
+        }
+    }
+    Ok(backend)
 }
 
 fn weights_applied(applied: WeightsApplied) -> AdminResponse {
@@ -613,6 +710,8 @@ fn control_error(control: &ControlPlane, e: &ControlError) -> AdminResponse {
         }
         ControlError::UnknownBackend(_)
         | ControlError::InvalidWeight { .. }
+        | ControlError::InvalidFault { .. }
+        | ControlError::RepeatedFault(_)
         | ControlError::AllZero
         | ControlError::NoWeights
         | ControlError::MalformedJson(_)

@@ -10,6 +10,7 @@
 //! `raw.rs` is stage 1: the `Raw*` serde structs mirroring the file, and `deserialize`.
 //! `validate.rs` is stage 2: `Raw*` into the public types, with the checks of single values.
 //! `diagnostics.rs` locates and words errors: `FieldError`, lines, key paths, typo hints.
+//! `fault.rs` checks faults (`[[fault]]`), for the file and for the admin API alike.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -25,8 +26,11 @@ use diagnostics::line_of;
 use raw::deserialize;
 
 mod diagnostics;
+mod fault;
 mod raw;
 mod validate;
+
+pub use fault::{FaultConfig, FaultError, FaultFields, MAX_FAULT_DELAY, first_repeated_backend};
 
 /// The largest weight a backend may have, in the file and through the admin API. Weights are
 /// relative, so this only guards against sums that overflow and typos with extra zeros.
@@ -58,6 +62,9 @@ pub struct Config {
     pub rules: Vec<RuleConfig>,
     /// The progressive rollout the proxy runs itself (`[rollout]`), if any.
     pub rollout: Option<RolloutConfig>,
+    /// Faults injected into backends' requests (`[[fault]]`): at most one per backend, each
+    /// naming a backend of `backends`.
+    pub faults: Vec<FaultConfig>,
 }
 
 /// `[rollout]`: the plan of a progressive rollout from `baseline` to `canary`.
@@ -1553,6 +1560,69 @@ backend = "v2"
         ]
         .concat());
         assert_eq!(valid(&ephemeral).proxy.listen.port(), 0);
+    }
+
+    #[test]
+    fn faults() {
+        let with = |lines: &[&str]| doc(&[&V1[..], &V2[..], &["[[fault]]"], lines].concat());
+        let config = valid(&with(&[
+            "backend = \"v2\"",
+            "abort_percent = 5",
+            "abort_status = 500",
+            "delay_percent = 12.5",
+            "delay = \"200ms\"",
+            "header = \"x-fault\"",
+        ]));
+        let fault = &config.faults[0];
+        assert_eq!(fault.backend, "v2");
+        assert_eq!((fault.abort_percent, fault.delay_percent), (5.0, 12.5));
+        assert_eq!(fault.abort_status, http::StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(fault.delay, Duration::from_millis(200));
+        assert_eq!(fault.header.as_ref().unwrap(), "x-fault");
+        assert!(valid(&doc(&V1)).faults.is_empty());
+        // Lines: V1 and V2 take 1-8, [[fault]] is line 9.
+        assert_invalid(
+            &with(&["backend = \"v3\"", "abort_percent = 5"]),
+            "fault[0].backend",
+            10,
+        );
+        let over = assert_invalid(
+            &with(&["backend = \"v2\"", "abort_percent = 101"]),
+            "fault[0].abort_percent",
+            11,
+        );
+        assert!(over.contains("0 to 100"), "{over}");
+        assert_invalid(
+            &with(&["backend = \"v2\"", "abort_percent = 5", "abort_status = 99"]),
+            "fault[0].abort_status",
+            12,
+        );
+        assert_invalid(
+            &with(&["backend = \"v2\"", "delay_percent = 5"]),
+            "fault[0].delay",
+            9,
+        );
+        assert_invalid(&with(&["backend = \"v2\""]), "fault[0].abort_percent", 9);
+        assert_invalid(&with(&["abort_percent = 5"]), "fault[0].backend", 9);
+        assert_invalid(
+            &with(&["backend = \"v2\"", "abort_percent = 5", "abort = 1"]),
+            "fault[0].abort",
+            12,
+        );
+        let twice = doc(&[
+            &V1[..],
+            &V2[..],
+            &["[[fault]]", "backend = \"v2\"", "abort_percent = 5"],
+            &[
+                "[[fault]]",
+                "backend = \"v2\"",
+                "delay_percent = 5",
+                "delay = \"1s\"",
+            ],
+        ]
+        .concat());
+        let message = assert_invalid(&twice, "fault[1].backend", 13);
+        assert!(message.contains("one fault per backend"), "{message}");
     }
 
     #[test]

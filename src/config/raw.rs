@@ -21,6 +21,18 @@ pub(super) struct RawConfig {
     pub(super) backend: Option<Spanned<Vec<Spanned<RawBackend>>>>,
     pub(super) rule: Option<Vec<Spanned<RawRule>>>,
     pub(super) rollout: Option<Spanned<RawRollout>>,
+    pub(super) fault: Option<Vec<Spanned<RawFault>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+pub(super) struct RawFault {
+    pub(super) backend: Option<Spanned<String>>,
+    pub(super) abort_percent: Option<Spanned<RawNumber>>,
+    pub(super) abort_status: Option<Spanned<RawInt>>,
+    pub(super) delay_percent: Option<Spanned<RawNumber>>,
+    pub(super) delay: Option<Spanned<RawDuration>>,
+    pub(super) header: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -211,7 +223,7 @@ pub(super) fn deserialize(text: &str) -> Result<RawConfig, FieldError> {
         let mut message =
             describe_unknown_key(e.message()).unwrap_or_else(|| one_line(e.message()).into_owned());
         if message.ends_with("expected a sequence") {
-            if matches!(key.as_str(), "backend" | "rule") {
+            if matches!(key.as_str(), "backend" | "rule" | "fault") {
                 message.push_str(&format!("; write `[[{key}]]` (an array of tables)"));
             } else if message.starts_with("invalid type: string") {
                 message.push_str("; write a list, e.g. [\"http://127.0.0.1:8081\"]");

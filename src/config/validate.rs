@@ -11,14 +11,14 @@ use toml::Spanned;
 
 use super::diagnostics::{FieldError, later, line_of, regex_reason};
 use super::raw::{
-    RawAdmin, RawAnalysis, RawBackend, RawConfig, RawDuration, RawHealth, RawInt, RawNumber,
-    RawOutlier, RawProxy, RawRollout, RawRule,
+    RawAdmin, RawAnalysis, RawBackend, RawConfig, RawDuration, RawFault, RawHealth, RawInt,
+    RawNumber, RawOutlier, RawProxy, RawRollout, RawRule,
 };
 use super::{
     AdminSettings, AnalysisConfig, BackendConfig, Config, DEFAULT_ROLLOUT_STEPS, EndpointUrl,
-    HealthCheckConfig, MAX_ADMIN_CONNECTIONS, MAX_BACKENDS, MAX_WEIGHT, MAX_WORKERS,
-    OnInconclusive, OutlierConfig, ProxySettings, RolloutConfig, RuleConfig, RuleMatcher,
-    RuleSource, UNROUTED_BACKEND,
+    FaultConfig, FaultFields, HealthCheckConfig, MAX_ADMIN_CONNECTIONS, MAX_BACKENDS, MAX_WEIGHT,
+    MAX_WORKERS, OnInconclusive, OutlierConfig, ProxySettings, RolloutConfig, RuleConfig,
+    RuleMatcher, RuleSource, UNROUTED_BACKEND, first_repeated_backend,
 };
 use crate::duration::{format_duration, parse_duration};
 
@@ -67,12 +67,14 @@ impl RawConfig {
             .rollout
             .map(|raw| validate_rollout(raw, &backends))
             .transpose()?;
+        let faults = validate_faults(self.fault.unwrap_or_default(), &backends)?;
         Ok(Config {
             proxy,
             admin,
             backends,
             rules,
             rollout,
+            faults,
         })
     }
 }
@@ -554,6 +556,62 @@ fn validate_outlier(prefix: &str, raw: RawOutlier) -> Result<OutlierConfig, Fiel
         base_ejection,
         max_ejection,
     })
+}
+
+fn validate_faults(
+    raw: Vec<Spanned<RawFault>>,
+    backends: &[BackendConfig],
+) -> Result<Vec<FaultConfig>, FieldError> {
+    let mut faults = Vec::with_capacity(raw.len());
+    for (i, raw) in raw.into_iter().enumerate() {
+        let table_span = raw.span();
+        let raw = raw.into_inner();
+        let span_of = |field: &str| {
+            let span = match field {
+                "backend" => raw.backend.as_ref().map(Spanned::span),
+                "abort_percent" => raw.abort_percent.as_ref().map(Spanned::span),
+                "abort_status" => raw.abort_status.as_ref().map(Spanned::span),
+                "delay_percent" => raw.delay_percent.as_ref().map(Spanned::span),
+                "delay" => raw.delay.as_ref().map(Spanned::span),
+                _ => raw.header.as_ref().map(Spanned::span),
+            };
+            span.unwrap_or_else(|| table_span.clone())
+        };
+        let fields = FaultFields {
+            backend: raw.backend.as_ref().map(|b| b.get_ref().as_str()),
+            abort_percent: raw.abort_percent.as_ref().map(|p| p.get_ref().0),
+            abort_status: raw.abort_status.as_ref().map(|s| s.get_ref().0),
+            delay_percent: raw.delay_percent.as_ref().map(|p| p.get_ref().0),
+            delay: raw.delay.as_ref().map(|d| d.get_ref().0.as_str()),
+            header: raw.header.as_ref().map(|h| h.get_ref().as_str()),
+        };
+        let fault = fields.check().map_err(|e| {
+            FieldError::new(
+                format!("fault[{i}].{}", e.field),
+                span_of(e.field),
+                e.message,
+            )
+        })?;
+        if !backends.iter().any(|b| b.name == fault.backend) {
+            return Err(FieldError::new(
+                format!("fault[{i}].backend"),
+                span_of("backend"),
+                format!("unknown backend {:?}", fault.backend),
+            ));
+        }
+        faults.push(fault);
+        if let Some(repeated) = first_repeated_backend(&faults) {
+            return Err(FieldError::new(
+                format!("fault[{repeated}].backend"),
+                span_of("backend"),
+                format!(
+                    "backend {:?} already has a fault; one fault per backend",
+                    faults[repeated].backend
+                ),
+            ));
+        }
+    }
+    Ok(faults)
 }
 
 fn validate_rule(

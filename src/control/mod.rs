@@ -1,4 +1,5 @@
-//! The control plane: every change to the routing table (weights, reloads) goes through here.
+//! The control plane: every change to the routing table (weights, faults, reloads) goes
+//! through here.
 //!
 //! A change is serialized with the others, checked whole, built as a new table and swapped in
 //! with one store, so a request sees either the old table or the new one. Each change bumps the
@@ -18,8 +19,9 @@ use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
 use crate::chain::Chain;
-use crate::config::{self, Config, ConfigError, MAX_WEIGHT, TokenError};
+use crate::config::{self, Config, ConfigError, FaultConfig, MAX_WEIGHT, TokenError};
 use crate::metrics::Metrics;
+use crate::routing::fault::Fault;
 use crate::routing::{RoutingTable, SharedTable};
 use health::HealthSupervisor;
 use persist::PersistError;
@@ -54,6 +56,14 @@ pub enum ControlError {
     WouldOpenAdmin { listen: SocketAddr },
     #[error("the change stopped before it completed; read the table to see its state")]
     Interrupted(#[source] tokio::task::JoinError),
+    #[error("faults[{index}].{field}: {message}")]
+    InvalidFault {
+        index: usize,
+        field: &'static str,
+        message: String,
+    },
+    #[error("backend {0:?} is given two faults; one fault per backend")]
+    RepeatedFault(String),
     /// The weights of these backends are driven by something else (the progressive rollout).
     #[error("the weight of {backend:?} is set by {owner}; use its commands instead")]
     Owned { backend: String, owner: String },
@@ -83,6 +93,13 @@ pub struct WeightsApplied {
     pub weights: Vec<(String, u32)>,
     /// Whether the change was written back to the config file (`None` when there is none).
     pub persisted: Option<Result<(), PersistError>>,
+}
+
+/// The faults in force after a change.
+#[derive(Debug)]
+pub struct FaultsApplied {
+    pub version: u64,
+    pub faults: Vec<FaultConfig>,
 }
 
 /// Owns the shared routing table and everything that changes it.
@@ -308,6 +325,73 @@ impl ControlPlane {
         })
     }
 
+    /// Puts `faults` in force in place of those in force now (an empty list removes them
+    /// all): versioned and audited like a weight change, not written to the config file, so a
+    /// drill ends with the process (or a reload, which applies the file's `[[fault]]`).
+    pub fn set_faults(
+        &self,
+        faults: Vec<FaultConfig>,
+        if_match: Option<&[u64]>,
+    ) -> Result<FaultsApplied, ControlError> {
+        let _write = self.writes.lock().unwrap_or_else(|e| e.into_inner());
+        let current = self.table.load_full();
+        check_version(if_match, current.version)?;
+        self.replace_faults(&current, faults)
+    }
+
+    /// Removes the fault of `backend`, or every fault (`None`); like
+    /// [`set_faults`](Self::set_faults).
+    pub fn clear_faults(
+        &self,
+        backend: Option<&str>,
+        if_match: Option<&[u64]>,
+    ) -> Result<FaultsApplied, ControlError> {
+        let _write = self.writes.lock().unwrap_or_else(|e| e.into_inner());
+        let current = self.table.load_full();
+        check_version(if_match, current.version)?;
+        if let Some(name) = backend
+            && current.backend(name).is_none()
+        {
+            return Err(ControlError::UnknownBackend(name.to_owned()));
+        }
+        let kept = faults_of(&current)
+            .into_iter()
+            .filter(|f| backend.is_some_and(|name| f.backend != name))
+            .collect();
+        self.replace_faults(&current, kept)
+    }
+
+    fn replace_faults(
+        &self,
+        current: &RoutingTable,
+        faults: Vec<FaultConfig>,
+    ) -> Result<FaultsApplied, ControlError> {
+        let mut by_backend: Vec<Option<Arc<Fault>>> = vec![None; current.backends.len()];
+        for fault in faults {
+            let index = current
+                .backends
+                .iter()
+                .position(|b| b.name == fault.backend)
+                .ok_or_else(|| ControlError::UnknownBackend(fault.backend.clone()))?;
+            if by_backend[index].is_some() {
+                return Err(ControlError::RepeatedFault(fault.backend));
+            }
+            by_backend[index] = Some(Arc::new(Fault::new(fault)));
+        }
+        let next = current.with_faults(by_backend, current.version + 1);
+        let faults = faults_of(&next);
+        tracing::info!(
+            target: "audit",
+            version = next.version,
+            old = %describe_faults(&faults_of(current)),
+            new = %describe_faults(&faults),
+            "faults changed"
+        );
+        let version = next.version;
+        self.table.store(Arc::new(next));
+        Ok(FaultsApplied { version, faults })
+    }
+
     /// Re-reads the config file and applies it whole, or leaves everything as it was. Blocks
     /// on file I/O: from async code, call it through [`run_blocking`](Self::run_blocking).
     /// Backends whose connection settings are unchanged keep their pools and health state.
@@ -428,6 +512,48 @@ fn weights_of(table: &RoutingTable) -> Vec<(String, u32)> {
         .iter()
         .map(|b| (b.name.clone(), b.weight))
         .collect()
+}
+
+/// The faults in force in `table`, in backend order.
+pub fn faults_of(table: &RoutingTable) -> Vec<FaultConfig> {
+    table
+        .backends
+        .iter()
+        .filter_map(|b| b.fault.as_ref().map(|f| f.config.clone()))
+        .collect()
+}
+
+/// The faults as the audit log shows them: `v2: abort 5% (503), delay 10% (200ms) if
+/// x-fault`, or `none`.
+fn describe_faults(faults: &[FaultConfig]) -> String {
+    if faults.is_empty() {
+        return "none".to_owned();
+    }
+    let parts: Vec<String> = faults
+        .iter()
+        .map(|f| {
+            let mut text = format!("{}:", f.backend);
+            if f.abort_percent > 0.0 {
+                text.push_str(&format!(
+                    " abort {}% ({})",
+                    f.abort_percent,
+                    f.abort_status.as_u16()
+                ));
+            }
+            if f.delay_percent > 0.0 {
+                text.push_str(&format!(
+                    " delay {}% ({})",
+                    f.delay_percent,
+                    crate::duration::format_duration(f.delay)
+                ));
+            }
+            if let Some(header) = &f.header {
+                text.push_str(&format!(" if {header}"));
+            }
+            text
+        })
+        .collect();
+    parts.join("; ")
 }
 
 fn describe(weights: &[(String, u32)]) -> String {

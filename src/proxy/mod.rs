@@ -28,7 +28,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::chain::Chain;
-use crate::metrics::{Metrics, UpstreamErrorKind};
+use crate::metrics::{FaultKind, Metrics, UpstreamErrorKind};
+use crate::routing::fault::Injection;
 use crate::routing::{Backend, Endpoint, Reason, RoutingTable, SharedTable};
 use crate::upstream::{
     ConnectError, ExchangeError, ForwardBody, ProxyResponse, SendError, UpstreamBody,
@@ -150,10 +151,7 @@ impl Proxy {
                     request_id = outcome.request_id.as_ref().and_then(|v| v.to_str().ok()),
                     "request failed"
                 );
-                let named = table
-                    .backend_header
-                    .as_ref()
-                    .zip(backend.map(|b| b.name_value.clone()));
+                let named = named_backend(&table, backend);
                 error_response(&error, outcome.request_id.clone(), named)
             }
         };
@@ -197,6 +195,35 @@ impl Proxy {
         };
 
         let target = route(table, &parts.headers, outcome)?;
+        // A fault drill on this backend: held, or answered here (neither touches the
+        // endpoint's health; the answer counts as the backend's everywhere else).
+        let injected = match &target.backend.fault {
+            None => Injection::default(),
+            Some(fault) => fault.draw(&parts.headers, &mut rand::rng()),
+        };
+        let started = match injected.delay {
+            None => started,
+            Some(delay) => {
+                target.backend.metrics.fault(FaultKind::Delay);
+                tokio::time::sleep(delay).await;
+                // The request's own timeouts start once the delay is over, as they would
+                // behind a slow network.
+                Instant::now()
+            }
+        };
+        if let Some(status) = injected.abort {
+            target.backend.metrics.fault(FaultKind::Abort);
+            let mut response = synthetic_response(
+                status,
+                outcome.request_id.clone(),
+                named_backend(table, Some(target.backend)),
+            );
+            response.headers_mut().insert(
+                headers::X_CANARY_FAULT.clone(),
+                HeaderValue::from_static("abort"),
+            );
+            return Ok(response);
+        }
         let outgoing = rewrite_request(
             parts,
             body,
@@ -207,13 +234,20 @@ impl Proxy {
             target.endpoint,
         );
         let (response, target) = send_with_retry(table, target, outgoing, started, outcome).await?;
-        rewrite_response(
+        let mut response = rewrite_response(
             response,
             &target,
             websocket,
             table,
             outcome.request_id.clone(),
-        )
+        )?;
+        if injected.delay.is_some() {
+            response.headers_mut().insert(
+                headers::X_CANARY_FAULT.clone(),
+                HeaderValue::from_static("delay"),
+            );
+        }
+        Ok(response)
     }
 }
 
@@ -429,13 +463,33 @@ fn client_closed_response() -> ProxyResponse {
     response
 }
 
+/// The backend header and this backend's name for it, when both exist.
+fn named_backend<'t>(
+    table: &'t RoutingTable,
+    backend: Option<&Backend>,
+) -> Option<(&'t http::HeaderName, HeaderValue)> {
+    table
+        .backend_header
+        .as_ref()
+        .zip(backend.map(|b| b.name_value.clone()))
+}
+
 /// The response the client gets when the proxy cannot give it an upstream one.
 pub fn error_response(
     error: &ProxyError,
     request_id: Option<HeaderValue>,
     backend: Option<(&http::HeaderName, HeaderValue)>,
 ) -> ProxyResponse {
-    let status = StatusCode::from(error);
+    synthetic_response(StatusCode::from(error), request_id, backend)
+}
+
+/// An answer of the proxy's own: the status and its reason as text, the request id, and the
+/// backend the request was routed to (when there is one).
+fn synthetic_response(
+    status: StatusCode,
+    request_id: Option<HeaderValue>,
+    backend: Option<(&http::HeaderName, HeaderValue)>,
+) -> ProxyResponse {
     let text = format!(
         "{} {}\n",
         status.as_str(),

@@ -17,6 +17,7 @@
 //! - `health`: each endpoint's [`EndpointHealth`]: the active check's verdict and passive
 //!   ejection. The probes that feed it run in `control::health`.
 
+pub mod fault;
 pub mod health;
 pub mod sticky;
 
@@ -36,6 +37,7 @@ use crate::duration::format_duration;
 use crate::metrics::{BackendMetrics, DecisionReason, Metrics, TableGauges};
 use crate::rollout::VersionMeter;
 use crate::upstream::{ExchangeTimeouts, Peer, Upstream, UpstreamSettings};
+use fault::Fault;
 use health::{EndpointHealth, EndpointStatus};
 use sticky::{BUCKETS, StickyCookie, StickySettings};
 
@@ -88,6 +90,8 @@ pub struct Backend {
     /// Requests, errors and latencies for the rollout's analysis, when this backend is its
     /// baseline or canary; shared with the tables derived from this one.
     pub meter: Option<Arc<VersionMeter>>,
+    /// The fault injected into this backend's requests (a drill), if any.
+    pub fault: Option<Arc<Fault>>,
     /// Round-robin cursor over `endpoints`, shared with the tables derived from this one.
     cursor: Arc<AtomicUsize>,
 }
@@ -289,6 +293,11 @@ impl RoutingTable {
                     old.and_then(|b| b.meter.clone())
                         .unwrap_or_else(|| Arc::new(VersionMeter::default()))
                 });
+                backend.fault = config
+                    .faults
+                    .iter()
+                    .find(|f| f.backend == b.name)
+                    .map(|f| Arc::new(Fault::new(f.clone())));
                 backend
             })
             .collect();
@@ -347,6 +356,23 @@ impl RoutingTable {
         let mut backends = self.backends.clone();
         for &(index, weight) in weights {
             backends[index].weight = weight;
+        }
+        RoutingTable::assemble(
+            version,
+            backends,
+            self.rules.clone(),
+            self.sticky.clone(),
+            self.timeouts,
+            self.backend_header.clone(),
+        )
+    }
+
+    /// A copy of this table with `faults` in force, indexed like `backends` (same pools,
+    /// same endpoints, same weights).
+    pub fn with_faults(&self, faults: Vec<Option<Arc<Fault>>>, version: u64) -> Self {
+        let mut backends = self.backends.clone();
+        for (backend, fault) in backends.iter_mut().zip(faults) {
+            backend.fault = fault;
         }
         RoutingTable::assemble(
             version,
@@ -637,6 +663,7 @@ impl Backend {
             health: config.health.clone(),
             cursor: old.map_or_else(Arc::default, |b| b.cursor.clone()),
             meter: None,
+            fault: None,
         }
     }
 }
@@ -756,6 +783,7 @@ mod tests {
                 health: None,
                 cursor: Arc::default(),
                 meter: None,
+                fault: None,
             })
             .collect();
         let second = Duration::from_secs(1);
