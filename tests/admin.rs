@@ -1159,23 +1159,6 @@ async fn routes_show_the_whole_effective_table() {
     assert_eq!(routes["sticky"]["user_id_header"], "x-user-id");
 }
 
-/// The value of one sample in Prometheus text, matching all the given labels.
-fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter(|l| {
-            let rest = &l[name.len()..];
-            rest.starts_with('{') || rest.starts_with(' ')
-        })
-        .filter(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
-        .sum()
-}
-
 #[tokio::test]
 async fn metrics_count_exactly_what_was_served() {
     let (v1, v2) = (upstream("v1").await, upstream("v2").await);

@@ -218,6 +218,42 @@ async fn a_canary_failing_a_fifth_of_requests_is_rolled_back_and_traffic_returns
     assert!(served.iter().all(|b| b == "v1"), "{served:?}");
 }
 
+/// A fault drill proves the rollback works: a healthy canary with 20% of its requests
+/// aborted by the proxy is rolled back, its endpoint never taken out.
+#[tokio::test]
+async fn an_injected_abort_of_a_fifth_of_the_canary_rolls_it_back() {
+    let (v1, v2) = (version("v1", 0).await, version("v2", 0).await);
+    let proxy = start_proxy_with_file(&rollout_config(&v1, &v2, "", "")).await;
+    let drill = client()
+        .put(proxy.admin("/admin/faults"))
+        .body(r#"[{"backend": "v2", "abort_percent": 20}]"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(drill.status(), 200);
+    let _load = Load::start(&proxy, 8);
+    let (status, _) = command(&proxy, "start").await;
+    assert_eq!(status, 200);
+    let done = wait_for(&proxy, Duration::from_secs(30), |s| {
+        s["state"] == "rolled_back"
+    })
+    .await;
+    assert_eq!(done["verdict"]["errors"], "fail", "{done:#}");
+    let routes = get_json(proxy.admin("/admin/routes")).await;
+    assert_eq!(
+        routes["backends"][1]["endpoints"][0]["healthy"], true,
+        "{routes:#}"
+    );
+    let text = get_text(proxy.admin("/metrics")).await;
+    let aborts = [("backend", "v2"), ("kind", "abort")];
+    assert!(metric(&text, "canary_faults_injected_total", &aborts) > 0.0);
+    let upstream_errors = [("backend", "v2")];
+    assert_eq!(
+        metric(&text, "canary_upstream_errors_total", &upstream_errors),
+        0.0
+    );
+}
+
 /// A fixed canary started again after a rollback is judged on fresh evidence: the old
 /// rollout's `fail` evidence does not roll the new one back.
 #[tokio::test]

@@ -427,3 +427,20 @@ pub fn reference_bucket(salt: &str, user: &str) -> u32 {
     }
     hash % 10_000
 }
+
+/// The value of one sample in Prometheus text, matching all the given labels.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter(|l| {
+            let rest = &l[name.len()..];
+            rest.starts_with('{') || rest.starts_with(' ')
+        })
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum()
+}
