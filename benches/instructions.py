@@ -30,6 +30,8 @@ How to run
     python3 benches/instructions.py                 # 10 s runs, 2 repeats, GET /: ~2 min
     python3 benches/instructions.py --post          # 4 KiB POST instead of small GET
     python3 benches/instructions.py --binary PATH --duration 20 --repeat 3 --conns 64
+    CANARY_EXTRA='sticky_cookie = "canary_uid"' python3 benches/instructions.py \
+        --header 'Cookie: canary_uid=0123456789abcdef0123456789abcdef'   # a returning visitor
 
     Needs valgrind (callgrind_control, callgrind_annotate), nginx, wrk and taskset; installs
     nothing (exit 2 when one is missing). Builds nothing: build target/release/canary-proxy
@@ -40,6 +42,7 @@ How to run
 """
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -69,12 +72,19 @@ def parse_args():
     p.add_argument("--repeat", type=int, default=2,
                    help="runs per variant; without/with alternate, each repeat swaps the order")
     p.add_argument("--post", action="store_true", help="4 KiB POST /post instead of GET /")
+    p.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'",
+                   help="a header every GET carries (repeatable), e.g. a sticky cookie: "
+                        "--header 'Cookie: canary_uid=0123456789abcdef0123456789abcdef'")
     p.add_argument("--keep", action="store_true",
                    help="keep the temp dir with the callgrind dumps (for callgrind_annotate)")
     a = p.parse_args()
     a.binary = os.path.abspath(a.binary)
     if not (os.path.isfile(a.binary) and os.access(a.binary, os.X_OK)):
         p.error(f"{a.binary}: not an executable file (cargo build --release --locked first)")
+    if a.post and a.header:
+        p.error("--header is for GETs; --post sends its own script")
+    if any(":" not in h for h in a.header):
+        p.error("--header takes 'NAME: VALUE'")
     if a.duration < 1 or a.repeat < 1 or a.conns < 1 or a.warmup < 0:
         p.error("--duration, --repeat and --conns must be at least 1, --warmup at least 0")
     return a
@@ -145,6 +155,18 @@ def wait_dumps(run_dir, before, timeout=60.0):
     raise RuntimeError("callgrind_control -d wrote no dump")
 
 
+def write_headers_lua(tmp, headers):
+    """A wrk script adding `headers` ('NAME: VALUE') to every request; None without any."""
+    if not headers:
+        return None
+    path = os.path.join(tmp, "headers.lua")
+    with open(path, "w") as f:
+        for header in headers:
+            name, value = (part.strip() for part in header.split(":", 1))
+            f.write(f"wrk.headers[{json.dumps(name)}] = {json.dumps(value)}\n")
+    return path
+
+
 def one_run(args, settings, procs, fleet, variant, lua, index):
     """Starts the proxy under callgrind with or without a rollout, counts one wrk run, stops
     it. Returns a dict of the figures."""
@@ -177,7 +199,7 @@ def one_run(args, settings, procs, fleet, variant, lua, index):
             load.start_rollout(fleet, "the runs without use the same config without "
                                       "[rollout]")
         url = f"http://127.0.0.1:{ports[0]}{'/post' if args.post else '/'}"
-        body = lua if args.post else None
+        body = lua if args.post or args.header else None
         if args.warmup:
             load.run_wrk(settings, procs, url, args.conns, args.warmup, body)
         ticks0 = metric(ports[1], "canary_rollout_verdicts_total") / 2
@@ -201,7 +223,9 @@ def one_run(args, settings, procs, fleet, variant, lua, index):
     if res["non2xx"] or res["socket_errors"]:
         raise RuntimeError(f"{variant}: wrk saw errors: non-2xx {res['non2xx']}, "
                            f"{res.get('socket_detail', '')}")
-    if end.startswith("- ⚠"):
+    if end.startswith("- ⚠") and not args.header:
+        # (With --header every request may go to one version: the ⚠ line stays in the
+        # report, and the "without" runs are what such a measurement is for.)
         raise RuntimeError(f"the rollout did not stay under way: {end}")
     totals = [(callgrind_total(d), runs_hot_path(d)) for d in dumps]
     ir = sum(t for t, _ in totals)
@@ -238,6 +262,8 @@ def report(args, runs):
         return f"{w / wo:.4f} ({(w / wo - 1) * 100:+.2f}%)"
 
     kind = "4 KiB POST /post" if args.post else "small GET /"
+    if args.header:
+        kind += " with " + ", ".join(f"`{h}`" for h in args.header)
     lines = [
         "# canary-proxy: instructions per request with and without a running rollout", "",
         f"- binary {args.binary} (built {load.built_at(args.binary)}; checkout "
@@ -297,7 +323,7 @@ def main():
                          conf], logf)
         load.wait_listening(ports["v1"], fleet.procs["upstream"], "upstream nginx", logf)
         load.wait_listening(ports["v2"], fleet.procs["upstream"], "upstream nginx", logf)
-        lua = load.write_post_lua(tmp)
+        lua = load.write_post_lua(tmp) if args.post else write_headers_lua(tmp, args.header)
         runs = []
         for rep in range(args.repeat):
             order = VARIANTS if rep % 2 == 0 else VARIANTS[::-1]

@@ -1,17 +1,17 @@
 //! The built-in pieces of `canary-proxy demo`: two upstreams that answer every path with their
 //! name (and `/health` with `ok`), so a newcomer sees the split without running anything
-//! else; for `demo --rollout`, the fast rollout plan added to the bundled config, a share of
-//! failed requests for `--bad-canary`, and a load generator at a fixed rate.
+//! else; for `demo --rollout`, the fast rollout plan added to the bundled config (and for
+//! `--bad-canary`, a fault drill that fails a share of v2's requests), and a load generator
+//! at a fixed rate.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode, Uri};
+use http::{Request, Response, Uri};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -29,7 +29,8 @@ pub const DEMO_CONFIG: &str = include_str!("../canary.toml");
 
 /// The rollout `demo --rollout` appends to the bundled config: a healthy v2 is promoted in
 /// 20 to 30 s at [`DEMO_LOAD_PER_SECOND`], a v2 failing [`DEMO_BAD_CANARY_FAIL_PERCENT`]% of
-/// its requests is rolled back in 2 to 3 s (measured on two shared cores, debug build).
+/// its requests ([`DEMO_BAD_CANARY`]) is rolled back in 2 to 3 s (measured on two shared
+/// cores, debug build).
 ///
 /// What sets the pace is the latency verdict: an upper bound on a version's p99 that stays
 /// valid however often it is read needs about 900 of that version's requests at the step
@@ -62,40 +63,47 @@ pub const DEMO_ROLLOUT_UPSTREAM_LATENCY: Duration = Duration::from_millis(2);
 /// Share of v2's requests answered 500 by `demo --rollout --bad-canary`, in percent.
 pub const DEMO_BAD_CANARY_FAIL_PERCENT: u32 = 15;
 
+/// What `demo --rollout --bad-canary` appends after [`DEMO_ROLLOUT`]: a fault drill, the
+/// proxy answering [`DEMO_BAD_CANARY_FAIL_PERCENT`]% of v2's requests with a 500 as a canary
+/// with a bug would; v2 itself stays healthy.
+pub const DEMO_BAD_CANARY: &str = r#"
+# Added by `canary-proxy demo --rollout --bad-canary`: a fault drill that answers 15% of v2's
+# requests with a 500 (the proxy injects them; v2 itself is healthy). At runtime:
+# curl -X PUT localhost:9901/admin/faults -d '[{"backend":"v2","abort_percent":15}]'
+[[fault]]
+backend = "v2"
+abort_percent = 15
+abort_status = 500
+"#;
+
 /// Load requests in flight at most; past it the generator skips a beat rather than queue.
 const LOAD_MAX_IN_FLIGHT: usize = 64;
 
 /// A load request not answered within this is dropped.
 const LOAD_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The demo's config: the bundled `canary.toml`, plus `DEMO_ROLLOUT` when `rollout`.
-pub fn demo_config(rollout: bool) -> String {
+/// The demo's config: the bundled `canary.toml`, plus [`DEMO_ROLLOUT`] when `rollout`, plus
+/// [`DEMO_BAD_CANARY`] when `bad_canary` too.
+pub fn demo_config(rollout: bool, bad_canary: bool) -> String {
+    let mut text = DEMO_CONFIG.to_string();
     if rollout {
-        format!("{DEMO_CONFIG}{DEMO_ROLLOUT}")
-    } else {
-        DEMO_CONFIG.to_string()
+        text.push_str(DEMO_ROLLOUT);
+        if bad_canary {
+            text.push_str(DEMO_BAD_CANARY);
+        }
     }
-}
-
-/// Whether the `n`-th request (from 0) of an upstream failing `percent`% of its requests
-/// fails: the failures are spread evenly, exactly `percent` of every 100.
-fn fails(n: u64, percent: u32) -> bool {
-    let percent = u64::from(percent.min(100));
-    (n + 1) * percent / 100 > n * percent / 100
+    text
 }
 
 /// Serves one demo upstream named `name` on `listener` until `shutdown` completes. It answers
-/// `fail_percent`% of its requests (spread evenly; never `/health`) with a 500, as a canary
-/// with a bug would, and every request but `/health` after `latency`.
+/// every request but `/health` after `latency`, as a service doing a little work would.
 pub async fn demo_upstream(
     listener: TcpListener,
     name: &'static str,
-    fail_percent: u32,
     latency: Duration,
     shutdown: impl Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
-    let served = Arc::new(AtomicU64::new(0));
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -104,15 +112,10 @@ pub async fn demo_upstream(
             },
             () = &mut shutdown => return,
         };
-        let served = served.clone();
         let service = service_fn(move |request: Request<Incoming>| {
-            let (status, body) = match request.uri().path() {
-                "/health" => (StatusCode::OK, "ok\n".to_string()),
-                path if fails(served.fetch_add(1, Ordering::Relaxed), fail_percent) => (
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("{name} failed this request on purpose ({path}): {fail_percent}% do\n"),
-                ),
-                path => (StatusCode::OK, format!("hello from {name} ({path})\n")),
+            let body = match request.uri().path() {
+                "/health" => "ok\n".to_string(),
+                path => format!("hello from {name} ({path})\n"),
             };
             let latency = if request.uri().path() == "/health" {
                 Duration::ZERO
@@ -124,7 +127,6 @@ pub async fn demo_upstream(
                     tokio::time::sleep(latency).await;
                 }
                 let mut response = Response::new(Full::new(Bytes::from(body)));
-                *response.status_mut() = status;
                 response
                     .headers_mut()
                     .insert("x-served-by", http::HeaderValue::from_static(name));
@@ -195,28 +197,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn failures_are_spread_evenly_and_exact() {
-        let failed = |percent| (0..1000).filter(|&n| fails(n, percent)).count();
-        assert_eq!(failed(0), 0);
-        assert_eq!(failed(15), 150);
-        assert_eq!(failed(100), 1000);
-        assert_eq!(failed(250), 1000);
-        // Never two in a row at 15%.
-        assert!((0..1000).all(|n| !(fails(n, 15) && fails(n + 1, 15))));
-    }
-
-    #[test]
     fn the_rollout_demo_config_is_the_bundled_one_plus_a_valid_plan() {
-        assert_eq!(demo_config(false), DEMO_CONFIG);
-        let text = demo_config(true);
-        let dir = std::env::temp_dir().join(format!("canary-demo-config-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("canary.toml");
-        std::fs::write(&path, &text).unwrap();
-        let config = crate::config::load(&path);
-        let _ = std::fs::remove_dir_all(&dir);
-        let rollout = config.unwrap().rollout.unwrap();
+        assert_eq!(demo_config(false, false), DEMO_CONFIG);
+        assert_eq!(demo_config(false, true), DEMO_CONFIG);
+        let load = |text: &str| {
+            let dir =
+                std::env::temp_dir().join(format!("canary-demo-config-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let path = dir.join("canary.toml");
+            std::fs::write(&path, text).unwrap();
+            let config = crate::config::load(&path);
+            let _ = std::fs::remove_dir_all(&dir);
+            config.unwrap()
+        };
+        let config = load(&demo_config(true, false));
+        let rollout = config.rollout.unwrap();
         assert_eq!(rollout.steps, [20, 50, 100]);
         assert_eq!(rollout.step_time, Duration::from_secs(10));
+        assert!(config.faults.is_empty());
+        let bad = load(&demo_config(true, true));
+        assert_eq!(bad.faults.len(), 1);
+        let fault = &bad.faults[0];
+        assert_eq!(fault.backend, "v2");
+        assert_eq!(fault.abort_percent, f64::from(DEMO_BAD_CANARY_FAIL_PERCENT));
+        assert_eq!(fault.abort_status, http::StatusCode::INTERNAL_SERVER_ERROR);
     }
 }

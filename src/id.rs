@@ -3,18 +3,24 @@
 
 use rand::{Rng, RngExt};
 
-/// A new random id, 128 bits from `rng`.
-pub fn random(rng: &mut impl Rng) -> u128 {
-    rng.random()
+/// An id: 128 random bits. Bytes rather than a `u128`, whose 16-byte alignment would pad
+/// every struct of the forward path that holds one.
+pub type Id = [u8; 16];
+
+/// A new random id from `rng`.
+pub fn random(rng: &mut impl Rng) -> Id {
+    // One u128 draw: an array would be drawn byte by byte.
+    rng.random::<u128>().to_le_bytes()
 }
 
-/// `bits` as 32 hex digits, lowest nibble first.
-pub fn hex(bits: u128) -> [u8; 32] {
+/// `id` as 32 hex digits, each byte low nibble first.
+#[inline]
+pub fn hex(id: Id) -> [u8; 32] {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut text = [0u8; 32];
-    for (pair, byte) in text.chunks_exact_mut(2).zip(bits.to_le_bytes()) {
-        pair[0] = HEX[usize::from(byte & 0xf)];
-        pair[1] = HEX[usize::from(byte >> 4)];
+    for (i, byte) in id.into_iter().enumerate() {
+        text[2 * i] = HEX[usize::from(byte & 0xf)];
+        text[2 * i + 1] = HEX[usize::from(byte >> 4)];
     }
     text
 }
@@ -25,10 +31,10 @@ mod tests {
 
     #[test]
     fn ids_are_the_hex_nibbles_lowest_first() {
-        let id = hex(0xfedc_ba98_7654_3210_0123_4567_89ab_cdef);
+        let id = hex(0xfedc_ba98_7654_3210_0123_4567_89ab_cdef_u128.to_le_bytes());
         assert_eq!(&id, b"fedcba98765432100123456789abcdef");
-        assert_eq!(&hex(0), b"00000000000000000000000000000000");
-        assert_eq!(&hex(u128::MAX), b"ffffffffffffffffffffffffffffffff");
+        assert_eq!(&hex([0; 16]), b"00000000000000000000000000000000");
+        assert_eq!(&hex([0xff; 16]), b"ffffffffffffffffffffffffffffffff");
     }
 
     #[test]

@@ -48,7 +48,8 @@ struct DemoArgs {
     /// rollout until it is promoted or rolled back.
     #[arg(long)]
     rollout: bool,
-    /// With --rollout: v2 answers 500 to 15% of its requests, so the rollout rolls it back.
+    /// With --rollout: a fault drill answers 15% of v2's requests with a 500, so the rollout
+    /// rolls it back.
     #[arg(long, requires = "rollout")]
     bad_canary: bool,
 }
@@ -293,21 +294,19 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     // The demo runs from a copy of the bundled config, so reloads and weight changes made
     // through the admin API have a file to work on.
     let path = std::env::temp_dir().join(format!("canary-proxy-demo-{}.toml", std::process::id()));
-    std::fs::write(&path, canary_proxy::demo_config(args.rollout))
-        .with_context(|| format!("cannot write {}", path.display()))?;
+    std::fs::write(
+        &path,
+        canary_proxy::demo_config(args.rollout, args.bad_canary),
+    )
+    .with_context(|| format!("cannot write {}", path.display()))?;
     let config = canary_proxy::config::load(&path)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(());
-    let fail_percent = if args.bad_canary {
-        canary_proxy::DEMO_BAD_CANARY_FAIL_PERCENT
-    } else {
-        0
-    };
     let latency = if args.rollout {
         canary_proxy::DEMO_ROLLOUT_UPSTREAM_LATENCY
     } else {
         std::time::Duration::ZERO
     };
-    for (name, port, fail_percent) in [("v1", 8081, 0), ("v2", 8082, fail_percent)] {
+    for (name, port) in [("v1", 8081), ("v2", 8082)] {
         let listener = TcpListener::bind(("127.0.0.1", port))
             .await
             .with_context(|| format!("demo upstream {name}: cannot listen on 127.0.0.1:{port}"))?;
@@ -315,7 +314,6 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         tokio::spawn(canary_proxy::demo_upstream(
             listener,
             name,
-            fail_percent,
             latency,
             async move {
                 let _ = stop.changed().await;
@@ -333,10 +331,12 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
              curl -i -H 'x-canary: always' http://{proxy}/            # rule: always v2\n  \
              curl -i -H 'x-user-id: alice' http://{proxy}/            # sticky: alice keeps her version\n  \
              curl -i --cookie 'uid=bob' http://{proxy}/               # sticky by cookie\n  \
+             curl -i -c jar -b jar http://{proxy}/                    # anonymous: canary_uid keeps your version\n  \
              curl -s -X POST 'http://{admin}/admin/weight?v2=50'      # shift traffic\n  \
              curl -s http://{admin}/admin/routes                      # the effective table\n  \
              curl -s -H 'x-user-id: alice' http://{admin}/admin/explain  # why alice gets her version\n  \
-             curl -s http://{admin}/metrics | grep canary_            # Prometheus metrics\n\
+             curl -s http://{admin}/metrics | grep canary_            # Prometheus metrics\n  \
+             curl -s -X PUT http://{admin}/admin/faults -d '[{{\"backend\":\"v2\",\"abort_percent\":50}}]'  # fault drill\n\
              Ctrl-C stops it.",
             config_path = path.display()
         );
@@ -400,7 +400,7 @@ async fn demo_rollout(
     tokio::spawn(canary_proxy::demo_load(proxy, per_second, load.clone()));
     let v2 = if bad_canary {
         format!(
-            " (fails {}% of its requests)",
+            " (a fault drill fails {}% of its requests)",
             canary_proxy::DEMO_BAD_CANARY_FAIL_PERCENT
         )
     } else {

@@ -849,7 +849,7 @@ async fn demo_rollout_with_a_bad_canary_rolls_it_back_within_seconds() {
         started.elapsed()
     );
     assert!(
-        out.contains("v2 on 127.0.0.1:8082 (fails 15% of its requests)"),
+        out.contains("v2 on 127.0.0.1:8082 (a fault drill fails 15% of its requests)"),
         "{out}"
     );
     assert!(out.contains("v2 was rolled back"), "{out}");

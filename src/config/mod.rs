@@ -882,6 +882,10 @@ backend = "v2"
         );
         assert_eq!(config.proxy.shutdown_grace, proxy.shutdown_grace);
         assert_eq!(config.proxy.sticky_salt, proxy.sticky_salt);
+        assert_eq!(
+            config.proxy.sticky_cookie_max_age,
+            proxy.sticky_cookie_max_age
+        );
         assert_eq!(config.proxy.backend_header, proxy.backend_header);
         assert_eq!(config.backends[0].outlier, OutlierConfig::default());
         let text = include_str!("../../canary.toml");
@@ -898,6 +902,8 @@ backend = "v2"
             "user_id_header",
             "user_id_cookie",
             "sticky_salt",
+            "sticky_cookie",
+            "sticky_cookie_max_age",
             "backend_header",
             "# workers",
             "# token",
@@ -919,6 +925,12 @@ backend = "v2"
             "# matches",
             "# present",
             "backend",
+            "# backend",
+            "# abort_percent",
+            "# abort_status",
+            "# delay_percent",
+            "# delay",
+            "# header",
         ] {
             assert!(
                 text.lines().any(|l| l.starts_with(&format!("{key} = "))),

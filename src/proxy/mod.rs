@@ -59,7 +59,7 @@ struct Outcome {
     reason: Option<Reason>,
     request_id: Option<HeaderValue>,
     /// The new anonymous user id routing drew, which the response gives the client.
-    new_user: Option<u128>,
+    new_user: Option<crate::id::Id>,
 }
 
 /// Where a request is being sent.
@@ -205,7 +205,8 @@ impl Proxy {
             None => started,
             Some(delay) => {
                 target.backend.metrics.fault(FaultKind::Delay);
-                tokio::time::sleep(delay).await;
+                // Boxed: a timer in the future of every request would make it larger.
+                Box::pin(tokio::time::sleep(delay)).await;
                 // The request's own timeouts start once the delay is over, as they would
                 // behind a slow network.
                 Instant::now()
@@ -234,20 +235,9 @@ impl Proxy {
             target.endpoint,
         );
         let (response, target) = send_with_retry(table, target, outgoing, started, outcome).await?;
-        let mut response = rewrite_response(
-            response,
-            &target,
-            websocket,
-            table,
-            outcome.request_id.clone(),
-        )?;
-        if injected.delay.is_some() {
-            response.headers_mut().insert(
-                headers::X_CANARY_FAULT.clone(),
-                HeaderValue::from_static("delay"),
-            );
-        }
-        Ok(response)
+        let request_id = outcome.request_id.clone();
+        let delayed = injected.delay.is_some();
+        rewrite_response(response, &target, websocket, delayed, table, request_id)
     }
 }
 
@@ -400,11 +390,13 @@ fn not_sent(
 /// The response as the client gets it, once judged: a 5xx, or a protocol switch the client
 /// did not ask for, counts against the endpoint's health (the switch is refused: it would
 /// desynchronise the client connection). Hop-by-hop headers are stripped, the backend header
-/// and `x-request-id` added, and a WebSocket switch kept.
+/// and `x-request-id` added (and `x-canary-fault: delay` when a drill held the request), and
+/// a WebSocket switch kept.
 fn rewrite_response(
     mut response: Response<UpstreamBody>,
     target: &Target<'_>,
     websocket: bool,
+    delayed: bool,
     table: &RoutingTable,
     request_id: Option<HeaderValue>,
 ) -> Result<ProxyResponse, ProxyError> {
@@ -440,6 +432,12 @@ fn rewrite_response(
         response
             .headers_mut()
             .insert(headers::X_REQUEST_ID.clone(), id);
+    }
+    if delayed {
+        response.headers_mut().insert(
+            headers::X_CANARY_FAULT.clone(),
+            HeaderValue::from_static("delay"),
+        );
     }
     // The switch itself (writing the 101, then the tunnel) is the client connection's.
     if let (true, Some(upgrade)) = (switching, response_upgrade) {

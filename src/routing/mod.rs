@@ -124,7 +124,7 @@ pub struct Decision {
     pub reason: Reason,
     /// A new anonymous user id, drawn for this request (no user id, a sticky cookie set): its
     /// bucket picked the backend, and the response gives it to the client.
-    pub new_user: Option<u128>,
+    pub new_user: Option<crate::id::Id>,
 }
 
 /// Why a backend was chosen; bounded, so it can be a metric label.
@@ -310,10 +310,11 @@ impl RoutingTable {
                 header: config.proxy.user_id_header.clone(),
                 cookie: config.proxy.user_id_cookie.clone(),
                 salt: config.proxy.sticky_salt.clone(),
-                anonymous: config.proxy.sticky_cookie.clone().map(|name| StickyCookie {
-                    name,
-                    max_age: config.proxy.sticky_cookie_max_age,
-                }),
+                anonymous: config
+                    .proxy
+                    .sticky_cookie
+                    .clone()
+                    .map(|name| StickyCookie::new(name, config.proxy.sticky_cookie_max_age)),
             },
             ExchangeTimeouts {
                 client_body: config.proxy.client_body_timeout,
@@ -475,7 +476,7 @@ impl RoutingTable {
         &self,
         headers: &HeaderMap,
         healthy: u64,
-        new_user: &mut Option<u128>,
+        new_user: &mut Option<crate::id::Id>,
         rng: &mut impl Rng,
     ) -> Option<(usize, Reason)> {
         for (n, rule) in self.rules.iter().enumerate() {
@@ -910,10 +911,10 @@ mod tests {
     #[test]
     fn anonymous_requests_draw_one_id_that_picks_their_bucket() {
         let sticky = StickySettings {
-            anonymous: Some(StickyCookie {
-                name: "canary_uid".into(),
-                max_age: Duration::from_secs(60),
-            }),
+            anonymous: Some(StickyCookie::new(
+                "canary_uid".into(),
+                Duration::from_secs(60),
+            )),
             ..user_sticky()
         };
         let pin = rule(
