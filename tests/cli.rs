@@ -399,6 +399,57 @@ async fn weight_changes_survive_a_restart() {
 }
 
 #[tokio::test]
+async fn a_fault_drill_is_audited_and_ends_with_the_process() {
+    let (v1, v2) = (upstream("v1").await, upstream("v2").await);
+    let text = config(
+        &[("v1", vec![v1.url()], 90), ("v2", vec![v2.url()], 10)],
+        "",
+    );
+    let (mut proxy, dir) = spawn_proxy(&text);
+    let c = client();
+    let set = c
+        .put(format!("http://{}/admin/faults", proxy.admin))
+        .body(r#"[{"backend": "v2", "abort_percent": 20, "header": "x-drill"}]"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(set.status(), 200);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !proxy.log_contains("faults changed") && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let line = proxy
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|l| l.contains("faults changed"))
+        .cloned()
+        .expect("the change is in the log");
+    assert!(line.contains("audit"), "{line}");
+    assert!(line.contains("old=none"), "{line}");
+    assert!(
+        line.contains("new=v2: abort 20% (503) if x-drill"),
+        "{line}"
+    );
+    assert!(line.contains("version=2"), "{line}");
+    let file = dir.path().join("canary.toml");
+    assert!(!std::fs::read_to_string(&file).unwrap().contains("fault"));
+    proxy.signal("TERM");
+    assert!(proxy.wait_exit());
+    let restarted = spawn_proxy_at(&file, &[]);
+    let faults = c
+        .get(format!("http://{}/admin/faults", restarted.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        faults.text().await.unwrap().trim(),
+        r#"{"faults":[],"version":1}"#
+    );
+}
+
+#[tokio::test]
 async fn sighup_reloads_a_good_file_and_keeps_the_table_on_a_bad_one() {
     let (v1, v2) = (upstream("v1").await, upstream("v2").await);
     let text = config(
