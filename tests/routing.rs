@@ -259,11 +259,7 @@ fn visitor() -> reqwest::Client {
 }
 
 /// Which backend served a request, and the `Set-Cookie` of its response (if any).
-async fn visit(
-    client: &reqwest::Client,
-    request: reqwest::RequestBuilder,
-) -> (String, Option<String>) {
-    let _ = client;
+async fn visit(request: reqwest::RequestBuilder) -> (String, Option<String>) {
     let response = request.send().await.unwrap();
     assert_eq!(response.status(), 200);
     let set_cookie = response
@@ -290,9 +286,9 @@ async fn visit_all(visitors: &[reqwest::Client], url: &str, requests: usize) -> 
         tasks.push(tokio::spawn(async move {
             let mut served_by = Vec::new();
             for client in &chunk {
-                let (first, _) = visit(client, client.get(&url)).await;
+                let (first, _) = visit(client.get(&url)).await;
                 for _ in 1..requests {
-                    let (next, set_cookie) = visit(client, client.get(&url)).await;
+                    let (next, set_cookie) = visit(client.get(&url)).await;
                     assert_eq!(next, first, "a visitor changed version");
                     assert_eq!(set_cookie, None, "a visitor with the cookie got another");
                 }
@@ -320,7 +316,7 @@ async fn anonymous_visitors_keep_their_version_and_only_move_onto_a_rising_canar
 
     // The first answer gives the id, with the contract's attributes.
     let one = visitor();
-    let (_, set_cookie) = visit(&one, one.get(&url)).await;
+    let (_, set_cookie) = visit(one.get(&url)).await;
     let set_cookie = set_cookie.expect("an anonymous visitor gets a cookie");
     let (pair, attributes) = set_cookie.split_once("; ").unwrap();
     let id = pair.strip_prefix("canary_uid=").unwrap();
@@ -367,11 +363,11 @@ async fn pinned_requests_and_known_users_get_no_cookie() {
     let url = proxy.url("/");
     let c = visitor();
     for _ in 0..20 {
-        let (served, set_cookie) = visit(&c, c.get(&url).header("x-canary", "always")).await;
+        let (served, set_cookie) = visit(c.get(&url).header("x-canary", "always")).await;
         assert_eq!((served.as_str(), set_cookie), ("v2", None), "rule-pinned");
-        let (_, set_cookie) = visit(&c, c.get(&url).header("x-user-id", "alice")).await;
+        let (_, set_cookie) = visit(c.get(&url).header("x-user-id", "alice")).await;
         assert_eq!(set_cookie, None, "a user id header");
-        let (_, set_cookie) = visit(&c, c.get(&url).header("cookie", "uid=bob")).await;
+        let (_, set_cookie) = visit(c.get(&url).header("cookie", "uid=bob")).await;
         assert_eq!(set_cookie, None, "a user id cookie");
     }
     // The user id header and cookie come before the sticky cookie.
@@ -386,7 +382,7 @@ async fn pinned_requests_and_known_users_get_no_cookie() {
             .get(&url)
             .header("x-user-id", user)
             .header("cookie", format!("canary_uid={id}"));
-        assert_eq!(visit(&c, request).await.0, expected, "{user}");
+        assert_eq!(visit(request).await.0, expected, "{user}");
     }
     // A client that sends the sticky cookie is bucketed by it, by the published formula.
     let expected = if reference_bucket("", id) < 5000 {
@@ -398,7 +394,7 @@ async fn pinned_requests_and_known_users_get_no_cookie() {
         let request = client()
             .get(&url)
             .header("cookie", format!("a=1; canary_uid={id}"));
-        let (served, set_cookie) = visit(&c, request).await;
+        let (served, set_cookie) = visit(request).await;
         assert_eq!((served.as_str(), set_cookie), (expected, None));
     }
 }

@@ -2,7 +2,7 @@
 //! `[[fault]]`), checked by the same rules as the config file, and the JSON every answer
 //! shows.
 
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 use crate::config::{FaultConfig, FaultFields};
 use crate::control::ControlError;
@@ -17,20 +17,26 @@ const KEYS: [&str; 6] = [
 ];
 
 /// The faults of a `PUT` body: a JSON list of objects, or `{"faults": [...]}` (what `GET`
-/// answers, so it can be sent back edited). Each is checked as a `[[fault]]` is; whether
-/// the backends exist, and only one fault each, is for the control plane to check.
-pub fn parse(body: &[u8]) -> Result<Vec<FaultConfig>, ControlError> {
+/// answers, so it can be sent back edited), with the `version` it was read at if it says
+/// one (the write then goes through only at that version, as with `If-Match`). Each fault
+/// is checked as a `[[fault]]` is; whether the backends exist, and only one fault each, is
+/// for the control plane to check.
+pub fn parse(body: &[u8]) -> Result<(Vec<FaultConfig>, Option<u64>), ControlError> {
     let value: Value =
         serde_json::from_slice(body).map_err(|e| ControlError::MalformedJson(e.to_string()))?;
-    let list = match value {
-        Value::Array(list) => list,
-        // `version` is what GET showed; `If-Match` is where a write states it.
+    let (list, version) = match value {
+        Value::Array(list) => (list, None),
         Value::Object(mut map)
             if map.contains_key("faults")
                 && map.keys().all(|k| k == "faults" || k == "version") =>
         {
+            let version = match map.remove("version") {
+                None => None,
+                Some(Value::Number(n)) if n.as_u64().is_some() => n.as_u64(),
+                Some(_) => return Err(malformed("\"version\" must be a table version")),
+            };
             match map.remove("faults") {
-                Some(Value::Array(list)) => list,
+                Some(Value::Array(list)) => (list, version),
                 _ => return Err(malformed("\"faults\" must be a list")),
             }
         }
@@ -40,10 +46,12 @@ pub fn parse(body: &[u8]) -> Result<Vec<FaultConfig>, ControlError> {
             ));
         }
     };
-    list.iter()
+    let faults = list
+        .iter()
         .enumerate()
         .map(|(index, item)| parse_one(index, item))
-        .collect()
+        .collect::<Result<_, _>>()?;
+    Ok((faults, version))
 }
 
 fn parse_one(index: usize, item: &Value) -> Result<FaultConfig, ControlError> {
@@ -101,24 +109,21 @@ fn malformed(message: &str) -> ControlError {
 
 /// The faults in force, as every `/admin/faults` answer shows them.
 pub fn to_json(version: u64, faults: &[FaultConfig]) -> Value {
-    let faults: Vec<Value> = faults
-        .iter()
-        .map(|f| {
-            let mut fault = Map::new();
-            fault.insert("backend".into(), json!(f.backend));
-            fault.insert("abort_percent".into(), json!(f.abort_percent));
-            fault.insert("abort_status".into(), json!(f.abort_status.as_u16()));
-            fault.insert("delay_percent".into(), json!(f.delay_percent));
-            let delay = (f.delay_percent > 0.0).then(|| crate::duration::format_duration(f.delay));
-            fault.insert("delay".into(), json!(delay));
-            fault.insert(
-                "header".into(),
-                json!(f.header.as_ref().map(|h| h.as_str())),
-            );
-            Value::Object(fault)
-        })
-        .collect();
+    let faults: Vec<Value> = faults.iter().map(fault_json).collect();
     json!({"version": version, "faults": faults})
+}
+
+/// One fault, with the keys of `[[fault]]` (`delay` null when nothing is delayed).
+pub fn fault_json(fault: &FaultConfig) -> Value {
+    let delay = (fault.delay_percent > 0.0).then(|| crate::duration::format_duration(fault.delay));
+    json!({
+        "backend": fault.backend,
+        "abort_percent": fault.abort_percent,
+        "abort_status": fault.abort_status.as_u16(),
+        "delay_percent": fault.delay_percent,
+        "delay": delay,
+        "header": fault.header.as_ref().map(|h| h.as_str()),
+    })
 }
 
 #[cfg(test)]
@@ -133,7 +138,8 @@ mod tests {
     fn a_list_or_what_get_answers() {
         let list = r#"[{"backend": "v2", "abort_percent": 20, "abort_status": 500},
                        {"backend": "v1", "delay_percent": 5.5, "delay": "100ms", "header": "x-drill"}]"#;
-        let faults = parse(list.as_bytes()).unwrap();
+        let (faults, version) = parse(list.as_bytes()).unwrap();
+        assert_eq!(version, None);
         assert_eq!(faults.len(), 2);
         assert_eq!(faults[0].abort_status.as_u16(), 500);
         assert_eq!(faults[1].delay_percent, 5.5);
@@ -142,8 +148,12 @@ mod tests {
         assert_eq!(shown["faults"][1]["delay"], "100ms");
         assert_eq!(shown["faults"][0]["delay"], Value::Null);
         // What GET answers goes back in as it is.
-        assert_eq!(parse(shown.to_string().as_bytes()).unwrap(), faults);
-        assert_eq!(parse(b"[]").unwrap(), vec![]);
+        assert_eq!(
+            parse(shown.to_string().as_bytes()).unwrap(),
+            (faults, Some(7))
+        );
+        assert_eq!(parse(b"[]").unwrap(), (vec![], None));
+        assert!(refused(r#"{"faults": [], "version": "7"}"#).contains("table version"));
     }
 
     #[test]

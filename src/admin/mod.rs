@@ -397,8 +397,21 @@ async fn change_faults(
         Ok(v) => v,
         Err(message) => return error(StatusCode::BAD_REQUEST, message),
     };
-    let applied = if request.method() == Method::DELETE {
-        let backend = match faults_backend_query(request.uri().query().unwrap_or("")) {
+    let delete = request.method() == Method::DELETE;
+    let query = request.uri().query().unwrap_or("").to_string();
+    let body = match read_body(request, read_timeout).await {
+        Ok(body) => body,
+        Err(refused) => return refused,
+    };
+    let applied = if delete {
+        if !body.iter().all(u8::is_ascii_whitespace) {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "DELETE /admin/faults takes no body: it removes every fault, ?backend=NAME \
+                 only that backend's; PUT sets a list",
+            );
+        }
+        let backend = match faults_backend_query(&query) {
             Ok(backend) => backend,
             Err(message) => return error(StatusCode::BAD_REQUEST, &message),
         };
@@ -408,14 +421,13 @@ async fn change_faults(
             })
             .await
     } else {
-        let body = match read_body(request, read_timeout).await {
-            Ok(body) => body,
-            Err(refused) => return refused,
-        };
-        let faults = match faults::parse(&body) {
-            Ok(faults) => faults,
+        let (faults, read_at) = match faults::parse(&body) {
+            Ok(parsed) => parsed,
             Err(e) => return control_error(control, &e),
         };
+        // A body read from GET says the version it was read at: a stale one is refused as a
+        // stale `If-Match` is (which, when given, decides).
+        let if_match = if_match.or_else(|| read_at.map(|version| vec![version]));
         control
             .run_blocking(move |control| control.set_faults(faults, if_match.as_deref()))
             .await
@@ -811,6 +823,7 @@ fn routes_json(table: &RoutingTable) -> Value {
                 "sticky_buckets_configured": [start, end],
                 "endpoints": endpoints,
                 "health_check": health,
+                "fault": b.fault.as_ref().map(|f| faults::fault_json(&f.config)),
             })
         })
         .collect();

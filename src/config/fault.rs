@@ -19,7 +19,8 @@ pub struct FaultConfig {
     pub backend: String,
     /// Share of those requests answered with `abort_status` and not forwarded, 0 to 100.
     pub abort_percent: f64,
-    /// Default 503.
+    /// 400 to 599, default 503: an answer a client takes for a failure (5xx ones count as
+    /// errors in the rollout's analysis).
     pub abort_status: StatusCode,
     /// Share of those requests delayed by `delay` before they are forwarded, 0 to 100.
     pub delay_percent: f64,
@@ -41,7 +42,8 @@ pub struct FaultFields<'a> {
 }
 
 /// A fault refused: the field at fault (as named in the file and the JSON) and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
 pub struct FaultError {
     pub field: &'static str,
     pub message: String,
@@ -69,12 +71,12 @@ impl FaultFields<'_> {
             None => StatusCode::SERVICE_UNAVAILABLE,
             Some(code) => u16::try_from(code)
                 .ok()
-                .filter(|code| (200..=599).contains(code))
+                .filter(|code| (400..=599).contains(code))
                 .and_then(|code| StatusCode::from_u16(code).ok())
                 .ok_or_else(|| {
                     FaultError::new(
                         "abort_status",
-                        format!("must be a status code from 200 to 599, got {code}"),
+                        format!("must be a status code from 400 to 599, got {code}"),
                     )
                 })?,
         };
@@ -197,7 +199,7 @@ mod tests {
             };
             assert_eq!(refused(over).0, "delay_percent", "{bad}");
         }
-        for status in [0, 99, 102, 600, -503, 1 << 40] {
+        for status in [0, 99, 102, 200, 301, 399, 600, -503, 1 << 40] {
             let bad = FaultFields {
                 abort_status: Some(status),
                 ..fields()

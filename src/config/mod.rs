@@ -1667,6 +1667,14 @@ backend = "v2"
             3,
         );
         assert!(same.contains("user_id_cookie"), "{same}");
+        for prefixed in ["__Host-uid", "__secure-uid"] {
+            let message = assert_invalid(
+                &proxy(&[&format!("sticky_cookie = \"{prefixed}\"")]),
+                "proxy.sticky_cookie",
+                2,
+            );
+            assert!(message.contains("Secure"), "{message}");
+        }
         let fraction = assert_invalid(
             &proxy(&["sticky_cookie_max_age = \"1500ms\""]),
             "proxy.sticky_cookie_max_age",

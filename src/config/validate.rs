@@ -95,6 +95,20 @@ impl RawProxy {
             .map(|c| {
                 let span = c.span();
                 let name = cookie_name("proxy.sticky_cookie", c)?;
+                let lower = name.to_ascii_lowercase();
+                if lower.starts_with("__host-") || lower.starts_with("__secure-") {
+                    // Browsers keep such cookies only with `Secure`, which needs TLS to the
+                    // client: every request would draw a new id.
+                    return Err(FieldError::new(
+                        "proxy.sticky_cookie",
+                        span,
+                        format!(
+                            "{name:?}: browsers keep __Host- and __Secure- cookies only when \
+                             they are Secure, which the proxy cannot set without TLS; use \
+                             another name"
+                        ),
+                    ));
+                }
                 if user_id_cookie.as_ref() == Some(&name) {
                     return Err(FieldError::new(
                         "proxy.sticky_cookie",

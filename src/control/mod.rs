@@ -354,10 +354,19 @@ impl ControlPlane {
         {
             return Err(ControlError::UnknownBackend(name.to_owned()));
         }
-        let kept = faults_of(&current)
-            .into_iter()
+        let faults = faults_of(&current);
+        let kept: Vec<FaultConfig> = faults
+            .iter()
             .filter(|f| backend.is_some_and(|name| f.backend != name))
+            .cloned()
             .collect();
+        if kept.len() == faults.len() {
+            // Nothing to remove: no change, no new version.
+            return Ok(FaultsApplied {
+                version: current.version,
+                faults,
+            });
+        }
         self.replace_faults(&current, kept)
     }
 
@@ -444,6 +453,8 @@ impl ControlPlane {
             version,
             old = %describe(&weights_of(&current)),
             new = %describe(&weights_of(&next)),
+            old_faults = %describe_faults(&faults_of(&current)),
+            new_faults = %describe_faults(&faults_of(&next)),
             "routing table replaced by reload"
         );
         self.warn_about_restart_only_changes(&config);

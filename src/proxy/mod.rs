@@ -28,6 +28,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::chain::Chain;
+use crate::id::Id;
 use crate::metrics::{FaultKind, Metrics, UpstreamErrorKind};
 use crate::routing::fault::Injection;
 use crate::routing::{Backend, Endpoint, Reason, RoutingTable, SharedTable};
@@ -59,7 +60,9 @@ struct Outcome {
     reason: Option<Reason>,
     request_id: Option<HeaderValue>,
     /// The new anonymous user id routing drew, which the response gives the client.
-    new_user: Option<crate::id::Id>,
+    new_user: Option<Id>,
+    /// A fault drill held the request (its answer, whatever it is, says so).
+    delayed: bool,
 }
 
 /// Where a request is being sent.
@@ -159,6 +162,12 @@ impl Proxy {
             // Whatever the answer, the visitor keeps the id that picked its version.
             response.headers_mut().append(SET_COOKIE, cookie);
         }
+        if outcome.delayed {
+            response.headers_mut().insert(
+                headers::X_CANARY_FAULT.clone(),
+                HeaderValue::from_static("delay"),
+            );
+        }
         if let Some(meter) = backend.and_then(|b| b.meter.as_ref()) {
             meter.record(response.status(), elapsed);
         }
@@ -205,6 +214,7 @@ impl Proxy {
             None => started,
             Some(delay) => {
                 target.backend.metrics.fault(FaultKind::Delay);
+                outcome.delayed = true;
                 // Boxed: a timer in the future of every request would make it larger.
                 Box::pin(tokio::time::sleep(delay)).await;
                 // The request's own timeouts start once the delay is over, as they would
@@ -236,8 +246,7 @@ impl Proxy {
         );
         let (response, target) = send_with_retry(table, target, outgoing, started, outcome).await?;
         let request_id = outcome.request_id.clone();
-        let delayed = injected.delay.is_some();
-        rewrite_response(response, &target, websocket, delayed, table, request_id)
+        rewrite_response(response, &target, websocket, table, request_id)
     }
 }
 
@@ -390,13 +399,11 @@ fn not_sent(
 /// The response as the client gets it, once judged: a 5xx, or a protocol switch the client
 /// did not ask for, counts against the endpoint's health (the switch is refused: it would
 /// desynchronise the client connection). Hop-by-hop headers are stripped, the backend header
-/// and `x-request-id` added (and `x-canary-fault: delay` when a drill held the request), and
-/// a WebSocket switch kept.
+/// and `x-request-id` added, and a WebSocket switch kept.
 fn rewrite_response(
     mut response: Response<UpstreamBody>,
     target: &Target<'_>,
     websocket: bool,
-    delayed: bool,
     table: &RoutingTable,
     request_id: Option<HeaderValue>,
 ) -> Result<ProxyResponse, ProxyError> {
@@ -432,12 +439,6 @@ fn rewrite_response(
         response
             .headers_mut()
             .insert(headers::X_REQUEST_ID.clone(), id);
-    }
-    if delayed {
-        response.headers_mut().insert(
-            headers::X_CANARY_FAULT.clone(),
-            HeaderValue::from_static("delay"),
-        );
     }
     // The switch itself (writing the 101, then the tunnel) is the client connection's.
     if let (true, Some(upgrade)) = (switching, response_upgrade) {

@@ -15,7 +15,9 @@ const PER_MILLION: u32 = 1_000_000;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Fault {
     pub config: FaultConfig,
+    /// `abort_percent` in millionths of the requests.
     abort: u32,
+    /// `delay_percent` in millionths of the requests.
     delay: u32,
 }
 

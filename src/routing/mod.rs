@@ -34,6 +34,7 @@ use crate::config::{
     BackendConfig, Config, HealthCheckConfig, OutlierConfig, RuleConfig, RuleMatcher, RuleSource,
 };
 use crate::duration::format_duration;
+use crate::id;
 use crate::metrics::{BackendMetrics, DecisionReason, Metrics, TableGauges};
 use crate::rollout::VersionMeter;
 use crate::upstream::{ExchangeTimeouts, Peer, Upstream, UpstreamSettings};
@@ -124,7 +125,7 @@ pub struct Decision {
     pub reason: Reason,
     /// A new anonymous user id, drawn for this request (no user id, a sticky cookie set): its
     /// bucket picked the backend, and the response gives it to the client.
-    pub new_user: Option<crate::id::Id>,
+    pub new_user: Option<id::Id>,
 }
 
 /// Why a backend was chosen; bounded, so it can be a metric label.
@@ -354,27 +355,27 @@ impl RoutingTable {
 
     /// A copy of this table with some weights changed (same pools, same endpoints).
     pub fn with_weights(&self, weights: &[(usize, u32)], version: u64) -> Self {
-        let mut backends = self.backends.clone();
-        for &(index, weight) in weights {
-            backends[index].weight = weight;
-        }
-        RoutingTable::assemble(
-            version,
-            backends,
-            self.rules.clone(),
-            self.sticky.clone(),
-            self.timeouts,
-            self.backend_header.clone(),
-        )
+        self.with_backends(version, |backends| {
+            for &(index, weight) in weights {
+                backends[index].weight = weight;
+            }
+        })
     }
 
     /// A copy of this table with `faults` in force, indexed like `backends` (same pools,
     /// same endpoints, same weights).
     pub fn with_faults(&self, faults: Vec<Option<Arc<Fault>>>, version: u64) -> Self {
+        self.with_backends(version, |backends| {
+            for (backend, fault) in backends.iter_mut().zip(faults) {
+                backend.fault = fault;
+            }
+        })
+    }
+
+    /// A copy of this table at `version`, its backends changed by `change`.
+    fn with_backends(&self, version: u64, change: impl FnOnce(&mut [Backend])) -> Self {
         let mut backends = self.backends.clone();
-        for (backend, fault) in backends.iter_mut().zip(faults) {
-            backend.fault = fault;
-        }
+        change(&mut backends);
         RoutingTable::assemble(
             version,
             backends,
@@ -476,7 +477,7 @@ impl RoutingTable {
         &self,
         headers: &HeaderMap,
         healthy: u64,
-        new_user: &mut Option<crate::id::Id>,
+        new_user: &mut Option<id::Id>,
         rng: &mut impl Rng,
     ) -> Option<(usize, Reason)> {
         for (n, rule) in self.rules.iter().enumerate() {
@@ -487,7 +488,7 @@ impl RoutingTable {
         let (mask, fallback) = self.routable(healthy);
         let bucket = self.sticky.bucket_of(headers).or_else(|| {
             self.sticky.anonymous.as_ref()?;
-            let id = *new_user.get_or_insert_with(|| crate::id::random(rng));
+            let id = *new_user.get_or_insert_with(|| id::random(rng));
             Some(self.sticky.bucket_of_new(id))
         });
         let (backend, reason) = match bucket {
@@ -705,6 +706,30 @@ impl fmt::Display for RoutingTable {
                     h.healthy_threshold
                 )?;
             }
+            if let Some(fault) = &b.fault {
+                let fault = &fault.config;
+                let mut drill = Vec::new();
+                if fault.abort_percent > 0.0 {
+                    drill.push(format!(
+                        "{}% answered {}",
+                        fault.abort_percent,
+                        fault.abort_status.as_u16()
+                    ));
+                }
+                if fault.delay_percent > 0.0 {
+                    drill.push(format!(
+                        "{}% held {}",
+                        fault.delay_percent,
+                        format_duration(fault.delay)
+                    ));
+                }
+                let only = fault
+                    .header
+                    .as_ref()
+                    .map(|h| format!(" (requests with {h} only)"))
+                    .unwrap_or_default();
+                writeln!(f, "    fault drill: {}{only}", drill.join(", "))?;
+            }
         }
         writeln!(f, "rules (first match wins):")?;
         if self.rules.is_empty() {
@@ -727,12 +752,23 @@ impl fmt::Display for RoutingTable {
             )?;
         }
         write!(f, "sticky: ")?;
-        match (&self.sticky.header, &self.sticky.cookie) {
-            (None, None) => writeln!(f, "off (no user_id_header or user_id_cookie)")?,
-            (header, cookie) => {
+        let anonymous = self.sticky.anonymous.as_ref();
+        match (&self.sticky.header, &self.sticky.cookie, anonymous) {
+            (None, None, None) => writeln!(
+                f,
+                "off (no user_id_header, user_id_cookie or sticky_cookie)"
+            )?,
+            (header, cookie, anonymous) => {
                 let from = [
                     header.as_ref().map(|h| format!("header {h}")),
                     cookie.as_ref().map(|c| format!("cookie {c}")),
+                    anonymous.map(|a| {
+                        format!(
+                            "sticky cookie {} (new visitors get one, max age {})",
+                            a.name,
+                            format_duration(a.max_age)
+                        )
+                    }),
                 ];
                 let from: Vec<_> = from.into_iter().flatten().collect();
                 writeln!(
@@ -928,7 +964,7 @@ mod tests {
         for _ in 0..200 {
             let d = t.route(&HeaderMap::new(), &mut rng).unwrap();
             let id = d.new_user.expect("an anonymous request gets an id");
-            let b = bucket(b"", &crate::id::hex(id));
+            let b = bucket(b"", &id::hex(id));
             assert_eq!(d.reason, Reason::Sticky(b));
             assert_eq!(d.backend, usize::from(b >= 5000));
             assert!(seen.insert(id), "ids repeat");
@@ -946,11 +982,11 @@ mod tests {
         // meanwhile): the request goes where its id's bucket falls among those left.
         set_backend_health(&t, 0, false);
         for seed in 0..20 {
-            let first_draw = crate::id::random(&mut StdRng::seed_from_u64(seed));
+            let first_draw = id::random(&mut StdRng::seed_from_u64(seed));
             let mut rng = StdRng::seed_from_u64(seed);
             let d = t.route_from(0b11, &HeaderMap::new(), &mut rng).unwrap();
             assert_eq!(d.new_user, Some(first_draw));
-            let b = bucket(b"", &crate::id::hex(first_draw));
+            let b = bucket(b"", &id::hex(first_draw));
             assert_eq!((d.backend, d.reason), (1, Reason::Sticky(b)));
         }
         // Without a sticky cookie, anonymous requests are split by weight, with no id.

@@ -11,6 +11,8 @@ use std::time::Duration;
 use http::header::COOKIE;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
+use crate::id::{Id, hex};
+
 /// Number of sticky buckets; backends own consecutive ranges of `[0, BUCKETS)`.
 pub const BUCKETS: u32 = 10_000;
 
@@ -119,14 +121,14 @@ impl StickySettings {
     }
 
     /// The sticky bucket of a new anonymous user id (`id` as its cookie carries it).
-    pub fn bucket_of_new(&self, id: crate::id::Id) -> u32 {
-        bucket(self.salt.as_bytes(), &crate::id::hex(id))
+    pub fn bucket_of_new(&self, id: Id) -> u32 {
+        bucket(self.salt.as_bytes(), &hex(id))
     }
 
     /// `Set-Cookie` giving an anonymous visitor the id `id`; `None` without a sticky cookie.
-    pub fn set_cookie(&self, id: crate::id::Id) -> Option<HeaderValue> {
+    pub fn set_cookie(&self, id: Id) -> Option<HeaderValue> {
         let anonymous = self.anonymous.as_ref()?;
-        let id = crate::id::hex(id);
+        let id = hex(id);
         let mut value =
             Vec::with_capacity(anonymous.name.len() + 1 + id.len() + anonymous.attributes.len());
         value.extend_from_slice(anonymous.name.as_bytes());
