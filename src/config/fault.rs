@@ -41,17 +41,17 @@ pub struct FaultFields<'a> {
     pub header: Option<&'a str>,
 }
 
-/// A fault refused: the field at fault (as named in the file and the JSON) and why.
+/// A field refused (of a fault, of mirroring), as named in the file and the JSON, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {message}")]
-pub struct FaultError {
+pub struct FieldProblem {
     pub field: &'static str,
     pub message: String,
 }
 
-impl FaultError {
+impl FieldProblem {
     fn new(field: &'static str, message: impl Into<String>) -> Self {
-        FaultError {
+        FieldProblem {
             field,
             message: message.into(),
         }
@@ -61,10 +61,10 @@ impl FaultError {
 impl FaultFields<'_> {
     /// Checks the fields of one fault. Whether `backend` names a backend is the caller's to
     /// check (the file's backends, or the running table's).
-    pub fn check(&self) -> Result<FaultConfig, FaultError> {
+    pub fn check(&self) -> Result<FaultConfig, FieldProblem> {
         let backend = self
             .backend
-            .ok_or_else(|| FaultError::new("backend", "a fault needs `backend`"))?;
+            .ok_or_else(|| FieldProblem::new("backend", "a fault needs `backend`"))?;
         let abort_percent = percent("abort_percent", self.abort_percent)?;
         let delay_percent = percent("delay_percent", self.delay_percent)?;
         let abort_status = match self.abort_status {
@@ -74,7 +74,7 @@ impl FaultFields<'_> {
                 .filter(|code| (400..=599).contains(code))
                 .and_then(|code| StatusCode::from_u16(code).ok())
                 .ok_or_else(|| {
-                    FaultError::new(
+                    FieldProblem::new(
                         "abort_status",
                         format!("must be a status code from 400 to 599, got {code}"),
                     )
@@ -82,16 +82,16 @@ impl FaultFields<'_> {
         };
         let delay = match self.delay {
             None if delay_percent > 0.0 => {
-                return Err(FaultError::new(
+                return Err(FieldProblem::new(
                     "delay",
                     "`delay_percent` needs `delay`, e.g. delay = \"200ms\"",
                 ));
             }
             None => Duration::ZERO,
             Some(text) => {
-                let delay = parse_duration(text).map_err(|e| FaultError::new("delay", e))?;
+                let delay = parse_duration(text).map_err(|e| FieldProblem::new("delay", e))?;
                 if delay.is_zero() || delay > MAX_FAULT_DELAY {
-                    return Err(FaultError::new(
+                    return Err(FieldProblem::new(
                         "delay",
                         format!("must be from 1ms to 1h, got {text:?}"),
                     ));
@@ -100,7 +100,7 @@ impl FaultFields<'_> {
             }
         };
         if abort_percent == 0.0 && delay_percent == 0.0 {
-            return Err(FaultError::new(
+            return Err(FieldProblem::new(
                 "abort_percent",
                 "a fault injects nothing: set `abort_percent` or `delay_percent` above 0",
             ));
@@ -109,7 +109,7 @@ impl FaultFields<'_> {
             .header
             .map(|name| {
                 HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
-                    FaultError::new("header", format!("{name:?} is not a header name"))
+                    FieldProblem::new("header", format!("{name:?} is not a header name"))
                 })
             })
             .transpose()?;
@@ -124,10 +124,10 @@ impl FaultFields<'_> {
     }
 }
 
-fn percent(field: &'static str, value: Option<f64>) -> Result<f64, FaultError> {
+fn percent(field: &'static str, value: Option<f64>) -> Result<f64, FieldProblem> {
     let value = value.unwrap_or(0.0);
     if !(0.0..=100.0).contains(&value) {
-        return Err(FaultError::new(
+        return Err(FieldProblem::new(
             field,
             format!("must be a percentage from 0 to 100, got {value}"),
         ));

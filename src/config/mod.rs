@@ -10,7 +10,8 @@
 //! `raw.rs` is stage 1: the `Raw*` serde structs mirroring the file, and `deserialize`.
 //! `validate.rs` is stage 2: `Raw*` into the public types, with the checks of single values.
 //! `diagnostics.rs` locates and words errors: `FieldError`, lines, key paths, typo hints.
-//! `fault.rs` checks faults (`[[fault]]`), for the file and for the admin API alike.
+//! `fault.rs` checks faults (`[[fault]]`) and `mirror.rs` mirroring (`[mirror]`), for the
+//! file and for the admin API alike.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -27,10 +28,12 @@ use raw::deserialize;
 
 mod diagnostics;
 mod fault;
+mod mirror;
 mod raw;
 mod validate;
 
-pub use fault::{FaultConfig, FaultError, FaultFields, MAX_FAULT_DELAY, first_repeated_backend};
+pub use fault::{FaultConfig, FaultFields, FieldProblem, MAX_FAULT_DELAY, first_repeated_backend};
+pub use mirror::{MirrorConfig, MirrorFields, format_size};
 
 /// The largest weight a backend may have, in the file and through the admin API. Weights are
 /// relative, so this only guards against sums that overflow and typos with extra zeros.
@@ -65,6 +68,9 @@ pub struct Config {
     /// Faults injected into backends' requests (`[[fault]]`): at most one per backend, each
     /// naming a backend of `backends`.
     pub faults: Vec<FaultConfig>,
+    /// Copies of requests sent to a backend and compared (`[mirror]`), naming a backend of
+    /// `backends`.
+    pub mirror: Option<MirrorConfig>,
 }
 
 /// `[rollout]`: the plan of a progressive rollout from `baseline` to `canary`.
@@ -1635,6 +1641,48 @@ backend = "v2"
         .concat());
         let message = assert_invalid(&twice, "fault[1].backend", 13);
         assert!(message.contains("one fault per backend"), "{message}");
+    }
+
+    #[test]
+    fn mirroring() {
+        let with = |lines: &[&str]| doc(&[&V1[..], &V2[..], &["[mirror]"], lines].concat());
+        let config = valid(&with(&[
+            "backend = \"v2\"",
+            "percent = 50",
+            "methods = [\"GET\"]",
+            "max_body = \"1MiB\"",
+            "max_in_flight = 10",
+            "timeout = \"2s\"",
+            "compare = false",
+            "ignore_headers = [\"x-trace\"]",
+            "ignore_fields = [\"ts\"]",
+        ]));
+        let mirror = config.mirror.unwrap();
+        assert_eq!((mirror.backend.as_str(), mirror.percent), ("v2", 50.0));
+        assert_eq!((mirror.max_body, mirror.max_in_flight), (1 << 20, 10));
+        assert_eq!(mirror.timeout, Duration::from_secs(2));
+        assert!(!mirror.compare);
+        assert_eq!(mirror.ignore_headers[0], "x-trace");
+        assert_eq!(mirror.ignore_fields, ["ts"]);
+        assert!(valid(&doc(&V1)).mirror.is_none());
+        // V1 and V2 take lines 1-8, [mirror] is line 9.
+        assert_invalid(&with(&["backend = \"v3\""]), "mirror.backend", 10);
+        assert_invalid(&with(&["percent = 5"]), "mirror.backend", 9);
+        assert_invalid(
+            &with(&["backend = \"v2\"", "max_body = \"64kb\""]),
+            "mirror.max_body",
+            11,
+        );
+        assert_invalid(
+            &with(&["backend = \"v2\"", "methods = [\"get\"]"]),
+            "mirror.methods",
+            11,
+        );
+        assert_invalid(
+            &with(&["backend = \"v2\"", "copies = 1"]),
+            "mirror.copies",
+            11,
+        );
     }
 
     #[test]

@@ -22,6 +22,21 @@ pub(super) struct RawConfig {
     pub(super) rule: Option<Vec<Spanned<RawRule>>>,
     pub(super) rollout: Option<Spanned<RawRollout>>,
     pub(super) fault: Option<Vec<Spanned<RawFault>>>,
+    pub(super) mirror: Option<Spanned<RawMirror>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+pub(super) struct RawMirror {
+    pub(super) backend: Option<Spanned<String>>,
+    pub(super) percent: Option<Spanned<RawNumber>>,
+    pub(super) methods: Option<Spanned<Vec<String>>>,
+    pub(super) max_body: Option<Spanned<String>>,
+    pub(super) max_in_flight: Option<Spanned<RawInt>>,
+    pub(super) timeout: Option<Spanned<RawDuration>>,
+    pub(super) compare: Option<Spanned<bool>>,
+    pub(super) ignore_headers: Option<Spanned<Vec<String>>>,
+    pub(super) ignore_fields: Option<Spanned<Vec<String>>>,
 }
 
 #[derive(Deserialize)]

@@ -12,13 +12,13 @@ use toml::Spanned;
 use super::diagnostics::{FieldError, later, line_of, regex_reason};
 use super::raw::{
     RawAdmin, RawAnalysis, RawBackend, RawConfig, RawDuration, RawFault, RawHealth, RawInt,
-    RawNumber, RawOutlier, RawProxy, RawRollout, RawRule,
+    RawMirror, RawNumber, RawOutlier, RawProxy, RawRollout, RawRule,
 };
 use super::{
     AdminSettings, AnalysisConfig, BackendConfig, Config, DEFAULT_ROLLOUT_STEPS, EndpointUrl,
     FaultConfig, FaultFields, HealthCheckConfig, MAX_ADMIN_CONNECTIONS, MAX_BACKENDS, MAX_WEIGHT,
-    MAX_WORKERS, OnInconclusive, OutlierConfig, ProxySettings, RolloutConfig, RuleConfig,
-    RuleMatcher, RuleSource, UNROUTED_BACKEND, first_repeated_backend,
+    MAX_WORKERS, MirrorConfig, MirrorFields, OnInconclusive, OutlierConfig, ProxySettings,
+    RolloutConfig, RuleConfig, RuleMatcher, RuleSource, UNROUTED_BACKEND, first_repeated_backend,
 };
 use crate::duration::{format_duration, parse_duration};
 
@@ -68,6 +68,10 @@ impl RawConfig {
             .map(|raw| validate_rollout(raw, &backends))
             .transpose()?;
         let faults = validate_faults(self.fault.unwrap_or_default(), &backends)?;
+        let mirror = self
+            .mirror
+            .map(|raw| validate_mirror(raw, &backends))
+            .transpose()?;
         Ok(Config {
             proxy,
             admin,
@@ -75,6 +79,7 @@ impl RawConfig {
             rules,
             rollout,
             faults,
+            mirror,
         })
     }
 }
@@ -570,6 +575,56 @@ fn validate_outlier(prefix: &str, raw: RawOutlier) -> Result<OutlierConfig, Fiel
         base_ejection,
         max_ejection,
     })
+}
+
+/// The strings of an optional list in the file.
+fn strings(list: &Option<Spanned<Vec<String>>>) -> Option<Vec<&str>> {
+    list.as_ref()
+        .map(|l| l.get_ref().iter().map(String::as_str).collect())
+}
+
+fn validate_mirror(
+    raw: Spanned<RawMirror>,
+    backends: &[BackendConfig],
+) -> Result<MirrorConfig, FieldError> {
+    let table_span = raw.span();
+    let raw = raw.into_inner();
+    let span_of = |field: &str| {
+        let span = match field {
+            "backend" => raw.backend.as_ref().map(Spanned::span),
+            "percent" => raw.percent.as_ref().map(Spanned::span),
+            "methods" => raw.methods.as_ref().map(Spanned::span),
+            "max_body" => raw.max_body.as_ref().map(Spanned::span),
+            "max_in_flight" => raw.max_in_flight.as_ref().map(Spanned::span),
+            "timeout" => raw.timeout.as_ref().map(Spanned::span),
+            "compare" => raw.compare.as_ref().map(Spanned::span),
+            "ignore_headers" => raw.ignore_headers.as_ref().map(Spanned::span),
+            _ => raw.ignore_fields.as_ref().map(Spanned::span),
+        };
+        span.unwrap_or_else(|| table_span.clone())
+    };
+    let fields = MirrorFields {
+        backend: raw.backend.as_ref().map(|b| b.get_ref().as_str()),
+        percent: raw.percent.as_ref().map(|p| p.get_ref().0),
+        methods: strings(&raw.methods),
+        max_body: raw.max_body.as_ref().map(|m| m.get_ref().as_str()),
+        max_in_flight: raw.max_in_flight.as_ref().map(|n| n.get_ref().0),
+        timeout: raw.timeout.as_ref().map(|t| t.get_ref().0.as_str()),
+        compare: raw.compare.as_ref().map(|c| *c.get_ref()),
+        ignore_headers: strings(&raw.ignore_headers),
+        ignore_fields: strings(&raw.ignore_fields),
+    };
+    let mirror = fields
+        .check()
+        .map_err(|e| FieldError::new(format!("mirror.{}", e.field), span_of(e.field), e.message))?;
+    if !backends.iter().any(|b| b.name == mirror.backend) {
+        return Err(FieldError::new(
+            "mirror.backend",
+            span_of("backend"),
+            format!("unknown backend {:?}", mirror.backend),
+        ));
+    }
+    Ok(mirror)
 }
 
 fn validate_faults(
