@@ -211,7 +211,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 /// Prints a size in the largest unit that divides it exactly: `"64KiB"`, `"1500B"`.
 pub fn format_size(bytes: u64) -> String {
     for (name, per) in SIZE_UNITS {
-        if bytes >= per && bytes % per == 0 {
+        if bytes >= per && bytes.is_multiple_of(per) {
             return format!("{}{name}", bytes / per);
         }
     }
