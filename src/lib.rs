@@ -17,6 +17,8 @@
 //!   retry elsewhere, rewrite the response) and its error responses; `h1` serves HTTP/1
 //!   client connections through it, `h2` h2c ones (hyper); `headers` (hop-by-hop,
 //!   `X-Forwarded-*`, `x-request-id`, the Host check); `error` (`ProxyError`, status codes).
+//! - `mirror/`: copies of requests sent to the canary, and the comparison of its answers with
+//!   the served ones.
 //! - `control/`: [`ControlPlane`], through which every table change goes (weights, reloads),
 //!   atomic, versioned and audited; writing weights back into the config file (`persist`);
 //!   the active health checks (`health`); the rollout's controller and webhook (`rollout`,
@@ -54,6 +56,9 @@ mod duration;
 mod http1;
 mod id;
 mod metrics;
+// Until the rest of mirror/ sends copies, nothing outside its tests calls the comparison.
+#[cfg_attr(not(test), expect(dead_code))]
+mod mirror;
 mod proxy;
 mod rollout;
 mod routing;
