@@ -56,8 +56,6 @@ mod duration;
 mod http1;
 mod id;
 mod metrics;
-// Until the rest of mirror/ sends copies, nothing outside its tests calls the comparison.
-#[cfg_attr(not(test), expect(dead_code))]
 mod mirror;
 mod proxy;
 mod rollout;

@@ -151,6 +151,8 @@ pub struct Metrics {
     unrouted: BackendMetrics,
     /// The progressive rollout's gauges and counters, set by its controller.
     pub rollout: RolloutMetrics,
+    /// Mirroring's counters.
+    pub mirror: MirrorMetrics,
     /// Serializes scrapes: `render` resets and refills the table gauges, and two concurrent
     /// scrapes must not see each other's half-filled state.
     render_lock: Mutex<()>,
@@ -320,6 +322,7 @@ impl Metrics {
             ),
             unrouted: BackendMetrics::new(UNROUTED_BACKEND, families.clone(), false),
             rollout: RolloutMetrics::new(r),
+            mirror: MirrorMetrics::new(r),
             families,
             registry,
             render_lock: Mutex::new(()),
@@ -449,6 +452,96 @@ impl TableGauges {
 }
 
 /// The rollout's metrics. Labels are the fixed names of states, events, metrics and verdicts.
+/// Mirroring's counters: what became of requests selected for a copy, what the comparisons
+/// found, and how long copies took.
+#[derive(Clone)]
+pub struct MirrorMetrics {
+    requests: IntCounterVec,
+    comparisons: IntCounterVec,
+    duration: Histogram,
+}
+
+/// What became of a request mirroring looked at, as a bounded metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MirrorResult {
+    Copied,
+    Skipped,
+    Dropped,
+    Error,
+    Timeout,
+}
+
+impl MirrorResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MirrorResult::Copied => "copied",
+            MirrorResult::Skipped => "skipped",
+            MirrorResult::Dropped => "dropped",
+            MirrorResult::Error => "error",
+            MirrorResult::Timeout => "timeout",
+        }
+    }
+}
+
+impl fmt::Debug for MirrorMetrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MirrorMetrics").finish_non_exhaustive()
+    }
+}
+
+impl MirrorMetrics {
+    fn new(r: &Registry) -> Self {
+        let metrics = MirrorMetrics {
+            requests: int_counter_vec(
+                r,
+                "canary_mirror_requests_total",
+                "Requests mirroring looked at, by result (copied; skipped: method, body or \
+                 percent; dropped: max_in_flight copies running; error and timeout: copies \
+                 that failed or were not answered whole in time).",
+                &["result"],
+            ),
+            comparisons: int_counter_vec(
+                r,
+                "canary_mirror_comparisons_total",
+                "Copies' answers compared with the served ones, by result (identical; \
+                 different: a difference the noise filter reports).",
+                &["result"],
+            ),
+            duration: register(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "canary_mirror_duration_seconds",
+                        "Time from a copy's start to its whole answer.",
+                    )
+                    .buckets(DURATION_BUCKETS.to_vec()),
+                )
+                .expect("valid metric definition"),
+            ),
+        };
+        for result in ["copied", "skipped", "dropped", "error", "timeout"] {
+            metrics.requests.with_label_values(&[result]);
+        }
+        for result in ["identical", "different"] {
+            metrics.comparisons.with_label_values(&[result]);
+        }
+        metrics
+    }
+
+    pub fn request(&self, result: MirrorResult) {
+        self.requests.with_label_values(&[result.as_str()]).inc();
+    }
+
+    pub fn comparison(&self, different: bool) {
+        let result = if different { "different" } else { "identical" };
+        self.comparisons.with_label_values(&[result]).inc();
+    }
+
+    pub fn duration(&self, elapsed: Duration) {
+        self.duration.observe(elapsed.as_secs_f64());
+    }
+}
+
 pub struct RolloutMetrics {
     state: IntGaugeVec,
     step: IntGauge,
@@ -920,6 +1013,9 @@ mod tests {
             ("canary_upstream_errors_total", "counter"),
             ("canary_route_decisions_total", "counter"),
             ("canary_faults_injected_total", "counter"),
+            ("canary_mirror_requests_total", "counter"),
+            ("canary_mirror_comparisons_total", "counter"),
+            ("canary_mirror_duration_seconds", "histogram"),
             ("canary_config_reloads_total", "counter"),
             ("canary_in_flight_requests", "gauge"),
             ("canary_table_version", "gauge"),

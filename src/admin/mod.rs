@@ -9,6 +9,9 @@
 //! | `GET /admin/faults` | the faults in force |
 //! | `PUT /admin/faults` | replaces them with the JSON list in the body (keys of `[[fault]]`) |
 //! | `DELETE /admin/faults` | removes them all, or `?backend=NAME`'s |
+//! | `GET /admin/mirror` | mirroring's config and report (counts, differing paths, examples) |
+//! | `PUT /admin/mirror` | sets mirroring (keys of `[mirror]`); `DELETE` stops it |
+//! | `POST /admin/mirror/reset` | clears mirroring's counts |
 //! | `POST`/`PUT /admin/reload` | re-reads the config file |
 //! | `GET /metrics` | Prometheus text format |
 //! | `GET /healthz` | 200 while the process runs |
@@ -24,12 +27,13 @@
 //! JSON: `{"error": "..."}`.
 //!
 //! Beside the server: `client`, a small HTTP/1.1 client of this API for the operator's
-//! subcommands, and `cli`, the `canary-proxy rollout ...` subcommand built on it. `faults`:
-//! the JSON of `/admin/faults`.
+//! subcommands, and `cli`, the `canary-proxy rollout ...` subcommand built on it. `faults`
+//! and `mirror`: the JSON of `/admin/faults` and `/admin/mirror`.
 
 pub mod cli;
 pub mod client;
 mod faults;
+mod mirror;
 
 use std::convert::Infallible;
 use std::net::Ipv4Addr;
@@ -283,6 +287,32 @@ async fn handle(
             "use GET to read, PUT to replace, DELETE to remove",
             "GET, PUT, DELETE",
         ),
+        (Method::GET, "/admin/mirror") => with_etag(
+            json_response(
+                StatusCode::OK,
+                mirror::to_json(table.version, table.mirror.as_deref()),
+            ),
+            table.version,
+        ),
+        (Method::PUT | Method::DELETE, "/admin/mirror") => {
+            change_mirror(control, request, read_timeout).await
+        }
+        (_, "/admin/mirror") => not_allowed(
+            "use GET to read, PUT to set, DELETE to stop",
+            "GET, PUT, DELETE",
+        ),
+        (Method::POST, "/admin/mirror/reset") => match &table.mirror {
+            Some(mirroring) => {
+                mirroring.report.reset();
+                tracing::info!(target: "audit", "mirror counts reset");
+                json_response(
+                    StatusCode::OK,
+                    mirror::to_json(table.version, Some(mirroring)),
+                )
+            }
+            None => error(StatusCode::NOT_FOUND, "mirroring is off: nothing to reset"),
+        },
+        (_, "/admin/mirror/reset") => not_allowed("reset needs POST", "POST"),
         (Method::GET, "/admin/rollout") => {
             // The rollout's lock is held while it writes its state file: wait off the runtime.
             let rollout = rollout.clone();
@@ -440,6 +470,53 @@ async fn change_faults(
             ),
             applied.version,
         ),
+        Err(e) => control_error(control, &e),
+    }
+}
+
+/// `PUT /admin/mirror` (the body's config in force) and `DELETE /admin/mirror` (stopped).
+async fn change_mirror(
+    control: &Arc<ControlPlane>,
+    request: Request<Incoming>,
+    read_timeout: Duration,
+) -> AdminResponse {
+    let if_match = match if_match(&request) {
+        Ok(v) => v,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
+    };
+    let delete = request.method() == Method::DELETE;
+    let body = match read_body(request, read_timeout).await {
+        Ok(body) => body,
+        Err(refused) => return refused,
+    };
+    let config = if delete {
+        if !body.iter().all(u8::is_ascii_whitespace) {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "DELETE /admin/mirror takes no body; PUT sets mirroring",
+            );
+        }
+        None
+    } else {
+        match mirror::parse(&body) {
+            Ok(config) => Some(config),
+            Err(e) => return control_error(control, &e),
+        }
+    };
+    let applied = control
+        .run_blocking(move |control| control.set_mirror(config, if_match.as_deref()))
+        .await;
+    match applied {
+        Ok(version) => {
+            let table = control.table().load();
+            with_etag(
+                json_response(
+                    StatusCode::OK,
+                    mirror::to_json(version, table.mirror.as_deref()),
+                ),
+                version,
+            )
+        }
         Err(e) => control_error(control, &e),
     }
 }
@@ -724,6 +801,7 @@ fn control_error(control: &ControlPlane, e: &ControlError) -> AdminResponse {
         | ControlError::InvalidWeight { .. }
         | ControlError::InvalidFault { .. }
         | ControlError::RepeatedFault(_)
+        | ControlError::InvalidMirror { .. }
         | ControlError::AllZero
         | ControlError::NoWeights
         | ControlError::MalformedJson(_)

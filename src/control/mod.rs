@@ -19,7 +19,7 @@ use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
 use crate::chain::Chain;
-use crate::config::{self, Config, ConfigError, FaultConfig, MAX_WEIGHT, TokenError};
+use crate::config::{self, Config, ConfigError, FaultConfig, MAX_WEIGHT, MirrorConfig, TokenError};
 use crate::metrics::Metrics;
 use crate::routing::fault::Fault;
 use crate::routing::{RoutingTable, SharedTable};
@@ -64,6 +64,11 @@ pub enum ControlError {
     },
     #[error("backend {0:?} is given two faults; one fault per backend")]
     RepeatedFault(String),
+    #[error("mirror.{field}: {message}")]
+    InvalidMirror {
+        field: &'static str,
+        message: String,
+    },
     /// The weights of these backends are driven by something else (the progressive rollout).
     #[error("the weight of {backend:?} is set by {owner}; use its commands instead")]
     Owned { backend: String, owner: String },
@@ -399,6 +404,53 @@ impl ControlPlane {
         let version = next.version;
         self.table.store(Arc::new(next));
         Ok(FaultsApplied { version, faults })
+    }
+
+    /// Puts mirroring as `config` says in force (`None`: stops it): versioned and audited, not
+    /// written to the config file, as faults are. Its counts go on from the mirroring it
+    /// replaces.
+    pub fn set_mirror(
+        &self,
+        config: Option<MirrorConfig>,
+        if_match: Option<&[u64]>,
+    ) -> Result<u64, ControlError> {
+        let _write = self.writes.lock().unwrap_or_else(|e| e.into_inner());
+        let current = self.table.load_full();
+        check_version(if_match, current.version)?;
+        let mirror = match config {
+            None => None,
+            Some(config) => {
+                let backend = config.backend.clone();
+                let report = current
+                    .mirror
+                    .as_ref()
+                    .map(|m| m.report.clone())
+                    .unwrap_or_default();
+                let mirror = current
+                    .build_mirror(config, report, &self.metrics)
+                    .ok_or(ControlError::UnknownBackend(backend))?;
+                Some(Arc::new(mirror))
+            }
+        };
+        let next = current.with_mirror(mirror, current.version + 1);
+        let describe = |t: &RoutingTable| {
+            t.mirror.as_ref().map_or("off".to_owned(), |m| {
+                format!(
+                    "{}% of {:?} to {}",
+                    m.config.percent, m.config.methods, m.config.backend
+                )
+            })
+        };
+        tracing::info!(
+            target: "audit",
+            version = next.version,
+            old = %describe(&current),
+            new = %describe(&next),
+            "mirroring changed"
+        );
+        let version = next.version;
+        self.table.store(Arc::new(next));
+        Ok(version)
     }
 
     /// Re-reads the config file and applies it whole, or leaves everything as it was. Blocks

@@ -1,4 +1,12 @@
 //! Mirroring: copies of requests sent to the canary, whose answers never reach a client, and
-//! the comparison of those answers with the ones served ([`compare`], pure).
+//! the comparison of those answers with the ones served.
+//!
+//! - `copy`: which requests get a copy, the copy task (its own pools, bounded, timed), the
+//!   second copy to the served version for noise, and the served answer's capture.
+//! - `compare`: the differences between two answers, by status, headers and body (JSON
+//!   structurally, with bounded paths), pure.
+//! - `report`: counts, differing paths with Diffy's noise filter, the last examples.
 
 pub mod compare;
+pub mod copy;
+pub mod report;

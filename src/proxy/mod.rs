@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use crate::chain::Chain;
 use crate::id::Id;
 use crate::metrics::{FaultKind, Metrics, UpstreamErrorKind};
+use crate::mirror::copy::{Mirror, Served, ServedCapture};
 use crate::routing::fault::Injection;
 use crate::routing::{Backend, Endpoint, Reason, RoutingTable, SharedTable};
 use crate::upstream::{
@@ -244,10 +245,45 @@ impl Proxy {
             websocket,
             target.endpoint,
         );
-        let (response, target) = send_with_retry(table, target, outgoing, started, outcome).await?;
+        let capture = match &table.mirror {
+            None => None,
+            Some(mirror) => mirror_copy(mirror, &target, &outgoing),
+        };
+        let (mut response, target) =
+            send_with_retry(table, target, outgoing, started, outcome).await?;
+        if let Some(capture) = capture {
+            capture.watch(&mut response);
+        }
         let request_id = outcome.request_id.clone();
         rewrite_response(response, &target, websocket, table, request_id)
     }
+}
+
+/// Sends a copy of `outgoing` (as it goes to `target`) beside it when mirroring admits it;
+/// returns where the served answer is captured for the comparison.
+fn mirror_copy(
+    mirror: &Arc<Mirror>,
+    target: &Target<'_>,
+    outgoing: &Request<ForwardBody>,
+) -> Option<ServedCapture> {
+    let endpoint = target
+        .backend
+        .endpoints
+        .iter()
+        .position(|e| Arc::ptr_eq(e, target.endpoint))?;
+    let request_id = outgoing.headers().get(&headers::X_REQUEST_ID)?;
+    let served = Served {
+        backend: target.index,
+        endpoint,
+        method: outgoing.method(),
+        uri: outgoing.uri(),
+        headers: outgoing.headers(),
+        request_id,
+        path: outgoing.uri().path(),
+    };
+    let has_body = !http_body::Body::is_end_stream(outgoing.body());
+    let admission = mirror.admit(&served, has_body)?;
+    mirror.spawn(admission, &served)
 }
 
 /// Picks the backend and endpoint that serve a request with these headers, and notes the

@@ -31,11 +31,14 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use rand::{Rng, RngExt};
 
 use crate::config::{
-    BackendConfig, Config, HealthCheckConfig, OutlierConfig, RuleConfig, RuleMatcher, RuleSource,
+    BackendConfig, Config, HealthCheckConfig, MirrorConfig, OutlierConfig, RuleConfig, RuleMatcher,
+    RuleSource,
 };
 use crate::duration::format_duration;
 use crate::id;
 use crate::metrics::{BackendMetrics, DecisionReason, Metrics, TableGauges};
+use crate::mirror::copy::Mirror;
+use crate::mirror::report::MirrorReport;
 use crate::rollout::VersionMeter;
 use crate::upstream::{ExchangeTimeouts, Peer, Upstream, UpstreamSettings};
 use fault::Fault;
@@ -67,6 +70,8 @@ pub struct RoutingTable {
     pub timeouts: ExchangeTimeouts,
     /// Response header naming the backend that served, or `None` when disabled.
     pub backend_header: Option<HeaderName>,
+    /// Copies of requests sent to a backend and compared, when mirroring is on.
+    pub mirror: Option<Arc<Mirror>>,
     /// Bit i is set when backend i has a weight above zero.
     weighted: u64,
     /// End of each backend's sticky bucket range while every weighted backend is eligible
@@ -303,7 +308,7 @@ impl RoutingTable {
             })
             .collect();
         let rules = config.rules.iter().map(Rule::from_config).collect();
-        RoutingTable::assemble(
+        let mut table = RoutingTable::assemble(
             version,
             backends,
             rules,
@@ -323,7 +328,15 @@ impl RoutingTable {
                 read: config.proxy.read_timeout,
             },
             config.proxy.backend_header.clone(),
-        )
+        );
+        table.mirror = config.mirror.clone().and_then(|mirror| {
+            let report = previous
+                .and_then(|t| t.mirror.as_ref())
+                .map(|m| m.report.clone())
+                .unwrap_or_default();
+            table.build_mirror(mirror, report, metrics).map(Arc::new)
+        });
+        table
     }
 
     fn assemble(
@@ -348,9 +361,50 @@ impl RoutingTable {
             backend_header,
             weighted,
             all_eligible_ends: Box::default(),
+            mirror: None,
         };
         table.all_eligible_ends = table.bucket_ends(weighted);
         table
+    }
+
+    /// A copy of this table with `mirror` in force (or none), at `version`.
+    pub fn with_mirror(&self, mirror: Option<Arc<Mirror>>, version: u64) -> Self {
+        let mut table = self.with_backends(version, |_| {});
+        table.mirror = mirror;
+        table
+    }
+
+    /// Mirroring as `config` says, in this table: its backend resolved, pools of its own for
+    /// every endpoint, and `report` counting (kept from the mirroring it replaces).
+    pub fn build_mirror(
+        &self,
+        config: MirrorConfig,
+        report: Arc<MirrorReport>,
+        metrics: &Metrics,
+    ) -> Option<Mirror> {
+        let backend = self
+            .backends
+            .iter()
+            .position(|b| b.name == config.backend)?;
+        let endpoints = self
+            .backends
+            .iter()
+            .map(|b| {
+                b.endpoints
+                    .iter()
+                    .map(|e| (e.url().to_owned(), e.authority().clone()))
+                    .collect()
+            })
+            .collect();
+        let settings = self.backends[backend].upstream.settings();
+        Some(Mirror::new(
+            config,
+            backend,
+            endpoints,
+            settings,
+            report,
+            metrics.mirror.clone(),
+        ))
     }
 
     /// A copy of this table with some weights changed (same pools, same endpoints).
@@ -372,18 +426,21 @@ impl RoutingTable {
         })
     }
 
-    /// A copy of this table at `version`, its backends changed by `change`.
+    /// A copy of this table at `version` (its mirroring too), its backends changed by
+    /// `change`.
     fn with_backends(&self, version: u64, change: impl FnOnce(&mut [Backend])) -> Self {
         let mut backends = self.backends.clone();
         change(&mut backends);
-        RoutingTable::assemble(
+        let mut table = RoutingTable::assemble(
             version,
             backends,
             self.rules.clone(),
             self.sticky.clone(),
             self.timeouts,
             self.backend_header.clone(),
-        )
+        );
+        table.mirror = self.mirror.clone();
+        table
     }
 
     pub fn backend(&self, name: &str) -> Option<&Backend> {

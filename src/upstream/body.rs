@@ -133,6 +133,7 @@ pub(super) fn finish_head(
     }
     response.body_mut().state = BodyState::Reading(Box::new(Reading {
         exchange,
+        tap: TapSlot(None),
         framing,
         reusable,
         peer: peer.clone(),
@@ -162,6 +163,8 @@ enum BodyState {
 
 struct Reading {
     exchange: Exchange,
+    /// Sees the body go by (a mirrored request's served answer), when something asked.
+    tap: TapSlot,
     framing: Framing,
     /// The upstream keeps the connection alive after this response.
     reusable: bool,
@@ -171,7 +174,53 @@ struct Reading {
     stall: StallTimer,
 }
 
+/// Sees a response body's data as it passes on its way to the client, then its end.
+pub trait BodyTap: Send {
+    fn data(&mut self, data: &Bytes);
+    /// `complete`: the body ended whole (else it failed or was dropped before its end).
+    fn end(self: Box<Self>, complete: bool);
+}
+
+/// A body's tap, told of an early end if it is dropped before the body ends.
+struct TapSlot(Option<Box<dyn BodyTap>>);
+
+impl TapSlot {
+    fn data(&mut self, data: &Bytes) {
+        if let Some(tap) = &mut self.0 {
+            tap.data(data);
+        }
+    }
+
+    fn end(&mut self, complete: bool) {
+        if let Some(tap) = self.0.take() {
+            tap.end(complete);
+        }
+    }
+}
+
+impl Drop for TapSlot {
+    fn drop(&mut self) {
+        self.end(false);
+    }
+}
+
 impl UpstreamBody {
+    /// Lets `tap` see this body as it is read: at once for a body that came whole with the
+    /// head (or has none), else piece by piece.
+    pub fn tap(&mut self, mut tap: Box<dyn BodyTap>) {
+        match &mut self.state {
+            BodyState::Whole(data) => {
+                if let Some(data) = data {
+                    tap.data(data);
+                }
+                tap.end(true);
+            }
+            BodyState::Reading(reading) => reading.tap.0 = Some(tap),
+            BodyState::Switched(_) => tap.end(false),
+            BodyState::Done => tap.end(true),
+        }
+    }
+
     /// For a 101 response: the upstream connection and any bytes it already sent past the
     /// head, for the tunnel.
     pub fn take_upgraded(&mut self) -> Option<(TcpStream, Bytes)> {
@@ -228,11 +277,17 @@ impl Body for UpstreamBody {
             Ok(()) => reading.poll_next(cx),
             Err(error) => Poll::Ready(Some(Err(error))),
         };
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            reading.tap.data(data);
+        }
         match &polled {
             Poll::Ready(Some(Ok(_))) if !reading.framing.is_end() => {}
             Poll::Pending => {}
             Poll::Ready(Some(Err(_))) => self.state = BodyState::Done,
             Poll::Ready(Some(Ok(_)) | None) => {
+                reading.tap.end(true);
                 // The body is complete: the connection goes back to the pool if it can.
                 if let BodyState::Reading(reading) =
                     std::mem::replace(&mut self.state, BodyState::Done)

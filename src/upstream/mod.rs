@@ -39,7 +39,7 @@ mod body;
 mod exchange;
 mod pool;
 
-pub use body::{ForwardBody, ForwardBodyError, ProxyResponse, UpstreamBody};
+pub use body::{BodyTap, ForwardBody, ForwardBodyError, ProxyResponse, UpstreamBody};
 
 use body::finish_head;
 use exchange::{Attempt, Exchange, Failure, Phase, PhaseClock, is_idempotent};

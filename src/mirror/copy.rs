@@ -1,0 +1,458 @@
+//! Copies: which requests get one, the copy sent beside the served request (from pools of
+//! its own, no retry, within `timeout`), a second copy to the served version for noise, and
+//! the served answer captured as it goes to the client, to compare.
+//!
+//! The client never waits for any of it: a copy is a task of its own, bounded in number
+//! (`max_in_flight`) and in memory (bodies kept up to [`CAPTURE_LIMIT`], hashed past it).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bytes::{Bytes, BytesMut};
+use http::header::HeaderName;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri};
+use http_body_util::BodyExt;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use super::compare::{Captured, CapturedBody, CompareSettings, FNV64_OFFSET, compare, fnv1a_64};
+use super::report::{Example, MirrorReport, Outcome};
+use crate::config::MirrorConfig;
+use crate::metrics::{MirrorMetrics, MirrorResult};
+use crate::upstream::{
+    BodyTap, ExchangeTimeouts, ForwardBody, Peer, Upstream, UpstreamBody, UpstreamSettings,
+};
+
+/// Bytes of a body kept for the comparison; past it, its length and hash.
+pub const CAPTURE_LIMIT: usize = 64 * 1024;
+
+/// Marks a copy, so the canary (and its logs) can tell copies from served requests.
+pub static X_CANARY_MIRROR: HeaderName = HeaderName::from_static("x-canary-mirror");
+
+/// Mirroring in force: its config, where copies go, and their own pools.
+#[derive(Debug)]
+pub struct Mirror {
+    pub config: MirrorConfig,
+    /// Index of the backend that gets the copies.
+    pub backend: usize,
+    /// The mirror's own connections, `[backend][endpoint]`: copies to the canary and second
+    /// copies to a served version never use (or disturb) the pools that serve clients.
+    peers: Vec<Vec<Arc<Peer>>>,
+    upstream: Upstream,
+    settings: Arc<CompareSettings>,
+    in_flight: Arc<AtomicUsize>,
+    cursor: AtomicUsize,
+    pub report: Arc<MirrorReport>,
+    metrics: MirrorMetrics,
+}
+
+/// A request admitted for a copy; holds its place among the `max_in_flight`.
+#[derive(Debug)]
+pub struct Admission {
+    in_flight: Arc<AtomicUsize>,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The served request a copy is made of.
+pub struct Served<'a> {
+    /// Index of the backend that serves it, and of its endpoint.
+    pub backend: usize,
+    pub endpoint: usize,
+    pub method: &'a Method,
+    pub uri: &'a Uri,
+    /// The headers it goes upstream with.
+    pub headers: &'a HeaderMap,
+    pub request_id: &'a HeaderValue,
+    /// The path the client asked for, for the examples.
+    pub path: &'a str,
+}
+
+impl Mirror {
+    /// Mirroring to backend `backend`, with pools of its own for `endpoints`: the
+    /// `(url, authority)` of each endpoint of each backend, in table order.
+    pub fn new(
+        config: MirrorConfig,
+        backend: usize,
+        endpoints: Vec<Vec<(String, http::uri::Authority)>>,
+        upstream: UpstreamSettings,
+        report: Arc<MirrorReport>,
+        metrics: MirrorMetrics,
+    ) -> Self {
+        let peers = endpoints
+            .into_iter()
+            .map(|list| {
+                list.into_iter()
+                    .map(|(url, authority)| Arc::new(Peer::new(url, authority)))
+                    .collect()
+            })
+            .collect();
+        let settings = Arc::new(CompareSettings {
+            ignore_headers: config
+                .ignore_headers
+                .iter()
+                .map(|h| h.as_str().to_owned())
+                .collect(),
+            ignore_fields: config.ignore_fields.clone(),
+        });
+        Mirror {
+            config,
+            backend,
+            peers,
+            upstream: Upstream::new(upstream),
+            settings,
+            in_flight: Arc::default(),
+            cursor: AtomicUsize::new(0),
+            report,
+            metrics,
+        }
+    }
+
+    /// Whether the request `served` describes gets a copy: not one the mirror backend serves
+    /// itself; its method listed; selected by its request id (the same id is always copied or
+    /// never); no body; fewer than `max_in_flight` copies running. Counts what it decides.
+    pub fn admit(&self, served: &Served<'_>, has_body: bool) -> Option<Admission> {
+        if served.backend == self.backend {
+            return None;
+        }
+        let skipped = if !self.config.methods.contains(served.method) {
+            Some(Outcome::SkippedMethod)
+        } else if !selected(served.request_id.as_bytes(), self.config.percent) {
+            Some(Outcome::SkippedPercent)
+        } else if has_body {
+            Some(Outcome::SkippedBody)
+        } else {
+            None
+        };
+        if let Some(outcome) = skipped {
+            self.report.counts.count(outcome);
+            self.metrics.request(MirrorResult::Skipped);
+            return None;
+        }
+        let running = self.in_flight.fetch_add(1, Ordering::Relaxed);
+        let admission = Admission {
+            in_flight: self.in_flight.clone(),
+        };
+        if running >= self.config.max_in_flight {
+            self.report.counts.count(Outcome::Dropped);
+            self.metrics.request(MirrorResult::Dropped);
+            return None;
+        }
+        Some(admission)
+    }
+
+    /// Sends the copy of `served` (and, to compare, a second copy to another endpoint of the
+    /// served backend when it has one), on a task of its own. Returns the sender the served
+    /// answer is captured into when the copy is compared.
+    pub fn spawn(
+        self: &Arc<Self>,
+        admission: Admission,
+        served: &Served<'_>,
+    ) -> Option<ServedCapture> {
+        let mut headers = served.headers.clone();
+        headers.insert(X_CANARY_MIRROR.clone(), HeaderValue::from_static("1"));
+        let head = CopyHead {
+            method: served.method.clone(),
+            uri: served.uri.clone(),
+            headers,
+        };
+        let canary = self.next_peer(self.backend, None);
+        let second = self
+            .config
+            .compare
+            .then(|| self.next_peer(served.backend, Some(served.endpoint)))
+            .flatten();
+        let (capture, captured) = if self.config.compare {
+            let (sender, receiver) = oneshot::channel();
+            (Some(ServedCapture { sender }), Some(receiver))
+        } else {
+            (None, None)
+        };
+        let example = ExampleHead {
+            method: served.method.to_string(),
+            path: served.path.to_owned(),
+            request_id: String::from_utf8_lossy(served.request_id.as_bytes()).into_owned(),
+        };
+        let mirror = self.clone();
+        tokio::spawn(async move {
+            let _admission = admission;
+            mirror.run(head, canary, second, captured, example).await;
+        });
+        capture
+    }
+
+    async fn run(
+        &self,
+        head: CopyHead,
+        canary: Option<Arc<Peer>>,
+        second: Option<Arc<Peer>>,
+        served: Option<oneshot::Receiver<Option<Captured>>>,
+        example: ExampleHead,
+    ) {
+        let started = Instant::now();
+        let to_canary = async {
+            match canary {
+                Some(peer) => self.exchange(&peer, head.clone()).await,
+                None => Err(Outcome::Error),
+            }
+        };
+        let to_second = async {
+            match &second {
+                Some(peer) => self.exchange(peer, head.clone()).await.ok(),
+                None => None,
+            }
+        };
+        let (copy, second) = tokio::join!(to_canary, to_second);
+        let copy = match copy {
+            Ok(copy) => {
+                self.report.counts.count(Outcome::Copied);
+                self.metrics.request(MirrorResult::Copied);
+                self.metrics.duration(started.elapsed());
+                copy
+            }
+            Err(outcome) => {
+                self.report.counts.count(outcome);
+                let result = match outcome {
+                    Outcome::Timeout => MirrorResult::Timeout,
+                    _ => MirrorResult::Error,
+                };
+                self.metrics.request(result);
+                return;
+            }
+        };
+        let Some(served) = served else { return };
+        // The served answer, once the client has had it (or the capture gave up).
+        let Ok(Ok(Some(served))) = tokio::time::timeout(self.config.timeout, served).await else {
+            return;
+        };
+        if let Some(second) = &second {
+            self.report
+                .record_noise(&compare(&served, second, &self.settings));
+        }
+        let differences = compare(&served, &copy, &self.settings);
+        let different = self.report.record(&differences, || Example {
+            method: example.method,
+            path: example.path,
+            request_id: example.request_id,
+            served_status: served.status,
+            copy_status: copy.status,
+            differences: differences.clone(),
+        });
+        self.metrics.comparison(different);
+    }
+
+    /// One copy: sent on a connection of the mirror's own, read whole within `timeout`.
+    async fn exchange(&self, peer: &Arc<Peer>, head: CopyHead) -> Result<Captured, Outcome> {
+        let limit = self.config.timeout;
+        let timeouts = ExchangeTimeouts {
+            client_body: limit,
+            request: limit,
+            read: limit,
+        };
+        let mut request = Request::new(ForwardBody::Empty);
+        *request.method_mut() = head.method;
+        *request.uri_mut() = head.uri;
+        *request.headers_mut() = head.headers;
+        let exchange = async {
+            let response = self
+                .upstream
+                .send(peer, request, timeouts, Instant::now())
+                .await
+                .map_err(|_| Outcome::Error)?;
+            capture_whole(response).await.ok_or(Outcome::Error)
+        };
+        tokio::time::timeout(limit, exchange)
+            .await
+            .unwrap_or(Err(Outcome::Timeout))
+    }
+
+    /// The next endpoint of `backend` in turn, other than `except` (`None` when there is no
+    /// other).
+    fn next_peer(&self, backend: usize, except: Option<usize>) -> Option<Arc<Peer>> {
+        let peers = self.peers.get(backend)?;
+        let candidates: Vec<usize> = (0..peers.len()).filter(|&i| Some(i) != except).collect();
+        if candidates.is_empty() {
+            return None;
+        }
+        let turn = self.cursor.fetch_add(1, Ordering::Relaxed);
+        Some(peers[candidates[turn % candidates.len()]].clone())
+    }
+}
+
+/// Whether a request with this id is among the `percent` copied: its FNV-1a hash, in 10,000
+/// buckets, against the share; the same id always gets the same answer.
+pub fn selected(request_id: &[u8], percent: f64) -> bool {
+    let bucket = fnv1a_64(FNV64_OFFSET, request_id) % 10_000;
+    (bucket as f64) < percent * 100.0
+}
+
+#[derive(Debug, Clone)]
+struct CopyHead {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+}
+
+struct ExampleHead {
+    method: String,
+    path: String,
+    request_id: String,
+}
+
+/// Where the served answer goes once captured.
+#[derive(Debug)]
+pub struct ServedCapture {
+    sender: oneshot::Sender<Option<Captured>>,
+}
+
+impl ServedCapture {
+    /// Captures `response` (the upstream's answer, before the proxy adds its headers) as its
+    /// body goes to the client.
+    pub fn watch(self, response: &mut Response<UpstreamBody>) {
+        let head = Captured {
+            status: response.status().as_u16(),
+            headers: header_list(response.headers()),
+            body: CapturedBody::Whole(Bytes::new()),
+        };
+        response.body_mut().tap(Box::new(Tap {
+            head: Some(head),
+            body: Capture::default(),
+            sender: Some(self.sender),
+        }));
+    }
+}
+
+fn header_list(headers: &HeaderMap) -> Vec<(String, Vec<u8>)> {
+    headers
+        .iter()
+        .map(|(name, value)| (name.as_str().to_owned(), value.as_bytes().to_vec()))
+        .collect()
+}
+
+/// A body as it is captured: kept up to [`CAPTURE_LIMIT`], hashed throughout.
+#[derive(Debug)]
+struct Capture {
+    kept: BytesMut,
+    len: u64,
+    hash: u64,
+}
+
+impl Default for Capture {
+    fn default() -> Self {
+        Capture {
+            kept: BytesMut::new(),
+            len: 0,
+            hash: FNV64_OFFSET,
+        }
+    }
+}
+
+impl Capture {
+    fn push(&mut self, data: &[u8]) {
+        self.len += data.len() as u64;
+        self.hash = fnv1a_64(self.hash, data);
+        if self.kept.len() + data.len() <= CAPTURE_LIMIT {
+            self.kept.extend_from_slice(data);
+        } else {
+            self.kept = BytesMut::new();
+        }
+    }
+
+    fn finish(self) -> CapturedBody {
+        if self.len as usize <= CAPTURE_LIMIT && self.kept.len() as u64 == self.len {
+            CapturedBody::Whole(self.kept.freeze())
+        } else {
+            CapturedBody::Digest {
+                len: self.len,
+                hash: self.hash,
+            }
+        }
+    }
+}
+
+struct Tap {
+    head: Option<Captured>,
+    body: Capture,
+    sender: Option<oneshot::Sender<Option<Captured>>>,
+}
+
+impl BodyTap for Tap {
+    fn data(&mut self, data: &Bytes) {
+        self.body.push(data);
+    }
+
+    fn end(mut self: Box<Self>, complete: bool) {
+        let captured = self.head.take().filter(|_| complete).map(|mut head| {
+            head.body = std::mem::take(&mut self.body).finish();
+            head
+        });
+        if let Some(sender) = self.sender.take() {
+            let _ = sender.send(captured);
+        }
+    }
+}
+
+/// A copy's answer read whole (kept up to [`CAPTURE_LIMIT`], hashed past it); `None` when
+/// its body fails.
+async fn capture_whole(response: Response<UpstreamBody>) -> Option<Captured> {
+    let (parts, mut body) = response.into_parts();
+    let mut capture = Capture::default();
+    while let Some(frame) = body.frame().await {
+        if let Some(data) = frame.ok()?.data_ref() {
+            capture.push(data);
+        }
+    }
+    Some(Captured {
+        status: parts.status.as_u16(),
+        headers: header_list(&parts.headers),
+        body: capture.finish(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selection_is_by_request_id_and_near_the_share() {
+        let ids: Vec<String> = (0..20_000).map(|i| format!("request-{i}")).collect();
+        let chosen = ids
+            .iter()
+            .filter(|id| selected(id.as_bytes(), 25.0))
+            .count();
+        // sd of 25% of 20,000 is 61: 4,700..5,300 is about 5 sd either side.
+        assert!((4_700..=5_300).contains(&chosen), "{chosen}");
+        for id in &ids[..100] {
+            assert_eq!(selected(id.as_bytes(), 25.0), selected(id.as_bytes(), 25.0));
+            assert!(selected(id.as_bytes(), 100.0));
+            assert!(!selected(id.as_bytes(), 0.0));
+        }
+    }
+
+    #[test]
+    fn a_capture_keeps_small_bodies_and_hashes_large_ones() {
+        let mut small = Capture::default();
+        small.push(b"hello ");
+        small.push(b"world");
+        match small.finish() {
+            CapturedBody::Whole(body) => assert_eq!(&body[..], b"hello world"),
+            other => panic!("{other:?}"),
+        }
+        let mut large = Capture::default();
+        let piece = vec![7u8; 40 * 1024];
+        large.push(&piece);
+        large.push(&piece);
+        match large.finish() {
+            CapturedBody::Digest { len, hash } => {
+                assert_eq!(len, 80 * 1024);
+                let whole = [piece.clone(), piece].concat();
+                assert_eq!(hash, fnv1a_64(FNV64_OFFSET, &whole));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
