@@ -20,7 +20,8 @@ use super::report::{Example, MirrorReport, Outcome};
 use crate::config::MirrorConfig;
 use crate::metrics::{MirrorMetrics, MirrorResult};
 use crate::upstream::{
-    BodyTap, ExchangeTimeouts, ForwardBody, Peer, Upstream, UpstreamBody, UpstreamSettings,
+    BodyTap, ExchangeTimeouts, ForwardBody, Peer, SendError, Upstream, UpstreamBody,
+    UpstreamSettings,
 };
 
 /// Bytes of a body kept for the comparison; past it, its length and hash.
@@ -262,7 +263,10 @@ impl Mirror {
                 .upstream
                 .send(peer, request, timeouts, Instant::now())
                 .await
-                .map_err(|_| Outcome::Error)?;
+                .map_err(|error| match error {
+                    SendError::TimedOut(_) => Outcome::Timeout,
+                    _ => Outcome::Error,
+                })?;
             capture_whole(response).await.ok_or(Outcome::Error)
         };
         tokio::time::timeout(limit, exchange)

@@ -1,0 +1,341 @@
+//! Mirroring over real TCP: copies of safe requests go to the mirror backend beside the
+//! served ones, marked and selected by request id; a mirror that is down, resetting or silent
+//! changes nothing for clients; differences are found and named, and a served version that
+//! differs from itself is noise; mirroring is set and stopped at runtime.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// A keep-alive HTTP/1.1 upstream answering every request with the JSON `body(n)` (n counts
+/// its requests from 1), keeping each request head it got.
+struct JsonUpstream {
+    url: String,
+    heads: Arc<Mutex<Vec<String>>>,
+}
+
+impl JsonUpstream {
+    fn heads(&self) -> Vec<String> {
+        self.heads.lock().unwrap().clone()
+    }
+}
+
+async fn json_upstream(body: impl Fn(usize) -> String + Send + Sync + 'static) -> JsonUpstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let heads = Arc::new(Mutex::new(Vec::new()));
+    let (kept, body) = (heads.clone(), Arc::new(body));
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let (kept, body) = (kept.clone(), body.clone());
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => seen.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let head: Vec<u8> = seen.drain(..end + 4).collect();
+                    let n = {
+                        let mut kept = kept.lock().unwrap();
+                        kept.push(String::from_utf8_lossy(&head).into_owned());
+                        kept.len()
+                    };
+                    let text = body(n);
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{text}",
+                        text.len()
+                    );
+                    if stream.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    JsonUpstream { url, heads }
+}
+
+/// An upstream that reads requests and never answers (holding each connection 30 s).
+async fn silent_upstream() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if read_request_head(&mut stream).await {
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                }
+            });
+        }
+    });
+    url
+}
+
+fn mirror_config(served: &[String], canary: &str, mirror: &str) -> String {
+    let served: Vec<String> = served.iter().map(|u| format!("\"{u}\"")).collect();
+    format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n\
+         [[backend]]\nname = \"v1\"\nurls = [{}]\nweight = 100\n\
+         [[backend]]\nname = \"v2\"\nurls = [\"{canary}\"]\nweight = 0\n\
+         [mirror]\nbackend = \"v2\"\n{mirror}\n",
+        served.join(", ")
+    )
+}
+
+async fn report(proxy: &TestProxy) -> Value {
+    let text = get_text(proxy.admin("/admin/mirror")).await;
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+/// Polls the report until `done` holds, for at most 10 s.
+async fn report_when(proxy: &TestProxy, done: impl Fn(&Value) -> bool) -> Value {
+    let started = Instant::now();
+    loop {
+        let shown = report(proxy).await;
+        if done(&shown) {
+            return shown;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "{shown:#}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn safe_requests_are_copied_marked_and_compared() {
+    let v1 = json_upstream(|_| r#"{"items":[{"id":1,"price":10}],"ts":1}"#.to_owned()).await;
+    let v2 = json_upstream(|_| r#"{"items":[{"id":1,"price":12}],"ts":1}"#.to_owned()).await;
+    let proxy = start_proxy(&mirror_config(&[v1.url.clone()], &v2.url, "")).await;
+    let c = client();
+    for i in 0..20 {
+        let response = c
+            .get(proxy.url(&format!("/items?page={i}")))
+            .header("x-request-id", format!("req-{i}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.headers()["x-canary-backend"], "v1");
+        assert!(response.text().await.unwrap().contains("\"price\":10"));
+    }
+    let posted = c.post(proxy.url("/items")).send().await.unwrap();
+    assert_eq!(posted.status(), 200);
+    let shown = report_when(&proxy, |r| r["counts"]["compared"] == 20).await;
+    let counts = &shown["counts"];
+    assert_eq!(counts["copied"], 20, "{shown:#}");
+    assert_eq!(counts["skipped_method"], 1);
+    assert_eq!(counts["different"], 20);
+    assert_eq!(shown["paths"][0]["path"], "body.items[].price");
+    assert_eq!(shown["paths"][0]["reported"], true);
+    let example = &shown["examples"][0];
+    assert_eq!(example["method"], "GET");
+    assert_eq!(example["differences"][0]["served"], "10");
+    assert_eq!(example["differences"][0]["copy"], "12");
+    // The copies: the same request, marked, with the served request's id; no POST.
+    let heads = v2.heads();
+    assert_eq!(heads.len(), 20);
+    for i in 0..20 {
+        let head = heads
+            .iter()
+            .find(|h| h.contains(&format!("x-request-id: req-{i}\r\n")))
+            .unwrap_or_else(|| panic!("no copy of req-{i}: {heads:?}"));
+        assert!(
+            head.starts_with(&format!("GET /items?page={i} HTTP/1.1\r\n")),
+            "{head}"
+        );
+        assert!(head.contains("x-canary-mirror: 1\r\n"), "{head}");
+    }
+    let metrics = get_text(proxy.admin("/metrics")).await;
+    let copied = [("result", "copied")];
+    assert_eq!(
+        metric(&metrics, "canary_mirror_requests_total", &copied),
+        20.0
+    );
+    let different = [("result", "different")];
+    assert_eq!(
+        metric(&metrics, "canary_mirror_comparisons_total", &different),
+        20.0
+    );
+}
+
+#[tokio::test]
+async fn selection_is_by_request_id() {
+    let v1 = json_upstream(|_| "{}".to_owned()).await;
+    let v2 = json_upstream(|_| "{}".to_owned()).await;
+    let proxy = start_proxy(&mirror_config(&[v1.url.clone()], &v2.url, "percent = 50")).await;
+    let c = client();
+    for i in 0..200 {
+        for _ in 0..2 {
+            let id = format!("id-{i}");
+            let response = c
+                .get(proxy.url("/"))
+                .header("x-request-id", id)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+        }
+    }
+    let shown = report_when(&proxy, |r| {
+        r["counts"]["copied"].as_u64().unwrap() + r["counts"]["skipped_percent"].as_u64().unwrap()
+            == 400
+    })
+    .await;
+    let copied = shown["counts"]["copied"].as_u64().unwrap();
+    // Each id is copied both times or neither: an even count, about half of 400.
+    assert_eq!(copied % 2, 0, "{shown:#}");
+    assert!((140..=260).contains(&copied), "{copied}");
+    let heads = v2.heads();
+    for i in 0..200 {
+        let copies = heads
+            .iter()
+            .filter(|h| h.contains(&format!("x-request-id: id-{i}\r\n")))
+            .count();
+        assert!(copies == 0 || copies == 2, "id-{i} copied {copies} times");
+    }
+    assert_eq!(shown["counts"]["identical"], copied);
+}
+
+#[tokio::test]
+async fn a_mirror_that_is_down_resetting_or_silent_changes_nothing_for_clients() {
+    let v1 = json_upstream(|n| format!("{{\"n\":{n}}}")).await;
+    let down = format!("http://{}", refused_addr().await);
+    let (resetting, _) = broken_upstream().await;
+    let resetting = format!("http://{resetting}");
+    let silent = silent_upstream().await;
+    for (mirror, outcome) in [
+        (down, "errors"),
+        (resetting, "errors"),
+        (silent, "timeouts"),
+    ] {
+        let proxy = start_proxy(&mirror_config(
+            &[v1.url.clone()],
+            &mirror,
+            "timeout = \"300ms\"\nmax_in_flight = 4",
+        ))
+        .await;
+        let c = client();
+        let started = Instant::now();
+        for _ in 0..10 {
+            let response = c.get(proxy.url("/")).send().await.unwrap();
+            assert_eq!(response.status(), 200);
+            assert!(response.text().await.unwrap().starts_with("{\"n\":"));
+        }
+        // Ten answers without waiting for any copy: well under one copy timeout each.
+        assert!(started.elapsed() < Duration::from_millis(2_500), "{mirror}");
+        let shown = report_when(&proxy, |r| {
+            let c = &r["counts"];
+            c[outcome].as_u64().unwrap() + c["dropped"].as_u64().unwrap() == 10
+        })
+        .await;
+        assert_eq!(shown["counts"]["copied"], 0, "{mirror}: {shown:#}");
+        assert_eq!(shown["counts"]["compared"], 0);
+    }
+}
+
+#[tokio::test]
+async fn noise_between_two_served_instances_is_not_a_canary_difference() {
+    let stamped = |price: u32| move |n: usize| format!(r#"{{"price":{price},"ts":{n},"id":"x"}}"#);
+    let a = json_upstream(stamped(10)).await;
+    let b = json_upstream(|n| format!(r#"{{"price":10,"ts":{},"id":"x"}}"#, n + 1000)).await;
+    let canary = json_upstream(stamped(12)).await;
+    let proxy = start_proxy(&mirror_config(
+        &[a.url.clone(), b.url.clone()],
+        &canary.url,
+        "",
+    ))
+    .await;
+    let c = client();
+    for _ in 0..60 {
+        let response = c.get(proxy.url("/")).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    let shown = report_when(&proxy, |r| r["counts"]["compared"] == 60).await;
+    let paths = shown["paths"].as_array().unwrap();
+    let row = |path: &str| {
+        paths
+            .iter()
+            .find(|p| p["path"] == path)
+            .unwrap_or_else(|| panic!("no {path}: {shown:#}"))
+            .clone()
+    };
+    let ts = row("body.ts");
+    assert!(ts["noise"].as_u64().unwrap() > 0, "{ts}");
+    assert_eq!(ts["reported"], false, "{ts}");
+    let price = row("body.price");
+    assert_eq!(
+        (price["different"].as_u64(), price["noise"].as_u64()),
+        (Some(60), Some(0))
+    );
+    assert_eq!(price["reported"], true);
+    assert!(paths.iter().all(|p| p["path"] != "body.id"));
+}
+
+#[tokio::test]
+async fn mirroring_is_set_and_stopped_at_runtime() {
+    let v1 = json_upstream(|_| "{\"a\":1}".to_owned()).await;
+    let v2 = json_upstream(|_| "{\"a\":1}".to_owned()).await;
+    let text = format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n\
+         [[backend]]\nname = \"v1\"\nurls = [\"{}\"]\nweight = 100\n\
+         [[backend]]\nname = \"v2\"\nurls = [\"{}\"]\nweight = 0\n",
+        v1.url, v2.url
+    );
+    let proxy = start_proxy(&text).await;
+    let c = client();
+    assert_eq!(report(&proxy).await, json!({"version": 1, "config": null}));
+    for (body, says) in [
+        (r#"{"backend": "v3"}"#, "unknown backend"),
+        (r#"{"backend": "v2", "percent": 101}"#, "mirror.percent"),
+        (r#"{"backend": "v2", "methods": ["get"]}"#, "case-sensitive"),
+        (r#"{"backend": "v2", "copies": 1}"#, "unknown key"),
+    ] {
+        let refused = c
+            .put(proxy.admin("/admin/mirror"))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), 400, "{body}");
+        assert!(refused.text().await.unwrap().contains(says), "{body}");
+    }
+    let set = c
+        .put(proxy.admin("/admin/mirror"))
+        .header("if-match", "\"1\"")
+        .body(r#"{"backend": "v2", "max_body": "1KiB"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(set.status(), 200);
+    assert_eq!(set.headers()["etag"], "\"2\"");
+    for _ in 0..5 {
+        c.get(proxy.url("/")).send().await.unwrap();
+    }
+    let shown = report_when(&proxy, |r| r["counts"]["compared"] == 5).await;
+    assert_eq!(shown["config"]["max_body"], "1KiB");
+    assert_eq!(shown["counts"]["identical"], 5);
+    let reset = c
+        .post(proxy.admin("/admin/mirror/reset"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reset.status(), 200);
+    assert_eq!(report(&proxy).await["counts"]["compared"], 0);
+    let stopped = c.delete(proxy.admin("/admin/mirror")).send().await.unwrap();
+    assert_eq!(stopped.status(), 200);
+    for _ in 0..5 {
+        c.get(proxy.url("/")).send().await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(v2.heads().len(), 5, "no copy after DELETE");
+    assert_eq!(report(&proxy).await["config"], Value::Null);
+}
