@@ -82,7 +82,7 @@ async fn silent_upstream() -> String {
     url
 }
 
-fn mirror_config(served: &[String], canary: &str, mirror: &str) -> String {
+fn mirror_config(served: &[&str], canary: &str, mirror: &str) -> String {
     let served: Vec<String> = served.iter().map(|u| format!("\"{u}\"")).collect();
     format!(
         "[proxy]\nlisten = \"127.0.0.1:0\"\n\
@@ -115,7 +115,7 @@ async fn report_when(proxy: &TestProxy, done: impl Fn(&Value) -> bool) -> Value 
 async fn safe_requests_are_copied_marked_and_compared() {
     let v1 = json_upstream(|_| r#"{"items":[{"id":1,"price":10}],"ts":1}"#.to_owned()).await;
     let v2 = json_upstream(|_| r#"{"items":[{"id":1,"price":12}],"ts":1}"#.to_owned()).await;
-    let proxy = start_proxy(&mirror_config(&[v1.url.clone()], &v2.url, "")).await;
+    let proxy = start_proxy(&mirror_config(&[&v1.url], &v2.url, "")).await;
     let c = client();
     for i in 0..20 {
         let response = c
@@ -171,7 +171,7 @@ async fn safe_requests_are_copied_marked_and_compared() {
 async fn selection_is_by_request_id() {
     let v1 = json_upstream(|_| "{}".to_owned()).await;
     let v2 = json_upstream(|_| "{}".to_owned()).await;
-    let proxy = start_proxy(&mirror_config(&[v1.url.clone()], &v2.url, "percent = 50")).await;
+    let proxy = start_proxy(&mirror_config(&[&v1.url], &v2.url, "percent = 50")).await;
     let c = client();
     for i in 0..200 {
         for _ in 0..2 {
@@ -218,7 +218,7 @@ async fn a_mirror_that_is_down_resetting_or_silent_changes_nothing_for_clients()
         (silent, "timeouts"),
     ] {
         let proxy = start_proxy(&mirror_config(
-            &[v1.url.clone()],
+            &[&v1.url],
             &mirror,
             "timeout = \"300ms\"\nmax_in_flight = 4",
         ))
@@ -248,12 +248,7 @@ async fn noise_between_two_served_instances_is_not_a_canary_difference() {
     let a = json_upstream(stamped(10)).await;
     let b = json_upstream(|n| format!(r#"{{"price":10,"ts":{},"id":"x"}}"#, n + 1000)).await;
     let canary = json_upstream(stamped(12)).await;
-    let proxy = start_proxy(&mirror_config(
-        &[a.url.clone(), b.url.clone()],
-        &canary.url,
-        "",
-    ))
-    .await;
+    let proxy = start_proxy(&mirror_config(&[&a.url, &b.url], &canary.url, "")).await;
     let c = client();
     for _ in 0..60 {
         let response = c.get(proxy.url("/")).send().await.unwrap();
