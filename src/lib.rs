@@ -9,7 +9,8 @@
 //!   shutdown. `workers`: thread-per-core serving, one current-thread runtime and
 //!   SO_REUSEPORT listener per worker.
 //! - `admin/`: the admin HTTP API on its own listener; `admin::client`, a small HTTP/1.1
-//!   client for that API; `admin::cli`, `canary-proxy rollout ...` through it.
+//!   client for that API; `admin::cli`, `canary-proxy rollout ...` and `mirror status`
+//!   through it.
 //! - `demo`: the two built-in upstreams of `canary-proxy demo`, the rollout plan and the load
 //!   generator of `demo --rollout`. `decode`: whole messages decoded from bytes by the HTTP/1
 //!   code, for fuzzing and the differential test against hyper.
@@ -78,7 +79,7 @@ use proxy::Proxy;
 use server::{ServerOptions, serve};
 
 // What the binary (src/main.rs), the integration tests and the benches use; nothing else.
-pub use admin::cli::{Outcome, Terminal, rollout as rollout_command, watch_rollout};
+pub use admin::cli::{Outcome, Terminal, mirror_status, rollout as rollout_command, watch_rollout};
 pub use admin::client::{AdminClient, AdminClientError, DEFAULT_ADMIN_URL, TOKEN_ENV};
 pub use config::{Config, ConfigError};
 pub use control::ControlPlane;

@@ -40,6 +40,28 @@ enum Command {
     Demo(DemoArgs),
     /// Drive and show the progressive rollout of a running proxy through its admin API.
     Rollout(RolloutArgs),
+    /// Show mirroring's report (copies sent to a backend, compared with the served answers)
+    /// of a running proxy through its admin API.
+    Mirror(MirrorArgs),
+}
+
+#[derive(Args)]
+struct MirrorArgs {
+    #[command(subcommand)]
+    action: Option<MirrorAction>,
+    /// The proxy's admin API.
+    #[arg(long, global = true, value_name = "URL", default_value = canary_proxy::DEFAULT_ADMIN_URL)]
+    admin: String,
+    /// Bearer token for the admin API; by default the CANARY_ADMIN_TOKEN environment variable.
+    #[arg(long, global = true, value_name = "TOKEN")]
+    token: Option<String>,
+}
+
+#[derive(Subcommand, Clone, Copy)]
+enum MirrorAction {
+    /// The report (the default): counts, the paths where the copies' answers differ (and
+    /// which of them are noise), the last differences.
+    Status,
 }
 
 #[derive(Args)]
@@ -109,6 +131,7 @@ fn main() -> ExitCode {
             .and_then(|rt| rt.block_on(demo(args)))
             .map(|()| ExitCode::SUCCESS),
         Some(Command::Rollout(args)) => runtime().and_then(|rt| rt.block_on(rollout(args))),
+        Some(Command::Mirror(args)) => runtime().and_then(|rt| rt.block_on(mirror(args))),
         None => runtime()
             .and_then(|rt| rt.block_on(serve(&cli.config)))
             .map(|()| ExitCode::SUCCESS),
@@ -138,12 +161,7 @@ fn main() -> ExitCode {
 /// `canary-proxy rollout ...`: exit 0 when done, 1 when the proxy refused the command (409)
 /// or could not be asked.
 async fn rollout(args: RolloutArgs) -> anyhow::Result<ExitCode> {
-    let token = args.token.or_else(|| {
-        std::env::var(canary_proxy::TOKEN_ENV)
-            .ok()
-            .filter(|t| !t.is_empty())
-    });
-    let client = AdminClient::new(&args.admin, token.as_deref())?;
+    let client = admin_client(&args.admin, args.token)?;
     let (command, watch) = match args.action {
         None => (None, false),
         Some(RolloutAction::Status { watch }) => (None, watch),
@@ -163,6 +181,28 @@ async fn rollout(args: RolloutArgs) -> anyhow::Result<ExitCode> {
         Outcome::Done => ExitCode::SUCCESS,
         Outcome::Refused => ExitCode::FAILURE,
     })
+}
+
+/// A client of the admin API at `admin`, with `token`, or else the one in the
+/// CANARY_ADMIN_TOKEN environment variable.
+fn admin_client(admin: &str, token: Option<String>) -> anyhow::Result<AdminClient> {
+    let token = token.or_else(|| {
+        std::env::var(canary_proxy::TOKEN_ENV)
+            .ok()
+            .filter(|t| !t.is_empty())
+    });
+    Ok(AdminClient::new(admin, token.as_deref())?)
+}
+
+/// `canary-proxy mirror [status]`: exit 0 when the report was printed.
+async fn mirror(args: MirrorArgs) -> anyhow::Result<ExitCode> {
+    let client = admin_client(&args.admin, args.token)?;
+    match args.action {
+        None | Some(MirrorAction::Status) => {
+            canary_proxy::mirror_status(&client, Terminal::stdout()).await?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// True when the config file does not exist: the usual first run, in a directory without

@@ -399,6 +399,52 @@ async fn weight_changes_survive_a_restart() {
 }
 
 #[tokio::test]
+async fn mirror_status_prints_the_report_as_a_table() {
+    let (v1, v2) = (upstream("v1").await, upstream("v2").await);
+    let mut text = config(&[("v1", vec![v1.url()], 1), ("v2", vec![v2.url()], 0)], "");
+    text.push_str("\n[mirror]\nbackend = \"v2\"\n");
+    let (proxy, _dir) = spawn_proxy(&text);
+    let c = client();
+    for _ in 0..3 {
+        let served = c
+            .get(format!("http://{}/", proxy.addr))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(served.text().await.unwrap(), "v1");
+    }
+    let admin = format!("http://{}", proxy.admin);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let out = loop {
+        let output = Command::new(BIN)
+            .args(["mirror", "status", "--admin", &admin])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        let out = String::from_utf8(output.stdout).unwrap();
+        if out.contains("compared 3") || Instant::now() > deadline {
+            break out;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        out.starts_with("mirroring GET, HEAD → v2 (100% of the other backends' requests)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("copied 3   compared 3   identical 0   different 3 (100.00%)"),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("body ") && l.ends_with("yes")),
+        "{out}"
+    );
+    assert!(out.contains("      served v1\n      copy   v2\n"), "{out}");
+    assert_eq!(v2.hits(), 3);
+}
+
+#[tokio::test]
 async fn a_fault_drill_is_audited_and_ends_with_the_process() {
     let (v1, v2) = (upstream("v1").await, upstream("v2").await);
     let text = config(

@@ -2,6 +2,7 @@
 //! does against a running proxy, through the [`AdminClient`]: a command prints the resulting
 //! state in one line; `status` prints the rollout's [`view`](crate::rollout::view); `--watch`
 //! redraws it every second until the rollout is over. The demo draws the same watch.
+//! `canary-proxy mirror status` prints the mirroring report as a table.
 
 use std::future::Future;
 use std::io::{IsTerminal, Write};
@@ -96,6 +97,16 @@ pub async fn rollout(
         }
         Err(error) => Err(error),
     }
+}
+
+/// Prints the mirroring report (`GET /admin/mirror`) as a table.
+pub async fn mirror_status(
+    client: &AdminClient,
+    terminal: Terminal,
+) -> Result<(), AdminClientError> {
+    let report = client.get("/admin/mirror").await?;
+    print!("{}", crate::mirror::view::render(&report, terminal.width));
+    Ok(())
 }
 
 /// Draws the rollout every [`WATCH_EVERY`] under `header` until it is over (the final view

@@ -6,7 +6,9 @@
 //! - `compare`: the differences between two answers, by status, headers and body (JSON
 //!   structurally, with bounded paths), pure.
 //! - `report`: counts, differing paths with Diffy's noise filter, the last examples.
+//! - `view`: that report as text, for `canary-proxy mirror status` (pure).
 
 pub mod compare;
 pub mod copy;
 pub mod report;
+pub mod view;

@@ -508,7 +508,7 @@ fn millis(value: &Value) -> String {
 }
 
 /// 1234567 -> "1,234,567".
-fn group_digits(n: u64) -> String {
+pub(crate) fn group_digits(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::new();
     for (i, d) in digits.chars().enumerate() {
