@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 /// A keep-alive HTTP/1.1 upstream answering every request with the JSON `body(n)` (n counts
-/// its requests from 1), keeping each request head it got.
+/// its requests from 1), keeping each request it got (head and `content-length` body).
 struct JsonUpstream {
     url: String,
     heads: Arc<Mutex<Vec<String>>>,
@@ -45,10 +45,22 @@ async fn json_upstream(body: impl Fn(usize) -> String + Send + Sync + 'static) -
                         }
                         continue;
                     };
-                    let head: Vec<u8> = seen.drain(..end + 4).collect();
+                    let head = String::from_utf8_lossy(&seen[..end + 4]).into_owned();
+                    seen.drain(..end + 4);
+                    let length = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length: "))
+                        .map_or(0, |n| n.trim().parse::<usize>().unwrap());
+                    while seen.len() < length {
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => seen.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let request_body: Vec<u8> = seen.drain(..length).collect();
                     let n = {
                         let mut kept = kept.lock().unwrap();
-                        kept.push(String::from_utf8_lossy(&head).into_owned());
+                        kept.push(head + &String::from_utf8_lossy(&request_body));
                         kept.len()
                     };
                     let text = body(n);
@@ -333,4 +345,46 @@ async fn mirroring_is_set_and_stopped_at_runtime() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(v2.heads().len(), 5, "no copy after DELETE");
     assert_eq!(report(&proxy).await["config"], Value::Null);
+}
+
+#[tokio::test]
+async fn a_listed_method_with_a_body_is_copied_with_it_up_to_max_body() {
+    let v1 = json_upstream(|_| "{}".to_owned()).await;
+    let v2 = json_upstream(|_| "{}".to_owned()).await;
+    let extra = "methods = [\"GET\", \"POST\"]\nmax_body = \"1KiB\"";
+    let proxy = start_proxy(&mirror_config(&[&v1.url], &v2.url, extra)).await;
+    let c = client();
+    let small = "x".repeat(700);
+    let posted = c
+        .post(proxy.url("/orders"))
+        .body(small.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(posted.status(), 200);
+    let large = "y".repeat(2000);
+    let posted = c
+        .post(proxy.url("/orders"))
+        .body(large)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(posted.status(), 200);
+    let shown = report_when(&proxy, |r| {
+        r["counts"]["compared"] == 1 && r["counts"]["skipped_body"] == 1
+    })
+    .await;
+    assert_eq!(shown["counts"]["copied"], 1, "{shown:#}");
+    let heads = v2.heads();
+    assert_eq!(heads.len(), 1);
+    assert!(
+        heads[0].starts_with("POST /orders HTTP/1.1\r\n"),
+        "{}",
+        heads[0]
+    );
+    assert!(heads[0].contains("content-length: 700\r\n"));
+    assert!(heads[0].ends_with(&format!("\r\n\r\n{small}")));
+    // Both served in full.
+    assert_eq!(v1.heads().len(), 2);
+    assert!(v1.heads()[1].ends_with(&"y".repeat(2000)));
 }

@@ -115,8 +115,10 @@ impl Mirror {
 
     /// Whether the request `served` describes gets a copy: not one the mirror backend serves
     /// itself; its method listed; selected by its request id (the same id is always copied or
-    /// never); no body; fewer than `max_in_flight` copies running. Counts what it decides.
-    pub fn admit(&self, served: &Served<'_>, has_body: bool) -> Option<Admission> {
+    /// never); a body no larger than `max_body` as far as its length is known (a body of
+    /// unknown length is checked as it streams); fewer than `max_in_flight` copies running.
+    /// Counts what it decides.
+    pub fn admit(&self, served: &Served<'_>, body: BodySize) -> Option<Admission> {
         if served.backend == self.backend {
             return None;
         }
@@ -124,7 +126,7 @@ impl Mirror {
             Some(Outcome::SkippedMethod)
         } else if !selected(served.request_id.as_bytes(), self.config.percent) {
             Some(Outcome::SkippedPercent)
-        } else if has_body {
+        } else if matches!(body, BodySize::Known(n) if n > self.config.max_body) {
             Some(Outcome::SkippedBody)
         } else {
             None
@@ -153,6 +155,7 @@ impl Mirror {
         self: &Arc<Self>,
         admission: Admission,
         served: &Served<'_>,
+        body: Option<oneshot::Receiver<Bytes>>,
     ) -> Option<ServedCapture> {
         let mut headers = served.headers.clone();
         headers.insert(X_CANARY_MIRROR.clone(), HeaderValue::from_static("1"));
@@ -160,6 +163,7 @@ impl Mirror {
             method: served.method.clone(),
             uri: served.uri.clone(),
             headers,
+            body: None,
         };
         let canary = self.next_peer(self.backend, None);
         let second = self
@@ -181,19 +185,33 @@ impl Mirror {
         let mirror = self.clone();
         tokio::spawn(async move {
             let _admission = admission;
-            mirror.run(head, canary, second, captured, example).await;
+            mirror
+                .run(head, body, canary, second, captured, example)
+                .await;
         });
         capture
     }
 
     async fn run(
         &self,
-        head: CopyHead,
+        mut head: CopyHead,
+        body: Option<oneshot::Receiver<Bytes>>,
         canary: Option<Arc<Peer>>,
         second: Option<Arc<Peer>>,
         served: Option<oneshot::Receiver<Option<Captured>>>,
         example: ExampleHead,
     ) {
+        if let Some(body) = body {
+            // The served request's body, once it has all gone up within `max_body`.
+            match tokio::time::timeout(self.config.timeout, body).await {
+                Ok(Ok(bytes)) => head.body = Some(bytes),
+                _ => {
+                    self.report.counts.count(Outcome::SkippedBody);
+                    self.metrics.request(MirrorResult::Skipped);
+                    return;
+                }
+            }
+        }
         let started = Instant::now();
         let to_canary = async {
             match canary {
@@ -254,7 +272,11 @@ impl Mirror {
             request: limit,
             read: limit,
         };
-        let mut request = Request::new(ForwardBody::Empty);
+        let body = match head.body {
+            Some(bytes) => ForwardBody::Whole(Some(bytes)),
+            None => ForwardBody::Empty,
+        };
+        let mut request = Request::new(body);
         *request.method_mut() = head.method;
         *request.uri_mut() = head.uri;
         *request.headers_mut() = head.headers;
@@ -299,6 +321,16 @@ struct CopyHead {
     method: Method,
     uri: Uri,
     headers: HeaderMap,
+    body: Option<Bytes>,
+}
+
+/// What is known of a request's body before it is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodySize {
+    None,
+    Known(u64),
+    /// Chunked, or an HTTP/2 body without `content-length`.
+    Unknown,
 }
 
 struct ExampleHead {

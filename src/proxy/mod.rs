@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use crate::chain::Chain;
 use crate::id::Id;
 use crate::metrics::{FaultKind, Metrics, UpstreamErrorKind};
-use crate::mirror::copy::{Mirror, Served, ServedCapture};
+use crate::mirror::copy::{BodySize, Mirror, Served, ServedCapture};
 use crate::routing::fault::Injection;
 use crate::routing::{Backend, Endpoint, Reason, RoutingTable, SharedTable};
 use crate::upstream::{
@@ -245,9 +245,10 @@ impl Proxy {
             websocket,
             target.endpoint,
         );
+        let mut outgoing = outgoing;
         let capture = match &table.mirror {
             None => None,
-            Some(mirror) => mirror_copy(mirror, &target, &outgoing),
+            Some(mirror) => mirror_copy(mirror, &target, &mut outgoing),
         };
         let (mut response, target) =
             send_with_retry(table, target, outgoing, started, outcome).await?;
@@ -260,30 +261,53 @@ impl Proxy {
 }
 
 /// Sends a copy of `outgoing` (as it goes to `target`) beside it when mirroring admits it;
-/// returns where the served answer is captured for the comparison.
+/// a request with a body has it teed, so the copy gets it once it has gone up. Returns
+/// where the served answer is captured for the comparison.
 fn mirror_copy(
     mirror: &Arc<Mirror>,
     target: &Target<'_>,
-    outgoing: &Request<ForwardBody>,
+    outgoing: &mut Request<ForwardBody>,
 ) -> Option<ServedCapture> {
     let endpoint = target
         .backend
         .endpoints
         .iter()
         .position(|e| Arc::ptr_eq(e, target.endpoint))?;
-    let request_id = outgoing.headers().get(&headers::X_REQUEST_ID)?;
-    let served = Served {
+    let size = if http_body::Body::is_end_stream(outgoing.body()) {
+        BodySize::None
+    } else {
+        let length = outgoing.headers().get(CONTENT_LENGTH);
+        match length.and_then(|v| v.to_str().ok()?.parse().ok()) {
+            Some(length) => BodySize::Known(length),
+            None => BodySize::Unknown,
+        }
+    };
+    let admission = mirror.admit(&served(target, endpoint, outgoing)?, size)?;
+    let kept = (size != BodySize::None).then(|| {
+        let limit = usize::try_from(mirror.config.max_body).unwrap_or(usize::MAX);
+        let body = std::mem::replace(outgoing.body_mut(), ForwardBody::Empty);
+        let (teed, kept) = body.tee(limit);
+        *outgoing.body_mut() = teed;
+        kept
+    });
+    mirror.spawn(admission, &served(target, endpoint, outgoing)?, kept)
+}
+
+/// `outgoing`, as it goes to `target`'s endpoint number `endpoint`, as mirroring sees it.
+fn served<'a>(
+    target: &Target<'_>,
+    endpoint: usize,
+    outgoing: &'a Request<ForwardBody>,
+) -> Option<Served<'a>> {
+    Some(Served {
         backend: target.index,
         endpoint,
         method: outgoing.method(),
         uri: outgoing.uri(),
         headers: outgoing.headers(),
-        request_id,
+        request_id: outgoing.headers().get(&headers::X_REQUEST_ID)?,
         path: outgoing.uri().path(),
-    };
-    let has_body = !http_body::Body::is_end_stream(outgoing.body());
-    let admission = mirror.admit(&served, has_body)?;
-    mirror.spawn(admission, &served)
+    })
 }
 
 /// Picks the backend and endpoint that serve a request with these headers, and notes the

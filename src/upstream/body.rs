@@ -31,6 +31,61 @@ pub enum ForwardBody {
     Hyper(Incoming),
     /// From an HTTP/1.1 connection the proxy serves itself.
     Client(ClientBody),
+    /// Known whole (a mirror's copy of a request's body); taken once.
+    Whole(Option<Bytes>),
+    /// Another body, whose bytes are also kept on their way, for a copy of the request.
+    Teed(Box<Teed>),
+}
+
+/// A body passed on as it comes, its bytes kept up to a limit; once it has ended whole
+/// within the limit, they are sent to whoever asked ([`ForwardBody::tee`]). A body over the
+/// limit, failing or dropped before its end sends nothing.
+#[derive(Debug)]
+pub struct Teed {
+    inner: ForwardBody,
+    kept: bytes::BytesMut,
+    limit: usize,
+    sender: Option<tokio::sync::oneshot::Sender<Bytes>>,
+}
+
+impl ForwardBody {
+    /// This body, its bytes also kept (up to `limit`) and sent to the receiver once it has
+    /// ended whole.
+    pub fn tee(self, limit: usize) -> (ForwardBody, tokio::sync::oneshot::Receiver<Bytes>) {
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        let teed = Teed {
+            inner: self,
+            kept: bytes::BytesMut::new(),
+            limit,
+            sender: Some(sender),
+        };
+        (ForwardBody::Teed(Box::new(teed)), receiver)
+    }
+}
+
+impl Teed {
+    fn see(&mut self, polled: &Option<Result<Frame<Bytes>, ForwardBodyError>>) {
+        match polled {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref()
+                    && self.sender.is_some()
+                {
+                    if self.kept.len() + data.len() <= self.limit {
+                        self.kept.extend_from_slice(data);
+                    } else {
+                        self.sender = None;
+                        self.kept = bytes::BytesMut::new();
+                    }
+                }
+            }
+            Some(Err(_)) => self.sender = None,
+            None => {
+                if let Some(sender) = self.sender.take() {
+                    let _ = sender.send(std::mem::take(&mut self.kept).freeze());
+                }
+            }
+        }
+    }
 }
 
 /// Why reading a client's request body failed.
@@ -58,6 +113,16 @@ impl Body for ForwardBody {
             ForwardBody::Client(body) => {
                 ready!(Pin::new(body).poll_frame(cx)).map(|f| f.map_err(ForwardBodyError::from))
             }
+            ForwardBody::Whole(data) => data.take().map(|d| Ok(Frame::data(d))),
+            ForwardBody::Teed(teed) => {
+                let polled = ready!(Pin::new(&mut teed.inner).poll_frame(cx));
+                teed.see(&polled);
+                if teed.inner.is_end_stream() {
+                    // Its reader may stop here, without polling for the end.
+                    teed.see(&None);
+                }
+                polled
+            }
         };
         Poll::Ready(polled)
     }
@@ -67,6 +132,8 @@ impl Body for ForwardBody {
             ForwardBody::Empty => true,
             ForwardBody::Hyper(body) => body.is_end_stream(),
             ForwardBody::Client(body) => body.is_end_stream(),
+            ForwardBody::Whole(data) => data.is_none(),
+            ForwardBody::Teed(teed) => teed.inner.is_end_stream(),
         }
     }
 
@@ -75,6 +142,10 @@ impl Body for ForwardBody {
             ForwardBody::Empty => SizeHint::with_exact(0),
             ForwardBody::Hyper(body) => body.size_hint(),
             ForwardBody::Client(body) => body.size_hint(),
+            ForwardBody::Whole(data) => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            ForwardBody::Teed(teed) => teed.inner.size_hint(),
         }
     }
 }
@@ -336,3 +407,29 @@ pub type ResponseBody = http_body_util::Either<UpstreamBody, http_body_util::Ful
 
 /// A response as the proxy hands it to hyper.
 pub type ProxyResponse = Response<ResponseBody>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    async fn read(body: ForwardBody) -> Bytes {
+        body.collect().await.unwrap().to_bytes()
+    }
+
+    #[tokio::test]
+    async fn a_teed_body_passes_whole_and_is_kept_within_its_limit() {
+        let data = Bytes::from_static(b"0123456789");
+        let (teed, kept) = ForwardBody::Whole(Some(data.clone())).tee(10);
+        assert_eq!(read(teed).await, data);
+        assert_eq!(kept.await.unwrap(), data);
+
+        let (teed, kept) = ForwardBody::Whole(Some(data.clone())).tee(9);
+        assert_eq!(read(teed).await, data, "passed on whole over the limit too");
+        assert!(kept.await.is_err(), "nothing kept over the limit");
+
+        let (teed, kept) = ForwardBody::Whole(Some(data)).tee(100);
+        drop(teed);
+        assert!(kept.await.is_err(), "nothing kept from a body dropped before its end");
+    }
+}
