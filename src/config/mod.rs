@@ -937,6 +937,14 @@ backend = "v2"
             "# delay_percent",
             "# delay",
             "# header",
+            "# percent",
+            "# methods",
+            "# max_body",
+            "# max_in_flight",
+            "# timeout",
+            "# compare",
+            "# ignore_headers",
+            "# ignore_fields",
         ] {
             assert!(
                 text.lines().any(|l| l.starts_with(&format!("{key} = "))),
