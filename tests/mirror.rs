@@ -388,3 +388,18 @@ async fn a_listed_method_with_a_body_is_copied_with_it_up_to_max_body() {
     assert_eq!(v1.heads().len(), 2);
     assert!(v1.heads()[1].ends_with(&"y".repeat(2000)));
 }
+
+#[tokio::test]
+async fn a_websocket_upgrade_is_not_copied() {
+    let v1 = upstream("v1").await;
+    let v2 = json_upstream(|_| "{}".to_owned()).await;
+    let proxy = start_proxy(&mirror_config(&[&v1.url()], &v2.url, "")).await;
+    let (mut ws, response) = tokio_tungstenite::connect_async(format!("ws://{}/ws", proxy.addr))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 101);
+    ws.close(None).await.unwrap();
+    let shown = report_when(&proxy, |r| r["counts"]["skipped_method"] == 1).await;
+    assert_eq!(shown["counts"]["copied"], 0);
+    assert!(v2.heads().is_empty());
+}

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::{Bytes, BytesMut};
-use http::header::HeaderName;
+use http::header::{HeaderName, UPGRADE};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri};
 use http_body_util::BodyExt;
 use tokio::sync::oneshot;
@@ -114,7 +114,7 @@ impl Mirror {
     }
 
     /// Whether the request `served` describes gets a copy: not one the mirror backend serves
-    /// itself; its method listed; selected by its request id (the same id is always copied or
+    /// itself; its method listed (and no protocol switch); selected by its request id (the same id is always copied or
     /// never); a body no larger than `max_body` as far as its length is known (a body of
     /// unknown length is checked as it streams); fewer than `max_in_flight` copies running.
     /// Counts what it decides.
@@ -122,7 +122,10 @@ impl Mirror {
         if served.backend == self.backend {
             return None;
         }
-        let skipped = if !self.config.methods.contains(served.method) {
+        // A protocol switch is no request to copy: the canary would switch too.
+        let skipped = if !self.config.methods.contains(served.method)
+            || served.headers.contains_key(UPGRADE)
+        {
             Some(Outcome::SkippedMethod)
         } else if !selected(served.request_id.as_bytes(), self.config.percent) {
             Some(Outcome::SkippedPercent)

@@ -430,6 +430,9 @@ mod tests {
 
         let (teed, kept) = ForwardBody::Whole(Some(data)).tee(100);
         drop(teed);
-        assert!(kept.await.is_err(), "nothing kept from a body dropped before its end");
+        assert!(
+            kept.await.is_err(),
+            "nothing kept from a body dropped before its end"
+        );
     }
 }
