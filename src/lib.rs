@@ -18,8 +18,6 @@
 //!   retry elsewhere, rewrite the response) and its error responses; `h1` serves HTTP/1
 //!   client connections through it, `h2` h2c ones (hyper); `headers` (hop-by-hop,
 //!   `X-Forwarded-*`, `x-request-id`, the Host check); `error` (`ProxyError`, status codes).
-//! - `mirror/`: copies of requests sent to the canary, and the comparison of its answers with
-//!   the served ones.
 //! - `control/`: [`ControlPlane`], through which every table change goes (weights, reloads),
 //!   atomic, versioned and audited; writing weights back into the config file (`persist`);
 //!   the active health checks (`health`); the rollout's controller and webhook (`rollout`,
@@ -27,6 +25,9 @@
 //! - `routing/`: the [`RoutingTable`] snapshot, its backends and endpoints, and the routing
 //!   decision; the sticky user buckets (`sticky`); each endpoint's health, active verdict and
 //!   passive ejection (`health`).
+//! - `mirror/`: copies of requests sent to the canary (from pools of their own, below routing,
+//!   which holds the mirroring in force), and the comparison of its answers with the served
+//!   ones.
 //! - `metrics`: the Prometheus metrics, with label handles resolved ahead of time; its labels
 //!   are its own types, and it knows nothing of routing.
 //! - `rollout/`: the progressive rollout's parts below routing: its state machine, the

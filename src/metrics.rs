@@ -451,7 +451,6 @@ impl TableGauges {
     }
 }
 
-/// The rollout's metrics. Labels are the fixed names of states, events, metrics and verdicts.
 /// Mirroring's counters: what became of requests selected for a copy, what the comparisons
 /// found, and how long copies took.
 #[derive(Clone)]
@@ -542,6 +541,7 @@ impl MirrorMetrics {
     }
 }
 
+/// The rollout's metrics. Labels are the fixed names of states, events, metrics and verdicts.
 pub struct RolloutMetrics {
     state: IntGaugeVec,
     step: IntGauge,

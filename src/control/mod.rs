@@ -407,8 +407,8 @@ impl ControlPlane {
     }
 
     /// Puts mirroring as `config` says in force (`None`: stops it): versioned and audited, not
-    /// written to the config file, as faults are. Its counts go on from the mirroring it
-    /// replaces.
+    /// written to the config file, as faults are. Its counts, and the count of copies still
+    /// running, go on from the mirroring it replaces.
     pub fn set_mirror(
         &self,
         config: Option<MirrorConfig>,
@@ -421,13 +421,13 @@ impl ControlPlane {
             None => None,
             Some(config) => {
                 let backend = config.backend.clone();
-                let report = current
+                let carried = current
                     .mirror
                     .as_ref()
-                    .map(|m| m.report.clone())
+                    .map(|m| m.carried())
                     .unwrap_or_default();
                 let mirror = current
-                    .build_mirror(config, report, &self.metrics)
+                    .build_mirror(config, carried, &self.metrics)
                     .ok_or(ControlError::UnknownBackend(backend))?;
                 Some(Arc::new(mirror))
             }

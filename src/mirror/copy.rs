@@ -41,10 +41,38 @@ pub struct Mirror {
     peers: Vec<Vec<Arc<Peer>>>,
     upstream: Upstream,
     settings: Arc<CompareSettings>,
+    /// Copies running, carried over from the mirroring this one replaced.
     in_flight: Arc<AtomicUsize>,
-    cursor: AtomicUsize,
+    /// Round-robin cursor per backend, over its endpoints.
+    cursors: Vec<AtomicUsize>,
     pub report: Arc<MirrorReport>,
     metrics: MirrorMetrics,
+}
+
+/// What mirroring keeps when it is replaced (a reload, a `PUT`): its counts, and the count
+/// of copies still running, so `max_in_flight` holds across the change.
+#[derive(Debug, Clone, Default)]
+pub struct Carried {
+    pub report: Arc<MirrorReport>,
+    pub in_flight: Arc<AtomicUsize>,
+}
+
+impl Mirror {
+    /// What the mirroring that replaces this one carries over.
+    pub fn carried(&self) -> Carried {
+        Carried {
+            report: self.report.clone(),
+            in_flight: self.in_flight.clone(),
+        }
+    }
+
+    /// Closes this worker's idle mirror connections that expired or that their upstream
+    /// closed.
+    pub fn sweep(&self) {
+        for peer in self.peers.iter().flatten() {
+            self.upstream.sweep(peer);
+        }
+    }
 }
 
 /// A request admitted for a copy; holds its place among the `max_in_flight`.
@@ -81,9 +109,10 @@ impl Mirror {
         backend: usize,
         endpoints: Vec<Vec<(String, http::uri::Authority)>>,
         upstream: UpstreamSettings,
-        report: Arc<MirrorReport>,
+        carried: Carried,
         metrics: MirrorMetrics,
     ) -> Self {
+        let peers_len = endpoints.len();
         let peers = endpoints
             .into_iter()
             .map(|list| {
@@ -106,9 +135,9 @@ impl Mirror {
             peers,
             upstream: Upstream::new(upstream),
             settings,
-            in_flight: Arc::default(),
-            cursor: AtomicUsize::new(0),
-            report,
+            cursors: (0..peers_len).map(|_| AtomicUsize::new(0)).collect(),
+            in_flight: carried.in_flight,
+            report: carried.report,
             metrics,
         }
     }
@@ -169,9 +198,10 @@ impl Mirror {
             body: None,
         };
         let canary = self.next_peer(self.backend, None);
-        let second = self
-            .config
-            .compare
+        // Only a safe request goes to the served version a second time: a listed POST
+        // would repeat its side effect in production.
+        let safe = matches!(*served.method, Method::GET | Method::HEAD | Method::OPTIONS);
+        let second = (self.config.compare && safe)
             .then(|| self.next_peer(served.backend, Some(served.endpoint)))
             .flatten();
         let (capture, captured) = if self.config.compare {
@@ -307,7 +337,7 @@ impl Mirror {
         if candidates.is_empty() {
             return None;
         }
-        let turn = self.cursor.fetch_add(1, Ordering::Relaxed);
+        let turn = self.cursors[backend].fetch_add(1, Ordering::Relaxed);
         Some(peers[candidates[turn % candidates.len()]].clone())
     }
 }
@@ -376,6 +406,8 @@ fn header_list(headers: &HeaderMap) -> Vec<(String, Vec<u8>)> {
 #[derive(Debug)]
 struct Capture {
     kept: BytesMut,
+    /// Past the limit: nothing more is kept.
+    overflowed: bool,
     len: u64,
     hash: u64,
 }
@@ -384,6 +416,7 @@ impl Default for Capture {
     fn default() -> Self {
         Capture {
             kept: BytesMut::new(),
+            overflowed: false,
             len: 0,
             hash: FNV64_OFFSET,
         }
@@ -394,15 +427,19 @@ impl Capture {
     fn push(&mut self, data: &[u8]) {
         self.len += data.len() as u64;
         self.hash = fnv1a_64(self.hash, data);
+        if self.overflowed {
+            return;
+        }
         if self.kept.len() + data.len() <= CAPTURE_LIMIT {
             self.kept.extend_from_slice(data);
         } else {
+            self.overflowed = true;
             self.kept = BytesMut::new();
         }
     }
 
     fn finish(self) -> CapturedBody {
-        if self.len as usize <= CAPTURE_LIMIT && self.kept.len() as u64 == self.len {
+        if !self.overflowed {
             CapturedBody::Whole(self.kept.freeze())
         } else {
             CapturedBody::Digest {
@@ -421,6 +458,12 @@ struct Tap {
 
 impl BodyTap for Tap {
     fn data(&mut self, data: &Bytes) {
+        // Once the copy has given up waiting, the served body is not looked at any more.
+        if self.sender.as_ref().is_none_or(|s| s.is_closed()) {
+            self.sender = None;
+            self.body = Capture::default();
+            return;
+        }
         self.body.push(data);
     }
 
@@ -435,14 +478,21 @@ impl BodyTap for Tap {
     }
 }
 
+/// The most of a copy's answer read: a mirror streaming without end is given up on here
+/// (an error), not only at its timeout.
+pub const COPY_READ_LIMIT: u64 = 64 * 1024 * 1024;
+
 /// A copy's answer read whole (kept up to [`CAPTURE_LIMIT`], hashed past it); `None` when
-/// its body fails.
+/// its body fails or passes [`COPY_READ_LIMIT`].
 async fn capture_whole(response: Response<UpstreamBody>) -> Option<Captured> {
     let (parts, mut body) = response.into_parts();
     let mut capture = Capture::default();
     while let Some(frame) = body.frame().await {
         if let Some(data) = frame.ok()?.data_ref() {
             capture.push(data);
+            if capture.len > COPY_READ_LIMIT {
+                return None;
+            }
         }
     }
     Some(Captured {

@@ -257,6 +257,7 @@ impl MirrorReport {
 impl Paths {
     /// The counts of `path`, or of [`OTHER_PATHS`] once [`MAX_PATHS`] are counted.
     fn entry(&mut self, path: &str) -> &mut PathCounts {
+        let path = cut_path(path);
         let key = if self.counts.contains_key(path) || self.counts.len() < MAX_PATHS {
             path
         } else {
@@ -267,11 +268,26 @@ impl Paths {
 
     fn get(&self, path: &str) -> PathCounts {
         self.counts
-            .get(path)
+            .get(cut_path(path))
             .or_else(|| self.counts.get(OTHER_PATHS))
             .copied()
             .unwrap_or_default()
     }
+}
+
+/// The longest path kept (JSON keys are the client's and the upstream's to choose).
+pub const MAX_PATH_LEN: usize = 200;
+
+/// `path`, cut to [`MAX_PATH_LEN`] bytes on a character boundary.
+fn cut_path(path: &str) -> &str {
+    if path.len() <= MAX_PATH_LEN {
+        return path;
+    }
+    let mut end = MAX_PATH_LEN;
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    &path[..end]
 }
 
 #[cfg(test)]
@@ -353,5 +369,8 @@ mod tests {
             report.to_json()["paths"].as_array().unwrap().len(),
             SHOWN_PATHS
         );
+        let long = format!("body.{}", "é".repeat(300));
+        assert_eq!(cut_path(&long).len(), 199);
+        assert_eq!(cut_path("body.x"), "body.x");
     }
 }

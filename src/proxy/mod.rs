@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use crate::chain::Chain;
 use crate::id::Id;
 use crate::metrics::{FaultKind, Metrics, UpstreamErrorKind};
-use crate::mirror::copy::{BodySize, Mirror, Served, ServedCapture};
+use crate::mirror::copy::{BodySize, Mirror, Served, ServedCapture, X_CANARY_MIRROR};
 use crate::routing::fault::Injection;
 use crate::routing::{Backend, Endpoint, Reason, RoutingTable, SharedTable};
 use crate::upstream::{
@@ -90,6 +90,9 @@ impl Proxy {
             for endpoint in &backend.endpoints {
                 backend.upstream.sweep(&endpoint.peer);
             }
+        }
+        if let Some(mirror) = &table.mirror {
+            mirror.sweep();
         }
     }
 
@@ -236,7 +239,7 @@ impl Proxy {
             );
             return Ok(response);
         }
-        let outgoing = rewrite_request(
+        let mut outgoing = rewrite_request(
             parts,
             body,
             host,
@@ -245,14 +248,19 @@ impl Proxy {
             websocket,
             target.endpoint,
         );
-        let mut outgoing = outgoing;
         let capture = match &table.mirror {
             None => None,
             Some(mirror) => mirror_copy(mirror, &target, &mut outgoing),
         };
+        let planned = capture.map(|c| (c, target.index, target.endpoint.clone()));
         let (mut response, target) =
             send_with_retry(table, target, outgoing, started, outcome).await?;
-        if let Some(capture) = capture {
+        // Retried elsewhere, the answer is not the one the copies are to be compared with
+        // (it may even be the canary's): the comparison is dropped.
+        if let Some((capture, index, endpoint)) = planned
+            && index == target.index
+            && Arc::ptr_eq(&endpoint, target.endpoint)
+        {
             capture.watch(&mut response);
         }
         let request_id = outcome.request_id.clone();
@@ -268,6 +276,8 @@ fn mirror_copy(
     target: &Target<'_>,
     outgoing: &mut Request<ForwardBody>,
 ) -> Option<ServedCapture> {
+    // Only the proxy's copies carry the mark: one a client sent is not passed on.
+    outgoing.headers_mut().remove(&X_CANARY_MIRROR);
     let endpoint = target
         .backend
         .endpoints

@@ -37,8 +37,7 @@ use crate::config::{
 use crate::duration::format_duration;
 use crate::id;
 use crate::metrics::{BackendMetrics, DecisionReason, Metrics, TableGauges};
-use crate::mirror::copy::Mirror;
-use crate::mirror::report::MirrorReport;
+use crate::mirror::copy::{Carried, Mirror};
 use crate::rollout::VersionMeter;
 use crate::upstream::{ExchangeTimeouts, Peer, Upstream, UpstreamSettings};
 use fault::Fault;
@@ -330,11 +329,11 @@ impl RoutingTable {
             config.proxy.backend_header.clone(),
         );
         table.mirror = config.mirror.clone().and_then(|mirror| {
-            let report = previous
+            let carried = previous
                 .and_then(|t| t.mirror.as_ref())
-                .map(|m| m.report.clone())
+                .map(|m| m.carried())
                 .unwrap_or_default();
-            table.build_mirror(mirror, report, metrics).map(Arc::new)
+            table.build_mirror(mirror, carried, metrics).map(Arc::new)
         });
         table
     }
@@ -375,11 +374,11 @@ impl RoutingTable {
     }
 
     /// Mirroring as `config` says, in this table: its backend resolved, pools of its own for
-    /// every endpoint, and `report` counting (kept from the mirroring it replaces).
+    /// every endpoint, and what it `carried` from the mirroring it replaces.
     pub fn build_mirror(
         &self,
         config: MirrorConfig,
-        report: Arc<MirrorReport>,
+        carried: Carried,
         metrics: &Metrics,
     ) -> Option<Mirror> {
         let backend = self
@@ -402,7 +401,7 @@ impl RoutingTable {
             backend,
             endpoints,
             settings,
-            report,
+            carried,
             metrics.mirror.clone(),
         ))
     }
