@@ -40,6 +40,24 @@ What it measures
     of the rollout: its per-version meters on the hot path and its analysis every 5 s. The
     rollout must still be under way after the last run (checked; the report says so).
 
+    Cost of mirroring: --mirror gives canary (and only canary) a [mirror] section with
+    backend = "v2" (everything else at its defaults: percent 100, GET and HEAD, max_in_flight
+    100, timeout 5s, compare true), so every GET served by v1 (90%) is copied to v2 (the same
+    upstream nginx, its other port) beside the served request, from the mirror's own pool,
+    and the two answers compared; canary@base gets the same config without [mirror]. The
+    copies reach the upstream too, so canary's upstream request count is checked against
+    wrk's count plus the copies made in that run. --mirror-slow does the same with a mirror
+    that answers slowly: a third backend "v3" (weight 0: it serves nothing; in canary@base's
+    config too) on a tiny Python asyncio upstream started here, which answers each request
+    (keep-alive) only after SLOW_UPSTREAM_DELAY_S (2 s): at most max_in_flight copies wait at
+    a time and the rest are dropped, which must not cost the clients anything. Both need
+    --baseline (target/release/canary-proxy: the same binary, so canary/canary@base is the
+    cost of mirroring) and are exclusive with each other and with --rollout. The mirror's
+    counts are reset after the sanity checks (so they cover the warm-ups and the measured
+    runs), logged per run, summed per scenario, and read once more after the last run for
+    the report (after the last copies have finished); a run in which no copy was made
+    (copied 0) did not measure mirroring and is marked ⚠.
+
 How to run
     python3 benches/load.py                # DURATION=5 s per run, ROUNDS=2 (about 3 min;
                                            # 4.5 min with --baseline)
@@ -51,6 +69,9 @@ How to run
     python3 benches/load.py --baseline OLD --proxies canary,canary@base   # old vs new only
     python3 benches/load.py --rollout --baseline target/release/canary-proxy \
         --proxies canary,canary@base --scenarios get64,post4k   # a rollout's cost
+    python3 benches/load.py --mirror --baseline target/release/canary-proxy \
+        --proxies canary,canary@base --scenarios get64     # mirroring's cost (--mirror-slow:
+                                                           # with a mirror answering in 2 s)
 
     Environment: DURATION, ROUNDS, PROXY_CPU, LOAD_CPU, BASELINE, and CANARY_EXTRA: extra
     lines for canary-proxy's [proxy] table, e.g. CANARY_EXTRA='workers = 1' (several lines
@@ -97,6 +118,8 @@ WARMUP_S = 1
 OUTSIDE_LOAD = 0.10  # CPU (share of one core) used by processes not started here: flagged
 LOAD_CORE_FULL = 0.95  # load core this busy: wrk + upstream may be what limits the run
 POST_BODY_BYTES = 4096
+SLOW_UPSTREAM_DELAY_S = 2.0  # --mirror-slow: the mirror's upstream answers after this long
+MIRROR_MAX_IN_FLIGHT = 100  # [mirror]'s default max_in_flight (copies running at once)
 
 
 def log(msg):
@@ -120,6 +143,7 @@ class Settings:
     baseline: str = ""  # absolute path of the canary@base binary, "" without --baseline
     proxies: tuple = PROXIES  # contestants, in run order (a subsequence of ALL_PROXIES)
     rollout: bool = False  # canary runs a rollout (--rollout); canary@base does not
+    mirror: str = ""  # canary mirrors to this backend: "v2" (--mirror), "v3" (--mirror-slow)
 
 
 def parse_settings():
@@ -153,6 +177,14 @@ def parse_settings():
                         "runs without one. Needs --baseline; --baseline "
                         "target/release/canary-proxy measures the rollout's cost on the same "
                         "binary. Leaves out the swaps scenario (the rollout owns the weights)")
+    p.add_argument("--mirror", action="store_true",
+                   help="canary mirrors every GET served by v1 to v2 ([mirror] backend = "
+                        f"\"v2\", compared); {BASE} runs the same config without [mirror]. "
+                        "Needs --baseline, like --rollout")
+    p.add_argument("--mirror-slow", action="store_true",
+                   help="as --mirror, but the mirror is backend v3 (weight 0) on an upstream "
+                        f"started here that answers after {SLOW_UPSTREAM_DELAY_S:g} s: copies "
+                        "pile up to max_in_flight and the rest are dropped")
     a = p.parse_args()
     if a.quick:
         a.duration, a.rounds = 2, 1
@@ -163,6 +195,11 @@ def parse_settings():
     unknown = [k for k in only if k not in known]
     if unknown:
         p.error(f"unknown scenario {', '.join(unknown)}; known: {', '.join(known)}")
+    if a.mirror and a.mirror_slow:
+        p.error("--mirror and --mirror-slow are exclusive: canary has one mirror backend")
+    if a.rollout and (a.mirror or a.mirror_slow):
+        p.error(f"--{'mirror' if a.mirror else 'mirror-slow'} and --rollout are exclusive: "
+                f"each measures one section's cost against {BASE}")
     if a.rollout:
         if "swaps" in only:
             p.error("--rollout cannot run the swaps scenario: while a rollout is under way it "
@@ -194,6 +231,10 @@ def parse_settings():
         p.error(f"--rollout compares canary (rollout running) with {BASE} (no rollout) in the "
                 "same run: give --baseline PATH, e.g. --baseline target/release/canary-proxy "
                 "for the same binary")
+    if (a.mirror or a.mirror_slow) and BASE not in proxies:
+        p.error(f"--{'mirror' if a.mirror else 'mirror-slow'} compares canary (mirroring) "
+                f"with {BASE} (no [mirror]) in the same run: give --baseline PATH, e.g. "
+                "--baseline target/release/canary-proxy for the same binary")
     s = Settings(
         scenarios=only or known,
         duration=a.duration,
@@ -206,6 +247,7 @@ def parse_settings():
         baseline=baseline,
         proxies=proxies,
         rollout=a.rollout,
+        mirror="v2" if a.mirror else "v3" if a.mirror_slow else "",
     )
     cpus = os.sched_getaffinity(0)
     if s.proxy_cpu == s.load_cpu or s.proxy_cpu not in cpus or s.load_cpu not in cpus:
@@ -539,9 +581,11 @@ ROLLOUT_ACTIVE = ("running", "waiting_approval")
 
 
 def write_canary_conf(tmp, port, admin_port, port_v1, port_v2, extra, name="canary.toml",
-                      rollout=False):
+                      rollout=False, port_v3=None, mirror=""):
     """canary's config; canary@base gets the same one (name canary-base.toml), other ports.
-    rollout: append ROLLOUT_TOML (only canary, with --rollout)."""
+    rollout: append ROLLOUT_TOML (only canary, with --rollout). port_v3: a third backend
+    "v3" of weight 0 (--mirror-slow, both builds). mirror: append a [mirror] section with
+    this backend and the defaults otherwise (only canary, with --mirror / --mirror-slow)."""
     conf = f"""[proxy]
 listen = "127.0.0.1:{port}"
 request_timeout = "30s"
@@ -559,11 +603,69 @@ name = "v2"
 urls = ["http://127.0.0.1:{port_v2}"]
 weight = 10
 """
+    if port_v3 is not None:
+        conf += f"""
+[[backend]]
+name = "v3"
+urls = ["http://127.0.0.1:{port_v3}"]
+weight = 0
+"""
     if rollout:
         conf += ROLLOUT_TOML
+    if mirror:
+        conf += f"""
+[mirror]
+backend = "{mirror}"
+"""
     path = os.path.join(tmp, name)
     with open(path, "w") as f:
         f.write(conf)
+    return path
+
+
+# --mirror-slow: the mirror backend's upstream. Reads each request head (and a body of known
+# length), answers 200 with a small body only after DELAY seconds, keeps the connection.
+SLOW_UPSTREAM_PY = """\
+import asyncio, sys
+
+PORT, DELAY = int(sys.argv[1]), float(sys.argv[2])
+BODY = b"hello from v3\\n"
+HEAD = (b"HTTP/1.1 200 OK\\r\\nContent-Type: text/plain\\r\\nContent-Length: "
+        + str(len(BODY)).encode() + b"\\r\\n\\r\\n")
+
+
+async def serve(reader, writer):
+    try:
+        while True:
+            head = await reader.readuntil(b"\\r\\n\\r\\n")
+            for line in head.split(b"\\r\\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length" and int(value):
+                    await reader.readexactly(int(value))
+            await asyncio.sleep(DELAY)
+            writer.write(HEAD if head.startswith(b"HEAD ") else HEAD + BODY)
+            await writer.drain()
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError,
+            ValueError):
+        pass
+    finally:
+        writer.close()
+
+
+async def main():
+    server = await asyncio.start_server(serve, "127.0.0.1", PORT, backlog=1024)
+    async with server:
+        await server.serve_forever()
+
+
+asyncio.run(main())
+"""
+
+
+def write_slow_upstream(tmp):
+    path = os.path.join(tmp, "slow_upstream.py")
+    with open(path, "w") as f:
+        f.write(SLOW_UPSTREAM_PY)
     return path
 
 
@@ -614,7 +716,9 @@ def start_canary(settings, procs, fleet, proxy):
     suffix = proxy[len("canary"):].replace("@", "-")  # "" or "-base"
     conf = write_canary_conf(tmp, ports[proxy], ports[admin_key(proxy)], ports["v1"],
                              ports["v2"], settings.canary_extra, f"canary{suffix}.toml",
-                             rollout=settings.rollout and proxy == "canary")
+                             rollout=settings.rollout and proxy == "canary",
+                             port_v3=ports.get("v3"),
+                             mirror=settings.mirror if proxy == "canary" else "")
     if proxy == "canary":
         fleet.canary_conf = conf
     check = subprocess.run([binary, "check", "--config", conf], capture_output=True,
@@ -635,6 +739,8 @@ def start_fleet(settings, procs, tmp):
     names = ["v1", "v2", "canary", "admin", "nginx", "haproxy"]
     if BASE in settings.proxies:
         names += [BASE, admin_key(BASE)]
+    if settings.mirror == "v3":
+        names.append("v3")
     ports = dict(zip(names, free_ports(len(names))))
     fleet = Fleet(tmp=tmp, ports=ports)
     pin_load = ["taskset", "-c", str(settings.load_cpu)]
@@ -646,6 +752,12 @@ def start_fleet(settings, procs, tmp):
                                           conf], logf)
     wait_listening(ports["v1"], fleet.procs["upstream"], "upstream nginx", logf)
     wait_listening(ports["v2"], fleet.procs["upstream"], "upstream nginx", logf)
+    if "v3" in ports:
+        script = write_slow_upstream(tmp)
+        logf = os.path.join(tmp, "slow-upstream.log")
+        fleet.procs["slow"] = procs.start("slow upstream", pin_load + [
+            sys.executable, script, str(ports["v3"]), str(SLOW_UPSTREAM_DELAY_S)], logf)
+        wait_listening(ports["v3"], fleet.procs["slow"], "slow upstream (v3)", logf)
 
     for proxy in settings.proxies:
         if is_canary(proxy):
@@ -864,12 +976,18 @@ def busy_share(before, after):
 
 def measure(settings, procs, fleet, proxy, sc, duration, lua):
     pids, up_pids = proxy_pids(fleet, proxy), proxy_pids(fleet, "upstream")
+    if "slow" in fleet.procs:
+        up_pids.append(fleet.procs["slow"].pid)  # --mirror-slow's upstream: load side too
     url = f"http://127.0.0.1:{fleet.ports[proxy]}{sc.path}"
+    # canary's mirror counts, read outside the CPU window like the upstream's stub_status.
+    mirroring = settings.mirror and proxy == "canary"
+    m0 = mirror_counts(fleet) if mirroring else None
     up0 = upstream_counters(fleet)
     c0 = counters(settings, pids, up_pids)
     res = run_wrk(settings, procs, url, sc.conns, duration, lua if sc.post else None)
     c1 = counters(settings, pids, up_pids)
     up1 = upstream_counters(fleet)
+    m1 = mirror_counts(fleet) if mirroring else None
 
     wall, cpu = c1["t"] - c0["t"], c1["cpu"] - c0["cpu"]
     res["cpu_us_per_req"] = cpu / max(res["requests"], 1) * 1e6
@@ -887,9 +1005,17 @@ def measure(settings, procs, fleet, proxy, sc, duration, lua):
     # request fall inside this window, hence the -1.
     res["up_conns"] = up1[0] - up0[0] - 1
     res["up_reqs"] = up1[1] - up0[1] - 1
+    # --mirror: the copies to v2 reach the upstream nginx too (sent ones: copied, errors,
+    # timeouts); up to max_in_flight of them may be running when the counts are read.
+    res["up_copies"], slack = 0, sc.conns
+    if mirroring:
+        res["mirror"] = {key: m1[key] - m0[key] for key in MIRROR_KEYS}
+        if settings.mirror == "v2":
+            res["up_copies"] = sum(res["mirror"][k] for k in ("copied", "errors", "timeouts"))
+            slack += MIRROR_MAX_IN_FLIGHT
     # Requests in flight when wrk stops reach the upstream but are not counted by wrk.
-    res["up_mismatch"] = (abs(res["up_reqs"] - res["requests"])
-                          > sc.conns + 0.01 * res["requests"])
+    res["up_mismatch"] = (abs(res["up_reqs"] - res["requests"] - res["up_copies"])
+                          > slack + 0.01 * res["requests"])
     if is_canary(proxy):
         res["mem"] = memory_kib(fleet.procs[proxy].pid)
     return res
@@ -918,7 +1044,13 @@ def describe(res):
     if res["outside"]:
         flags += f"  (outside processes: {res['outside']})"
     if res["up_mismatch"]:
-        flags += f"  UPSTREAM requests {res['up_reqs']} != wrk {res['requests']}"
+        flags += (f"  UPSTREAM requests {res['up_reqs']} != wrk {res['requests']}"
+                  + (f" + {res['up_copies']} copies" if res["up_copies"] else ""))
+    if "mirror" in res:
+        m = res["mirror"]
+        flags += (f"  mirror +{m['copied']} copied +{m['dropped']} dropped"
+                  + "".join(f" +{m[k]} {k}" for k in ("errors", "timeouts") if m[k])
+                  + ("  NO COPIES" if not m["copied"] else ""))
     return (f"{res['rps']:>9.0f} req/s  p50 {res['p50']:6.2f} ms  p99 {res['p99']:6.2f} ms  "
             f"{res['cpu_us_per_req']:5.1f} µs/req  util {res['util']:4.0%}  "
             f"load core {res['load_core']:4.0%}  up conns {res['up_conns']}{flags}")
@@ -1016,6 +1148,97 @@ def rollout_end_line(fleet):
                 f"{st['canary_percent']}% ({counted}; transitions: {', '.join(events)}): "
                 "the runs after it left `running` did not measure a running rollout")
     log(line[2:])
+    return line
+
+
+# ---------------------------------------------------------------------------------------------
+# --mirror, --mirror-slow: canary copies requests to a mirror backend
+# ---------------------------------------------------------------------------------------------
+
+# The counts the report shows, in its order (GET /admin/mirror has skipped_* too).
+MIRROR_KEYS = ("copied", "dropped", "errors", "timeouts", "compared", "identical", "different")
+
+
+def mirror_status(fleet):
+    port = fleet.ports[admin_key("canary")]
+    status, _, body = request(port, path="/admin/mirror")
+    if status != 200:
+        raise RuntimeError(f"canary: GET /admin/mirror -> {status} {body[:300]!r}")
+    return json.loads(body)
+
+
+def mirror_counts(fleet):
+    return mirror_status(fleet)["counts"]
+
+
+def mirror_settled(settings, fleet):
+    """Counts once the copies still running have finished: unchanged for longer than a copy
+    takes (its upstream's delay with --mirror-slow), at most the mirror's timeout (5 s) + 1."""
+    window = (SLOW_UPSTREAM_DELAY_S if settings.mirror == "v3" else 0.0) + 0.5
+    deadline = time.monotonic() + 6.0
+    counts, since = mirror_counts(fleet), time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - since < window:
+        time.sleep(0.25)
+        now = mirror_counts(fleet)
+        if now != counts:
+            counts, since = now, time.monotonic()
+    return counts
+
+
+def format_mirror_counts(counts):
+    return ", ".join(f"{key} {counts[key]:,}" for key in MIRROR_KEYS)
+
+
+def start_mirror(settings, fleet):
+    """After the sanity checks: canary's GET /admin/mirror must show the configured mirror;
+    its counts (the sanity checks' copies) are reset once those copies have finished, so the
+    end line covers the warm-ups and the measured runs. Returns the report's line."""
+    st = mirror_status(fleet)
+    cfg = st.get("config") or {}
+    if cfg.get("backend") != settings.mirror:
+        raise RuntimeError(f"canary: GET /admin/mirror shows config {cfg or None!r}, expected "
+                           f"backend {settings.mirror!r}")
+    sanity = mirror_settled(settings, fleet)
+    port = fleet.ports[admin_key("canary")]
+    status, _, body = request(port, "POST", "/admin/mirror/reset")
+    if status != 200:
+        raise RuntimeError(f"canary: POST /admin/mirror/reset -> {status} {body[:300]!r}")
+    target = ("v2 (the upstream nginx's other port)" if settings.mirror == "v2" else
+              f"v3 (weight 0; a Python upstream answering after {SLOW_UPSTREAM_DELAY_S:g} s, "
+              f"also declared in {BASE}'s config)")
+    line = (f"- mirror: canary copies the GETs served by v1 to {target}: [mirror] backend = "
+            f"\"{settings.mirror}\", the rest at the defaults (percent {cfg['percent']:g}, "
+            f"methods {', '.join(cfg['methods'])}, max_in_flight {cfg['max_in_flight']}, "
+            f"timeout {cfg['timeout']}, compare {str(cfg['compare']).lower()}); {BASE} runs "
+            f"the same config without [mirror]. The sanity checks made {sanity['copied']:,} "
+            "copies (dropped "
+            f"{sanity['dropped']:,}); counts reset after them")
+    log(line[2:])
+    return line
+
+
+def mirror_end_line(settings, fleet):
+    """After the last run, once the last copies have finished: canary's mirror counts since
+    the reset. ⚠ when no copy was made: then nothing measured mirroring."""
+    counts = mirror_settled(settings, fleet)
+    if counts["copied"] > 0:
+        line = f"- mirror after the last run (GET /admin/mirror): {format_mirror_counts(counts)}"
+    else:
+        line = (f"- ⚠ mirror after the last run (GET /admin/mirror): "
+                f"{format_mirror_counts(counts)}: no copy was made, so the runs did not "
+                "measure mirroring")
+    log(line[2:])
+    return line
+
+
+def mirror_rounds_line(runs):
+    """canary's mirror counts summed over a scenario's measured rounds (⚠ when a round
+    copied nothing)."""
+    total = {key: sum(r["mirror"][key] for r in runs) for key in MIRROR_KEYS}
+    idle = [i for i, r in enumerate(runs, 1) if r["mirror"]["copied"] == 0]
+    line = f"canary's mirror in these {len(runs)} round(s): {format_mirror_counts(total)}"
+    if idle:
+        line += f" ⚠ no copy made in round(s) {', '.join(map(str, idle))}"
     return line
 
 
@@ -1184,6 +1407,9 @@ def baseline_info(settings):
         if settings.rollout:
             line += (" — the same binary as canary (identical bytes): canary/canary@base "
                      "ratios show the cost of the running rollout (and the noise)")
+        elif settings.mirror:
+            line += (" — the same binary as canary (identical bytes): canary/canary@base "
+                     "ratios show the cost of mirroring (and the noise)")
         else:
             line += (" ⚠ the same binary as canary (identical bytes): canary/canary@base "
                      "ratios show only the noise")
@@ -1276,7 +1502,8 @@ def error_notes(label, runs):
                          f"{r.get('socket_detail', 'socket errors 0')}")
         if r["up_mismatch"]:
             notes.append(f"  - ⚠ {label} round {i}: upstream served {r['up_reqs']} requests, "
-                         f"wrk counted {r['requests']}")
+                         f"wrk counted {r['requests']}"
+                         + (f" (+ {r['up_copies']} mirror copies)" if r["up_copies"] else ""))
         if r["foreign"]:
             notes.append(f"  - † {label} round {i}: processes not started by this benchmark "
                          f"used {r['outside_cpu']:.0%} of a core (a build, tests, another "
@@ -1321,7 +1548,7 @@ def base_summary_row(title, new, old):
             + f" |{flagged(new + old)} |")
 
 
-def base_summary_markdown(rows, rounds, rollout=False):
+def base_summary_markdown(rows, rounds, rollout=False, mirror=""):
     spread = (" In parentheses the lowest and highest per-round ratio: the two builds ran "
               "back to back in every round (canary first in odd rounds, canary@base first in "
               "even ones), so a spread that includes 1.00 means no measurable difference."
@@ -1332,6 +1559,11 @@ def base_summary_markdown(rows, rounds, rollout=False):
         head = [f"## canary with a running rollout vs {BASE} without (same run)", "",
                 f"canary ran the rollout (v1 -> v2 at 90/10, state running); {BASE} had no "
                 "[rollout]. A ratio above 1.00× in CPU µs/req is what the rollout costs.", ""]
+    if mirror:
+        head = [f"## canary mirroring to {mirror} vs {BASE} without (same run)", "",
+                f"canary copied the GETs served by v1 to {mirror} and compared the answers; "
+                f"{BASE} had no [mirror]. A ratio above 1.00× in CPU µs/req is what mirroring "
+                "costs; the client must not pay in req/s or p99.", ""]
     return (head + [BASE_SUMMARY_HEAD] + rows
             + ["", f"ratio = canary/{BASE}, of the medians over rounds: CPU µs/req and p99 "
                f"below 1.00× and req/s above 1.00× mean canary does better than {BASE}."
@@ -1344,7 +1576,11 @@ def scenario_markdown(settings, sc, results, base_rows):
     vs_nginx = "nginx" in proxies
     lines = [f"### {sc.title}", "", table_head(vs_nginx)]
     for proxy in proxies:
-        label = f"{proxy} (rollout running)" if settings.rollout and proxy == "canary" else proxy
+        label = proxy
+        if proxy == "canary" and settings.rollout:
+            label = f"{proxy} (rollout running)"
+        elif proxy == "canary" and settings.mirror:
+            label = f"{proxy} (mirror → {settings.mirror})"
         lines.append(table_row(label, results[proxy],
                                None if proxy == "nginx" or not vs_nginx else results["nginx"],
                                vs_nginx))
@@ -1363,6 +1599,8 @@ def scenario_markdown(settings, sc, results, base_rows):
     if BASE in proxies:
         lines += ([""] if ratios else []) + [base_line(c, results[BASE])]
         base_rows.append(base_summary_row(sc.title, c, results[BASE]))
+    if settings.mirror:
+        lines += ["", mirror_rounds_line(c)]
     for proxy in proxies:
         lines += error_notes(proxy, results[proxy])
     return lines + [""]
@@ -1401,6 +1639,10 @@ def swap_markdown(settings, results, base_rows):
                   f"10 swaps/s: {base_line(c1, b1)}"]
         base_rows += [base_summary_row("table swaps: no swaps", c0, b0),
                       base_summary_row("table swaps: 10 swaps/s", c1, b1)]
+    if settings.mirror:
+        c0, c1, _ = results["canary"]
+        lines += ["", f"no swaps: {mirror_rounds_line(c0)}", "",
+                  f"10 swaps/s: {mirror_rounds_line(c1)}"]
     return lines + notes + [""]
 
 
@@ -1523,6 +1765,7 @@ def run_benchmark(settings, procs, tmp):
         log(line)
     fleet = start_fleet(settings, procs, tmp)
     log(f"started: upstream v1/v2 on :{fleet.ports['v1']}/:{fleet.ports['v2']}, "
+        + (f"slow upstream v3 on :{fleet.ports['v3']}, " if "v3" in fleet.ports else "")
         + ", ".join(f"{p} :{fleet.ports[p]}"
                     + (f" (admin :{fleet.ports[admin_key(p)]})" if is_canary(p) else "")
                     for p in settings.proxies)
@@ -1532,6 +1775,8 @@ def run_benchmark(settings, procs, tmp):
         info.append(start_rollout(fleet))  # before the checks: they see the rollout's split
     for note in sanity_checks(settings, procs, fleet, lua):
         log(f"sanity: {note}")
+    if settings.mirror:
+        info.append(start_mirror(settings, fleet))  # after the checks: counts from zero
 
     mem_points = {p: [] for p in settings.proxies if is_canary(p)}
     base_rows = []
@@ -1540,9 +1785,12 @@ def run_benchmark(settings, procs, tmp):
         body += run_swap_scenario(settings, procs, fleet, lua, gate, base_rows)
     if settings.rollout:
         info.append(rollout_end_line(fleet))
+    if settings.mirror:
+        info.append(mirror_end_line(settings, fleet))
     md = ["# canary-proxy load benchmark", ""] + info + [""]
     if base_rows:
-        md += base_summary_markdown(base_rows, settings.rounds, settings.rollout)
+        md += base_summary_markdown(base_rows, settings.rounds, settings.rollout,
+                                    settings.mirror)
     md += body
     for build in mem_points:
         mem_points[build].append(("at the end", memory_kib(fleet.procs[build].pid)))
