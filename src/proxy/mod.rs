@@ -239,7 +239,7 @@ impl Proxy {
             );
             return Ok(response);
         }
-        let mut outgoing = rewrite_request(
+        let outgoing = rewrite_request(
             parts,
             body,
             host,
@@ -248,11 +248,16 @@ impl Proxy {
             websocket,
             target.endpoint,
         );
-        let capture = match &table.mirror {
-            None => None,
-            Some(mirror) => mirror_copy(mirror, &target, &mut outgoing),
+        // (A function taking and giving back the request, not a `&mut` borrow of it: one
+        // would keep its 264 bytes in this future beside the exchange's.)
+        let (outgoing, planned) = match &table.mirror {
+            None => (outgoing, None),
+            Some(mirror) => {
+                let (outgoing, capture) = mirror_copy(mirror, &target, outgoing);
+                let planned = capture.map(|c| (c, target.index, target.endpoint.clone()));
+                (outgoing, planned)
+            }
         };
-        let planned = capture.map(|c| (c, target.index, target.endpoint.clone()));
         let (mut response, target) =
             send_with_retry(table, target, outgoing, started, outcome).await?;
         // Retried elsewhere, the answer is not the one the copies are to be compared with
@@ -269,9 +274,22 @@ impl Proxy {
 }
 
 /// Sends a copy of `outgoing` (as it goes to `target`) beside it when mirroring admits it;
-/// a request with a body has it teed, so the copy gets it once it has gone up. Returns
-/// where the served answer is captured for the comparison.
+/// a request with a body has it teed, so the copy gets it once it has gone up. Gives the
+/// request back, with where the served answer is captured for the comparison. Never
+/// inlined: in the forward path's own code it kept the compiler from inlining the exchange
+/// there (measured with callgrind, with mirroring off).
+#[inline(never)]
 fn mirror_copy(
+    mirror: &Arc<Mirror>,
+    target: &Target<'_>,
+    mut outgoing: Request<ForwardBody>,
+) -> (Request<ForwardBody>, Option<ServedCapture>) {
+    let capture = copy_beside(mirror, target, &mut outgoing);
+    (outgoing, capture)
+}
+
+/// [`mirror_copy`] on the request in place.
+fn copy_beside(
     mirror: &Arc<Mirror>,
     target: &Target<'_>,
     outgoing: &mut Request<ForwardBody>,
