@@ -455,8 +455,10 @@ impl TableGauges {
 /// found, and how long copies took.
 #[derive(Clone)]
 pub struct MirrorMetrics {
-    requests: IntCounterVec,
-    comparisons: IntCounterVec,
+    /// Indexed by [`MirrorResult::slot`]: resolved once, so a copy never looks a label up.
+    requests: [IntCounter; 5],
+    /// Identical, different.
+    comparisons: [IntCounter; 2],
     duration: Histogram,
 }
 
@@ -471,6 +473,24 @@ pub enum MirrorResult {
 }
 
 impl MirrorResult {
+    const ALL: [MirrorResult; 5] = [
+        MirrorResult::Copied,
+        MirrorResult::Skipped,
+        MirrorResult::Dropped,
+        MirrorResult::Error,
+        MirrorResult::Timeout,
+    ];
+
+    fn slot(self) -> usize {
+        match self {
+            MirrorResult::Copied => 0,
+            MirrorResult::Skipped => 1,
+            MirrorResult::Dropped => 2,
+            MirrorResult::Error => 3,
+            MirrorResult::Timeout => 4,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             MirrorResult::Copied => "copied",
@@ -490,22 +510,24 @@ impl fmt::Debug for MirrorMetrics {
 
 impl MirrorMetrics {
     fn new(r: &Registry) -> Self {
-        let metrics = MirrorMetrics {
-            requests: int_counter_vec(
-                r,
-                "canary_mirror_requests_total",
-                "Requests mirroring looked at, by result (copied; skipped: method, body or \
+        let requests = int_counter_vec(
+            r,
+            "canary_mirror_requests_total",
+            "Requests mirroring looked at, by result (copied; skipped: method, body or \
                  percent; dropped: max_in_flight copies running; error and timeout: copies \
                  that failed or were not answered whole in time).",
-                &["result"],
-            ),
-            comparisons: int_counter_vec(
-                r,
-                "canary_mirror_comparisons_total",
-                "Copies' answers compared with the served ones, by result (identical; \
+            &["result"],
+        );
+        let comparisons = int_counter_vec(
+            r,
+            "canary_mirror_comparisons_total",
+            "Copies' answers compared with the served ones, by result (identical; \
                  different: a difference the noise filter reports).",
-                &["result"],
-            ),
+            &["result"],
+        );
+        MirrorMetrics {
+            requests: MirrorResult::ALL.map(|r| requests.with_label_values(&[r.as_str()])),
+            comparisons: ["identical", "different"].map(|r| comparisons.with_label_values(&[r])),
             duration: register(
                 r,
                 Histogram::with_opts(
@@ -517,23 +539,15 @@ impl MirrorMetrics {
                 )
                 .expect("valid metric definition"),
             ),
-        };
-        for result in ["copied", "skipped", "dropped", "error", "timeout"] {
-            metrics.requests.with_label_values(&[result]);
         }
-        for result in ["identical", "different"] {
-            metrics.comparisons.with_label_values(&[result]);
-        }
-        metrics
     }
 
     pub fn request(&self, result: MirrorResult) {
-        self.requests.with_label_values(&[result.as_str()]).inc();
+        self.requests[result.slot()].inc();
     }
 
     pub fn comparison(&self, different: bool) {
-        let result = if different { "different" } else { "identical" };
-        self.comparisons.with_label_values(&[result]).inc();
+        self.comparisons[usize::from(different)].inc();
     }
 
     pub fn duration(&self, elapsed: Duration) {
