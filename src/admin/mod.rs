@@ -384,18 +384,50 @@ async fn read_body(
     }
 }
 
+/// An admin write as its handler takes it: method, query, `If-Match`, body.
+struct Write {
+    method: Method,
+    query: String,
+    if_match: Option<Vec<u64>>,
+    body: Bytes,
+}
+
+impl Write {
+    /// Reads a write request; else the answer that refuses it (a bad `If-Match`, a body too
+    /// large or too slow).
+    async fn read(
+        request: Request<Incoming>,
+        read_timeout: Duration,
+    ) -> Result<Write, AdminResponse> {
+        let if_match = if_match(&request).map_err(|m| error(StatusCode::BAD_REQUEST, m))?;
+        let method = request.method().clone();
+        let query = request.uri().query().unwrap_or("").to_string();
+        let body = read_body(request, read_timeout).await?;
+        Ok(Write {
+            method,
+            query,
+            if_match,
+            body,
+        })
+    }
+
+    fn body_is_empty(&self) -> bool {
+        self.body.iter().all(u8::is_ascii_whitespace)
+    }
+}
+
 async fn set_weights(
     control: &Arc<ControlPlane>,
     request: Request<Incoming>,
     read_timeout: Duration,
 ) -> AdminResponse {
-    let if_match = match if_match(&request) {
-        Ok(v) => v,
-        Err(message) => return error(StatusCode::BAD_REQUEST, message),
-    };
-    let query = request.uri().query().unwrap_or("").to_string();
-    let body = match read_body(request, read_timeout).await {
-        Ok(body) => body,
+    let Write {
+        query,
+        if_match,
+        body,
+        ..
+    } = match Write::read(request, read_timeout).await {
+        Ok(write) => write,
         Err(refused) => return refused,
     };
     let parsed = if body.iter().all(u8::is_ascii_whitespace) {
@@ -423,25 +455,20 @@ async fn change_faults(
     request: Request<Incoming>,
     read_timeout: Duration,
 ) -> AdminResponse {
-    let if_match = match if_match(&request) {
-        Ok(v) => v,
-        Err(message) => return error(StatusCode::BAD_REQUEST, message),
-    };
-    let delete = request.method() == Method::DELETE;
-    let query = request.uri().query().unwrap_or("").to_string();
-    let body = match read_body(request, read_timeout).await {
-        Ok(body) => body,
+    let write = match Write::read(request, read_timeout).await {
+        Ok(write) => write,
         Err(refused) => return refused,
     };
-    let applied = if delete {
-        if !body.iter().all(u8::is_ascii_whitespace) {
+    let if_match = write.if_match.clone();
+    let applied = if write.method == Method::DELETE {
+        if !write.body_is_empty() {
             return error(
                 StatusCode::BAD_REQUEST,
                 "DELETE /admin/faults takes no body: it removes every fault, ?backend=NAME \
                  only that backend's; PUT sets a list",
             );
         }
-        let backend = match faults_backend_query(&query) {
+        let backend = match faults_backend_query(&write.query) {
             Ok(backend) => backend,
             Err(message) => return error(StatusCode::BAD_REQUEST, &message),
         };
@@ -451,7 +478,7 @@ async fn change_faults(
             })
             .await
     } else {
-        let (faults, read_at) = match faults::parse(&body) {
+        let (faults, read_at) = match faults::parse(&write.body) {
             Ok(parsed) => parsed,
             Err(e) => return control_error(control, &e),
         };
@@ -480,17 +507,13 @@ async fn change_mirror(
     request: Request<Incoming>,
     read_timeout: Duration,
 ) -> AdminResponse {
-    let if_match = match if_match(&request) {
-        Ok(v) => v,
-        Err(message) => return error(StatusCode::BAD_REQUEST, message),
-    };
-    let delete = request.method() == Method::DELETE;
-    let body = match read_body(request, read_timeout).await {
-        Ok(body) => body,
+    let write = match Write::read(request, read_timeout).await {
+        Ok(write) => write,
         Err(refused) => return refused,
     };
-    let config = if delete {
-        if !body.iter().all(u8::is_ascii_whitespace) {
+    let if_match = write.if_match.clone();
+    let config = if write.method == Method::DELETE {
+        if !write.body_is_empty() {
             return error(
                 StatusCode::BAD_REQUEST,
                 "DELETE /admin/mirror takes no body; PUT sets mirroring",
@@ -498,7 +521,7 @@ async fn change_mirror(
         }
         None
     } else {
-        match mirror::parse(&body) {
+        match mirror::parse(&write.body) {
             Ok(config) => Some(config),
             Err(e) => return control_error(control, &e),
         }
