@@ -80,7 +80,9 @@ use proxy::Proxy;
 use server::{ServerOptions, serve};
 
 // What the binary (src/main.rs), the integration tests and the benches use; nothing else.
-pub use admin::cli::{Outcome, Terminal, mirror_status, rollout as rollout_command, watch_rollout};
+pub use admin::cli::{
+    Outcome, Terminal, emit, mirror_status, rollout as rollout_command, watch_rollout,
+};
 pub use admin::client::{AdminClient, AdminClientError, DEFAULT_ADMIN_URL, TOKEN_ENV};
 pub use config::{Config, ConfigError};
 pub use control::ControlPlane;

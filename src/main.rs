@@ -240,18 +240,20 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn check(path: &Path) -> anyhow::Result<()> {
+    use std::fmt::Write as _;
     let config = canary_proxy::config::load(path)?;
     let table =
         canary_proxy::RoutingTable::from_config(&config, 1, None, &canary_proxy::Metrics::new());
-    println!("{}: ok", path.display());
-    println!(
-        "proxy listens on {}, admin on {}",
-        config.proxy.listen, config.admin.listen
+    let mut out = format!(
+        "{}: ok\nproxy listens on {}, admin on {}\n{table}",
+        path.display(),
+        config.proxy.listen,
+        config.admin.listen
     );
-    print!("{table}");
     if let Some(rollout) = &config.rollout {
         let a = &rollout.analysis;
-        println!(
+        let _ = writeln!(
+            out,
             "rollout: {} -> {}, steps {:?} (approve {:?}), step_time {}; analysis every {}, \
              min_requests {}, max_step_time {} then {}, error_tolerance {}, latency_tolerance {}, \
              confidence {}",
@@ -269,6 +271,22 @@ fn check(path: &Path) -> anyhow::Result<()> {
             a.confidence,
         );
     }
+    if let Some(mirror) = &config.mirror {
+        let methods: Vec<&str> = mirror.methods.iter().map(|m| m.as_str()).collect();
+        let _ = writeln!(
+            out,
+            "mirror: {} of {}% of the other backends' requests -> {}, max_body {}, \
+             max_in_flight {}, timeout {}, comparison {}",
+            methods.join(", "),
+            mirror.percent,
+            mirror.backend,
+            canary_proxy::config::format_size(mirror.max_body),
+            mirror.max_in_flight,
+            canary_proxy::format_duration(mirror.timeout),
+            if mirror.compare { "on" } else { "off" },
+        );
+    }
+    canary_proxy::emit(&out);
     Ok(())
 }
 

@@ -44,6 +44,39 @@ fn check_accepts_a_good_config_and_prints_the_table() {
 }
 
 #[test]
+fn check_shows_mirroring_and_stops_quietly_when_its_reader_goes_away() {
+    let dir = write_config(
+        "[[backend]]\nname = \"v1\"\nurls = [\"http://127.0.0.1:1\"]\nweight = 1\n\
+         [[backend]]\nname = \"v2\"\nurls = [\"http://127.0.0.1:2\"]\nweight = 0\n\
+         [mirror]\nbackend = \"v2\"\npercent = 50\n",
+    );
+    let path = dir.path().join("canary.toml");
+    let output = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let out = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        out.contains("mirror: GET, HEAD of 50% of the other backends' requests -> v2"),
+        "{out}"
+    );
+    // As `canary-proxy check | head -1`: the reader closes after the first line.
+    let mut child = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let finished = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&finished.stderr);
+    assert!(finished.status.success(), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
 fn check_accepts_the_bundled_demo_config() {
     let output = Command::new(BIN)
         .args(["check", "--config"])

@@ -17,6 +17,13 @@ use crate::rollout::view;
 /// How often `--watch` reads the rollout.
 pub const WATCH_EVERY: Duration = Duration::from_secs(1);
 
+/// Writes `text` to stdout; a reader that went away (`| head`) is no error: the rest is not
+/// wanted.
+pub fn emit(text: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+}
+
 /// How a rollout subcommand ended, when the admin API answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -71,7 +78,7 @@ pub async fn rollout(
             watch_rollout(client, terminal, "", stop).await?;
         } else {
             let status = client.get("/admin/rollout").await?;
-            print!("{}", view::render(&status, terminal.width, terminal.color));
+            emit(&view::render(&status, terminal.width, terminal.color));
         }
         return Ok(Outcome::Done);
     };
@@ -80,7 +87,7 @@ pub async fn rollout(
         .await
     {
         Ok(status) => {
-            println!("{}", view::summary(&status));
+            emit(&format!("{}\n", view::summary(&status)));
             Ok(Outcome::Done)
         }
         Err(AdminClientError::Status {
@@ -92,7 +99,7 @@ pub async fn rollout(
             eprintln!("canary-proxy: {error}");
             // The whole state line when the proxy answers; the 409's own state otherwise.
             let now = client.get("/admin/rollout").await.unwrap_or(body);
-            println!("{}", view::summary(&now));
+            emit(&format!("{}\n", view::summary(&now)));
             Ok(Outcome::Refused)
         }
         Err(error) => Err(error),
@@ -105,7 +112,7 @@ pub async fn mirror_status(
     terminal: Terminal,
 ) -> Result<(), AdminClientError> {
     let report = client.get("/admin/mirror").await?;
-    print!("{}", crate::mirror::view::render(&report, terminal.width));
+    emit(&crate::mirror::view::render(&report, terminal.width));
     Ok(())
 }
 
