@@ -421,20 +421,16 @@ async fn set_weights(
     request: Request<Incoming>,
     read_timeout: Duration,
 ) -> AdminResponse {
-    let Write {
-        query,
-        if_match,
-        body,
-        ..
-    } = match Write::read(request, read_timeout).await {
+    let write = match Write::read(request, read_timeout).await {
         Ok(write) => write,
         Err(refused) => return refused,
     };
-    let parsed = if body.iter().all(u8::is_ascii_whitespace) {
-        parse_query_weights(&query)
+    let parsed = if write.body_is_empty() {
+        parse_query_weights(&write.query)
     } else {
-        parse_json_weights(&body)
+        parse_json_weights(&write.body)
     };
+    let if_match = write.if_match;
     let changes = match parsed {
         Ok(changes) => changes,
         Err(e) => return control_error(control, &e),

@@ -124,6 +124,32 @@ impl FaultFields<'_> {
     }
 }
 
+/// What the fault injects, as the audit log and `check` show it: `abort 5% (503) delay 10%
+/// (200ms) if x-fault`.
+impl std::fmt::Display for FaultConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        if self.abort_percent > 0.0 {
+            parts.push(format!(
+                "abort {}% ({})",
+                self.abort_percent,
+                self.abort_status.as_u16()
+            ));
+        }
+        if self.delay_percent > 0.0 {
+            parts.push(format!(
+                "delay {}% ({})",
+                self.delay_percent,
+                crate::duration::format_duration(self.delay)
+            ));
+        }
+        if let Some(header) = &self.header {
+            parts.push(format!("if {header}"));
+        }
+        f.write_str(&parts.join(" "))
+    }
+}
+
 fn percent(field: &'static str, value: Option<f64>) -> Result<f64, FieldProblem> {
     let value = value.unwrap_or(0.0);
     if !(0.0..=100.0).contains(&value) {
@@ -176,6 +202,10 @@ mod tests {
         .unwrap();
         assert_eq!(full.abort_status, StatusCode::INTERNAL_SERVER_ERROR);
         assert_eq!(full.delay, Duration::from_millis(200));
+        assert_eq!(
+            full.to_string(),
+            "abort 2.5% (500) delay 10% (200ms) if x-fault"
+        );
         assert_eq!(full.header.unwrap(), "x-fault");
     }
 

@@ -594,27 +594,7 @@ fn describe_faults(faults: &[FaultConfig]) -> String {
     }
     let parts: Vec<String> = faults
         .iter()
-        .map(|f| {
-            let mut text = format!("{}:", f.backend);
-            if f.abort_percent > 0.0 {
-                text.push_str(&format!(
-                    " abort {}% ({})",
-                    f.abort_percent,
-                    f.abort_status.as_u16()
-                ));
-            }
-            if f.delay_percent > 0.0 {
-                text.push_str(&format!(
-                    " delay {}% ({})",
-                    f.delay_percent,
-                    crate::duration::format_duration(f.delay)
-                ));
-            }
-            if let Some(header) = &f.header {
-                text.push_str(&format!(" if {header}"));
-            }
-            text
-        })
+        .map(|f| format!("{}: {f}", f.backend))
         .collect();
     parts.join("; ")
 }

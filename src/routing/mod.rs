@@ -763,28 +763,7 @@ impl fmt::Display for RoutingTable {
                 )?;
             }
             if let Some(fault) = &b.fault {
-                let fault = &fault.config;
-                let mut drill = Vec::new();
-                if fault.abort_percent > 0.0 {
-                    drill.push(format!(
-                        "{}% answered {}",
-                        fault.abort_percent,
-                        fault.abort_status.as_u16()
-                    ));
-                }
-                if fault.delay_percent > 0.0 {
-                    drill.push(format!(
-                        "{}% held {}",
-                        fault.delay_percent,
-                        format_duration(fault.delay)
-                    ));
-                }
-                let only = fault
-                    .header
-                    .as_ref()
-                    .map(|h| format!(" (requests with {h} only)"))
-                    .unwrap_or_default();
-                writeln!(f, "    fault drill: {}{only}", drill.join(", "))?;
+                writeln!(f, "    fault drill: {}", fault.config)?;
             }
         }
         writeln!(f, "rules (first match wins):")?;
