@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use crate::rollout::view::group_digits;
+use crate::rollout::view::{group_digits, text};
 
 /// Examples shown, the newest.
 const SHOWN_EXAMPLES: usize = 5;
@@ -97,14 +97,6 @@ pub fn render(report: &Value, width: usize) -> String {
         }
     }
     out
-}
-
-fn text(value: &Value) -> String {
-    match value {
-        Value::String(s) => s.clone(),
-        Value::Null => "-".to_owned(),
-        other => other.to_string(),
-    }
 }
 
 fn number(value: &Value) -> String {

@@ -467,7 +467,8 @@ fn numbers(value: &Value) -> Vec<u64> {
         .unwrap_or_default()
 }
 
-fn text(value: &Value) -> String {
+/// A JSON value as text: a string as it is, null as nothing, anything else as JSON.
+pub(crate) fn text(value: &Value) -> String {
     match value {
         Value::String(s) => s.clone(),
         Value::Null => String::new(),
