@@ -12,3 +12,6 @@ pub mod compare;
 pub mod copy;
 pub mod report;
 pub mod view;
+
+#[cfg(test)]
+mod simulation;
