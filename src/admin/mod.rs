@@ -832,7 +832,7 @@ fn control_error(control: &ControlPlane, e: &ControlError) -> AdminResponse {
             let body = json!({"error": Chain(e).to_string(), "version": version});
             with_etag(json_response(StatusCode::BAD_REQUEST, body), version)
         }
-        ControlError::Owned { .. } => {
+        ControlError::Owned { .. } | ControlError::MirrorOwned { .. } => {
             let version = control.table().load().version;
             let body = json!({"error": Chain(e).to_string(), "version": version});
             with_etag(json_response(StatusCode::CONFLICT, body), version)

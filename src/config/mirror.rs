@@ -65,6 +65,18 @@ fn problem(field: &'static str, message: impl Into<String>) -> FieldProblem {
     }
 }
 
+impl MirrorConfig {
+    /// Mirroring to `backend` with every other setting at its default.
+    pub fn to_backend(backend: &str) -> MirrorConfig {
+        MirrorFields {
+            backend: Some(backend),
+            ..MirrorFields::default()
+        }
+        .check()
+        .unwrap_or_else(|problem| unreachable!("mirroring's defaults are valid: {problem:?}"))
+    }
+}
+
 impl MirrorFields<'_> {
     /// Checks the fields. Whether `backend` names a backend is the caller's to check.
     pub fn check(&self) -> Result<MirrorConfig, FieldProblem> {

@@ -80,6 +80,10 @@ pub struct RolloutConfig {
     pub baseline: usize,
     /// Index into `backends` of the version being rolled out; never the baseline.
     pub canary: usize,
+    /// The shadow stage before step 1, and the least time it lasts: the canary gets copies
+    /// of requests only (`[mirror]`'s settings when `[mirror]` names the canary, else its
+    /// defaults), compared with the served answers. `None`: no shadow stage.
+    pub shadow: Option<Duration>,
     /// The canary's percent of baseline + canary traffic at each step: strictly rising, each
     /// from 1 to 100, the last one 100 (the promotion itself).
     pub steps: Vec<u32>,
@@ -111,6 +115,9 @@ pub struct AnalysisConfig {
     /// A canary as good as the baseline is rolled back at most `1 - confidence` of the time.
     /// Default 0.99.
     pub confidence: f64,
+    /// In the shadow stage, the largest share of compared copies whose answers may differ
+    /// from the served ones (noise left out). Default 0.01.
+    pub max_diff_rate: f64,
 }
 
 impl Default for AnalysisConfig {
@@ -123,6 +130,7 @@ impl Default for AnalysisConfig {
             error_tolerance: 0.01,
             latency_tolerance: 0.25,
             confidence: 0.99,
+            max_diff_rate: 0.01,
         }
     }
 }

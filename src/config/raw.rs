@@ -55,6 +55,7 @@ pub(super) struct RawFault {
 pub(super) struct RawRollout {
     pub(super) baseline: Option<Spanned<String>>,
     pub(super) canary: Option<Spanned<String>>,
+    pub(super) shadow: Option<Spanned<RawDuration>>,
     pub(super) steps: Option<Spanned<Vec<Spanned<RawInt>>>>,
     pub(super) step_time: Option<Spanned<RawDuration>>,
     pub(super) approve: Option<Vec<Spanned<RawInt>>>,
@@ -72,6 +73,7 @@ pub(super) struct RawAnalysis {
     pub(super) error_tolerance: Option<Spanned<RawNumber>>,
     pub(super) latency_tolerance: Option<Spanned<RawNumber>>,
     pub(super) confidence: Option<Spanned<RawNumber>>,
+    pub(super) max_diff_rate: Option<Spanned<RawNumber>>,
 }
 
 /// Any TOML number, integer or float, range-checked in stage 2.

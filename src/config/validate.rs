@@ -63,15 +63,15 @@ impl RawConfig {
             .enumerate()
             .map(|(i, rule)| validate_rule(i, rule, &backends, text))
             .collect::<Result<_, _>>()?;
-        let rollout = self
-            .rollout
-            .map(|raw| validate_rollout(raw, &backends))
-            .transpose()?;
-        let faults = validate_faults(self.fault.unwrap_or_default(), &backends)?;
         let mirror = self
             .mirror
             .map(|raw| validate_mirror(raw, &backends))
             .transpose()?;
+        let rollout = self
+            .rollout
+            .map(|raw| validate_rollout(raw, &backends, mirror.as_ref()))
+            .transpose()?;
+        let faults = validate_faults(self.fault.unwrap_or_default(), &backends)?;
         Ok(Config {
             proxy,
             admin,
@@ -800,6 +800,7 @@ fn validate_rule(
 fn validate_rollout(
     raw: Spanned<RawRollout>,
     backends: &[BackendConfig],
+    mirror: Option<&MirrorConfig>,
 ) -> Result<RolloutConfig, FieldError> {
     let table_span = raw.span();
     let raw = raw.into_inner();
@@ -855,15 +856,55 @@ fn validate_rollout(
     let webhook = raw.webhook.map(webhook_url).transpose()?;
     let step_time = positive_duration("rollout.step_time", raw.step_time, Duration::from_secs(60))?;
     let analysis = validate_analysis(raw.analysis, step_time)?;
+    let shadow = match raw.shadow {
+        None => None,
+        Some(raw) => {
+            let span = raw.span();
+            let shadow = duration("rollout.shadow", Some(raw), Duration::ZERO)?;
+            if shadow.is_zero() {
+                return Err(FieldError::new(
+                    "rollout.shadow",
+                    span,
+                    "must be greater than 0; leave rollout.shadow out for no shadow stage",
+                ));
+            }
+            shadow_mirror(mirror, &backends[canary].name, span)?;
+            Some(shadow)
+        }
+    };
     Ok(RolloutConfig {
         baseline,
         canary,
+        shadow,
         steps,
         step_time,
         approve,
         webhook,
         analysis,
     })
+}
+
+/// The shadow stage mirrors to the canary with `[mirror]`'s settings when it names the
+/// canary: a `[mirror]` that sends copies elsewhere, or does not compare them, cannot be it.
+fn shadow_mirror(
+    mirror: Option<&MirrorConfig>,
+    canary: &str,
+    span: Range<usize>,
+) -> Result<(), FieldError> {
+    let Some(mirror) = mirror else {
+        return Ok(());
+    };
+    let why = if mirror.backend != canary {
+        format!(
+            "the shadow stage sends copies to the canary {canary:?}, but [mirror] sends them to {:?}; point mirror.backend at the canary or remove [mirror]",
+            mirror.backend
+        )
+    } else if !mirror.compare {
+        "the shadow stage judges the canary by comparing its answers: [mirror] must keep compare = true".to_owned()
+    } else {
+        return Ok(());
+    };
+    Err(FieldError::new("rollout.shadow", span, why))
 }
 
 fn rollout_steps(list: Spanned<Vec<Spanned<RawInt>>>) -> Result<Vec<u32>, FieldError> {
@@ -991,6 +1032,12 @@ fn validate_analysis(
             raw.confidence,
             defaults.confidence,
             0.5..1.0,
+        )?,
+        max_diff_rate: fraction(
+            "rollout.analysis.max_diff_rate",
+            raw.max_diff_rate,
+            defaults.max_diff_rate,
+            0.0..0.5,
         )?,
     })
 }

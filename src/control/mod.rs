@@ -72,6 +72,9 @@ pub enum ControlError {
     /// The weights of these backends are driven by something else (the progressive rollout).
     #[error("the weight of {backend:?} is set by {owner}; use its commands instead")]
     Owned { backend: String, owner: String },
+    /// Mirroring is driven by something else (the rollout's shadow stage).
+    #[error("mirroring is set by {owner}; it gives it back when its shadow stage ends")]
+    MirrorOwned { owner: String },
 }
 
 /// Backends whose weights only their owner (the rollout) may set, and who that is, for the
@@ -130,6 +133,8 @@ pub struct ControlPlane {
     /// Backends whose weights admin writes may not touch (409). A leaf lock: taken briefly,
     /// never while waiting for another.
     weight_owner: Mutex<Option<WeightOwner>>,
+    /// Who drives mirroring, when admin writes may not touch it (409). A leaf lock.
+    mirror_owner: Mutex<Option<String>>,
     /// Bumped after every successful reload, for whoever follows the config (the rollout).
     reloads: tokio::sync::watch::Sender<u64>,
     shutdown: CancellationToken,
@@ -154,6 +159,7 @@ impl ControlPlane {
             config: Mutex::new(config),
             writes: Mutex::new(()),
             weight_owner: Mutex::new(None),
+            mirror_owner: Mutex::new(None),
             reloads: tokio::sync::watch::Sender::new(0),
             shutdown,
         };
@@ -406,15 +412,55 @@ impl ControlPlane {
         Ok(FaultsApplied { version, faults })
     }
 
+    /// Hands mirroring to an owner (the rollout's shadow stage; who, e.g. "the rollout
+    /// (shadow stage)"), or gives it back with `None`.
+    pub fn set_mirror_owner(&self, owner: Option<String>) {
+        *self.mirror_owner.lock().unwrap_or_else(|e| e.into_inner()) = owner;
+    }
+
+    /// Who drives mirroring now, if anyone but the admin API.
+    pub fn mirror_owner(&self) -> Option<String> {
+        self.mirror_owner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// Puts mirroring as `config` says in force (`None`: stops it): versioned and audited, not
     /// written to the config file, as faults are. Its counts, and the count of copies still
-    /// running, go on from the mirroring it replaces.
+    /// running, go on from the mirroring it replaces. Refused (409) while mirroring has an
+    /// owner.
     pub fn set_mirror(
         &self,
         config: Option<MirrorConfig>,
         if_match: Option<&[u64]>,
     ) -> Result<u64, ControlError> {
+        self.change_mirror(config, if_match, None)
+    }
+
+    /// [`set_mirror`](Self::set_mirror) for mirroring's owner.
+    pub fn set_owned_mirror(
+        &self,
+        config: Option<MirrorConfig>,
+        by: &str,
+    ) -> Result<u64, ControlError> {
+        self.change_mirror(config, None, Some(by))
+    }
+
+    /// `owner`: who changes it as mirroring's owner; `None` for the admin API.
+    fn change_mirror(
+        &self,
+        config: Option<MirrorConfig>,
+        if_match: Option<&[u64]>,
+        owner: Option<&str>,
+    ) -> Result<u64, ControlError> {
         let _write = self.writes.lock().unwrap_or_else(|e| e.into_inner());
+        if owner.is_none()
+            && let Some(owner) = self.mirror_owner()
+        {
+            return Err(ControlError::MirrorOwned { owner });
+        }
+        let by = owner.unwrap_or("admin");
         let current = self.table.load_full();
         check_version(if_match, current.version)?;
         let mirror = match config {
@@ -444,6 +490,7 @@ impl ControlPlane {
         tracing::info!(
             target: "audit",
             version = next.version,
+            by,
             old = %describe(&current),
             new = %describe(&next),
             "mirroring changed"

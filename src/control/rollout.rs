@@ -4,6 +4,12 @@
 //! through here too. While a rollout is under way it owns its two backends' weights: admin
 //! writes to them get 409.
 //!
+//! A plan with a shadow stage (`[rollout] shadow`) starts there: the canary keeps weight 0
+//! and the rollout puts mirroring to it in force (`[mirror]`'s settings when it names the
+//! canary, else mirroring's defaults), owning it until the stage ends; then mirroring is
+//! what the config file says again. Each interval it reads the mirror's pairs and
+//! comparisons, not the meters.
+//!
 //! What survives a restart (state, step, history, and the `fail` evidence, so that a restart
 //! never hands a bad canary a fresh chance) is written after every interval and transition to
 //! `NAME.rollout.json` beside the config file `NAME.toml`, atomically. A restarted step starts
@@ -23,9 +29,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::{ControlError, ControlPlane, WeightOwner};
 use crate::chain::Chain;
-use crate::config::RolloutConfig;
+use crate::config::{MirrorConfig, RolloutConfig};
 use crate::rollout::Event;
-use crate::rollout::analysis::{AnalysisSettings, Evidence, MetricVerdict, VersionTick};
+use crate::rollout::analysis::{
+    AnalysisSettings, Evidence, MetricVerdict, ShadowTick, Verdict, VersionTick,
+};
 use crate::rollout::histogram;
 use crate::rollout::machine::{Change, Command, Conflict, Machine, Plan, State, StepReport};
 use crate::rollout::meter::Counts;
@@ -75,8 +83,13 @@ struct Run {
     at_step_start: [Counts; 2],
     /// Meter readings at the last interval, for the analysis (each interval's own traffic).
     at_last_tick: [Counts; 2],
-    /// The verdicts of the last interval.
-    verdicts: Option<[MetricVerdict; 2]>,
+    /// The verdicts of the last interval: errors, latency, differences (inconclusive but in
+    /// the shadow stage).
+    verdicts: Option<[MetricVerdict; 3]>,
+    /// The mirror's cumulative pairs and comparisons at the last interval.
+    shadow_last: ShadowTick,
+    /// What the shadow stage of this rollout has seen (kept, for the status, after it).
+    shadow_seen: ShadowTick,
     /// Meter readings when the rollout ended (promoted, rolled back), so the counts shown
     /// are the last step's, not the traffic after it.
     at_end: Option<[Counts; 2]>,
@@ -114,6 +127,8 @@ impl RolloutController {
         if change.event == Event::Started {
             // A new rollout: its evidence (and its tolerances) start afresh.
             run.evidence = Evidence::new(&settings(&run.config));
+            run.shadow_seen = ShadowTick::default();
+            run.shadow_last = run.read_shadow(&self.control);
         }
         self.apply(run, change, &format!("operator: {}", command.as_str()))?;
         Ok(run.status(&self.control))
@@ -150,7 +165,13 @@ impl RolloutController {
             return;
         };
         let now = run.read_meters(&self.control);
-        if run.machine.state.is_active() {
+        let shadow_now = run.read_shadow(&self.control);
+        let shadow = shadow_since(&shadow_now, &run.shadow_last);
+        run.shadow_last = shadow_now;
+        if run.machine.in_shadow() {
+            run.at_last_tick = now;
+            self.shadow_tick(run, &shadow);
+        } else if run.machine.state.is_active() {
             let [baseline, canary] = [0, 1].map(|i| now[i].since(&run.at_last_tick[i]));
             run.evidence.observe(
                 &VersionTick {
@@ -165,7 +186,7 @@ impl RolloutController {
                 },
                 &mut run.rng,
             );
-            let verdicts = [run.evidence.errors(), run.evidence.latency()];
+            let verdicts = [run.evidence.errors(), run.evidence.latency(), INCONCLUSIVE];
             let metrics = &self.control.metrics().rollout;
             metrics.verdict("errors", verdicts[0].verdict.as_str());
             metrics.verdict("latency", verdicts[1].verdict.as_str());
@@ -177,19 +198,47 @@ impl RolloutController {
                 canary_requests: canary_step.requests,
                 errors: verdicts[0].verdict,
                 latency: verdicts[1].verdict,
+                differences: Verdict::Inconclusive,
             };
             run.at_last_tick = now;
-            if let Some(change) = run.machine.tick(&run.plan, &report, unix_ms()) {
-                if let Err(error) = self.apply(run, change, "analysis") {
-                    tracing::error!(error = %Chain(&error), "the rollout could not apply its step");
-                }
-                return;
-            }
-            // The evidence moved: keep it.
-            self.persist(run);
+            self.decide(run, &report);
         } else {
             run.at_last_tick = now;
         }
+    }
+
+    /// One interval of the shadow stage: the copies' pairs and comparisons since the last
+    /// one go into the evidence; latency is not judged on copies.
+    fn shadow_tick(&self, run: &mut Run, tick: &ShadowTick) {
+        run.evidence.observe_shadow(tick, &mut run.rng);
+        run.shadow_seen = shadow_sum(&run.shadow_seen, tick);
+        let differences = run.evidence.differences().unwrap_or(INCONCLUSIVE);
+        let verdicts = [run.evidence.errors(), INCONCLUSIVE, differences];
+        let metrics = &self.control.metrics().rollout;
+        metrics.verdict("errors", verdicts[0].verdict.as_str());
+        metrics.verdict("differences", verdicts[2].verdict.as_str());
+        run.verdicts = Some(verdicts);
+        let report = StepReport {
+            elapsed: run.step_started.elapsed(),
+            baseline_requests: run.shadow_seen.pairs,
+            canary_requests: run.shadow_seen.pairs,
+            errors: verdicts[0].verdict,
+            latency: Verdict::Inconclusive,
+            differences: verdicts[2].verdict,
+        };
+        self.decide(run, &report);
+    }
+
+    /// Hands an interval's report to the state machine and carries out what it decides.
+    fn decide(&self, run: &mut Run, report: &StepReport) {
+        if let Some(change) = run.machine.tick(&run.plan, report, unix_ms()) {
+            if let Err(error) = self.apply(run, change, "analysis") {
+                tracing::error!(error = %Chain(&error), "the rollout could not apply its step");
+            }
+            return;
+        }
+        // The evidence moved: keep it.
+        self.persist(run);
     }
 
     /// Takes the rollout section of the current config: a new baseline/canary pair resets the
@@ -206,6 +255,7 @@ impl RolloutController {
                 tracing::info!("the config has no [rollout] any more; the rollout is dropped");
             }
             self.control.set_weight_owner(None);
+            self.release_mirror();
             return;
         };
         let baseline = config.backends[rollout.baseline].name.clone();
@@ -226,6 +276,7 @@ impl RolloutController {
             run.config = rollout;
             run.plan = plan;
             self.own_weights(run);
+            self.own_mirror(run);
             return;
         }
         let settings = settings(&rollout);
@@ -259,12 +310,15 @@ impl RolloutController {
             at_step_start: [Counts::default(), Counts::default()],
             at_last_tick: [Counts::default(), Counts::default()],
             verdicts: None,
+            shadow_last: ShadowTick::default(),
+            shadow_seen: ShadowTick::default(),
             at_end: None,
             rng: StdRng::seed_from_u64(rand::rng().random()),
         };
         let now = run.read_meters(&self.control);
         run.at_step_start = now.clone();
         run.at_last_tick = now;
+        run.shadow_last = run.read_shadow(&self.control);
         if run.machine.state.is_active() {
             // The weights were written back to the config file with each step; set them again
             // in case the file was edited while the proxy was down.
@@ -280,6 +334,7 @@ impl RolloutController {
             );
         }
         self.own_weights(&run);
+        self.own_mirror(&run);
         self.show(&run);
         self.persist(&run);
         *guard = Some(run);
@@ -319,6 +374,7 @@ impl RolloutController {
         );
         self.control.metrics().rollout.transition(change.event);
         self.own_weights(run);
+        self.own_mirror(run);
         self.show(run);
         self.persist(run);
         if let (Some(url), Some(entry)) = (run.config.webhook.clone(), entry) {
@@ -354,6 +410,37 @@ impl RolloutController {
             owner: format!("the rollout ({})", run.machine.state.as_str()),
         });
         self.control.set_weight_owner(owner);
+    }
+
+    /// In the shadow stage, the rollout owns mirroring and keeps copies going to the canary;
+    /// out of it, it gives mirroring back as the config file has it.
+    fn own_mirror(&self, run: &Run) {
+        if !run.machine.in_shadow() {
+            self.release_mirror();
+            return;
+        }
+        let config = shadow_mirror(self.control.config().mirror, &run.canary);
+        self.control
+            .set_mirror_owner(Some("the rollout's shadow stage".to_owned()));
+        let table = self.control.table().load();
+        if table.mirror.as_ref().is_some_and(|m| m.config == config) {
+            return;
+        }
+        if let Err(error) = self.control.set_owned_mirror(Some(config), "rollout") {
+            tracing::error!(error = %Chain(&error), "the shadow stage could not mirror to the canary");
+        }
+    }
+
+    /// Gives mirroring back, as the config file has it, if the rollout owned it.
+    fn release_mirror(&self) {
+        if self.control.mirror_owner().is_none() {
+            return;
+        }
+        self.control.set_mirror_owner(None);
+        let config = self.control.config().mirror;
+        if let Err(error) = self.control.set_owned_mirror(config, "rollout") {
+            tracing::error!(error = %Chain(&error), "the rollout could not give mirroring back");
+        }
     }
 
     fn show(&self, run: &Run) {
@@ -421,7 +508,80 @@ struct PersistedRef<'a> {
     evidence: &'a Evidence,
 }
 
+/// The verdict of a metric not judged at this stage.
+const INCONCLUSIVE: MetricVerdict = MetricVerdict {
+    verdict: Verdict::Inconclusive,
+    low: f64::NEG_INFINITY,
+    high: f64::INFINITY,
+};
+
+/// The mirroring of a shadow stage: `[mirror]`'s when it names the canary (validation
+/// refuses one that names another backend or does not compare), else the defaults.
+fn shadow_mirror(configured: Option<MirrorConfig>, canary: &str) -> MirrorConfig {
+    configured
+        .filter(|m| m.backend == canary)
+        .unwrap_or_else(|| MirrorConfig::to_backend(canary))
+}
+
+/// The pairs and comparisons between two readings of the mirror's counts; a reading lower
+/// than the one before (the counts were reset) counts from zero.
+fn shadow_since(now: &ShadowTick, before: &ShadowTick) -> ShadowTick {
+    let fields = |t: &ShadowTick| {
+        [
+            t.pairs,
+            t.canary_only_errors,
+            t.baseline_only_errors,
+            t.compared,
+            t.different,
+        ]
+    };
+    if fields(now).iter().zip(fields(before)).any(|(n, b)| *n < b) {
+        return *now;
+    }
+    ShadowTick {
+        pairs: now.pairs - before.pairs,
+        canary_only_errors: now.canary_only_errors - before.canary_only_errors,
+        baseline_only_errors: now.baseline_only_errors - before.baseline_only_errors,
+        compared: now.compared - before.compared,
+        different: now.different - before.different,
+    }
+}
+
+fn shadow_sum(a: &ShadowTick, b: &ShadowTick) -> ShadowTick {
+    ShadowTick {
+        pairs: a.pairs.saturating_add(b.pairs),
+        canary_only_errors: a.canary_only_errors.saturating_add(b.canary_only_errors),
+        baseline_only_errors: a
+            .baseline_only_errors
+            .saturating_add(b.baseline_only_errors),
+        compared: a.compared.saturating_add(b.compared),
+        different: a.different.saturating_add(b.different),
+    }
+}
+
 impl Run {
+    /// The mirror's cumulative pairs and comparisons of copies to the canary (zero while
+    /// nothing mirrors to it).
+    fn read_shadow(&self, control: &ControlPlane) -> ShadowTick {
+        let table = control.table().load();
+        let Some(mirror) = table
+            .mirror
+            .as_ref()
+            .filter(|m| m.config.backend == self.canary)
+        else {
+            return ShadowTick::default();
+        };
+        let counts = &mirror.report.counts;
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        ShadowTick {
+            pairs: load(&counts.pairs),
+            canary_only_errors: load(&counts.copy_only_errors),
+            baseline_only_errors: load(&counts.served_only_errors),
+            compared: load(&counts.compared),
+            different: load(&counts.different),
+        }
+    }
+
     /// The meters of the two versions now (zero for a version that has none yet).
     fn read_meters(&self, control: &ControlPlane) -> [Counts; 2] {
         let table = control.table().load();
@@ -431,6 +591,31 @@ impl Run {
                 .and_then(|b| b.meter.as_ref())
                 .map(|meter| meter.counts())
                 .unwrap_or_default()
+        })
+    }
+
+    /// The shadow stage as the status shows it: the plan's, and what it saw (`null` without
+    /// one). The differences verdict is the stage's last, kept after it.
+    fn shadow_status(&self) -> Value {
+        let Some(duration) = self.plan.shadow else {
+            return Value::Null;
+        };
+        let seen = &self.shadow_seen;
+        let differences = self.evidence.differences().map(|v| {
+            // A rate: the bounds of `d` below 0 or above 1 say nothing more.
+            json!({"verdict": v.verdict, "low": v.low.max(0.0), "high": v.high.min(1.0)})
+        });
+        json!({
+            "current": self.machine.shadow,
+            "duration": crate::duration::format_duration(duration),
+            "max_diff_rate": self.config.analysis.max_diff_rate,
+            "pairs": seen.pairs,
+            "copy_only_errors": seen.canary_only_errors,
+            "served_only_errors": seen.baseline_only_errors,
+            "compared": seen.compared,
+            "different": seen.different,
+            "difference_rate": (seen.compared > 0).then(|| seen.different as f64 / seen.compared as f64),
+            "differences": differences,
         })
     }
 
@@ -486,10 +671,13 @@ impl Run {
             "verdict": {
                 "errors": verdict(0)["verdict"],
                 "latency": verdict(1)["verdict"],
+                "differences": verdict(2)["verdict"],
             },
+            "shadow": self.shadow_status(),
             "intervals": {
                 "errors": verdict(0),
                 "latency": verdict(1),
+                "differences": verdict(2),
                 "canary_p99_ms": millis(latency.canary_p99),
                 "baseline_p99_ms": millis(latency.baseline_p99),
                 "pairs": {"rollout": pairs.0, "step": pairs.1},
@@ -504,6 +692,7 @@ fn settings(config: &RolloutConfig) -> AnalysisSettings {
         error_tolerance: config.analysis.error_tolerance,
         latency_tolerance: config.analysis.latency_tolerance,
         confidence: config.analysis.confidence,
+        max_diff_rate: config.shadow.map(|_| config.analysis.max_diff_rate),
     }
 }
 

@@ -18,7 +18,9 @@ use tokio::time::Instant;
 use super::compare::{Captured, CapturedBody, CompareSettings, FNV64_OFFSET, compare, fnv1a_64};
 use super::report::{Example, MirrorReport, Outcome};
 use crate::config::MirrorConfig;
-use crate::metrics::{MirrorMetrics, MirrorResult};
+use crate::metrics::{BackendMetrics, FaultKind, MirrorMetrics, MirrorResult};
+use crate::proxy::headers::X_CANARY_FAULT;
+use crate::routing::fault::Injection;
 use crate::upstream::{
     BodyTap, ExchangeTimeouts, ForwardBody, Peer, SendError, Upstream, UpstreamBody,
     UpstreamSettings,
@@ -181,13 +183,16 @@ impl Mirror {
     }
 
     /// Sends the copy of `served` (and, to compare, a second copy to another endpoint of the
-    /// served backend when it has one), on a task of its own. Returns the sender the served
-    /// answer is captured into when the copy is compared.
+    /// served backend when it has one), on a task of its own. `fault`: a fault drill on the
+    /// mirror backend, drawn for this request, and where it is counted: a drill holds or
+    /// answers copies as it does served requests. Returns the sender the served answer is
+    /// captured into when the copy is compared.
     pub fn spawn(
         self: &Arc<Self>,
         admission: Admission,
         served: &Served<'_>,
         body: Option<oneshot::Receiver<Bytes>>,
+        fault: Option<(Injection, BackendMetrics)>,
     ) -> Option<ServedCapture> {
         let mut headers = served.headers.clone();
         headers.insert(X_CANARY_MIRROR.clone(), HeaderValue::from_static("1"));
@@ -222,7 +227,7 @@ impl Mirror {
         let copy = Box::into_pin(Box::write(Box::new_uninit(), async move {
             let _admission = admission;
             mirror
-                .run(head, body, canary, second, captured, example)
+                .run(head, body, (canary, fault), second, captured, example)
                 .await;
         }));
         tokio::spawn(copy);
@@ -233,9 +238,9 @@ impl Mirror {
         &self,
         mut head: CopyHead,
         body: Option<oneshot::Receiver<Bytes>>,
-        canary: Option<Arc<Peer>>,
+        (canary, fault): (Option<Arc<Peer>>, Option<(Injection, BackendMetrics)>),
         second: Option<Arc<Peer>>,
-        served: Option<oneshot::Receiver<Option<Captured>>>,
+        served: Option<oneshot::Receiver<Option<ServedOutcome>>>,
         example: ExampleHead,
     ) {
         if let Some(body) = body {
@@ -251,6 +256,19 @@ impl Mirror {
         }
         let started = Instant::now();
         let to_canary = async {
+            if let Some((injected, metrics)) = &fault {
+                if let Some(delay) = injected.delay {
+                    metrics.fault(FaultKind::Delay);
+                    tokio::time::sleep(delay.min(self.config.timeout)).await;
+                    if delay >= self.config.timeout {
+                        return Err(Outcome::Timeout);
+                    }
+                }
+                if let Some(status) = injected.abort {
+                    metrics.fault(FaultKind::Abort);
+                    return Ok(aborted(status));
+                }
+            }
             match canary {
                 Some(peer) => self.exchange(&peer, head.clone()).await,
                 None => Err(Outcome::Error),
@@ -263,28 +281,37 @@ impl Mirror {
             }
         };
         let (copy, second) = tokio::join!(to_canary, to_second);
-        let copy = match copy {
-            Ok(copy) => {
+        match &copy {
+            Ok(_) => {
                 self.report.counts.count(Outcome::Copied);
                 self.metrics.request(MirrorResult::Copied);
                 self.metrics.duration(started.elapsed());
-                copy
             }
             Err(outcome) => {
-                self.report.counts.count(outcome);
+                self.report.counts.count(*outcome);
                 let result = match outcome {
                     Outcome::Timeout => MirrorResult::Timeout,
                     _ => MirrorResult::Error,
                 };
                 self.metrics.request(result);
-                return;
             }
-        };
+        }
         let Some(served) = served else { return };
-        // The served answer, once the client has had it (or the capture gave up).
+        // The served outcome, once the client has had it (or the capture gave up).
         let Ok(Ok(Some(served))) = tokio::time::timeout(self.config.timeout, served).await else {
             return;
         };
+        // The same request's two outcomes: a pair for the shadow stage's errors verdict.
+        let copy_failed = copy.as_ref().map_or(true, |c| c.status >= 500);
+        let served = match served {
+            ServedOutcome::Answered(served) => served,
+            ServedOutcome::Failed => {
+                self.report.pair(true, copy_failed);
+                return;
+            }
+        };
+        self.report.pair(served.status >= 500, copy_failed);
+        let Ok(copy) = copy else { return };
         if let Some(second) = &second {
             self.report
                 .record_noise(&compare(&served, second, &self.settings));
@@ -376,13 +403,29 @@ struct ExampleHead {
     request_id: String,
 }
 
+/// What became of the served request, for its copy; nothing is sent (or `None`) when it
+/// cannot be paired: its answer was cut short, or it was retried elsewhere.
+#[derive(Debug)]
+enum ServedOutcome {
+    /// The upstream's answer, captured whole.
+    Answered(Captured),
+    /// The served version failed it: the client got the proxy's 502 or 504.
+    Failed,
+}
+
 /// Where the served answer goes once captured.
 #[derive(Debug)]
 pub struct ServedCapture {
-    sender: oneshot::Sender<Option<Captured>>,
+    sender: oneshot::Sender<Option<ServedOutcome>>,
 }
 
 impl ServedCapture {
+    /// The served version failed the request: no answer to compare, but an error to pair
+    /// with the copy's outcome.
+    pub fn failed(self) {
+        let _ = self.sender.send(Some(ServedOutcome::Failed));
+    }
+
     /// Captures `response` (the upstream's answer, before the proxy adds its headers) as its
     /// body goes to the client.
     pub fn watch(self, response: &mut Response<UpstreamBody>) {
@@ -457,7 +500,7 @@ impl Capture {
 struct Tap {
     head: Option<Captured>,
     body: Capture,
-    sender: Option<oneshot::Sender<Option<Captured>>>,
+    sender: Option<oneshot::Sender<Option<ServedOutcome>>>,
 }
 
 impl BodyTap for Tap {
@@ -474,11 +517,20 @@ impl BodyTap for Tap {
     fn end(mut self: Box<Self>, complete: bool) {
         let captured = self.head.take().filter(|_| complete).map(|mut head| {
             head.body = std::mem::take(&mut self.body).finish();
-            head
+            ServedOutcome::Answered(head)
         });
         if let Some(sender) = self.sender.take() {
             let _ = sender.send(captured);
         }
+    }
+}
+
+/// The answer of a copy a fault drill aborted, as the proxy gives it to served requests.
+fn aborted(status: http::StatusCode) -> Captured {
+    Captured {
+        status: status.as_u16(),
+        headers: vec![(X_CANARY_FAULT.as_str().to_owned(), b"abort".to_vec())],
+        body: CapturedBody::Whole(Bytes::new()),
     }
 }
 

@@ -59,6 +59,13 @@ pub struct Counts {
     /// Compared copies with a difference at a path the noise filter reported when they were
     /// counted.
     pub different: AtomicU64,
+    /// Requests whose copy's outcome and served outcome were both seen (answered, failed,
+    /// timed out): the pairs a shadow stage judges errors on.
+    pub pairs: AtomicU64,
+    /// Of the pairs, those where only the copy failed (a 5xx, an error, a timeout)...
+    pub copy_only_errors: AtomicU64,
+    /// ...and those where only the served request failed (a 5xx, the proxy's 502 or 504).
+    pub served_only_errors: AtomicU64,
 }
 
 impl Counts {
@@ -148,6 +155,18 @@ impl MirrorReport {
         reported
     }
 
+    /// Counts one request's pair of outcomes: whether its served request failed, and
+    /// whether its copy did.
+    pub fn pair(&self, served_failed: bool, copy_failed: bool) {
+        let counts = &self.counts;
+        counts.pairs.fetch_add(1, Ordering::Relaxed);
+        match (served_failed, copy_failed) {
+            (false, true) => counts.copy_only_errors.fetch_add(1, Ordering::Relaxed),
+            (true, false) => counts.served_only_errors.fetch_add(1, Ordering::Relaxed),
+            _ => 0,
+        };
+    }
+
     /// Counts the comparison of a second copy to the served version: where the served
     /// version differs from itself.
     pub fn record_noise(&self, differences: &[Difference]) {
@@ -180,6 +199,9 @@ impl MirrorReport {
             &counts.compared,
             &counts.identical,
             &counts.different,
+            &counts.pairs,
+            &counts.copy_only_errors,
+            &counts.served_only_errors,
         ] {
             counter.store(0, Ordering::Relaxed);
         }
@@ -242,6 +264,9 @@ impl MirrorReport {
                 "compared": compared,
                 "identical": load(&c.identical),
                 "different": load(&c.different),
+                "pairs": load(&c.pairs),
+                "copy_only_errors": load(&c.copy_only_errors),
+                "served_only_errors": load(&c.served_only_errors),
             },
             "difference_rate": self.difference_rate(),
             "paths": rows,

@@ -253,13 +253,21 @@ impl Proxy {
         let (outgoing, planned) = match &table.mirror {
             None => (outgoing, None),
             Some(mirror) => {
-                let (outgoing, capture) = mirror_copy(mirror, &target, outgoing);
+                let (outgoing, capture) = mirror_copy(table, mirror, &target, outgoing);
                 let planned = capture.map(|c| (c, target.index, target.endpoint.clone()));
                 (outgoing, planned)
             }
         };
         let (mut response, target) =
-            send_with_retry(table, target, outgoing, started, outcome).await?;
+            match send_with_retry(table, target, outgoing, started, outcome).await {
+                Ok(sent) => sent,
+                Err(error) => {
+                    if let Some((capture, index, _)) = planned {
+                        served_failed(capture, index, outcome, &error);
+                    }
+                    return Err(error);
+                }
+            };
         // Retried elsewhere, the answer is not the one the copies are to be compared with
         // (it may even be the canary's): the comparison is dropped.
         if let Some((capture, index, endpoint)) = planned
@@ -280,16 +288,36 @@ impl Proxy {
 /// there (measured with callgrind, with mirroring off).
 #[inline(never)]
 fn mirror_copy(
+    table: &RoutingTable,
     mirror: &Arc<Mirror>,
     target: &Target<'_>,
     mut outgoing: Request<ForwardBody>,
 ) -> (Request<ForwardBody>, Option<ServedCapture>) {
-    let capture = copy_beside(mirror, target, &mut outgoing);
+    let capture = copy_beside(table, mirror, target, &mut outgoing);
     (outgoing, capture)
+}
+
+/// Tells a copy that the served version failed its request (502, 504), so the shadow stage
+/// pairs the copy's outcome with an error. A failure of the client's own, or of another
+/// backend the request was retried on, is no outcome of the served version.
+#[cold]
+#[inline(never)]
+fn served_failed(capture: ServedCapture, index: usize, outcome: &Outcome, error: &ProxyError) {
+    let upstream = matches!(
+        error,
+        ProxyError::Connect { .. }
+            | ProxyError::Upstream { .. }
+            | ProxyError::Timeout { .. }
+            | ProxyError::UnexpectedUpgrade { .. }
+    );
+    if upstream && outcome.backend == Some(index) {
+        capture.failed();
+    }
 }
 
 /// [`mirror_copy`] on the request in place.
 fn copy_beside(
+    table: &RoutingTable,
     mirror: &Arc<Mirror>,
     target: &Target<'_>,
     outgoing: &mut Request<ForwardBody>,
@@ -318,7 +346,15 @@ fn copy_beside(
         *outgoing.body_mut() = teed;
         kept
     });
-    mirror.spawn(admission, &served(target, endpoint, outgoing)?, kept)
+    // A fault drill on the mirror backend holds or answers its copies too.
+    let fault = table.backends.get(mirror.backend).and_then(|backend| {
+        let fault = backend.fault.as_ref()?;
+        Some((
+            fault.draw(outgoing.headers(), &mut rand::rng()),
+            backend.metrics.clone(),
+        ))
+    });
+    mirror.spawn(admission, &served(target, endpoint, outgoing)?, kept, fault)
 }
 
 /// `outgoing`, as it goes to `target`'s endpoint number `endpoint`, as mirroring sees it.

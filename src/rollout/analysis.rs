@@ -126,6 +126,9 @@ pub struct AnalysisSettings {
     pub latency_tolerance: f64,
     /// 1 - the largest share of rollouts of a canary as good as the baseline that may fail.
     pub confidence: f64,
+    /// With a shadow stage: the largest share of compared copies whose answers may differ
+    /// from the served ones (noise left out). `None` without a shadow stage.
+    pub max_diff_rate: Option<f64>,
 }
 
 impl AnalysisSettings {
@@ -147,6 +150,15 @@ impl AnalysisSettings {
             0.0
         } else {
             tolerance.clamp(-0.5, 0.5)
+        }
+    }
+
+    /// The share of alpha each metric gets: a half each for errors and latency, a third each
+    /// when the differences of a shadow stage are a third metric.
+    fn alpha_per_metric(&self) -> f64 {
+        match self.max_diff_rate {
+            Some(_) => self.alpha() / 3.0,
+            None => self.alpha() / 2.0,
         }
     }
 
@@ -228,15 +240,38 @@ pub struct LatencyIntervals {
 pub struct Evidence {
     errors: ErrorEvidence,
     latency: LatencyEvidence,
+    /// The shadow stage's differences; `None` without a shadow stage (and in state files
+    /// written before there were shadow stages).
+    #[serde(default)]
+    differences: Option<ErrorEvidence>,
+}
+
+/// One tick of a shadow stage: the canary's answers to copies of requests, each paired with
+/// the served answer to the same request (not a pairing drawn from counts: the same request).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ShadowTick {
+    /// Requests whose copy's outcome and served outcome were both seen.
+    pub pairs: u64,
+    /// Of those, the ones where the copy failed and the served request did not.
+    pub canary_only_errors: u64,
+    /// Of those, the ones where the served request failed and the copy did not.
+    pub baseline_only_errors: u64,
+    /// Copies whose answers were compared with the served ones.
+    pub compared: u64,
+    /// Of those, the ones that differed at a path the noise filter reports.
+    pub different: u64,
 }
 
 impl Evidence {
-    /// Evidence for a new rollout, at its first step.
+    /// Evidence for a new rollout, at its first step (or its shadow stage).
     pub fn new(settings: &AnalysisSettings) -> Self {
-        let alpha = settings.alpha();
+        let alpha = settings.alpha_per_metric();
         Self {
-            errors: ErrorEvidence::new(settings.error_tolerance(), alpha / 2.0),
-            latency: LatencyEvidence::new(settings.latency_tolerance(), alpha / 4.0),
+            errors: ErrorEvidence::new(settings.error_tolerance(), alpha),
+            latency: LatencyEvidence::new(settings.latency_tolerance(), alpha / 2.0),
+            differences: settings
+                .max_diff_rate
+                .map(|rate| ErrorEvidence::new(clamp_rate(rate), alpha)),
         }
     }
 
@@ -246,6 +281,9 @@ impl Evidence {
     pub fn start_step(&mut self) {
         self.errors.start_step();
         self.latency.start_step();
+        if let Some(differences) = &mut self.differences {
+            differences.start_step();
+        }
     }
 
     /// Takes one tick of both versions' measurements. An empty tick changes nothing.
@@ -253,6 +291,40 @@ impl Evidence {
         let pairs = Pairs::draw(canary, baseline, rng);
         self.errors.observe(pairs, rng);
         self.latency.observe(canary.latency, baseline.latency);
+    }
+
+    /// Takes one tick of a shadow stage. Its pairs go into the same errors evidence as the
+    /// steps' (the `fail` side runs on over the whole rollout); a comparison's difference is
+    /// an outcome `Y = 1` (else `1/2`), tested against `max_diff_rate` by the same betting
+    /// tests as errors. Latency is not judged on copies.
+    pub fn observe_shadow(&mut self, tick: &ShadowTick, rng: &mut impl Rng) {
+        let canary_only = tick.canary_only_errors.min(tick.pairs);
+        let baseline_only = tick.baseline_only_errors.min(tick.pairs - canary_only);
+        self.errors.observe(
+            Pairs {
+                baseline_only,
+                same: tick.pairs - canary_only - baseline_only,
+                canary_only,
+            },
+            rng,
+        );
+        if let Some(differences) = &mut self.differences {
+            let different = tick.different.min(tick.compared);
+            differences.observe(
+                Pairs {
+                    baseline_only: 0,
+                    same: tick.compared - different,
+                    canary_only: different,
+                },
+                rng,
+            );
+        }
+    }
+
+    /// The shadow stage's verdict on differences: bounds on the share of compared copies
+    /// that differ; `None` without a shadow stage.
+    pub fn differences(&self) -> Option<MetricVerdict> {
+        self.differences.as_ref().map(ErrorEvidence::verdict)
     }
 
     /// The errors verdict: bounds on `p_canary - p_baseline`.
@@ -442,6 +514,15 @@ struct ErrorEvidence {
     pass_estimate: Estimate,
     rollout_pairs: u64,
     step_pairs: u64,
+}
+
+/// A share in `[0, 0.5]`, inside the grid's range; not-a-number reads as 0.
+fn clamp_rate(rate: f64) -> f64 {
+    if rate.is_nan() {
+        0.0
+    } else {
+        rate.clamp(0.0, 0.5)
+    }
 }
 
 /// The grid of `d` values: every 0.25 point from -5 to +10 points, coarser outside.
@@ -941,6 +1022,7 @@ mod tests {
         error_tolerance: 0.01,
         latency_tolerance: 0.25,
         confidence: 0.99,
+        max_diff_rate: None,
     };
 
     /// A tick of `n` requests with `errors` errors and latencies exponential with mean
@@ -1275,6 +1357,7 @@ mod tests {
             error_tolerance: f64::NAN,
             latency_tolerance: -3.0,
             confidence: f64::NAN,
+            max_diff_rate: None,
         };
         let mut evidence = Evidence::new(&settings);
         let mut rng = SmallRng::seed_from_u64(10);
@@ -1284,6 +1367,119 @@ mod tests {
         assert!(serde_json::to_string(&evidence).is_ok());
         assert_eq!(evidence.errors.tolerance, 0.0);
         assert!((evidence.errors.threshold - 200f64.ln()).abs() < 1e-9);
+    }
+
+    const SHADOW: AnalysisSettings = AnalysisSettings {
+        max_diff_rate: Some(0.01),
+        ..SETTINGS
+    };
+
+    /// A shadow tick of `pairs` requests: copies failing at `copy_errors`, served requests
+    /// at `served_errors` (independently), answers differing at `differ`.
+    fn shadow_tick(
+        pairs: u64,
+        copy_errors: f64,
+        served_errors: f64,
+        differ: f64,
+        rng: &mut SmallRng,
+    ) -> ShadowTick {
+        let mut tick = ShadowTick {
+            pairs,
+            ..ShadowTick::default()
+        };
+        for _ in 0..pairs {
+            let copy = rng.random::<f64>() < copy_errors;
+            let served = rng.random::<f64>() < served_errors;
+            tick.canary_only_errors += u64::from(copy && !served);
+            tick.baseline_only_errors += u64::from(served && !copy);
+            if !copy && !served {
+                tick.compared += 1;
+                tick.different += u64::from(rng.random::<f64>() < differ);
+            }
+        }
+        tick
+    }
+
+    /// Ticks until a verdict other than inconclusive, and that verdict (of errors, or of
+    /// differences).
+    fn shadow_until_decided(
+        copy_errors: f64,
+        differ: f64,
+        differences: bool,
+        seed: u64,
+    ) -> (u32, Verdict) {
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let mut evidence = Evidence::new(&SHADOW);
+        for tick in 1..=600 {
+            let shadow = shadow_tick(100, copy_errors, 0.01, differ, &mut rng);
+            evidence.observe_shadow(&shadow, &mut rng);
+            let verdict = if differences {
+                evidence.differences().map(|v| v.verdict)
+            } else {
+                Some(evidence.errors().verdict)
+            };
+            match verdict {
+                Some(Verdict::Inconclusive) => {}
+                Some(verdict) => return (tick, verdict),
+                None => panic!("a shadow stage has a differences verdict"),
+            }
+        }
+        (600, Verdict::Inconclusive)
+    }
+
+    #[test]
+    fn a_shadow_stage_judges_paired_errors_and_differences() {
+        // As good as the served version: both pass, on the same evidence as steps.
+        assert_eq!(shadow_until_decided(0.01, 0.0, false, 1).1, Verdict::Pass);
+        assert_eq!(shadow_until_decided(0.01, 0.0, true, 2).1, Verdict::Pass);
+        // Copies failing 10 points more: the errors verdict fails, within a few ticks.
+        let (ticks, verdict) = shadow_until_decided(0.11, 0.0, false, 3);
+        assert_eq!(verdict, Verdict::Fail);
+        assert!(ticks <= 10, "{ticks} ticks");
+        // One answer in ten differing, against a tolerance of 1%: the differences fail.
+        let (ticks, verdict) = shadow_until_decided(0.0, 0.1, true, 4);
+        assert_eq!(verdict, Verdict::Fail);
+        assert!(ticks <= 10, "{ticks} ticks");
+        // Without a shadow stage there is no differences verdict, and alpha is split in two;
+        // with one, in three.
+        assert!(Evidence::new(&SETTINGS).differences().is_none());
+        let two = Evidence::new(&SETTINGS).errors.threshold;
+        let three = Evidence::new(&SHADOW).errors.threshold;
+        assert!((two - 200f64.ln()).abs() < 1e-9 && (three - 300f64.ln()).abs() < 1e-9);
+    }
+
+    #[test]
+    fn shadow_pairs_count_in_the_rollouts_fail_evidence() {
+        let mut rng = SmallRng::seed_from_u64(5);
+        let mut evidence = Evidence::new(&SHADOW);
+        let shadow = shadow_tick(1_000, 0.02, 0.0, 0.0, &mut rng);
+        evidence.observe_shadow(&shadow, &mut rng);
+        evidence.start_step();
+        // Step 1's pass evidence starts afresh; the pairs of the shadow stage still count
+        // towards a fail.
+        assert_eq!(evidence.pairs(), (1_000, 0));
+        assert!(evidence.errors().low > -0.01, "{:?}", evidence.errors());
+        // Counts that do not add up are read within their totals.
+        let odd = ShadowTick {
+            pairs: 10,
+            canary_only_errors: 20,
+            baseline_only_errors: 20,
+            compared: 5,
+            different: 9,
+        };
+        evidence.observe_shadow(&odd, &mut rng);
+        assert_eq!(evidence.pairs(), (1_010, 10));
+        // A state file written before shadow stages reads as evidence without one.
+        let mut json: serde_json::Value =
+            serde_json::to_value(Evidence::new(&SETTINGS)).unwrap_or_default();
+        if let Some(map) = json.as_object_mut() {
+            map.remove("differences");
+        }
+        let old: Evidence = match serde_json::from_value(json) {
+            Ok(old) => old,
+            Err(error) => panic!("{error}"),
+        };
+        assert!(old.differences().is_none());
     }
 
     #[test]

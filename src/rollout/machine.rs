@@ -3,7 +3,8 @@
 //! the canary percent the weights must take; the controller applies it through the control
 //! plane (the one path for table changes).
 //!
-//! States: `idle` -> `running` (a step's traffic is set) -> ... -> `promoted` (canary 100), or
+//! States: `idle` -> (`shadow`, when the plan has a shadow stage: canary 0, the canary gets
+//! copies only) -> `running` (a step's traffic is set) -> ... -> `promoted` (canary 100), or
 //! `rolled_back` (canary 0) on a `fail` verdict or `abort`. A step listed in `approve` is
 //! entered as `waiting_approval`, with the previous step's traffic, until `resume`. `paused`
 //! holds the current traffic until `resume`. A `fail` rolls back from every active state,
@@ -21,6 +22,9 @@ use crate::config::{OnInconclusive, RolloutConfig};
 #[serde(rename_all = "snake_case")]
 pub enum State {
     Idle,
+    /// The shadow stage before step 1: no user reaches the canary, which gets copies of
+    /// requests whose answers are compared with the served ones.
+    Shadow,
     Running,
     WaitingApproval,
     Paused,
@@ -29,8 +33,9 @@ pub enum State {
 }
 
 impl State {
-    pub const ALL: [State; 6] = [
+    pub const ALL: [State; 7] = [
         State::Idle,
+        State::Shadow,
         State::Running,
         State::WaitingApproval,
         State::Paused,
@@ -41,6 +46,7 @@ impl State {
     pub fn as_str(self) -> &'static str {
         match self {
             State::Idle => "idle",
+            State::Shadow => "shadow",
             State::Running => "running",
             State::WaitingApproval => "waiting_approval",
             State::Paused => "paused",
@@ -53,7 +59,7 @@ impl State {
     pub fn is_active(self) -> bool {
         matches!(
             self,
-            State::Running | State::WaitingApproval | State::Paused
+            State::Shadow | State::Running | State::WaitingApproval | State::Paused
         )
     }
 }
@@ -157,6 +163,8 @@ pub struct HistoryEntry {
 /// The plan a rollout follows, from `[rollout]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
+    /// How long the shadow stage before step 1 lasts at least; `None`: no shadow stage.
+    pub shadow: Option<Duration>,
     pub steps: Vec<u32>,
     pub step_time: Duration,
     pub approve: Vec<u32>,
@@ -168,6 +176,7 @@ pub struct Plan {
 impl From<&RolloutConfig> for Plan {
     fn from(config: &RolloutConfig) -> Self {
         Plan {
+            shadow: config.shadow,
             steps: config.steps.clone(),
             step_time: config.step_time,
             approve: config.approve.clone(),
@@ -178,15 +187,21 @@ impl From<&RolloutConfig> for Plan {
     }
 }
 
-/// What the analysis saw at the current step, for [`Machine::tick`].
+/// What the analysis saw at the current step (or in the shadow stage), for
+/// [`Machine::tick`].
 #[derive(Debug, Clone, Copy)]
 pub struct StepReport {
     /// Time spent at this step (since it started, or since the proxy restarted).
     pub elapsed: Duration,
+    /// Requests each version answered at this step; in the shadow stage, both are the
+    /// paired copies.
     pub baseline_requests: u64,
     pub canary_requests: u64,
     pub errors: Verdict,
+    /// Not judged in the shadow stage: `inconclusive` there.
     pub latency: Verdict,
+    /// Judged in the shadow stage only: `inconclusive` at the steps.
+    pub differences: Verdict,
 }
 
 /// A command that makes no sense in the current state (409).
@@ -218,6 +233,10 @@ pub struct Machine {
     pub canary_percent: u32,
     /// While paused: the state `resume` returns to.
     pub resume_to: Option<State>,
+    /// The rollout is in its shadow stage (paused there included), or ended there (rolled
+    /// back or aborted before step 1).
+    #[serde(default)]
+    pub shadow: bool,
     pub history: Vec<HistoryEntry>,
 }
 
@@ -231,6 +250,7 @@ impl Default for Machine {
             step: 0,
             canary_percent: 0,
             resume_to: None,
+            shadow: false,
             history: Vec::new(),
         }
     }
@@ -245,14 +265,26 @@ impl Machine {
             why,
         };
         match (command, self.state) {
-            (Command::Start, State::Idle | State::RolledBack) => {
-                Ok(self.enter_step(plan, 0, Event::Started, now, "started by the operator"))
-            }
+            (Command::Start, State::Idle | State::RolledBack) => Ok(match plan.shadow {
+                Some(shadow) => {
+                    self.step = 0;
+                    self.shadow = true;
+                    let reason = format!(
+                        "started by the operator; the shadow stage ({}): the canary gets copies only",
+                        crate::duration::format_duration(shadow)
+                    );
+                    self.transition(State::Shadow, Event::Started, Some(0), true, now, &reason)
+                }
+                None => {
+                    self.shadow = false;
+                    self.enter_step(plan, 0, Event::Started, now, "started by the operator")
+                }
+            }),
             (Command::Start, State::Promoted) => Err(conflict(
                 "it was promoted; a reload naming a new baseline/canary pair resets it",
             )),
             (Command::Start, _) => Err(conflict("it is already under way")),
-            (Command::Pause, State::Running | State::WaitingApproval) => {
+            (Command::Pause, State::Shadow | State::Running | State::WaitingApproval) => {
                 self.resume_to = Some(self.state);
                 Ok(self.transition(
                     State::Paused,
@@ -302,17 +334,35 @@ impl Machine {
         }
     }
 
+    /// Whether the rollout is in its shadow stage (paused there included).
+    pub fn in_shadow(&self) -> bool {
+        self.shadow && self.state.is_active()
+    }
+
     /// Applies the verdicts of one analysis interval; `None` when nothing changes.
     pub fn tick(&mut self, plan: &Plan, report: &StepReport, now: u64) -> Option<Change> {
         if !self.state.is_active() {
             return None;
         }
-        let failed = [("errors", report.errors), ("latency", report.latency)]
-            .into_iter()
-            .find(|(_, verdict)| *verdict == Verdict::Fail);
+        let failed = [
+            ("errors", report.errors),
+            ("latency", report.latency),
+            ("differences", report.differences),
+        ]
+        .into_iter()
+        .find(|(_, verdict)| *verdict == Verdict::Fail);
         if let Some((metric, _)) = failed {
-            let reason = format!("the {metric} verdict failed: the canary is worse");
+            let reason = if self.in_shadow() {
+                format!(
+                    "the {metric} verdict failed in the shadow stage: the canary's answers to copies are worse; no user reached it"
+                )
+            } else {
+                format!("the {metric} verdict failed: the canary is worse")
+            };
             return Some(self.finish(plan, State::RolledBack, Event::RolledBack, now, &reason));
+        }
+        if self.state == State::Shadow {
+            return self.shadow_tick(plan, report, now);
         }
         if self.state != State::Running {
             return None;
@@ -352,9 +402,40 @@ impl Machine {
         }
     }
 
+    /// The shadow stage: step 1 starts once both its verdicts pass, after `shadow` and
+    /// `min_requests` pairs. It never advances without a pass: still inconclusive at
+    /// `max_step_time`, it rolls back (or holds, with `on_inconclusive = "hold"`).
+    fn shadow_tick(&mut self, plan: &Plan, report: &StepReport, now: u64) -> Option<Change> {
+        let shadow = plan.shadow.unwrap_or_default();
+        let passed = report.errors == Verdict::Pass && report.differences == Verdict::Pass;
+        let enough = report.canary_requests >= plan.min_requests;
+        if report.elapsed >= shadow && enough && passed {
+            self.shadow = false;
+            return Some(self.enter_step(plan, 0, Event::Advanced, now, "the shadow stage passed"));
+        }
+        if report.elapsed < plan.max_step_time.max(shadow) {
+            return None;
+        }
+        let reason = format!(
+            "the shadow stage is still inconclusive after max_step_time ({})",
+            crate::duration::format_duration(plan.max_step_time.max(shadow))
+        );
+        if plan.on_inconclusive == OnInconclusive::Hold {
+            let said = self
+                .history
+                .last()
+                .is_some_and(|h| h.event == Event::Held && h.state == State::Shadow);
+            return (!said)
+                .then(|| self.transition(State::Shadow, Event::Held, None, false, now, &reason));
+        }
+        let reason = format!("{reason}; it never advances without a pass");
+        Some(self.finish(plan, State::RolledBack, Event::RolledBack, now, &reason))
+    }
+
     /// Back to `idle`, history kept (a reload named another baseline/canary pair).
     pub fn reset(&mut self, now: u64, reason: &str) -> Change {
         self.resume_to = None;
+        self.shadow = false;
         self.step = 0;
         self.canary_percent = 0;
         self.transition(State::Idle, Event::Reset, None, false, now, reason)
@@ -412,6 +493,7 @@ impl Machine {
         self.resume_to = None;
         if state == State::Promoted {
             self.step = plan.steps.len().saturating_sub(1);
+            self.shadow = false;
         }
         let percent = if state == State::Promoted { 100 } else { 0 };
         self.transition(state, event, Some(percent), false, now, reason)
@@ -455,6 +537,7 @@ mod tests {
 
     fn plan(approve: &[u32]) -> Plan {
         Plan {
+            shadow: None,
             steps: vec![1, 5, 20, 50, 100],
             step_time: Duration::from_secs(60),
             approve: approve.to_vec(),
@@ -471,6 +554,153 @@ mod tests {
             canary_requests: requests,
             errors,
             latency,
+            differences: UNSURE,
+        }
+    }
+
+    /// A shadow stage's report: `pairs` copies paired with served answers.
+    fn shadow_report(
+        elapsed: u64,
+        pairs: u64,
+        errors: Verdict,
+        differences: Verdict,
+    ) -> StepReport {
+        StepReport {
+            differences,
+            ..report(elapsed, pairs, errors, UNSURE)
+        }
+    }
+
+    fn shadow_plan(approve: &[u32], on_inconclusive: OnInconclusive) -> Plan {
+        Plan {
+            shadow: Some(Duration::from_secs(30)),
+            on_inconclusive,
+            ..plan(approve)
+        }
+    }
+
+    #[test]
+    fn a_shadow_stage_gives_the_canary_no_users_until_both_its_verdicts_pass() {
+        let plan = shadow_plan(&[], OnInconclusive::Hold);
+        let mut m = Machine::default();
+        let started = m.command(&plan, Command::Start, 1).unwrap();
+        assert_eq!(
+            (started.event, started.canary_percent, started.new_step),
+            (Event::Started, Some(0), true)
+        );
+        assert_eq!(m.state, State::Shadow);
+        assert!(m.in_shadow());
+        // Too early, too few pairs, or one verdict short of a pass: nothing moves.
+        assert_eq!(m.tick(&plan, &shadow_report(29, 500, PASS, PASS), 2), None);
+        assert_eq!(m.tick(&plan, &shadow_report(30, 99, PASS, PASS), 3), None);
+        assert_eq!(
+            m.tick(&plan, &shadow_report(30, 500, PASS, UNSURE), 4),
+            None
+        );
+        assert_eq!(
+            m.tick(&plan, &shadow_report(30, 500, UNSURE, PASS), 5),
+            None
+        );
+        // Paused in the shadow stage, it stays there; resumed, it goes back to it.
+        m.command(&plan, Command::Pause, 6).unwrap();
+        assert!(m.in_shadow());
+        assert_eq!(m.tick(&plan, &shadow_report(60, 500, PASS, PASS), 7), None);
+        m.command(&plan, Command::Resume, 8).unwrap();
+        assert_eq!(m.state, State::Shadow);
+        let passed = m
+            .tick(&plan, &shadow_report(30, 500, PASS, PASS), 9)
+            .unwrap();
+        assert_eq!(
+            (passed.event, passed.canary_percent, passed.new_step),
+            (Event::Advanced, Some(1), true)
+        );
+        assert_eq!((m.state, m.step), (State::Running, 0));
+        assert!(!m.in_shadow());
+        assert_eq!(m.history.last().unwrap().reason, "the shadow stage passed");
+        // Step 1 then goes as without a shadow stage.
+        let next = m.tick(&plan, &report(60, 500, PASS, PASS), 10).unwrap();
+        assert_eq!(next.canary_percent, Some(5));
+        // A step 1 that waits for approval keeps the canary at 0 once the shadow passes.
+        let plan = shadow_plan(&[1], OnInconclusive::Hold);
+        let mut m = Machine::default();
+        m.command(&plan, Command::Start, 1).unwrap();
+        let waiting = m
+            .tick(&plan, &shadow_report(30, 500, PASS, PASS), 2)
+            .unwrap();
+        assert_eq!(
+            (waiting.event, waiting.canary_percent),
+            (Event::AwaitingApproval, None)
+        );
+        assert_eq!((m.state, m.canary_percent), (State::WaitingApproval, 0));
+    }
+
+    #[test]
+    fn a_failing_shadow_stage_rolls_back_before_any_user_reached_the_canary() {
+        let plan = shadow_plan(&[], OnInconclusive::Hold);
+        for (errors, differences, metric) in [(FAIL, UNSURE, "errors"), (PASS, FAIL, "differences")]
+        {
+            for pause in [false, true] {
+                let mut m = Machine::default();
+                m.command(&plan, Command::Start, 1).unwrap();
+                if pause {
+                    m.command(&plan, Command::Pause, 2).unwrap();
+                }
+                let failed = m
+                    .tick(&plan, &shadow_report(1, 50, errors, differences), 3)
+                    .unwrap();
+                assert_eq!(
+                    (failed.event, failed.canary_percent),
+                    (Event::RolledBack, Some(0))
+                );
+                assert_eq!(m.state, State::RolledBack);
+                let reason = &m.history.last().unwrap().reason;
+                assert!(
+                    reason.contains(metric) && reason.contains("shadow stage"),
+                    "{reason}"
+                );
+            }
+        }
+        // An operator can still end the shadow stage either way.
+        let mut m = Machine::default();
+        m.command(&plan, Command::Start, 1).unwrap();
+        let aborted = m.command(&plan, Command::Abort, 2).unwrap();
+        assert_eq!(aborted.canary_percent, Some(0));
+        m.command(&plan, Command::Start, 3).unwrap();
+        assert_eq!(
+            m.state,
+            State::Shadow,
+            "a restart goes through the shadow stage again"
+        );
+        let promoted = m.command(&plan, Command::Promote, 4).unwrap();
+        assert_eq!(promoted.canary_percent, Some(100));
+    }
+
+    #[test]
+    fn an_inconclusive_shadow_stage_never_advances() {
+        for (rule, state) in [
+            (OnInconclusive::Hold, State::Shadow),
+            (OnInconclusive::Rollback, State::RolledBack),
+            (OnInconclusive::Advance, State::RolledBack),
+        ] {
+            let plan = shadow_plan(&[], rule);
+            let mut m = Machine::default();
+            m.command(&plan, Command::Start, 1).unwrap();
+            assert_eq!(
+                m.tick(&plan, &shadow_report(599, 0, UNSURE, UNSURE), 2),
+                None
+            );
+            let change = m
+                .tick(&plan, &shadow_report(600, 0, UNSURE, PASS), 3)
+                .unwrap();
+            assert_eq!((m.state, m.canary_percent), (state, 0), "{rule:?}");
+            assert_ne!(change.canary_percent, Some(1));
+            if rule == OnInconclusive::Hold {
+                assert_eq!(change.event, Event::Held);
+                assert_eq!(
+                    m.tick(&plan, &shadow_report(700, 0, UNSURE, UNSURE), 4),
+                    None
+                );
+            }
         }
     }
 

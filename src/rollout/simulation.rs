@@ -31,6 +31,7 @@ const SETTINGS: AnalysisSettings = AnalysisSettings {
     error_tolerance: 0.01,
     latency_tolerance: 0.25,
     confidence: 0.99,
+    max_diff_rate: None,
 };
 const PLAN: [u32; 5] = [1, 5, 20, 50, 100];
 const INTERVAL_S: f64 = 5.0;

@@ -79,6 +79,9 @@ pub fn render(status: &Value, width: usize, color: bool) -> String {
     out.push('\n');
     verdicts(&mut out, status, &p);
     out.push('\n');
+    if shadow(&mut out, status, &p) {
+        out.push('\n');
+    }
     history(&mut out, status, &p, width);
     out
 }
@@ -88,7 +91,9 @@ pub fn summary(status: &Value) -> String {
     let state = text(&status["state"]);
     let mut line = state_words(&state).to_string();
     let steps = steps_of(status);
-    if let Some(step) = status["step"].as_u64()
+    if in_shadow_stage(status) {
+        line.push_str(", before step 1");
+    } else if let Some(step) = status["step"].as_u64()
         && !steps.is_empty()
         && state != "idle"
     {
@@ -137,23 +142,32 @@ fn steps(out: &mut String, status: &Value, p: &Painter, width: usize) {
         let _ = writeln!(out, "steps   —");
         return;
     }
+    // A shadow stage is a label of its own before the steps.
+    let offset = usize::from(status["shadow"].is_object());
+    let shadowed = in_shadow_stage(status);
     // Segments into a step are heavy once its traffic has been set.
     let reached = match (state.as_str(), step) {
-        ("promoted", _) => steps.len() - 1,
+        ("promoted", _) => steps.len() - 1 + offset,
         ("idle", _) | (_, None) => 0,
-        ("waiting_approval", Some(s)) => s.saturating_sub(1),
-        (_, Some(s)) => s,
+        _ if shadowed => 0,
+        ("waiting_approval", Some(s)) => (s + offset).saturating_sub(1),
+        (_, Some(s)) => s + offset,
     };
     let current = match state.as_str() {
         "idle" => None,
-        "promoted" => Some(steps.len() - 1),
-        _ => step.map(|s| s.min(steps.len() - 1)),
+        "promoted" => Some(steps.len() - 1 + offset),
+        _ if shadowed => Some(0),
+        _ => step.map(|s| s.min(steps.len() - 1) + offset),
     };
-    let labels: Vec<String> = steps.iter().map(|s| format!("[{s}%]")).collect();
+    let labels: Vec<String> = (offset == 1)
+        .then(|| "[shadow]".to_string())
+        .into_iter()
+        .chain(steps.iter().map(|s| format!("[{s}%]")))
+        .collect();
     let indent = "steps   ";
     let used: usize = indent.len() + labels.iter().map(|l| l.chars().count()).sum::<usize>();
-    let segment = if steps.len() > 1 {
-        (width.saturating_sub(used) / (steps.len() - 1)).clamp(2, 10)
+    let segment = if labels.len() > 1 {
+        (width.saturating_sub(used) / (labels.len() - 1)).clamp(2, 10)
     } else {
         0
     };
@@ -210,6 +224,23 @@ fn step_line(status: &Value, state: &str, steps: &[u64]) -> String {
         .as_u64()
         .map_or("—".to_string(), group_digits);
     let position = format!("step {} of {}", step + 1, steps.len());
+    if in_shadow_stage(status) {
+        let shadow = &status["shadow"];
+        let pairs = shadow["pairs"]
+            .as_u64()
+            .map_or("—".to_string(), group_digits);
+        let duration = text(&shadow["duration"]);
+        return match state {
+            "rolled_back" => {
+                format!("rolled back in the shadow stage: no user reached canary {canary}")
+            }
+            "paused" => "the shadow stage is paused: canary-proxy rollout resume".to_string(),
+            _ => format!(
+                "shadow stage for {elapsed}: canary {canary} gets copies only ({pairs} paired); \
+                 needs {duration}, {min} pairs"
+            ),
+        };
+    }
     match state {
         "idle" => "not started: canary-proxy rollout start".to_string(),
         "running" => format!(
@@ -351,6 +382,73 @@ fn verdicts(out: &mut String, status: &Value, p: &Painter) {
     }
 }
 
+/// The shadow stage's counts and its differences verdict, when the plan has one; whether
+/// anything was written.
+fn shadow(out: &mut String, status: &Value, p: &Painter) -> bool {
+    let shadow = &status["shadow"];
+    if !shadow.is_object() {
+        return false;
+    }
+    let count = |key: &str| shadow[key].as_u64().map_or("—".to_string(), group_digits);
+    let verdict = shadow["differences"]["verdict"].as_str().unwrap_or("—");
+    let (symbol, tone) = match verdict {
+        "pass" => ("✓", Some(Tone::Good)),
+        "fail" => ("✗", Some(Tone::Bad)),
+        "inconclusive" => ("?", Some(Tone::Wait)),
+        _ => (" ", None),
+    };
+    let row = |out: &mut String, label: &str, left: &str, right: String| {
+        let _ = writeln!(
+            out,
+            "{}{}{right}",
+            p.cell(label, None, LABEL),
+            p.cell(left, None, COLUMN)
+        );
+    };
+    let _ = writeln!(
+        out,
+        "{}{}{}",
+        p.cell("shadow stage", Some(Tone::Faint), LABEL),
+        p.cell("copies paired", Some(Tone::Strong), COLUMN),
+        p.paint("differences", Tone::Strong)
+    );
+    let shown = format!("{symbol} {verdict}");
+    row(
+        out,
+        "",
+        &count("pairs"),
+        tone.map_or(shown.clone(), |t| p.paint(&shown, t)),
+    );
+    row(
+        out,
+        "only one failed",
+        &format!(
+            "{} copies, {} served",
+            count("copy_only_errors"),
+            count("served_only_errors")
+        ),
+        format!("{} of {} compared", count("different"), count("compared")),
+    );
+    let differences = &shadow["differences"];
+    row(
+        out,
+        "interval",
+        "",
+        format!(
+            "{} to {} %, at most {} %",
+            points(&differences["low"], false),
+            points(&differences["high"], false),
+            points(&shadow["max_diff_rate"], false)
+        ),
+    );
+    true
+}
+
+/// Whether the rollout is in its shadow stage, or ended there.
+fn in_shadow_stage(status: &Value) -> bool {
+    status["shadow"]["current"].as_bool() == Some(true)
+}
+
 /// The history, newest last; the reason wraps within `width`.
 fn history(out: &mut String, status: &Value, p: &Painter, width: usize) {
     let entries = status["history"].as_array().map_or(&[][..], Vec::as_slice);
@@ -428,6 +526,7 @@ fn history(out: &mut String, status: &Value, p: &Painter, width: usize) {
 fn state_mark(state: &str) -> (&'static str, Tone) {
     match state {
         "idle" => ("○", Tone::Strong),
+        "shadow" => ("◐", Tone::Active),
         "running" => ("▶", Tone::Active),
         "waiting_approval" => ("‖", Tone::Wait),
         "paused" => ("‖", Tone::Wait),
@@ -440,6 +539,7 @@ fn state_mark(state: &str) -> (&'static str, Tone) {
 fn state_words(state: &str) -> &str {
     match state {
         "waiting_approval" => "waiting for approval",
+        "shadow" => "in the shadow stage",
         "rolled_back" => "rolled back",
         "" => "—",
         other => other,
@@ -754,6 +854,52 @@ mod tests {
             summary(&status),
             "waiting for approval, step 2 of 3: canary v2 10%, baseline v1 90%"
         );
+    }
+
+    #[test]
+    fn a_shadow_stage_is_a_stage_of_its_own_before_step_1() {
+        let mut status = running();
+        status["state"] = json!("shadow");
+        status["step"] = json!(0);
+        status["canary_percent"] = json!(0);
+        status["shadow"] = json!({
+            "current": true, "duration": "30s", "max_diff_rate": 0.01, "pairs": 1234,
+            "copy_only_errors": 3, "served_only_errors": 1, "compared": 1230, "different": 2,
+            "difference_rate": 0.0016, "differences": {"verdict": "pass", "low": 0.0, "high": 0.0075},
+        });
+        let view = render(&status, 80, false);
+        println!("{view}");
+        assert!(view.contains("◐ in the shadow stage"), "{view}");
+        assert!(view.contains("[shadow]────"), "{view}");
+        assert!(view.contains("▲ now"));
+        assert!(
+            view.contains("canary v2 gets copies only (1,234 paired)"),
+            "{view}"
+        );
+        assert!(view.contains("3 copies, 1 served"), "{view}");
+        assert!(view.contains("2 of 1,230 compared"), "{view}");
+        assert!(view.contains("0.00 to 0.75 %, at most 1.00 %"), "{view}");
+        assert!(view.lines().all(|l| l.chars().count() <= 80), "{view}");
+        assert_eq!(
+            summary(&status),
+            "in the shadow stage, before step 1: canary v2 0%, baseline v1 100%"
+        );
+        // Rolled back there: the mark stays on the shadow stage.
+        status["state"] = json!("rolled_back");
+        let view = render(&status, 80, false);
+        assert!(view.contains("no user reached canary v2"), "{view}");
+        let caret = view
+            .lines()
+            .find(|l| l.contains("▲ rolled back here"))
+            .unwrap_or("");
+        assert!(caret.find('▲') < Some(16), "{view}");
+        // Past it, the steps count from the label after it.
+        status["state"] = json!("running");
+        status["shadow"]["current"] = json!(false);
+        status["canary_percent"] = json!(10);
+        let view = render(&status, 80, false);
+        assert!(view.contains("[shadow]━"), "{view}");
+        assert!(view.contains("step 1 of 3"), "{view}");
     }
 
     #[test]
