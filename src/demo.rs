@@ -1,8 +1,9 @@
 //! The built-in pieces of `canary-proxy demo`: two upstreams that answer every path with their
 //! name (and `/health` with `ok`), so a newcomer sees the split without running anything
 //! else; for `demo --rollout`, the fast rollout plan added to the bundled config (and for
-//! `--bad-canary`, a fault drill that fails a share of v2's requests), and a load generator
-//! at a fixed rate.
+//! `--bad-canary`, a fault drill that fails a share of v2's requests; for `--shadow`, a shadow
+//! stage before step 1, with upstreams that answer JSON to compare), and a load generator at
+//! a fixed rate.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -76,6 +77,20 @@ abort_percent = 15
 abort_status = 500
 "#;
 
+/// How long the shadow stage of `demo --rollout --shadow` lasts at least.
+pub const DEMO_SHADOW: &str = "10s";
+
+/// What `demo --rollout --shadow` appends: the mirroring of its shadow stage, which leaves
+/// out what names the instance (the `served_by` field, the `x-served-by` header).
+pub const DEMO_SHADOW_MIRROR: &str = r#"
+# Added by `canary-proxy demo --rollout --shadow`: in the shadow stage (rollout.shadow) v2
+# gets a copy of every GET and HEAD and no user; its answers are compared with v1's.
+[mirror]
+backend = "v2"
+ignore_headers = ["date", "server", "x-request-id", "set-cookie", "etag", "x-served-by"]
+ignore_fields = ["served_by"]
+"#;
+
 /// Load requests in flight at most; past it the generator skips a beat rather than queue.
 const LOAD_MAX_IN_FLIGHT: usize = 64;
 
@@ -83,16 +98,33 @@ const LOAD_MAX_IN_FLIGHT: usize = 64;
 const LOAD_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The demo's config: the bundled `canary.toml`, plus [`DEMO_ROLLOUT`] when `rollout`, plus
-/// [`DEMO_BAD_CANARY`] when `bad_canary` too.
-pub fn demo_config(rollout: bool, bad_canary: bool) -> String {
+/// [`DEMO_BAD_CANARY`] when `bad_canary` too, plus a shadow stage of [`DEMO_SHADOW`] and
+/// [`DEMO_SHADOW_MIRROR`] when `shadow` too.
+pub fn demo_config(rollout: bool, bad_canary: bool, shadow: bool) -> String {
     let mut text = DEMO_CONFIG.to_string();
     if rollout {
-        text.push_str(DEMO_ROLLOUT);
+        if shadow {
+            let line = format!("step_time = \"10s\"\nshadow = \"{DEMO_SHADOW}\"\n");
+            text.push_str(&DEMO_ROLLOUT.replacen("step_time = \"10s\"\n", &line, 1));
+            text.push_str(DEMO_SHADOW_MIRROR);
+        } else {
+            text.push_str(DEMO_ROLLOUT);
+        }
         if bad_canary {
             text.push_str(DEMO_BAD_CANARY);
         }
     }
     text
+}
+
+/// How a demo upstream answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DemoAnswer {
+    /// `hello from v1 (/path)`.
+    Text,
+    /// `{"greeting":"hello","path":"/path","served_by":"v1"}`: the same from both versions
+    /// but for `served_by`, for the shadow stage to compare.
+    Json,
 }
 
 /// Serves one demo upstream named `name` on `listener` until `shutdown` completes. It answers
@@ -101,6 +133,7 @@ pub async fn demo_upstream(
     listener: TcpListener,
     name: &'static str,
     latency: Duration,
+    answer: DemoAnswer,
     shutdown: impl Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
@@ -113,9 +146,17 @@ pub async fn demo_upstream(
             () = &mut shutdown => return,
         };
         let service = service_fn(move |request: Request<Incoming>| {
-            let body = match request.uri().path() {
-                "/health" => "ok\n".to_string(),
-                path => format!("hello from {name} ({path})\n"),
+            let (body, content_type) = match (request.uri().path(), answer) {
+                ("/health", _) => ("ok\n".to_string(), "text/plain"),
+                (path, DemoAnswer::Text) => (format!("hello from {name} ({path})\n"), "text/plain"),
+                (path, DemoAnswer::Json) => {
+                    let body = serde_json::json!({
+                        "greeting": "hello",
+                        "path": path,
+                        "served_by": name,
+                    });
+                    (format!("{body}\n"), "application/json")
+                }
             };
             let latency = if request.uri().path() == "/health" {
                 Duration::ZERO
@@ -127,9 +168,12 @@ pub async fn demo_upstream(
                     tokio::time::sleep(latency).await;
                 }
                 let mut response = Response::new(Full::new(Bytes::from(body)));
-                response
-                    .headers_mut()
-                    .insert("x-served-by", http::HeaderValue::from_static(name));
+                let headers = response.headers_mut();
+                headers.insert("x-served-by", http::HeaderValue::from_static(name));
+                headers.insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static(content_type),
+                );
                 Ok::<_, Infallible>(response)
             }
         });
@@ -198,8 +242,8 @@ mod tests {
 
     #[test]
     fn the_rollout_demo_config_is_the_bundled_one_plus_a_valid_plan() {
-        assert_eq!(demo_config(false, false), DEMO_CONFIG);
-        assert_eq!(demo_config(false, true), DEMO_CONFIG);
+        assert_eq!(demo_config(false, false, false), DEMO_CONFIG);
+        assert_eq!(demo_config(false, true, true), DEMO_CONFIG);
         let load = |text: &str| {
             let dir =
                 std::env::temp_dir().join(format!("canary-demo-config-{}", std::process::id()));
@@ -210,16 +254,25 @@ mod tests {
             let _ = std::fs::remove_dir_all(&dir);
             config.unwrap()
         };
-        let config = load(&demo_config(true, false));
+        let config = load(&demo_config(true, false, false));
         let rollout = config.rollout.unwrap();
         assert_eq!(rollout.steps, [20, 50, 100]);
         assert_eq!(rollout.step_time, Duration::from_secs(10));
+        assert!(rollout.shadow.is_none() && config.mirror.is_none());
         assert!(config.faults.is_empty());
-        let bad = load(&demo_config(true, true));
+        let bad = load(&demo_config(true, true, false));
         assert_eq!(bad.faults.len(), 1);
         let fault = &bad.faults[0];
         assert_eq!(fault.backend, "v2");
         assert_eq!(fault.abort_percent, f64::from(DEMO_BAD_CANARY_FAIL_PERCENT));
         assert_eq!(fault.abort_status, http::StatusCode::INTERNAL_SERVER_ERROR);
+        let shadow = load(&demo_config(true, true, true));
+        let rollout = shadow.rollout.unwrap();
+        assert_eq!(rollout.shadow, Some(Duration::from_secs(10)));
+        assert_eq!(rollout.step_time, Duration::from_secs(10));
+        let mirror = shadow.mirror.unwrap();
+        assert_eq!(mirror.backend, "v2");
+        assert_eq!(mirror.ignore_fields, ["served_by"]);
+        assert_eq!(shadow.faults.len(), 1);
     }
 }

@@ -88,8 +88,8 @@ pub use config::{Config, ConfigError};
 pub use control::ControlPlane;
 pub use control::health::HealthSupervisor;
 pub use demo::{
-    DEMO_BAD_CANARY_FAIL_PERCENT, DEMO_LOAD_PER_SECOND, DEMO_ROLLOUT_UPSTREAM_LATENCY, demo_config,
-    demo_load, demo_upstream,
+    DEMO_BAD_CANARY_FAIL_PERCENT, DEMO_LOAD_PER_SECOND, DEMO_ROLLOUT_UPSTREAM_LATENCY, DEMO_SHADOW,
+    DemoAnswer, demo_config, demo_load, demo_upstream,
 };
 pub use duration::format_duration;
 pub use metrics::Metrics;

@@ -74,6 +74,11 @@ struct DemoArgs {
     /// rolls it back.
     #[arg(long, requires = "rollout")]
     bad_canary: bool,
+    /// With --rollout: a shadow stage first (10 s at least), in which v2 gets a copy of every
+    /// GET and no user, and step 1 starts only if v2's answers are as good as v1's (errors)
+    /// and the same (JSON compared field by field).
+    #[arg(long, requires = "rollout")]
+    shadow: bool,
 }
 
 #[derive(Args)]
@@ -354,7 +359,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let path = std::env::temp_dir().join(format!("canary-proxy-demo-{}.toml", std::process::id()));
     std::fs::write(
         &path,
-        canary_proxy::demo_config(args.rollout, args.bad_canary),
+        canary_proxy::demo_config(args.rollout, args.bad_canary, args.shadow),
     )
     .with_context(|| format!("cannot write {}", path.display()))?;
     let config = canary_proxy::config::load(&path)?;
@@ -369,10 +374,16 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("demo upstream {name}: cannot listen on 127.0.0.1:{port}"))?;
         let mut stop = stop_rx.clone();
+        let answer = if args.shadow {
+            canary_proxy::DemoAnswer::Json
+        } else {
+            canary_proxy::DemoAnswer::Text
+        };
         tokio::spawn(canary_proxy::demo_upstream(
             listener,
             name,
             latency,
+            answer,
             async move {
                 let _ = stop.changed().await;
             },
@@ -406,6 +417,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
                 proxy,
                 admin,
                 args.bad_canary,
+                args.shadow,
                 path.clone(),
                 stop.clone(),
             ));
@@ -435,6 +447,7 @@ async fn demo_rollout(
     proxy: std::net::SocketAddr,
     admin: std::net::SocketAddr,
     bad_canary: bool,
+    shadow: bool,
     config_path: PathBuf,
     stop: CancellationToken,
 ) {
@@ -464,12 +477,21 @@ async fn demo_rollout(
     } else {
         String::new()
     };
+    let shadowed = if shadow {
+        format!(
+            "\n  a shadow stage first ({}): v2 gets copies of requests only, compared with v1's answers",
+            canary_proxy::DEMO_SHADOW
+        )
+    } else {
+        String::new()
+    };
     let header = format!(
-        "canary-proxy demo --rollout{}\n  \
-         v1 on 127.0.0.1:8081, v2 on 127.0.0.1:8082{v2}\n  \
+        "canary-proxy demo --rollout{}{}\n  \
+         v1 on 127.0.0.1:8081, v2 on 127.0.0.1:8082{v2}{shadowed}\n  \
          proxy on {proxy} under {per_second} requests/s of load, admin on {admin}\n  \
          config: {}\n\n",
         if bad_canary { " --bad-canary" } else { "" },
+        if shadow { " --shadow" } else { "" },
         config_path.display()
     );
     let terminal = Terminal::stdout();
@@ -512,11 +534,16 @@ async fn demo_rollout(
             "v1 again",
         )
     };
+    let mirror = if shadow {
+        "\n  canary-proxy mirror status                      # what the copies' answers showed"
+    } else {
+        ""
+    };
     println!(
         "\nThe rollout is over: {outcome}\n\
          The load has stopped; the proxy runs on. Try:\n  \
          curl -i http://{proxy}/                  # served by {served_by}\n  \
-         canary-proxy rollout status                     # this view, from the admin API\n  \
+         canary-proxy rollout status                     # this view, from the admin API{mirror}\n  \
          curl -s http://{admin}/admin/rollout     # the JSON behind it\n  \
          curl -s http://{admin}/metrics | grep canary_rollout\n\
          Ctrl-C stops it."

@@ -88,8 +88,10 @@ struct Run {
     verdicts: Option<[MetricVerdict; 3]>,
     /// The mirror's cumulative pairs and comparisons at the last interval.
     shadow_last: ShadowTick,
-    /// What the shadow stage of this rollout has seen (kept, for the status, after it).
+    /// What the shadow stage of this rollout has seen, and its last differences verdict
+    /// (kept, for the status, after it).
     shadow_seen: ShadowTick,
+    shadow_differences: Option<MetricVerdict>,
     /// Meter readings when the rollout ended (promoted, rolled back), so the counts shown
     /// are the last step's, not the traffic after it.
     at_end: Option<[Counts; 2]>,
@@ -128,6 +130,7 @@ impl RolloutController {
             // A new rollout: its evidence (and its tolerances) start afresh.
             run.evidence = Evidence::new(&settings(&run.config));
             run.shadow_seen = ShadowTick::default();
+            run.shadow_differences = None;
             run.shadow_last = run.read_shadow(&self.control);
         }
         self.apply(run, change, &format!("operator: {}", command.as_str()))?;
@@ -213,6 +216,7 @@ impl RolloutController {
         run.evidence.observe_shadow(tick, &mut run.rng);
         run.shadow_seen = shadow_sum(&run.shadow_seen, tick);
         let differences = run.evidence.differences().unwrap_or(INCONCLUSIVE);
+        run.shadow_differences = Some(differences);
         let verdicts = [run.evidence.errors(), INCONCLUSIVE, differences];
         let metrics = &self.control.metrics().rollout;
         metrics.verdict("errors", verdicts[0].verdict.as_str());
@@ -312,6 +316,7 @@ impl RolloutController {
             verdicts: None,
             shadow_last: ShadowTick::default(),
             shadow_seen: ShadowTick::default(),
+            shadow_differences: None,
             at_end: None,
             rng: StdRng::seed_from_u64(rand::rng().random()),
         };
@@ -601,7 +606,7 @@ impl Run {
             return Value::Null;
         };
         let seen = &self.shadow_seen;
-        let differences = self.evidence.differences().map(|v| {
+        let differences = self.shadow_differences.map(|v| {
             // A rate: the bounds of `d` below 0 or above 1 say nothing more.
             json!({"verdict": v.verdict, "low": v.low.max(0.0), "high": v.high.min(1.0)})
         });

@@ -157,6 +157,9 @@ pub struct HistoryEntry {
     /// The step index after the transition.
     pub step: usize,
     pub canary_percent: u32,
+    /// The rollout was in its shadow stage after the transition (or ended there).
+    #[serde(default)]
+    pub shadow: bool,
     pub reason: String,
 }
 
@@ -521,6 +524,7 @@ impl Machine {
             state,
             step: self.step,
             canary_percent: self.canary_percent,
+            shadow: self.shadow,
             reason: reason.to_string(),
         });
         Change {

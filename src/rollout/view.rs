@@ -494,11 +494,14 @@ fn history(out: &mut String, status: &Value, p: &Painter, width: usize) {
             Some("awaiting_approval" | "paused" | "held") => Some(Tone::Wait),
             _ => None,
         };
+        // The shadow stage is "step 0".
+        let shadowed = entry["shadow"].as_bool() == Some(true);
         let step = entry["step"].as_u64().map_or("—".to_string(), |s| {
+            let s = if shadowed { s } else { s + 1 };
             if steps.is_empty() {
-                format!("{}", s + 1)
+                format!("{s}")
             } else {
-                format!("{}/{}", s + 1, steps.len())
+                format!("{s}/{}", steps.len())
             }
         });
         let percent = entry["canary_percent"]
@@ -867,9 +870,12 @@ mod tests {
             "copy_only_errors": 3, "served_only_errors": 1, "compared": 1230, "different": 2,
             "difference_rate": 0.0016, "differences": {"verdict": "pass", "low": 0.0, "high": 0.0075},
         });
+        status["history"] = json!([{"at": 1_700_000_000_000u64, "event": "started", "state": "shadow",
+            "step": 0, "canary_percent": 0, "shadow": true, "reason": "started by the operator"}]);
         let view = render(&status, 80, false);
         println!("{view}");
         assert!(view.contains("◐ in the shadow stage"), "{view}");
+        assert!(view.contains("started             0/3    0%"), "{view}");
         assert!(view.contains("[shadow]────"), "{view}");
         assert!(view.contains("▲ now"));
         assert!(
