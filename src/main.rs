@@ -275,6 +275,19 @@ fn check(path: &Path) -> anyhow::Result<()> {
             a.latency_tolerance,
             a.confidence,
         );
+        if let Some(shadow) = rollout.shadow {
+            let _ = writeln!(
+                out,
+                "rollout shadow stage: at least {} before step 1, the canary getting copies only \
+                 ({}); max_diff_rate {}",
+                canary_proxy::format_duration(shadow),
+                match &config.mirror {
+                    Some(_) => "with [mirror]'s settings",
+                    None => "with mirroring's defaults",
+                },
+                a.max_diff_rate,
+            );
+        }
     }
     if let Some(mirror) = &config.mirror {
         let methods: Vec<&str> = mirror.methods.iter().map(|m| m.as_str()).collect();

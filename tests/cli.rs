@@ -1,6 +1,7 @@
 //! The `canary-proxy` binary itself: `check` on good and bad configs, a 512 MiB upload streamed
 //! through a running proxy with its memory watched, `demo` and `demo --rollout` (a promotion,
-//! and a rollback with `--bad-canary`), and `rollout ...` driving a real proxy's rollout.
+//! a rollback with `--bad-canary`, both through a shadow stage with `--shadow`), and
+//! `rollout ...` driving a real proxy's rollout.
 //!
 //! The demos listen on fixed ports (8080-8082, 9901): their tests take [`DEMO_PORTS`] first,
 //! so they never run at the same time.
@@ -48,7 +49,8 @@ fn check_shows_mirroring_and_stops_quietly_when_its_reader_goes_away() {
     let dir = write_config(
         "[[backend]]\nname = \"v1\"\nurls = [\"http://127.0.0.1:1\"]\nweight = 1\n\
          [[backend]]\nname = \"v2\"\nurls = [\"http://127.0.0.1:2\"]\nweight = 0\n\
-         [mirror]\nbackend = \"v2\"\npercent = 50\n",
+         [mirror]\nbackend = \"v2\"\npercent = 50\n\
+         [rollout]\nbaseline = \"v1\"\ncanary = \"v2\"\nshadow = \"2m\"\n",
     );
     let path = dir.path().join("canary.toml");
     let output = Command::new(BIN)
@@ -59,6 +61,10 @@ fn check_shows_mirroring_and_stops_quietly_when_its_reader_goes_away() {
     let out = String::from_utf8(output.stdout).unwrap();
     assert!(
         out.contains("mirror: GET, HEAD of 50% of the other backends' requests -> v2"),
+        "{out}"
+    );
+    assert!(
+        out.contains("rollout shadow stage: at least 2m before step 1, the canary getting copies only (with [mirror]'s settings); max_diff_rate 0.01"),
         "{out}"
     );
     // As `canary-proxy check | head -1`: the reader closes after the first line.
@@ -986,6 +992,54 @@ async fn demo_rollout_with_a_bad_canary_rolls_it_back_within_seconds() {
     assert!(out.contains("the errors verdict failed"), "{out}");
     assert!(
         out.contains("✗ rolled back") && out.contains("✗ fail"),
+        "{out}"
+    );
+    assert!(demo_served_by(20).await.iter().all(|b| b == "v1"));
+    assert!(demo.terminate().success());
+}
+
+#[tokio::test]
+async fn demo_rollout_with_a_shadow_stage_compares_first_then_promotes() {
+    let _ports = DEMO_PORTS.lock().await;
+    let started = Instant::now();
+    let mut demo = DemoProcess::spawn(&["demo", "--rollout", "--shadow"]);
+    let out = demo
+        .wait_for("The rollout is over", Duration::from_secs(60))
+        .await;
+    eprintln!(
+        "demo --rollout --shadow: over after {:?}\n{out}",
+        started.elapsed()
+    );
+    assert!(out.contains("a shadow stage first (10s)"), "{out}");
+    assert!(out.contains("v2 was promoted"), "{out}");
+    assert!(
+        out.contains("[shadow]━━━━━━━━━━[20%]━━━━━━━━━━[50%]━━━━━━━━━━[100%]"),
+        "{out}"
+    );
+    assert!(out.contains("the shadow stage passed"), "{out}");
+    assert!(out.contains("canary-proxy mirror status"), "{out}");
+    // Mirroring was the rollout's for the shadow stage only: the file's [mirror] is back,
+    // and it copies nothing now that v2 serves everything.
+    assert!(demo_served_by(20).await.iter().all(|b| b == "v2"));
+    assert!(demo.terminate().success());
+}
+
+#[tokio::test]
+async fn demo_rollout_with_a_shadow_stage_and_a_bad_canary_rolls_back_before_users() {
+    let _ports = DEMO_PORTS.lock().await;
+    let started = Instant::now();
+    let mut demo = DemoProcess::spawn(&["demo", "--rollout", "--shadow", "--bad-canary"]);
+    let out = demo
+        .wait_for("The rollout is over", Duration::from_secs(30))
+        .await;
+    eprintln!(
+        "demo --rollout --shadow --bad-canary: over after {:?}\n{out}",
+        started.elapsed()
+    );
+    assert!(out.contains("v2 was rolled back"), "{out}");
+    assert!(out.contains("failed in the shadow stage"), "{out}");
+    assert!(
+        out.contains("rolled back in the shadow stage: no user reached canary v2"),
         "{out}"
     );
     assert!(demo_served_by(20).await.iter().all(|b| b == "v1"));

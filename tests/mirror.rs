@@ -1,7 +1,9 @@
 //! Mirroring over real TCP: copies of safe requests go to the mirror backend beside the
 //! served ones, marked and selected by request id; a mirror that is down, resetting or silent
 //! changes nothing for clients; differences are found and named, and a served version that
-//! differs from itself is noise; mirroring is set and stopped at runtime.
+//! differs from itself is noise; mirroring is set and stopped at runtime; copies are paired
+//! with the served outcomes, and a rollout's shadow stage gives the canary copies only, then
+//! starts step 1 or rolls back before any user reached it.
 
 mod common;
 
@@ -27,6 +29,14 @@ impl JsonUpstream {
 }
 
 async fn json_upstream(body: impl Fn(usize) -> String + Send + Sync + 'static) -> JsonUpstream {
+    answering(move |n| (200, body(n))).await
+}
+
+/// [`json_upstream`] answering the status and JSON `answer(n)` gives.
+async fn answering(
+    answer: impl Fn(usize) -> (u16, String) + Send + Sync + 'static,
+) -> JsonUpstream {
+    let body = answer;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let heads = Arc::new(Mutex::new(Vec::new()));
@@ -63,9 +73,9 @@ async fn json_upstream(body: impl Fn(usize) -> String + Send + Sync + 'static) -
                         kept.push(head + &String::from_utf8_lossy(&request_body));
                         kept.len()
                     };
-                    let text = body(n);
+                    let (status, text) = body(n);
                     let answer = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{text}",
+                        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{text}",
                         text.len()
                     );
                     if stream.write_all(answer.as_bytes()).await.is_err() {
@@ -413,4 +423,254 @@ async fn a_websocket_upgrade_is_not_copied() {
     let shown = report_when(&proxy, |r| r["counts"]["skipped_method"] == 1).await;
     assert_eq!(shown["counts"]["copied"], 0);
     assert!(v2.heads().is_empty());
+}
+
+/// A rollout from v1 to v2 with a shadow stage of at least `shadow`, a fast plan, and
+/// `extra` lines (more tables) after it.
+fn shadow_config(v1: &str, v2: &str, shadow: &str, extra: &str) -> String {
+    format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n\
+         [[backend]]\nname = \"v1\"\nurls = [\"{v1}\"]\nweight = 100\n\
+         [[backend]]\nname = \"v2\"\nurls = [\"{v2}\"]\nweight = 0\n\
+         [rollout]\nbaseline = \"v1\"\ncanary = \"v2\"\nshadow = \"{shadow}\"\n\
+         steps = [20, 100]\nstep_time = \"1s\"\n\
+         [rollout.analysis]\ninterval = \"200ms\"\nmin_requests = 20\nerror_tolerance = 0.05\n\
+         latency_tolerance = 3.0\nmax_step_time = \"60s\"\n{extra}\n"
+    )
+}
+
+/// Clients sending GETs in a loop until dropped; `served` keeps who answered each.
+struct Users {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    served: Arc<Mutex<Vec<String>>>,
+}
+
+impl Users {
+    fn start(proxy: &TestProxy, tasks: usize) -> Users {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let served = Arc::new(Mutex::new(Vec::new()));
+        for _ in 0..tasks {
+            let (stop, served, url, c) = (stop.clone(), served.clone(), proxy.url("/"), client());
+            tokio::spawn(async move {
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    if let Ok(response) = c.get(&url).send().await {
+                        let backend = response
+                            .headers()
+                            .get("x-canary-backend")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                            .to_owned();
+                        let _ = response.bytes().await;
+                        served.lock().unwrap().push(backend);
+                    }
+                }
+            });
+        }
+        Users { stop, served }
+    }
+
+    fn served(&self) -> Vec<String> {
+        self.served.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Users {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+async fn rollout(proxy: &TestProxy) -> Value {
+    let text = get_text(proxy.admin("/admin/rollout")).await;
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+fn is_copy(head: &str) -> bool {
+    head.contains("\r\nx-canary-mirror: 1\r\n")
+}
+
+/// Polls the rollout until it leaves the shadow stage (at most 30 s), checking on the way
+/// that every request v2 got while the rollout was in it was a copy; the status it left in.
+async fn through_the_shadow_stage(proxy: &TestProxy, v2: &JsonUpstream) -> Value {
+    let started = Instant::now();
+    loop {
+        // v2's requests first, then the state: if it is still the shadow stage, all of them
+        // came during it.
+        let heads = v2.heads();
+        let status = rollout(proxy).await;
+        if status["state"] != "shadow" {
+            return status;
+        }
+        let users = heads.iter().filter(|h| !is_copy(h)).count();
+        assert_eq!(users, 0, "a user reached the canary in the shadow stage");
+        assert!(started.elapsed() < Duration::from_secs(30), "{status:#}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_shadow_stage_gives_the_canary_copies_only_then_step_1_starts() {
+    let v1 = json_upstream(|_| r#"{"items":[{"id":1,"price":10}]}"#.to_owned()).await;
+    let v2 = json_upstream(|_| r#"{"items":[{"id":1,"price":10}]}"#.to_owned()).await;
+    let proxy = start_proxy_with_file(&shadow_config(&v1.url, &v2.url, "1s", "")).await;
+    assert_eq!(report(&proxy).await["config"], Value::Null);
+    let users = Users::start(&proxy, 8);
+    let started = client()
+        .post(proxy.admin("/admin/rollout/start"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(started.status(), 200);
+    let started: Value = serde_json::from_str(&started.text().await.unwrap()).unwrap();
+    assert_eq!(started["state"], "shadow", "{started:#}");
+    assert_eq!(started["canary_percent"], 0);
+    // The rollout mirrors to the canary (mirroring's defaults) and owns mirroring meanwhile.
+    let shown = report(&proxy).await;
+    assert_eq!(shown["config"]["backend"], "v2", "{shown:#}");
+    for (method, body) in [
+        (reqwest::Method::PUT, r#"{"backend": "v1"}"#),
+        (reqwest::Method::DELETE, ""),
+    ] {
+        let refused = client()
+            .request(method, proxy.admin("/admin/mirror"))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), 409);
+        let body: Value = serde_json::from_str(&refused.text().await.unwrap()).unwrap();
+        assert!(
+            body["error"].as_str().unwrap().contains("shadow stage"),
+            "{body}"
+        );
+    }
+    let status = through_the_shadow_stage(&proxy, &v2).await;
+    assert_eq!(status["state"], "running", "{status:#}");
+    assert_eq!(status["canary_percent"], 20);
+    let history = status["history"].as_array().unwrap();
+    assert_eq!(
+        history[1]["reason"], "the shadow stage passed",
+        "{status:#}"
+    );
+    assert_eq!(history[1]["event"], "advanced");
+    let shadow = &status["shadow"];
+    assert_eq!(shadow["current"], false);
+    assert!(shadow["pairs"].as_u64().unwrap() >= 20, "{shadow:#}");
+    assert_eq!(shadow["different"], 0);
+    assert_eq!(shadow["differences"]["verdict"], "pass", "{shadow:#}");
+    // Mirroring is given back as the config file has it: off.
+    assert_eq!(report(&proxy).await["config"], Value::Null);
+    // And users now reach the canary.
+    let before = users.served().len();
+    report_when(&proxy, |_| {
+        users.served()[before..].iter().any(|b| b == "v2") && v2.heads().iter().any(|h| !is_copy(h))
+    })
+    .await;
+    let metrics = get_text(proxy.admin("/metrics")).await;
+    let passed = [("metric", "differences"), ("verdict", "pass")];
+    assert!(metric(&metrics, "canary_rollout_verdicts_total", &passed) > 0.0);
+}
+
+#[tokio::test]
+async fn a_failing_shadow_stage_rolls_back_before_any_user_reached_the_canary() {
+    // A canary failing one request in four; one whose prices differ one time in four; and a
+    // healthy one under a fault drill (which holds or aborts copies as it does requests).
+    let failing = |n: usize| {
+        let status = if n.is_multiple_of(4) { 500 } else { 200 };
+        (status, r#"{"price":10}"#.to_owned())
+    };
+    let differing = |n: usize| {
+        let price = if n.is_multiple_of(4) { 12 } else { 10 };
+        (200, format!(r#"{{"price":{price}}}"#))
+    };
+    let healthy = |_: usize| (200, r#"{"price":10}"#.to_owned());
+    type Answer = Box<dyn Fn(usize) -> (u16, String) + Send + Sync>;
+    let cases: [(&str, Answer, bool); 3] = [
+        ("errors", Box::new(failing), false),
+        ("differences", Box::new(differing), false),
+        ("errors", Box::new(healthy), true),
+    ];
+    for (metric_name, answer, drill) in cases {
+        let v1 = json_upstream(|_| r#"{"price":10}"#.to_owned()).await;
+        let v2 = answering(answer).await;
+        // [mirror] names the canary: the shadow stage mirrors with its settings, and leaves
+        // it in force afterwards.
+        let mirror = "[mirror]\nbackend = \"v2\"\nignore_fields = [\"ts\"]";
+        let proxy = start_proxy_with_file(&shadow_config(&v1.url, &v2.url, "5s", mirror)).await;
+        if drill {
+            let put = client()
+                .put(proxy.admin("/admin/faults"))
+                .body(r#"[{"backend": "v2", "abort_percent": 30, "abort_status": 503}]"#)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(put.status(), 200);
+        }
+        let users = Users::start(&proxy, 8);
+        let started = client()
+            .post(proxy.admin("/admin/rollout/start"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(started.status(), 200);
+        let status = through_the_shadow_stage(&proxy, &v2).await;
+        assert_eq!(status["state"], "rolled_back", "{status:#}");
+        let reason = status["history"].as_array().unwrap().last().unwrap()["reason"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(
+            reason.contains(&format!(
+                "the {metric_name} verdict failed in the shadow stage"
+            )),
+            "{reason}"
+        );
+        assert_eq!(
+            status["shadow"]["current"], true,
+            "ended in the shadow stage"
+        );
+        assert!(v2.heads().iter().all(|h| is_copy(h)));
+        assert!(users.served().iter().all(|b| b == "v1"));
+        let weights = get_text(proxy.admin("/admin/weight")).await;
+        assert_eq!(weights.trim(), r#"{"v1":100,"v2":0}"#);
+        if metric_name == "errors" {
+            assert!(status["shadow"]["copy_only_errors"].as_u64().unwrap() > 0);
+        }
+        if drill {
+            let metrics = get_text(proxy.admin("/metrics")).await;
+            let aborts = [("backend", "v2"), ("kind", "abort")];
+            assert!(metric(&metrics, "canary_faults_injected_total", &aborts) > 0.0);
+        }
+        // [mirror] of the file stays in force once the rollout gives it back.
+        assert_eq!(report(&proxy).await["config"]["backend"], "v2");
+    }
+}
+
+/// Each copy's outcome is paired with its request's served outcome, a 502 of the served
+/// version included: the pairs a shadow stage judges errors on.
+#[tokio::test]
+async fn copies_are_paired_with_the_served_outcome_of_the_same_request() {
+    let (broken, _) = broken_upstream().await;
+    let v2 = answering(|n| (if n.is_multiple_of(2) { 500 } else { 200 }, "{}".to_owned())).await;
+    let proxy = start_proxy(&mirror_config(&[&format!("http://{broken}")], &v2.url, "")).await;
+    for _ in 0..4 {
+        let answer = client().get(proxy.url("/")).send().await.unwrap();
+        assert_eq!(answer.status(), 502);
+    }
+    let shown = report_when(&proxy, |r| r["counts"]["pairs"] == 4).await;
+    // The served version failed all four; the copies two: two pairs where only the served
+    // request failed, two where both did. Nothing was compared: no answer to compare with.
+    assert_eq!(shown["counts"]["served_only_errors"], 2, "{shown:#}");
+    assert_eq!(shown["counts"]["copy_only_errors"], 0);
+    assert_eq!(shown["counts"]["compared"], 0);
+    let v1 = json_upstream(|_| "{}".to_owned()).await;
+    let proxy = start_proxy(&mirror_config(&[&v1.url], &v2.url, "")).await;
+    for _ in 0..4 {
+        let answer = client().get(proxy.url("/")).send().await.unwrap();
+        assert_eq!(answer.status(), 200);
+    }
+    let shown = report_when(&proxy, |r| r["counts"]["pairs"] == 4).await;
+    assert_eq!(shown["counts"]["copy_only_errors"], 2, "{shown:#}");
+    assert_eq!(shown["counts"]["served_only_errors"], 0);
+    assert_eq!(shown["counts"]["compared"], 4);
 }

@@ -664,7 +664,69 @@ mod tests {
         assert_eq!(rollout.analysis.on_inconclusive, OnInconclusive::Rollback);
         assert_eq!(rollout.analysis.latency_tolerance, 1.0);
         assert_eq!(rollout.analysis.min_requests, 0);
+        assert!(rollout.shadow.is_none());
+        assert_eq!(rollout.analysis.max_diff_rate, 0.01);
         assert!(valid(&doc(&[&V1[..], &V2[..]].concat())).rollout.is_none());
+    }
+
+    #[test]
+    fn a_shadow_stage_parses_and_its_mirroring_must_be_to_the_canary_and_compare() {
+        let with = |lines: &[&str]| {
+            let head = [
+                "[rollout]",
+                "baseline = \"v1\"",
+                "canary = \"v2\"",
+                "shadow = \"5m\"",
+            ];
+            doc(&[&V1[..], &V2[..], &head[..], lines].concat())
+        };
+        let config = valid(&with(&["[rollout.analysis]", "max_diff_rate = 0.02"]));
+        let rollout = config.rollout.unwrap();
+        assert_eq!(rollout.shadow, Some(Duration::from_secs(300)));
+        assert_eq!(rollout.analysis.max_diff_rate, 0.02);
+        // [mirror] naming the canary and comparing is the stage's mirroring.
+        assert!(
+            valid(&with(&["[mirror]", "backend = \"v2\""]))
+                .mirror
+                .is_some()
+        );
+        // The [rollout] table starts on line 9; `shadow` is on line 12.
+        for (lines, key, line, says) in [
+            (
+                &["[mirror]", "backend = \"v1\""][..],
+                "rollout.shadow",
+                12,
+                "sends them to \"v1\"",
+            ),
+            (
+                &["[mirror]", "backend = \"v2\"", "compare = false"][..],
+                "rollout.shadow",
+                12,
+                "compare = true",
+            ),
+            (
+                &["[rollout.analysis]", "max_diff_rate = 0.7"][..],
+                "rollout.analysis.max_diff_rate",
+                14,
+                "below 0.5",
+            ),
+        ] {
+            let message = assert_invalid(&with(lines), key, line);
+            assert!(message.contains(says), "{key}: {message}");
+        }
+        let zero = doc(&[
+            &V1[..],
+            &V2[..],
+            &[
+                "[rollout]",
+                "baseline = \"v1\"",
+                "canary = \"v2\"",
+                "shadow = \"0s\"",
+            ][..],
+        ]
+        .concat());
+        let message = assert_invalid(&zero, "rollout.shadow", 12);
+        assert!(message.contains("leave rollout.shadow out"), "{message}");
     }
 
     #[test]
