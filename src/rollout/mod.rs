@@ -11,6 +11,8 @@ pub mod histogram;
 pub mod machine;
 pub mod meter;
 #[cfg(test)]
+mod shadow_simulation;
+#[cfg(test)]
 mod simulation;
 pub mod view;
 
