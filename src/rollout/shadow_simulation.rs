@@ -177,9 +177,12 @@ fn shadow_simulation_tables() {
     let _ = writeln!(
         markdown,
         "\n### A worse canary: time to roll it back in the shadow stage (median)\n\n\
-         Served requests fail at 1%; the canary's copies fail more, or its answers differ.\n\n\
+         Served requests fail at 1%; the canary's copies fail more, or its answers differ. \
+         {} stages per cell; \"never\": the median stage was not rolled back within \
+         max_step_time.\n\n\
          | R (req/s copied) | copies +2 points of errors | +5 points | +10 points | answers differ 2% | 5% | 20% |\n\
-         |---:|---:|---:|---:|---:|---:|---:|"
+         |---:|---:|---:|---:|---:|---:|---:|",
+        RUNS / 4
     );
     for rate in [2.0, 20.0, 200.0] {
         let mut cells = Vec::new();
