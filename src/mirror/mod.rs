@@ -6,11 +6,13 @@
 //! - `compare`: the differences between two answers, by status, headers and body (JSON
 //!   structurally, with bounded paths), pure.
 //! - `report`: counts, differing paths with Diffy's noise filter, the last examples.
+//! - `runner`: the low-priority threads copies run on, beside the workers.
 //! - `view`: that report as text, for `canary-proxy mirror status` (pure).
 
 pub mod compare;
 pub mod copy;
 pub mod report;
+pub mod runner;
 pub mod view;
 
 #[cfg(test)]
