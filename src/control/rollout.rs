@@ -169,7 +169,7 @@ impl RolloutController {
         };
         let now = run.read_meters(&self.control);
         let shadow_now = run.read_shadow(&self.control);
-        let shadow = shadow_since(&shadow_now, &run.shadow_last);
+        let shadow = shadow_now.since(&run.shadow_last);
         run.shadow_last = shadow_now;
         if run.machine.in_shadow() {
             run.at_last_tick = now;
@@ -214,7 +214,7 @@ impl RolloutController {
     /// one go into the evidence; latency is not judged on copies.
     fn shadow_tick(&self, run: &mut Run, tick: &ShadowTick) {
         run.evidence.observe_shadow(tick, &mut run.rng);
-        run.shadow_seen = shadow_sum(&run.shadow_seen, tick);
+        run.shadow_seen = run.shadow_seen.plus(tick);
         let differences = run.evidence.differences().unwrap_or(INCONCLUSIVE);
         run.shadow_differences = Some(differences);
         let verdicts = [run.evidence.errors(), INCONCLUSIVE, differences];
@@ -528,42 +528,6 @@ fn shadow_mirror(configured: Option<MirrorConfig>, canary: &str) -> MirrorConfig
         .unwrap_or_else(|| MirrorConfig::to_backend(canary))
 }
 
-/// The pairs and comparisons between two readings of the mirror's counts; a reading lower
-/// than the one before (the counts were reset) counts from zero.
-fn shadow_since(now: &ShadowTick, before: &ShadowTick) -> ShadowTick {
-    let fields = |t: &ShadowTick| {
-        [
-            t.pairs,
-            t.canary_only_errors,
-            t.baseline_only_errors,
-            t.compared,
-            t.different,
-        ]
-    };
-    if fields(now).iter().zip(fields(before)).any(|(n, b)| *n < b) {
-        return *now;
-    }
-    ShadowTick {
-        pairs: now.pairs - before.pairs,
-        canary_only_errors: now.canary_only_errors - before.canary_only_errors,
-        baseline_only_errors: now.baseline_only_errors - before.baseline_only_errors,
-        compared: now.compared - before.compared,
-        different: now.different - before.different,
-    }
-}
-
-fn shadow_sum(a: &ShadowTick, b: &ShadowTick) -> ShadowTick {
-    ShadowTick {
-        pairs: a.pairs.saturating_add(b.pairs),
-        canary_only_errors: a.canary_only_errors.saturating_add(b.canary_only_errors),
-        baseline_only_errors: a
-            .baseline_only_errors
-            .saturating_add(b.baseline_only_errors),
-        compared: a.compared.saturating_add(b.compared),
-        different: a.different.saturating_add(b.different),
-    }
-}
-
 impl Run {
     /// The mirror's cumulative pairs and comparisons of copies to the canary (zero while
     /// nothing mirrors to it).
@@ -576,14 +540,13 @@ impl Run {
         else {
             return ShadowTick::default();
         };
-        let counts = &mirror.report.counts;
-        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let pairs = mirror.report.pairs();
         ShadowTick {
-            pairs: load(&counts.pairs),
-            canary_only_errors: load(&counts.copy_only_errors),
-            baseline_only_errors: load(&counts.served_only_errors),
-            compared: load(&counts.compared),
-            different: load(&counts.different),
+            pairs: pairs.pairs,
+            copy_only_errors: pairs.copy_only_errors,
+            served_only_errors: pairs.served_only_errors,
+            compared: pairs.compared,
+            different: pairs.different,
         }
     }
 
@@ -615,8 +578,8 @@ impl Run {
             "duration": crate::duration::format_duration(duration),
             "max_diff_rate": self.config.analysis.max_diff_rate,
             "pairs": seen.pairs,
-            "copy_only_errors": seen.canary_only_errors,
-            "served_only_errors": seen.baseline_only_errors,
+            "copy_only_errors": seen.copy_only_errors,
+            "served_only_errors": seen.served_only_errors,
             "compared": seen.compared,
             "different": seen.different,
             "difference_rate": (seen.compared > 0).then(|| seen.different as f64 / seen.compared as f64),

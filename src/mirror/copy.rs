@@ -47,8 +47,6 @@ pub struct Mirror {
     settings: Arc<CompareSettings>,
     /// Copies running, carried over from the mirroring this one replaced.
     in_flight: Arc<AtomicUsize>,
-    /// Round-robin cursor per backend, over its endpoints.
-    cursors: Vec<AtomicUsize>,
     pub report: Arc<MirrorReport>,
     metrics: MirrorMetrics,
     /// Where copies run, carried over too.
@@ -75,8 +73,8 @@ impl Mirror {
         }
     }
 
-    /// Closes this worker's idle mirror connections that expired or that their upstream
-    /// closed.
+    /// Closes the idle mirror connections of this worker's copy thread (see `runner`) that
+    /// expired or that their upstream closed.
     pub fn sweep(&self) {
         for peer in self.peers.iter().flatten() {
             self.upstream.sweep(peer);
@@ -96,11 +94,28 @@ impl Drop for Admission {
     }
 }
 
+/// Where a request's copies go, as routing's health has it when the request is served: an
+/// endpoint of the mirror backend, another endpoint of the served backend (the second copy,
+/// for noise; `None` when it has no other), and a fault drill on the mirror backend, drawn for
+/// this request, with where it is counted (a drill holds or answers copies as it does served
+/// requests).
+#[derive(Default)]
+pub struct CopyTargets {
+    pub canary: Option<usize>,
+    pub second: Option<usize>,
+    pub fault: Option<(Injection, BackendMetrics)>,
+}
+
+/// The copy to the mirror backend: the endpoint it goes to, and the fault drawn for it.
+struct CanaryCopy {
+    peer: Option<Arc<Peer>>,
+    fault: Option<(Injection, BackendMetrics)>,
+}
+
 /// The served request a copy is made of.
 pub struct Served<'a> {
-    /// Index of the backend that serves it, and of its endpoint.
+    /// Index of the backend that serves it.
     pub backend: usize,
-    pub endpoint: usize,
     pub method: &'a Method,
     pub uri: &'a Uri,
     /// The headers it goes upstream with.
@@ -121,7 +136,6 @@ impl Mirror {
         carried: Carried,
         metrics: MirrorMetrics,
     ) -> Self {
-        let peers_len = endpoints.len();
         let peers = endpoints
             .into_iter()
             .map(|list| {
@@ -144,7 +158,6 @@ impl Mirror {
             peers,
             upstream: Upstream::new(upstream),
             settings,
-            cursors: (0..peers_len).map(|_| AtomicUsize::new(0)).collect(),
             in_flight: carried.in_flight,
             report: carried.report,
             metrics,
@@ -190,17 +203,15 @@ impl Mirror {
         Some(admission)
     }
 
-    /// Sends the copy of `served` (and, to compare, a second copy to another endpoint of the
-    /// served backend when it has one), on a task of its own. `fault`: a fault drill on the
-    /// mirror backend, drawn for this request, and where it is counted: a drill holds or
-    /// answers copies as it does served requests. Returns the sender the served answer is
-    /// captured into when the copy is compared.
+    /// Sends the copy of `served` to `targets` (and, to compare, a second copy to another
+    /// endpoint of the served backend when it has one), on a task of its own. Returns the
+    /// sender the served answer is captured into when the copy is compared.
     pub fn spawn(
         self: &Arc<Self>,
         admission: Admission,
         served: &Served<'_>,
         body: Option<oneshot::Receiver<Bytes>>,
-        fault: Option<(Injection, BackendMetrics)>,
+        targets: CopyTargets,
     ) -> Option<ServedCapture> {
         let mut headers = served.headers.clone();
         headers.insert(X_CANARY_MIRROR.clone(), HeaderValue::from_static("1"));
@@ -210,12 +221,15 @@ impl Mirror {
             headers,
             body: None,
         };
-        let canary = self.next_peer(self.backend, None);
+        let canary = CanaryCopy {
+            peer: self.peer(self.backend, targets.canary),
+            fault: targets.fault,
+        };
         // Only a safe request goes to the served version a second time: a listed POST
         // would repeat its side effect in production.
         let safe = matches!(*served.method, Method::GET | Method::HEAD | Method::OPTIONS);
         let second = (self.config.compare && safe)
-            .then(|| self.next_peer(served.backend, Some(served.endpoint)))
+            .then(|| self.peer(served.backend, targets.second))
             .flatten();
         let (capture, captured) = if self.config.compare {
             let (sender, receiver) = oneshot::channel();
@@ -235,14 +249,15 @@ impl Mirror {
         // the task (measured with callgrind: about 4,800 fewer instructions per copy).
         let copy = Box::into_pin(Box::write(Box::new_uninit(), async move {
             let _admission = admission;
-            // A copy thread starved of CPU by served requests gives its old copies up.
+            // A copy thread starved of CPU by served requests gives its old copies up: they
+            // are dropped as at `max_in_flight`, not timed out (no fault of the canary's).
             if admitted.elapsed() >= mirror.config.timeout {
-                mirror.report.counts.count(Outcome::Timeout);
-                mirror.metrics.request(MirrorResult::Timeout);
+                mirror.report.counts.count(Outcome::Dropped);
+                mirror.metrics.request(MirrorResult::Dropped);
                 return;
             }
             mirror
-                .run(head, body, (canary, fault), second, captured, example)
+                .run(head, body, canary, second, captured, example)
                 .await;
         }));
         self.runner.spawn(copy);
@@ -253,7 +268,7 @@ impl Mirror {
         &self,
         mut head: CopyHead,
         body: Option<oneshot::Receiver<Bytes>>,
-        (canary, fault): (Option<Arc<Peer>>, Option<(Injection, BackendMetrics)>),
+        canary: CanaryCopy,
         second: Option<Arc<Peer>>,
         served: Option<oneshot::Receiver<Option<ServedOutcome>>>,
         example: ExampleHead,
@@ -271,7 +286,7 @@ impl Mirror {
         }
         let started = Instant::now();
         let to_canary = async {
-            if let Some((injected, metrics)) = &fault {
+            if let Some((injected, metrics)) = &canary.fault {
                 if let Some(delay) = injected.delay {
                     metrics.fault(FaultKind::Delay);
                     tokio::time::sleep(delay.min(self.config.timeout)).await;
@@ -284,8 +299,8 @@ impl Mirror {
                     return Ok(aborted(status));
                 }
             }
-            match canary {
-                Some(peer) => self.exchange(&peer, head.clone()).await,
+            match &canary.peer {
+                Some(peer) => self.exchange(peer, head.clone()).await,
                 None => Err(Outcome::Error),
             }
         };
@@ -318,15 +333,17 @@ impl Mirror {
         };
         // The same request's two outcomes: a pair for the shadow stage's errors verdict.
         let copy_failed = copy.as_ref().map_or(true, |c| c.status >= 500);
-        let served = match served {
-            ServedOutcome::Answered(served) => served,
-            ServedOutcome::Failed => {
-                self.report.pair(true, copy_failed);
+        let (served, copy) = match (served, copy) {
+            (ServedOutcome::Answered(served), Ok(copy)) => (served, copy),
+            (served, _) => {
+                let served_failed = match served {
+                    ServedOutcome::Answered(served) => served.status >= 500,
+                    ServedOutcome::Failed => true,
+                };
+                self.report.pair(served_failed, copy_failed, None);
                 return;
             }
         };
-        self.report.pair(served.status >= 500, copy_failed);
-        let Ok(copy) = copy else { return };
         if let Some(second) = &second {
             self.report
                 .record_noise(&compare(&served, second, &self.settings));
@@ -341,6 +358,8 @@ impl Mirror {
             differences: differences.clone(),
         });
         self.metrics.comparison(different);
+        self.report
+            .pair(served.status >= 500, copy_failed, Some(different));
     }
 
     /// One copy: sent on a connection of the mirror's own, read whole within `timeout`.
@@ -375,16 +394,9 @@ impl Mirror {
             .unwrap_or(Err(Outcome::Timeout))
     }
 
-    /// The next endpoint of `backend` in turn, other than `except` (`None` when there is no
-    /// other).
-    fn next_peer(&self, backend: usize, except: Option<usize>) -> Option<Arc<Peer>> {
-        let peers = self.peers.get(backend)?;
-        let candidates: Vec<usize> = (0..peers.len()).filter(|&i| Some(i) != except).collect();
-        if candidates.is_empty() {
-            return None;
-        }
-        let turn = self.cursors[backend].fetch_add(1, Ordering::Relaxed);
-        Some(peers[candidates[turn % candidates.len()]].clone())
+    /// The mirror's own connections to endpoint `endpoint` of `backend`.
+    fn peer(&self, backend: usize, endpoint: Option<usize>) -> Option<Arc<Peer>> {
+        self.peers.get(backend)?.get(endpoint?).cloned()
     }
 }
 

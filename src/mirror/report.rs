@@ -59,13 +59,24 @@ pub struct Counts {
     /// Compared copies with a difference at a path the noise filter reported when they were
     /// counted.
     pub different: AtomicU64,
+}
+
+/// Each request's pair of outcomes, its copy's and its served request's, counted together
+/// (one lock per copy) so that a reader never sees a pair without its outcomes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PairCounts {
     /// Requests whose copy's outcome and served outcome were both seen (answered, failed,
     /// timed out): the pairs a shadow stage judges errors on.
-    pub pairs: AtomicU64,
+    pub pairs: u64,
     /// Of the pairs, those where only the copy failed (a 5xx, an error, a timeout)...
-    pub copy_only_errors: AtomicU64,
-    /// ...and those where only the served request failed (a 5xx, the proxy's 502 or 504).
-    pub served_only_errors: AtomicU64,
+    pub copy_only_errors: u64,
+    /// ...and those where only the served request failed (a 5xx, the proxy's 502 or 504;
+    /// a failed connect before a retry elsewhere).
+    pub served_only_errors: u64,
+    /// Of the pairs, those where both answered and were compared...
+    pub compared: u64,
+    /// ...and of those, the ones that differed at a path the noise filter reported.
+    pub different: u64,
 }
 
 impl Counts {
@@ -125,6 +136,7 @@ struct Paths {
 #[derive(Debug, Default)]
 pub struct MirrorReport {
     pub counts: Counts,
+    pairs: Mutex<PairCounts>,
     paths: Mutex<Paths>,
 }
 
@@ -155,16 +167,23 @@ impl MirrorReport {
         reported
     }
 
-    /// Counts one request's pair of outcomes: whether its served request failed, and
-    /// whether its copy did.
-    pub fn pair(&self, served_failed: bool, copy_failed: bool) {
-        let counts = &self.counts;
-        counts.pairs.fetch_add(1, Ordering::Relaxed);
-        match (served_failed, copy_failed) {
-            (false, true) => counts.copy_only_errors.fetch_add(1, Ordering::Relaxed),
-            (true, false) => counts.served_only_errors.fetch_add(1, Ordering::Relaxed),
-            _ => 0,
-        };
+    /// Counts one request's pair of outcomes: whether its served request failed, whether
+    /// its copy did, and when both answers were compared, whether they differed (as
+    /// [`record`](Self::record) counted it).
+    pub fn pair(&self, served_failed: bool, copy_failed: bool, different: Option<bool>) {
+        let mut pairs = self.pairs.lock().unwrap_or_else(|e| e.into_inner());
+        pairs.pairs += 1;
+        pairs.copy_only_errors += u64::from(copy_failed && !served_failed);
+        pairs.served_only_errors += u64::from(served_failed && !copy_failed);
+        if let Some(different) = different {
+            pairs.compared += 1;
+            pairs.different += u64::from(different);
+        }
+    }
+
+    /// The pairs counted so far.
+    pub fn pairs(&self) -> PairCounts {
+        *self.pairs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Counts the comparison of a second copy to the served version: where the served
@@ -199,12 +218,10 @@ impl MirrorReport {
             &counts.compared,
             &counts.identical,
             &counts.different,
-            &counts.pairs,
-            &counts.copy_only_errors,
-            &counts.served_only_errors,
         ] {
             counter.store(0, Ordering::Relaxed);
         }
+        *self.pairs.lock().unwrap_or_else(|e| e.into_inner()) = PairCounts::default();
         *self.lock() = Paths::default();
     }
 
@@ -213,6 +230,7 @@ impl MirrorReport {
         let c = &self.counts;
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         let compared = load(&c.compared);
+        let pairs = self.pairs();
         let paths = self.lock();
         let mut rows: Vec<(&String, &PathCounts)> = paths.counts.iter().collect();
         rows.sort_by(|a, b| {
@@ -264,9 +282,9 @@ impl MirrorReport {
                 "compared": compared,
                 "identical": load(&c.identical),
                 "different": load(&c.different),
-                "pairs": load(&c.pairs),
-                "copy_only_errors": load(&c.copy_only_errors),
-                "served_only_errors": load(&c.served_only_errors),
+                "pairs": pairs.pairs,
+                "copy_only_errors": pairs.copy_only_errors,
+                "served_only_errors": pairs.served_only_errors,
             },
             "difference_rate": self.difference_rate(),
             "paths": rows,

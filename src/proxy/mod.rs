@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use crate::chain::Chain;
 use crate::id::Id;
 use crate::metrics::{FaultKind, Metrics, UpstreamErrorKind};
-use crate::mirror::copy::{BodySize, Mirror, Served, ServedCapture, X_CANARY_MIRROR};
+use crate::mirror::copy::{BodySize, CopyTargets, Mirror, Served, ServedCapture, X_CANARY_MIRROR};
 use crate::routing::fault::Injection;
 use crate::routing::{Backend, Endpoint, Reason, RoutingTable, SharedTable};
 use crate::upstream::{
@@ -262,19 +262,22 @@ impl Proxy {
             match send_with_retry(table, target, outgoing, started, outcome).await {
                 Ok(sent) => sent,
                 Err(error) => {
-                    if let Some((capture, index, _)) = planned {
-                        served_failed(capture, index, outcome, &error);
+                    if let Some((capture, _, _)) = planned {
+                        served_failed(capture, &error);
                     }
                     return Err(error);
                 }
             };
         // Retried elsewhere, the answer is not the one the copies are to be compared with
-        // (it may even be the canary's): the comparison is dropped.
-        if let Some((capture, index, endpoint)) = planned
-            && index == target.index
-            && Arc::ptr_eq(&endpoint, target.endpoint)
-        {
-            capture.watch(&mut response);
+        // (it may even be the canary's); but the served version failed the request's first
+        // attempt (a failed connect), as a copy that cannot connect fails: the pair counts
+        // that failure, or the copies' failures would weigh against the canary alone.
+        if let Some((capture, index, endpoint)) = planned {
+            if index == target.index && Arc::ptr_eq(&endpoint, target.endpoint) {
+                capture.watch(&mut response);
+            } else {
+                capture.failed();
+            }
         }
         let request_id = outcome.request_id.clone();
         rewrite_response(response, &target, websocket, table, request_id)
@@ -298,11 +301,11 @@ fn mirror_copy(
 }
 
 /// Tells a copy that the served version failed its request (502, 504), so the shadow stage
-/// pairs the copy's outcome with an error. A failure of the client's own, or of another
-/// backend the request was retried on, is no outcome of the served version.
+/// pairs the copy's outcome with an error. A failure of the client's own is no outcome of
+/// the served version; one after a retry on another backend is (its first attempt failed).
 #[cold]
 #[inline(never)]
-fn served_failed(capture: ServedCapture, index: usize, outcome: &Outcome, error: &ProxyError) {
+fn served_failed(capture: ServedCapture, error: &ProxyError) {
     let upstream = matches!(
         error,
         ProxyError::Connect { .. }
@@ -310,7 +313,7 @@ fn served_failed(capture: ServedCapture, index: usize, outcome: &Outcome, error:
             | ProxyError::Timeout { .. }
             | ProxyError::UnexpectedUpgrade { .. }
     );
-    if upstream && outcome.backend == Some(index) {
+    if upstream {
         capture.failed();
     }
 }
@@ -324,11 +327,6 @@ fn copy_beside(
 ) -> Option<ServedCapture> {
     // Only the proxy's copies carry the mark: one a client sent is not passed on.
     outgoing.headers_mut().remove(&X_CANARY_MIRROR);
-    let endpoint = target
-        .backend
-        .endpoints
-        .iter()
-        .position(|e| Arc::ptr_eq(e, target.endpoint))?;
     let size = if http_body::Body::is_end_stream(outgoing.body()) {
         BodySize::None
     } else {
@@ -338,7 +336,7 @@ fn copy_beside(
             None => BodySize::Unknown,
         }
     };
-    let admission = mirror.admit(&served(target, endpoint, outgoing)?, size)?;
+    let admission = mirror.admit(&served(target, outgoing)?, size)?;
     let kept = (size != BodySize::None).then(|| {
         let limit = usize::try_from(mirror.config.max_body).unwrap_or(usize::MAX);
         let body = std::mem::replace(outgoing.body_mut(), ForwardBody::Empty);
@@ -346,26 +344,25 @@ fn copy_beside(
         *outgoing.body_mut() = teed;
         kept
     });
-    // A fault drill on the mirror backend holds or answers its copies too.
-    let fault = table.backends.get(mirror.backend).and_then(|backend| {
-        let fault = backend.fault.as_ref()?;
-        Some((
-            fault.draw(outgoing.headers(), &mut rand::rng()),
-            backend.metrics.clone(),
-        ))
-    });
-    mirror.spawn(admission, &served(target, endpoint, outgoing)?, kept, fault)
+    let canary = table.backends.get(mirror.backend)?;
+    let targets = CopyTargets {
+        canary: canary.pick_endpoint_index(None),
+        second: target.backend.pick_endpoint_index(Some(target.endpoint)),
+        // A fault drill on the mirror backend holds or answers its copies too.
+        fault: canary.fault.as_ref().map(|fault| {
+            (
+                fault.draw(outgoing.headers(), &mut rand::rng()),
+                canary.metrics.clone(),
+            )
+        }),
+    };
+    mirror.spawn(admission, &served(target, outgoing)?, kept, targets)
 }
 
-/// `outgoing`, as it goes to `target`'s endpoint number `endpoint`, as mirroring sees it.
-fn served<'a>(
-    target: &Target<'_>,
-    endpoint: usize,
-    outgoing: &'a Request<ForwardBody>,
-) -> Option<Served<'a>> {
+/// `outgoing`, as it goes to `target`, as mirroring sees it.
+fn served<'a>(target: &Target<'_>, outgoing: &'a Request<ForwardBody>) -> Option<Served<'a>> {
     Some(Served {
         backend: target.index,
-        endpoint,
         method: outgoing.method(),
         uri: outgoing.uri(),
         headers: outgoing.headers(),

@@ -253,13 +253,54 @@ pub struct ShadowTick {
     /// Requests whose copy's outcome and served outcome were both seen.
     pub pairs: u64,
     /// Of those, the ones where the copy failed and the served request did not.
-    pub canary_only_errors: u64,
+    pub copy_only_errors: u64,
     /// Of those, the ones where the served request failed and the copy did not.
-    pub baseline_only_errors: u64,
+    pub served_only_errors: u64,
     /// Copies whose answers were compared with the served ones.
     pub compared: u64,
     /// Of those, the ones that differed at a path the noise filter reports.
     pub different: u64,
+}
+
+impl ShadowTick {
+    /// The counts between an earlier reading `before` and this one; a reading lower than
+    /// the one before (the counts were reset) counts from zero.
+    pub fn since(&self, before: &ShadowTick) -> ShadowTick {
+        if self
+            .fields()
+            .iter()
+            .zip(before.fields())
+            .any(|(now, then)| *now < then)
+        {
+            return *self;
+        }
+        self.zip(before, |now, then| now - then)
+    }
+
+    /// Both counts together.
+    pub fn plus(&self, other: &ShadowTick) -> ShadowTick {
+        self.zip(other, u64::saturating_add)
+    }
+
+    fn fields(&self) -> [u64; 5] {
+        [
+            self.pairs,
+            self.copy_only_errors,
+            self.served_only_errors,
+            self.compared,
+            self.different,
+        ]
+    }
+
+    fn zip(&self, other: &ShadowTick, f: impl Fn(u64, u64) -> u64) -> ShadowTick {
+        ShadowTick {
+            pairs: f(self.pairs, other.pairs),
+            copy_only_errors: f(self.copy_only_errors, other.copy_only_errors),
+            served_only_errors: f(self.served_only_errors, other.served_only_errors),
+            compared: f(self.compared, other.compared),
+            different: f(self.different, other.different),
+        }
+    }
 }
 
 impl Evidence {
@@ -298,8 +339,8 @@ impl Evidence {
     /// an outcome `Y = 1` (else `1/2`), tested against `max_diff_rate` by the same betting
     /// tests as errors. Latency is not judged on copies.
     pub fn observe_shadow(&mut self, tick: &ShadowTick, rng: &mut impl Rng) {
-        let canary_only = tick.canary_only_errors.min(tick.pairs);
-        let baseline_only = tick.baseline_only_errors.min(tick.pairs - canary_only);
+        let canary_only = tick.copy_only_errors.min(tick.pairs);
+        let baseline_only = tick.served_only_errors.min(tick.pairs - canary_only);
         self.errors.observe(
             Pairs {
                 baseline_only,
@@ -1390,8 +1431,8 @@ mod tests {
         for _ in 0..pairs {
             let copy = rng.random::<f64>() < copy_errors;
             let served = rng.random::<f64>() < served_errors;
-            tick.canary_only_errors += u64::from(copy && !served);
-            tick.baseline_only_errors += u64::from(served && !copy);
+            tick.copy_only_errors += u64::from(copy && !served);
+            tick.served_only_errors += u64::from(served && !copy);
             if !copy && !served {
                 tick.compared += 1;
                 tick.different += u64::from(rng.random::<f64>() < differ);
@@ -1462,8 +1503,8 @@ mod tests {
         // Counts that do not add up are read within their totals.
         let odd = ShadowTick {
             pairs: 10,
-            canary_only_errors: 20,
-            baseline_only_errors: 20,
+            copy_only_errors: 20,
+            served_only_errors: 20,
             compared: 5,
             different: 9,
         };

@@ -74,8 +74,8 @@ fn tick(rate: f64, p: f64, e: f64, q: f64, rng: &mut SmallRng) -> ShadowTick {
     let compared = n - only_copy - only_served - both;
     ShadowTick {
         pairs: n,
-        canary_only_errors: only_copy,
-        baseline_only_errors: only_served,
+        copy_only_errors: only_copy,
+        served_only_errors: only_served,
         compared,
         different: binomial(compared, q, rng),
     }

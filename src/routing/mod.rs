@@ -221,6 +221,11 @@ impl Backend {
         self.pick(avoid).map(|(index, _)| &self.endpoints[index])
     }
 
+    /// [`pick_endpoint`](Self::pick_endpoint), by index.
+    pub fn pick_endpoint_index(&self, avoid: Option<&Endpoint>) -> Option<usize> {
+        self.pick(avoid).map(|(index, _)| index)
+    }
+
     /// The next endpoint in turn (round robin) that is healthy and not `avoid`: `(index, true)`.
     /// When there is none, the next one in turn that is not `avoid`: `(index, false)`. Each
     /// endpoint's health is read once, so `true` means this call saw it healthy.
