@@ -45,7 +45,11 @@ baseline = "v1"
 canary = "v2"
 steps = [20, 50, 100]
 step_time = "10s"
+"#;
 
+/// The `[rollout.analysis]` of `demo --rollout`, after [`DEMO_ROLLOUT`] (and its shadow
+/// line, with `--shadow`).
+pub const DEMO_ROLLOUT_ANALYSIS: &str = r#"
 [rollout.analysis]
 interval = "1s"
 min_requests = 100
@@ -103,12 +107,15 @@ const LOAD_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 pub fn demo_config(rollout: bool, bad_canary: bool, shadow: bool) -> String {
     let mut text = DEMO_CONFIG.to_string();
     if rollout {
+        text.push_str(DEMO_ROLLOUT);
         if shadow {
-            let line = format!("step_time = \"10s\"\nshadow = \"{DEMO_SHADOW}\"\n");
-            text.push_str(&DEMO_ROLLOUT.replacen("step_time = \"10s\"\n", &line, 1));
+            text.push_str(&format!(
+                "shadow = \"{DEMO_SHADOW}\"   # added by --shadow\n"
+            ));
+        }
+        text.push_str(DEMO_ROLLOUT_ANALYSIS);
+        if shadow {
             text.push_str(DEMO_SHADOW_MIRROR);
-        } else {
-            text.push_str(DEMO_ROLLOUT);
         }
         if bad_canary {
             text.push_str(DEMO_BAD_CANARY);

@@ -557,7 +557,7 @@ async fn a_shadow_stage_gives_the_canary_copies_only_then_step_1_starts() {
     );
     assert_eq!(history[1]["event"], "advanced");
     let shadow = &status["shadow"];
-    assert_eq!(shadow["current"], false);
+    assert_eq!(shadow["before_step_1"], false);
     assert!(shadow["pairs"].as_u64().unwrap() >= 20, "{shadow:#}");
     assert_eq!(shadow["different"], 0);
     assert_eq!(shadow["differences"]["verdict"], "pass", "{shadow:#}");
@@ -630,7 +630,7 @@ async fn a_failing_shadow_stage_rolls_back_before_any_user_reached_the_canary() 
             "{reason}"
         );
         assert_eq!(
-            status["shadow"]["current"], true,
+            status["shadow"]["before_step_1"], true,
             "ended in the shadow stage"
         );
         assert!(v2.heads().iter().all(|h| is_copy(h)));

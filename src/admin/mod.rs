@@ -11,7 +11,7 @@
 //! | `DELETE /admin/faults` | removes them all, or `?backend=NAME`'s |
 //! | `GET /admin/mirror` | mirroring's config and report (counts, differing paths, examples) |
 //! | `PUT /admin/mirror` | sets mirroring (keys of `[mirror]`); `DELETE` stops it |
-//! | `POST /admin/mirror/reset` | clears mirroring's counts |
+//! | `POST /admin/mirror/reset` | clears mirroring's counts (409 in a shadow stage) |
 //! | `POST`/`PUT /admin/reload` | re-reads the config file |
 //! | `GET /metrics` | Prometheus text format |
 //! | `GET /healthz` | 200 while the process runs |
@@ -302,6 +302,8 @@ async fn handle(
             "GET, PUT, DELETE",
         ),
         (Method::POST, "/admin/mirror/reset") => match &table.mirror {
+            // The shadow stage judges the counts (and the noise it learned) as they grow.
+            Some(_) if let Err(e) = control.check_mirror_not_owned() => control_error(control, &e),
             Some(mirroring) => {
                 mirroring.report.reset();
                 tracing::info!(target: "audit", "mirror counts reset");

@@ -116,7 +116,7 @@ pub struct AnalysisConfig {
     /// Default 0.99.
     pub confidence: f64,
     /// In the shadow stage, the largest share of compared copies whose answers may differ
-    /// from the served ones (noise left out). Default 0.01.
+    /// from the served ones (noise left out). Default 0.01; at least 0.001.
     pub max_diff_rate: f64,
 }
 
@@ -709,6 +709,12 @@ mod tests {
                 "rollout.analysis.max_diff_rate",
                 14,
                 "below 0.5",
+            ),
+            (
+                &["[rollout.analysis]", "max_diff_rate = 0"][..],
+                "rollout.analysis.max_diff_rate",
+                14,
+                "at least 0.001",
             ),
         ] {
             let message = assert_invalid(&with(lines), key, line);

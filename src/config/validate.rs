@@ -1033,11 +1033,13 @@ fn validate_analysis(
             defaults.confidence,
             0.5..1.0,
         )?,
+        // 0 could never be shown (a rate can only be bounded above 0); at 0.1% a stage
+        // without differences passes after some 12,000 comparisons.
         max_diff_rate: fraction(
             "rollout.analysis.max_diff_rate",
             raw.max_diff_rate,
             defaults.max_diff_rate,
-            0.0..0.5,
+            0.001..0.5,
         )?,
     })
 }

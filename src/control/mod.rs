@@ -412,18 +412,45 @@ impl ControlPlane {
         Ok(FaultsApplied { version, faults })
     }
 
-    /// Hands mirroring to an owner (the rollout's shadow stage; who, e.g. "the rollout
-    /// (shadow stage)"), or gives it back with `None`.
-    pub fn set_mirror_owner(&self, owner: Option<String>) {
-        *self.mirror_owner.lock().unwrap_or_else(|e| e.into_inner()) = owner;
-    }
-
     /// Who drives mirroring now, if anyone but the admin API.
     pub fn mirror_owner(&self) -> Option<String> {
         self.mirror_owner
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    fn set_mirror_owner(&self, owner: Option<String>) {
+        *self.mirror_owner.lock().unwrap_or_else(|e| e.into_inner()) = owner;
+    }
+
+    /// Hands mirroring to `owner` (e.g. "the rollout's shadow stage") and puts `config` in
+    /// force, in one write: no admin write lands between the two, and admin writes get 409
+    /// from then on. Nothing changes when `config` is in force already.
+    pub fn own_mirror(&self, owner: &str, config: MirrorConfig) -> Result<(), ControlError> {
+        let _write = self.writes.lock().unwrap_or_else(|e| e.into_inner());
+        self.set_mirror_owner(Some(owner.to_owned()));
+        let current = self.table.load_full();
+        if current.mirror.as_ref().is_some_and(|m| m.config == config) {
+            return Ok(());
+        }
+        self.store_mirror(&current, Some(config), owner).map(|_| ())
+    }
+
+    /// Gives mirroring back, if it has an owner, and puts the config file's in force, in one
+    /// write.
+    pub fn release_mirror(&self) -> Result<(), ControlError> {
+        let _write = self.writes.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(owner) = self.mirror_owner() else {
+            return Ok(());
+        };
+        self.set_mirror_owner(None);
+        let config = self.lock_config().mirror.clone();
+        let current = self.table.load_full();
+        if current.mirror.as_ref().map(|m| &m.config) == config.as_ref() {
+            return Ok(());
+        }
+        self.store_mirror(&current, config, &owner).map(|_| ())
     }
 
     /// Puts mirroring as `config` says in force (`None`: stops it): versioned and audited, not
@@ -435,34 +462,36 @@ impl ControlPlane {
         config: Option<MirrorConfig>,
         if_match: Option<&[u64]>,
     ) -> Result<u64, ControlError> {
-        self.change_mirror(config, if_match, None)
+        self.change_mirror(config, if_match)
     }
 
-    /// [`set_mirror`](Self::set_mirror) for mirroring's owner.
-    pub fn set_owned_mirror(
-        &self,
-        config: Option<MirrorConfig>,
-        by: &str,
-    ) -> Result<u64, ControlError> {
-        self.change_mirror(config, None, Some(by))
-    }
-
-    /// `owner`: who changes it as mirroring's owner; `None` for the admin API.
     fn change_mirror(
         &self,
         config: Option<MirrorConfig>,
         if_match: Option<&[u64]>,
-        owner: Option<&str>,
     ) -> Result<u64, ControlError> {
         let _write = self.writes.lock().unwrap_or_else(|e| e.into_inner());
-        if owner.is_none()
-            && let Some(owner) = self.mirror_owner()
-        {
-            return Err(ControlError::MirrorOwned { owner });
-        }
-        let by = owner.unwrap_or("admin");
+        self.check_mirror_not_owned()?;
         let current = self.table.load_full();
         check_version(if_match, current.version)?;
+        self.store_mirror(&current, config, "admin")
+    }
+
+    /// 409 while mirroring has an owner.
+    pub fn check_mirror_not_owned(&self) -> Result<(), ControlError> {
+        match self.mirror_owner() {
+            Some(owner) => Err(ControlError::MirrorOwned { owner }),
+            None => Ok(()),
+        }
+    }
+
+    /// Puts mirroring as `config` says in force over `current` (call with `writes` held).
+    fn store_mirror(
+        &self,
+        current: &RoutingTable,
+        config: Option<MirrorConfig>,
+        by: &str,
+    ) -> Result<u64, ControlError> {
         let mirror = match config {
             None => None,
             Some(config) => {
@@ -491,7 +520,7 @@ impl ControlPlane {
             target: "audit",
             version = next.version,
             by,
-            old = %describe(&current),
+            old = %describe(current),
             new = %describe(&next),
             "mirroring changed"
         );
@@ -544,8 +573,15 @@ impl ControlPlane {
         if token.is_none() && !listen.ip().is_loopback() {
             return Err(ControlError::WouldOpenAdmin { listen });
         }
-        let next =
+        let mut next =
             RoutingTable::from_config(&config, current.version + 1, Some(&current), &self.metrics);
+        // Mirroring that has an owner (the rollout's shadow stage) stays as its owner set it.
+        if self.mirror_owner().is_some()
+            && let Some(owned) = &current.mirror
+        {
+            let mirror = next.build_mirror(owned.config.clone(), owned.carried(), &self.metrics);
+            next = next.with_mirror(mirror.map(Arc::new), next.version);
+        }
         let version = next.version;
         tracing::info!(
             target: "audit",

@@ -213,6 +213,9 @@ impl RolloutController {
     /// One interval of the shadow stage: the copies' pairs and comparisons since the last
     /// one go into the evidence; latency is not judged on copies.
     fn shadow_tick(&self, run: &mut Run, tick: &ShadowTick) {
+        // Mirroring to the canary, whatever changed it since (a reload that removed the
+        // canary's endpoints, a config file edited).
+        self.own_mirror(run);
         run.evidence.observe_shadow(tick, &mut run.rng);
         run.shadow_seen = run.shadow_seen.plus(tick);
         let differences = run.evidence.differences().unwrap_or(INCONCLUSIVE);
@@ -270,7 +273,12 @@ impl RolloutController {
             && run.canary == canary
         {
             run.machine.step = run.machine.step.min(plan.steps.len().saturating_sub(1));
-            if settings(&run.config) != settings(&rollout) {
+            let (old, new) = (settings(&run.config), settings(&rollout));
+            if old.max_diff_rate.is_some() != new.max_diff_rate.is_some() {
+                tracing::warn!(
+                    "rollout.shadow was added or removed; it applies from the next start of this rollout"
+                );
+            } else if old != new {
                 // New tolerances would start the evidence afresh, a fresh chance to fail for a
                 // bad canary: they apply from the next rollout.
                 tracing::warn!(
@@ -417,33 +425,23 @@ impl RolloutController {
         self.control.set_weight_owner(owner);
     }
 
-    /// In the shadow stage, the rollout owns mirroring and keeps copies going to the canary;
-    /// out of it, it gives mirroring back as the config file has it.
+    /// In the shadow stage, the rollout owns mirroring and keeps copies going to the canary
+    /// (set again if anything changed it); out of it, it gives mirroring back as the config
+    /// file has it.
     fn own_mirror(&self, run: &Run) {
         if !run.machine.in_shadow() {
             self.release_mirror();
             return;
         }
         let config = shadow_mirror(self.control.config().mirror, &run.canary);
-        self.control
-            .set_mirror_owner(Some("the rollout's shadow stage".to_owned()));
-        let table = self.control.table().load();
-        if table.mirror.as_ref().is_some_and(|m| m.config == config) {
-            return;
-        }
-        if let Err(error) = self.control.set_owned_mirror(Some(config), "rollout") {
+        if let Err(error) = self.control.own_mirror(SHADOW_OWNER, config) {
             tracing::error!(error = %Chain(&error), "the shadow stage could not mirror to the canary");
         }
     }
 
     /// Gives mirroring back, as the config file has it, if the rollout owned it.
     fn release_mirror(&self) {
-        if self.control.mirror_owner().is_none() {
-            return;
-        }
-        self.control.set_mirror_owner(None);
-        let config = self.control.config().mirror;
-        if let Err(error) = self.control.set_owned_mirror(config, "rollout") {
+        if let Err(error) = self.control.release_mirror() {
             tracing::error!(error = %Chain(&error), "the rollout could not give mirroring back");
         }
     }
@@ -513,6 +511,9 @@ struct PersistedRef<'a> {
     evidence: &'a Evidence,
 }
 
+/// Who owns mirroring during the shadow stage, as a refused admin write names it.
+const SHADOW_OWNER: &str = "the rollout's shadow stage";
+
 /// The verdict of a metric not judged at this stage.
 const INCONCLUSIVE: MetricVerdict = MetricVerdict {
     verdict: Verdict::Inconclusive,
@@ -565,16 +566,19 @@ impl Run {
     /// The shadow stage as the status shows it: the plan's, and what it saw (`null` without
     /// one). The differences verdict is the stage's last, kept after it.
     fn shadow_status(&self) -> Value {
-        let Some(duration) = self.plan.shadow else {
+        // A stage the config no longer has (a reload took `shadow` out mid-stage) is shown
+        // until the rollout leaves it.
+        if self.plan.shadow.is_none() && !self.machine.shadow {
             return Value::Null;
-        };
+        }
+        let duration = self.plan.shadow.unwrap_or_default();
         let seen = &self.shadow_seen;
         let differences = self.shadow_differences.map(|v| {
             // A rate: the bounds of `d` below 0 or above 1 say nothing more.
             json!({"verdict": v.verdict, "low": v.low.max(0.0), "high": v.high.min(1.0)})
         });
         json!({
-            "current": self.machine.shadow,
+            "before_step_1": self.machine.shadow,
             "duration": crate::duration::format_duration(duration),
             "max_diff_rate": self.config.analysis.max_diff_rate,
             "pairs": seen.pairs,

@@ -446,7 +446,7 @@ fn shadow(out: &mut String, status: &Value, p: &Painter) -> bool {
 
 /// Whether the rollout is in its shadow stage, or ended there.
 fn in_shadow_stage(status: &Value) -> bool {
-    status["shadow"]["current"].as_bool() == Some(true)
+    status["shadow"]["before_step_1"].as_bool() == Some(true)
 }
 
 /// The history, newest last; the reason wraps within `width`.
@@ -866,7 +866,7 @@ mod tests {
         status["step"] = json!(0);
         status["canary_percent"] = json!(0);
         status["shadow"] = json!({
-            "current": true, "duration": "30s", "max_diff_rate": 0.01, "pairs": 1234,
+            "before_step_1": true, "duration": "30s", "max_diff_rate": 0.01, "pairs": 1234,
             "copy_only_errors": 3, "served_only_errors": 1, "compared": 1230, "different": 2,
             "difference_rate": 0.0016, "differences": {"verdict": "pass", "low": 0.0, "high": 0.0075},
         });
@@ -901,7 +901,7 @@ mod tests {
         assert!(caret.find('▲') < Some(16), "{view}");
         // Past it, the steps count from the label after it.
         status["state"] = json!("running");
-        status["shadow"]["current"] = json!(false);
+        status["shadow"]["before_step_1"] = json!(false);
         status["canary_percent"] = json!(10);
         let view = render(&status, 80, false);
         assert!(view.contains("[shadow]━"), "{view}");
