@@ -1018,9 +1018,24 @@ async fn demo_rollout_with_a_shadow_stage_compares_first_then_promotes() {
     );
     assert!(out.contains("the shadow stage passed"), "{out}");
     assert!(out.contains("canary-proxy mirror status"), "{out}");
-    // Mirroring was the rollout's for the shadow stage only: the file's [mirror] is back,
-    // and it copies nothing now that v2 serves everything.
+    // Mirroring was the rollout's for the shadow stage only: the file's [mirror] is back
+    // (and copies nothing now that v2 serves everything), the admin API's to change again.
     assert!(demo_served_by(20).await.iter().all(|b| b == "v2"));
+    let reset = client()
+        .post("http://127.0.0.1:9901/admin/mirror/reset")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reset.status(), 200, "mirroring has no owner any more");
+    let mirror = client()
+        .get("http://127.0.0.1:9901/admin/mirror")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(mirror.contains("\"backend\":\"v2\""), "{mirror}");
     assert!(demo.terminate().success());
 }
 

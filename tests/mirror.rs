@@ -435,7 +435,7 @@ fn shadow_config(v1: &str, v2: &str, shadow: &str, extra: &str) -> String {
          [rollout]\nbaseline = \"v1\"\ncanary = \"v2\"\nshadow = \"{shadow}\"\n\
          steps = [20, 100]\nstep_time = \"1s\"\n\
          [rollout.analysis]\ninterval = \"200ms\"\nmin_requests = 20\nerror_tolerance = 0.05\n\
-         latency_tolerance = 3.0\nmax_step_time = \"60s\"\n{extra}\n"
+         latency_tolerance = 3.0\nmax_step_time = \"60s\"\nmax_diff_rate = 0.05\n{extra}\n"
     )
 }
 
@@ -677,4 +677,87 @@ async fn copies_are_paired_with_the_served_outcome_of_the_same_request() {
     assert_eq!(shown["counts"]["copy_only_errors"], 2, "{shown:#}");
     assert_eq!(shown["counts"]["served_only_errors"], 0);
     assert_eq!(shown["counts"]["compared"], 4);
+}
+
+async fn post(proxy: &TestProxy, path: &str) -> (u16, Value) {
+    let response = client().post(proxy.admin(path)).send().await.unwrap();
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// The shadow stage holds its mirroring through a reload, a pause and a restart of the
+/// process, refuses a reset of the counts it judges, and gives mirroring back when aborted.
+#[tokio::test]
+async fn the_shadow_stage_keeps_its_mirroring_through_reload_pause_and_restart() {
+    let v1 = json_upstream(|_| "{}".to_owned()).await;
+    let v2 = json_upstream(|_| "{}".to_owned()).await;
+    let proxy = start_proxy_with_file(&shadow_config(&v1.url, &v2.url, "1h", "")).await;
+    assert_eq!(post(&proxy, "/admin/rollout/start").await.0, 200);
+    let mirrored = |shown: &Value| shown["config"]["backend"] == "v2";
+    assert!(mirrored(&report(&proxy).await));
+    let (status, refused) = post(&proxy, "/admin/mirror/reset").await;
+    assert_eq!(status, 409, "{refused}");
+    // The file has no [mirror]: a reload keeps the stage's.
+    assert_eq!(post(&proxy, "/admin/reload").await.0, 200);
+    assert!(mirrored(&report(&proxy).await));
+    let (_, paused) = post(&proxy, "/admin/rollout/pause").await;
+    assert_eq!(paused["state"], "paused");
+    assert!(mirrored(&report(&proxy).await));
+    let (_, resumed) = post(&proxy, "/admin/rollout/resume").await;
+    assert_eq!(resumed["state"], "shadow");
+    // A restart resumes the stage from the state file and mirrors again.
+    let proxy = proxy.restart().await;
+    let status = rollout(&proxy).await;
+    assert_eq!(status["state"], "shadow", "{status:#}");
+    assert!(mirrored(&report(&proxy).await));
+    let before = v2.heads().len();
+    for _ in 0..5 {
+        client().get(proxy.url("/")).send().await.unwrap();
+    }
+    report_when(&proxy, |_| v2.heads().len() >= before + 5).await;
+    assert!(v2.heads().iter().all(|h| is_copy(h)));
+    // Aborted: mirroring is the file's again (none), and the admin API's to change.
+    let (_, aborted) = post(&proxy, "/admin/rollout/abort").await;
+    assert_eq!(aborted["state"], "rolled_back");
+    assert_eq!(report(&proxy).await["config"], Value::Null);
+    let put = client()
+        .put(proxy.admin("/admin/mirror"))
+        .body(r#"{"backend": "v2"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 200);
+}
+
+/// Copies that never answer in time are canary errors with nothing to compare: the errors
+/// verdict alone rolls the stage back.
+#[tokio::test]
+async fn copies_that_time_out_fail_the_errors_verdict_alone() {
+    let v1 = json_upstream(|_| "{}".to_owned()).await;
+    let v2 = json_upstream(|_| "{}".to_owned()).await;
+    let mirror = "[mirror]\nbackend = \"v2\"\ntimeout = \"1s\"\n\
+                  [[fault]]\nbackend = \"v2\"\ndelay_percent = 100\ndelay = \"2s\"";
+    let proxy = start_proxy_with_file(&shadow_config(&v1.url, &v2.url, "5s", mirror)).await;
+    let users = Users::start(&proxy, 4);
+    assert_eq!(post(&proxy, "/admin/rollout/start").await.0, 200);
+    let status = through_the_shadow_stage(&proxy, &v2).await;
+    assert_eq!(status["state"], "rolled_back", "{status:#}");
+    let reason = status["history"].as_array().unwrap().last().unwrap()["reason"].clone();
+    assert!(
+        reason
+            .as_str()
+            .unwrap()
+            .contains("the errors verdict failed in the shadow stage"),
+        "{reason}"
+    );
+    let shadow = &status["shadow"];
+    assert_eq!(shadow["compared"], 0, "{shadow:#}");
+    assert_eq!(shadow["copy_only_errors"], shadow["pairs"], "{shadow:#}");
+    assert!(users.served().iter().all(|b| b == "v1"));
+    let shown = report(&proxy).await;
+    assert!(
+        shown["counts"]["timeouts"].as_u64().unwrap() > 0,
+        "{shown:#}"
+    );
 }
