@@ -293,10 +293,14 @@ fn check(path: &Path) -> anyhow::Result<()> {
         let methods: Vec<&str> = mirror.methods.iter().map(|m| m.as_str()).collect();
         let _ = writeln!(
             out,
-            "mirror: {} of {}% of the other backends' requests -> {}, max_body {}, \
+            "mirror: {} of {}% of {} requests -> {}, max_body {}, \
              max_in_flight {}, timeout {}, comparison {}",
             methods.join(", "),
             mirror.percent,
+            mirror
+                .from
+                .as_ref()
+                .map_or("the other backends'".to_owned(), |from| format!("{from}'s")),
             mirror.backend,
             canary_proxy::config::format_size(mirror.max_body),
             mirror.max_in_flight,

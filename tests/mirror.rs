@@ -761,3 +761,36 @@ async fn copies_that_time_out_fail_the_errors_verdict_alone() {
         "{shown:#}"
     );
 }
+
+/// `from` copies one backend's requests only: the shadow stage's mirroring of the
+/// baseline's, when a third version serves too.
+#[tokio::test]
+async fn mirroring_from_one_backend_copies_its_requests_only() {
+    let v1 = json_upstream(|_| "{}".to_owned()).await;
+    let v2 = json_upstream(|_| "{}".to_owned()).await;
+    let v3 = json_upstream(|_| "{}".to_owned()).await;
+    let config = format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n\
+         [[backend]]\nname = \"v1\"\nurls = [\"{}\"]\nweight = 1\n\
+         [[backend]]\nname = \"v2\"\nurls = [\"{}\"]\nweight = 0\n\
+         [[backend]]\nname = \"v3\"\nurls = [\"{}\"]\nweight = 1\n",
+        v1.url, v2.url, v3.url
+    );
+    let proxy = start_proxy(&config).await;
+    let put = |body: &'static str| {
+        let request = client().put(proxy.admin("/admin/mirror")).body(body);
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(put(r#"{"backend": "v2", "from": "v9"}"#).await, 400);
+    assert_eq!(put(r#"{"backend": "v2", "from": "v2"}"#).await, 400);
+    assert_eq!(put(r#"{"backend": "v2", "from": "v1"}"#).await, 200);
+    assert_eq!(report(&proxy).await["config"]["from"], "v1");
+    for _ in 0..40 {
+        let answer = client().get(proxy.url("/")).send().await.unwrap();
+        assert_eq!(answer.status(), 200);
+    }
+    let served_by_v1 = v1.heads().len();
+    assert!((5..=35).contains(&served_by_v1), "{served_by_v1}");
+    report_when(&proxy, |r| r["counts"]["copied"] == served_by_v1).await;
+    assert_eq!(v2.heads().len(), served_by_v1);
+}

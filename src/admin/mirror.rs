@@ -7,8 +7,9 @@ use crate::config::{MirrorConfig, MirrorFields, format_size};
 use crate::control::ControlError;
 use crate::mirror::copy::Mirror;
 
-const KEYS: [&str; 9] = [
+const KEYS: [&str; 10] = [
     "backend",
+    "from",
     "percent",
     "methods",
     "max_body",
@@ -72,6 +73,7 @@ pub fn parse(body: &[u8]) -> Result<MirrorConfig, ControlError> {
     };
     let fields = MirrorFields {
         backend: text("backend")?,
+        from: text("from")?,
         percent,
         methods: texts("methods")?,
         max_body: text("max_body")?,
@@ -95,6 +97,7 @@ fn malformed(message: &str) -> ControlError {
 pub fn config_json(config: &MirrorConfig) -> Value {
     json!({
         "backend": config.backend,
+        "from": config.from,
         "percent": config.percent,
         "methods": config.methods.iter().map(|m| m.as_str()).collect::<Vec<_>>(),
         "max_body": format_size(config.max_body),

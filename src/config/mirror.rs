@@ -21,7 +21,9 @@ pub const MAX_MIRROR_TIMEOUT: Duration = Duration::from_secs(300);
 pub struct MirrorConfig {
     /// The backend that receives the copies, by name.
     pub backend: String,
-    /// Share of the other backends' requests copied, 0 to 100. Default 100.
+    /// Only requests this backend serves are copied, by name; `None`: every other backend's.
+    pub from: Option<String>,
+    /// Share of the requests of `from` (or the other backends) copied, 0 to 100. Default 100.
     pub percent: f64,
     /// Only requests with these methods are copied. Default GET and HEAD: a copied POST
     /// would repeat its side effect.
@@ -48,6 +50,7 @@ pub const DEFAULT_IGNORED_HEADERS: [&str; 5] =
 #[derive(Debug, Default)]
 pub struct MirrorFields<'a> {
     pub backend: Option<&'a str>,
+    pub from: Option<&'a str>,
     pub percent: Option<f64>,
     pub methods: Option<Vec<&'a str>>,
     pub max_body: Option<&'a str>,
@@ -78,7 +81,8 @@ impl MirrorConfig {
 }
 
 impl MirrorFields<'_> {
-    /// Checks the fields. Whether `backend` names a backend is the caller's to check.
+    /// Checks the fields. Whether `backend` and `from` name backends is the caller's to
+    /// check.
     pub fn check(&self) -> Result<MirrorConfig, FieldProblem> {
         let backend = self.backend.ok_or_else(|| {
             problem(
@@ -86,6 +90,14 @@ impl MirrorFields<'_> {
                 "mirroring needs `backend`, the one that gets the copies",
             )
         })?;
+        if self.from == Some(backend) {
+            return Err(problem(
+                "from",
+                format!(
+                    "{backend:?} gets the copies; `from` names the backend whose requests are copied"
+                ),
+            ));
+        }
         let percent = self.percent.unwrap_or(100.0);
         if !(0.0..=100.0).contains(&percent) {
             return Err(problem(
@@ -181,6 +193,7 @@ impl MirrorFields<'_> {
             .unwrap_or_default();
         Ok(MirrorConfig {
             backend: backend.to_owned(),
+            from: self.from.map(str::to_owned),
             percent,
             methods,
             max_body,

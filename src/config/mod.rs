@@ -705,6 +705,20 @@ mod tests {
                 "compare = true",
             ),
             (
+                &[
+                    "[[backend]]",
+                    "name = \"v3\"",
+                    "urls = [\"http://127.0.0.1:3\"]",
+                    "weight = 1",
+                    "[mirror]",
+                    "backend = \"v2\"",
+                    "from = \"v3\"",
+                ][..],
+                "rollout.shadow",
+                12,
+                "copies \"v3\"'s requests",
+            ),
+            (
                 &["[rollout.analysis]", "max_diff_rate = 0.7"][..],
                 "rollout.analysis.max_diff_rate",
                 14,
@@ -1767,6 +1781,20 @@ backend = "v2"
             "mirror.copies",
             11,
         );
+        // `from`: whose requests are copied; a backend of the table, not the mirror's own.
+        let from = valid(&with(&["backend = \"v2\"", "from = \"v1\""]));
+        assert_eq!(from.mirror.unwrap().from.as_deref(), Some("v1"));
+        assert_invalid(
+            &with(&["backend = \"v2\"", "from = \"v3\""]),
+            "mirror.from",
+            11,
+        );
+        let own = assert_invalid(
+            &with(&["backend = \"v2\"", "from = \"v2\""]),
+            "mirror.from",
+            11,
+        );
+        assert!(own.contains("gets the copies"), "{own}");
     }
 
     #[test]

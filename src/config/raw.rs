@@ -28,6 +28,7 @@ pub(super) struct RawConfig {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, expecting = "a table")]
 pub(super) struct RawMirror {
+    pub(super) from: Option<Spanned<String>>,
     pub(super) backend: Option<Spanned<String>>,
     pub(super) percent: Option<Spanned<RawNumber>>,
     pub(super) methods: Option<Spanned<Vec<String>>>,

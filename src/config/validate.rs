@@ -592,6 +592,7 @@ fn validate_mirror(
     let span_of = |field: &str| {
         let span = match field {
             "backend" => raw.backend.as_ref().map(Spanned::span),
+            "from" => raw.from.as_ref().map(Spanned::span),
             "percent" => raw.percent.as_ref().map(Spanned::span),
             "methods" => raw.methods.as_ref().map(Spanned::span),
             "max_body" => raw.max_body.as_ref().map(Spanned::span),
@@ -605,6 +606,7 @@ fn validate_mirror(
     };
     let fields = MirrorFields {
         backend: raw.backend.as_ref().map(|b| b.get_ref().as_str()),
+        from: raw.from.as_ref().map(|b| b.get_ref().as_str()),
         percent: raw.percent.as_ref().map(|p| p.get_ref().0),
         methods: strings(&raw.methods),
         max_body: raw.max_body.as_ref().map(|m| m.get_ref().as_str()),
@@ -617,12 +619,19 @@ fn validate_mirror(
     let mirror = fields
         .check()
         .map_err(|e| FieldError::new(format!("mirror.{}", e.field), span_of(e.field), e.message))?;
-    if !backends.iter().any(|b| b.name == mirror.backend) {
-        return Err(FieldError::new(
-            "mirror.backend",
-            span_of("backend"),
-            format!("unknown backend {:?}", mirror.backend),
-        ));
+    for (field, name) in [
+        ("backend", Some(&mirror.backend)),
+        ("from", mirror.from.as_ref()),
+    ] {
+        if let Some(name) = name
+            && !backends.iter().any(|b| &b.name == name)
+        {
+            return Err(FieldError::new(
+                format!("mirror.{field}"),
+                span_of(field),
+                format!("unknown backend {name:?}"),
+            ));
+        }
     }
     Ok(mirror)
 }
@@ -868,7 +877,12 @@ fn validate_rollout(
                     "must be greater than 0; leave rollout.shadow out for no shadow stage",
                 ));
             }
-            shadow_mirror(mirror, &backends[canary].name, span)?;
+            shadow_mirror(
+                mirror,
+                &backends[baseline].name,
+                &backends[canary].name,
+                span,
+            )?;
             Some(shadow)
         }
     };
@@ -884,10 +898,12 @@ fn validate_rollout(
     })
 }
 
-/// The shadow stage mirrors to the canary with `[mirror]`'s settings when it names the
-/// canary: a `[mirror]` that sends copies elsewhere, or does not compare them, cannot be it.
+/// The shadow stage mirrors the baseline's requests to the canary, with `[mirror]`'s settings
+/// when it names the canary: a `[mirror]` that sends copies elsewhere, copies another
+/// backend's requests, or does not compare, cannot be it.
 fn shadow_mirror(
     mirror: Option<&MirrorConfig>,
+    baseline: &str,
     canary: &str,
     span: Range<usize>,
 ) -> Result<(), FieldError> {
@@ -898,6 +914,11 @@ fn shadow_mirror(
         format!(
             "the shadow stage sends copies to the canary {canary:?}, but [mirror] sends them to {:?}; point mirror.backend at the canary or remove [mirror]",
             mirror.backend
+        )
+    } else if mirror.from.as_deref().is_some_and(|from| from != baseline) {
+        format!(
+            "the shadow stage compares the canary with the baseline {baseline:?}, but [mirror] copies {:?}'s requests",
+            mirror.from.as_deref().unwrap_or_default()
         )
     } else if !mirror.compare {
         "the shadow stage judges the canary by comparing its answers: [mirror] must keep compare = true".to_owned()

@@ -495,6 +495,14 @@ impl ControlPlane {
         let mirror = match config {
             None => None,
             Some(config) => {
+                let unknown = [Some(&config.backend), config.from.as_ref()]
+                    .into_iter()
+                    .flatten()
+                    .find(|name| current.backend(name).is_none())
+                    .cloned();
+                if let Some(name) = unknown {
+                    return Err(ControlError::UnknownBackend(name));
+                }
                 let backend = config.backend.clone();
                 let carried = current
                     .mirror

@@ -433,7 +433,7 @@ impl RolloutController {
             self.release_mirror();
             return;
         }
-        let config = shadow_mirror(self.control.config().mirror, &run.canary);
+        let config = shadow_mirror(self.control.config().mirror, &run.baseline, &run.canary);
         if let Err(error) = self.control.own_mirror(SHADOW_OWNER, config) {
             tracing::error!(error = %Chain(&error), "the shadow stage could not mirror to the canary");
         }
@@ -522,11 +522,14 @@ const INCONCLUSIVE: MetricVerdict = MetricVerdict {
 };
 
 /// The mirroring of a shadow stage: `[mirror]`'s when it names the canary (validation
-/// refuses one that names another backend or does not compare), else the defaults.
-fn shadow_mirror(configured: Option<MirrorConfig>, canary: &str) -> MirrorConfig {
-    configured
+/// refuses one that names another backend, copies another's requests than the baseline's,
+/// or does not compare), else the defaults; either way, of the baseline's requests only.
+fn shadow_mirror(configured: Option<MirrorConfig>, baseline: &str, canary: &str) -> MirrorConfig {
+    let mut config = configured
         .filter(|m| m.backend == canary)
-        .unwrap_or_else(|| MirrorConfig::to_backend(canary))
+        .unwrap_or_else(|| MirrorConfig::to_backend(canary));
+    config.from = Some(baseline.to_owned());
+    config
 }
 
 impl Run {

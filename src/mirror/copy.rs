@@ -40,6 +40,8 @@ pub struct Mirror {
     pub config: MirrorConfig,
     /// Index of the backend that gets the copies.
     pub backend: usize,
+    /// Index of the backend whose requests are copied; `None`: every other backend's.
+    from: Option<usize>,
     /// The mirror's own connections, `[backend][endpoint]`: copies to the canary and second
     /// copies to a served version never use (or disturb) the pools that serve clients.
     peers: Vec<Vec<Arc<Peer>>>,
@@ -126,11 +128,12 @@ pub struct Served<'a> {
 }
 
 impl Mirror {
-    /// Mirroring to backend `backend`, with pools of its own for `endpoints`: the
+    /// Mirroring to backend `backend` of the requests of backend `from` (every other
+    /// backend's when `None`), with pools of its own for `endpoints`: the
     /// `(url, authority)` of each endpoint of each backend, in table order.
     pub fn new(
         config: MirrorConfig,
-        backend: usize,
+        (backend, from): (usize, Option<usize>),
         endpoints: Vec<Vec<(String, http::uri::Authority)>>,
         upstream: UpstreamSettings,
         carried: Carried,
@@ -155,6 +158,7 @@ impl Mirror {
         Mirror {
             config,
             backend,
+            from,
             peers,
             upstream: Upstream::new(upstream),
             settings,
@@ -166,12 +170,13 @@ impl Mirror {
     }
 
     /// Whether the request `served` describes gets a copy: not one the mirror backend serves
-    /// itself; its method listed (and no protocol switch); selected by its request id (the same id is always copied or
+    /// itself, nor (with `from`) one another backend than `from` serves; its method listed
+    /// (and no protocol switch); selected by its request id (the same id is always copied or
     /// never); a body no larger than `max_body` as far as its length is known (a body of
     /// unknown length is checked as it streams); fewer than `max_in_flight` copies running.
     /// Counts what it decides.
     pub fn admit(&self, served: &Served<'_>, body: BodySize) -> Option<Admission> {
-        if served.backend == self.backend {
+        if served.backend == self.backend || self.from.is_some_and(|from| served.backend != from) {
             return None;
         }
         // A protocol switch is no request to copy: the canary would switch too.

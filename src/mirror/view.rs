@@ -21,8 +21,12 @@ pub fn render(report: &Value, width: usize) -> String {
         .as_array()
         .map(|m| m.iter().filter_map(Value::as_str).collect())
         .unwrap_or_default();
+    let source = match config["from"].as_str() {
+        Some(from) => format!("{from}'s"),
+        None => "the other backends'".to_owned(),
+    };
     out.push_str(&format!(
-        "mirroring {} → {} ({}% of the other backends' requests), comparison {}\n",
+        "mirroring {} → {} ({}% of {source} requests), comparison {}\n",
         methods.join(", "),
         text(&config["backend"]),
         number(&config["percent"]),
@@ -175,6 +179,13 @@ mod tests {
             "{shown}"
         );
         assert!(render(&report, 20).lines().all(|l| l.chars().count() < 120));
+        let mut from = report.clone();
+        from["config"]["from"] = json!("v1");
+        assert!(
+            render(&from, 80).starts_with("mirroring GET, HEAD → v2 (100% of v1's requests)"),
+            "{}",
+            render(&from, 80)
+        );
     }
 
     #[test]

@@ -378,8 +378,9 @@ impl RoutingTable {
         table
     }
 
-    /// Mirroring as `config` says, in this table: its backend resolved, pools of its own for
-    /// every endpoint, and what it `carried` from the mirroring it replaces.
+    /// Mirroring as `config` says, in this table: its backends resolved (`None` when one is
+    /// not in the table), pools of its own for every endpoint, and what it `carried` from the
+    /// mirroring it replaces.
     pub fn build_mirror(
         &self,
         config: MirrorConfig,
@@ -390,6 +391,10 @@ impl RoutingTable {
             .backends
             .iter()
             .position(|b| b.name == config.backend)?;
+        let from = match &config.from {
+            Some(name) => Some(self.backends.iter().position(|b| &b.name == name)?),
+            None => None,
+        };
         let endpoints = self
             .backends
             .iter()
@@ -403,7 +408,7 @@ impl RoutingTable {
         let settings = self.backends[backend].upstream.settings();
         Some(Mirror::new(
             config,
-            backend,
+            (backend, from),
             endpoints,
             settings,
             carried,
