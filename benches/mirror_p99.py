@@ -10,6 +10,14 @@ What it measures
     proxy in turn, alternating which goes first. The report gives p50/p99/p99.9 per round,
     the medians, the ratio mirror / plain, and the mirror's counts (GET /admin/mirror).
 
+    A third variant, plain+copies, tells the proxy's own cost from the rig's: the plain proxy
+    again, while a second generator sends what the copies would (0.9 x RATE GETs: those
+    served by v1) straight to v2's port, from the proxy's core at nice 19 as the copy threads
+    do. On two cores the copies' upstream is the one nginx that serves v1 too, on the core the
+    generator shares, so copies slow served requests there whatever sends them: mirror /
+    plain+copies is what the proxy's mirroring itself (admission, capture, hand-over,
+    comparison) costs the served requests; mirror / plain is the whole.
+
     load.py measures at saturation (wrk sends as fast as the proxy answers), where a copy,
     being a second upstream exchange, must cost throughput and latency. The contract's bound
     on what mirroring may cost served requests (p99 within 10%) is about a proxy with CPU to
@@ -35,6 +43,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -42,7 +51,9 @@ import load  # noqa: E402  (load.py beside this file: configs, processes, ports)
 
 REPORT_PATH = os.path.join(load.ROOT, "target", "mirror-p99.md")
 MIRROR_TOML = '\n[mirror]\nbackend = "v2"\n'
-VARIANTS = ("plain", "mirror")
+VARIANTS = ("plain", "mirror", "plain+copies")
+# The share of requests copied: the GETs v1 serves (load.py's config: v1 90, v2 10).
+COPIED_SHARE = 0.9
 
 
 def parse_args():
@@ -82,6 +93,14 @@ def run_load(exe, port, rate, seconds, conns, load_cpu):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def copies_alongside(exe, port, rate, seconds, conns, proxy_cpu):
+    """Starts the second generator of plain+copies: what the copies would send, from the
+    proxy's core at nice 19."""
+    argv = ["nice", "-n", "19", "taskset", "-c", str(proxy_cpu), exe,
+            f"http://127.0.0.1:{port}/", str(rate * COPIED_SHARE), str(seconds), str(conns)]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def mirror_counts(admin_port):
     with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/admin/mirror", timeout=5) as r:
         return json.load(r)["counts"]
@@ -109,7 +128,7 @@ def main():
                                             prefix, "-c", conf], logf)
         load.wait_listening(v1, upstream, "upstream nginx", logf)
         ports = {}
-        for variant in VARIANTS:
+        for variant in VARIANTS[:2]:
             port, admin = load.free_ports(2)
             path = load.write_canary_conf(tmp, port, admin, v1, v2, "", f"{variant}.toml")
             if variant == "mirror":
@@ -121,14 +140,25 @@ def main():
                                env=dict(os.environ, RUST_LOG="warn"))
             load.wait_listening(port, proc, f"canary {variant}", log)
             ports[variant] = (port, admin)
-        for variant in VARIANTS:
+        ports["plain+copies"] = ports["plain"]
+        for variant in VARIANTS[:2]:
             run_load(exe, ports[variant][0], args.rate, 2, args.conns, load_cpu)  # warm-up
         results = {v: [] for v in VARIANTS}
         for r in range(args.rounds):
             order = VARIANTS if r % 2 == 0 else VARIANTS[::-1]
             for variant in order:
-                res = run_load(exe, ports[variant][0], args.rate, args.duration, args.conns,
-                               load_cpu)
+                extra = None
+                if variant == "plain+copies":
+                    # Up a little before and after the measured run.
+                    extra = copies_alongside(exe, v2, args.rate, args.duration + 2, args.conns,
+                                             proxy_cpu)
+                    time.sleep(1)
+                try:
+                    res = run_load(exe, ports[variant][0], args.rate, args.duration,
+                                   args.conns, load_cpu)
+                finally:
+                    if extra is not None:
+                        extra.wait(timeout=args.duration + 60)
                 results[variant].append(res)
                 load.log(f"round {r + 1} {variant:7} p50 {res['p50_ms']:.3f} ms  p99 "
                          f"{res['p99_ms']:.3f} ms  p99.9 {res['p999_ms']:.3f} ms  "
@@ -157,6 +187,8 @@ def report(args, results, counts):
         f"connections, {args.rounds} rounds (order alternating); binary {args.binary}",
         "- mirror: `[mirror] backend = \"v2\"` (GETs served by v1 copied to v2 and compared); "
         "plain: the same config without it",
+        f"- plain+copies: plain, while {COPIED_SHARE * args.rate:,.0f} GETs/s go straight to v2 "
+        "from the proxy's core at nice 19 (the copies' load, without the proxy's mirroring)",
         f"- mirror counts: copied {counts['copied']:,}, dropped {counts['dropped']:,}, errors "
         f"{counts['errors']:,}, timeouts {counts['timeouts']:,}, compared {counts['compared']:,}",
         "",
@@ -168,13 +200,13 @@ def report(args, results, counts):
         sent = sum(r["sent"] for r in results[v])
         lines.append(f"| {v} | {med(v, 'p50_ms'):.3f} | {med(v, 'p99_ms'):.3f} | "
                      f"{med(v, 'p999_ms'):.3f} | {answered:,} / {sent:,} |")
-    per_round = [m["p99_ms"] / p["p99_ms"] for m, p in zip(results["mirror"], results["plain"])]
-    lines += [
-        "",
-        f"mirror / plain, medians: p50 {med('mirror', 'p50_ms') / med('plain', 'p50_ms'):.2f}×, "
-        f"p99 {med('mirror', 'p99_ms') / med('plain', 'p99_ms'):.2f}× (rounds "
-        f"{min(per_round):.2f}–{max(per_round):.2f}×)",
-    ]
+    lines.append("")
+    for base in ("plain", "plain+copies"):
+        per_round = [m["p99_ms"] / p["p99_ms"] for m, p in zip(results["mirror"], results[base])]
+        lines.append(
+            f"mirror / {base}, medians: p50 {med('mirror', 'p50_ms') / med(base, 'p50_ms'):.2f}×, "
+            f"p99 {med('mirror', 'p99_ms') / med(base, 'p99_ms'):.2f}× (rounds "
+            f"{min(per_round):.2f}–{max(per_round):.2f}×)")
     return "\n".join(lines) + "\n"
 
 
