@@ -304,6 +304,10 @@ async fn noise_between_two_served_instances_is_not_a_canary_difference() {
     );
     assert_eq!(price["reported"], true);
     assert!(paths.iter().all(|p| p["path"] != "body.id"));
+    // The second copies take turns of their own: the served requests still alternate
+    // between the two instances (unmarked requests: served ones).
+    let served = |u: &JsonUpstream| u.heads().iter().filter(|h| !is_copy(h)).count();
+    assert_eq!((served(&a), served(&b)), (30, 30));
 }
 
 #[tokio::test]
@@ -694,13 +698,20 @@ async fn the_shadow_stage_keeps_its_mirroring_through_reload_pause_and_restart()
     let v2 = json_upstream(|_| "{}".to_owned()).await;
     let proxy = start_proxy_with_file(&shadow_config(&v1.url, &v2.url, "1h", "")).await;
     assert_eq!(post(&proxy, "/admin/rollout/start").await.0, 200);
-    let mirrored = |shown: &Value| shown["config"]["backend"] == "v2";
+    // Copies of the baseline's requests only.
+    let mirrored =
+        |shown: &Value| shown["config"]["backend"] == "v2" && shown["config"]["from"] == "v1";
     assert!(mirrored(&report(&proxy).await));
     let (status, refused) = post(&proxy, "/admin/mirror/reset").await;
     assert_eq!(status, 409, "{refused}");
-    // The file has no [mirror]: a reload keeps the stage's.
+    // The file has no [mirror]: a reload keeps the stage's, in the same table change (not
+    // turned off and then set again by the rollout: the version moves by one).
+    let before = report(&proxy).await["version"].as_u64().unwrap();
     assert_eq!(post(&proxy, "/admin/reload").await.0, 200);
-    assert!(mirrored(&report(&proxy).await));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = report(&proxy).await;
+    assert!(mirrored(&after));
+    assert_eq!(after["version"].as_u64(), Some(before + 1), "{after:#}");
     let (_, paused) = post(&proxy, "/admin/rollout/pause").await;
     assert_eq!(paused["state"], "paused");
     assert!(mirrored(&report(&proxy).await));
@@ -792,5 +803,16 @@ async fn mirroring_from_one_backend_copies_its_requests_only() {
     let served_by_v1 = v1.heads().len();
     assert!((5..=35).contains(&served_by_v1), "{served_by_v1}");
     report_when(&proxy, |r| r["counts"]["copied"] == served_by_v1).await;
-    assert_eq!(v2.heads().len(), served_by_v1);
+    // The copies are of v1's requests, each once.
+    let ids = |u: &JsonUpstream| {
+        let mut ids: Vec<String> = u
+            .heads()
+            .iter()
+            .filter_map(|h| h.lines().find_map(|l| l.strip_prefix("x-request-id: ")))
+            .map(str::to_owned)
+            .collect();
+        ids.sort();
+        ids
+    };
+    assert_eq!(ids(&v2), ids(&v1));
 }

@@ -301,18 +301,14 @@ async fn handle(
             "use GET to read, PUT to set, DELETE to stop",
             "GET, PUT, DELETE",
         ),
-        (Method::POST, "/admin/mirror/reset") => match &table.mirror {
-            // The shadow stage judges the counts (and the noise it learned) as they grow.
-            Some(_) if let Err(e) = control.check_mirror_not_owned() => control_error(control, &e),
-            Some(mirroring) => {
-                mirroring.report.reset();
-                tracing::info!(target: "audit", "mirror counts reset");
-                json_response(
-                    StatusCode::OK,
-                    mirror::to_json(table.version, Some(mirroring)),
-                )
-            }
-            None => error(StatusCode::NOT_FOUND, "mirroring is off: nothing to reset"),
+        // A shadow stage judges the counts (and the noise learned) as they grow: 409 then.
+        (Method::POST, "/admin/mirror/reset") => match control.reset_mirror_counts() {
+            Ok(Some(table)) => json_response(
+                StatusCode::OK,
+                mirror::to_json(table.version, table.mirror.as_deref()),
+            ),
+            Ok(None) => error(StatusCode::NOT_FOUND, "mirroring is off: nothing to reset"),
+            Err(e) => control_error(control, &e),
         },
         (_, "/admin/mirror/reset") => not_allowed("reset needs POST", "POST"),
         (Method::GET, "/admin/rollout") => {

@@ -429,12 +429,33 @@ impl ControlPlane {
     /// from then on. Nothing changes when `config` is in force already.
     pub fn own_mirror(&self, owner: &str, config: MirrorConfig) -> Result<(), ControlError> {
         let _write = self.writes.lock().unwrap_or_else(|e| e.into_inner());
-        self.set_mirror_owner(Some(owner.to_owned()));
         let current = self.table.load_full();
-        if current.mirror.as_ref().is_some_and(|m| m.config == config) {
-            return Ok(());
+        if !current.mirror.as_ref().is_some_and(|m| m.config == config) {
+            // Counts and noise learned copying other requests say nothing about these
+            // copies: the owner judges its own from the start.
+            let fresh = current
+                .mirror
+                .as_ref()
+                .is_some_and(|m| m.config.from != config.from);
+            self.store_mirror(&current, Some(config), owner, fresh)?;
         }
-        self.store_mirror(&current, Some(config), owner).map(|_| ())
+        self.set_mirror_owner(Some(owner.to_owned()));
+        Ok(())
+    }
+
+    /// Clears mirroring's counts (`POST /admin/mirror/reset`): 409 while mirroring has an
+    /// owner, which judges them; `None` when mirroring is off. Under the write lock, so an
+    /// owner cannot take mirroring over between the check and the reset.
+    pub fn reset_mirror_counts(&self) -> Result<Option<Arc<RoutingTable>>, ControlError> {
+        let _write = self.writes.lock().unwrap_or_else(|e| e.into_inner());
+        self.check_mirror_not_owned()?;
+        let table = self.table.load_full();
+        let Some(mirror) = &table.mirror else {
+            return Ok(None);
+        };
+        mirror.report.reset();
+        tracing::info!(target: "audit", "mirror counts reset");
+        Ok(Some(table))
     }
 
     /// Gives mirroring back, if it has an owner, and puts the config file's in force, in one
@@ -450,7 +471,8 @@ impl ControlPlane {
         if current.mirror.as_ref().map(|m| &m.config) == config.as_ref() {
             return Ok(());
         }
-        self.store_mirror(&current, config, &owner).map(|_| ())
+        self.store_mirror(&current, config, &owner, false)
+            .map(|_| ())
     }
 
     /// Puts mirroring as `config` says in force (`None`: stops it): versioned and audited, not
@@ -474,7 +496,7 @@ impl ControlPlane {
         self.check_mirror_not_owned()?;
         let current = self.table.load_full();
         check_version(if_match, current.version)?;
-        self.store_mirror(&current, config, "admin")
+        self.store_mirror(&current, config, "admin", false)
     }
 
     /// 409 while mirroring has an owner.
@@ -485,12 +507,15 @@ impl ControlPlane {
         }
     }
 
-    /// Puts mirroring as `config` says in force over `current` (call with `writes` held).
+    /// Puts mirroring as `config` says in force over `current` (call with `writes` held). Its
+    /// counts go on from the mirroring it replaces, unless `fresh_counts` or the copies go to
+    /// another backend now.
     fn store_mirror(
         &self,
         current: &RoutingTable,
         config: Option<MirrorConfig>,
         by: &str,
+        fresh_counts: bool,
     ) -> Result<u64, ControlError> {
         let mirror = match config {
             None => None,
@@ -504,11 +529,19 @@ impl ControlPlane {
                     return Err(ControlError::UnknownBackend(name));
                 }
                 let backend = config.backend.clone();
-                let carried = current
+                let mut carried = current
                     .mirror
                     .as_ref()
                     .map(|m| m.carried())
                     .unwrap_or_default();
+                if fresh_counts
+                    || current
+                        .mirror
+                        .as_ref()
+                        .is_some_and(|m| m.config.backend != config.backend)
+                {
+                    carried.report = Arc::default();
+                }
                 let mirror = current
                     .build_mirror(config, carried, &self.metrics)
                     .ok_or(ControlError::UnknownBackend(backend))?;
@@ -584,11 +617,17 @@ impl ControlPlane {
         let mut next =
             RoutingTable::from_config(&config, current.version + 1, Some(&current), &self.metrics);
         // Mirroring that has an owner (the rollout's shadow stage) stays as its owner set it.
-        if self.mirror_owner().is_some()
+        if let Some(owner) = self.mirror_owner()
             && let Some(owned) = &current.mirror
         {
-            let mirror = next.build_mirror(owned.config.clone(), owned.carried(), &self.metrics);
-            next = next.with_mirror(mirror.map(Arc::new), next.version);
+            match next.build_mirror(owned.config.clone(), owned.carried(), &self.metrics) {
+                Some(mirror) => next = next.with_mirror(Some(Arc::new(mirror)), next.version),
+                None => tracing::warn!(
+                    owner,
+                    backend = owned.config.backend,
+                    "the new config has no backend for the owner's mirroring; mirroring is the file's"
+                ),
+            }
         }
         let version = next.version;
         tracing::info!(

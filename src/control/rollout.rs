@@ -131,9 +131,13 @@ impl RolloutController {
             run.evidence = Evidence::new(&settings(&run.config));
             run.shadow_seen = ShadowTick::default();
             run.shadow_differences = None;
+        }
+        let applied = self.apply(run, change, &format!("operator: {}", command.as_str()));
+        if change.event == Event::Started {
+            // The mirroring the shadow stage put in force counts from here.
             run.shadow_last = run.read_shadow(&self.control);
         }
-        self.apply(run, change, &format!("operator: {}", command.as_str()))?;
+        applied?;
         Ok(run.status(&self.control))
     }
 
@@ -574,7 +578,7 @@ impl Run {
         if self.plan.shadow.is_none() && !self.machine.shadow {
             return Value::Null;
         }
-        let duration = self.plan.shadow.unwrap_or_default();
+        let duration = self.plan.shadow.map(crate::duration::format_duration);
         let seen = &self.shadow_seen;
         let differences = self.shadow_differences.map(|v| {
             // A rate: the bounds of `d` below 0 or above 1 say nothing more.
@@ -582,7 +586,7 @@ impl Run {
         });
         json!({
             "before_step_1": self.machine.shadow,
-            "duration": crate::duration::format_duration(duration),
+            "duration": duration,
             "max_diff_rate": self.config.analysis.max_diff_rate,
             "pairs": seen.pairs,
             "copy_only_errors": seen.copy_only_errors,

@@ -49,6 +49,9 @@ pub struct Mirror {
     settings: Arc<CompareSettings>,
     /// Copies running, carried over from the mirroring this one replaced.
     in_flight: Arc<AtomicUsize>,
+    /// Round-robin cursor per backend, for the copies' endpoint picks: apart from the
+    /// backends' own, so copies never move the served requests' turns.
+    cursors: Vec<AtomicUsize>,
     pub report: Arc<MirrorReport>,
     metrics: MirrorMetrics,
     /// Where copies run, carried over too.
@@ -139,6 +142,7 @@ impl Mirror {
         carried: Carried,
         metrics: MirrorMetrics,
     ) -> Self {
+        let cursors = (0..endpoints.len()).map(|_| AtomicUsize::new(0)).collect();
         let peers = endpoints
             .into_iter()
             .map(|list| {
@@ -161,6 +165,7 @@ impl Mirror {
             from,
             peers,
             upstream: Upstream::new(upstream),
+            cursors,
             settings,
             in_flight: carried.in_flight,
             report: carried.report,
@@ -230,12 +235,7 @@ impl Mirror {
             peer: self.peer(self.backend, targets.canary),
             fault: targets.fault,
         };
-        // Only a safe request goes to the served version a second time: a listed POST
-        // would repeat its side effect in production.
-        let safe = matches!(*served.method, Method::GET | Method::HEAD | Method::OPTIONS);
-        let second = (self.config.compare && safe)
-            .then(|| self.peer(served.backend, targets.second))
-            .flatten();
+        let second = self.peer(served.backend, targets.second);
         let (capture, captured) = if self.config.compare {
             let (sender, receiver) = oneshot::channel();
             (Some(ServedCapture { sender }), Some(receiver))
@@ -397,6 +397,18 @@ impl Mirror {
         tokio::time::timeout(limit, exchange)
             .await
             .unwrap_or(Err(Outcome::Timeout))
+    }
+
+    /// Whether a request with `method` also gets a second copy, to the served version (for
+    /// noise): only with a comparison, and only a safe request (a listed POST would repeat its
+    /// side effect in production).
+    pub fn wants_second(&self, method: &Method) -> bool {
+        self.config.compare && matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
+    }
+
+    /// The cursor copies to `backend` take turns with.
+    pub fn cursor(&self, backend: usize) -> Option<&AtomicUsize> {
+        self.cursors.get(backend)
     }
 
     /// The mirror's own connections to endpoint `endpoint` of `backend`.

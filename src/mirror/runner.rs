@@ -116,6 +116,8 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[tokio::test]
     async fn copies_run_on_a_thread_of_their_own_at_the_lowest_priority() {
+        let priority = || rustix::process::getpriority_process(Some(rustix::thread::gettid())).ok();
+        let here = priority();
         let runner = CopyRunner::default();
         let (sender, receiver) = tokio::sync::oneshot::channel();
         runner.spawn(Box::pin(async move {
@@ -130,5 +132,7 @@ mod tests {
             .expect("it answered");
         assert_eq!(name.as_deref(), Some("canary-mirror-0"));
         assert_eq!(own, Some(COPY_NICE));
+        // Only that thread's: this one keeps its own (unless the test itself runs at 19).
+        assert_eq!(priority(), here);
     }
 }

@@ -229,7 +229,9 @@ fn step_line(status: &Value, state: &str, steps: &[u64]) -> String {
         let pairs = shadow["pairs"]
             .as_u64()
             .map_or("—".to_string(), group_digits);
-        let duration = text(&shadow["duration"]);
+        let duration = Some(text(&shadow["duration"]))
+            .filter(|d| !d.is_empty())
+            .unwrap_or_else(|| "—".to_owned());
         return match state {
             "rolled_back" => {
                 format!("rolled back in the shadow stage: no user reached canary {canary}")

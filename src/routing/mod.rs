@@ -221,20 +221,29 @@ impl Backend {
         self.pick(avoid).map(|(index, _)| &self.endpoints[index])
     }
 
-    /// [`pick_endpoint`](Self::pick_endpoint), by index.
-    pub fn pick_endpoint_index(&self, avoid: Option<&Endpoint>) -> Option<usize> {
-        self.pick(avoid).map(|(index, _)| index)
+    /// [`pick_endpoint`](Self::pick_endpoint) by index, turning `cursor` instead of the
+    /// backend's own (mirroring's copies must not move the served requests' round robin).
+    pub fn pick_endpoint_with(
+        &self,
+        cursor: &AtomicUsize,
+        avoid: Option<&Endpoint>,
+    ) -> Option<usize> {
+        self.pick_from(cursor, avoid).map(|(index, _)| index)
     }
 
     /// The next endpoint in turn (round robin) that is healthy and not `avoid`: `(index, true)`.
     /// When there is none, the next one in turn that is not `avoid`: `(index, false)`. Each
     /// endpoint's health is read once, so `true` means this call saw it healthy.
     fn pick(&self, avoid: Option<&Endpoint>) -> Option<(usize, bool)> {
+        self.pick_from(&self.cursor, avoid)
+    }
+
+    fn pick_from(&self, cursor: &AtomicUsize, avoid: Option<&Endpoint>) -> Option<(usize, bool)> {
         let count = self.endpoints.len();
         if count == 0 {
             return None;
         }
-        let start = self.cursor.fetch_add(1, Ordering::Relaxed) % count;
+        let start = cursor.fetch_add(1, Ordering::Relaxed) % count;
         let mut unhealthy = None;
         for k in 0..count {
             let index = (start + k) % count;
