@@ -940,15 +940,24 @@ fn demo_config_path(out: &str) -> std::path::PathBuf {
     std::path::PathBuf::from(line.trim())
 }
 
+/// Runs `canary-proxy ARGS` (a `demo --rollout`) until its rollout is over, within `within`:
+/// the running demo and what it printed.
+async fn run_demo_rollout(args: &[&str], within: Duration) -> (DemoProcess, String) {
+    let started = Instant::now();
+    let mut demo = DemoProcess::spawn(args);
+    let out = demo.wait_for("The rollout is over", within).await;
+    eprintln!(
+        "{}: over after {:?}\n{out}",
+        args.join(" "),
+        started.elapsed()
+    );
+    (demo, out)
+}
+
 #[tokio::test]
 async fn demo_rollout_promotes_a_healthy_canary_within_a_minute() {
     let _ports = DEMO_PORTS.lock().await;
-    let started = Instant::now();
-    let mut demo = DemoProcess::spawn(&["demo", "--rollout"]);
-    let out = demo
-        .wait_for("The rollout is over", Duration::from_secs(60))
-        .await;
-    eprintln!("demo --rollout: over after {:?}\n{out}", started.elapsed());
+    let (mut demo, out) = run_demo_rollout(&["demo", "--rollout"], Duration::from_secs(60)).await;
     assert!(out.contains("v2 was promoted"), "{out}");
     // The final frame: all steps done, the promotion marked in words and symbols.
     assert!(
@@ -975,15 +984,11 @@ async fn demo_rollout_promotes_a_healthy_canary_within_a_minute() {
 #[tokio::test]
 async fn demo_rollout_with_a_bad_canary_rolls_it_back_within_seconds() {
     let _ports = DEMO_PORTS.lock().await;
-    let started = Instant::now();
-    let mut demo = DemoProcess::spawn(&["demo", "--rollout", "--bad-canary"]);
-    let out = demo
-        .wait_for("The rollout is over", Duration::from_secs(30))
-        .await;
-    eprintln!(
-        "demo --rollout --bad-canary: over after {:?}\n{out}",
-        started.elapsed()
-    );
+    let (mut demo, out) = run_demo_rollout(
+        &["demo", "--rollout", "--bad-canary"],
+        Duration::from_secs(30),
+    )
+    .await;
     assert!(
         out.contains("v2 on 127.0.0.1:8082 (a fault drill fails 15% of its requests)"),
         "{out}"
@@ -1001,15 +1006,8 @@ async fn demo_rollout_with_a_bad_canary_rolls_it_back_within_seconds() {
 #[tokio::test]
 async fn demo_rollout_with_a_shadow_stage_compares_first_then_promotes() {
     let _ports = DEMO_PORTS.lock().await;
-    let started = Instant::now();
-    let mut demo = DemoProcess::spawn(&["demo", "--rollout", "--shadow"]);
-    let out = demo
-        .wait_for("The rollout is over", Duration::from_secs(60))
-        .await;
-    eprintln!(
-        "demo --rollout --shadow: over after {:?}\n{out}",
-        started.elapsed()
-    );
+    let (mut demo, out) =
+        run_demo_rollout(&["demo", "--rollout", "--shadow"], Duration::from_secs(60)).await;
     assert!(out.contains("a shadow stage first (10s)"), "{out}");
     assert!(out.contains("v2 was promoted"), "{out}");
     assert!(
@@ -1042,15 +1040,11 @@ async fn demo_rollout_with_a_shadow_stage_compares_first_then_promotes() {
 #[tokio::test]
 async fn demo_rollout_with_a_shadow_stage_and_a_bad_canary_rolls_back_before_users() {
     let _ports = DEMO_PORTS.lock().await;
-    let started = Instant::now();
-    let mut demo = DemoProcess::spawn(&["demo", "--rollout", "--shadow", "--bad-canary"]);
-    let out = demo
-        .wait_for("The rollout is over", Duration::from_secs(30))
-        .await;
-    eprintln!(
-        "demo --rollout --shadow --bad-canary: over after {:?}\n{out}",
-        started.elapsed()
-    );
+    let (mut demo, out) = run_demo_rollout(
+        &["demo", "--rollout", "--shadow", "--bad-canary"],
+        Duration::from_secs(30),
+    )
+    .await;
     assert!(out.contains("v2 was rolled back"), "{out}");
     assert!(out.contains("failed in the shadow stage"), "{out}");
     assert!(

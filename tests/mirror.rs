@@ -443,48 +443,10 @@ fn shadow_config(v1: &str, v2: &str, shadow: &str, extra: &str) -> String {
     )
 }
 
-/// Clients sending GETs in a loop until dropped, each pausing 5 ms between requests (copies
-/// run at the lowest CPU priority: a test that kept both cores busy would starve them);
-/// `served` keeps who answered each.
-struct Users {
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    served: Arc<Mutex<Vec<String>>>,
-}
-
-impl Users {
-    fn start(proxy: &TestProxy, tasks: usize) -> Users {
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let served = Arc::new(Mutex::new(Vec::new()));
-        for _ in 0..tasks {
-            let (stop, served, url, c) = (stop.clone(), served.clone(), proxy.url("/"), client());
-            tokio::spawn(async move {
-                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                    if let Ok(response) = c.get(&url).send().await {
-                        let backend = response
-                            .headers()
-                            .get("x-canary-backend")
-                            .and_then(|v| v.to_str().ok())
-                            .unwrap_or("")
-                            .to_owned();
-                        let _ = response.bytes().await;
-                        served.lock().unwrap().push(backend);
-                    }
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            });
-        }
-        Users { stop, served }
-    }
-
-    fn served(&self) -> Vec<String> {
-        self.served.lock().unwrap().clone()
-    }
-}
-
-impl Drop for Users {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    }
+/// Clients in a loop, each pausing 5 ms between requests: copies run at the lowest CPU
+/// priority, and a test that kept both cores busy would starve them.
+fn users(proxy: &TestProxy) -> Load {
+    Load::start(proxy, 4, Duration::from_millis(5))
 }
 
 async fn rollout(proxy: &TestProxy) -> Value {
@@ -521,7 +483,7 @@ async fn a_shadow_stage_gives_the_canary_copies_only_then_step_1_starts() {
     let v2 = json_upstream(|_| r#"{"items":[{"id":1,"price":10}]}"#.to_owned()).await;
     let proxy = start_proxy_with_file(&shadow_config(&v1.url, &v2.url, "1s", "")).await;
     assert_eq!(report(&proxy).await["config"], Value::Null);
-    let users = Users::start(&proxy, 4);
+    let users = users(&proxy);
     let started = client()
         .post(proxy.admin("/admin/rollout/start"))
         .send()
@@ -615,7 +577,7 @@ async fn a_failing_shadow_stage_rolls_back_before_any_user_reached_the_canary() 
                 .unwrap();
             assert_eq!(put.status(), 200);
         }
-        let users = Users::start(&proxy, 4);
+        let users = users(&proxy);
         let started = client()
             .post(proxy.admin("/admin/rollout/start"))
             .send()
@@ -750,7 +712,7 @@ async fn copies_that_time_out_fail_the_errors_verdict_alone() {
     let mirror = "[mirror]\nbackend = \"v2\"\ntimeout = \"1s\"\n\
                   [[fault]]\nbackend = \"v2\"\ndelay_percent = 100\ndelay = \"2s\"";
     let proxy = start_proxy_with_file(&shadow_config(&v1.url, &v2.url, "5s", mirror)).await;
-    let users = Users::start(&proxy, 4);
+    let users = users(&proxy);
     assert_eq!(post(&proxy, "/admin/rollout/start").await.0, 200);
     let status = through_the_shadow_stage(&proxy, &v2).await;
     assert_eq!(status["state"], "rolled_back", "{status:#}");

@@ -6,7 +6,7 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -46,53 +46,6 @@ async fn switchable(name: &'static str, fail_every: Arc<AtomicUsize>) -> String 
         }
     });
     format!("http://{addr}")
-}
-
-/// Requests from `tasks` clients in a loop until dropped, counting who served them.
-struct Load {
-    stop: Arc<AtomicBool>,
-    served: Arc<std::sync::Mutex<Vec<(Instant, String)>>>,
-}
-
-impl Load {
-    fn start(proxy: &TestProxy, tasks: usize) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let served = Arc::new(std::sync::Mutex::new(Vec::new()));
-        for _ in 0..tasks {
-            let (stop, served, url, c) = (stop.clone(), served.clone(), proxy.url("/"), client());
-            tokio::spawn(async move {
-                while !stop.load(Ordering::SeqCst) {
-                    if let Ok(response) = c.get(&url).send().await {
-                        let backend = response
-                            .headers()
-                            .get("x-canary-backend")
-                            .and_then(|v| v.to_str().ok())
-                            .unwrap_or("")
-                            .to_string();
-                        let _ = response.bytes().await;
-                        served.lock().unwrap().push((Instant::now(), backend));
-                    }
-                }
-            });
-        }
-        Load { stop, served }
-    }
-
-    /// Who served the requests answered after `since`.
-    fn served_after(&self, since: Instant) -> Vec<String> {
-        let served = self.served.lock().unwrap();
-        served
-            .iter()
-            .filter(|(at, _)| *at > since)
-            .map(|(_, b)| b.clone())
-            .collect()
-    }
-}
-
-impl Drop for Load {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-    }
 }
 
 /// The rollout config for two versions, with a fast plan and `extra` lines in [rollout].
@@ -147,7 +100,7 @@ async fn weights(proxy: &TestProxy) -> Value {
 async fn a_healthy_canary_is_promoted_step_by_step() {
     let (v1, v2) = (version("v1", 0).await, version("v2", 0).await);
     let proxy = start_proxy_with_file(&rollout_config(&v1, &v2, "", "")).await;
-    let _load = Load::start(&proxy, 8);
+    let _load = Load::start(&proxy, 8, Duration::ZERO);
     let (status, started) = command(&proxy, "start").await;
     assert_eq!(status, 200, "{started}");
     assert_eq!(started["state"], "running");
@@ -196,7 +149,7 @@ async fn a_healthy_canary_is_promoted_step_by_step() {
 async fn a_canary_failing_a_fifth_of_requests_is_rolled_back_and_traffic_returns() {
     let (v1, v2) = (version("v1", 0).await, version("v2", 5).await);
     let proxy = start_proxy_with_file(&rollout_config(&v1, &v2, "", "")).await;
-    let load = Load::start(&proxy, 8);
+    let load = Load::start(&proxy, 8, Duration::ZERO);
     let (status, _) = command(&proxy, "start").await;
     assert_eq!(status, 200);
     let started = Instant::now();
@@ -231,7 +184,7 @@ async fn an_injected_abort_of_a_fifth_of_the_canary_rolls_it_back() {
         .await
         .unwrap();
     assert_eq!(drill.status(), 200);
-    let _load = Load::start(&proxy, 8);
+    let _load = Load::start(&proxy, 8, Duration::ZERO);
     let (status, _) = command(&proxy, "start").await;
     assert_eq!(status, 200);
     let done = wait_for(&proxy, Duration::from_secs(30), |s| {
@@ -264,7 +217,7 @@ async fn a_new_start_after_a_rollback_begins_with_fresh_evidence() {
         switchable("v2", failing.clone()).await,
     );
     let proxy = start_proxy_with_file(&rollout_config(&v1, &v2, "", "")).await;
-    let _load = Load::start(&proxy, 8);
+    let _load = Load::start(&proxy, 8, Duration::ZERO);
     assert_eq!(command(&proxy, "start").await.0, 200);
     wait_for(&proxy, Duration::from_secs(30), |s| {
         s["state"] == "rolled_back"
@@ -296,7 +249,7 @@ async fn an_approval_gate_waits_for_resume() {
     let (v1, v2) = (version("v1", 0).await, version("v2", 0).await);
     let config = rollout_config(&v1, &v2, "approve = [50]", "");
     let proxy = start_proxy_with_file(&config).await;
-    let _load = Load::start(&proxy, 8);
+    let _load = Load::start(&proxy, 8, Duration::ZERO);
     assert_eq!(command(&proxy, "start").await.0, 200);
     let waiting = wait_for(&proxy, Duration::from_secs(30), |s| {
         s["state"] == "waiting_approval"

@@ -444,3 +444,67 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
         .sum()
 }
+
+/// Clients sending GETs to the proxy in a loop until dropped, `pause` between a client's
+/// requests, keeping who answered each (its `x-canary-backend`) and when.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    served: Arc<std::sync::Mutex<Vec<(std::time::Instant, String)>>>,
+}
+
+impl Load {
+    pub fn start(proxy: &TestProxy, tasks: usize, pause: Duration) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let served = Arc::new(std::sync::Mutex::new(Vec::new()));
+        for _ in 0..tasks {
+            let (stop, served, url, c) = (stop.clone(), served.clone(), proxy.url("/"), client());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::SeqCst) {
+                    if let Ok(response) = c.get(&url).send().await {
+                        let backend = response
+                            .headers()
+                            .get("x-canary-backend")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                            .to_owned();
+                        let _ = response.bytes().await;
+                        served
+                            .lock()
+                            .unwrap()
+                            .push((std::time::Instant::now(), backend));
+                    }
+                    if !pause.is_zero() {
+                        tokio::time::sleep(pause).await;
+                    }
+                }
+            });
+        }
+        Load { stop, served }
+    }
+
+    /// Who served the requests answered after `since`.
+    pub fn served_after(&self, since: std::time::Instant) -> Vec<String> {
+        let served = self.served.lock().unwrap();
+        served
+            .iter()
+            .filter(|(at, _)| *at > since)
+            .map(|(_, b)| b.clone())
+            .collect()
+    }
+
+    /// Who served every request answered so far.
+    pub fn served(&self) -> Vec<String> {
+        self.served
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, b)| b.clone())
+            .collect()
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
