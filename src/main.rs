@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
+use canary_proxy::config::LogFormat;
 use canary_proxy::{
     AdminClient, AdminClientError, ControlPlane, Outcome, RolloutCommand, Terminal,
 };
@@ -27,6 +28,10 @@ struct Cli {
     /// The config file.
     #[arg(long, global = true, default_value = "canary.toml")]
     config: PathBuf,
+    /// Log lines for a person (`text`) or one JSON object per line (`json`); overrides the
+    /// config file's `[log] format`.
+    #[arg(long, global = true, value_name = "FORMAT", value_parser = ["text", "json"])]
+    log_format: Option<String>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -122,14 +127,7 @@ fn main() -> ExitCode {
         &cli.command,
         Some(Command::Demo(DemoArgs { rollout: true, .. }))
     );
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| EnvFilter::new(if quiet { "warn" } else { "info" })),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    init_logging(log_format(&cli), quiet);
     let result = match cli.command {
         Some(Command::Check) => check(&cli.config).map(|()| ExitCode::SUCCESS),
         Some(Command::Demo(args)) => runtime()
@@ -565,6 +563,39 @@ async fn demo_rollout(
          curl -s http://{admin}/metrics | grep canary_rollout\n\
          Ctrl-C stops it."
     );
+}
+
+/// The log format: `--log-format`, else the config file's `[log] format` when the command
+/// runs a proxy (a file that cannot be read yet is reported by the command itself), else text.
+fn log_format(cli: &Cli) -> LogFormat {
+    if let Some(name) = &cli.log_format {
+        return LogFormat::parse(name).unwrap_or_default();
+    }
+    match &cli.command {
+        None => canary_proxy::config::load(&cli.config)
+            .map(|config| config.log.format)
+            .unwrap_or_default(),
+        _ => LogFormat::Text,
+    }
+}
+
+/// Logs to stderr through `tracing` (`RUST_LOG` filters; info by default, warnings only when
+/// `quiet`): text, or one JSON object per line with the event's fields at the top level.
+fn init_logging(format: LogFormat, quiet: bool) {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(if quiet { "warn" } else { "info" }));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
+    }
 }
 
 /// Seconds from the latest start to the last transition, from the rollout's history.

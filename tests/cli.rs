@@ -622,6 +622,43 @@ async fn token_env_is_required_on_admin_calls() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("CANARY_TEST_TOKEN"));
 }
 
+/// `--log-format json`, or `[log] format = "json"`: one JSON object per line, the event's
+/// fields at the top level, for a log pipeline.
+#[test]
+fn logs_are_one_json_object_per_line_on_request() {
+    let config = "[[backend]]\nname = \"v1\"\nurls = [\"http://127.0.0.1:1\"]\nweight = 1\n";
+    for (extra, args) in [
+        ("", &["--log-format", "json"][..]),
+        ("[log]\nformat = \"json\"\n", &[][..]),
+    ] {
+        let dir = write_config(&format!("{config}{extra}"));
+        let mut child = Command::new(BIN)
+            .arg("--config")
+            .arg(dir.path().join("canary.toml"))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let started = BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .map(|line| {
+                serde_json::from_str::<serde_json::Value>(&line)
+                    .unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+            })
+            .find(|event| event["message"] == "canary-proxy started")
+            .expect("a start event");
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(started["level"], "INFO", "{started}");
+        assert!(started["timestamp"].is_string(), "{started}");
+        let listen: std::net::SocketAddr = started["listen"].as_str().unwrap().parse().unwrap();
+        assert!(listen.ip().is_loopback(), "{started}");
+    }
+}
+
 #[test]
 fn refuses_a_public_admin_listener_without_a_token() {
     let dir = tempfile::tempdir().unwrap();

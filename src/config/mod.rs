@@ -71,6 +71,34 @@ pub struct Config {
     /// Copies of requests sent to a backend and compared (`[mirror]`), naming a backend of
     /// `backends`.
     pub mirror: Option<MirrorConfig>,
+    /// `[log]`: how the process logs.
+    pub log: LogSettings,
+}
+
+/// `[log]`: how the process logs (to stderr, through `tracing`). Read at start: a reload
+/// does not change it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LogSettings {
+    pub format: LogFormat,
+}
+
+/// One line per event: for a person (`text`, the default) or for a log pipeline (`json`, one
+/// JSON object per line).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+impl LogFormat {
+    pub fn parse(name: &str) -> Option<LogFormat> {
+        match name {
+            "text" => Some(LogFormat::Text),
+            "json" => Some(LogFormat::Json),
+            _ => None,
+        }
+    }
 }
 
 /// `[rollout]`: the plan of a progressive rollout from `baseline` to `canary`.
@@ -1035,6 +1063,10 @@ backend = "v2"
             "# compare",
             "# ignore_headers",
             "# ignore_fields",
+            "# from",
+            "# format",
+            "# shadow",
+            "# max_diff_rate",
         ] {
             assert!(
                 text.lines().any(|l| l.starts_with(&format!("{key} = "))),
@@ -1795,6 +1827,24 @@ backend = "v2"
             11,
         );
         assert!(own.contains("gets the copies"), "{own}");
+    }
+
+    #[test]
+    fn the_log_format() {
+        let with = |lines: &[&str]| doc(&[&V1[..], &["[log]"], lines].concat());
+        assert_eq!(valid(&doc(&V1)).log.format, LogFormat::Text);
+        assert_eq!(
+            valid(&with(&["format = \"json\""])).log.format,
+            LogFormat::Json
+        );
+        assert_eq!(
+            valid(&with(&["format = \"text\""])).log.format,
+            LogFormat::Text
+        );
+        // V1 takes lines 1-4, [log] is line 5.
+        let message = assert_invalid(&with(&["format = \"xml\""]), "log.format", 6);
+        assert!(message.contains("\"text\", \"json\""), "{message}");
+        assert_invalid(&with(&["level = \"info\""]), "log.level", 6);
     }
 
     #[test]

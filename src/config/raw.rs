@@ -23,6 +23,13 @@ pub(super) struct RawConfig {
     pub(super) rollout: Option<Spanned<RawRollout>>,
     pub(super) fault: Option<Vec<Spanned<RawFault>>>,
     pub(super) mirror: Option<Spanned<RawMirror>>,
+    pub(super) log: Option<RawLog>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+pub(super) struct RawLog {
+    pub(super) format: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

@@ -11,14 +11,15 @@ use toml::Spanned;
 
 use super::diagnostics::{FieldError, later, line_of, regex_reason};
 use super::raw::{
-    RawAdmin, RawAnalysis, RawBackend, RawConfig, RawDuration, RawFault, RawHealth, RawInt,
+    RawAdmin, RawAnalysis, RawBackend, RawConfig, RawDuration, RawFault, RawHealth, RawInt, RawLog,
     RawMirror, RawNumber, RawOutlier, RawProxy, RawRollout, RawRule,
 };
 use super::{
     AdminSettings, AnalysisConfig, BackendConfig, Config, DEFAULT_ROLLOUT_STEPS, EndpointUrl,
-    FaultConfig, FaultFields, HealthCheckConfig, MAX_ADMIN_CONNECTIONS, MAX_BACKENDS, MAX_WEIGHT,
-    MAX_WORKERS, MirrorConfig, MirrorFields, OnInconclusive, OutlierConfig, ProxySettings,
-    RolloutConfig, RuleConfig, RuleMatcher, RuleSource, UNROUTED_BACKEND, first_repeated_backend,
+    FaultConfig, FaultFields, HealthCheckConfig, LogFormat, LogSettings, MAX_ADMIN_CONNECTIONS,
+    MAX_BACKENDS, MAX_WEIGHT, MAX_WORKERS, MirrorConfig, MirrorFields, OnInconclusive,
+    OutlierConfig, ProxySettings, RolloutConfig, RuleConfig, RuleMatcher, RuleSource,
+    UNROUTED_BACKEND, first_repeated_backend,
 };
 use crate::duration::{format_duration, parse_duration};
 
@@ -72,6 +73,7 @@ impl RawConfig {
             .map(|raw| validate_rollout(raw, &backends, mirror.as_ref()))
             .transpose()?;
         let faults = validate_faults(self.fault.unwrap_or_default(), &backends)?;
+        let log = validate_log(self.log)?;
         Ok(Config {
             proxy,
             admin,
@@ -80,6 +82,7 @@ impl RawConfig {
             rollout,
             faults,
             mirror,
+            log,
         })
     }
 }
@@ -805,6 +808,20 @@ fn validate_rule(
 
 // ---------------------------------------------------------------------------------------------
 // Value checks shared by several keys.
+
+fn validate_log(raw: Option<RawLog>) -> Result<LogSettings, FieldError> {
+    let Some(format) = raw.and_then(|raw| raw.format) else {
+        return Ok(LogSettings::default());
+    };
+    let parsed = LogFormat::parse(format.get_ref()).ok_or_else(|| {
+        FieldError::new(
+            "log.format",
+            format.span(),
+            format!("{:?} is not one of \"text\", \"json\"", format.get_ref()),
+        )
+    })?;
+    Ok(LogSettings { format: parsed })
+}
 
 fn validate_rollout(
     raw: Spanned<RawRollout>,

@@ -677,6 +677,7 @@ impl ControlPlane {
                 "proxy.send_timeout",
                 old.proxy.send_timeout != next.proxy.send_timeout,
             ),
+            ("log.format", old.log.format != next.log.format),
         ];
         for (key, _) in changed.iter().filter(|(_, changed)| *changed) {
             tracing::warn!(
