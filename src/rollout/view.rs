@@ -322,12 +322,7 @@ fn verdicts(out: &mut String, status: &Value, p: &Painter) {
             .or_else(|| status["verdict"][metric].as_str())
             .unwrap_or("—")
             .to_string();
-        let (symbol, tone) = match word.as_str() {
-            "pass" => ("✓", Some(Tone::Good)),
-            "fail" => ("✗", Some(Tone::Bad)),
-            "inconclusive" => ("?", Some(Tone::Wait)),
-            _ => (" ", None),
-        };
+        let (symbol, tone) = verdict_mark(&word);
         (format!("{symbol} {word}"), tone)
     };
     let (errors, errors_tone) = verdict("errors");
@@ -393,12 +388,7 @@ fn shadow(out: &mut String, status: &Value, p: &Painter) -> bool {
     }
     let count = |key: &str| shadow[key].as_u64().map_or("—".to_string(), group_digits);
     let verdict = shadow["differences"]["verdict"].as_str().unwrap_or("—");
-    let (symbol, tone) = match verdict {
-        "pass" => ("✓", Some(Tone::Good)),
-        "fail" => ("✗", Some(Tone::Bad)),
-        "inconclusive" => ("?", Some(Tone::Wait)),
-        _ => (" ", None),
-    };
+    let (symbol, tone) = verdict_mark(verdict);
     let row = |out: &mut String, label: &str, left: &str, right: String| {
         let _ = writeln!(
             out,
@@ -525,6 +515,17 @@ fn history(out: &mut String, status: &Value, p: &Painter, width: usize) {
             out.push_str(line);
             out.push('\n');
         }
+    }
+}
+
+/// A verdict's symbol (never the only carrier of its meaning: the word goes beside it) and
+/// colour.
+fn verdict_mark(verdict: &str) -> (&'static str, Option<Tone>) {
+    match verdict {
+        "pass" => ("✓", Some(Tone::Good)),
+        "fail" => ("✗", Some(Tone::Bad)),
+        "inconclusive" => ("?", Some(Tone::Wait)),
+        _ => (" ", None),
     }
 }
 
