@@ -127,7 +127,13 @@ fn main() -> ExitCode {
         &cli.command,
         Some(Command::Demo(DemoArgs { rollout: true, .. }))
     );
-    init_logging(log_format(&cli), quiet);
+    // The config of the proxy this process runs, read once: its `[log]` decides the logs
+    // before the proxy starts on it.
+    let served = cli
+        .command
+        .is_none()
+        .then(|| canary_proxy::config::load(&cli.config));
+    init_logging(log_format(&cli, served.as_ref()), quiet);
     let result = match cli.command {
         Some(Command::Check) => check(&cli.config).map(|()| ExitCode::SUCCESS),
         Some(Command::Demo(args)) => runtime()
@@ -136,7 +142,10 @@ fn main() -> ExitCode {
         Some(Command::Rollout(args)) => runtime().and_then(|rt| rt.block_on(rollout(args))),
         Some(Command::Mirror(args)) => runtime().and_then(|rt| rt.block_on(mirror(args))),
         None => runtime()
-            .and_then(|rt| rt.block_on(serve(&cli.config)))
+            .and_then(|rt| {
+                let config = served.expect("read above when no command is given")?;
+                rt.block_on(serve(config, &cli.config))
+            })
             .map(|()| ExitCode::SUCCESS),
     };
     match result {
@@ -310,8 +319,7 @@ fn check(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve(path: &Path) -> anyhow::Result<()> {
-    let config = canary_proxy::config::load(path)?;
+async fn serve(config: canary_proxy::Config, path: &Path) -> anyhow::Result<()> {
     start(config, path.to_owned(), shutdown_signal()?).await
 }
 
@@ -565,18 +573,18 @@ async fn demo_rollout(
     );
 }
 
-/// The log format: `--log-format`, else the config file's `[log] format` when the command
-/// runs a proxy (a file that cannot be read yet is reported by the command itself), else text.
-fn log_format(cli: &Cli) -> LogFormat {
+/// The log format: `--log-format`, else the `[log] format` of the config the process serves
+/// (a file that cannot be read is reported once logging is up), else text.
+fn log_format(
+    cli: &Cli,
+    served: Option<&Result<canary_proxy::Config, canary_proxy::ConfigError>>,
+) -> LogFormat {
     if let Some(name) = &cli.log_format {
         return LogFormat::parse(name).unwrap_or_default();
     }
-    match &cli.command {
-        None => canary_proxy::config::load(&cli.config)
-            .map(|config| config.log.format)
-            .unwrap_or_default(),
-        _ => LogFormat::Text,
-    }
+    served
+        .and_then(|config| config.as_ref().ok())
+        .map_or(LogFormat::Text, |config| config.log.format)
 }
 
 /// Logs to stderr through `tracing` (`RUST_LOG` filters; info by default, warnings only when
