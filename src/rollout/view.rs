@@ -58,6 +58,28 @@ impl Painter {
         }
     }
 
+    /// The heading of a two-column table: the label faint, the columns' names strong.
+    fn heading(&self, out: &mut String, label: &str, left: &str, right: &str) {
+        let _ = writeln!(
+            out,
+            "{}{}{}",
+            self.cell(label, Some(Tone::Faint), LABEL),
+            self.cell(left, Some(Tone::Strong), COLUMN),
+            self.paint(right, Tone::Strong)
+        );
+    }
+
+    /// A row of a two-column table: the label and the left cell padded, the right one as it
+    /// is (painted already, if at all).
+    fn row(&self, out: &mut String, label: &str, left: &str, right: &str) {
+        let _ = writeln!(
+            out,
+            "{}{}{right}",
+            self.cell(label, None, LABEL),
+            self.cell(left, None, COLUMN)
+        );
+    }
+
     /// `text` painted, then padded with spaces to `width` visible characters.
     fn cell(&self, text: &str, tone: Option<Tone>, width: usize) -> String {
         let pad = width.saturating_sub(text.chars().count());
@@ -267,19 +289,13 @@ fn versions(out: &mut String, status: &Value, p: &Painter) {
     let (b, c) = (&status["baseline"], &status["canary"]);
     let percent = status["canary_percent"].as_u64();
     let row = |out: &mut String, label: &str, left: String, right: String| {
-        let _ = writeln!(
-            out,
-            "{}{}{right}",
-            p.cell(label, None, LABEL),
-            p.cell(&left, None, COLUMN)
-        );
+        p.row(out, label, &left, &right);
     };
-    let _ = writeln!(
+    p.heading(
         out,
-        "{}{}{}",
-        p.cell("at this step", Some(Tone::Faint), LABEL),
-        p.cell(&format!("baseline {baseline}"), Some(Tone::Strong), COLUMN),
-        p.paint(&format!("canary {canary}"), Tone::Strong)
+        "at this step",
+        &format!("baseline {baseline}"),
+        &format!("canary {canary}"),
     );
     row(
         out,
@@ -327,13 +343,7 @@ fn verdicts(out: &mut String, status: &Value, p: &Painter) {
     };
     let (errors, errors_tone) = verdict("errors");
     let (latency, latency_tone) = verdict("latency");
-    let _ = writeln!(
-        out,
-        "{}{}{}",
-        p.cell("verdict", Some(Tone::Faint), LABEL),
-        p.cell("errors", Some(Tone::Strong), COLUMN),
-        p.paint("latency (p99)", Tone::Strong)
-    );
+    p.heading(out, "verdict", "errors", "latency (p99)");
     let _ = writeln!(
         out,
         "{}{}{}",
@@ -389,29 +399,15 @@ fn shadow(out: &mut String, status: &Value, p: &Painter) -> bool {
     let count = |key: &str| shadow[key].as_u64().map_or("—".to_string(), group_digits);
     let verdict = shadow["differences"]["verdict"].as_str().unwrap_or("—");
     let (symbol, tone) = verdict_mark(verdict);
-    let row = |out: &mut String, label: &str, left: &str, right: String| {
-        let _ = writeln!(
-            out,
-            "{}{}{right}",
-            p.cell(label, None, LABEL),
-            p.cell(left, None, COLUMN)
-        );
-    };
-    let _ = writeln!(
-        out,
-        "{}{}{}",
-        p.cell("shadow stage", Some(Tone::Faint), LABEL),
-        p.cell("copies paired", Some(Tone::Strong), COLUMN),
-        p.paint("differences", Tone::Strong)
-    );
+    p.heading(out, "shadow stage", "copies paired", "differences");
     let shown = format!("{symbol} {verdict}");
-    row(
+    p.row(
         out,
         "",
         &count("pairs"),
-        tone.map_or(shown.clone(), |t| p.paint(&shown, t)),
+        &tone.map_or(shown.clone(), |t| p.paint(&shown, t)),
     );
-    row(
+    p.row(
         out,
         "only one failed",
         &format!(
@@ -419,14 +415,14 @@ fn shadow(out: &mut String, status: &Value, p: &Painter) -> bool {
             count("copy_only_errors"),
             count("served_only_errors")
         ),
-        format!("{} of {} compared", count("different"), count("compared")),
+        &format!("{} of {} compared", count("different"), count("compared")),
     );
     let differences = &shadow["differences"];
-    row(
+    p.row(
         out,
         "interval",
         "",
-        format!(
+        &format!(
             "{} to {} %, at most {} %",
             points(&differences["low"], false),
             points(&differences["high"], false),
