@@ -30,10 +30,12 @@ mod diagnostics;
 mod fault;
 mod mirror;
 mod raw;
+mod upstream_tls;
 mod validate;
 
 pub use fault::{FaultConfig, FaultFields, FieldProblem, MAX_FAULT_DELAY, first_repeated_backend};
 pub use mirror::{MirrorConfig, MirrorFields, format_size};
+pub use upstream_tls::{BackendTls, TLS_VERSIONS, crypto_provider};
 
 /// The largest weight a backend may have, in the file and through the admin API. Weights are
 /// relative, so this only guards against sums that overflow and typos with extra zeros.
@@ -352,6 +354,9 @@ pub struct BackendConfig {
     /// Passive health (`[backend.outlier]`): when failed requests eject an endpoint. Always
     /// present; defaults filled in when the table is absent.
     pub outlier: OutlierConfig,
+    /// `[backend.tls]`, for the `https://` endpoints: present whenever one of them is
+    /// (with the defaults when the table is absent), and only then.
+    pub tls: Option<BackendTls>,
     /// 1-based line of the `[[backend]]` header, for messages about this backend.
     pub line: usize,
 }
@@ -362,15 +367,18 @@ pub struct EndpointUrl {
     /// The URL as written in the file, without a trailing slash: what logs and the admin API
     /// show, so operators recognise it.
     pub url: String,
-    /// `host:port` to connect to, the port always explicit (80 filled in when omitted).
+    /// `host:port` to connect to, the port always explicit (80 or 443 filled in when
+    /// omitted).
     pub authority: http::uri::Authority,
+    /// `https://`: the connection is TLS, verified as `[backend.tls]` says.
+    pub tls: bool,
 }
 
 impl FromStr for EndpointUrl {
     type Err = String;
 
-    /// Accepts `http://host[:port][/]`: no https (yet), no path, query, fragment or userinfo,
-    /// since the request's own path is forwarded as is.
+    /// Accepts `http://host[:port][/]` and `https://host[:port][/]`: no path, query, fragment
+    /// or userinfo, since the request's own path is forwarded as is.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         if s.contains('#') {
             return Err(format!("`{s}`: fragments are not allowed in upstream URLs"));
@@ -378,18 +386,16 @@ impl FromStr for EndpointUrl {
         let uri: Uri = s
             .parse()
             .map_err(|e| format!("`{s}` is not a valid URL: {e}"))?;
-        match uri.scheme_str() {
+        let tls = match uri.scheme_str() {
             None => return Err(format!("`{s}` has no scheme; write `http://{s}`")),
-            Some(scheme) if scheme.eq_ignore_ascii_case("https") => {
-                return Err(format!("`{s}`: https upstreams are not supported yet"));
-            }
-            Some(scheme) if !scheme.eq_ignore_ascii_case("http") => {
+            Some(scheme) if scheme.eq_ignore_ascii_case("https") => true,
+            Some(scheme) if scheme.eq_ignore_ascii_case("http") => false,
+            Some(scheme) => {
                 return Err(format!(
-                    "`{s}`: unsupported scheme `{scheme}`; only http:// is supported"
+                    "`{s}`: unsupported scheme `{scheme}`; write http:// or https://"
                 ));
             }
-            Some(_) => {}
-        }
+        };
         let authority = uri
             .authority()
             .ok_or_else(|| format!("`{s}` has no host"))?;
@@ -403,6 +409,7 @@ impl FromStr for EndpointUrl {
             return Err(format!("`{s}` has no host"));
         }
         let port = match authority.as_str().strip_prefix(host) {
+            Some("") if tls => 443,
             Some("") => 80,
             Some(port) => match port.strip_prefix(':').map(str::parse::<u16>) {
                 Some(Ok(port)) if port != 0 => port,
@@ -429,6 +436,7 @@ impl FromStr for EndpointUrl {
         Ok(Self {
             url: s.strip_suffix('/').unwrap_or(s).to_owned(),
             authority,
+            tls,
         })
     }
 }
@@ -579,8 +587,10 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 
 /// Parses and validates config `text`; `origin` names the file in error messages.
 pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+    // Files the config names (certificates) are found from the config file's directory.
+    let base = Path::new(origin).parent().unwrap_or(Path::new(""));
     deserialize(text)
-        .and_then(|raw| raw.validate(text))
+        .and_then(|raw| raw.validate(text, base))
         .map_err(|e| ConfigError::Invalid {
             path: origin.to_owned(),
             line: line_of(text, e.span.start),
@@ -1363,11 +1373,77 @@ backend = "v2"
     }
 
     #[test]
+    fn https_urls_are_tls_endpoints_with_443_by_default() {
+        let url: EndpointUrl = "https://api.example.com".parse().unwrap();
+        assert!(url.tls);
+        assert_eq!(url.authority.as_str(), "api.example.com:443");
+        let url: EndpointUrl = "HTTPS://127.0.0.1:8443/".parse().unwrap();
+        assert!(url.tls);
+        assert_eq!(url.authority.as_str(), "127.0.0.1:8443");
+        let plain: EndpointUrl = "http://api.example.com".parse().unwrap();
+        assert!(!plain.tls);
+        assert_eq!(plain.authority.as_str(), "api.example.com:80");
+    }
+
+    #[test]
+    fn backend_tls_applies_to_https_urls_and_names_its_files_and_keys() {
+        // Without the table an https backend verifies against the system's store.
+        let config = valid(&doc(&[
+            "[[backend]]",
+            "name = \"v1\"",
+            "urls = [\"https://127.0.0.1:8443\", \"http://127.0.0.1:8080\"]",
+            "weight = 1",
+        ]));
+        let tls = config.backends[0].tls.as_ref().unwrap();
+        assert!(!tls.insecure_skip_verify && tls.ca.is_none());
+
+        let plain = doc(&[
+            "[[backend]]",
+            "name = \"v1\"",
+            "urls = [\"http://127.0.0.1:8080\"]",
+            "weight = 1",
+            "[backend.tls]",
+            "insecure_skip_verify = true",
+        ]);
+        let (line, key, message) = invalid(&plain);
+        assert_eq!((line, key.as_str()), (5, "backend[0].tls"));
+        assert!(message.contains("https://"), "{message}");
+
+        // A relative `ca` is found beside the config file, and a missing one is named.
+        let dir = tempfile::tempdir().unwrap();
+        let text = doc(&[
+            "[[backend]]",
+            "name = \"v1\"",
+            "urls = [\"https://127.0.0.1:8443\"]",
+            "weight = 1",
+            "[backend.tls]",
+            "ca = \"certs/ca.pem\"",
+        ]);
+        let origin = dir.path().join("canary.toml");
+        let origin = origin.to_str().unwrap();
+        match parse(&text, origin) {
+            Err(ConfigError::Invalid {
+                line, key, message, ..
+            }) => {
+                assert_eq!((line, key.as_str()), (6, "backend[0].tls.ca"));
+                assert!(message.contains("certs/ca.pem"), "{message}");
+            }
+            other => panic!("expected an error, got {other:?}"),
+        }
+        std::fs::create_dir(dir.path().join("certs")).unwrap();
+        let ca = rcgen::generate_simple_self_signed(vec!["ca.test".to_owned()]).unwrap();
+        std::fs::write(dir.path().join("certs/ca.pem"), ca.cert.pem()).unwrap();
+        let config = parse(&text, origin).unwrap();
+        let tls = config.backends[0].tls.as_ref().unwrap();
+        assert_eq!(
+            tls.ca.as_deref(),
+            Some(dir.path().join("certs/ca.pem").as_path())
+        );
+    }
+
+    #[test]
     fn malformed_urls() {
         assert!(url_error("127.0.0.1:8082").contains("no scheme; write `http://127.0.0.1:8082`"));
-        assert!(
-            url_error("https://127.0.0.1:8443").contains("https upstreams are not supported yet")
-        );
         assert!(url_error("ftp://h").contains("unsupported scheme"));
         assert!(url_error("http://127.0.0.1:8082/v2").contains("path is not allowed"));
         assert!(url_error("http://127.0.0.1:8082/?a=b").contains("query"));

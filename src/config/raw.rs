@@ -149,6 +149,15 @@ pub(super) struct RawBackend {
     pub(super) weight: Option<Spanned<RawInt>>,
     pub(super) health: Option<Spanned<RawHealth>>,
     pub(super) outlier: Option<Spanned<RawOutlier>>,
+    pub(super) tls: Option<Spanned<RawBackendTls>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+pub(super) struct RawBackendTls {
+    pub(super) ca: Option<Spanned<String>>,
+    pub(super) server_name: Option<Spanned<String>>,
+    pub(super) insecure_skip_verify: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize)]

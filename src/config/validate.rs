@@ -1,6 +1,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::ops::Range;
+use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -11,23 +12,25 @@ use toml::Spanned;
 
 use super::diagnostics::{FieldError, later, line_of, regex_reason};
 use super::raw::{
-    RawAdmin, RawAnalysis, RawBackend, RawConfig, RawDuration, RawFault, RawHealth, RawInt, RawLog,
-    RawMirror, RawNumber, RawOutlier, RawProxy, RawRollout, RawRule,
+    RawAdmin, RawAnalysis, RawBackend, RawBackendTls, RawConfig, RawDuration, RawFault, RawHealth,
+    RawInt, RawLog, RawMirror, RawNumber, RawOutlier, RawProxy, RawRollout, RawRule,
 };
 use super::{
-    AdminSettings, AnalysisConfig, BackendConfig, Config, DEFAULT_ROLLOUT_STEPS, EndpointUrl,
-    FaultConfig, FaultFields, HealthCheckConfig, LogFormat, LogSettings, MAX_ADMIN_CONNECTIONS,
-    MAX_BACKENDS, MAX_WEIGHT, MAX_WORKERS, MirrorConfig, MirrorFields, OnInconclusive,
-    OutlierConfig, ProxySettings, RolloutConfig, RuleConfig, RuleMatcher, RuleSource,
-    UNROUTED_BACKEND, first_repeated_backend,
+    AdminSettings, AnalysisConfig, BackendConfig, BackendTls, Config, DEFAULT_ROLLOUT_STEPS,
+    EndpointUrl, FaultConfig, FaultFields, HealthCheckConfig, LogFormat, LogSettings,
+    MAX_ADMIN_CONNECTIONS, MAX_BACKENDS, MAX_WEIGHT, MAX_WORKERS, MirrorConfig, MirrorFields,
+    OnInconclusive, OutlierConfig, ProxySettings, RolloutConfig, RuleConfig, RuleMatcher,
+    RuleSource, UNROUTED_BACKEND, first_repeated_backend,
 };
 use crate::duration::{format_duration, parse_duration};
+use crate::upstream::PeerTls;
 
 // ---------------------------------------------------------------------------------------------
 // Stage 2: validation into the public types.
 
 impl RawConfig {
-    pub(super) fn validate(self, text: &str) -> Result<Config, FieldError> {
+    /// `base`: the config file's directory, which relative file names start from.
+    pub(super) fn validate(self, text: &str, base: &Path) -> Result<Config, FieldError> {
         let proxy_listen_span = self
             .proxy
             .as_ref()
@@ -56,7 +59,7 @@ impl RawConfig {
                 format!("proxy and admin API cannot both listen on {}", admin.listen),
             ));
         }
-        let backends = validate_backends(self.backend, text)?;
+        let backends = validate_backends(self.backend, text, base)?;
         let rules = self
             .rule
             .unwrap_or_default()
@@ -321,6 +324,7 @@ fn host_name(key: &str, raw: Spanned<String>) -> Result<String, FieldError> {
 fn validate_backends(
     raw: Option<Spanned<Vec<Spanned<RawBackend>>>>,
     text: &str,
+    base: &Path,
 ) -> Result<Vec<BackendConfig>, FieldError> {
     let no_backends = "no backends configured; add at least one [[backend]] table";
     let Some(raw) = raw else {
@@ -340,7 +344,7 @@ fn validate_backends(
                 format!("at most {} backends are supported", MAX_BACKENDS),
             ));
         }
-        let backend = validate_backend(i, backend, text)?;
+        let backend = validate_backend(i, backend, text, base)?;
         if let Some(first) = first_line_by_name.insert(backend.name.clone(), backend.line) {
             return Err(FieldError::new(
                 format!("backend[{i}].name"),
@@ -370,6 +374,7 @@ fn validate_backend(
     i: usize,
     raw: Spanned<RawBackend>,
     text: &str,
+    base: &Path,
 ) -> Result<BackendConfig, FieldError> {
     let table_span = raw.span();
     let raw = raw.into_inner();
@@ -471,6 +476,7 @@ fn validate_backend(
         .map(|o| validate_outlier(&format!("backend[{i}].outlier"), o.into_inner()))
         .transpose()?
         .unwrap_or_default();
+    let tls = validate_backend_tls(i, raw.tls, &endpoints, base)?;
 
     Ok(BackendConfig {
         name: name.into_inner(),
@@ -478,8 +484,69 @@ fn validate_backend(
         weight,
         health,
         outlier,
+        tls,
         line: line_of(text, table_span.start),
     })
+}
+
+/// `[backend.tls]`: only beside an `https://` URL, and for every one of them (the defaults
+/// when the table is absent): verification against the system's trust store.
+fn validate_backend_tls(
+    i: usize,
+    raw: Option<Spanned<RawBackendTls>>,
+    endpoints: &[EndpointUrl],
+    base: &Path,
+) -> Result<Option<BackendTls>, FieldError> {
+    let key = |field: &str| format!("backend[{i}].tls.{field}");
+    if !endpoints.iter().any(|e| e.tls) {
+        return match raw {
+            None => Ok(None),
+            Some(raw) => Err(FieldError::new(
+                format!("backend[{i}].tls"),
+                raw.span(),
+                "applies to https:// URLs, and this backend has none",
+            )),
+        };
+    }
+    let (span, raw) = match raw {
+        Some(raw) => (raw.span(), raw.into_inner()),
+        None => (0..0, RawBackendTls::default()),
+    };
+    let field_span = |field: &str| match field {
+        "ca" => raw.ca.as_ref().map(Spanned::span),
+        "server_name" => raw.server_name.as_ref().map(Spanned::span),
+        _ => None,
+    };
+    let tls = BackendTls::new(
+        raw.ca.as_ref().map(|ca| ca.get_ref().as_str()),
+        raw.server_name.as_ref().map(|name| name.get_ref().as_str()),
+        raw.insecure_skip_verify
+            .as_ref()
+            .is_some_and(|v| *v.get_ref()),
+        base,
+    )
+    .map_err(|e| {
+        FieldError::new(
+            key(e.key),
+            field_span(e.key).unwrap_or(span.clone()),
+            e.message,
+        )
+    })?;
+    if tls.server_name.is_none()
+        && let Some(endpoint) = endpoints
+            .iter()
+            .find(|e| e.tls && PeerTls::new(tls.client.clone(), None, &e.authority).is_err())
+    {
+        return Err(FieldError::new(
+            key("server_name"),
+            span,
+            format!(
+                "{}: its host is not a name a certificate can be verified for; set server_name",
+                endpoint.url
+            ),
+        ));
+    }
+    Ok(Some(tls))
 }
 
 fn validate_health(prefix: &str, raw: RawHealth) -> Result<HealthCheckConfig, FieldError> {

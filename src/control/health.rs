@@ -15,6 +15,7 @@ use bytes::Bytes;
 use http::header::USER_AGENT;
 use http::{HeaderValue, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty};
+use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -26,6 +27,7 @@ use crate::chain::Chain;
 use crate::config::HealthCheckConfig;
 use crate::routing::health::Transition;
 use crate::routing::{Endpoint, RoutingTable};
+use crate::upstream::PeerTls;
 
 /// The `User-Agent` of probes, so upstream logs can tell them from client traffic.
 const PROBE_USER_AGENT: &str = "canary-proxy-health";
@@ -43,18 +45,47 @@ const PROBE_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 // ---------------------------------------------------------------------------------------------
 // Probing.
 
-/// The probes' own pooled client, apart from the traffic pools so that probes neither wait
-/// behind nor evict client connections.
-type ProbeClient = Client<HttpConnector, Empty<Bytes>>;
+/// A probe task's own pooled client, apart from the traffic pools so that probes neither
+/// wait behind nor evict client connections.
+type ProbeClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
 
-fn probe_client() -> ProbeClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
+/// The client of one endpoint's probes: for an `https://` endpoint, with the TLS settings
+/// (trust, name verified) its traffic uses.
+fn probe_client(tls: Option<&PeerTls>) -> ProbeClient {
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.enforce_http(false);
+    let connector = match tls {
+        None => HttpsConnectorBuilder::new()
+            .with_tls_config(no_tls())
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http),
+        Some(tls) => {
+            // hyper-rustls sets ALPN itself, from the versions enabled.
+            let mut config = (*tls.config).clone();
+            config.alpn_protocols.clear();
+            HttpsConnectorBuilder::new()
+                .with_tls_config(config)
+                .https_only()
+                .with_server_name_resolver(FixedServerNameResolver::new(tls.server_name.clone()))
+                .enable_http1()
+                .wrap_connector(http)
+        }
+    };
     Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(PROBE_IDLE_TIMEOUT)
         .pool_max_idle_per_host(1)
         .build(connector)
+}
+
+/// The TLS config of a plain endpoint's probe client, which never makes a TLS connection:
+/// trusting nothing, it could not.
+fn no_tls() -> rustls::ClientConfig {
+    rustls::ClientConfig::builder()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth()
 }
 
 /// Why one probe failed; shown in logs only.
@@ -131,8 +162,13 @@ impl ProbeTask {
             client,
             token,
         } = self;
+        let scheme = if endpoint.peer.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         let uri = match Uri::builder()
-            .scheme("http")
+            .scheme(scheme)
             .authority(endpoint.authority().clone())
             .path_and_query(config.path.clone())
             .build()
@@ -192,7 +228,6 @@ impl ProbeTask {
 pub struct HealthSupervisor {
     /// Parent of every probe task's token: cancelled on shutdown or when this is dropped.
     token: CancellationToken,
-    client: ProbeClient,
     probes: Mutex<Probes>,
 }
 
@@ -223,7 +258,6 @@ impl HealthSupervisor {
     pub fn new(shutdown: CancellationToken) -> Self {
         HealthSupervisor {
             token: shutdown.child_token(),
-            client: probe_client(),
             probes: Mutex::default(),
         }
     }
@@ -301,7 +335,7 @@ impl HealthSupervisor {
             endpoint: endpoint.clone(),
             backend: backend.to_owned(),
             config: config.clone(),
-            client: self.client.clone(),
+            client: probe_client(endpoint.peer.tls.as_ref()),
             token: token.clone(),
         };
         let (restore, target) = (restore_up.clone(), endpoint.clone());

@@ -147,6 +147,7 @@ impl ControlPlane {
         let token = config.admin.resolve_token()?;
         let metrics = Arc::new(Metrics::new());
         let table = RoutingTable::from_config(&config, 1, None, &metrics);
+        warn_about_unverified_tls(&config);
         let shutdown = CancellationToken::new();
         let control = ControlPlane {
             table: Arc::new(ArcSwap::from_pointee(table)),
@@ -640,6 +641,7 @@ impl ControlPlane {
             "routing table replaced by reload"
         );
         self.warn_about_restart_only_changes(&config);
+        warn_about_unverified_tls(&config);
         self.table.store(Arc::new(next));
         self.health.sync(&self.table.load());
         *self.token.write().unwrap_or_else(|e| e.into_inner()) = token;
@@ -689,6 +691,23 @@ impl ControlPlane {
 
     fn lock_config(&self) -> std::sync::MutexGuard<'_, Config> {
         self.config.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// `insecure_skip_verify` is said out loud whenever a config with it is taken: a backend
+/// reached so is reached over TLS nobody vouches for.
+fn warn_about_unverified_tls(config: &Config) {
+    for backend in &config.backends {
+        if backend
+            .tls
+            .as_ref()
+            .is_some_and(|tls| tls.insecure_skip_verify)
+        {
+            tracing::warn!(
+                backend = %backend.name,
+                "backend.tls.insecure_skip_verify is on: the certificates of this backend's https endpoints are not verified"
+            );
+        }
     }
 }
 

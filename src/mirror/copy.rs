@@ -24,7 +24,7 @@ use crate::metrics::{BackendMetrics, FaultKind, MirrorMetrics, MirrorResult};
 use crate::proxy::headers::X_CANARY_FAULT;
 use crate::routing::fault::Injection;
 use crate::upstream::{
-    BodyTap, ExchangeTimeouts, ForwardBody, Peer, SendError, Upstream, UpstreamBody,
+    BodyTap, ExchangeTimeouts, ForwardBody, Peer, PeerTls, SendError, Upstream, UpstreamBody,
     UpstreamSettings,
 };
 
@@ -137,7 +137,7 @@ impl Mirror {
     pub fn new(
         config: MirrorConfig,
         (backend, from): (usize, Option<usize>),
-        endpoints: Vec<Vec<(String, http::uri::Authority)>>,
+        endpoints: Vec<Vec<(String, http::uri::Authority, Option<PeerTls>)>>,
         upstream: UpstreamSettings,
         carried: Carried,
         metrics: MirrorMetrics,
@@ -147,7 +147,7 @@ impl Mirror {
             .into_iter()
             .map(|list| {
                 list.into_iter()
-                    .map(|(url, authority)| Arc::new(Peer::new(url, authority)))
+                    .map(|(url, authority, tls)| Arc::new(Peer::new(url, authority, tls)))
                     .collect()
             })
             .collect();

@@ -22,7 +22,7 @@ use crate::http1::head::{
     Framing, FramingError, Present, RequestHead, keeps_alive, request_framing,
 };
 use crate::http1::server::{NextRequest, ResponseMode, ServerSession};
-use crate::upstream::ForwardBody;
+use crate::upstream::{ForwardBody, UpstreamStream};
 
 /// Serves HTTP/1 requests on `stream` until the client closes, an error or a refusal closes
 /// it, the drain ends it between requests, or it is switched to a tunnel. Each request head
@@ -77,7 +77,7 @@ enum After {
     /// Nothing: the connection is closed (or closes when the session is dropped).
     Close,
     /// A tunnel to this upstream connection, which sent these bytes past its 101.
-    Switched(TcpStream, Bytes),
+    Switched(UpstreamStream, Bytes),
 }
 
 /// Checks a request, forwards it through the proxy (watching for the client going away),
@@ -209,7 +209,7 @@ fn spawn_tunnel(
     proxy: &Proxy,
     mut client: TcpStream,
     from_client: Bytes,
-    mut upstream: TcpStream,
+    mut upstream: UpstreamStream,
     from_upstream: Bytes,
 ) {
     let shutdown = proxy.shutdown_token();

@@ -31,15 +31,15 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use rand::{Rng, RngExt};
 
 use crate::config::{
-    BackendConfig, Config, HealthCheckConfig, MirrorConfig, OutlierConfig, RuleConfig, RuleMatcher,
-    RuleSource,
+    BackendConfig, BackendTls, Config, EndpointUrl, HealthCheckConfig, MirrorConfig, OutlierConfig,
+    RuleConfig, RuleMatcher, RuleSource,
 };
 use crate::duration::format_duration;
 use crate::id;
 use crate::metrics::{BackendMetrics, DecisionReason, Metrics, TableGauges};
 use crate::mirror::copy::{Carried, Mirror};
 use crate::rollout::VersionMeter;
-use crate::upstream::{ExchangeTimeouts, Peer, Upstream, UpstreamSettings};
+use crate::upstream::{ExchangeTimeouts, Peer, PeerTls, Upstream, UpstreamSettings};
 use fault::Fault;
 use health::{EndpointHealth, EndpointStatus};
 use sticky::{BUCKETS, StickyCookie, StickySettings};
@@ -97,6 +97,8 @@ pub struct Backend {
     pub meter: Option<Arc<VersionMeter>>,
     /// The fault injected into this backend's requests (a drill), if any.
     pub fault: Option<Arc<Fault>>,
+    /// `[backend.tls]`, which its `https://` endpoints' connections were made with.
+    pub tls: Option<BackendTls>,
     /// Round-robin cursor over `endpoints`, shared with the tables derived from this one.
     cursor: Arc<AtomicUsize>,
 }
@@ -164,11 +166,17 @@ impl Reason {
 }
 
 impl Endpoint {
-    /// A new endpoint starts up and not ejected; `outlier` sets when failed requests eject it.
-    pub fn new(url: String, authority: Authority, outlier: OutlierConfig) -> Self {
+    /// A new endpoint starts up and not ejected; `outlier` sets when failed requests eject it;
+    /// `tls` for an `https://` one.
+    pub fn new(
+        url: String,
+        authority: Authority,
+        outlier: OutlierConfig,
+        tls: Option<PeerTls>,
+    ) -> Self {
         let health = EndpointHealth::new(&url, outlier);
         Endpoint {
-            peer: Arc::new(Peer::new(url, authority)),
+            peer: Arc::new(Peer::new(url, authority, tls)),
             health,
         }
     }
@@ -207,6 +215,19 @@ impl Endpoint {
     pub fn status(&self) -> EndpointStatus {
         self.health.status()
     }
+}
+
+/// How an endpoint's connections are secured: `https://` ones with the backend's TLS config
+/// (config validation made sure each has a name to verify).
+fn peer_tls(endpoint: &EndpointUrl, tls: Option<&BackendTls>) -> Option<PeerTls> {
+    let tls = tls.filter(|_| endpoint.tls)?;
+    PeerTls::new(
+        tls.client.clone(),
+        tls.server_name.as_ref(),
+        &endpoint.authority,
+    )
+    .inspect_err(|error| tracing::error!(endpoint = %endpoint.url, %error, "no TLS name"))
+    .ok()
 }
 
 impl Backend {
@@ -410,7 +431,10 @@ impl RoutingTable {
             .map(|b| {
                 b.endpoints
                     .iter()
-                    .map(|e| (e.url().to_owned(), e.authority().clone()))
+                    .map(|e| {
+                        let tls = e.peer.tls.clone();
+                        (e.url().to_owned(), e.authority().clone(), tls)
+                    })
                     .collect()
             })
             .collect();
@@ -716,7 +740,11 @@ impl Backend {
             .endpoints
             .iter()
             .map(|e| {
-                let kept = old.and_then(|b| b.endpoints.iter().find(|o| o.url() == e.url));
+                // An endpoint whose TLS settings changed starts afresh: its idle connections
+                // were made with the old ones.
+                let kept = old
+                    .filter(|b| b.tls == config.tls)
+                    .and_then(|b| b.endpoints.iter().find(|o| o.url() == e.url));
                 if let Some(kept) = kept {
                     // Same endpoint, same health state; only the outlier settings may change.
                     kept.health.set_outlier(config.outlier);
@@ -726,6 +754,7 @@ impl Backend {
                     e.url.clone(),
                     e.authority.clone(),
                     config.outlier,
+                    peer_tls(e, config.tls.as_ref()),
                 ))
             })
             .collect();
@@ -741,6 +770,7 @@ impl Backend {
             cursor: old.map_or_else(Arc::default, |b| b.cursor.clone()),
             meter: None,
             fault: None,
+            tls: config.tls.clone(),
         }
     }
 }
@@ -859,11 +889,13 @@ mod tests {
                         format!("http://10.0.0.{i}:1"),
                         "a:1".parse().unwrap(),
                         OutlierConfig::default(),
+                        None,
                     )),
                     Arc::new(Endpoint::new(
                         format!("http://10.0.0.{i}:2"),
                         "a:2".parse().unwrap(),
                         OutlierConfig::default(),
+                        None,
                     )),
                 ],
                 upstream: Upstream::new(UpstreamSettings {
@@ -875,6 +907,7 @@ mod tests {
                 cursor: Arc::default(),
                 meter: None,
                 fault: None,
+                tls: None,
             })
             .collect();
         let second = Duration::from_secs(1);

@@ -12,10 +12,10 @@ use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{Method, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use tokio::net::TcpStream;
 
 use super::exchange::Exchange;
 use super::pool::Connection;
+use super::stream::UpstreamStream;
 use super::{ExchangeError, ExchangeTimeouts, Peer, UpstreamSettings};
 use crate::http1::body::{self, MessageError};
 use crate::http1::head::{Framing, Present, ResponseHead, keeps_alive, response_framing};
@@ -294,7 +294,7 @@ impl UpstreamBody {
 
     /// For a 101 response: the upstream connection and any bytes it already sent past the
     /// head, for the tunnel.
-    pub fn take_upgraded(&mut self) -> Option<(TcpStream, Bytes)> {
+    pub fn take_upgraded(&mut self) -> Option<(UpstreamStream, Bytes)> {
         match &mut self.state {
             BodyState::Switched(connection) => {
                 connection.take().map(|c| (c.stream, c.read_buf.freeze()))

@@ -322,6 +322,13 @@ impl Exchange {
                     }
                 }
             }
+            // All given is written: what a TLS stream still holds goes out before the
+            // exchange waits for the client's body or the response (a plain one holds
+            // nothing).
+            if let Err(error) = ready!(Pin::new(&mut self.connection.stream).poll_flush(cx)) {
+                self.broken = true;
+                return Poll::Ready(Err(ExchangeError::Write(error)));
+            }
             return match self.request_body {
                 RequestBody::Done => Poll::Ready(Ok(())),
                 RequestBody::Streaming { .. } => Poll::Pending,

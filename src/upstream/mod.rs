@@ -30,6 +30,7 @@ use std::time::Duration;
 
 use http::uri::Authority;
 use http::{Request, Response};
+use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 
 use crate::http1::body::MessageError;
@@ -38,8 +39,10 @@ use crate::http1::head::recycle_map;
 mod body;
 mod exchange;
 mod pool;
+mod stream;
 
 pub use body::{BodyTap, ForwardBody, ForwardBodyError, ProxyResponse, UpstreamBody};
+pub use stream::UpstreamStream;
 
 use body::finish_head;
 use exchange::{Attempt, Exchange, Failure, Phase, PhaseClock, is_idempotent};
@@ -71,8 +74,54 @@ pub struct Peer {
     pub url: String,
     /// `host:port` that requests are sent to.
     pub authority: Authority,
+    /// For an `https://` endpoint: how its connections are secured.
+    pub tls: Option<PeerTls>,
     /// Idle keep-alive connections to this endpoint, kept with it across table changes.
     pool: ConnectionPool,
+}
+
+/// How an `https://` endpoint's connections are secured: the client config (trust, ALPN)
+/// and the name sent in SNI and verified.
+#[derive(Clone)]
+pub struct PeerTls {
+    pub config: Arc<rustls::ClientConfig>,
+    pub connector: tokio_rustls::TlsConnector,
+    pub server_name: ServerName<'static>,
+}
+
+impl PeerTls {
+    /// TLS with `config`, verifying `server_name`, or else the authority's host.
+    pub fn new(
+        config: Arc<rustls::ClientConfig>,
+        server_name: Option<&ServerName<'static>>,
+        authority: &Authority,
+    ) -> Result<Self, String> {
+        let server_name = match server_name {
+            Some(name) => name.clone(),
+            None => {
+                // An IPv6 authority's host keeps its brackets.
+                let host = authority
+                    .host()
+                    .trim_start_matches('[')
+                    .trim_end_matches(']');
+                ServerName::try_from(host.to_owned())
+                    .map_err(|_| format!("{host:?} is not a name TLS can verify"))?
+            }
+        };
+        Ok(PeerTls {
+            connector: tokio_rustls::TlsConnector::from(config.clone()),
+            config,
+            server_name,
+        })
+    }
+}
+
+impl std::fmt::Debug for PeerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerTls")
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why no connection to an endpoint could be used (nothing of the request was sent).
@@ -82,6 +131,8 @@ pub enum ConnectError {
     Io(#[source] io::Error),
     #[error("connect timed out after {0:?}")]
     TimedOut(Duration),
+    #[error("TLS handshake failed")]
+    Tls(#[source] io::Error),
     #[error("the new connection failed before the request could be sent")]
     Closed(#[source] ExchangeError),
 }
@@ -136,11 +187,12 @@ pub struct ExchangeTimeouts {
 }
 
 impl Peer {
-    /// A peer with no connections yet.
-    pub fn new(url: String, authority: Authority) -> Self {
+    /// A peer with no connections yet; `tls` for an `https://` endpoint.
+    pub fn new(url: String, authority: Authority, tls: Option<PeerTls>) -> Self {
         Peer {
             url,
             authority,
+            tls,
             pool: ConnectionPool::default(),
         }
     }
@@ -256,14 +308,28 @@ impl Upstream {
         }
     }
 
-    /// Opens a TCP connection (TCP_NODELAY) to the peer.
+    /// Opens a TCP connection (TCP_NODELAY) to the peer, and for an `https://` one makes
+    /// the TLS handshake; `connect_timeout` bounds both.
     async fn connect(&self, peer: &Peer) -> Result<Connection, ConnectError> {
         let timeout = self.settings.connect_timeout;
-        let stream = tokio::time::timeout(timeout, TcpStream::connect(peer.authority.as_str()))
+        let connect = async {
+            let stream = TcpStream::connect(peer.authority.as_str())
+                .await
+                .map_err(ConnectError::Io)?;
+            let _ = stream.set_nodelay(true);
+            match &peer.tls {
+                None => Ok(UpstreamStream::Plain(stream)),
+                Some(tls) => tls
+                    .connector
+                    .connect(tls.server_name.clone(), stream)
+                    .await
+                    .map(|stream| UpstreamStream::Tls(Box::new(stream)))
+                    .map_err(ConnectError::Tls),
+            }
+        };
+        let stream = tokio::time::timeout(timeout, connect)
             .await
-            .map_err(|_| ConnectError::TimedOut(timeout))?
-            .map_err(ConnectError::Io)?;
-        let _ = stream.set_nodelay(true);
+            .map_err(|_| ConnectError::TimedOut(timeout))??;
         Ok(Connection::new(stream))
     }
 }

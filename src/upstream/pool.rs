@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use tokio::net::TcpStream;
 
+use super::stream::UpstreamStream;
+
 use crate::config::MAX_WORKERS;
 use crate::http1::body::READ_CHUNK;
 use crate::worker_index::current_worker;
@@ -20,7 +22,7 @@ const MAX_IDLE: usize = 512;
 /// One keep-alive connection to an endpoint, with the buffers it keeps between requests.
 #[derive(Debug)]
 pub(super) struct Connection {
-    pub(super) stream: TcpStream,
+    pub(super) stream: UpstreamStream,
     /// Bytes read from the upstream and not consumed yet.
     pub(super) read_buf: BytesMut,
     /// The request bytes being written; kept for its capacity.
@@ -30,7 +32,7 @@ pub(super) struct Connection {
 }
 
 impl Connection {
-    pub(super) fn new(stream: TcpStream) -> Self {
+    pub(super) fn new(stream: UpstreamStream) -> Self {
         Connection {
             stream,
             read_buf: BytesMut::with_capacity(READ_CHUNK),
@@ -48,12 +50,16 @@ impl Connection {
             return false;
         }
         let mut cx = Context::from_waker(Waker::noop());
-        match self.stream.poll_read_ready(&mut cx) {
+        let socket = self.stream.tcp();
+        match socket.poll_read_ready(&mut cx) {
             Poll::Pending => true,
             Poll::Ready(Err(_)) => false,
+            // Bytes on a TLS connection are records (a close_notify, most likely), which
+            // only the TLS layer may read: it is not reused.
+            Poll::Ready(Ok(())) if self.stream.is_tls() => Self::is_quiet(socket),
             Poll::Ready(Ok(())) => {
                 let mut probe = [0u8; 1];
-                matches!(self.stream.try_read(&mut probe),
+                matches!(socket.try_read(&mut probe),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock)
             }
         }
@@ -62,8 +68,13 @@ impl Connection {
     /// Asks the socket itself (one system call) whether the upstream closed the connection or
     /// sent something unasked; for requests that cannot be sent again once written.
     fn is_quiet_now(&self) -> bool {
+        Self::is_quiet(self.stream.tcp())
+    }
+
+    /// Whether the socket has nothing to read (no FIN, no bytes), asked without reading.
+    fn is_quiet(socket: &TcpStream) -> bool {
         let mut probe = [MaybeUninit::<u8>::uninit(); 1];
-        matches!(socket2::SockRef::from(&self.stream).peek(&mut probe),
+        matches!(socket2::SockRef::from(socket).peek(&mut probe),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 }
@@ -136,7 +147,7 @@ mod tests {
             .await
             .unwrap();
         let (server, _) = listener.accept().await.unwrap();
-        let connection = Connection::new(client);
+        let connection = Connection::new(UpstreamStream::Plain(client));
         assert!(connection.is_quiet_now());
         drop(server);
         // No await from here on: the runtime's readiness for the socket cannot change, but

@@ -2,6 +2,8 @@
 //! API, talked to over real TCP.
 #![allow(dead_code)]
 
+pub mod certs;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -30,6 +32,8 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 /// Every response carries `x-served-by: NAME`.
 pub struct Upstream {
     pub name: &'static str,
+    /// Speaks HTTPS.
+    pub tls: bool,
     pub addr: SocketAddr,
     /// Requests received (any path).
     pub hits: Arc<AtomicUsize>,
@@ -45,7 +49,8 @@ pub struct Upstream {
 
 impl Upstream {
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     pub fn hits(&self) -> usize {
@@ -54,6 +59,16 @@ impl Upstream {
 }
 
 pub async fn upstream(name: &'static str) -> Upstream {
+    serve_upstream(name, None).await
+}
+
+/// A test upstream (as [`upstream`]) that speaks HTTPS with `tls`: its URL is `https://`.
+pub async fn https_upstream(name: &'static str, tls: Arc<rustls::ServerConfig>) -> Upstream {
+    serve_upstream(name, Some(tokio_rustls::TlsAcceptor::from(tls))).await
+}
+
+async fn serve_upstream(name: &'static str, tls: Option<tokio_rustls::TlsAcceptor>) -> Upstream {
+    let speaks_tls = tls.is_some();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let hits = Arc::new(AtomicUsize::new(0));
@@ -97,14 +112,29 @@ pub async fn upstream(name: &'static str) -> Upstream {
                     }
                 }
             });
+            let tls = tls.clone();
             tokio::spawn(async move {
-                let _ = auto::Builder::new(TokioExecutor::new())
-                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                    .await;
+                let server = auto::Builder::new(TokioExecutor::new());
+                let _ = match tls {
+                    None => {
+                        server
+                            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                            .await
+                    }
+                    Some(tls) => match tls.accept(stream).await {
+                        Ok(stream) => {
+                            server
+                                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                                .await
+                        }
+                        Err(_) => return,
+                    },
+                };
             });
         }
     });
     Upstream {
+        tls: speaks_tls,
         name,
         addr,
         hits,
