@@ -1,22 +1,33 @@
 //! The client-facing listener: accepts connections, tells HTTP/1 from h2c by each connection's
 //! first bytes, serves HTTP/1 with `proxy::h1` (on the proxy's own `http1` protocol layer) and
-//! h2c with hyper's HTTP/2 server (`proxy::h2`), and drains on shutdown.
+//! HTTP/2 with hyper's server (`proxy::h2`), and drains on shutdown. With `[proxy.tls]`, every
+//! connection is TLS: the handshake comes first, and ALPN decides (`h2` is HTTP/2; `http/1.1`,
+//! or no ALPN at all, HTTP/1, since HTTP/2 over TLS must be negotiated, RFC 9113 §3.2).
 //!
-//! Slow or silent clients cannot pin the proxy: the first bytes of a connection (which decide
-//! HTTP/1 or HTTP/2) and every HTTP/1 request head must arrive within `header_read_timeout`.
+//! Slow or silent clients cannot pin the proxy: the TLS handshake, the first bytes of a
+//! connection (which decide HTTP/1 or HTTP/2; over TLS, the HTTP/2 preface) and every HTTP/1
+//! request head must each arrive within `header_read_timeout`.
 
 use std::future::Future;
+use std::io;
+use std::net::IpAddr;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::server::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
 
 use crate::config::ProxySettings;
-use crate::proxy::{Proxy, h1, h2, headers};
+use crate::proxy::{ClientInfo, Proxy, h1, h2, headers};
 use crate::stall::SendTimeout;
+use crate::stream::ClientStream;
+use crate::tls::ALPN_H2;
 
 /// How the listener treats client connections.
 #[derive(Debug, Clone, Copy)]
@@ -50,12 +61,17 @@ const H2_KEEP_ALIVE: Duration = Duration::from_secs(20);
 /// The HTTP/2 connection preface; a connection that starts with it is h2c.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// The HTTP/2 server settings every connection of a worker shares.
+type Http2 = Arc<http2::Builder<TokioExecutor>>;
+
 /// Serves clients until `shutdown` completes, then stops accepting and waits up to
-/// `shutdown_grace` for open connections to finish their requests.
+/// `shutdown_grace` for open connections to finish their requests. With `tls`, every
+/// connection is TLS.
 pub async fn serve(
     listener: TcpListener,
     proxy: Proxy,
     options: ServerOptions,
+    tls: Option<TlsAcceptor>,
     shutdown: impl Future<Output = ()>,
 ) {
     // HTTP/2: pings find dead peers (HTTP/1 idle connections meet the header read timeout
@@ -68,7 +84,7 @@ pub async fn serve(
         .max_concurrent_streams(256)
         .max_header_list_size(64 * 1024);
     // Shared: each connection's task holds a pointer, not a copy of the settings.
-    let http2 = std::sync::Arc::new(http2);
+    let http2 = Arc::new(http2);
     // Idle upstream connections of this worker are looked at once a second.
     let sweeper = tokio::spawn({
         let proxy = proxy.clone();
@@ -98,36 +114,22 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
-        let mut drained = open_connections.clone();
+        let drained = open_connections.clone();
         let http2 = http2.clone();
         let proxy = proxy.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let Some(protocol) = sniff_protocol(&stream, options.header_read_timeout).await else {
-                return;
-            };
-            let _ = stream.set_nodelay(true);
-            let client_ip = headers::client_ip_value(peer.ip());
-            let result = match protocol {
-                Protocol::Http1 => {
-                    h1::serve(
+            let result = match tls {
+                None => serve_plain(stream, peer.ip(), proxy, options, http2, drained).await,
+                // Boxed: a plain connection's task should not be the size of a TLS one.
+                Some(tls) => {
+                    Box::pin(serve_tls(
                         stream,
-                        &client_ip,
-                        &proxy,
-                        options.header_read_timeout,
-                        options.send_timeout,
-                        &mut drained,
-                    )
-                    .await;
-                    Ok(())
-                }
-                Protocol::Http2 => {
-                    // Boxed: an HTTP/1 connection's task should not be the size of this one.
-                    let stream = SendTimeout::new(stream, options.send_timeout);
-                    let (io, service) = h2::service(stream, proxy, client_ip);
-                    let connection = http2.serve_connection(io, service);
-                    Box::pin(until_drained(
-                        connection,
-                        |c| c.graceful_shutdown(),
+                        tls,
+                        peer.ip(),
+                        proxy,
+                        options,
+                        http2,
                         drained,
                     ))
                     .await
@@ -152,6 +154,109 @@ pub async fn serve(
             tracing::warn!(grace = ?options.shutdown_grace, "grace period over, closing remaining connections");
         }
     }
+}
+
+/// Serves a plain connection: HTTP/1 or h2c, as its first bytes say.
+async fn serve_plain(
+    stream: TcpStream,
+    peer: IpAddr,
+    proxy: Proxy,
+    options: ServerOptions,
+    http2: Http2,
+    mut drained: watch::Receiver<()>,
+) -> Result<(), hyper::Error> {
+    let Some(protocol) = sniff_protocol(&stream, options.header_read_timeout).await else {
+        return Ok(());
+    };
+    let _ = stream.set_nodelay(true);
+    let client = ClientInfo {
+        ip: headers::client_ip_value(peer),
+        tls: false,
+    };
+    match protocol {
+        Protocol::Http1 => {
+            let stream = ClientStream::Plain(stream);
+            h1::serve(
+                stream,
+                &client,
+                &proxy,
+                options.header_read_timeout,
+                options.send_timeout,
+                &mut drained,
+            )
+            .await;
+            Ok(())
+        }
+        // Boxed: an HTTP/1 connection's task should not be the size of this one.
+        Protocol::Http2 => {
+            Box::pin(serve_h2(stream, client, proxy, options, &http2, drained)).await
+        }
+    }
+}
+
+/// Serves a TLS connection: the handshake within `header_read_timeout`, then HTTP/2 when ALPN
+/// agreed on `h2`, else HTTP/1.
+async fn serve_tls(
+    stream: TcpStream,
+    tls: TlsAcceptor,
+    peer: IpAddr,
+    proxy: Proxy,
+    options: ServerOptions,
+    http2: Http2,
+    mut drained: watch::Receiver<()>,
+) -> Result<(), hyper::Error> {
+    // Before the handshake: its flights go out as they are written.
+    let _ = stream.set_nodelay(true);
+    let stream = match tokio::time::timeout(options.header_read_timeout, tls.accept(stream)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => {
+            tracing::debug!(%peer, %error, "TLS handshake failed");
+            return Ok(());
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "no TLS handshake within header_read_timeout");
+            return Ok(());
+        }
+    };
+    let client = ClientInfo {
+        ip: headers::client_ip_value(peer),
+        tls: true,
+    };
+    if stream.get_ref().1.alpn_protocol() == Some(ALPN_H2) {
+        let Some(stream) = read_preface(stream, options.header_read_timeout).await else {
+            return Ok(());
+        };
+        return serve_h2(stream, client, proxy, options, &http2, drained).await;
+    }
+    h1::serve(
+        ClientStream::Tls(Box::new(stream)),
+        &client,
+        &proxy,
+        options.header_read_timeout,
+        options.send_timeout,
+        &mut drained,
+    )
+    .await;
+    Ok(())
+}
+
+/// Serves an HTTP/2 connection (h2c, or h2 over TLS) with hyper until it ends or the drain
+/// ends it.
+async fn serve_h2<S>(
+    stream: S,
+    client: ClientInfo,
+    proxy: Proxy,
+    options: ServerOptions,
+    http2: &http2::Builder<TokioExecutor>,
+    drained: watch::Receiver<()>,
+) -> Result<(), hyper::Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let stream = SendTimeout::new(stream, options.send_timeout);
+    let (io, service) = h2::service(stream, proxy, client);
+    let connection = http2.serve_connection(io, service);
+    until_drained(connection, |c| c.graceful_shutdown(), drained).await
 }
 
 /// Runs a client connection; when the drain begins, asks it to finish the requests it has
@@ -203,4 +308,73 @@ async fn sniff_protocol(stream: &TcpStream, timeout: Duration) -> Option<Protoco
         }
     };
     tokio::time::timeout(timeout, sniff).await.ok().flatten()
+}
+
+/// Reads the HTTP/2 preface a client that agreed on `h2` must send first, for at most
+/// `timeout` (as a plain connection's first bytes); `None` when it did not come, or something
+/// else did. hyper gets it again in front of the rest.
+async fn read_preface<S: AsyncRead + Unpin>(
+    mut stream: S,
+    timeout: Duration,
+) -> Option<Replayed<S>> {
+    let mut preface = [0u8; H2_PREFACE.len()];
+    match tokio::time::timeout(timeout, stream.read_exact(&mut preface)).await {
+        Ok(Ok(_)) if preface == H2_PREFACE => Some(Replayed {
+            replay: H2_PREFACE,
+            inner: stream,
+        }),
+        _ => None,
+    }
+}
+
+/// A stream whose first bytes, read already, are read again first.
+struct Replayed<S> {
+    replay: &'static [u8],
+    inner: S,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Replayed<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.replay.is_empty() {
+            return Pin::new(&mut self.inner).poll_read(cx, buf);
+        }
+        let n = self.replay.len().min(buf.remaining());
+        buf.put_slice(&self.replay[..n]);
+        self.replay = &self.replay[n..];
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Replayed<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }

@@ -27,8 +27,6 @@ use http::{HeaderName, HeaderValue, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
@@ -38,6 +36,7 @@ use super::head::{
     Framing, HeadError, RequestHead, http_date, parse_request_head, put_field, recycle_map,
 };
 use crate::stall::SendTimeout;
+use crate::stream::{ClientReader, ClientStream, ClientWriter};
 
 /// Response body pieces up to this size are copied next to the head (larger ones are written
 /// from where they are, by vectored writes).
@@ -56,7 +55,7 @@ const LINGER: Duration = Duration::from_secs(1);
 /// how much of the current request's body is still to come.
 #[derive(Debug)]
 struct ReadSide {
-    io: OwnedReadHalf,
+    io: ClientReader,
     buf: BytesMut,
     body: Framing,
     /// The client closed its sending side behind pipelined requests still buffered.
@@ -135,7 +134,7 @@ pub struct ResponseMode {
 /// One client connection served over HTTP/1.
 pub struct ServerSession {
     shared: Shared,
-    write: SendTimeout<OwnedWriteHalf>,
+    write: SendTimeout<ClientWriter>,
     clock: HeadClock,
 }
 
@@ -150,7 +149,11 @@ pub enum NextRequest {
 }
 
 impl ServerSession {
-    pub fn new(stream: TcpStream, header_read_timeout: Duration, send_timeout: Duration) -> Self {
+    pub fn new(
+        stream: ClientStream,
+        header_read_timeout: Duration,
+        send_timeout: Duration,
+    ) -> Self {
         let (io, write) = stream.into_split();
         ServerSession {
             shared: Arc::new(Mutex::new(ReadSide {
@@ -221,7 +224,10 @@ impl ServerSession {
 
     /// Tells a client that sent `Expect: 100-continue` to send its body.
     pub async fn write_continue(&mut self) -> io::Result<()> {
-        self.write.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await
+        self.write
+            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+            .await?;
+        self.write.flush().await
     }
 
     /// Ready when the client has gone away (closed or reset) while its request is being
@@ -368,10 +374,10 @@ impl ServerSession {
 
     /// The connection after a protocol switch, with the bytes the client sent past its
     /// request; `None` while a request body still holds the read side.
-    pub fn into_upgraded(self) -> Option<(TcpStream, Bytes)> {
+    pub fn into_upgraded(self) -> Option<(ClientStream, Bytes)> {
         let side = Arc::try_unwrap(self.shared).ok()?;
         let side = side.into_inner().unwrap_or_else(|e| e.into_inner());
-        let stream = side.io.reunite(self.write.into_inner()).ok()?;
+        let stream = ClientStream::reunite(side.io, self.write.into_inner())?;
         Some((stream, side.buf.freeze()))
     }
 }
@@ -488,7 +494,8 @@ impl Outgoing {
         }
     }
 
-    /// Writes everything queued.
+    /// Writes everything queued, and flushes it (a TLS stream may hold the last bytes back
+    /// until then; a plain one returns at once).
     async fn flush<W: tokio::io::AsyncWrite + Unpin>(&mut self, write: &mut W) -> io::Result<()> {
         loop {
             let mut slices = [io::IoSlice::new(&[]); 16];
@@ -528,6 +535,6 @@ impl Outgoing {
         }
         self.head.clear();
         self.head_written = 0;
-        Ok(())
+        write.flush().await
     }
 }
