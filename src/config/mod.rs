@@ -1082,6 +1082,9 @@ backend = "v2"
             "# format",
             "# shadow",
             "# max_diff_rate",
+            "# cert",
+            "# key",
+            "# server_name",
         ] {
             assert!(
                 text.lines().any(|l| l.starts_with(&format!("{key} = "))),
