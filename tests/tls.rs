@@ -657,6 +657,45 @@ async fn websockets_and_large_bodies_go_through_tls() {
     assert_eq!(body, format!("received {SIZE}"));
 }
 
+#[tokio::test]
+async fn a_client_that_reads_slowly_gets_all_of_a_large_answer_over_tls() {
+    let big = big_upstream().await;
+    let pki = Pki::new();
+    pki.issue("site", &["localhost"]);
+    let proxy = start_proxy(&config(
+        &[("big", vec![format!("http://{big}")], 1)],
+        &pki.tls_table("site", &[]),
+    ))
+    .await;
+    // A small receive window, and a pause before reading: the proxy's writes fill the
+    // socket and wait for it (the unit test in http1::server checks that what a TLS stream
+    // holds back is flushed).
+    for _ in 0..3 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(16 * 1024).unwrap();
+        let tcp = socket.connect(proxy.addr).await.unwrap();
+        let name = ServerName::try_from("localhost").unwrap();
+        let stream = pki
+            .client(&["http/1.1"], BOTH)
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        let mut h1 = http1(stream).await;
+        let request = Request::get("/").header("host", "localhost");
+        let response = h1
+            .send_request(request.body(Empty::new()).unwrap())
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let body = tokio::time::timeout(Duration::from_secs(20), response.into_body().collect())
+            .await
+            .expect("the whole body within 20 s")
+            .unwrap()
+            .to_bytes();
+        assert_eq!(body.len(), 8 << 20);
+    }
+}
+
 /// An upstream answering every request with 8 MiB of `x`, in 64 KiB pieces.
 async fn big_upstream() -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

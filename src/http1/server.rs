@@ -538,3 +538,76 @@ impl Outgoing {
         write.flush().await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::StreamExt;
+    use http_body_util::{Full, StreamBody};
+
+    /// A writer that takes every byte at once and sends them on only when flushed, as a TLS
+    /// stream may (rustls keeps the records a full socket did not take).
+    #[derive(Default)]
+    struct HeldUntilFlushed {
+        held: Vec<u8>,
+        sent: Vec<u8>,
+    }
+
+    impl tokio::io::AsyncWrite for HeldUntilFlushed {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.held.extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            let held = std::mem::take(&mut self.held);
+            self.sent.extend_from_slice(&held);
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn outgoing(head: &[u8]) -> Outgoing {
+        Outgoing {
+            head: head.to_vec(),
+            head_written: 0,
+            queue: VecDeque::new(),
+            queued: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn what_is_written_is_flushed_at_the_end_and_before_waiting_for_more() {
+        let head = b"HTTP/1.1 200 OK\r\n\r\n";
+        let mut writer = HeldUntilFlushed::default();
+        let mut body = Full::new(Bytes::from(vec![b'x'; 100_000]));
+        outgoing(head)
+            .write_body(&mut body, false, &mut writer)
+            .await
+            .unwrap();
+        assert!(writer.held.is_empty());
+        assert_eq!(writer.sent.len(), head.len() + 100_000);
+
+        // A body that has one piece and then waits: the piece goes out before the wait.
+        let mut writer = HeldUntilFlushed::default();
+        let piece = Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(b"first")));
+        let stream = futures_util::stream::iter([piece]).chain(futures_util::stream::pending());
+        let mut body = StreamBody::new(stream);
+        let mut out = outgoing(head);
+        let waiting = out.write_body(&mut body, false, &mut writer);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), waiting)
+                .await
+                .is_err()
+        );
+        assert!(writer.held.is_empty());
+        assert!(writer.sent.ends_with(b"\r\n\r\nfirst"), "{:?}", writer.sent);
+    }
+}
