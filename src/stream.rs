@@ -68,8 +68,20 @@ impl ClientStream {
     }
 }
 
+impl ClientWriter {
+    /// Whether bytes a write took may wait for a flush to be sent: a TLS stream's may
+    /// (rustls keeps the records a full socket did not take), a plain one's never.
+    pub fn holds_back(&self) -> bool {
+        matches!(self, ClientWriter::Tls(_))
+    }
+}
+
+// The plain arms are the hot path: always inlined, with the TLS arms out of line so that
+// the match stays small (left to the compiler, the reader's was not inlined, and cost a
+// plain request some 60 instructions, measured with callgrind).
+
 impl AsyncRead for ClientReader {
-    #[inline]
+    #[inline(always)]
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -77,13 +89,22 @@ impl AsyncRead for ClientReader {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             ClientReader::Plain(read) => Pin::new(read).poll_read(cx, buf),
-            ClientReader::Tls(read) => Pin::new(read).poll_read(cx, buf),
+            ClientReader::Tls(read) => tls_read(read, cx, buf),
         }
     }
 }
 
+#[inline(never)]
+fn tls_read(
+    read: &mut ReadHalf<TlsStream<TcpStream>>,
+    cx: &mut Context<'_>,
+    buf: &mut ReadBuf<'_>,
+) -> Poll<io::Result<()>> {
+    Pin::new(read).poll_read(cx, buf)
+}
+
 impl AsyncWrite for ClientWriter {
-    #[inline]
+    #[inline(always)]
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -91,11 +112,11 @@ impl AsyncWrite for ClientWriter {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             ClientWriter::Plain(write) => Pin::new(write).poll_write(cx, buf),
-            ClientWriter::Tls(write) => Pin::new(write).poll_write(cx, buf),
+            ClientWriter::Tls(write) => tls_write_vectored(write, cx, &[io::IoSlice::new(buf)]),
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn poll_write_vectored(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -103,11 +124,10 @@ impl AsyncWrite for ClientWriter {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             ClientWriter::Plain(write) => Pin::new(write).poll_write_vectored(cx, bufs),
-            ClientWriter::Tls(write) => Pin::new(write).poll_write_vectored(cx, bufs),
+            ClientWriter::Tls(write) => tls_write_vectored(write, cx, bufs),
         }
     }
 
-    #[inline]
     fn is_write_vectored(&self) -> bool {
         match self {
             ClientWriter::Plain(write) => write.is_write_vectored(),
@@ -115,9 +135,6 @@ impl AsyncWrite for ClientWriter {
         }
     }
 
-    /// A TLS stream may hold back bytes a write took (rustls buffers a record when the
-    /// socket is full): a flush sends them. A plain one has nothing to flush.
-    #[inline]
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             ClientWriter::Plain(_) => Poll::Ready(Ok(())),
@@ -131,6 +148,15 @@ impl AsyncWrite for ClientWriter {
             ClientWriter::Tls(write) => Pin::new(write).poll_shutdown(cx),
         }
     }
+}
+
+#[inline(never)]
+fn tls_write_vectored(
+    write: &mut WriteHalf<TlsStream<TcpStream>>,
+    cx: &mut Context<'_>,
+    bufs: &[io::IoSlice<'_>],
+) -> Poll<io::Result<usize>> {
+    Pin::new(write).poll_write_vectored(cx, bufs)
 }
 
 impl AsyncRead for ClientStream {

@@ -135,6 +135,9 @@ pub struct ResponseMode {
 pub struct ServerSession {
     shared: Shared,
     write: SendTimeout<ClientWriter>,
+    /// The writer may hold back what it took until flushed (TLS): each write ends with a
+    /// flush. A plain connection skips it.
+    flush_writes: bool,
     clock: HeadClock,
 }
 
@@ -155,6 +158,7 @@ impl ServerSession {
         send_timeout: Duration,
     ) -> Self {
         let (io, write) = stream.into_split();
+        let flush_writes = write.holds_back();
         ServerSession {
             shared: Arc::new(Mutex::new(ReadSide {
                 io,
@@ -163,6 +167,7 @@ impl ServerSession {
                 eof: false,
             })),
             write: SendTimeout::new(write, send_timeout),
+            flush_writes,
             clock: HeadClock::new(header_read_timeout),
         }
     }
@@ -227,7 +232,10 @@ impl ServerSession {
         self.write
             .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
             .await?;
-        self.write.flush().await
+        if self.flush_writes {
+            self.write.flush().await?;
+        }
+        Ok(())
     }
 
     /// Ready when the client has gone away (closed or reset) while its request is being
@@ -315,6 +323,7 @@ impl ServerSession {
             head_written: 0,
             queue: VecDeque::new(),
             queued: 0,
+            flush: self.flush_writes,
         };
         let written = if bodiless {
             outgoing.flush(&mut self.write).await
@@ -414,6 +423,8 @@ struct Outgoing {
     queue: VecDeque<Bytes>,
     /// Bytes in `queue`.
     queued: usize,
+    /// Flush the writer once everything is written (it may hold bytes back: TLS).
+    flush: bool,
 }
 
 impl Outgoing {
@@ -494,8 +505,7 @@ impl Outgoing {
         }
     }
 
-    /// Writes everything queued, and flushes it (a TLS stream may hold the last bytes back
-    /// until then; a plain one returns at once).
+    /// Writes everything queued, and flushes the writer when it may hold bytes back (TLS).
     async fn flush<W: tokio::io::AsyncWrite + Unpin>(&mut self, write: &mut W) -> io::Result<()> {
         loop {
             let mut slices = [io::IoSlice::new(&[]); 16];
@@ -535,7 +545,10 @@ impl Outgoing {
         }
         self.head.clear();
         self.head_written = 0;
-        write.flush().await
+        if self.flush {
+            write.flush().await?;
+        }
+        Ok(())
     }
 }
 
@@ -580,6 +593,7 @@ mod tests {
             head_written: 0,
             queue: VecDeque::new(),
             queued: 0,
+            flush: true,
         }
     }
 
