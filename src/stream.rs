@@ -21,7 +21,8 @@ use tokio_rustls::server::TlsStream;
 #[derive(Debug)]
 pub enum ClientStream {
     Plain(TcpStream),
-    /// Boxed: a TLS session is some hundreds of bytes a plain connection should not carry.
+    /// Boxed: a TLS session (rustls's connection state) is large, and a plain connection
+    /// should not carry room for it.
     Tls(Box<TlsStream<TcpStream>>),
 }
 
