@@ -19,7 +19,7 @@ use super::{
     FaultConfig, FaultFields, HealthCheckConfig, LogFormat, LogSettings, MAX_ADMIN_CONNECTIONS,
     MAX_BACKENDS, MAX_WEIGHT, MAX_WORKERS, MirrorConfig, MirrorFields, OnInconclusive,
     OutlierConfig, ProxySettings, RolloutConfig, RuleConfig, RuleMatcher, RuleSource,
-    UNROUTED_BACKEND, first_repeated_backend,
+    UNROUTED_BACKEND, UpstreamProtocol, first_repeated_backend,
 };
 use crate::duration::{format_duration, parse_duration};
 
@@ -462,6 +462,11 @@ fn validate_backend(
         }
     };
 
+    let protocol = match raw.protocol {
+        None => UpstreamProtocol::default(),
+        Some(value) => validate_protocol(&key("protocol"), &value, &endpoints)?,
+    };
+
     let health = raw
         .health
         .map(|h| validate_health(&format!("backend[{i}].health"), h.into_inner()))
@@ -476,10 +481,56 @@ fn validate_backend(
         name: name.into_inner(),
         endpoints,
         weight,
+        protocol,
         health,
         outlier,
         line: line_of(text, table_span.start),
     })
+}
+
+/// `protocol`: `http1`, `h2c` or `h2`. HTTP/2 over TLS (`h2`) needs `https://` URLs, and h2c
+/// (HTTP/2 without TLS) plain `http://` ones.
+fn validate_protocol(
+    key: &str,
+    value: &Spanned<String>,
+    endpoints: &[EndpointUrl],
+) -> Result<UpstreamProtocol, FieldError> {
+    let protocol = match value.get_ref().as_str() {
+        "http1" => UpstreamProtocol::Http1,
+        "h2c" => UpstreamProtocol::H2c,
+        "h2" => UpstreamProtocol::H2,
+        other => {
+            return Err(FieldError::new(
+                key,
+                value.span(),
+                format!("{other:?} is not one of \"http1\", \"h2c\", \"h2\""),
+            ));
+        }
+    };
+    let tls = |e: &EndpointUrl| {
+        e.url
+            .get(..8)
+            .is_some_and(|s| s.eq_ignore_ascii_case("https://"))
+    };
+    let mismatch = match protocol {
+        UpstreamProtocol::H2 => endpoints.iter().find(|e| !tls(e)).map(|e| {
+            format!(
+                "\"h2\" is HTTP/2 over TLS and needs https:// URLs, not {}; for HTTP/2 without TLS write \"h2c\"",
+                e.url
+            )
+        }),
+        UpstreamProtocol::H2c => endpoints.iter().find(|e| tls(e)).map(|e| {
+            format!(
+                "\"h2c\" is HTTP/2 without TLS and needs http:// URLs, not {}; over TLS write \"h2\"",
+                e.url
+            )
+        }),
+        UpstreamProtocol::Http1 => None,
+    };
+    match mismatch {
+        Some(message) => Err(FieldError::new(key, value.span(), message)),
+        None => Ok(protocol),
+    }
 }
 
 fn validate_health(prefix: &str, raw: RawHealth) -> Result<HealthCheckConfig, FieldError> {
