@@ -8,8 +8,10 @@
 //! - `headers`: the request target and `Host` check, hop-by-hop stripping, `X-Forwarded-*`,
 //!   `x-request-id`.
 //! - `error`: [`ProxyError`] and the status code of each failure.
+//! - `grpc`: a gRPC call's status (from an HTTP/2 upstream), counted and recorded when known.
 
 pub mod error;
+mod grpc;
 pub mod h1;
 pub mod h2;
 pub mod headers;
@@ -20,7 +22,7 @@ use std::sync::Arc;
 use std::task::Poll;
 
 use bytes::Bytes;
-use http::header::{CONNECTION, CONTENT_LENGTH, HOST, SET_COOKIE, TRANSFER_ENCODING, UPGRADE};
+use http::header::{CONNECTION, CONTENT_LENGTH, HOST, SET_COOKIE, TE, TRANSFER_ENCODING, UPGRADE};
 use http::request::Parts;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
@@ -37,6 +39,7 @@ use crate::upstream::{
     ConnectError, ExchangeError, ForwardBody, ProxyResponse, SendError, UpstreamBody,
 };
 use error::ProxyError;
+use grpc::Judged;
 
 /// Forwards requests according to the current routing table.
 #[derive(Clone)]
@@ -64,6 +67,8 @@ struct Outcome {
     new_user: Option<Id>,
     /// A fault drill held the request (its answer, whatever it is, says so).
     delayed: bool,
+    /// A gRPC call's answer (from an HTTP/2 upstream): recorded by its `grpc-status`.
+    grpc: Option<Judged>,
 }
 
 /// Where a request is being sent.
@@ -172,10 +177,20 @@ impl Proxy {
                 HeaderValue::from_static("delay"),
             );
         }
+        let status = match outcome.grpc.take() {
+            None => response.status(),
+            Some(Judged::AtHead(status)) => status,
+            Some(Judged::AtEnd(endpoint)) => {
+                if let (Some(backend), Either::Left(body)) = (backend, response.body_mut()) {
+                    grpc::record_at_end(body, endpoint, backend, started);
+                }
+                return Some(response);
+            }
+        };
         if let Some(meter) = backend.and_then(|b| b.meter.as_ref()) {
-            meter.record(response.status(), elapsed);
+            meter.record(status, elapsed);
         }
-        metrics.response(response.status(), elapsed);
+        metrics.response(status, elapsed);
         Some(response)
     }
 
@@ -208,6 +223,12 @@ impl Proxy {
         };
 
         let target = route(table, &parts.headers, outcome)?;
+        let upstream_h2 = target.backend.upstream.is_h2();
+        if websocket && upstream_h2 {
+            return Err(ProxyError::WebSocketToH2 {
+                backend: target.backend.name.clone(),
+            });
+        }
         // A fault drill on this backend: held, or answered here (neither touches the
         // endpoint's health; the answer counts as the backend's everywhere else).
         let injected = match &target.backend.fault {
@@ -247,6 +268,7 @@ impl Proxy {
             request_id,
             websocket,
             target.endpoint,
+            upstream_h2,
         );
         // (A function taking and giving back the request, not a `&mut` borrow of it: one
         // would keep its 264 bytes in this future beside the exchange's.)
@@ -272,7 +294,8 @@ impl Proxy {
             served_answered(planned, &target, &mut response);
         }
         let request_id = outcome.request_id.clone();
-        rewrite_response(response, &target, websocket, table, request_id)
+        let grpc = &mut outcome.grpc;
+        rewrite_response(response, &target, websocket, table, request_id, grpc)
     }
 }
 
@@ -418,9 +441,11 @@ fn route<'t>(
     })
 }
 
-/// The request as it goes upstream: hop-by-hop headers stripped, `X-Forwarded-*` and
-/// `x-request-id` added, `Host` as `settle_host` made it (or the endpoint's for a request that
-/// has none), a WebSocket upgrade kept, and an origin-form target.
+/// The request as it goes upstream: hop-by-hop headers stripped (but `te: trailers` to an
+/// HTTP/2 upstream), `X-Forwarded-*` and `x-request-id` added, `Host` as `settle_host` made
+/// it (or the endpoint's for a request that has none), a WebSocket upgrade kept, and an
+/// origin-form target.
+#[allow(clippy::too_many_arguments)]
 fn rewrite_request(
     parts: Parts,
     body: ForwardBody,
@@ -429,10 +454,14 @@ fn rewrite_request(
     request_id: HeaderValue,
     websocket: bool,
     endpoint: &Endpoint,
+    upstream_h2: bool,
 ) -> Request<ForwardBody> {
     let mut upstream_headers = parts.headers;
     let upgrade_value = upstream_headers.get(UPGRADE).cloned();
-    headers::strip_hop_by_hop(&mut upstream_headers);
+    let te_trailers = headers::strip_hop_by_hop(&mut upstream_headers);
+    if te_trailers && upstream_h2 {
+        upstream_headers.insert(TE, HeaderValue::from_static("trailers"));
+    }
     headers::add_forwarded(&mut upstream_headers, client_ip, host.as_ref());
     upstream_headers.insert(headers::X_REQUEST_ID.clone(), request_id);
     if parts.version == Version::HTTP_2 {
@@ -497,6 +526,10 @@ async fn send_with_retry<'t>(
         };
         outcome.backend = Some(index);
         outgoing = *request;
+        if !target.backend.upstream.is_h2() {
+            // `te: trailers` was kept for an HTTP/2 upstream; an HTTP/1 one gets no TE.
+            outgoing.headers_mut().remove(TE);
+        }
         retried = true;
     }
 }
@@ -541,7 +574,8 @@ fn not_sent(
 
 /// The response as the client gets it, once judged: a 5xx, or a protocol switch the client
 /// did not ask for, counts against the endpoint's health (the switch is refused: it would
-/// desynchronise the client connection). Hop-by-hop headers are stripped, the backend header
+/// desynchronise the client connection); a gRPC call from an HTTP/2 upstream is judged by its
+/// `grpc-status` instead (`grpc`: when). Hop-by-hop headers are stripped, the backend header
 /// and `x-request-id` added, and a WebSocket switch kept.
 fn rewrite_response(
     mut response: Response<UpstreamBody>,
@@ -549,14 +583,21 @@ fn rewrite_response(
     websocket: bool,
     table: &RoutingTable,
     request_id: Option<HeaderValue>,
+    grpc: &mut Option<Judged>,
 ) -> Result<ProxyResponse, ProxyError> {
     let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
     let response_upgrade = response.headers().get(UPGRADE).cloned();
     let unexpected_switch =
         switching && (!websocket || !headers::is_websocket_upgrade_response(response.headers()));
-    target
-        .endpoint
-        .record_outcome(!unexpected_switch && !response.status().is_server_error());
+    if target.backend.upstream.is_h2()
+        && let Some(judged) = grpc::judge(&response, target.backend, target.endpoint)
+    {
+        *grpc = Some(judged);
+    } else {
+        target
+            .endpoint
+            .record_outcome(!unexpected_switch && !response.status().is_server_error());
+    }
     if unexpected_switch {
         // Dropping the response closes the upstream connection.
         target

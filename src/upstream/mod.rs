@@ -1,5 +1,6 @@
 //! Connections to upstream endpoints: a keep-alive pool per endpoint and worker thread, and the
-//! HTTP/1.1 exchange on a pooled connection, driven by the request's own task.
+//! HTTP/1.1 exchange on a pooled connection, driven by the request's own task; or, for a
+//! backend whose `protocol` is h2c, HTTP/2 on multiplexed connections (`h2`).
 //!
 //! The exchange is ours rather than hyper's client: hyper runs each client connection as a task
 //! of its own, reached through a channel and a oneshot, with the response body behind another
@@ -21,6 +22,8 @@
 //!   request, the timeouts by phase, and when a request may be sent again.
 //! - `body`: the client's request body on its way up, and the response body read from the
 //!   connection, which hands the connection back to the pool at its end.
+//! - `h2`: HTTP/2 to upstreams: hyper's client on connections shared by many requests, one
+//!   pool per endpoint and worker thread, and the exchange with its phase timeouts.
 
 use std::future::poll_fn;
 use std::io;
@@ -37,12 +40,18 @@ use crate::http1::head::recycle_map;
 
 mod body;
 mod exchange;
+mod h2;
 mod pool;
 
-pub use body::{BodyTap, ForwardBody, ForwardBodyError, ProxyResponse, UpstreamBody};
+pub use body::{
+    BodyEnd, BodyTap, Ending, ForwardBody, ForwardBodyError, ProxyResponse, UpstreamBody,
+};
+pub use h2::is_grpc;
 
+use crate::config::UpstreamProtocol;
 use body::finish_head;
 use exchange::{Attempt, Exchange, Failure, Phase, PhaseClock, is_idempotent};
+use h2::H2Pool;
 use pool::{Connection, ConnectionPool};
 
 /// Connection settings of a backend. A reload that changes them keeps the endpoints and their
@@ -53,6 +62,8 @@ pub struct UpstreamSettings {
     /// Idle pooled connections older than this are not reused; keep it below the upstreams'
     /// own keep-alive timeout so the proxy never writes into a connection being closed.
     pub idle_timeout: Duration,
+    /// HTTP/1.1, or HTTP/2 (h2c, h2).
+    pub protocol: UpstreamProtocol,
 }
 
 /// How a backend connects to its endpoints.
@@ -73,6 +84,8 @@ pub struct Peer {
     pub authority: Authority,
     /// Idle keep-alive connections to this endpoint, kept with it across table changes.
     pool: ConnectionPool,
+    /// HTTP/2 connections to this endpoint (a backend whose protocol is h2c or h2).
+    h2: H2Pool,
 }
 
 /// Why no connection to an endpoint could be used (nothing of the request was sent).
@@ -84,6 +97,11 @@ pub enum ConnectError {
     TimedOut(Duration),
     #[error("the new connection failed before the request could be sent")]
     Closed(#[source] ExchangeError),
+    #[error("the HTTP/2 handshake failed")]
+    Handshake(#[source] hyper::Error),
+    /// The failure of a connection that several requests waited for.
+    #[error(transparent)]
+    Shared(Arc<ConnectError>),
 }
 
 /// What went wrong in an exchange with an upstream.
@@ -102,6 +120,9 @@ pub enum ExchangeError {
     /// `read_timeout`: the upstream sent nothing of the response body for this long.
     #[error("the upstream sent nothing of the response body for {0:?} (read_timeout)")]
     ReadTimeout(Duration),
+    /// An HTTP/2 exchange failed (the stream or its connection).
+    #[error("the HTTP/2 exchange failed")]
+    H2(#[source] hyper::Error),
 }
 
 /// Why an exchange with an upstream failed.
@@ -142,6 +163,7 @@ impl Peer {
             url,
             authority,
             pool: ConnectionPool::default(),
+            h2: H2Pool::default(),
         }
     }
 }
@@ -159,6 +181,13 @@ impl Upstream {
     /// closed, so that they do not linger in CLOSE_WAIT until the peer's next request.
     pub fn sweep(&self, peer: &Peer) {
         peer.pool.sweep(self.settings.idle_timeout);
+        peer.h2.sweep(self.settings.idle_timeout);
+    }
+
+    /// Whether requests go to this backend over HTTP/2.
+    #[inline]
+    pub fn is_h2(&self) -> bool {
+        self.settings.protocol.is_h2()
     }
 
     /// Sends a request (origin-form target) to `peer` on a pooled or new connection;
@@ -179,6 +208,10 @@ impl Upstream {
         timeouts: ExchangeTimeouts,
         started: tokio::time::Instant,
     ) -> Result<Response<UpstreamBody>, SendError> {
+        if self.settings.protocol.is_h2() {
+            // Boxed: the HTTP/1 exchange's future stays the size it was.
+            return Box::pin(h2::send(self.settings, peer, request, timeouts, started)).await;
+        }
         let (parts, body) = request.into_parts();
         let idempotent = is_idempotent(&parts.method);
         let timer = tokio::time::sleep_until(started + timeouts.request);
@@ -259,11 +292,18 @@ impl Upstream {
     /// Opens a TCP connection (TCP_NODELAY) to the peer.
     async fn connect(&self, peer: &Peer) -> Result<Connection, ConnectError> {
         let timeout = self.settings.connect_timeout;
-        let stream = tokio::time::timeout(timeout, TcpStream::connect(peer.authority.as_str()))
+        let stream = tokio::time::timeout(timeout, connect_tcp(&peer.authority))
             .await
-            .map_err(|_| ConnectError::TimedOut(timeout))?
-            .map_err(ConnectError::Io)?;
-        let _ = stream.set_nodelay(true);
+            .map_err(|_| ConnectError::TimedOut(timeout))??;
         Ok(Connection::new(stream))
     }
+}
+
+/// A TCP connection (TCP_NODELAY) to `authority`.
+async fn connect_tcp(authority: &Authority) -> Result<TcpStream, ConnectError> {
+    let stream = TcpStream::connect(authority.as_str())
+        .await
+        .map_err(ConnectError::Io)?;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
 }
