@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
-use http_body_util::{BodyExt, Either, Full, StreamBody};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper::{HeaderMap, Request, Response, StatusCode};
@@ -25,7 +26,9 @@ use tokio::sync::{mpsc, watch};
 
 /// An upstream that speaks h2c only (hyper's HTTP/2 server, no HTTP/1). Paths: `/version`
 /// answers the request's version and `:authority`; `/echo` streams the request body back as
-/// it comes, trailers included; `/slow?ms=N` waits N ms; anything else answers its name.
+/// it comes, trailers included; `/slow?ms=N` waits N ms; `/upload` reads the body and answers
+/// `received N`; `/stall` sends a piece of its body, then nothing for 10 s; anything else
+/// answers its name.
 struct H2Upstream {
     addr: SocketAddr,
     /// Connections accepted.
@@ -129,7 +132,7 @@ impl Drop for OpenConnection {
     }
 }
 
-type AnswerBody = Either<Full<Bytes>, Incoming>;
+type AnswerBody = UnsyncBoxBody<Bytes, hyper::Error>;
 
 async fn answer(
     name: &'static str,
@@ -141,7 +144,20 @@ async fn answer(
             request.version(),
             request.uri().authority().map_or("", |a| a.as_str())
         ),
-        "/echo" => return Ok(Response::new(Either::Right(request.into_body()))),
+        "/echo" => return Ok(Response::new(request.into_body().boxed_unsync())),
+        "/stall" => {
+            // A first piece, then nothing for 10 s.
+            let (feed, body) = fed_body();
+            let _ = feed
+                .send(Ok(Frame::data(Bytes::from_static(b"first"))))
+                .await;
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                drop(feed);
+            });
+            let body = body.map_err(|never: Infallible| match never {});
+            return Ok(Response::new(body.boxed_unsync()));
+        }
         "/slow" => {
             let ms: u64 = request
                 .uri()
@@ -158,7 +174,8 @@ async fn answer(
         }
         _ => name.to_owned(),
     };
-    Ok(Response::new(Either::Left(Full::new(Bytes::from(text)))))
+    let body = Full::new(Bytes::from(text)).map_err(|never| match never {});
+    Ok(Response::new(body.boxed_unsync()))
 }
 
 fn h2c_backend(url: &str) -> String {
@@ -522,4 +539,81 @@ async fn copies_reach_an_h2c_mirror_backend() {
     }
     assert_eq!(canary.requests.load(Ordering::SeqCst), 10);
     assert_eq!(served.hits(), 10);
+}
+
+#[tokio::test]
+async fn the_phase_timeouts_apply_to_h2c_upstreams() {
+    let upstream = h2_upstream("v1", None).await;
+    let config = h2c_backend(&upstream.url()).replace(
+        "[proxy]\n",
+        "[proxy]\nrequest_timeout = \"300ms\"\nread_timeout = \"300ms\"\n\
+         client_body_timeout = \"300ms\"\n",
+    );
+    let proxy = start_proxy(&config).await;
+    let c = client();
+    // request_timeout: no response head in time.
+    let started = std::time::Instant::now();
+    let slow = c.get(proxy.url("/slow?ms=3000")).send().await.unwrap();
+    assert_eq!(slow.status(), 504);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // read_timeout: the body stops coming; the client's answer is cut.
+    let started = std::time::Instant::now();
+    let stalled = c.get(proxy.url("/stall")).send().await.unwrap();
+    assert_eq!(stalled.status(), 200);
+    assert!(stalled.bytes().await.is_err(), "cut short");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // client_body_timeout: the client stops sending its body (408, not the upstream's fault).
+    let answer = raw_exchange(
+        proxy.addr,
+        b"POST /upload HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n",
+        Duration::from_secs(2),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    let text = get_text(proxy.admin("/metrics")).await;
+    let timeouts = [("backend", "v1"), ("kind", "timeout")];
+    assert_eq!(
+        metric(&text, "canary_upstream_errors_total", &timeouts),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn a_request_that_cannot_connect_goes_whole_to_another_endpoint() {
+    let upstream = h2_upstream("v1", None).await;
+    let refused = refused_addr().await;
+    let proxy = start_proxy(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n\
+         [[backend]]\nname = \"v1\"\nurls = [\"http://{refused}\", \"{}\"]\nweight = 100\n\
+         protocol = \"h2c\"\n",
+        upstream.url()
+    ))
+    .await;
+    let c = client();
+    for i in 0..4 {
+        let posted = c
+            .post(proxy.url("/upload"))
+            .body(format!("body {i}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(posted.status(), 200);
+        assert_eq!(posted.text().await.unwrap(), "received 6");
+    }
+    let text = get_text(proxy.admin("/metrics")).await;
+    let connect = [("backend", "v1"), ("kind", "connect")];
+    assert!(
+        metric(&text, "canary_upstream_errors_total", &connect) >= 1.0,
+        "{text}"
+    );
 }
