@@ -778,6 +778,10 @@ impl fmt::Display for RoutingTable {
             for e in &b.endpoints {
                 writeln!(f, "    -> {}", e.url())?;
             }
+            if b.upstream.is_h2() {
+                let protocol = b.upstream.settings().protocol;
+                writeln!(f, "    protocol: {}", protocol.as_str())?;
+            }
             if let Some(h) = &b.health {
                 writeln!(
                     f,
