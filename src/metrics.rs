@@ -311,8 +311,8 @@ impl Metrics {
                 HistogramVec::new(
                     HistogramOpts::new(
                         "canary_request_duration_seconds",
-                        "Time from a client request's arrival to its response head being sent, \
-                         by backend.",
+                        "Time from a client request's arrival to its response head being sent \
+                         (to its end for a gRPC call through an HTTP/2 upstream), by backend.",
                     )
                     .buckets(DURATION_BUCKETS.to_vec()),
                     &["backend"],
