@@ -14,66 +14,66 @@ use std::sync::Arc;
 
 use http::header::HeaderName;
 use http::{HeaderMap, Response, StatusCode};
+use http_body_util::Either;
 use tokio::time::Instant;
 
 use super::CLIENT_CLOSED;
 use crate::metrics::{BackendMetrics, GrpcStatusLabel};
 use crate::rollout::VersionMeter;
 use crate::routing::{Backend, Endpoint};
-use crate::upstream::{BodyEnd, Ending, UpstreamBody, is_grpc};
+use crate::upstream::{BodyEnd, Ending, ProxyResponse, UpstreamBody, is_grpc};
 
 static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
-/// When a gRPC call's outcome is recorded.
-pub(super) enum Judged {
-    /// Its status came in the head (a trailers-only response), as this HTTP status; the
-    /// endpoint's health and the gRPC counter have it already.
-    AtHead(StatusCode),
-    /// Its status comes in the trailers: recorded when the body ends.
-    AtEnd(Arc<Endpoint>),
-}
-
-/// How a response from an HTTP/2 upstream is recorded, when it is a gRPC call's (200 with a
-/// gRPC content type): at its head for a trailers-only response (its status counted and the
-/// endpoint's health told here), else at its end. `None`: an ordinary response. Never
-/// inlined: the forward path pays one check for an HTTP/1 backend.
+/// Whether a response from an HTTP/2 upstream is a gRPC call's (200 with a gRPC content type),
+/// judged by its `grpc-status` instead of its HTTP status: then the endpoint's health is told
+/// here for a call whose status came in the head (a trailers-only answer, also counted in the
+/// gRPC counter) or that ended without one, and a call whose status comes in the trailers
+/// gets a watcher that records it when its body ends. Never inlined: the forward path pays
+/// one check for an HTTP/1 backend.
 #[inline(never)]
 pub(super) fn judge(
-    response: &Response<UpstreamBody>,
+    response: &mut Response<UpstreamBody>,
     backend: &Backend,
     endpoint: &Arc<Endpoint>,
-) -> Option<Judged> {
+) -> bool {
     if response.status() != StatusCode::OK || !is_grpc(response.headers()) {
-        return None;
+        return false;
     }
-    Some(match call_status(response.headers()) {
-        Some((label, status)) => {
-            backend.metrics.grpc_response(label);
-            endpoint.record_outcome(!status.is_server_error());
-            Judged::AtHead(status)
-        }
-        None => Judged::AtEnd(endpoint.clone()),
-    })
-}
-
-/// Records the call whose response this is when its body ends (at once, as a call that ended
-/// without a status, when the body has nothing more to read).
-#[inline(never)]
-pub(super) fn record_at_end(
-    body: &mut UpstreamBody,
-    endpoint: Arc<Endpoint>,
-    backend: &Backend,
-    started: Instant,
-) {
+    if let Some((label, status)) = call_status(response.headers()) {
+        backend.metrics.grpc_response(label);
+        endpoint.record_outcome(!status.is_server_error());
+        return true;
+    }
     let call = Box::new(GrpcCall {
-        endpoint,
+        endpoint: endpoint.clone(),
         metrics: backend.metrics.clone(),
         meter: backend.meter.clone(),
-        started,
+        started: Instant::now(),
     });
-    if let Err(call) = body.watch_end(call) {
-        call.end(Ending::Complete(None));
+    if response.body_mut().watch_end(call).is_err() {
+        // Nothing more to read, and no status.
+        endpoint.record_outcome(false);
     }
+    true
+}
+
+/// The status a request answered by an HTTP/2 upstream is counted with now: its own, or for a
+/// gRPC call the status its `grpc-status` maps to (502 without one); `None` for a call recorded
+/// when its body ends, whose watcher is told when the request arrived (`started`).
+#[inline(never)]
+pub(super) fn settle(response: &mut ProxyResponse, started: Instant) -> Option<StatusCode> {
+    if let Either::Left(body) = response.body_mut()
+        && let Some(call) = body.end_watcher()
+    {
+        call.arrived(started);
+        return None;
+    }
+    let status = response.status();
+    if status != StatusCode::OK || !is_grpc(response.headers()) {
+        return Some(status);
+    }
+    Some(call_status(response.headers()).map_or(StatusCode::BAD_GATEWAY, |(_, status)| status))
 }
 
 /// A gRPC call waiting for its status, with where its outcome is counted.
@@ -81,11 +81,15 @@ struct GrpcCall {
     endpoint: Arc<Endpoint>,
     metrics: BackendMetrics,
     meter: Option<Arc<VersionMeter>>,
-    /// When the request arrived.
+    /// When the request arrived (until told, when the response head came).
     started: Instant,
 }
 
 impl BodyEnd for GrpcCall {
+    fn arrived(&mut self, at: Instant) {
+        self.started = at;
+    }
+
     fn end(self: Box<Self>, ending: Ending<'_>) {
         let elapsed = self.started.elapsed();
         let status = match ending {

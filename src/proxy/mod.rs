@@ -39,7 +39,6 @@ use crate::upstream::{
     ConnectError, ExchangeError, ForwardBody, ProxyResponse, SendError, UpstreamBody,
 };
 use error::ProxyError;
-use grpc::Judged;
 
 /// Forwards requests according to the current routing table.
 #[derive(Clone)]
@@ -67,8 +66,6 @@ struct Outcome {
     new_user: Option<Id>,
     /// A fault drill held the request (its answer, whatever it is, says so).
     delayed: bool,
-    /// A gRPC call's answer (from an HTTP/2 upstream): recorded by its `grpc-status`.
-    grpc: Option<Judged>,
 }
 
 /// Where a request is being sent.
@@ -177,15 +174,14 @@ impl Proxy {
                 HeaderValue::from_static("delay"),
             );
         }
-        let status = match outcome.grpc.take() {
-            None => response.status(),
-            Some(Judged::AtHead(status)) => status,
-            Some(Judged::AtEnd(endpoint)) => {
-                if let (Some(backend), Either::Left(body)) = (backend, response.body_mut()) {
-                    grpc::record_at_end(body, endpoint, backend, started);
-                }
-                return Some(response);
-            }
+        let status = match backend {
+            // A gRPC call counts by its grpc-status, perhaps when its body ends.
+            Some(backend) if backend.upstream.is_h2() => match grpc::settle(&mut response, started)
+            {
+                Some(status) => status,
+                None => return Some(response),
+            },
+            _ => response.status(),
         };
         if let Some(meter) = backend.and_then(|b| b.meter.as_ref()) {
             meter.record(status, elapsed);
@@ -294,8 +290,7 @@ impl Proxy {
             served_answered(planned, &target, &mut response);
         }
         let request_id = outcome.request_id.clone();
-        let grpc = &mut outcome.grpc;
-        rewrite_response(response, &target, websocket, table, request_id, grpc)
+        rewrite_response(response, &target, websocket, table, request_id)
     }
 }
 
@@ -525,11 +520,13 @@ async fn send_with_retry<'t>(
             endpoint,
         };
         outcome.backend = Some(index);
-        outgoing = *request;
+        let mut request = request;
         if !target.backend.upstream.is_h2() {
-            // `te: trailers` was kept for an HTTP/2 upstream; an HTTP/1 one gets no TE.
-            outgoing.headers_mut().remove(TE);
+            // `te: trailers` was kept for an HTTP/2 upstream; an HTTP/1 one gets no TE. (On
+            // the box: a borrow of `outgoing` would keep it in this future beside the send's.)
+            request.headers_mut().remove(TE);
         }
+        outgoing = *request;
         retried = true;
     }
 }
@@ -575,25 +572,22 @@ fn not_sent(
 /// The response as the client gets it, once judged: a 5xx, or a protocol switch the client
 /// did not ask for, counts against the endpoint's health (the switch is refused: it would
 /// desynchronise the client connection); a gRPC call from an HTTP/2 upstream is judged by its
-/// `grpc-status` instead (`grpc`: when). Hop-by-hop headers are stripped, the backend header
-/// and `x-request-id` added, and a WebSocket switch kept.
+/// `grpc-status` instead ([`grpc::judge`]). Hop-by-hop headers are stripped, the backend
+/// header and `x-request-id` added, and a WebSocket switch kept.
 fn rewrite_response(
     mut response: Response<UpstreamBody>,
     target: &Target<'_>,
     websocket: bool,
     table: &RoutingTable,
     request_id: Option<HeaderValue>,
-    grpc: &mut Option<Judged>,
 ) -> Result<ProxyResponse, ProxyError> {
     let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
     let response_upgrade = response.headers().get(UPGRADE).cloned();
     let unexpected_switch =
         switching && (!websocket || !headers::is_websocket_upgrade_response(response.headers()));
-    if target.backend.upstream.is_h2()
-        && let Some(judged) = grpc::judge(&response, target.backend, target.endpoint)
-    {
-        *grpc = Some(judged);
-    } else {
+    let grpc = target.backend.upstream.is_h2()
+        && grpc::judge(&mut response, target.backend, target.endpoint);
+    if !grpc {
         target
             .endpoint
             .record_outcome(!unexpected_switch && !response.status().is_server_error());

@@ -266,6 +266,9 @@ struct H2Reading {
 /// Told how an HTTP/2 response body ended, with its trailers: a gRPC call's status comes in
 /// them.
 pub trait BodyEnd: Send {
+    /// When the request this body answers arrived, for a watcher that measures to the end.
+    fn arrived(&mut self, at: tokio::time::Instant);
+
     fn end(self: Box<Self>, ending: Ending<'_>);
 }
 
@@ -360,6 +363,14 @@ impl UpstreamBody {
                 Ok(())
             }
             _ => Err(watcher),
+        }
+    }
+
+    /// The watcher of this body's end, when it has one.
+    pub fn end_watcher(&mut self) -> Option<&mut (dyn BodyEnd + 'static)> {
+        match &mut self.state {
+            BodyState::H2(reading) => reading.end.0.as_deref_mut(),
+            _ => None,
         }
     }
 

@@ -292,14 +292,17 @@ impl Upstream {
     /// Opens a TCP connection (TCP_NODELAY) to the peer.
     async fn connect(&self, peer: &Peer) -> Result<Connection, ConnectError> {
         let timeout = self.settings.connect_timeout;
-        let stream = tokio::time::timeout(timeout, connect_tcp(&peer.authority))
+        let stream = tokio::time::timeout(timeout, TcpStream::connect(peer.authority.as_str()))
             .await
-            .map_err(|_| ConnectError::TimedOut(timeout))??;
+            .map_err(|_| ConnectError::TimedOut(timeout))?
+            .map_err(ConnectError::Io)?;
+        let _ = stream.set_nodelay(true);
         Ok(Connection::new(stream))
     }
 }
 
-/// A TCP connection (TCP_NODELAY) to `authority`.
+/// A TCP connection (TCP_NODELAY) to `authority`, for an HTTP/2 connection. (The HTTP/1
+/// exchange has its own: a nested future here would make every request's future larger.)
 async fn connect_tcp(authority: &Authority) -> Result<TcpStream, ConnectError> {
     let stream = TcpStream::connect(authority.as_str())
         .await
