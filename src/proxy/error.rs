@@ -48,9 +48,9 @@ pub enum ProxyError {
     /// A WebSocket upgrade routed to a backend spoken to over HTTP/2: the proxy tunnels
     /// WebSockets over HTTP/1.1 only.
     #[error(
-        "a WebSocket upgrade cannot go to backend {backend}: it is spoken to over HTTP/2 (its protocol), and WebSockets are tunnelled over HTTP/1.1 only"
+        "a WebSocket upgrade cannot go to {endpoint}: its backend is spoken to over HTTP/2 (protocol), and WebSockets are tunnelled over HTTP/1.1 only"
     )]
-    WebSocketToH2 { backend: String },
+    WebSocketToH2 { endpoint: String },
     /// No response head within `request_timeout`.
     #[error("upstream {endpoint} sent no response within {timeout:?}")]
     Timeout { endpoint: String, timeout: Duration },

@@ -219,12 +219,6 @@ impl Proxy {
         };
 
         let target = route(table, &parts.headers, outcome)?;
-        let upstream_h2 = target.backend.upstream.is_h2();
-        if websocket && upstream_h2 {
-            return Err(ProxyError::WebSocketToH2 {
-                backend: target.backend.name.clone(),
-            });
-        }
         // A fault drill on this backend: held, or answered here (neither touches the
         // endpoint's health; the answer counts as the backend's everywhere else).
         let injected = match &target.backend.fault {
@@ -264,7 +258,7 @@ impl Proxy {
             request_id,
             websocket,
             target.endpoint,
-            upstream_h2,
+            target.backend.upstream.is_h2(),
         );
         // (A function taking and giving back the request, not a `&mut` borrow of it: one
         // would keep its 264 bytes in this future beside the exchange's.)
@@ -548,6 +542,10 @@ fn not_sent(
             Err(ProxyError::ClientBody { source })
         }
         SendError::ClientStalled(timeout) => Err(ProxyError::ClientTimeout { timeout }),
+        // The upstream is not to blame either.
+        SendError::Upgrade => Err(ProxyError::WebSocketToH2 {
+            endpoint: target.endpoint.url().to_owned(),
+        }),
         SendError::TimedOut(timeout) => {
             upstream_failed(UpstreamErrorKind::Timeout);
             Err(ProxyError::Timeout {

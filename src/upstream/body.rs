@@ -173,46 +173,46 @@ pub(super) fn finish_head(
             && head.present.may_have(Present::CONTENT_LENGTH)
             && head.headers.contains_key(TRANSFER_ENCODING)
             && head.headers.contains_key(CONTENT_LENGTH));
-    let mut response = Response::new(UpstreamBody {
-        state: BodyState::Done,
-    });
+    // The body's state is made before the response, so that no placeholder state is dropped
+    // (BodyState's drop is not inlined).
+    let state = if head.status == StatusCode::SWITCHING_PROTOCOLS {
+        BodyState::Switched(Some(exchange.connection))
+    } else {
+        let buffered = exchange.connection.read_buf.len() as u64;
+        let whole = match framing {
+            Framing::Empty => Some(None),
+            Framing::Length(n) if n <= buffered => Some(Some(
+                exchange.connection.read_buf.split_to(n as usize).freeze(),
+            )),
+            _ => None,
+        };
+        match whole {
+            Some(data) => {
+                if reusable
+                    && exchange.request_done()
+                    && !exchange.broken
+                    && exchange.connection.read_buf.is_empty()
+                {
+                    peer.pool
+                        .checkin(exchange.connection, settings.idle_timeout);
+                }
+                BodyState::Whole(data.filter(|d| !d.is_empty()))
+            }
+            None => BodyState::Reading(Box::new(Reading {
+                exchange,
+                tap: TapSlot(None),
+                framing,
+                reusable,
+                peer: peer.clone(),
+                idle_timeout: settings.idle_timeout,
+                stall: StallTimer::new(timeouts.read),
+            })),
+        }
+    };
+    let mut response = Response::new(UpstreamBody { state });
     *response.status_mut() = head.status;
     *response.version_mut() = head.version;
-    let status = head.status;
     *response.headers_mut() = head.headers;
-    if status == StatusCode::SWITCHING_PROTOCOLS {
-        response.body_mut().state = BodyState::Switched(Some(exchange.connection));
-        return Ok(response);
-    }
-    let buffered = exchange.connection.read_buf.len() as u64;
-    let whole = match framing {
-        Framing::Empty => Some(None),
-        Framing::Length(n) if n <= buffered => Some(Some(
-            exchange.connection.read_buf.split_to(n as usize).freeze(),
-        )),
-        _ => None,
-    };
-    if let Some(data) = whole {
-        if reusable
-            && exchange.request_done()
-            && !exchange.broken
-            && exchange.connection.read_buf.is_empty()
-        {
-            peer.pool
-                .checkin(exchange.connection, settings.idle_timeout);
-        }
-        response.body_mut().state = BodyState::Whole(data.filter(|d| !d.is_empty()));
-        return Ok(response);
-    }
-    response.body_mut().state = BodyState::Reading(Box::new(Reading {
-        exchange,
-        tap: TapSlot(None),
-        framing,
-        reusable,
-        peer: peer.clone(),
-        idle_timeout: settings.idle_timeout,
-        stall: StallTimer::new(timeouts.read),
-    }));
     Ok(response)
 }
 
@@ -479,11 +479,8 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, ExchangeError>>> {
         let reading = match &mut self.state {
-            BodyState::Whole(data) => {
-                let data = data.take();
-                self.state = BodyState::Done;
-                return Poll::Ready(data.map(|d| Ok(Frame::data(d))));
-            }
+            // Taken, it stays `Whole(None)`: the same as `Done`, and no state is dropped.
+            BodyState::Whole(data) => return Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             BodyState::H2(reading) => {
                 let (polled, over) = ready!(reading.poll_next(cx));
                 if over {

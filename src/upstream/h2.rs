@@ -35,7 +35,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, HOST, TE};
+use http::header::{CONTENT_TYPE, HOST, TE, UPGRADE};
 use http::request::Parts;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderValue, Request, Response, Uri, Version};
@@ -588,11 +588,15 @@ impl Body for OutBody {
 pub(super) async fn send(
     settings: UpstreamSettings,
     peer: &Arc<Peer>,
-    request: Request<ForwardBody>,
+    parts: Parts,
+    body: ForwardBody,
     timeouts: ExchangeTimeouts,
     started: Instant,
 ) -> Result<Response<UpstreamBody>, SendError> {
-    let (parts, body) = request.into_parts();
+    if parts.headers.contains_key(UPGRADE) {
+        // The proxy keeps `Upgrade` for a WebSocket upgrade only, which HTTP/2 cannot carry.
+        return Err(SendError::Upgrade);
+    }
     let idempotent = is_idempotent(&parts.method);
     let outgoing = Outgoing::new(body, started);
     let mut timer = pin!(tokio::time::sleep_until(started + timeouts.request));

@@ -141,6 +141,8 @@ pub enum SendError {
     /// `request_timeout`: the upstream took none of the request, or sent no response head
     /// after the request's end, for this long.
     TimedOut(Duration),
+    /// A protocol switch (a WebSocket upgrade) to an upstream spoken to over HTTP/2: not sent.
+    Upgrade,
 }
 
 /// The timeouts of an exchange by phase, as nginx has them: none of them bounds a whole
@@ -192,7 +194,9 @@ impl Upstream {
 
     /// Sends a request (origin-form target) to `peer` on a pooled or new connection;
     /// resolves when the response head has arrived. The response body goes on reading from
-    /// the connection, and hands it back to the pool when the exchange is over.
+    /// the connection, and hands it back to the pool when the exchange is over. A backend
+    /// spoken to over HTTP/2 gets the request there instead (`h2`: the same timeouts, the
+    /// request given back the same way when no connection could be made).
     ///
     /// Until the head, the phase timeouts apply: `client_body` while the upstream has all it
     /// was given and the client's body is awaited, `request` while the upstream takes no
@@ -208,11 +212,12 @@ impl Upstream {
         timeouts: ExchangeTimeouts,
         started: tokio::time::Instant,
     ) -> Result<Response<UpstreamBody>, SendError> {
+        let (parts, body) = request.into_parts();
         if self.settings.protocol.is_h2() {
             // Boxed: the HTTP/1 exchange's future stays the size it was.
-            return Box::pin(h2::send(self.settings, peer, request, timeouts, started)).await;
+            let sent = h2::send(self.settings, peer, parts, body, timeouts, started);
+            return Box::pin(sent).await;
         }
-        let (parts, body) = request.into_parts();
         let idempotent = is_idempotent(&parts.method);
         let timer = tokio::time::sleep_until(started + timeouts.request);
         tokio::pin!(timer);
