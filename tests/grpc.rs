@@ -153,14 +153,20 @@ async fn unary_and_server_streaming_calls_pass_through_with_their_trailers() {
 
 #[tokio::test]
 async fn a_calls_latency_is_measured_to_its_end() {
-    let (v1, v2) = (grpc_server("v1", false).await, grpc_server("v2", false).await);
+    let (v1, v2) = (
+        grpc_server("v1", false).await,
+        grpc_server("v2", false).await,
+    );
     let proxy = start_proxy(&h2c_config(&v1, &v2, (100, 0), "")).await;
     // Three messages 250 ms apart: the head comes with the first, the end half a second later.
     let calls = grpc_calls(proxy.addr, "Count", 1, &["--payload", "3/250"]).await;
     assert_eq!(calls[0]["code"], "OK", "{calls:?}");
     let text = get_text(proxy.admin("/metrics")).await;
     let v1 = [("backend", "v1")];
-    assert_eq!(metric(&text, "canary_request_duration_seconds_count", &v1), 1.0);
+    assert_eq!(
+        metric(&text, "canary_request_duration_seconds_count", &v1),
+        1.0
+    );
     let seconds = metric(&text, "canary_request_duration_seconds_sum", &v1);
     assert!((0.5..5.0).contains(&seconds), "{seconds}");
 }
