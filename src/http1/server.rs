@@ -630,7 +630,7 @@ mod tests {
         let mut writer = HeldUntilFlushed::default();
         let mut body = Full::new(Bytes::from(vec![b'x'; 100_000]));
         outgoing(head)
-            .write_body(&mut body, false, &mut writer)
+            .write_body(&mut body, false, false, &mut writer)
             .await
             .unwrap();
         assert!(writer.held.is_empty());
@@ -642,7 +642,7 @@ mod tests {
         let stream = futures_util::stream::iter([piece]).chain(futures_util::stream::pending());
         let mut body = StreamBody::new(stream);
         let mut out = outgoing(head);
-        let waiting = out.write_body(&mut body, false, &mut writer);
+        let waiting = out.write_body(&mut body, false, false, &mut writer);
         assert!(
             tokio::time::timeout(Duration::from_millis(50), waiting)
                 .await
