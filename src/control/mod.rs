@@ -640,6 +640,10 @@ impl ControlPlane {
             "routing table replaced by reload"
         );
         self.warn_about_restart_only_changes(&config);
+        if next.access_log != current.access_log {
+            let access = if next.access_log { "json" } else { "off" };
+            tracing::info!(access, "access log changed by the reload");
+        }
         self.table.store(Arc::new(next));
         self.health.sync(&self.table.load());
         *self.token.write().unwrap_or_else(|e| e.into_inner()) = token;
