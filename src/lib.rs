@@ -44,7 +44,8 @@
 //! - Leaves: `duration` (the `"500ms"` / `"2s"` / `"1m"` durations of the config file),
 //!   `stall` (the timer behind `send_timeout` and `read_timeout`), `chain` (an error and its
 //!   causes on one line), `worker_index` (which worker thread the code runs on), `id` (random
-//!   128-bit ids in hex: request ids, anonymous users' ids).
+//!   128-bit ids in hex: request ids, anonymous users' ids), `utc` (calendar dates of Unix
+//!   times).
 #![forbid(unsafe_code)]
 
 mod admin;
@@ -65,6 +66,7 @@ mod routing;
 mod server;
 mod stall;
 mod upstream;
+mod utc;
 mod worker_index;
 mod workers;
 
