@@ -44,8 +44,8 @@
 //! - Leaves: `duration` (the `"500ms"` / `"2s"` / `"1m"` durations of the config file),
 //!   `stall` (the timer behind `send_timeout` and `read_timeout`), `chain` (an error and its
 //!   causes on one line), `worker_index` (which worker thread the code runs on), `id` (random
-//!   128-bit ids in hex: request ids, anonymous users' ids), `utc` (calendar dates of Unix
-//!   times).
+//!   128-bit ids in hex: request ids, anonymous users' ids), `utc` (calendar dates and
+//!   RFC 3339 times of Unix times).
 #![forbid(unsafe_code)]
 
 mod admin;
