@@ -47,7 +47,8 @@
 //!   `stall` (the timer behind `send_timeout` and `read_timeout`), `stream` (a client
 //!   connection, plain or TLS, as the HTTP/1 server splits it), `chain` (an error and its
 //!   causes on one line), `worker_index` (which worker thread the code runs on), `id` (random
-//!   128-bit ids in hex: request ids, anonymous users' ids).
+//!   128-bit ids in hex: request ids, anonymous users' ids), `utc` (calendar dates and
+//!   RFC 3339 times of Unix times).
 #![forbid(unsafe_code)]
 
 mod admin;
@@ -70,6 +71,7 @@ mod stall;
 mod stream;
 mod tls;
 mod upstream;
+mod utc;
 mod worker_index;
 mod workers;
 

@@ -80,11 +80,13 @@ pub struct Config {
     pub log: LogSettings,
 }
 
-/// `[log]`: how the process logs (to stderr, through `tracing`). Read at start: a reload
-/// does not change it.
+/// `[log]`: how the process logs (to stderr, through `tracing`), and the access log.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LogSettings {
+    /// Read at start: a reload does not change it.
     pub format: LogFormat,
+    /// Read on start and on every reload (it goes into the routing table).
+    pub access: AccessLog,
 }
 
 /// One line per event: for a person (`text`, the default) or for a log pipeline (`json`, one
@@ -101,6 +103,25 @@ impl LogFormat {
         match name {
             "text" => Some(LogFormat::Text),
             "json" => Some(LogFormat::Json),
+            _ => None,
+        }
+    }
+}
+
+/// The access log: none (`off`, the default), or one JSON object per request on stdout
+/// (`json`), written when its response has ended.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AccessLog {
+    #[default]
+    Off,
+    Json,
+}
+
+impl AccessLog {
+    pub fn parse(name: &str) -> Option<AccessLog> {
+        match name {
+            "off" => Some(AccessLog::Off),
+            "json" => Some(AccessLog::Json),
             _ => None,
         }
     }
@@ -1996,6 +2017,30 @@ backend = "v2"
         let message = assert_invalid(&with(&["format = \"xml\""]), "log.format", 6);
         assert!(message.contains("\"text\", \"json\""), "{message}");
         assert_invalid(&with(&["level = \"info\""]), "log.level", 6);
+    }
+
+    #[test]
+    fn the_access_log() {
+        let with = |lines: &[&str]| doc(&[&V1[..], &["[log]"], lines].concat());
+        assert_eq!(valid(&doc(&V1)).log.access, AccessLog::Off);
+        assert_eq!(valid(&with(&[])).log.access, AccessLog::Off);
+        let json = valid(&with(&["access = \"json\""])).log;
+        assert_eq!(
+            (json.access, json.format),
+            (AccessLog::Json, LogFormat::Text)
+        );
+        assert_eq!(
+            valid(&with(&["access = \"off\""])).log.access,
+            AccessLog::Off
+        );
+        // V1 takes lines 1-4, [log] is line 5; the bad value is on line 7.
+        let message = assert_invalid(
+            &with(&["format = \"json\"", "access = \"on\""]),
+            "log.access",
+            7,
+        );
+        assert!(message.contains("\"off\", \"json\""), "{message}");
+        assert_invalid(&with(&["access = true"]), "log.access", 6);
     }
 
     #[test]

@@ -30,6 +30,7 @@ pub(super) struct RawConfig {
 #[serde(deny_unknown_fields, expecting = "a table")]
 pub(super) struct RawLog {
     pub(super) format: Option<Spanned<String>>,
+    pub(super) access: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

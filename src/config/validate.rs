@@ -17,11 +17,12 @@ use super::raw::{
 };
 use super::tls::validate_tls;
 use super::{
-    ALPN_H2, ALPN_HTTP1, AdminSettings, AnalysisConfig, BackendConfig, BackendTls, Config,
-    DEFAULT_ROLLOUT_STEPS, EndpointUrl, FaultConfig, FaultFields, HealthCheckConfig, LogFormat,
-    LogSettings, MAX_ADMIN_CONNECTIONS, MAX_BACKENDS, MAX_WEIGHT, MAX_WORKERS, MirrorConfig,
-    MirrorFields, OnInconclusive, OutlierConfig, ProxySettings, RolloutConfig, RuleConfig,
-    RuleMatcher, RuleSource, UNROUTED_BACKEND, UpstreamProtocol, first_repeated_backend,
+    ALPN_H2, ALPN_HTTP1, AccessLog, AdminSettings, AnalysisConfig, BackendConfig, BackendTls,
+    Config, DEFAULT_ROLLOUT_STEPS, EndpointUrl, FaultConfig, FaultFields, HealthCheckConfig,
+    LogFormat, LogSettings, MAX_ADMIN_CONNECTIONS, MAX_BACKENDS, MAX_WEIGHT, MAX_WORKERS,
+    MirrorConfig, MirrorFields, OnInconclusive, OutlierConfig, ProxySettings, RolloutConfig,
+    RuleConfig, RuleMatcher, RuleSource, UNROUTED_BACKEND, UpstreamProtocol,
+    first_repeated_backend,
 };
 use crate::duration::{format_duration, parse_duration};
 use crate::upstream::PeerTls;
@@ -933,17 +934,30 @@ fn validate_rule(
 // Value checks shared by several keys.
 
 fn validate_log(raw: Option<RawLog>) -> Result<LogSettings, FieldError> {
-    let Some(format) = raw.and_then(|raw| raw.format) else {
+    let Some(raw) = raw else {
         return Ok(LogSettings::default());
     };
-    let parsed = LogFormat::parse(format.get_ref()).ok_or_else(|| {
-        FieldError::new(
-            "log.format",
-            format.span(),
-            format!("{:?} is not one of \"text\", \"json\"", format.get_ref()),
-        )
-    })?;
-    Ok(LogSettings { format: parsed })
+    let format = match raw.format {
+        None => LogFormat::default(),
+        Some(format) => LogFormat::parse(format.get_ref()).ok_or_else(|| {
+            FieldError::new(
+                "log.format",
+                format.span(),
+                format!("{:?} is not one of \"text\", \"json\"", format.get_ref()),
+            )
+        })?,
+    };
+    let access = match raw.access {
+        None => AccessLog::default(),
+        Some(access) => AccessLog::parse(access.get_ref()).ok_or_else(|| {
+            FieldError::new(
+                "log.access",
+                access.span(),
+                format!("{:?} is not one of \"off\", \"json\"", access.get_ref()),
+            )
+        })?,
+    };
+    Ok(LogSettings { format, access })
 }
 
 fn validate_rollout(

@@ -660,6 +660,10 @@ impl ControlPlane {
             "routing table replaced by reload"
         );
         self.warn_about_restart_only_changes(&config);
+        if next.access_log != current.access_log {
+            let access = if next.access_log { "json" } else { "off" };
+            tracing::info!(access, "access log changed by the reload");
+        }
         warn_about_unverified_tls(&config);
         if let (Some(tls), Some(settings)) = (&self.tls, &config.proxy.tls) {
             // Read and checked with the file: new handshakes get them from now on.

@@ -401,12 +401,14 @@ thread_local! {
     static SPARE_OUT: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+#[inline]
 fn spare_out() -> Vec<u8> {
     SPARE_OUT
         .with(|spare| spare.borrow_mut().pop())
         .unwrap_or_else(|| Vec::with_capacity(1024))
 }
 
+#[inline]
 fn give_back_out(mut out: Vec<u8>) {
     if out.capacity() > KEEP_OUT_CAPACITY {
         return;

@@ -5,9 +5,12 @@
 //! WebSocket switch tunnel the two connections.
 //!
 //! Every refusal is counted (backend `none`), answered with the request id when there is a
-//! head, and closes the connection; CONNECT is one (405).
+//! head (and then written to the access log, when it is on), and closes the connection;
+//! CONNECT is one (405).
 
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
+use std::io;
+use std::pin::Pin;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -17,13 +20,14 @@ use http_body_util::Either;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
+use super::access::{self, AccessLine, Logged};
 use super::{ClientInfo, Proxy, headers};
 use crate::http1::head::{
     Framing, FramingError, Present, RequestHead, has_token, keeps_alive, request_framing,
 };
 use crate::http1::server::{NextRequest, ResponseMode, ServerSession};
 use crate::stream::ClientStream;
-use crate::upstream::{ForwardBody, UpstreamStream};
+use crate::upstream::{ForwardBody, ProxyResponse, UpstreamStream};
 
 /// Serves HTTP/1 requests on `stream` until the client closes, an error or a refusal closes
 /// it, the drain ends it between requests, or it is switched to a tunnel. Each request head
@@ -105,6 +109,12 @@ async fn serve_request(
         Err(status) => {
             proxy.count_refusal(status);
             let id = headers::request_id(&head.headers);
+            proxy.log_refusal(
+                (&head.method, &head.uri, head.version),
+                &client.ip,
+                &id,
+                status,
+            );
             session
                 .refuse(status, Some((&headers::X_REQUEST_ID, &id)))
                 .await;
@@ -137,6 +147,10 @@ async fn serve_request(
     };
 
     if websocket && response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        // The switch has no body: its access log line is written as it is answered.
+        if let Some(line) = access::take_line(&mut response) {
+            line.write();
+        }
         let upstream = match response.body_mut() {
             Either::Left(body) => body.take_upgraded(),
             Either::Right(_) => None,
@@ -155,7 +169,14 @@ async fn serve_request(
         close: mode.close || unread || drain.has_changed().unwrap_or(true),
         ..mode
     };
-    match session.write_response(response, mode).await {
+    // The access log's line, when it is on, goes with the body. (An `if let`: its scrutinee
+    // is gone in `else`, where a `match` would keep it in this future.)
+    let written = if let Some(line) = access::take_line(&mut response) {
+        write_logged(session, response, line, mode).await
+    } else {
+        session.write_response(response, mode).await
+    };
+    match written {
         Ok(false) => After::Next,
         Ok(true) => {
             let unread = !session.body_complete();
@@ -164,6 +185,18 @@ async fn serve_request(
         }
         Err(_) => After::Close,
     }
+}
+
+/// Writes `response` with its access log line, which counts the body and is written once
+/// the body has gone out. Boxed, and called through a pointer, so that the request's future
+/// and its code stay as they are without the access log.
+fn write_logged<'s>(
+    session: &'s mut ServerSession,
+    response: ProxyResponse,
+    line: Box<AccessLine>,
+    mode: ResponseMode,
+) -> Pin<Box<dyn Future<Output = io::Result<bool>> + Send + 's>> {
+    Box::pin(session.write_response(response.map(|body| Logged::new(body, line)), mode))
 }
 
 /// A request head the proxy takes, and how its body is delimited.

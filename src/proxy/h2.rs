@@ -6,13 +6,21 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
 
-use http::Request;
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 
+use super::access::{self, Logged};
 use super::{ClientInfo, Proxy};
-use crate::upstream::{ForwardBody, ProxyResponse};
+use crate::upstream::{ForwardBody, UpstreamBody};
+
+/// A response's body as the proxy gives it to hyper: counted for the access log when it is
+/// on.
+type ClientBody =
+    Either<Either<UpstreamBody, Full<Bytes>>, Logged<Either<UpstreamBody, Full<Bytes>>>>;
 
 /// The IO and service for a connection hyper serves, the service forwarding through `proxy`.
 /// (The service is a closure; naming its type would cost a boxed future per request.)
@@ -25,9 +33,9 @@ pub fn service<S>(
     TokioIo<S>,
     impl hyper::service::Service<
         Request<Incoming>,
-        Response = ProxyResponse,
+        Response = Response<ClientBody>,
         Error = Infallible,
-        Future = impl Future<Output = Result<ProxyResponse, Infallible>> + Send,
+        Future = impl Future<Output = Result<Response<ClientBody>, Infallible>> + Send,
     > + Clone
     + Send
     + 'static,
@@ -41,7 +49,12 @@ pub fn service<S>(
             let request = request.map(ForwardBody::Hyper);
             // hyper drops this future when the client resets the stream or goes away.
             let handled = proxy.handle(request, client, std::future::pending());
-            let response = handled.await.unwrap_or_else(super::client_closed_response);
+            let mut response = handled.await.unwrap_or_else(super::client_closed_response);
+            // The access log's line, when it is on: written when hyper is done with the body.
+            let response = match access::take_line(&mut response) {
+                None => response.map(Either::Left),
+                Some(line) => response.map(|body| Either::Right(Logged::new(body, line))),
+            };
             Ok::<_, Infallible>(response)
         }
     });

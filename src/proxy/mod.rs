@@ -9,7 +9,9 @@
 //!   `x-request-id`.
 //! - `error`: [`ProxyError`] and the status code of each failure.
 //! - `grpc`: a gRPC call's status (from an HTTP/2 upstream), counted and recorded when known.
+//! - `access`: the access log's line of a request, and the body that counts what it sends.
 
+pub mod access;
 pub mod error;
 mod grpc;
 pub mod h1;
@@ -17,6 +19,7 @@ pub mod h2;
 pub mod headers;
 
 use std::future::{Future, poll_fn};
+use std::mem::ManuallyDrop;
 use std::pin::pin;
 use std::sync::Arc;
 use std::task::Poll;
@@ -38,6 +41,7 @@ use crate::routing::{Backend, Endpoint, Reason, RoutingTable, SharedTable};
 use crate::upstream::{
     ConnectError, ExchangeError, ForwardBody, ProxyResponse, SendError, UpstreamBody,
 };
+use access::AccessLine;
 use error::ProxyError;
 
 /// What the proxy knows of a request's client from its connection; made once per connection.
@@ -76,6 +80,68 @@ struct Outcome {
     new_user: Option<Id>,
     /// A fault drill held the request (its answer, whatever it is, says so).
     delayed: bool,
+    /// A fault drill answered the request itself.
+    aborted: bool,
+    /// The request's access log line, when the access log is on, until the answer takes it;
+    /// a request left without an answer (its client went away) writes it when dropped.
+    /// (`ManuallyDrop`: `drop` takes it, so the outcome's drop stays small enough to inline.)
+    access: ManuallyDrop<Option<Box<AccessLine>>>,
+}
+
+impl Outcome {
+    /// Notes the endpoint the request is sent to, for the access log.
+    #[inline]
+    fn sending_to(&mut self, endpoint: &Arc<Endpoint>) {
+        if let Some(line) = &mut *self.access {
+            line.sending_to(endpoint);
+        }
+    }
+
+    /// The access log line, when there is one, with what the forward path learned and the
+    /// `status` the client gets.
+    #[inline]
+    fn access_line(&mut self, status: u16) -> Option<Box<AccessLine>> {
+        let line = self.access.take()?;
+        Some(self.fill(line, status))
+    }
+
+    /// Writes `line` of a request whose client went away before its answer.
+    #[cold]
+    #[inline(never)]
+    fn write_unanswered(&self, line: Box<AccessLine>) {
+        self.fill(line, CLIENT_CLOSED).write();
+    }
+
+    /// `line` with what the forward path learned and the `status` the client gets. Out of
+    /// line: the forward path pays one check when the access log is off.
+    #[cold]
+    #[inline(never)]
+    fn fill(&self, mut line: Box<AccessLine>, status: u16) -> Box<AccessLine> {
+        let fault = match (self.aborted, self.delayed) {
+            (true, _) => Some("abort"),
+            (false, true) => Some("delay"),
+            (false, false) => None,
+        };
+        line.served(access::Served {
+            request_id: self.request_id.clone(),
+            backend: self.backend,
+            reason: self.reason.map(|reason| reason.as_str()),
+            fault,
+            status,
+        });
+        line
+    }
+}
+
+impl Drop for Outcome {
+    /// The client went away before its answer: the forward path was dropped (h2), or
+    /// `handle` answers `None` (HTTP/1). Its line is written now, as a 499.
+    #[inline]
+    fn drop(&mut self) {
+        if let Some(line) = self.access.take() {
+            self.write_unanswered(line);
+        }
+    }
 }
 
 /// Where a request is being sent.
@@ -188,6 +254,10 @@ impl Proxy {
                 HeaderValue::from_static("delay"),
             );
         }
+        if let Some(line) = outcome.access_line(response.status().as_u16()) {
+            // The client connection writes it once the body has gone out.
+            response.extensions_mut().insert(line);
+        }
         let status = match backend {
             // A gRPC call counts by its grpc-status, perhaps when its body ends.
             Some(backend) if backend.upstream.is_h2() => match grpc::settle(&mut response, started)
@@ -204,19 +274,49 @@ impl Proxy {
         Some(response)
     }
 
+    /// Writes the access log line of a request refused before routing (when the access log
+    /// is on): backend none, no body.
+    pub fn log_refusal(
+        &self,
+        request: (&Method, &Uri, Version),
+        client_ip: &HeaderValue,
+        request_id: &HeaderValue,
+        status: StatusCode,
+    ) {
+        let table = self.table.load_full();
+        if !table.access_log {
+            return;
+        }
+        let (method, uri, version) = request;
+        let mut line = AccessLine::begin(method, uri, version, client_ip, table, Instant::now());
+        line.served(access::Served {
+            request_id: Some(request_id.clone()),
+            backend: None,
+            reason: None,
+            fault: None,
+            status: status.as_u16(),
+        });
+        line.write();
+    }
+
     /// The forward path: check the request, route it, rewrite it for the upstream, send it
     /// (retrying elsewhere when no connection could be made), rewrite the response.
     async fn forward(
         &self,
         request: Request<ForwardBody>,
         client: &ClientInfo,
-        table: &RoutingTable,
+        table: &Arc<RoutingTable>,
         started: Instant,
         outcome: &mut Outcome,
     ) -> Result<ProxyResponse, ProxyError> {
         // Known before anything can fail, so every answer carries it.
         let request_id = headers::request_id(request.headers());
         outcome.request_id = Some(request_id.clone());
+        if table.access_log {
+            *outcome.access = Some(begin_access_line(&request, &client.ip, table, started));
+        }
+        // The table through one pointer from here on (the `Arc` was for the access log).
+        let table: &RoutingTable = table;
         if request.method() == Method::CONNECT {
             return Err(ProxyError::ConnectMethod);
         }
@@ -253,6 +353,7 @@ impl Proxy {
         };
         if let Some(status) = injected.abort {
             target.backend.metrics.fault(FaultKind::Abort);
+            outcome.aborted = true;
             let mut response = synthetic_response(
                 status,
                 outcome.request_id.clone(),
@@ -503,6 +604,7 @@ async fn send_with_retry<'t>(
 ) -> Result<(Response<UpstreamBody>, Target<'t>), ProxyError> {
     let mut retried = false;
     loop {
+        outcome.sending_to(target.endpoint);
         let sent =
             target
                 .backend
@@ -638,6 +740,26 @@ fn rewrite_response(
         response.headers_mut().insert(UPGRADE, upgrade);
     }
     Ok(response.map(Either::Left))
+}
+
+/// The access log line of a request that began at `started`. Out of line: the forward path
+/// pays one check when the access log is off.
+#[cold]
+#[inline(never)]
+fn begin_access_line(
+    request: &Request<ForwardBody>,
+    client_ip: &HeaderValue,
+    table: &Arc<RoutingTable>,
+    started: Instant,
+) -> Box<AccessLine> {
+    AccessLine::begin(
+        request.method(),
+        request.uri(),
+        request.version(),
+        client_ip,
+        table.clone(),
+        started,
+    )
 }
 
 fn error_source(error: &ProxyError) -> Option<String> {

@@ -12,6 +12,8 @@ use std::fmt::Write as _;
 
 use serde_json::Value;
 
+use crate::utc::civil_from_days;
+
 /// The narrowest view laid out; narrower terminals wrap it.
 const MIN_WIDTH: usize = 60;
 /// History lines shown; older ones are counted.
@@ -644,20 +646,6 @@ fn utc_time(ms: u64, with_date: bool) -> String {
     format!("{month:02}-{day:02} {h:02}:{m:02}:{s:02}")
 }
 
-/// The (year, month, day) of a count of days since 1970-01-01 (Howard Hinnant's algorithm).
-fn civil_from_days(days: u64) -> (u64, u64, u64) {
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z % 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + u64::from(month <= 2);
-    (year, month, day)
-}
-
 /// Words of `text` in lines of at most `width` characters (a longer word gets a line).
 fn wrap(text: &str, width: usize) -> Vec<String> {
     let mut lines = vec![String::new()];
@@ -970,8 +958,6 @@ mod tests {
         assert_eq!(seconds(7380.0), "2h03m");
         assert_eq!(points(&json!(0.005), true), "+0.50");
         assert_eq!(points(&json!(-0.0125), true), "-1.25");
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(19_675), (2023, 11, 14));
         assert_eq!(utc_time(1_700_000_000_000, false), "22:13:20");
         assert_eq!(utc_time(1_700_000_000_000, true), "11-14 22:13:20");
         assert_eq!(wrap("a bb ccc", 4), ["a bb", "ccc"]);

@@ -31,8 +31,8 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use rand::{Rng, RngExt};
 
 use crate::config::{
-    BackendConfig, BackendTls, Config, EndpointUrl, HealthCheckConfig, MirrorConfig, OutlierConfig,
-    RuleConfig, RuleMatcher, RuleSource,
+    AccessLog, BackendConfig, BackendTls, Config, EndpointUrl, HealthCheckConfig, MirrorConfig,
+    OutlierConfig, RuleConfig, RuleMatcher, RuleSource,
 };
 use crate::duration::format_duration;
 use crate::id;
@@ -71,6 +71,9 @@ pub struct RoutingTable {
     pub backend_header: Option<HeaderName>,
     /// Copies of requests sent to a backend and compared, when mirroring is on.
     pub mirror: Option<Arc<Mirror>>,
+    /// Each request is written to the access log (`[log] access = "json"`): read here, with
+    /// the table a request loads anyway, so a reload turns it on or off.
+    pub access_log: bool,
     /// Bit i is set when backend i has a weight above zero.
     weighted: u64,
     /// End of each backend's sticky bucket range while every weighted backend is eligible
@@ -371,6 +374,7 @@ impl RoutingTable {
                 .unwrap_or_default();
             table.build_mirror(mirror, carried, metrics).map(Arc::new)
         });
+        table.access_log = config.log.access == AccessLog::Json;
         table
     }
 
@@ -397,6 +401,7 @@ impl RoutingTable {
             weighted,
             all_eligible_ends: Box::default(),
             mirror: None,
+            access_log: false,
         };
         table.all_eligible_ends = table.bucket_ends(weighted);
         table
@@ -487,6 +492,7 @@ impl RoutingTable {
             self.backend_header.clone(),
         );
         table.mirror = self.mirror.clone();
+        table.access_log = self.access_log;
         table
     }
 
