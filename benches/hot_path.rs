@@ -80,7 +80,7 @@ fn header_rewrite(c: &mut Criterion) {
             browser_headers,
             |mut headers| {
                 canary_proxy::strip_hop_by_hop(&mut headers);
-                canary_proxy::add_forwarded(&mut headers, &client, Some(&host));
+                canary_proxy::add_forwarded(&mut headers, &client, Some(&host), false);
                 let id = canary_proxy::request_id(&headers);
                 headers.insert("x-request-id", id);
                 headers

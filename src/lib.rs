@@ -5,9 +5,9 @@
 //! # Layout
 //! From the top down; a module imports only modules listed below it (files within one folder
 //! may use each other).
-//! - `server`: the client listener: picks HTTP/1 or h2c per connection, and drains on
-//!   shutdown. `workers`: thread-per-core serving, one current-thread runtime and
-//!   SO_REUSEPORT listener per worker.
+//! - `server`: the client listener: picks HTTP/1 or HTTP/2 per connection (by its first
+//!   bytes, or over TLS by ALPN), and drains on shutdown. `workers`: thread-per-core
+//!   serving, one current-thread runtime and SO_REUSEPORT listener per worker.
 //! - `admin/`: the admin HTTP API on its own listener; `admin::client`, a small HTTP/1.1
 //!   client for that API; `admin::cli`, `canary-proxy rollout ...` and `mirror status`
 //!   through it.
@@ -22,6 +22,8 @@
 //!   atomic, versioned and audited; writing weights back into the config file (`persist`);
 //!   the active health checks (`health`); the rollout's controller and webhook (`rollout`,
 //!   `webhook`).
+//! - `tls`: TLS on the client listener: the rustls server config and its certificates by
+//!   server name, replaced on reload.
 //! - `routing/`: the [`RoutingTable`] snapshot, its backends and endpoints, and the routing
 //!   decision; the sticky user buckets (`sticky`); each endpoint's health, active verdict and
 //!   passive ejection (`health`).
@@ -42,7 +44,8 @@
 //! - [`config`]: the `canary.toml` file, parsed in two stages (raw serde, then validated types
 //!   whose errors name the key and line).
 //! - Leaves: `duration` (the `"500ms"` / `"2s"` / `"1m"` durations of the config file),
-//!   `stall` (the timer behind `send_timeout` and `read_timeout`), `chain` (an error and its
+//!   `stall` (the timer behind `send_timeout` and `read_timeout`), `stream` (a client
+//!   connection, plain or TLS, as the HTTP/1 server splits it), `chain` (an error and its
 //!   causes on one line), `worker_index` (which worker thread the code runs on), `id` (random
 //!   128-bit ids in hex: request ids, anonymous users' ids).
 #![forbid(unsafe_code)]
@@ -64,6 +67,8 @@ mod rollout;
 mod routing;
 mod server;
 mod stall;
+mod stream;
+mod tls;
 mod upstream;
 mod worker_index;
 mod workers;
@@ -116,13 +121,14 @@ pub async fn run(
 ) {
     let config = control.config();
     let options = ServerOptions::new(&config.proxy);
+    let tls = control.listener_tls().map(tls::ListenerTls::acceptor);
     let background = start_background(&control, admin_listener);
     let proxy = Proxy::new(
         control.table().clone(),
         control.metrics().clone(),
         control.shutdown_token().child_token(),
     );
-    serve(listener, proxy, options, shutdown).await;
+    serve(listener, proxy, options, tls, shutdown).await;
     stop_background(&control, background).await;
 }
 

@@ -262,6 +262,21 @@ fn check(path: &Path) -> anyhow::Result<()> {
         config.proxy.listen,
         config.admin.listen
     );
+    if let Some(tls) = &config.proxy.tls {
+        let mut certificates = format!("{} (default)", tls.default.cert_file.display());
+        for sni in &tls.sni {
+            let _ = write!(
+                certificates,
+                ", {} for {}",
+                sni.certificate.cert_file.display(),
+                sni.server_name
+            );
+        }
+        let _ = writeln!(
+            out,
+            "proxy TLS: TLS 1.2 and 1.3, ALPN h2 and http/1.1; certificates {certificates}"
+        );
+    }
     if let Some(rollout) = &config.rollout {
         let a = &rollout.analysis;
         let _ = writeln!(

@@ -19,6 +19,7 @@ use crate::config::MAX_WORKERS;
 use crate::control::ControlPlane;
 use crate::proxy::Proxy;
 use crate::server::{ServerOptions, serve};
+use crate::tls::ListenerTls;
 use crate::worker_index::set_current_worker;
 
 /// The number of workers to run: as configured, else one per core this process may use.
@@ -58,6 +59,7 @@ pub async fn run_workers(
 ) -> io::Result<()> {
     let config = control.config();
     let options = ServerOptions::new(&config.proxy);
+    let tls = control.listener_tls().map(ListenerTls::acceptor);
     let stop = CancellationToken::new();
     let mut finished = Vec::with_capacity(listeners.len());
     for (index, listener) in listeners.into_iter().enumerate() {
@@ -67,6 +69,7 @@ pub async fn run_workers(
             control.shutdown_token().child_token(),
         );
         let worker_stop = stop.clone();
+        let tls = tls.clone();
         let (done, finished_rx) = oneshot::channel::<()>();
         let spawned = std::thread::Builder::new()
             .name(format!("canary-worker-{index}"))
@@ -85,7 +88,8 @@ pub async fn run_workers(
                 runtime.block_on(async move {
                     match TcpListener::from_std(listener) {
                         Ok(listener) => {
-                            serve(listener, proxy, options, worker_stop.cancelled_owned()).await
+                            let stop = worker_stop.cancelled_owned();
+                            serve(listener, proxy, options, tls, stop).await
                         }
                         Err(error) => {
                             tracing::error!(worker = index, %error, "cannot use the listener");

@@ -251,7 +251,8 @@ async fn handle(
             table.version,
         ),
         (Method::GET, "/admin/explain") => {
-            json_response(StatusCode::OK, explain_json(&table, &request))
+            let tls = control.listener_tls().is_some();
+            json_response(StatusCode::OK, explain_json(&table, &request, tls))
         }
         (Method::POST | Method::PUT, "/admin/reload") => {
             let if_match = match if_match(&request) {
@@ -953,7 +954,9 @@ fn routes_json(table: &RoutingTable) -> Value {
     })
 }
 
-fn explain_json(table: &RoutingTable, request: &Request<Incoming>) -> Value {
+/// Where a request like `request` goes and why; `tls`: the proxy's clients come over TLS (the
+/// sticky cookie is then `Secure`).
+fn explain_json(table: &RoutingTable, request: &Request<Incoming>, tls: bool) -> Value {
     let headers = request.headers();
     let user = table.sticky.user_id(headers);
     let Some(decision) = table.route(headers, &mut rand::rng()) else {
@@ -980,7 +983,7 @@ fn explain_json(table: &RoutingTable, request: &Request<Incoming>) -> Value {
     });
     if let Some(set_cookie) = decision
         .new_user
-        .and_then(|id| table.sticky.set_cookie(id))
+        .and_then(|id| table.sticky.set_cookie(id, tls))
         .and_then(|v| v.to_str().ok().map(str::to_owned))
     {
         body["set_cookie"] = json!(set_cookie);

@@ -11,7 +11,8 @@
 //! `validate.rs` is stage 2: `Raw*` into the public types, with the checks of single values.
 //! `diagnostics.rs` locates and words errors: `FieldError`, lines, key paths, typo hints.
 //! `fault.rs` checks faults (`[[fault]]`) and `mirror.rs` mirroring (`[mirror]`), for the
-//! file and for the admin API alike.
+//! file and for the admin API alike. `tls.rs` reads the client listener's certificates
+//! (`[proxy.tls]`).
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -30,11 +31,13 @@ mod diagnostics;
 mod fault;
 mod mirror;
 mod raw;
+mod tls;
 mod upstream_tls;
 mod validate;
 
 pub use fault::{FaultConfig, FaultFields, FieldProblem, MAX_FAULT_DELAY, first_repeated_backend};
 pub use mirror::{MirrorConfig, MirrorFields, format_size};
+pub use tls::{SniCertificate, TlsCertificate, TlsSettings};
 pub use upstream_tls::{BackendTls, TLS_VERSIONS, crypto_provider};
 
 /// The largest weight a backend may have, in the file and through the admin API. Weights are
@@ -235,6 +238,10 @@ pub struct ProxySettings {
     /// Worker threads, each with its own runtime and listener. `None`: one per core available
     /// to the process (its CPU affinity included). At most [`MAX_WORKERS`].
     pub workers: Option<usize>,
+    /// `[proxy.tls]`: TLS on `listen`, with the certificates read when the config was.
+    /// `None`: plain HTTP. Turning it on or off takes a restart; its certificates are re-read
+    /// on reload.
+    pub tls: Option<TlsSettings>,
 }
 
 /// The most worker threads `proxy.workers` may ask for.
@@ -259,6 +266,7 @@ impl Default for ProxySettings {
             sticky_cookie_max_age: Duration::from_secs(720 * 3600),
             backend_header: Some(HeaderName::from_static(DEFAULT_BACKEND_HEADER)),
             workers: None,
+            tls: None,
         }
     }
 }
@@ -575,22 +583,27 @@ pub enum ConfigError {
     },
 }
 
-/// Reads and validates the config file at `path`; errors show `path` as given.
+/// Reads and validates the config file at `path`; errors show `path` as given. Files it names
+/// (`proxy.tls`) are relative to its directory.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let origin = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: origin.clone(),
         source,
     })?;
-    parse(&text, &origin)
+    parse_relative_to(&text, &origin, path.parent().unwrap_or(Path::new("")))
 }
 
-/// Parses and validates config `text`; `origin` names the file in error messages.
+/// Parses and validates config `text`; `origin` names the file in error messages. Files it
+/// names are relative to the current directory.
 pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
-    // Files the config names (certificates) are found from the config file's directory.
-    let base = Path::new(origin).parent().unwrap_or(Path::new(""));
+    parse_relative_to(text, origin, Path::new(""))
+}
+
+/// [`parse`], with the files the config names relative to `dir`.
+pub fn parse_relative_to(text: &str, origin: &str, dir: &Path) -> Result<Config, ConfigError> {
     deserialize(text)
-        .and_then(|raw| raw.validate(text, base))
+        .and_then(|raw| raw.validate(text, dir))
         .map_err(|e| ConfigError::Invalid {
             path: origin.to_owned(),
             line: line_of(text, e.span.start),
@@ -1077,6 +1090,9 @@ backend = "v2"
             "# format",
             "# shadow",
             "# max_diff_rate",
+            "# cert",
+            "# key",
+            "# server_name",
         ] {
             assert!(
                 text.lines().any(|l| l.starts_with(&format!("{key} = "))),
@@ -1419,9 +1435,8 @@ backend = "v2"
             "[backend.tls]",
             "ca = \"certs/ca.pem\"",
         ]);
-        let origin = dir.path().join("canary.toml");
-        let origin = origin.to_str().unwrap();
-        match parse(&text, origin) {
+        let origin = "canary.toml";
+        match parse_relative_to(&text, origin, dir.path()) {
             Err(ConfigError::Invalid {
                 line, key, message, ..
             }) => {
@@ -1433,7 +1448,7 @@ backend = "v2"
         std::fs::create_dir(dir.path().join("certs")).unwrap();
         let ca = rcgen::generate_simple_self_signed(vec!["ca.test".to_owned()]).unwrap();
         std::fs::write(dir.path().join("certs/ca.pem"), ca.cert.pem()).unwrap();
-        let config = parse(&text, origin).unwrap();
+        let config = parse_relative_to(&text, origin, dir.path()).unwrap();
         let tls = config.backends[0].tls.as_ref().unwrap();
         assert_eq!(
             tls.ca.as_deref(),

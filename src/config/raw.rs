@@ -128,6 +128,23 @@ pub(super) struct RawProxy {
     pub(super) sticky_cookie_max_age: Option<Spanned<RawDuration>>,
     pub(super) backend_header: Option<Spanned<String>>,
     pub(super) workers: Option<Spanned<RawInt>>,
+    pub(super) tls: Option<Spanned<RawTls>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+pub(super) struct RawTls {
+    pub(super) cert: Option<Spanned<String>>,
+    pub(super) key: Option<Spanned<String>>,
+    pub(super) sni: Option<Vec<Spanned<RawSni>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+pub(super) struct RawSni {
+    pub(super) server_name: Option<Spanned<String>>,
+    pub(super) cert: Option<Spanned<String>>,
+    pub(super) key: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

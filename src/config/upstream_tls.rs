@@ -17,11 +17,11 @@ use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
-/// The TLS versions spoken on both sides.
+/// The TLS versions spoken on both sides (the listener's and upstreams').
 pub static TLS_VERSIONS: &[&rustls::SupportedProtocolVersion] =
     &[&rustls::version::TLS13, &rustls::version::TLS12];
 
-/// The crypto the proxy uses: rustls's `ring` provider.
+/// The crypto the proxy uses on both sides: rustls's `ring` provider.
 pub fn crypto_provider() -> Arc<CryptoProvider> {
     static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
     PROVIDER

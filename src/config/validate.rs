@@ -15,6 +15,7 @@ use super::raw::{
     RawAdmin, RawAnalysis, RawBackend, RawBackendTls, RawConfig, RawDuration, RawFault, RawHealth,
     RawInt, RawLog, RawMirror, RawNumber, RawOutlier, RawProxy, RawRollout, RawRule,
 };
+use super::tls::validate_tls;
 use super::{
     AdminSettings, AnalysisConfig, BackendConfig, BackendTls, Config, DEFAULT_ROLLOUT_STEPS,
     EndpointUrl, FaultConfig, FaultFields, HealthCheckConfig, LogFormat, LogSettings,
@@ -29,8 +30,7 @@ use crate::upstream::PeerTls;
 // Stage 2: validation into the public types.
 
 impl RawConfig {
-    /// `base`: the config file's directory, which relative file names start from.
-    pub(super) fn validate(self, text: &str, base: &Path) -> Result<Config, FieldError> {
+    pub(super) fn validate(self, text: &str, dir: &Path) -> Result<Config, FieldError> {
         let proxy_listen_span = self
             .proxy
             .as_ref()
@@ -43,7 +43,7 @@ impl RawConfig {
             .map(Spanned::span);
         let proxy = self
             .proxy
-            .map_or_else(|| Ok(ProxySettings::default()), RawProxy::validate)?;
+            .map_or_else(|| Ok(ProxySettings::default()), |p| p.validate(dir))?;
         let admin = self
             .admin
             .map_or_else(|| Ok(AdminSettings::default()), RawAdmin::validate)?;
@@ -59,7 +59,7 @@ impl RawConfig {
                 format!("proxy and admin API cannot both listen on {}", admin.listen),
             ));
         }
-        let backends = validate_backends(self.backend, text, base)?;
+        let backends = validate_backends(self.backend, text, dir)?;
         let rules = self
             .rule
             .unwrap_or_default()
@@ -91,8 +91,9 @@ impl RawConfig {
 }
 
 impl RawProxy {
-    fn validate(self) -> Result<ProxySettings, FieldError> {
+    fn validate(self, dir: &Path) -> Result<ProxySettings, FieldError> {
         let defaults = ProxySettings::default();
+        let tls = self.tls.map(|raw| validate_tls(raw, dir)).transpose()?;
         let user_id_header = self
             .user_id_header
             .map(|h| header_name("proxy.user_id_header", &h))
@@ -107,16 +108,18 @@ impl RawProxy {
                 let span = c.span();
                 let name = cookie_name("proxy.sticky_cookie", c)?;
                 let lower = name.to_ascii_lowercase();
-                if lower.starts_with("__host-") || lower.starts_with("__secure-") {
+                if (lower.starts_with("__host-") || lower.starts_with("__secure-")) && tls.is_none()
+                {
                     // Browsers keep such cookies only with `Secure`, which needs TLS to the
-                    // client: every request would draw a new id.
+                    // client: every request would draw a new id. (Over TLS the cookie is
+                    // Secure, and its Path=/ without Domain suits __Host- too.)
                     return Err(FieldError::new(
                         "proxy.sticky_cookie",
                         span,
                         format!(
                             "{name:?}: browsers keep __Host- and __Secure- cookies only when \
-                             they are Secure, which the proxy cannot set without TLS; use \
-                             another name"
+                             they are Secure, which the proxy cannot set without TLS \
+                             ([proxy.tls]); use another name"
                         ),
                     ));
                 }
@@ -217,6 +220,7 @@ impl RawProxy {
                     Ok(n as usize)
                 })
                 .transpose()?,
+            tls,
         })
     }
 }

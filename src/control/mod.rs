@@ -23,6 +23,7 @@ use crate::config::{self, Config, ConfigError, FaultConfig, MAX_WEIGHT, MirrorCo
 use crate::metrics::Metrics;
 use crate::routing::fault::Fault;
 use crate::routing::{RoutingTable, SharedTable};
+use crate::tls::ListenerTls;
 use health::HealthSupervisor;
 use persist::PersistError;
 
@@ -91,6 +92,8 @@ pub struct WeightOwner {
 pub enum StartError {
     #[error(transparent)]
     Token(#[from] TokenError),
+    #[error("proxy.tls: cannot set TLS up")]
+    Tls(#[source] rustls::Error),
 }
 
 /// The result of a weight change.
@@ -128,6 +131,9 @@ pub struct ControlPlane {
     admin_bound: Mutex<SocketAddr>,
     /// The config the current table came from, to warn about changes a reload cannot apply.
     config: Mutex<Config>,
+    /// TLS on the client listener (`proxy.tls` as the proxy started); a reload replaces its
+    /// certificates.
+    tls: Option<ListenerTls>,
     /// Serializes read-modify-write changes so none is lost.
     writes: Mutex<()>,
     /// Backends whose weights admin writes may not touch (409). A leaf lock: taken briefly,
@@ -147,6 +153,13 @@ impl ControlPlane {
         let token = config.admin.resolve_token()?;
         let metrics = Arc::new(Metrics::new());
         let table = RoutingTable::from_config(&config, 1, None, &metrics);
+        let tls = config
+            .proxy
+            .tls
+            .as_ref()
+            .map(ListenerTls::new)
+            .transpose()
+            .map_err(StartError::Tls)?;
         warn_about_unverified_tls(&config);
         let shutdown = CancellationToken::new();
         let control = ControlPlane {
@@ -158,6 +171,7 @@ impl ControlPlane {
             allowed_hosts: RwLock::new(config.admin.allowed_hosts.clone().into()),
             admin_bound: Mutex::new(config.admin.listen),
             config: Mutex::new(config),
+            tls,
             writes: Mutex::new(()),
             weight_owner: Mutex::new(None),
             mirror_owner: Mutex::new(None),
@@ -183,6 +197,11 @@ impl ControlPlane {
 
     pub fn health(&self) -> &HealthSupervisor {
         &self.health
+    }
+
+    /// TLS on the client listener, when `proxy.tls` was set at start.
+    pub fn listener_tls(&self) -> Option<&ListenerTls> {
+        self.tls.as_ref()
     }
 
     /// Cancelled when the proxy shuts down; background tasks watch it.
@@ -642,6 +661,16 @@ impl ControlPlane {
         );
         self.warn_about_restart_only_changes(&config);
         warn_about_unverified_tls(&config);
+        if let (Some(tls), Some(settings)) = (&self.tls, &config.proxy.tls) {
+            // Read and checked with the file: new handshakes get them from now on.
+            tls.replace(settings);
+            tracing::info!(
+                target: "audit",
+                version,
+                certificates = 1 + settings.sni.len(),
+                "listener certificates re-read"
+            );
+        }
         self.table.store(Arc::new(next));
         self.health.sync(&self.table.load());
         *self.token.write().unwrap_or_else(|e| e.into_inner()) = token;
@@ -680,6 +709,9 @@ impl ControlPlane {
                 old.proxy.send_timeout != next.proxy.send_timeout,
             ),
             ("log.format", old.log.format != next.log.format),
+            // Against the listener as it runs (a file that turned TLS off, then on again,
+            // changes nothing).
+            ("proxy.tls", self.tls.is_some() != next.proxy.tls.is_some()),
         ];
         for (key, _) in changed.iter().filter(|(_, changed)| *changed) {
             tracing::warn!(

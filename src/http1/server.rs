@@ -27,8 +27,6 @@ use http::{HeaderName, HeaderValue, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
@@ -38,6 +36,7 @@ use super::head::{
     Framing, HeadError, RequestHead, http_date, parse_request_head, put_field, recycle_map,
 };
 use crate::stall::SendTimeout;
+use crate::stream::{ClientReader, ClientStream, ClientWriter};
 
 /// Response body pieces up to this size are copied next to the head (larger ones are written
 /// from where they are, by vectored writes).
@@ -56,7 +55,7 @@ const LINGER: Duration = Duration::from_secs(1);
 /// how much of the current request's body is still to come.
 #[derive(Debug)]
 struct ReadSide {
-    io: OwnedReadHalf,
+    io: ClientReader,
     buf: BytesMut,
     body: Framing,
     /// The client closed its sending side behind pipelined requests still buffered.
@@ -135,7 +134,10 @@ pub struct ResponseMode {
 /// One client connection served over HTTP/1.
 pub struct ServerSession {
     shared: Shared,
-    write: SendTimeout<OwnedWriteHalf>,
+    write: SendTimeout<ClientWriter>,
+    /// The writer may hold back what it took until flushed (TLS): each write ends with a
+    /// flush. A plain connection skips it.
+    flush_writes: bool,
     clock: HeadClock,
 }
 
@@ -150,8 +152,13 @@ pub enum NextRequest {
 }
 
 impl ServerSession {
-    pub fn new(stream: TcpStream, header_read_timeout: Duration, send_timeout: Duration) -> Self {
+    pub fn new(
+        stream: ClientStream,
+        header_read_timeout: Duration,
+        send_timeout: Duration,
+    ) -> Self {
         let (io, write) = stream.into_split();
+        let flush_writes = write.holds_back();
         ServerSession {
             shared: Arc::new(Mutex::new(ReadSide {
                 io,
@@ -160,6 +167,7 @@ impl ServerSession {
                 eof: false,
             })),
             write: SendTimeout::new(write, send_timeout),
+            flush_writes,
             clock: HeadClock::new(header_read_timeout),
         }
     }
@@ -221,7 +229,13 @@ impl ServerSession {
 
     /// Tells a client that sent `Expect: 100-continue` to send its body.
     pub async fn write_continue(&mut self) -> io::Result<()> {
-        self.write.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await
+        self.write
+            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+            .await?;
+        if self.flush_writes {
+            self.write.flush().await?;
+        }
+        Ok(())
     }
 
     /// Ready when the client has gone away (closed or reset) while its request is being
@@ -309,6 +323,7 @@ impl ServerSession {
             head_written: 0,
             queue: VecDeque::new(),
             queued: 0,
+            flush: self.flush_writes,
         };
         let written = if bodiless {
             outgoing.flush(&mut self.write).await
@@ -368,10 +383,10 @@ impl ServerSession {
 
     /// The connection after a protocol switch, with the bytes the client sent past its
     /// request; `None` while a request body still holds the read side.
-    pub fn into_upgraded(self) -> Option<(TcpStream, Bytes)> {
+    pub fn into_upgraded(self) -> Option<(ClientStream, Bytes)> {
         let side = Arc::try_unwrap(self.shared).ok()?;
         let side = side.into_inner().unwrap_or_else(|e| e.into_inner());
-        let stream = side.io.reunite(self.write.into_inner()).ok()?;
+        let stream = ClientStream::reunite(side.io, self.write.into_inner())?;
         Some((stream, side.buf.freeze()))
     }
 }
@@ -408,6 +423,8 @@ struct Outgoing {
     queue: VecDeque<Bytes>,
     /// Bytes in `queue`.
     queued: usize,
+    /// Flush the writer once everything is written (it may hold bytes back: TLS).
+    flush: bool,
 }
 
 impl Outgoing {
@@ -488,7 +505,7 @@ impl Outgoing {
         }
     }
 
-    /// Writes everything queued.
+    /// Writes everything queued, and flushes the writer when it may hold bytes back (TLS).
     async fn flush<W: tokio::io::AsyncWrite + Unpin>(&mut self, write: &mut W) -> io::Result<()> {
         loop {
             let mut slices = [io::IoSlice::new(&[]); 16];
@@ -528,6 +545,83 @@ impl Outgoing {
         }
         self.head.clear();
         self.head_written = 0;
+        if self.flush {
+            write.flush().await?;
+        }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::StreamExt;
+    use http_body_util::{Full, StreamBody};
+
+    /// A writer that takes every byte at once and sends them on only when flushed, as a TLS
+    /// stream may (rustls keeps the records a full socket did not take).
+    #[derive(Default)]
+    struct HeldUntilFlushed {
+        held: Vec<u8>,
+        sent: Vec<u8>,
+    }
+
+    impl tokio::io::AsyncWrite for HeldUntilFlushed {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.held.extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            let held = std::mem::take(&mut self.held);
+            self.sent.extend_from_slice(&held);
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn outgoing(head: &[u8]) -> Outgoing {
+        Outgoing {
+            head: head.to_vec(),
+            head_written: 0,
+            queue: VecDeque::new(),
+            queued: 0,
+            flush: true,
+        }
+    }
+
+    #[tokio::test]
+    async fn what_is_written_is_flushed_at_the_end_and_before_waiting_for_more() {
+        let head = b"HTTP/1.1 200 OK\r\n\r\n";
+        let mut writer = HeldUntilFlushed::default();
+        let mut body = Full::new(Bytes::from(vec![b'x'; 100_000]));
+        outgoing(head)
+            .write_body(&mut body, false, &mut writer)
+            .await
+            .unwrap();
+        assert!(writer.held.is_empty());
+        assert_eq!(writer.sent.len(), head.len() + 100_000);
+
+        // A body that has one piece and then waits: the piece goes out before the wait.
+        let mut writer = HeldUntilFlushed::default();
+        let piece = Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(b"first")));
+        let stream = futures_util::stream::iter([piece]).chain(futures_util::stream::pending());
+        let mut body = StreamBody::new(stream);
+        let mut out = outgoing(head);
+        let waiting = out.write_body(&mut body, false, &mut writer);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), waiting)
+                .await
+                .is_err()
+        );
+        assert!(writer.held.is_empty());
+        assert!(writer.sent.ends_with(b"\r\n\r\nfirst"), "{:?}", writer.sent);
     }
 }

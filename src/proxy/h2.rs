@@ -1,16 +1,17 @@
-//! Proxying over an h2c client connection: hyper's HTTP/2 server parses and frames, each
-//! request goes through the [`Proxy`]. (HTTP/1 never reaches hyper: see `super::h1`.)
+//! Proxying over an HTTP/2 client connection (h2c, or h2 over TLS): hyper's HTTP/2 server
+//! parses and frames, each request goes through the [`Proxy`]. (HTTP/1 never reaches hyper:
+//! see `super::h1`.)
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
 
-use http::{HeaderValue, Request};
+use http::Request;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 
-use super::Proxy;
+use super::{ClientInfo, Proxy};
 use crate::upstream::{ForwardBody, ProxyResponse};
 
 /// The IO and service for a connection hyper serves, the service forwarding through `proxy`.
@@ -19,7 +20,7 @@ use crate::upstream::{ForwardBody, ProxyResponse};
 pub fn service<S>(
     stream: S,
     proxy: Proxy,
-    client_ip: HeaderValue,
+    client: ClientInfo,
 ) -> (
     TokioIo<S>,
     impl hyper::service::Service<
@@ -32,14 +33,14 @@ pub fn service<S>(
     + 'static,
 ) {
     // Built once per connection; each request clones one Arc.
-    let context = Arc::new((proxy, client_ip));
+    let context = Arc::new((proxy, client));
     let service = service_fn(move |request: Request<Incoming>| {
         let context = context.clone();
         async move {
-            let (proxy, client_ip) = &*context;
+            let (proxy, client) = &*context;
             let request = request.map(ForwardBody::Hyper);
             // hyper drops this future when the client resets the stream or goes away.
-            let handled = proxy.handle(request, client_ip, std::future::pending());
+            let handled = proxy.handle(request, client, std::future::pending());
             let response = handled.await.unwrap_or_else(super::client_closed_response);
             Ok::<_, Infallible>(response)
         }

@@ -317,10 +317,15 @@ pub fn join_cookies(headers: &mut HeaderMap) {
 }
 
 /// Appends the client address (from [`client_ip_value`]) to `X-Forwarded-For`, keeping earlier
-/// hops folded into one line, and sets `X-Forwarded-Proto` and `X-Forwarded-Host` (the Host
-/// the request is forwarded with, from [`settle_host`]; none, and any the client sent removed,
-/// when that is absent or empty).
-pub fn add_forwarded(headers: &mut HeaderMap, client: &HeaderValue, host: Option<&HeaderValue>) {
+/// hops folded into one line, and sets `X-Forwarded-Proto` (`https` when the request came over
+/// TLS, else `http`) and `X-Forwarded-Host` (the Host the request is forwarded with, from
+/// [`settle_host`]; none, and any the client sent removed, when that is absent or empty).
+pub fn add_forwarded(
+    headers: &mut HeaderMap,
+    client: &HeaderValue,
+    host: Option<&HeaderValue>,
+    tls: bool,
+) {
     let forwarded_for = match headers.get(&X_FORWARDED_FOR) {
         None => Some(client.clone()),
         Some(_) => {
@@ -336,7 +341,8 @@ pub fn add_forwarded(headers: &mut HeaderMap, client: &HeaderValue, host: Option
     if let Some(value) = forwarded_for {
         headers.insert(X_FORWARDED_FOR.clone(), value);
     }
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    let proto = if tls { "https" } else { "http" };
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
     match host {
         Some(host) if !host.is_empty() => headers.insert(X_FORWARDED_HOST.clone(), host.clone()),
         _ => headers.remove(&X_FORWARDED_HOST),
@@ -617,16 +623,26 @@ mod tests {
             ("x-forwarded-for", "2.2.2.2"),
         ]);
         let local = client_ip_value("127.0.0.1".parse().unwrap());
-        add_forwarded(&mut h, &local, Some(&HeaderValue::from_static("svc")));
+        add_forwarded(
+            &mut h,
+            &local,
+            Some(&HeaderValue::from_static("svc")),
+            false,
+        );
         assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 127.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "svc");
-        let mut h = map(&[("x-forwarded-host", "spoofed")]);
-        add_forwarded(&mut h, &client_ip_value("::1".parse().unwrap()), None);
+        let mut h = map(&[
+            ("x-forwarded-host", "spoofed"),
+            ("x-forwarded-proto", "http"),
+        ]);
+        add_forwarded(&mut h, &client_ip_value("::1".parse().unwrap()), None, true);
         assert_eq!(h["x-forwarded-for"], "::1");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h.get_all("x-forwarded-proto").iter().count(), 1);
         assert!(h.get("x-forwarded-host").is_none());
         let mut h = map(&[("x-forwarded-host", "spoofed")]);
-        add_forwarded(&mut h, &local, Some(&HeaderValue::from_static("")));
+        add_forwarded(&mut h, &local, Some(&HeaderValue::from_static("")), false);
         assert!(
             h.get("x-forwarded-host").is_none(),
             "an empty Host names no host"

@@ -3,8 +3,8 @@
 //! rewrite the response. Every failure becomes a synthetic response in one place,
 //! [`error_response`]. A client that goes away meanwhile cancels the exchange.
 //!
-//! - `h1`: HTTP/1 client connections (the protocol is `crate::http1`'s).
-//! - `h2`: h2c client connections, served by hyper.
+//! - `h1`: HTTP/1 client connections, plain or TLS (the protocol is `crate::http1`'s).
+//! - `h2`: HTTP/2 client connections (h2c, or h2 over TLS), served by hyper.
 //! - `headers`: the request target and `Host` check, hop-by-hop stripping, `X-Forwarded-*`,
 //!   `x-request-id`.
 //! - `error`: [`ProxyError`] and the status code of each failure.
@@ -37,6 +37,16 @@ use crate::upstream::{
     ConnectError, ExchangeError, ForwardBody, ProxyResponse, SendError, UpstreamBody,
 };
 use error::ProxyError;
+
+/// What the proxy knows of a request's client from its connection; made once per connection.
+#[derive(Debug, Clone)]
+pub struct ClientInfo {
+    /// Its address, as `X-Forwarded-For` carries it ([`headers::client_ip_value`]).
+    pub ip: HeaderValue,
+    /// The connection is TLS: the request goes up with `X-Forwarded-Proto: https`, and the
+    /// sticky cookie it may get is `Secure`.
+    pub tls: bool,
+}
 
 /// Forwards requests according to the current routing table.
 #[derive(Clone)]
@@ -115,7 +125,7 @@ impl Proxy {
     pub async fn handle(
         &self,
         request: Request<ForwardBody>,
-        client_ip: &HeaderValue,
+        client: &ClientInfo,
         client_gone: impl Future<Output = ()>,
     ) -> Option<ProxyResponse> {
         // One clock read serves the metrics and the request deadline.
@@ -126,7 +136,7 @@ impl Proxy {
         let forwarded = {
             // Pinned where they are made (a select! would move the forward future, some
             // 2.5 KiB, once more); the exchange first, the client only while it waits.
-            let mut forward = pin!(self.forward(request, client_ip, &table, started, &mut outcome));
+            let mut forward = pin!(self.forward(request, client, &table, started, &mut outcome));
             let mut client_gone = pin!(client_gone);
             poll_fn(|cx| match forward.as_mut().poll(cx) {
                 Poll::Ready(forwarded) => Poll::Ready(Some(forwarded)),
@@ -162,7 +172,11 @@ impl Proxy {
                 error_response(&error, outcome.request_id.clone(), named)
             }
         };
-        if let Some(cookie) = outcome.new_user.and_then(|id| table.sticky.set_cookie(id)) {
+        let secure = client.tls;
+        if let Some(cookie) = outcome
+            .new_user
+            .and_then(|id| table.sticky.set_cookie(id, secure))
+        {
             // Whatever the answer, the visitor keeps the id that picked its version.
             response.headers_mut().append(SET_COOKIE, cookie);
         }
@@ -184,7 +198,7 @@ impl Proxy {
     async fn forward(
         &self,
         request: Request<ForwardBody>,
-        client_ip: &HeaderValue,
+        client: &ClientInfo,
         table: &RoutingTable,
         started: Instant,
         outcome: &mut Outcome,
@@ -243,7 +257,7 @@ impl Proxy {
             parts,
             body,
             host,
-            client_ip,
+            client,
             request_id,
             websocket,
             target.endpoint,
@@ -425,7 +439,7 @@ fn rewrite_request(
     parts: Parts,
     body: ForwardBody,
     host: Option<HeaderValue>,
-    client_ip: &HeaderValue,
+    client: &ClientInfo,
     request_id: HeaderValue,
     websocket: bool,
     endpoint: &Endpoint,
@@ -433,7 +447,7 @@ fn rewrite_request(
     let mut upstream_headers = parts.headers;
     let upgrade_value = upstream_headers.get(UPGRADE).cloned();
     headers::strip_hop_by_hop(&mut upstream_headers);
-    headers::add_forwarded(&mut upstream_headers, client_ip, host.as_ref());
+    headers::add_forwarded(&mut upstream_headers, &client.ip, host.as_ref(), client.tls);
     upstream_headers.insert(headers::X_REQUEST_ID.clone(), request_id);
     if parts.version == Version::HTTP_2 {
         headers::join_cookies(&mut upstream_headers);

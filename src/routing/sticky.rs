@@ -126,15 +126,22 @@ impl StickySettings {
     }
 
     /// `Set-Cookie` giving an anonymous visitor the id `id`; `None` without a sticky cookie.
-    pub fn set_cookie(&self, id: Id) -> Option<HeaderValue> {
+    /// `secure` (the request came over TLS) adds `Secure`: the browser sends the cookie back
+    /// over TLS only.
+    pub fn set_cookie(&self, id: Id, secure: bool) -> Option<HeaderValue> {
+        const SECURE: &[u8] = b"; Secure";
         let anonymous = self.anonymous.as_ref()?;
         let id = hex(id);
-        let mut value =
-            Vec::with_capacity(anonymous.name.len() + 1 + id.len() + anonymous.attributes.len());
+        let mut value = Vec::with_capacity(
+            anonymous.name.len() + 1 + id.len() + anonymous.attributes.len() + SECURE.len(),
+        );
         value.extend_from_slice(anonymous.name.as_bytes());
         value.push(b'=');
         value.extend_from_slice(&id);
         value.extend_from_slice(anonymous.attributes.as_bytes());
+        if secure {
+            value.extend_from_slice(SECURE);
+        }
         HeaderValue::from_maybe_shared(bytes::Bytes::from(value)).ok()
     }
 }
@@ -271,16 +278,20 @@ mod tests {
             ..StickySettings::default()
         };
         let id = 0x0123_4567_89ab_cdef_0123_4567_89ab_cdef_u128.to_le_bytes();
-        let set = sticky.set_cookie(id).unwrap();
+        let set = sticky.set_cookie(id, false).unwrap();
         assert_eq!(
             set,
             "canary_uid=fedcba9876543210fedcba9876543210; Path=/; Max-Age=2592000; HttpOnly; SameSite=Lax"
+        );
+        assert_eq!(
+            sticky.set_cookie(id, true).unwrap(),
+            "canary_uid=fedcba9876543210fedcba9876543210; Path=/; Max-Age=2592000; HttpOnly; SameSite=Lax; Secure"
         );
         let value = set.to_str().unwrap().split(';').next().unwrap();
         let next = headers(&[("cookie", "other=1")]);
         let mut next = next;
         next.append(COOKIE, HeaderValue::from_str(value).unwrap());
         assert_eq!(sticky.bucket_of(&next), Some(sticky.bucket_of_new(id)));
-        assert_eq!(StickySettings::default().set_cookie(id), None);
+        assert_eq!(StickySettings::default().set_cookie(id, true), None);
     }
 }
