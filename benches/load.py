@@ -58,7 +58,7 @@ What it measures
     the report (after the last copies have finished); a run in which no copy was made
     (copied 0) did not measure mirroring and is marked ⚠.
 
-    TLS termination: --tls replaces the scenarios above with two in which every proxy
+    TLS termination: --tls replaces the scenarios above with three in which every proxy
     terminates TLS on its client listener with the same certificate, a self-signed ECDSA P-256
     one (SAN localhost and 127.0.0.1) made once per run with openssl in the temp dir.
     canary-proxy gets [proxy.tls] cert and key; nginx `listen ... ssl` with ssl_certificate,
@@ -75,6 +75,14 @@ What it measures
                      on the machine count too) must be about one per request. nginx's
                      stub_status (on a plain listener of its own) and HAProxy's CumConns (its
                      stats socket) give the proxy's own count beside it.
+      tls-full       full handshakes whatever the server offers: 16 `openssl s_time -new`
+                     processes, each connecting again and again with a new session and one
+                     HTTP/1.0 GET / per connection (the server closes). Handshakes per second
+                     (connections / wall time) and CPU µs per handshake, no latencies; each
+                     process must have read a whole answer per connection on average, and the
+                     connection and upstream counts are checked as for tls-handshake. The
+                     OpenSSL client costs more CPU than the server's side, so this is bound by
+                     the load core: compare CPU µs per handshake, not handshakes per second.
     Session resumption: wrk (OpenSSL) resumes TLS sessions when the server lets it (tickets
     or a session cache; tried: 552 of 553 connections resumed against nginx with tickets on),
     and a resumed handshake skips the certificate and its signature. By default full
@@ -84,8 +92,10 @@ What it measures
     for it). After the sanity checks a probe connects twice to each proxy with Python's ssl,
     offering the first connection's session on the second; the report says per proxy whether
     it resumed (then wrk's handshakes with that proxy were resumptions: marked ⚠ in the
-    handshake table). --tls-resume lets nginx (shared session cache and tickets) and HAProxy
-    (its defaults) resume too, to measure resumed handshakes for all. The report also names,
+    handshake table and the summary); tls-full does full handshakes with every proxy, as its
+    client never offers a session. --tls-resume lets nginx (shared session cache and tickets)
+    and HAProxy (their defaults) resume too, so that tls-handshake measures resumed handshakes
+    for all. The report also names,
     per proxy, what an OpenSSL client (openssl s_client: wrk's library and defaults)
     negotiates: protocol, cipher suite, key exchange.
 
@@ -123,7 +133,7 @@ How to run
         --proxies canary,canary@base --scenarios get64     # mirroring's cost (--mirror-slow:
                                                            # with a mirror answering in 2 s)
     python3 benches/load.py --tls --duration 5 --rounds 3 --wait-idle 600   # TLS termination
-    python3 benches/load.py --tls --tls-resume --scenarios tls-handshake    # resumed handshakes
+    python3 benches/load.py --tls --tls-resume --scenarios tls-handshake    # resumed, for all
     python3 benches/load.py --h2c --duration 5 --rounds 3 --wait-idle 600   # h2c to h2c
     python3 benches/load.py --tls --quick --proxies nginx,haproxy           # without canary
 
@@ -218,7 +228,8 @@ def parse_settings():
     p.add_argument("--quick", action="store_true", help="duration 2, rounds 1")
     p.add_argument("--scenarios", default="", metavar="KEYS",
                    help="comma-separated subset to run: get64, get16, get256, get16k, post4k, "
-                        "swaps; with --tls: tls-get64, tls-handshake; with --h2c: h2c-get "
+                        "swaps; with --tls: tls-get64, tls-handshake, tls-full; with --h2c: "
+                        "h2c-get "
                         "(default: all)")
     p.add_argument("--no-build", action="store_true",
                    help="use target/release/canary-proxy as it is, do not run cargo build")
@@ -251,8 +262,9 @@ def parse_settings():
                         "pile up to max_in_flight and the rest are dropped")
     p.add_argument("--tls", action="store_true",
                    help="every proxy terminates TLS (same self-signed ECDSA P-256 "
-                        "certificate); scenarios tls-get64 (kept-alive TLS connections) and "
-                        "tls-handshake (a new connection per request) instead of the plain ones")
+                        "certificate); scenarios tls-get64 (kept-alive TLS connections), "
+                        "tls-handshake (a new connection per request, wrk) and tls-full (full "
+                        "handshakes, openssl s_time -new) instead of the plain ones")
     p.add_argument("--tls-resume", action="store_true",
                    help="with --tls: nginx and HAProxy allow TLS session resumption (by "
                         "default they do not, so handshakes are full ones)")
@@ -399,6 +411,28 @@ class Processes:
             self._stop(proc)
             self.procs.remove((argv[0], proc))
         return proc.returncode, out, err
+
+    def run_many(self, argvs, timeout):
+        """Runs several short-lived commands (openssl s_time) at once, to completion; returns
+        [(rc, stdout, stderr)] in argvs' order."""
+        started = []
+        try:
+            for argv in argvs:
+                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True,
+                                        start_new_session=True, preexec_fn=_die_with_parent)
+                self.procs.append((argv[0], proc))
+                started.append(proc)
+            deadline = time.monotonic() + timeout
+            results = []
+            for proc in started:
+                out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+                results.append((proc.returncode, out, err))
+            return results
+        finally:
+            for proc in started:
+                self._stop(proc)
+                self.procs.remove((proc.args[0], proc))
 
     @staticmethod
     def _stop(proc, grace=5.0):
@@ -1301,6 +1335,34 @@ def run_h2load(settings, procs, url, conns, streams, duration, log_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# openssl s_time (--tls, tls-full)
+# ---------------------------------------------------------------------------------------------
+
+def run_s_time(settings, procs, port, clients, duration):
+    """clients `openssl s_time -new` processes at once, each making connections one after
+    another for duration seconds, each connection a new TLS session (a full handshake,
+    whatever the server offers) with one HTTP/1.0 GET / (the server closes). No latencies;
+    every process must have read a whole small answer per connection."""
+    argv = ["taskset", "-c", str(settings.load_cpu), "openssl", "s_time", "-connect",
+            f"127.0.0.1:{port}", "-new", "-time", str(duration), "-www", "/"]
+    conns, nbytes = 0, 0
+    for rc, out, err in procs.run_many([argv] * clients, timeout=duration + 30):
+        m = re.search(r"^(\d+) connections in [\d.]+s; .*bytes read (\d+)$", out, re.M)
+        if rc != 0 or m is None:
+            raise RuntimeError(f"openssl s_time failed ({rc}): {' '.join(argv)}\n"
+                               f"{out[-1000:]}{err[-1000:]}")
+        conns += int(m.group(1))
+        nbytes += int(m.group(2))
+    per_conn = nbytes / max(conns, 1)
+    if per_conn < len("HTTP/1.1 200 OK\r\n\r\nhello from v1\n"):
+        raise RuntimeError(f"openssl s_time read {per_conn:.0f} bytes per connection: no "
+                           f"whole answers from :{port}")
+    # rps: filled in by measure() from its own wall time (s_time prints whole seconds only).
+    return {"rps": 0.0, "p50": None, "p99": None, "requests": conns, "non2xx": 0,
+            "socket_errors": 0, "bytes_per_conn": per_conn}
+
+
+# ---------------------------------------------------------------------------------------------
 # One measured run
 # ---------------------------------------------------------------------------------------------
 
@@ -1313,6 +1375,7 @@ class Scenario:
     post: bool = False
     close: bool = False  # Connection: close on every request: a new connection for each
     streams: int = 0  # h2load's concurrent streams per connection (--h2c); 0: wrk
+    s_time: bool = False  # conns openssl s_time -new processes instead of wrk (--tls)
 
 
 SCENARIOS = [
@@ -1327,6 +1390,8 @@ TLS_SCENARIOS = [  # --tls
              "/", 64),
     Scenario("tls-handshake", "TLS handshakes: a new TLS connection per small GET "
              "(Connection: close), 64 connections", "/", 64, close=True),
+    Scenario("tls-full", "TLS full handshakes: 16 openssl s_time -new clients, a new session "
+             "per connection, one HTTP/1.0 GET each", "/", 16, close=True, s_time=True),
 ]
 H2C_SCENARIOS = [  # --h2c
     Scenario("h2c-get", "h2c to h2c: small GET, 16 connections × 16 streams (h2load)", "/", 16,
@@ -1375,6 +1440,8 @@ def measure(settings, procs, fleet, proxy, sc, duration, lua):
     if sc.streams:
         res = run_h2load(settings, procs, url, sc.conns, sc.streams, duration,
                          os.path.join(fleet.tmp, "h2load-requests.log"))
+    elif sc.s_time:
+        res = run_s_time(settings, procs, fleet.ports[proxy], sc.conns, duration)
     else:
         res = run_wrk(settings, procs, url, sc.conns, duration, lua if sc.post else None,
                       close=sc.close)
@@ -1385,6 +1452,8 @@ def measure(settings, procs, fleet, proxy, sc, duration, lua):
     m1 = mirror_counts(fleet) if mirroring else None
 
     wall, cpu = c1["t"] - c0["t"], c1["cpu"] - c0["cpu"]
+    if sc.s_time:
+        res["rps"] = res["requests"] / wall
     res["cpu_us_per_req"] = cpu / max(res["requests"], 1) * 1e6
     res["util"] = cpu / wall
     res["proxy_core"] = busy_share(c0["proxy_core"], c1["proxy_core"])
@@ -1465,7 +1534,11 @@ def describe(res):
         flags += (f"  mirror +{m['copied']} copied +{m['dropped']} dropped"
                   + "".join(f" +{m[k]} {k}" for k in ("errors", "timeouts") if m[k])
                   + ("  NO COPIES" if not m["copied"] else ""))
-    return (f"{res['rps']:>9.0f} req/s  p50 {res['p50']:6.2f} ms  p99 {res['p99']:6.2f} ms  "
+    if res["p50"] is None:  # openssl s_time: no latencies
+        latency = f"{'':>32}"
+    else:
+        latency = f"  p50 {res['p50']:6.2f} ms  p99 {res['p99']:6.2f} ms"
+    return (f"{res['rps']:>9.0f} req/s{latency}  "
             f"{res['cpu_us_per_req']:5.1f} µs/req  util {res['util']:4.0%}  "
             f"load core {res['load_core']:4.0%}  up conns {res['up_conns']}{flags}")
 
@@ -2036,6 +2109,8 @@ BASE_KEYS = (("rps", "req/s"), ("p99", "p99"), ("cpu_us_per_req", "CPU µs/req")
 def base_ratio(new, old, key):
     """canary/canary@base for one key: ratio of the medians, and "(lo–hi)" of the per-round
     ratios (the two builds ran back to back in each round) when there are several rounds."""
+    if new[0][key] is None:  # latencies of openssl s_time runs
+        return "—"
     text = f"{med(new, key) / med(old, key):.2f}×"
     per_round = [n[key] / o[key] for n, o in zip(new, old) if o[key]]
     if len(per_round) > 1:
@@ -2092,11 +2167,14 @@ VS_SUMMARY_HEAD = (
     "| ratio p99 | marks |\n|---|---|---:|---:|---:|---:|---:|---|")
 
 
-def vs_summary_row(title, other, c, o):
-    return (f"| {title} | {other} | {med(c, 'cpu_us_per_req'):.1f} | "
+def vs_summary_row(key, other, c, o, note=""):
+    """One row of the summary: scenario key, the other proxy, CPU µs/req of both, ratios;
+    note: the kinds of handshake when they differ (⚠)."""
+    marks = (flagged(c + o) + (f" {note}" if note else "")).strip()
+    return (f"| {key} | {other} | {med(c, 'cpu_us_per_req'):.1f} | "
             f"{med(o, 'cpu_us_per_req'):.1f} | "
-            + " | ".join(base_ratio(c, o, key) for key, _ in VS_KEYS)
-            + f" |{flagged(c + o)} |")
+            + " | ".join(base_ratio(c, o, k) for k, _ in VS_KEYS)
+            + f" | {marks} |")
 
 
 def vs_summary_markdown(settings, rows):
@@ -2106,7 +2184,8 @@ def vs_summary_markdown(settings, rows):
     what = ("TLS terminated by every proxy with the same certificate" if settings.mode == "tls"
             else "h2c from the client and to the upstreams")
     return ["## canary vs nginx and HAProxy (same run)", "",
-            f"{what}. Ratios are canary/other of the medians over rounds: CPU µs/req and p99 "
+            f"{what}. Scenarios by key (titles below). Ratios are canary/other of the medians "
+            "over rounds: CPU µs/req and p99 "
             "below 1.00× and req/s above 1.00× mean canary does better." + spread
             + " ⚠/† as in the tables below.", "", VS_SUMMARY_HEAD] + rows + [""]
 
@@ -2127,9 +2206,13 @@ def proto_table_head(sc, vs_nginx):
     return head + "\n" + rule
 
 
+def fmt_ms(runs, key):
+    return "—" if runs[0][key] is None else f"{med(runs, key):.2f} ms"
+
+
 def proto_table_row(sc, label, runs, ref, vs_nginx, resumed):
-    row = (f"| {label} | {fmt_rps(runs)} | {med(runs, 'p50'):.2f} ms | "
-           f"{med(runs, 'p99'):.2f} ms | {med(runs, 'cpu_us_per_req'):.1f} | "
+    row = (f"| {label} | {fmt_rps(runs)} | {fmt_ms(runs, 'p50')} | "
+           f"{fmt_ms(runs, 'p99')} | {med(runs, 'cpu_us_per_req'):.1f} | "
            f"{med(runs, 'util'):.0%} | {med(runs, 'proxy_core'):.0%} | "
            f"{med(runs, 'load_core'):.0%} | {max(r['outside_cpu'] for r in runs):.0%} | "
            f"{max(r['up_conns'] for r in runs)} | {med(runs, 'conns'):,.0f} |")
@@ -2137,12 +2220,15 @@ def proto_table_row(sc, label, runs, ref, vs_nginx, resumed):
         own = [r["own_conns"] / max(r["requests"], 1) for r in runs
                if r["own_conns"] is not None]
         kind = "?" if resumed is None else "resumed" if resumed else "full"
+        if sc.s_time:
+            kind = "full (s_time -new)"
         row += (f" {med(runs, 'conns_per_req'):.3f} | "
                 + (f"{statistics.median(own):.3f}" if own else "—") + f" | {kind} |")
     if vs_nginx:
         vs = "—"
         if ref is not None:
-            vs = "; ".join(f"{med(runs, key) / med(ref, key):.2f}×"
+            vs = "; ".join("—" if runs[0][key] is None else
+                           f"{med(runs, key) / med(ref, key):.2f}×"
                            for key in ("rps", "p99", "cpu_us_per_req"))
         row += f" {vs} |"
     return row
@@ -2204,11 +2290,17 @@ def proto_markdown(settings, sc, results, base_rows, vs_rows, resumed):
                 lines += [f"canary/{other}: " + ", ".join(
                     f"{label} {base_ratio(c, results[other], key)}" for key, label in VS_KEYS)
                     + flagged(c + results[other]), ""]
-                vs_rows.append(vs_summary_row(sc.title, other, c, results[other]))
+                note = ""
+                if sc.close and not sc.s_time and resumed.get("canary") != resumed.get(other):
+                    def kind(p):
+                        return "resumed" if resumed.get(p) else "full"
+                    note = f"⚠ handshakes: canary {kind('canary')}, {other} {kind(other)}"
+                vs_rows.append(vs_summary_row(sc.key, other, c, results[other], note))
         if BASE in proxies:
             lines += [base_line(c, results[BASE]), ""]
             base_rows.append(base_summary_row(sc.title, c, results[BASE]))
-    if sc.close and any(resumed.get(p, False) != settings.tls_resume for p in proxies):
+    if (sc.close and not sc.s_time
+            and any(resumed.get(p, False) != settings.tls_resume for p in proxies)):
         lines += [f"⚠ not every proxy did {'resumed' if settings.tls_resume else 'full'} "
                   "handshakes (column handshakes, from the resumption probe): their handshakes "
                   "per second and CPU per handshake are not comparable", ""]
