@@ -74,7 +74,9 @@ What it measures
                      less the upstream's new connections; connections made by other programs
                      on the machine count too) must be about one per request. nginx's
                      stub_status (on a plain listener of its own) and HAProxy's CumConns (its
-                     stats socket) give the proxy's own count beside it.
+                     stats socket) give the proxy's own count beside it. ⚠ when the proxy's
+                     count (else the namespace's) is 2% below the requests, or the proxy's
+                     count above them by more than the connections open at the end and 2%.
       tls-full       full handshakes whatever the server offers: 16 `openssl s_time -new`
                      processes, each connecting again and again with a new session and one
                      HTTP/1.0 GET / per connection (the server closes). Handshakes per second
@@ -1487,10 +1489,16 @@ def measure(settings, procs, fleet, proxy, sc, duration, lua):
         res["own_conns"] = None if a0 is None else a1 - a0 - 1
         if sc.close:
             res["conns_per_req"] = res["conns"] / max(res["requests"], 1)
-            # wrk's connections still open when it stops (and the one it makes first to try
-            # the address) were accepted but have no request counted.
-            res["conns_off"] = (abs(res["conns"] - res["requests"])
-                                > sc.conns + 1 + CONNS_PER_REQ_SLACK * res["requests"])
+            # Fewer connections than requests: the client did not reconnect. More: wrk's
+            # connections still open when it stops (and the one it makes first to try the
+            # address) were accepted with no request counted; beyond those, only the proxy's
+            # own count can tell (the namespace's also has other programs' connections).
+            own = res["own_conns"]
+            count = res["conns"] if own is None else own
+            res["conns_off"] = (
+                count < res["requests"] * (1 - CONNS_PER_REQ_SLACK)
+                or (own is not None and own - res["requests"]
+                    > sc.conns + 1 + CONNS_PER_REQ_SLACK * res["requests"]))
     if is_canary(proxy):
         res["mem"] = memory_kib(fleet.procs[proxy].pid)
     return res
@@ -2087,9 +2095,10 @@ def error_notes(label, runs):
                          f"wrk counted {r['requests']}"
                          + (f" (+ {r['up_copies']} mirror copies)" if r["up_copies"] else ""))
         if r.get("conns_off"):
-            notes.append(f"  - ⚠ {label} round {i}: {r['conns']} new connections accepted for "
-                         f"{r['requests']} requests ({r['conns_per_req']:.3f} per request): "
-                         "not one TLS handshake per request (or other programs connected)")
+            own = "" if r["own_conns"] is None else f", by the proxy's count {r['own_conns']}"
+            notes.append(f"  - ⚠ {label} round {i}: {r['conns']} new connections accepted"
+                         f"{own} for {r['requests']} requests: not one TLS handshake per "
+                         "request")
         if r["foreign"]:
             notes.append(f"  - † {label} round {i}: processes not started by this benchmark "
                          f"used {r['outside_cpu']:.0%} of a core (a build, tests, another "
