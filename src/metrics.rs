@@ -2,7 +2,8 @@
 //! [`BackendMetrics`] handle per backend that the forward path counts into.
 //!
 //! Labels are bounded by construction: the hot path takes only typed values
-//! ([`DecisionReason`], [`UpstreamErrorKind`], [`FaultKind`], [`StatusCode`]), and the one
+//! ([`DecisionReason`], [`UpstreamErrorKind`], [`FaultKind`], [`StatusCode`],
+//! [`GrpcStatusLabel`]), and the one
 //! free-form label, the backend name, is fixed when a routing table is built, never taken from
 //! a request. Each handle resolves its label children once (lazily for status codes), so
 //! counting a request is a few atomic operations with no hashing, locking or allocation.
@@ -100,6 +101,34 @@ impl FaultKind {
 
 const FAULT_KINDS: [FaultKind; 2] = [FaultKind::Abort, FaultKind::Delay];
 
+/// A gRPC call's status as the `grpc_status` label: its code from 0 (OK) to 16
+/// (UNAUTHENTICATED), the codes gRPC defines, or `other` for any other value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GrpcStatusLabel(u8);
+
+/// One label per gRPC code, then `other`.
+const GRPC_LABELS: [&str; 18] = [
+    "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
+    "other",
+];
+
+impl GrpcStatusLabel {
+    /// A value that is no code gRPC defines.
+    pub const OTHER: GrpcStatusLabel = GrpcStatusLabel(17);
+
+    /// The label of code `code`: itself for 0..=16, else `other`.
+    pub fn of(code: u32) -> Self {
+        match u8::try_from(code) {
+            Ok(code) if code <= 16 => GrpcStatusLabel(code),
+            _ => GrpcStatusLabel::OTHER,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        GRPC_LABELS[usize::from(self.0)]
+    }
+}
+
 /// One slot per [`DecisionReason`], in [`reason_slot`] order.
 const REASONS: [DecisionReason; 4] = [
     DecisionReason::Rule,
@@ -175,6 +204,7 @@ struct Families {
     upstream_errors: IntCounterVec,
     decisions: IntCounterVec,
     faults: IntCounterVec,
+    grpc: IntCounterVec,
 }
 
 /// The counters of one backend, resolved ahead of time. Cheap to clone (one `Arc`); the routing
@@ -194,6 +224,8 @@ struct BackendSeries {
     decisions: [OnceLock<IntCounter>; REASONS.len()],
     errors: [OnceLock<IntCounter>; ERROR_KINDS.len()],
     faults: [OnceLock<IntCounter>; FAULT_KINDS.len()],
+    /// By [`GrpcStatusLabel`]; filled on first use, like the status codes.
+    grpc: [OnceLock<IntCounter>; GRPC_LABELS.len()],
 }
 
 /// Counts one request in `canary_in_flight_requests` for as long as it lives. Dropping it is the
@@ -279,8 +311,8 @@ impl Metrics {
                 HistogramVec::new(
                     HistogramOpts::new(
                         "canary_request_duration_seconds",
-                        "Time from a client request's arrival to its response head being sent, \
-                         by backend.",
+                        "Time from a client request's arrival to its response head being sent \
+                         (to its end for a gRPC call through an HTTP/2 upstream), by backend.",
                     )
                     .buckets(DURATION_BUCKETS.to_vec()),
                     &["backend"],
@@ -307,6 +339,13 @@ impl Metrics {
                 "Faults injected into requests (fault drills), by the backend routed to and kind \
                  (abort: answered without forwarding; delay: held before forwarding).",
                 &["backend", "kind"],
+            ),
+            grpc: int_counter_vec(
+                r,
+                "canary_grpc_responses_total",
+                "gRPC calls answered through h2/h2c upstreams, by backend and gRPC status code \
+                 (0 to 16, or other), from the trailers or a trailers-only response's head.",
+                &["backend", "grpc_status"],
             ),
         });
         // Two series of one family, created up front so both results export 0 from the start.
@@ -650,6 +689,7 @@ impl BackendMetrics {
             decisions: Default::default(),
             errors: Default::default(),
             faults: Default::default(),
+            grpc: Default::default(),
         };
         if eager {
             series.duration();
@@ -692,6 +732,19 @@ impl BackendMetrics {
     /// Counts one fault injected into a request routed to this backend.
     pub fn fault(&self, kind: FaultKind) {
         self.series.fault(kind).inc();
+    }
+
+    /// Counts one gRPC call's status.
+    pub fn grpc_response(&self, status: GrpcStatusLabel) {
+        let series = &self.series;
+        series.grpc[usize::from(status.0)]
+            .get_or_init(|| {
+                series
+                    .families
+                    .grpc
+                    .with_label_values(&[series.name.as_str(), status.as_str()])
+            })
+            .inc();
     }
 }
 
@@ -803,6 +856,34 @@ mod tests {
                 })
             })
             .map(|m| m.get_counter().get_value() as u64)
+    }
+
+    #[test]
+    fn grpc_statuses_are_counted_under_a_bounded_label() {
+        let metrics = Metrics::new();
+        let v2 = metrics.backend("v2");
+        assert_eq!(
+            counter(&metrics, "canary_grpc_responses_total", &[]),
+            None,
+            "no series before a gRPC call"
+        );
+        v2.grpc_response(GrpcStatusLabel::of(14));
+        v2.grpc_response(GrpcStatusLabel::of(14));
+        v2.grpc_response(GrpcStatusLabel::of(0));
+        v2.grpc_response(GrpcStatusLabel::of(17));
+        v2.grpc_response(GrpcStatusLabel::of(u32::MAX));
+        v2.grpc_response(GrpcStatusLabel::OTHER);
+        let c = |code| {
+            counter(
+                &metrics,
+                "canary_grpc_responses_total",
+                &[("backend", "v2"), ("grpc_status", code)],
+            )
+        };
+        assert_eq!(c("14"), Some(2));
+        assert_eq!(c("0"), Some(1));
+        assert_eq!(c("other"), Some(3));
+        assert_eq!(GrpcStatusLabel::of(16).as_str(), "16");
     }
 
     #[test]

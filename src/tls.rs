@@ -17,10 +17,10 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::config::{TLS_VERSIONS, TlsSettings, crypto_provider};
 
-/// The ALPN name of HTTP/2 over TLS; a connection that agreed on it is served by the HTTP/2
-/// server. Any other (`http/1.1`, or none) is HTTP/1.
-pub const ALPN_H2: &[u8] = b"h2";
-const ALPN_HTTP1: &[u8] = b"http/1.1";
+/// A connection that agreed on ALPN `h2` is served by the HTTP/2 server; any other
+/// (`http/1.1`, or none) is HTTP/1.
+pub use crate::config::ALPN_H2;
+use crate::config::ALPN_HTTP1;
 
 /// The listener's TLS: what accepts a connection's handshake, and its certificates.
 pub struct ListenerTls {

@@ -210,3 +210,77 @@ async fn a_reload_that_changes_the_ca_is_used_by_new_connections() {
     assert!(error.contains("ca.pem"), "{error}");
     assert_eq!(get(&proxy, "/").await, (200, "v1".to_owned()));
 }
+
+/// A backend `v1` at `url` speaking `protocol`, with `tables` ([backend.tls], [backend.health]).
+fn protocol_config(url: &str, protocol: &str, tables: &str) -> String {
+    let mut text = config(&[], "");
+    text.push_str(&format!(
+        "[[backend]]\nname = \"v1\"\nurls = [{url:?}]\nweight = 1\nprotocol = \"{protocol}\"\n{tables}\n"
+    ));
+    text
+}
+
+#[tokio::test]
+async fn h2_is_http2_over_tls_multiplexed_on_one_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new();
+    let ca_path = ca.write(dir.path(), "ca.pem");
+    let v1 = https_upstream("v1", ca.server_config(&["127.0.0.1"], &[b"h2"])).await;
+    let tls = format!("[backend.tls]\n{}\n", ca_line(&ca_path));
+    let proxy = start_proxy(&protocol_config(&v1.url(), "h2", &tls)).await;
+    let c = client();
+    let calls = (0..40).map(|_| {
+        let request = c.get(proxy.url("/slow?ms=50")).send();
+        async move {
+            let response = request.await.unwrap();
+            (response.status().as_u16(), response.text().await.unwrap())
+        }
+    });
+    for answer in futures_util::future::join_all(calls).await {
+        assert_eq!(answer, (200, "v1".to_owned()));
+    }
+    assert_eq!(
+        v1.connections.load(Ordering::SeqCst),
+        1,
+        "40 requests at once share one HTTP/2 connection over TLS"
+    );
+
+    // An upstream that does not agree to h2 by ALPN is a failed connect.
+    let http1_only = https_upstream("v2", ca.server_config(&["127.0.0.1"], &[b"http/1.1"])).await;
+    let refused = start_proxy(&protocol_config(&http1_only.url(), "h2", &tls)).await;
+    assert_eq!(get(&refused, "/").await.0, 502);
+    assert_eq!(http1_only.hits(), 0);
+}
+
+#[tokio::test]
+async fn health_probes_speak_http2_over_tls_to_an_h2_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new();
+    let ca_path = ca.write(dir.path(), "ca.pem");
+    let health = "[backend.health]\npath = \"/health\"\ninterval = \"50ms\"\ntimeout = \"1s\"\n\
+                  unhealthy_threshold = 1\nhealthy_threshold = 1\n";
+    // The upstream offers ALPN h2 only: a probe over HTTP/1.1 would fail its handshake.
+    let tls_v1 = https_upstream("v1", ca.server_config(&["127.0.0.1"], &[b"h2"])).await;
+    let h2 = start_proxy(&protocol_config(
+        &tls_v1.url(),
+        "h2",
+        &format!("[backend.tls]\n{}\n{health}", ca_line(&ca_path)),
+    ))
+    .await;
+    let up = |proxy: &TestProxy| {
+        proxy.table.load().backends[0].endpoints[0]
+            .health
+            .is_active_up()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while tls_v1.hits() < 3 && Instant::now() < deadline {
+        sleep(Duration::from_millis(20)).await;
+    }
+    assert!(tls_v1.hits() >= 3, "probed over HTTP/2");
+    assert!(up(&h2));
+    tls_v1.healthy.store(false, Ordering::SeqCst);
+    while up(&h2) && Instant::now() < deadline {
+        sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!up(&h2), "the h2 probe saw /health answer 503");
+}

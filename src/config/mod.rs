@@ -38,7 +38,7 @@ mod validate;
 pub use fault::{FaultConfig, FaultFields, FieldProblem, MAX_FAULT_DELAY, first_repeated_backend};
 pub use mirror::{MirrorConfig, MirrorFields, format_size};
 pub use tls::{SniCertificate, TlsCertificate, TlsSettings};
-pub use upstream_tls::{BackendTls, TLS_VERSIONS, crypto_provider};
+pub use upstream_tls::{ALPN_H2, ALPN_HTTP1, BackendTls, TLS_VERSIONS, crypto_provider};
 
 /// The largest weight a backend may have, in the file and through the admin API. Weights are
 /// relative, so this only guards against sums that overflow and typos with extra zeros.
@@ -357,6 +357,8 @@ pub struct BackendConfig {
     /// Relative share of weighted and sticky traffic, `0..=MAX_WEIGHT`. Zero takes the backend
     /// out of weighted routing while rules can still pick it.
     pub weight: u32,
+    /// How requests go to the endpoints. Default HTTP/1.1.
+    pub protocol: UpstreamProtocol,
     /// Active health check; `None` means only passive checks apply.
     pub health: Option<HealthCheckConfig>,
     /// Passive health (`[backend.outlier]`): when failed requests eject an endpoint. Always
@@ -367,6 +369,34 @@ pub struct BackendConfig {
     pub tls: Option<BackendTls>,
     /// 1-based line of the `[[backend]]` header, for messages about this backend.
     pub line: usize,
+}
+
+/// `[[backend]] protocol`: what the proxy speaks to a backend's endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UpstreamProtocol {
+    /// `http1` (the default): pooled keep-alive HTTP/1.1 connections.
+    #[default]
+    Http1,
+    /// `h2c`: HTTP/2 without TLS, by prior knowledge (no upgrade), multiplexed.
+    H2c,
+    /// `h2`: HTTP/2 over TLS, chosen by ALPN; only with `https://` URLs.
+    H2,
+}
+
+impl UpstreamProtocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamProtocol::Http1 => "http1",
+            UpstreamProtocol::H2c => "h2c",
+            UpstreamProtocol::H2 => "h2",
+        }
+    }
+
+    /// Whether requests go upstream over HTTP/2.
+    #[inline]
+    pub fn is_h2(self) -> bool {
+        self != UpstreamProtocol::Http1
+    }
 }
 
 /// One upstream endpoint, validated from an entry of `urls`.
@@ -1275,7 +1305,10 @@ backend = "v2"
             message.starts_with("unknown key (did you mean `weight`?)"),
             "{message}"
         );
-        assert!(message.contains("name, urls, weight, health"), "{message}");
+        assert!(
+            message.contains("name, urls, weight, protocol, health"),
+            "{message}"
+        );
     }
 
     #[test]
@@ -1353,6 +1386,33 @@ backend = "v2"
             message.contains("unknown backend `v9`; declared backends: v1"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn a_backend_protocol_is_read_and_checked_against_its_urls() {
+        assert_eq!(
+            valid(&doc(&V1)).backends[0].protocol,
+            UpstreamProtocol::Http1
+        );
+        for (value, protocol) in [
+            ("http1", UpstreamProtocol::Http1),
+            ("h2c", UpstreamProtocol::H2c),
+        ] {
+            let line = format!("protocol = \"{value}\"");
+            let config = valid(&doc(&[&V1[..], &[line.as_str()][..]].concat()));
+            assert_eq!(config.backends[0].protocol, protocol);
+        }
+        let with = |line: &str| doc(&[&V1[..], &[line][..]].concat());
+        let message = assert_invalid(&with("protocol = \"http2\""), "backend[0].protocol", 5);
+        assert!(message.contains("\"http1\", \"h2c\", \"h2\""), "{message}");
+        // h2 is over TLS: not with http:// URLs.
+        let message = assert_invalid(&with("protocol = \"h2\""), "backend[0].protocol", 5);
+        assert!(
+            message.contains("https://") && message.contains("h2c"),
+            "{message}"
+        );
+        let message = assert_invalid(&with("protocol = 2"), "backend[0].protocol", 5);
+        assert!(message.contains("string"), "{message}");
     }
 
     #[test]

@@ -164,6 +164,7 @@ pub(super) struct RawBackend {
     pub(super) name: Option<Spanned<String>>,
     pub(super) urls: Option<Spanned<Vec<Spanned<String>>>>,
     pub(super) weight: Option<Spanned<RawInt>>,
+    pub(super) protocol: Option<Spanned<String>>,
     pub(super) health: Option<Spanned<RawHealth>>,
     pub(super) outlier: Option<Spanned<RawOutlier>>,
     pub(super) tls: Option<Spanned<RawBackendTls>>,

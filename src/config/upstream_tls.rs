@@ -42,7 +42,8 @@ pub struct BackendTls {
     pub insecure_skip_verify: bool,
     /// The certificates read from `ca`, kept to tell whether a reload changed them.
     ca_certificates: Vec<CertificateDer<'static>>,
-    /// The config connections are made with; ALPN `http/1.1`.
+    /// The config connections are made with; ALPN `h2` for `protocol = "h2"`, else
+    /// `http/1.1`.
     pub client: Arc<ClientConfig>,
 }
 
@@ -52,6 +53,7 @@ impl PartialEq for BackendTls {
             && self.server_name == other.server_name
             && self.insecure_skip_verify == other.insecure_skip_verify
             && self.ca_certificates == other.ca_certificates
+            && self.client.alpn_protocols == other.client.alpn_protocols
     }
 }
 
@@ -73,13 +75,14 @@ pub(super) struct TlsSettingError {
 }
 
 impl BackendTls {
-    /// Builds the client config. `ca` is resolved against `base` (the config file's
-    /// directory) when relative.
+    /// Builds the client config, offering `alpn`. `ca` is resolved against `base` (the
+    /// config file's directory) when relative.
     pub(super) fn new(
         ca: Option<&str>,
         server_name: Option<&str>,
         insecure_skip_verify: bool,
         base: &Path,
+        alpn: &[u8],
     ) -> Result<Self, TlsSettingError> {
         let server_name = server_name
             .map(|name| {
@@ -122,7 +125,7 @@ impl BackendTls {
             }
             builder.with_root_certificates(roots).with_no_client_auth()
         };
-        client.alpn_protocols = vec![b"http/1.1".to_vec()];
+        client.alpn_protocols = vec![alpn.to_vec()];
         Ok(BackendTls {
             ca,
             server_name,
@@ -208,19 +211,27 @@ impl ServerCertVerifier for AnyCertificate {
     }
 }
 
+/// The ALPN names of the protocols spoken to upstreams over TLS.
+pub const ALPN_HTTP1: &[u8] = b"http/1.1";
+pub const ALPN_H2: &[u8] = b"h2";
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const HTTP1: &[u8] = ALPN_HTTP1;
+    const H2: &[u8] = ALPN_H2;
+
     #[test]
     fn a_ca_file_must_hold_certificates() {
         let dir = tempfile::tempdir().unwrap();
-        let missing = BackendTls::new(Some("nope.pem"), None, false, dir.path()).unwrap_err();
+        let missing =
+            BackendTls::new(Some("nope.pem"), None, false, dir.path(), HTTP1).unwrap_err();
         assert_eq!(missing.key, "ca");
         assert!(missing.message.contains("nope.pem"), "{}", missing.message);
 
         std::fs::write(dir.path().join("empty.pem"), "not pem at all\n").unwrap();
-        let empty = BackendTls::new(Some("empty.pem"), None, false, dir.path()).unwrap_err();
+        let empty = BackendTls::new(Some("empty.pem"), None, false, dir.path(), HTTP1).unwrap_err();
         assert!(
             empty.message.contains("holds no certificate"),
             "{}",
@@ -229,7 +240,14 @@ mod tests {
 
         let ca = rcgen::generate_simple_self_signed(vec!["ca.test".to_owned()]).unwrap();
         std::fs::write(dir.path().join("ca.pem"), ca.cert.pem()).unwrap();
-        let tls = BackendTls::new(Some("ca.pem"), Some("v2.internal"), false, dir.path()).unwrap();
+        let tls = BackendTls::new(
+            Some("ca.pem"),
+            Some("v2.internal"),
+            false,
+            dir.path(),
+            HTTP1,
+        )
+        .unwrap();
         assert_eq!(tls.ca.as_deref(), Some(dir.path().join("ca.pem").as_path()));
         assert_eq!(tls.client.alpn_protocols, vec![b"http/1.1".to_vec()]);
     }
@@ -237,10 +255,11 @@ mod tests {
     #[test]
     fn a_server_name_must_be_a_name_or_an_address() {
         let dir = tempfile::tempdir().unwrap();
-        let bad = BackendTls::new(None, Some("not a name"), true, dir.path()).unwrap_err();
+        let bad = BackendTls::new(None, Some("not a name"), true, dir.path(), HTTP1).unwrap_err();
         assert_eq!(bad.key, "server_name");
-        let ip = BackendTls::new(None, Some("10.0.0.7"), true, dir.path()).unwrap();
+        let ip = BackendTls::new(None, Some("10.0.0.7"), true, dir.path(), H2).unwrap();
         assert!(matches!(ip.server_name, Some(ServerName::IpAddress(_))));
+        assert_eq!(ip.client.alpn_protocols, vec![b"h2".to_vec()]);
     }
 
     #[test]
@@ -251,11 +270,11 @@ mod tests {
             std::fs::write(dir.path().join("ca.pem"), ca.cert.pem()).unwrap();
         };
         write("one.test");
-        let a = BackendTls::new(Some("ca.pem"), None, false, dir.path()).unwrap();
-        let b = BackendTls::new(Some("ca.pem"), None, false, dir.path()).unwrap();
+        let a = BackendTls::new(Some("ca.pem"), None, false, dir.path(), HTTP1).unwrap();
+        let b = BackendTls::new(Some("ca.pem"), None, false, dir.path(), HTTP1).unwrap();
         assert_eq!(a, b);
         write("two.test");
-        let c = BackendTls::new(Some("ca.pem"), None, false, dir.path()).unwrap();
+        let c = BackendTls::new(Some("ca.pem"), None, false, dir.path(), HTTP1).unwrap();
         assert_ne!(a, c, "same path, new certificate");
     }
 }

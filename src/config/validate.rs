@@ -17,11 +17,11 @@ use super::raw::{
 };
 use super::tls::validate_tls;
 use super::{
-    AdminSettings, AnalysisConfig, BackendConfig, BackendTls, Config, DEFAULT_ROLLOUT_STEPS,
-    EndpointUrl, FaultConfig, FaultFields, HealthCheckConfig, LogFormat, LogSettings,
-    MAX_ADMIN_CONNECTIONS, MAX_BACKENDS, MAX_WEIGHT, MAX_WORKERS, MirrorConfig, MirrorFields,
-    OnInconclusive, OutlierConfig, ProxySettings, RolloutConfig, RuleConfig, RuleMatcher,
-    RuleSource, UNROUTED_BACKEND, first_repeated_backend,
+    ALPN_H2, ALPN_HTTP1, AdminSettings, AnalysisConfig, BackendConfig, BackendTls, Config,
+    DEFAULT_ROLLOUT_STEPS, EndpointUrl, FaultConfig, FaultFields, HealthCheckConfig, LogFormat,
+    LogSettings, MAX_ADMIN_CONNECTIONS, MAX_BACKENDS, MAX_WEIGHT, MAX_WORKERS, MirrorConfig,
+    MirrorFields, OnInconclusive, OutlierConfig, ProxySettings, RolloutConfig, RuleConfig,
+    RuleMatcher, RuleSource, UNROUTED_BACKEND, UpstreamProtocol, first_repeated_backend,
 };
 use crate::duration::{format_duration, parse_duration};
 use crate::upstream::PeerTls;
@@ -471,6 +471,11 @@ fn validate_backend(
         }
     };
 
+    let protocol = match raw.protocol {
+        None => UpstreamProtocol::default(),
+        Some(value) => validate_protocol(&key("protocol"), &value, &endpoints)?,
+    };
+
     let health = raw
         .health
         .map(|h| validate_health(&format!("backend[{i}].health"), h.into_inner()))
@@ -480,12 +485,13 @@ fn validate_backend(
         .map(|o| validate_outlier(&format!("backend[{i}].outlier"), o.into_inner()))
         .transpose()?
         .unwrap_or_default();
-    let tls = validate_backend_tls(i, raw.tls, &endpoints, base)?;
+    let tls = validate_backend_tls(i, raw.tls, &endpoints, protocol, base)?;
 
     Ok(BackendConfig {
         name: name.into_inner(),
         endpoints,
         weight,
+        protocol,
         health,
         outlier,
         tls,
@@ -499,6 +505,7 @@ fn validate_backend_tls(
     i: usize,
     raw: Option<Spanned<RawBackendTls>>,
     endpoints: &[EndpointUrl],
+    protocol: UpstreamProtocol,
     base: &Path,
 ) -> Result<Option<BackendTls>, FieldError> {
     let key = |field: &str| format!("backend[{i}].tls.{field}");
@@ -528,6 +535,10 @@ fn validate_backend_tls(
             .as_ref()
             .is_some_and(|v| *v.get_ref()),
         base,
+        match protocol {
+            UpstreamProtocol::H2 => ALPN_H2,
+            UpstreamProtocol::Http1 | UpstreamProtocol::H2c => ALPN_HTTP1,
+        },
     )
     .map_err(|e| {
         FieldError::new(
@@ -551,6 +562,47 @@ fn validate_backend_tls(
         ));
     }
     Ok(Some(tls))
+}
+
+/// `protocol`: `http1`, `h2c` or `h2`. HTTP/2 over TLS (`h2`) needs `https://` URLs, and h2c
+/// (HTTP/2 without TLS) plain `http://` ones.
+fn validate_protocol(
+    key: &str,
+    value: &Spanned<String>,
+    endpoints: &[EndpointUrl],
+) -> Result<UpstreamProtocol, FieldError> {
+    let protocol = match value.get_ref().as_str() {
+        "http1" => UpstreamProtocol::Http1,
+        "h2c" => UpstreamProtocol::H2c,
+        "h2" => UpstreamProtocol::H2,
+        other => {
+            return Err(FieldError::new(
+                key,
+                value.span(),
+                format!("{other:?} is not one of \"http1\", \"h2c\", \"h2\""),
+            ));
+        }
+    };
+    let tls = |e: &EndpointUrl| e.tls;
+    let mismatch = match protocol {
+        UpstreamProtocol::H2 => endpoints.iter().find(|e| !tls(e)).map(|e| {
+            format!(
+                "\"h2\" is HTTP/2 over TLS and needs https:// URLs, not {}; for HTTP/2 without TLS write \"h2c\"",
+                e.url
+            )
+        }),
+        UpstreamProtocol::H2c => endpoints.iter().find(|e| tls(e)).map(|e| {
+            format!(
+                "\"h2c\" is HTTP/2 without TLS and needs http:// URLs, not {}; over TLS write \"h2\"",
+                e.url
+            )
+        }),
+        UpstreamProtocol::Http1 => None,
+    };
+    match mismatch {
+        Some(message) => Err(FieldError::new(key, value.span(), message)),
+        None => Ok(protocol),
+    }
 }
 
 fn validate_health(prefix: &str, raw: RawHealth) -> Result<HealthCheckConfig, FieldError> {

@@ -24,7 +24,7 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
 use crate::chain::Chain;
-use crate::config::HealthCheckConfig;
+use crate::config::{HealthCheckConfig, UpstreamProtocol};
 use crate::routing::health::Transition;
 use crate::routing::{Endpoint, RoutingTable};
 use crate::upstream::PeerTls;
@@ -49,9 +49,10 @@ const PROBE_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 /// wait behind nor evict client connections.
 type ProbeClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
 
-/// The client of one endpoint's probes: for an `https://` endpoint, with the TLS settings
-/// (trust, name verified) its traffic uses.
-fn probe_client(tls: Option<&PeerTls>) -> ProbeClient {
+/// The client of one endpoint's probes, speaking the backend's protocol (HTTP/1.1, or HTTP/2
+/// for `h2c` and `h2`): for an `https://` endpoint, with the TLS settings (trust, name
+/// verified) its traffic uses.
+fn probe_client(tls: Option<&PeerTls>, protocol: UpstreamProtocol) -> ProbeClient {
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
     http.enforce_http(false);
@@ -65,18 +66,22 @@ fn probe_client(tls: Option<&PeerTls>) -> ProbeClient {
             // hyper-rustls sets ALPN itself, from the versions enabled.
             let mut config = (*tls.config).clone();
             config.alpn_protocols.clear();
-            HttpsConnectorBuilder::new()
+            let builder = HttpsConnectorBuilder::new()
                 .with_tls_config(config)
                 .https_only()
-                .with_server_name_resolver(FixedServerNameResolver::new(tls.server_name.clone()))
-                .enable_http1()
-                .wrap_connector(http)
+                .with_server_name_resolver(FixedServerNameResolver::new(tls.server_name.clone()));
+            if protocol.is_h2() {
+                builder.enable_http2().wrap_connector(http)
+            } else {
+                builder.enable_http1().wrap_connector(http)
+            }
         }
     };
     Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(PROBE_IDLE_TIMEOUT)
         .pool_max_idle_per_host(1)
+        .http2_only(protocol.is_h2())
         .build(connector)
 }
 
@@ -245,6 +250,8 @@ struct RunningProbe {
     endpoint: Arc<Endpoint>,
     backend: String,
     config: HealthCheckConfig,
+    /// The backend's protocol, which probes speak.
+    protocol: UpstreamProtocol,
     token: CancellationToken,
     /// Set before cancelling when the backend no longer has a check: the task then marks the
     /// endpoint up as its very last act, after any probe result it was still storing.
@@ -275,16 +282,18 @@ impl HealthSupervisor {
             .iter()
             .flat_map(|b| b.endpoints.iter().map(key))
             .collect();
-        let wanted: HashMap<usize, (&Arc<Endpoint>, &str, &HealthCheckConfig)> = table
-            .backends
-            .iter()
-            .filter_map(|b| Some((b, b.health.as_ref()?)))
-            .flat_map(|(b, config)| {
-                b.endpoints
-                    .iter()
-                    .map(move |e| (key(e), (e, b.name.as_str(), config)))
-            })
-            .collect();
+        let wanted: HashMap<usize, (&Arc<Endpoint>, &str, &HealthCheckConfig, UpstreamProtocol)> =
+            table
+                .backends
+                .iter()
+                .filter_map(|b| Some((b, b.health.as_ref()?)))
+                .flat_map(|(b, config)| {
+                    let protocol = b.upstream.settings().protocol;
+                    b.endpoints
+                        .iter()
+                        .map(move |e| (key(e), (e, b.name.as_str(), config, protocol)))
+                })
+                .collect();
 
         let mut probes = self.lock();
         let Probes { running, stopping } = &mut *probes;
@@ -292,8 +301,9 @@ impl HealthSupervisor {
         let stale: Vec<usize> = running
             .iter()
             .filter(|(key, probe)| {
-                !matches!(wanted.get(key), Some((_, backend, config))
-                    if probe.backend == *backend && probe.config == **config)
+                !matches!(wanted.get(key), Some((_, backend, config, protocol))
+                    if probe.backend == *backend && probe.config == **config
+                        && probe.protocol == *protocol)
             })
             .map(|(key, _)| *key)
             .collect();
@@ -309,9 +319,9 @@ impl HealthSupervisor {
             tracing::debug!(backend = %probe.backend, endpoint = %probe.endpoint.url(), "health check stopped");
             stopping.push(probe.task);
         }
-        for (key, (endpoint, backend, config)) in wanted {
+        for (key, (endpoint, backend, config, protocol)) in wanted {
             if let Entry::Vacant(slot) = running.entry(key)
-                && let Some(probe) = self.start(endpoint, backend, config)
+                && let Some(probe) = self.start(endpoint, backend, config, protocol)
             {
                 slot.insert(probe);
             }
@@ -324,6 +334,7 @@ impl HealthSupervisor {
         endpoint: &Arc<Endpoint>,
         backend: &str,
         config: &HealthCheckConfig,
+        protocol: UpstreamProtocol,
     ) -> Option<RunningProbe> {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             tracing::error!(backend = %backend, endpoint = %endpoint.url(), "health checks need a tokio runtime; endpoint not checked");
@@ -335,7 +346,7 @@ impl HealthSupervisor {
             endpoint: endpoint.clone(),
             backend: backend.to_owned(),
             config: config.clone(),
-            client: probe_client(endpoint.peer.tls.as_ref()),
+            client: probe_client(endpoint.peer.tls.as_ref(), protocol),
             token: token.clone(),
         };
         let (restore, target) = (restore_up.clone(), endpoint.clone());
@@ -350,6 +361,7 @@ impl HealthSupervisor {
             endpoint: endpoint.clone(),
             backend: backend.to_owned(),
             config: config.clone(),
+            protocol,
             token,
             restore_up,
             task,

@@ -7,7 +7,7 @@ use std::mem::MaybeUninit;
 use std::time::SystemTime;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{CONNECTION, CONTENT_LENGTH, EXPECT, TRANSFER_ENCODING, UPGRADE};
+use http::header::{CONNECTION, CONTENT_LENGTH, EXPECT, TE, TRANSFER_ENCODING, UPGRADE};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, Version};
 
 use http_body::SizeHint;
@@ -55,6 +55,7 @@ impl Present {
     pub const CONNECTION: u8 = 1 << 2;
     pub const UPGRADE: u8 = 1 << 3;
     pub const EXPECT: u8 = 1 << 4;
+    pub const TE: u8 = 1 << 5;
 
     /// Whether the head may have the field `bit` stands for.
     pub fn may_have(self, bit: u8) -> bool {
@@ -68,6 +69,7 @@ impl Present {
             CONNECTION => Present::CONNECTION,
             UPGRADE => Present::UPGRADE,
             EXPECT => Present::EXPECT,
+            TE => Present::TE,
             _ => return,
         };
         self.0 |= bit;

@@ -129,6 +129,9 @@ pub struct ResponseMode {
     pub version: Version,
     /// The connection closes after this response (`Connection: close`).
     pub close: bool,
+    /// The client accepts trailers (`TE: trailers`): a chunked response's trailers go in its
+    /// trailer section.
+    pub trailers: bool,
 }
 
 /// One client connection served over HTTP/1.
@@ -262,8 +265,9 @@ impl ServerSession {
     /// `Date` when missing, `Connection: close` when the connection ends after it), then the
     /// body as it comes; small pieces go out in the same write as the head. Returns whether
     /// the connection must close after it (`mode.close`, or an HTTP/1.0 body of unknown
-    /// length, delimited by the close). Trailers are dropped: a proxy may, and HTTP/1 clients
-    /// rarely ask for them.
+    /// length, delimited by the close). Trailers go in the trailer section of a chunked body
+    /// when the client accepts them (`mode.trailers`; filtered as trailers are), else they
+    /// are dropped, as a proxy may.
     pub async fn write_response<B>(
         &mut self,
         response: http::Response<B>,
@@ -328,8 +332,9 @@ impl ServerSession {
         let written = if bodiless {
             outgoing.flush(&mut self.write).await
         } else {
+            let trailers = chunked && mode.trailers;
             outgoing
-                .write_body(&mut body, chunked, &mut self.write)
+                .write_body(&mut body, chunked, trailers, &mut self.write)
                 .await
         };
         give_back_out(outgoing.head);
@@ -429,11 +434,13 @@ struct Outgoing {
 
 impl Outgoing {
     /// Streams `body` after the head: what the body has now goes out together; when it has
-    /// nothing more yet, what is gathered is written before waiting for more.
+    /// nothing more yet, what is gathered is written before waiting for more. With
+    /// `trailers` (a chunked body), its trailers end it.
     async fn write_body<B, W>(
         &mut self,
         body: &mut B,
         chunked: bool,
+        trailers: bool,
         write: &mut W,
     ) -> io::Result<()>
     where
@@ -457,8 +464,15 @@ impl Outgoing {
                 break;
             };
             let frame = frame.map_err(io::Error::other)?;
-            let Ok(data) = frame.into_data() else {
-                continue;
+            let data = match frame.into_data() {
+                Ok(data) => data,
+                Err(frame) => {
+                    if trailers && let Ok(fields) = frame.into_trailers() {
+                        self.push_trailers(fields);
+                        break;
+                    }
+                    continue;
+                }
             };
             if data.is_empty() {
                 continue;
@@ -479,6 +493,19 @@ impl Outgoing {
             }
         }
         self.flush(write).await
+    }
+
+    /// Ends a chunked body with its trailer section (filtered: fields that must not be
+    /// trailers are dropped).
+    #[cold]
+    fn push_trailers(&mut self, mut fields: http::HeaderMap) {
+        super::body::filter_trailers(&mut fields);
+        let mut section = b"0\r\n".to_vec();
+        for (name, value) in &fields {
+            put_field(&mut section, name, value);
+        }
+        section.extend_from_slice(b"\r\n");
+        self.push_copy(&section);
     }
 
     /// Bytes gathered and not written yet.
@@ -603,7 +630,7 @@ mod tests {
         let mut writer = HeldUntilFlushed::default();
         let mut body = Full::new(Bytes::from(vec![b'x'; 100_000]));
         outgoing(head)
-            .write_body(&mut body, false, &mut writer)
+            .write_body(&mut body, false, false, &mut writer)
             .await
             .unwrap();
         assert!(writer.held.is_empty());
@@ -615,7 +642,7 @@ mod tests {
         let stream = futures_util::stream::iter([piece]).chain(futures_util::stream::pending());
         let mut body = StreamBody::new(stream);
         let mut out = outgoing(head);
-        let waiting = out.write_body(&mut body, false, &mut writer);
+        let waiting = out.write_body(&mut body, false, false, &mut writer);
         assert!(
             tokio::time::timeout(Duration::from_millis(50), waiting)
                 .await

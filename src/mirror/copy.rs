@@ -45,7 +45,8 @@ pub struct Mirror {
     /// The mirror's own connections, `[backend][endpoint]`: copies to the canary and second
     /// copies to a served version never use (or disturb) the pools that serve clients.
     peers: Vec<Vec<Arc<Peer>>>,
-    upstream: Upstream,
+    /// How each backend is reached (HTTP/1 or HTTP/2, timeouts), by backend index.
+    upstreams: Vec<Upstream>,
     settings: Arc<CompareSettings>,
     /// Copies running, carried over from the mirroring this one replaced.
     in_flight: Arc<AtomicUsize>,
@@ -81,8 +82,10 @@ impl Mirror {
     /// Closes the idle mirror connections of this worker's copy thread (see `runner`) that
     /// expired or that their upstream closed.
     pub fn sweep(&self) {
-        for peer in self.peers.iter().flatten() {
-            self.upstream.sweep(peer);
+        for (upstream, peers) in self.upstreams.iter().zip(&self.peers) {
+            for peer in peers {
+                upstream.sweep(peer);
+            }
         }
     }
 }
@@ -113,7 +116,7 @@ pub struct CopyTargets {
 
 /// The copy to the mirror backend: the endpoint it goes to, and the fault drawn for it.
 struct CanaryCopy {
-    peer: Option<Arc<Peer>>,
+    peer: Option<(Upstream, Arc<Peer>)>,
     fault: Option<(Injection, BackendMetrics)>,
 }
 
@@ -133,12 +136,13 @@ pub struct Served<'a> {
 impl Mirror {
     /// Mirroring to backend `backend` of the requests of backend `from` (every other
     /// backend's when `None`), with pools of its own for `endpoints`: the
-    /// `(url, authority)` of each endpoint of each backend, in table order.
+    /// `(url, authority)` of each endpoint of each backend, in table order, reached as
+    /// `upstreams` says (by backend, in the same order).
     pub fn new(
         config: MirrorConfig,
         (backend, from): (usize, Option<usize>),
         endpoints: Vec<Vec<(String, http::uri::Authority, Option<PeerTls>)>>,
-        upstream: UpstreamSettings,
+        upstreams: Vec<UpstreamSettings>,
         carried: Carried,
         metrics: MirrorMetrics,
     ) -> Self {
@@ -164,7 +168,7 @@ impl Mirror {
             backend,
             from,
             peers,
-            upstream: Upstream::new(upstream),
+            upstreams: upstreams.into_iter().map(Upstream::new).collect(),
             cursors,
             settings,
             in_flight: carried.in_flight,
@@ -274,7 +278,7 @@ impl Mirror {
         mut head: CopyHead,
         body: Option<oneshot::Receiver<Bytes>>,
         canary: CanaryCopy,
-        second: Option<Arc<Peer>>,
+        second: Option<(Upstream, Arc<Peer>)>,
         served: Option<oneshot::Receiver<Option<ServedOutcome>>>,
         example: ExampleHead,
     ) {
@@ -305,13 +309,13 @@ impl Mirror {
                 }
             }
             match &canary.peer {
-                Some(peer) => self.exchange(peer, head.clone()).await,
+                Some((upstream, peer)) => self.exchange(upstream, peer, head.clone()).await,
                 None => Err(Outcome::Error),
             }
         };
         let to_second = async {
             match &second {
-                Some(peer) => self.exchange(peer, head.clone()).await.ok(),
+                Some((upstream, peer)) => self.exchange(upstream, peer, head.clone()).await.ok(),
                 None => None,
             }
         };
@@ -368,7 +372,12 @@ impl Mirror {
     }
 
     /// One copy: sent on a connection of the mirror's own, read whole within `timeout`.
-    async fn exchange(&self, peer: &Arc<Peer>, head: CopyHead) -> Result<Captured, Outcome> {
+    async fn exchange(
+        &self,
+        upstream: &Upstream,
+        peer: &Arc<Peer>,
+        head: CopyHead,
+    ) -> Result<Captured, Outcome> {
         let limit = self.config.timeout;
         let timeouts = ExchangeTimeouts {
             client_body: limit,
@@ -384,8 +393,7 @@ impl Mirror {
         *request.uri_mut() = head.uri;
         *request.headers_mut() = head.headers;
         let exchange = async {
-            let response = self
-                .upstream
+            let response = upstream
                 .send(peer, request, timeouts, Instant::now())
                 .await
                 .map_err(|error| match error {
@@ -411,9 +419,10 @@ impl Mirror {
         self.cursors.get(backend)
     }
 
-    /// The mirror's own connections to endpoint `endpoint` of `backend`.
-    fn peer(&self, backend: usize, endpoint: Option<usize>) -> Option<Arc<Peer>> {
-        self.peers.get(backend)?.get(endpoint?).cloned()
+    /// The mirror's own connections to endpoint `endpoint` of `backend`, and how to reach it.
+    fn peer(&self, backend: usize, endpoint: Option<usize>) -> Option<(Upstream, Arc<Peer>)> {
+        let peer = self.peers.get(backend)?.get(endpoint?).cloned()?;
+        Some((*self.upstreams.get(backend)?, peer))
     }
 }
 

@@ -45,6 +45,12 @@ pub enum ProxyError {
     /// The upstream switched protocols although the client asked for no WebSocket upgrade.
     #[error("upstream {endpoint} answered 101 to a request that asked for no WebSocket upgrade")]
     UnexpectedUpgrade { endpoint: String },
+    /// A WebSocket upgrade routed to a backend spoken to over HTTP/2: the proxy tunnels
+    /// WebSockets over HTTP/1.1 only.
+    #[error(
+        "a WebSocket upgrade cannot go to {endpoint}: its backend is spoken to over HTTP/2 (protocol), and WebSockets are tunnelled over HTTP/1.1 only"
+    )]
+    WebSocketToH2 { endpoint: String },
     /// No response head within `request_timeout`.
     #[error("upstream {endpoint} sent no response within {timeout:?}")]
     Timeout { endpoint: String, timeout: Duration },
@@ -59,7 +65,8 @@ impl From<&ProxyError> for StatusCode {
             ProxyError::NoBackend => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Connect { .. }
             | ProxyError::Upstream { .. }
-            | ProxyError::UnexpectedUpgrade { .. } => StatusCode::BAD_GATEWAY,
+            | ProxyError::UnexpectedUpgrade { .. }
+            | ProxyError::WebSocketToH2 { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
     }

@@ -11,7 +11,7 @@ use std::future::poll_fn;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::EXPECT;
+use http::header::{EXPECT, TE};
 use http::{Method, Request, StatusCode, Version};
 use http_body_util::Either;
 use tokio::io::AsyncWriteExt;
@@ -19,7 +19,7 @@ use tokio::sync::watch;
 
 use super::{ClientInfo, Proxy, headers};
 use crate::http1::head::{
-    Framing, FramingError, Present, RequestHead, keeps_alive, request_framing,
+    Framing, FramingError, Present, RequestHead, has_token, keeps_alive, request_framing,
 };
 use crate::http1::server::{NextRequest, ResponseMode, ServerSession};
 use crate::stream::ClientStream;
@@ -115,6 +115,7 @@ async fn serve_request(
         head_request: head.method == Method::HEAD,
         version: head.version,
         close: !keeps_alive(head.version, head.present, &head.headers),
+        trailers: head.present.may_have(Present::TE) && has_token(&head.headers, &TE, b"trailers"),
     };
     let websocket = head.version == Version::HTTP_11
         && head.present.may_have(Present::UPGRADE)

@@ -49,7 +49,9 @@ fn fixed_hop_by_hop() -> [&'static HeaderName; 9] {
 /// Removes every hop-by-hop header: those `Connection` names (case-insensitively, over every
 /// `Connection` line) and the fixed list. Allocation-free unless `Connection` names a header
 /// outside the fixed list (its usual values, `keep-alive`, `close` and `upgrade`, do not).
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+/// Returns whether a `TE` removed named `trailers`: a request to an HTTP/2 upstream keeps
+/// `te: trailers` (RFC 9113 §8.2.2; gRPC servers require it).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
     // One pass over the names finds which fixed ones are present (usually none, or only
     // `Connection`); only those are removed, instead of nine hashed removals every time.
     let fixed = fixed_hop_by_hop();
@@ -63,8 +65,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         }
     }
     if present == 0 {
-        return;
+        return false;
     }
+    // `TE` is fifth in the fixed list.
+    let te_trailers = present & (1 << 5) != 0 && has_token(headers, &TE, b"trailers");
     // `Connection: keep-alive` or `close` (the usual values) names nothing more to remove.
     let names_others = |value: &HeaderValue| {
         let value = value.as_bytes();
@@ -93,6 +97,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(*name);
         }
     }
+    te_trailers
 }
 
 /// Checks a request's target and `Host`, makes `Host` the one the request goes upstream with,
@@ -408,7 +413,7 @@ mod tests {
             ("x-kept", "yes"),
             ("host", "example"),
         ]);
-        strip_hop_by_hop(&mut h);
+        assert!(strip_hop_by_hop(&mut h), "TE named trailers");
         let mut left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         left.sort_unstable();
         assert_eq!(left, ["host", "x-kept"]);
@@ -423,6 +428,21 @@ mod tests {
         ]);
         strip_hop_by_hop(&mut h);
         assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x"]);
+    }
+
+    #[test]
+    fn te_trailers_is_told_apart_from_other_te_values() {
+        for (te, trailers) in [
+            ("trailers", true),
+            ("gzip, Trailers", true),
+            ("gzip", false),
+            ("trailers-not", false),
+        ] {
+            let mut h = map(&[("te", te), ("x", "1")]);
+            assert_eq!(strip_hop_by_hop(&mut h), trailers, "{te}");
+            assert!(!h.contains_key(TE));
+        }
+        assert!(!strip_hop_by_hop(&mut map(&[("x", "1")])));
     }
 
     #[test]

@@ -8,8 +8,10 @@
 //! - `headers`: the request target and `Host` check, hop-by-hop stripping, `X-Forwarded-*`,
 //!   `x-request-id`.
 //! - `error`: [`ProxyError`] and the status code of each failure.
+//! - `grpc`: a gRPC call's status (from an HTTP/2 upstream), counted and recorded when known.
 
 pub mod error;
+mod grpc;
 pub mod h1;
 pub mod h2;
 pub mod headers;
@@ -20,7 +22,7 @@ use std::sync::Arc;
 use std::task::Poll;
 
 use bytes::Bytes;
-use http::header::{CONNECTION, CONTENT_LENGTH, HOST, SET_COOKIE, TRANSFER_ENCODING, UPGRADE};
+use http::header::{CONNECTION, CONTENT_LENGTH, HOST, SET_COOKIE, TE, TRANSFER_ENCODING, UPGRADE};
 use http::request::Parts;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
@@ -186,10 +188,19 @@ impl Proxy {
                 HeaderValue::from_static("delay"),
             );
         }
+        let status = match backend {
+            // A gRPC call counts by its grpc-status, perhaps when its body ends.
+            Some(backend) if backend.upstream.is_h2() => match grpc::settle(&mut response, started)
+            {
+                Some(status) => status,
+                None => return Some(response),
+            },
+            _ => response.status(),
+        };
         if let Some(meter) = backend.and_then(|b| b.meter.as_ref()) {
-            meter.record(response.status(), elapsed);
+            meter.record(status, elapsed);
         }
-        metrics.response(response.status(), elapsed);
+        metrics.response(status, elapsed);
         Some(response)
     }
 
@@ -261,6 +272,7 @@ impl Proxy {
             request_id,
             websocket,
             target.endpoint,
+            target.backend.upstream.is_h2(),
         );
         // (A function taking and giving back the request, not a `&mut` borrow of it: one
         // would keep its 264 bytes in this future beside the exchange's.)
@@ -432,9 +444,11 @@ fn route<'t>(
     })
 }
 
-/// The request as it goes upstream: hop-by-hop headers stripped, `X-Forwarded-*` and
-/// `x-request-id` added, `Host` as `settle_host` made it (or the endpoint's for a request that
-/// has none), a WebSocket upgrade kept, and an origin-form target.
+/// The request as it goes upstream: hop-by-hop headers stripped (but `te: trailers` to an
+/// HTTP/2 upstream), `X-Forwarded-*` and `x-request-id` added, `Host` as `settle_host` made
+/// it (or the endpoint's for a request that has none), a WebSocket upgrade kept, and an
+/// origin-form target.
+#[allow(clippy::too_many_arguments)]
 fn rewrite_request(
     parts: Parts,
     body: ForwardBody,
@@ -443,10 +457,14 @@ fn rewrite_request(
     request_id: HeaderValue,
     websocket: bool,
     endpoint: &Endpoint,
+    upstream_h2: bool,
 ) -> Request<ForwardBody> {
     let mut upstream_headers = parts.headers;
     let upgrade_value = upstream_headers.get(UPGRADE).cloned();
-    headers::strip_hop_by_hop(&mut upstream_headers);
+    let te_trailers = headers::strip_hop_by_hop(&mut upstream_headers);
+    if te_trailers && upstream_h2 {
+        upstream_headers.insert(TE, HeaderValue::from_static("trailers"));
+    }
     headers::add_forwarded(&mut upstream_headers, &client.ip, host.as_ref(), client.tls);
     upstream_headers.insert(headers::X_REQUEST_ID.clone(), request_id);
     if parts.version == Version::HTTP_2 {
@@ -510,6 +528,12 @@ async fn send_with_retry<'t>(
             endpoint,
         };
         outcome.backend = Some(index);
+        let mut request = request;
+        if !target.backend.upstream.is_h2() {
+            // `te: trailers` was kept for an HTTP/2 upstream; an HTTP/1 one gets no TE. (On
+            // the box: a borrow of `outgoing` would keep it in this future beside the send's.)
+            request.headers_mut().remove(TE);
+        }
         outgoing = *request;
         retried = true;
     }
@@ -532,6 +556,10 @@ fn not_sent(
             Err(ProxyError::ClientBody { source })
         }
         SendError::ClientStalled(timeout) => Err(ProxyError::ClientTimeout { timeout }),
+        // The upstream is not to blame either.
+        SendError::Upgrade => Err(ProxyError::WebSocketToH2 {
+            endpoint: target.endpoint.url().to_owned(),
+        }),
         SendError::TimedOut(timeout) => {
             upstream_failed(UpstreamErrorKind::Timeout);
             Err(ProxyError::Timeout {
@@ -555,8 +583,9 @@ fn not_sent(
 
 /// The response as the client gets it, once judged: a 5xx, or a protocol switch the client
 /// did not ask for, counts against the endpoint's health (the switch is refused: it would
-/// desynchronise the client connection). Hop-by-hop headers are stripped, the backend header
-/// and `x-request-id` added, and a WebSocket switch kept.
+/// desynchronise the client connection); a gRPC call from an HTTP/2 upstream is judged by its
+/// `grpc-status` instead ([`grpc::judge`]). Hop-by-hop headers are stripped, the backend
+/// header and `x-request-id` added, and a WebSocket switch kept.
 fn rewrite_response(
     mut response: Response<UpstreamBody>,
     target: &Target<'_>,
@@ -568,9 +597,13 @@ fn rewrite_response(
     let response_upgrade = response.headers().get(UPGRADE).cloned();
     let unexpected_switch =
         switching && (!websocket || !headers::is_websocket_upgrade_response(response.headers()));
-    target
-        .endpoint
-        .record_outcome(!unexpected_switch && !response.status().is_server_error());
+    let grpc = target.backend.upstream.is_h2()
+        && grpc::judge(&mut response, target.backend, target.endpoint);
+    if !grpc {
+        target
+            .endpoint
+            .record_outcome(!unexpected_switch && !response.status().is_server_error());
+    }
     if unexpected_switch {
         // Dropping the response closes the upstream connection.
         target

@@ -315,6 +315,7 @@ impl RoutingTable {
         let settings = UpstreamSettings {
             connect_timeout: config.proxy.connect_timeout,
             idle_timeout: config.proxy.upstream_idle_timeout,
+            protocol: Default::default(),
         };
         let backends = config
             .backends
@@ -438,7 +439,11 @@ impl RoutingTable {
                     .collect()
             })
             .collect();
-        let settings = self.backends[backend].upstream.settings();
+        let settings = self
+            .backends
+            .iter()
+            .map(|b| b.upstream.settings())
+            .collect();
         Some(Mirror::new(
             config,
             (backend, from),
@@ -764,7 +769,10 @@ impl Backend {
                 .unwrap_or_else(|_| HeaderValue::from_static("invalid")),
             weight: config.weight,
             endpoints,
-            upstream: Upstream::new(settings),
+            upstream: Upstream::new(UpstreamSettings {
+                protocol: config.protocol,
+                ..settings
+            }),
             metrics: metrics.backend(&config.name),
             health: config.health.clone(),
             cursor: old.map_or_else(Arc::default, |b| b.cursor.clone()),
@@ -799,6 +807,10 @@ impl fmt::Display for RoutingTable {
             writeln!(f)?;
             for e in &b.endpoints {
                 writeln!(f, "    -> {}", e.url())?;
+            }
+            if b.upstream.is_h2() {
+                let protocol = b.upstream.settings().protocol;
+                writeln!(f, "    protocol: {}", protocol.as_str())?;
             }
             if let Some(h) = &b.health {
                 writeln!(
@@ -901,6 +913,7 @@ mod tests {
                 upstream: Upstream::new(UpstreamSettings {
                     connect_timeout: Duration::from_secs(1),
                     idle_timeout: Duration::from_secs(1),
+                    protocol: Default::default(),
                 }),
                 metrics: Metrics::new().backend("v"),
                 health: None,
@@ -1405,8 +1418,9 @@ mod tests {
     #[test]
     fn reload_keeps_endpoints_whose_url_is_unchanged_whatever_else_changes() {
         let text = |proxy: &str, urls: &str, check: &str| {
+            // The backend's own keys come before its tables: `urls` may carry a protocol.
             format!(
-                "[proxy]\n{proxy}\n[[backend]]\nname = \"v1\"\nurls = [{urls}]\nweight = 1\n\
+                "[proxy]\n{proxy}\n[[backend]]\nname = \"v1\"\nurls = [{urls}\nweight = 1\n\
                  [backend.outlier]\nconsecutive_failures = 1\n{check}"
             )
         };
@@ -1415,7 +1429,7 @@ mod tests {
         let first = RoutingTable::from_config(
             &parse(text(
                 "",
-                "\"http://127.0.0.1:1\", \"http://127.0.0.1:2\"",
+                "\"http://127.0.0.1:1\", \"http://127.0.0.1:2\"]",
                 "",
             )),
             1,
@@ -1429,11 +1443,11 @@ mod tests {
         ejected.record_outcome(false);
         down.set_healthy(false);
         assert!(ejected.status().ejected && !down.status().active_up);
-        // New connection settings, a new health check, one URL replaced.
+        // New connection settings (HTTP/2 now), a new health check, one URL replaced.
         let second = RoutingTable::from_config(
             &parse(text(
                 "connect_timeout = \"750ms\"\nupstream_idle_timeout = \"7s\"",
-                "\"http://127.0.0.1:1\", \"http://127.0.0.1:3\"",
+                "\"http://127.0.0.1:1\", \"http://127.0.0.1:3\"]\nprotocol = \"h2c\"",
                 "[backend.health]\npath = \"/up\"\ninterval = \"5s\"\n",
             )),
             2,
@@ -1446,6 +1460,7 @@ mod tests {
             UpstreamSettings {
                 connect_timeout: Duration::from_millis(750),
                 idle_timeout: Duration::from_secs(7),
+                protocol: crate::config::UpstreamProtocol::H2c,
             }
         );
         assert!(Arc::ptr_eq(&kept.endpoints[0], ejected));
@@ -1455,7 +1470,7 @@ mod tests {
         assert!(fresh.is_healthy());
         // The dropped URL coming back later is a new endpoint: nothing holds its old state.
         let third = RoutingTable::from_config(
-            &parse(text("", "\"http://127.0.0.1:2\"", "")),
+            &parse(text("", "\"http://127.0.0.1:2\"]", "")),
             3,
             Some(&second),
             &metrics,

@@ -1,6 +1,7 @@
 //! The bodies that pass through: the client's request body on its way up ([`ForwardBody`]),
 //! and the response body read from the upstream connection ([`UpstreamBody`]), which hands
-//! the connection back to its pool when it ends.
+//! the connection back to its pool when it ends (HTTP/1), or its stream's place on a shared
+//! connection (HTTP/2, whose trailers it passes on and can report: [`BodyEnd`]).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -9,11 +10,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
-use http::{Method, Response, StatusCode};
+use http::{HeaderMap, Method, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use super::exchange::Exchange;
+use super::h2::StreamSlot;
 use super::pool::Connection;
 use super::stream::UpstreamStream;
 use super::{ExchangeError, ExchangeTimeouts, Peer, UpstreamSettings};
@@ -171,46 +173,46 @@ pub(super) fn finish_head(
             && head.present.may_have(Present::CONTENT_LENGTH)
             && head.headers.contains_key(TRANSFER_ENCODING)
             && head.headers.contains_key(CONTENT_LENGTH));
-    let mut response = Response::new(UpstreamBody {
-        state: BodyState::Done,
-    });
+    // The body's state is made before the response, so that no placeholder state is dropped
+    // (BodyState's drop is not inlined).
+    let state = if head.status == StatusCode::SWITCHING_PROTOCOLS {
+        BodyState::Switched(Some(exchange.connection))
+    } else {
+        let buffered = exchange.connection.read_buf.len() as u64;
+        let whole = match framing {
+            Framing::Empty => Some(None),
+            Framing::Length(n) if n <= buffered => Some(Some(
+                exchange.connection.read_buf.split_to(n as usize).freeze(),
+            )),
+            _ => None,
+        };
+        match whole {
+            Some(data) => {
+                if reusable
+                    && exchange.request_done()
+                    && !exchange.broken
+                    && exchange.connection.read_buf.is_empty()
+                {
+                    peer.pool
+                        .checkin(exchange.connection, settings.idle_timeout);
+                }
+                BodyState::Whole(data.filter(|d| !d.is_empty()))
+            }
+            None => BodyState::Reading(Box::new(Reading {
+                exchange,
+                tap: TapSlot(None),
+                framing,
+                reusable,
+                peer: peer.clone(),
+                idle_timeout: settings.idle_timeout,
+                stall: StallTimer::new(timeouts.read),
+            })),
+        }
+    };
+    let mut response = Response::new(UpstreamBody { state });
     *response.status_mut() = head.status;
     *response.version_mut() = head.version;
-    let status = head.status;
     *response.headers_mut() = head.headers;
-    if status == StatusCode::SWITCHING_PROTOCOLS {
-        response.body_mut().state = BodyState::Switched(Some(exchange.connection));
-        return Ok(response);
-    }
-    let buffered = exchange.connection.read_buf.len() as u64;
-    let whole = match framing {
-        Framing::Empty => Some(None),
-        Framing::Length(n) if n <= buffered => Some(Some(
-            exchange.connection.read_buf.split_to(n as usize).freeze(),
-        )),
-        _ => None,
-    };
-    if let Some(data) = whole {
-        if reusable
-            && exchange.request_done()
-            && !exchange.broken
-            && exchange.connection.read_buf.is_empty()
-        {
-            peer.pool
-                .checkin(exchange.connection, settings.idle_timeout);
-        }
-        response.body_mut().state = BodyState::Whole(data.filter(|d| !d.is_empty()));
-        return Ok(response);
-    }
-    response.body_mut().state = BodyState::Reading(Box::new(Reading {
-        exchange,
-        tap: TapSlot(None),
-        framing,
-        reusable,
-        peer: peer.clone(),
-        idle_timeout: settings.idle_timeout,
-        stall: StallTimer::new(timeouts.read),
-    }));
     Ok(response)
 }
 
@@ -226,6 +228,8 @@ enum BodyState {
     Whole(Option<Bytes>),
     /// The body is read from the connection as it is polled.
     Reading(Box<Reading>),
+    /// An HTTP/2 response's body, read from its stream.
+    H2(Box<H2Reading>),
     /// A 101 response: the connection now belongs to the tunnel.
     Switched(Option<Connection>),
     /// Nothing more.
@@ -243,6 +247,57 @@ struct Reading {
     idle_timeout: Duration,
     /// `read_timeout`: the longest pause between two reads of the body.
     stall: StallTimer,
+}
+
+/// What polling a response body gives.
+type Polled = Option<Result<Frame<Bytes>, ExchangeError>>;
+
+/// An HTTP/2 response body as hyper's client gives it, with what watches it.
+struct H2Reading {
+    body: Incoming,
+    tap: TapSlot,
+    end: EndSlot,
+    /// `read_timeout`: the longest pause between two frames of the body.
+    stall: StallTimer,
+    /// The stream's place on its connection, given back when the body ends or is dropped.
+    _slot: StreamSlot,
+}
+
+/// Told how an HTTP/2 response body ended, with its trailers: a gRPC call's status comes in
+/// them.
+pub trait BodyEnd: Send {
+    /// When the request this body answers arrived, for a watcher that measures to the end.
+    fn arrived(&mut self, at: tokio::time::Instant);
+
+    fn end(self: Box<Self>, ending: Ending<'_>);
+}
+
+/// How a response body ended.
+#[derive(Debug)]
+pub enum Ending<'a> {
+    /// Read to its end, with its trailers when it had some.
+    Complete(Option<&'a HeaderMap>),
+    /// The upstream failed it (a reset, or `read_timeout`).
+    Failed,
+    /// Dropped before its end: the client went away.
+    Dropped,
+}
+
+/// A body's end watcher, told of an early end if it is dropped before the body ends.
+struct EndSlot(Option<Box<dyn BodyEnd>>);
+
+impl EndSlot {
+    fn end(&mut self, ending: Ending<'_>) {
+        if let Some(watcher) = self.0.take() {
+            watcher.end(ending);
+        }
+    }
+}
+
+impl Drop for EndSlot {
+    fn drop(&mut self) {
+        self.end(Ending::Dropped);
+    }
 }
 
 /// Sees a response body's data as it passes on its way to the client, then its end.
@@ -276,6 +331,49 @@ impl Drop for TapSlot {
 }
 
 impl UpstreamBody {
+    /// The response to an HTTP/2 request, its body read from the stream that `slot` holds a
+    /// place for (given back at once when the head ended the stream).
+    pub(super) fn from_h2(
+        response: Response<Incoming>,
+        slot: StreamSlot,
+        read_timeout: Duration,
+    ) -> Response<UpstreamBody> {
+        response.map(|body| {
+            let state = if body.is_end_stream() {
+                BodyState::Whole(None)
+            } else {
+                BodyState::H2(Box::new(H2Reading {
+                    body,
+                    tap: TapSlot(None),
+                    end: EndSlot(None),
+                    stall: StallTimer::new(read_timeout),
+                    _slot: slot,
+                }))
+            };
+            UpstreamBody { state }
+        })
+    }
+
+    /// Has `watcher` told how this body ends (with its trailers), when it is an HTTP/2 body
+    /// still to be read; else gives it back.
+    pub fn watch_end(&mut self, watcher: Box<dyn BodyEnd>) -> Result<(), Box<dyn BodyEnd>> {
+        match &mut self.state {
+            BodyState::H2(reading) => {
+                reading.end.0 = Some(watcher);
+                Ok(())
+            }
+            _ => Err(watcher),
+        }
+    }
+
+    /// The watcher of this body's end, when it has one.
+    pub fn end_watcher(&mut self) -> Option<&mut (dyn BodyEnd + 'static)> {
+        match &mut self.state {
+            BodyState::H2(reading) => reading.end.0.as_deref_mut(),
+            _ => None,
+        }
+    }
+
     /// Lets `tap` see this body as it is read: at once for a body that came whole with the
     /// head (or has none), else piece by piece.
     pub fn tap(&mut self, mut tap: Box<dyn BodyTap>) {
@@ -287,6 +385,7 @@ impl UpstreamBody {
                 tap.end(true);
             }
             BodyState::Reading(reading) => reading.tap.0 = Some(tap),
+            BodyState::H2(reading) => reading.tap.0 = Some(tap),
             BodyState::Switched(_) => tap.end(false),
             BodyState::Done => tap.end(true),
         }
@@ -327,6 +426,50 @@ impl Reading {
     }
 }
 
+impl H2Reading {
+    /// The next frame of the body, seen by the tap and the end watcher; `true` with it when
+    /// the body is over (its last frame, its end, or a failure).
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<(Polled, bool)> {
+        let polled = match Pin::new(&mut self.body).poll_frame(cx) {
+            Poll::Ready(polled) => {
+                let _ = self.stall.poll_stalled(true, cx);
+                polled.map(|frame| frame.map_err(ExchangeError::H2))
+            }
+            Poll::Pending => {
+                ready!(self.stall.poll_stalled(false, cx));
+                Some(Err(ExchangeError::ReadTimeout(self.stall.limit())))
+            }
+        };
+        let over = match &polled {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    self.tap.data(data);
+                }
+                // Trailers are the last frame; a data frame may be too (its reader may stop
+                // there, without polling for the end).
+                let trailers = frame.trailers_ref();
+                let over = trailers.is_some() || self.body.is_end_stream();
+                if over {
+                    self.tap.end(true);
+                    self.end.end(Ending::Complete(trailers));
+                }
+                over
+            }
+            None => {
+                self.tap.end(true);
+                self.end.end(Ending::Complete(None));
+                true
+            }
+            Some(Err(_)) => {
+                self.tap.end(false);
+                self.end.end(Ending::Failed);
+                true
+            }
+        };
+        Poll::Ready((polled, over))
+    }
+}
+
 impl Body for UpstreamBody {
     type Data = Bytes;
     type Error = ExchangeError;
@@ -336,10 +479,15 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, ExchangeError>>> {
         let reading = match &mut self.state {
-            BodyState::Whole(data) => {
-                let data = data.take();
-                self.state = BodyState::Done;
-                return Poll::Ready(data.map(|d| Ok(Frame::data(d))));
+            // Taken, it stays `Whole(None)`: the same as `Done`, and no state is dropped.
+            BodyState::Whole(data) => return Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            BodyState::H2(reading) => {
+                let (polled, over) = ready!(reading.poll_next(cx));
+                if over {
+                    // The stream's place goes back to its connection now.
+                    self.state = BodyState::Done;
+                }
+                return Poll::Ready(polled);
             }
             BodyState::Reading(reading) => reading,
             BodyState::Switched(_) | BodyState::Done => return Poll::Ready(None),
@@ -387,6 +535,7 @@ impl Body for UpstreamBody {
         match &self.state {
             BodyState::Whole(data) => data.is_none(),
             BodyState::Reading(reading) => reading.framing.is_end(),
+            BodyState::H2(reading) => reading.body.is_end_stream(),
             BodyState::Switched(_) | BodyState::Done => true,
         }
     }
@@ -397,6 +546,7 @@ impl Body for UpstreamBody {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
             BodyState::Reading(reading) => reading.framing.size_hint(),
+            BodyState::H2(reading) => reading.body.size_hint(),
             BodyState::Switched(_) | BodyState::Done => SizeHint::with_exact(0),
         }
     }

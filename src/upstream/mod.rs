@@ -1,5 +1,6 @@
 //! Connections to upstream endpoints: a keep-alive pool per endpoint and worker thread, and the
-//! HTTP/1.1 exchange on a pooled connection, driven by the request's own task.
+//! HTTP/1.1 exchange on a pooled connection, driven by the request's own task; or, for a
+//! backend whose `protocol` is h2c, HTTP/2 on multiplexed connections (`h2`).
 //!
 //! The exchange is ours rather than hyper's client: hyper runs each client connection as a task
 //! of its own, reached through a channel and a oneshot, with the response body behind another
@@ -21,6 +22,8 @@
 //!   request, the timeouts by phase, and when a request may be sent again.
 //! - `body`: the client's request body on its way up, and the response body read from the
 //!   connection, which hands the connection back to the pool at its end.
+//! - `h2`: HTTP/2 to upstreams: hyper's client on connections shared by many requests, one
+//!   pool per endpoint and worker thread, and the exchange with its phase timeouts.
 
 use std::future::{Future, poll_fn};
 use std::io;
@@ -39,14 +42,20 @@ use crate::http1::head::recycle_map;
 
 mod body;
 mod exchange;
+mod h2;
 mod pool;
 mod stream;
 
-pub use body::{BodyTap, ForwardBody, ForwardBodyError, ProxyResponse, UpstreamBody};
+pub use body::{
+    BodyEnd, BodyTap, Ending, ForwardBody, ForwardBodyError, ProxyResponse, UpstreamBody,
+};
+pub use h2::is_grpc;
 pub use stream::UpstreamStream;
 
+use crate::config::UpstreamProtocol;
 use body::finish_head;
 use exchange::{Attempt, Exchange, Failure, Phase, PhaseClock, is_idempotent};
+use h2::H2Pool;
 use pool::{Connection, ConnectionPool};
 
 /// Connection settings of a backend. A reload that changes them keeps the endpoints and their
@@ -57,6 +66,8 @@ pub struct UpstreamSettings {
     /// Idle pooled connections older than this are not reused; keep it below the upstreams'
     /// own keep-alive timeout so the proxy never writes into a connection being closed.
     pub idle_timeout: Duration,
+    /// HTTP/1.1, or HTTP/2 (h2c, h2).
+    pub protocol: UpstreamProtocol,
 }
 
 /// How a backend connects to its endpoints.
@@ -79,6 +90,8 @@ pub struct Peer {
     pub tls: Option<PeerTls>,
     /// Idle keep-alive connections to this endpoint, kept with it across table changes.
     pool: ConnectionPool,
+    /// HTTP/2 connections to this endpoint (a backend whose protocol is h2c or h2).
+    h2: H2Pool,
 }
 
 /// How an `https://` endpoint's connections are secured: the client config (trust, ALPN)
@@ -164,6 +177,11 @@ pub enum ConnectError {
     Tls(#[source] io::Error),
     #[error("the new connection failed before the request could be sent")]
     Closed(#[source] ExchangeError),
+    #[error("the HTTP/2 handshake failed")]
+    Handshake(#[source] hyper::Error),
+    /// The failure of a connection that several requests waited for.
+    #[error(transparent)]
+    Shared(Arc<ConnectError>),
 }
 
 /// What went wrong in an exchange with an upstream.
@@ -182,6 +200,9 @@ pub enum ExchangeError {
     /// `read_timeout`: the upstream sent nothing of the response body for this long.
     #[error("the upstream sent nothing of the response body for {0:?} (read_timeout)")]
     ReadTimeout(Duration),
+    /// An HTTP/2 exchange failed (the stream or its connection).
+    #[error("the HTTP/2 exchange failed")]
+    H2(#[source] hyper::Error),
 }
 
 /// Why an exchange with an upstream failed.
@@ -200,6 +221,8 @@ pub enum SendError {
     /// `request_timeout`: the upstream took none of the request, or sent no response head
     /// after the request's end, for this long.
     TimedOut(Duration),
+    /// A protocol switch (a WebSocket upgrade) to an upstream spoken to over HTTP/2: not sent.
+    Upgrade,
 }
 
 /// The timeouts of an exchange by phase, as nginx has them: none of them bounds a whole
@@ -223,6 +246,7 @@ impl Peer {
             authority,
             tls,
             pool: ConnectionPool::default(),
+            h2: H2Pool::default(),
         }
     }
 }
@@ -240,11 +264,20 @@ impl Upstream {
     /// closed, so that they do not linger in CLOSE_WAIT until the peer's next request.
     pub fn sweep(&self, peer: &Peer) {
         peer.pool.sweep(self.settings.idle_timeout);
+        peer.h2.sweep(self.settings.idle_timeout);
+    }
+
+    /// Whether requests go to this backend over HTTP/2.
+    #[inline]
+    pub fn is_h2(&self) -> bool {
+        self.settings.protocol.is_h2()
     }
 
     /// Sends a request (origin-form target) to `peer` on a pooled or new connection;
     /// resolves when the response head has arrived. The response body goes on reading from
-    /// the connection, and hands it back to the pool when the exchange is over.
+    /// the connection, and hands it back to the pool when the exchange is over. A backend
+    /// spoken to over HTTP/2 gets the request there instead (`h2`: the same timeouts, the
+    /// request given back the same way when no connection could be made).
     ///
     /// Until the head, the phase timeouts apply: `client_body` while the upstream has all it
     /// was given and the client's body is awaited, `request` while the upstream takes no
@@ -261,6 +294,11 @@ impl Upstream {
         started: tokio::time::Instant,
     ) -> Result<Response<UpstreamBody>, SendError> {
         let (parts, body) = request.into_parts();
+        if self.settings.protocol.is_h2() {
+            // Boxed: the HTTP/1 exchange's future stays the size it was.
+            let sent = h2::send(self.settings, peer, parts, body, timeouts, started);
+            return Box::pin(sent).await;
+        }
         let idempotent = is_idempotent(&parts.method);
         let timer = tokio::time::sleep_until(started + timeouts.request);
         tokio::pin!(timer);
@@ -352,4 +390,14 @@ impl Upstream {
         let stream = tls_connect(&peer.authority, tls, timeout).await?;
         Ok(Connection::new(stream))
     }
+}
+
+/// A TCP connection (TCP_NODELAY) to `authority`, for an HTTP/2 connection. (The HTTP/1
+/// exchange has its own: a nested future here would make every request's future larger.)
+async fn connect_tcp(authority: &Authority) -> Result<TcpStream, ConnectError> {
+    let stream = TcpStream::connect(authority.as_str())
+        .await
+        .map_err(ConnectError::Io)?;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
 }
