@@ -58,6 +58,68 @@ What it measures
     the report (after the last copies have finished); a run in which no copy was made
     (copied 0) did not measure mirroring and is marked ⚠.
 
+    TLS termination: --tls replaces the scenarios above with three in which every proxy
+    terminates TLS on its client listener with the same certificate, a self-signed ECDSA P-256
+    one (SAN localhost and 127.0.0.1) made once per run with openssl in the temp dir.
+    canary-proxy gets [proxy.tls] cert and key; nginx `listen ... ssl` with ssl_certificate,
+    ssl_certificate_key and ssl_protocols TLSv1.2 TLSv1.3 (keep-alive as without TLS);
+    HAProxy `bind ... ssl crt` (certificate and key in one file) with ssl-min-ver TLSv1.2. The
+    upstreams stay plain HTTP/1.1.
+      tls-get64      small GET over 64 kept-alive TLS connections (wrk https://): req/s, p99
+                     and CPU µs per request as above.
+      tls-handshake  a new TLS connection for every request (wrk -H "Connection: close", 64
+                     connections): handshakes per second and CPU µs per handshake. That wrk
+                     really reconnects is checked in every run: the TCP connections accepted
+                     during it (TcpPassiveOpens of this network namespace from /proc/net/snmp,
+                     less the upstream's new connections; connections made by other programs
+                     on the machine count too) must be about one per request. nginx's
+                     stub_status (on a plain listener of its own) and HAProxy's CumConns (its
+                     stats socket) give the proxy's own count beside it. ⚠ when the proxy's
+                     count (else the namespace's) is 2% below the requests, or the proxy's
+                     count above them by more than the connections open at the end and 2%.
+      tls-full       full handshakes whatever the server offers: 16 `openssl s_time -new`
+                     processes, each connecting again and again with a new session and one
+                     HTTP/1.0 GET / per connection (the server closes). Handshakes per second
+                     (connections / wall time) and CPU µs per handshake, no latencies; each
+                     process must have read a whole answer per connection on average, and the
+                     connection and upstream counts are checked as for tls-handshake. The
+                     OpenSSL client costs more CPU than the server's side, so this is bound by
+                     the load core: compare CPU µs per handshake, not handshakes per second.
+    Session resumption: wrk (OpenSSL) resumes TLS sessions when the server lets it (tickets
+    or a session cache; tried: 552 of 553 connections resumed against nginx with tickets on),
+    and a resumed handshake skips the certificate and its signature. By default full
+    handshakes are measured: nginx has ssl_session_cache off and ssl_session_tickets off,
+    HAProxy no-tls-tickets and tune.ssl.cachesize 0; canary-proxy runs as it is configured
+    (rustls's default ServerConfig keeps a 256-entry session cache and sends TLS 1.3 tickets
+    for it). After the sanity checks a probe connects twice to each proxy with Python's ssl,
+    offering the first connection's session on the second; the report says per proxy whether
+    it resumed (then wrk's handshakes with that proxy were resumptions: marked ⚠ in the
+    handshake table and the summary); tls-full does full handshakes with every proxy, as its
+    client never offers a session. --tls-resume lets nginx (shared session cache and tickets)
+    and HAProxy (their defaults) resume too, so that tls-handshake measures resumed handshakes
+    for all. The report also names,
+    per proxy, what an OpenSSL client (openssl s_client: wrk's library and defaults)
+    negotiates: protocol, cipher suite, key exchange.
+
+    HTTP/2 cleartext: --h2c replaces the scenarios with one, h2c-get: small GET, h2c from the
+    client to the proxy and h2c from the proxy to the upstreams. The client is h2load (prior
+    knowledge, -c 16 -m 16: 16 connections, 16 streams each) instead of wrk; p50 and p99 come
+    from its per-request log (--log-file); non-2xx answers and failed, errored or timed-out
+    streams are errors. The upstream nginx listens with `listen ... http2` (h2c only: an
+    HTTP/1.1 request there fails, so a 200 through a proxy shows that it spoke h2c upstream),
+    its stub_status on a third, plain port. canary-proxy's backends get protocol = "h2c";
+    HAProxy `bind ... proto h2` and `server ... proto h2`; nginx `listen ... http2` and
+    grpc_pass grpc://... : nginx's proxy_pass speaks only HTTP/1.x to upstreams, grpc_pass
+    speaks h2c and forwards plain GETs (the sanity checks show it), but one request per
+    upstream connection at a time (no multiplexing: it opens and keeps up to 256 upstream
+    connections). The sanity checks use nghttp (prior knowledge) instead of http.client.
+
+    With --tls or --h2c, --proxies may leave canary out (e.g. --proxies nginx,haproxy, while
+    canary-proxy cannot yet run the mode): then nothing is built and no ratio is given. With
+    canary and another proxy the report starts with a table of ratios canary/nginx and
+    canary/haproxy (req/s, p99, CPU µs per request), in parentheses the lowest and highest
+    per-round ratio (the proxies run back to back in every round).
+
 How to run
     python3 benches/load.py                # DURATION=5 s per run, ROUNDS=2 (about 3 min;
                                            # 4.5 min with --baseline)
@@ -72,12 +134,18 @@ How to run
     python3 benches/load.py --mirror --baseline target/release/canary-proxy \
         --proxies canary,canary@base --scenarios get64     # mirroring's cost (--mirror-slow:
                                                            # with a mirror answering in 2 s)
+    python3 benches/load.py --tls --duration 5 --rounds 3 --wait-idle 600   # TLS termination
+    python3 benches/load.py --tls --tls-resume --scenarios tls-handshake    # resumed, for all
+    python3 benches/load.py --h2c --duration 5 --rounds 3 --wait-idle 600   # h2c to h2c
+    python3 benches/load.py --tls --quick --proxies nginx,haproxy           # without canary
 
     Environment: DURATION, ROUNDS, PROXY_CPU, LOAD_CPU, BASELINE, and CANARY_EXTRA: extra
     lines for canary-proxy's [proxy] table, e.g. CANARY_EXTRA='workers = 1' (several lines
     separated by newlines; used for canary@base too). Needs nginx (nginx-light), haproxy
-    (unless --proxies leaves it out), wrk and taskset; installs nothing. Builds
-    target/release/canary-proxy with cargo unless --no-build (never the --baseline binary).
+    (unless --proxies leaves it out), wrk and taskset; --tls needs openssl, --h2c h2load and
+    nghttp (apt-get install nghttp2-client); installs nothing. Builds
+    target/release/canary-proxy with cargo unless --no-build (never the --baseline binary)
+    or --proxies leaves canary out.
 
     Everything listens on 127.0.0.1 on free ports; configs and logs live in a temp dir that
     is removed at the end (kept, and its path printed, when something failed). The markdown
@@ -98,6 +166,7 @@ import resource
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -110,6 +179,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CANARY_BIN = os.path.join(ROOT, "target", "release", "canary-proxy")
 REPORT_PATH = os.path.join(ROOT, "target", "load-bench.md")
 NEEDS = "needs: apt-get install nginx-light haproxy wrk"
+NEEDS_TLS = "needs: apt-get install openssl"
+NEEDS_H2C = "needs: apt-get install nghttp2-client (h2load, nghttp)"
 BASE = "canary@base"  # the --baseline binary
 PROXIES = ("canary", "nginx", "haproxy")  # contestants without --baseline, in run order
 ALL_PROXIES = ("canary", BASE, "nginx", "haproxy")  # every contestant, in run order
@@ -120,6 +191,8 @@ LOAD_CORE_FULL = 0.95  # load core this busy: wrk + upstream may be what limits 
 POST_BODY_BYTES = 4096
 SLOW_UPSTREAM_DELAY_S = 2.0  # --mirror-slow: the mirror's upstream answers after this long
 MIRROR_MAX_IN_FLIGHT = 100  # [mirror]'s default max_in_flight (copies running at once)
+CONNS_PER_REQ_SLACK = 0.02  # tls-handshake: accepted connections per request 1 ± this (beyond
+#                             the connections open at the end), or ⚠
 
 
 def log(msg):
@@ -144,6 +217,8 @@ class Settings:
     proxies: tuple = PROXIES  # contestants, in run order (a subsequence of ALL_PROXIES)
     rollout: bool = False  # canary runs a rollout (--rollout); canary@base does not
     mirror: str = ""  # canary mirrors to this backend: "v2" (--mirror), "v3" (--mirror-slow)
+    mode: str = "plain"  # "plain", "tls" (--tls) or "h2c" (--h2c): which scenarios, configs
+    tls_resume: bool = False  # --tls-resume: nginx and HAProxy allow session resumption
 
 
 def parse_settings():
@@ -155,7 +230,9 @@ def parse_settings():
     p.add_argument("--quick", action="store_true", help="duration 2, rounds 1")
     p.add_argument("--scenarios", default="", metavar="KEYS",
                    help="comma-separated subset to run: get64, get16, get256, get16k, post4k, "
-                        "swaps (default: all)")
+                        "swaps; with --tls: tls-get64, tls-handshake, tls-full; with --h2c: "
+                        "h2c-get "
+                        "(default: all)")
     p.add_argument("--no-build", action="store_true",
                    help="use target/release/canary-proxy as it is, do not run cargo build")
     p.add_argument("--wait-idle", type=int, default=0, metavar="SECONDS",
@@ -185,16 +262,36 @@ def parse_settings():
                    help="as --mirror, but the mirror is backend v3 (weight 0) on an upstream "
                         f"started here that answers after {SLOW_UPSTREAM_DELAY_S:g} s: copies "
                         "pile up to max_in_flight and the rest are dropped")
+    p.add_argument("--tls", action="store_true",
+                   help="every proxy terminates TLS (same self-signed ECDSA P-256 "
+                        "certificate); scenarios tls-get64 (kept-alive TLS connections), "
+                        "tls-handshake (a new connection per request, wrk) and tls-full (full "
+                        "handshakes, openssl s_time -new) instead of the plain ones")
+    p.add_argument("--tls-resume", action="store_true",
+                   help="with --tls: nginx and HAProxy allow TLS session resumption (by "
+                        "default they do not, so handshakes are full ones)")
+    p.add_argument("--h2c", action="store_true",
+                   help="h2c from the client (h2load) to the proxy and from the proxy to "
+                        "h2c upstreams; scenario h2c-get instead of the plain ones")
     a = p.parse_args()
     if a.quick:
         a.duration, a.rounds = 2, 1
     if a.duration < 1 or a.rounds < 1:
         p.error("--duration and --rounds must be at least 1")
-    known = [sc.key for sc in SCENARIOS] + ["swaps"]
+    if a.tls and a.h2c:
+        p.error("--tls and --h2c are exclusive: each has scenarios of its own")
+    if a.tls_resume and not a.tls:
+        p.error("--tls-resume needs --tls")
+    mode = "tls" if a.tls else "h2c" if a.h2c else "plain"
+    if mode != "plain" and (a.rollout or a.mirror or a.mirror_slow):
+        p.error(f"--{mode} measures the proxies' protocol handling: it cannot be combined with "
+                "--rollout, --mirror or --mirror-slow")
+    known = [sc.key for sc in MODE_SCENARIOS[mode]] + (["swaps"] if mode == "plain" else [])
     only = [k.strip() for k in a.scenarios.split(",") if k.strip()]
     unknown = [k for k in only if k not in known]
     if unknown:
-        p.error(f"unknown scenario {', '.join(unknown)}; known: {', '.join(known)}")
+        with_mode = "" if mode == "plain" else f" with --{mode}"
+        p.error(f"unknown scenario {', '.join(unknown)}{with_mode}; known: {', '.join(known)}")
     if a.mirror and a.mirror_slow:
         p.error("--mirror and --mirror-slow are exclusive: canary has one mirror backend")
     if a.rollout and (a.mirror or a.mirror_slow):
@@ -219,8 +316,11 @@ def parse_settings():
     unknown = [n for n in names if n not in ALL_PROXIES]
     if unknown:
         p.error(f"unknown proxy {', '.join(unknown)}; known: {', '.join(ALL_PROXIES)}")
-    if names and "canary" not in names:
-        p.error("--proxies must include canary (the build under test)")
+    if names and "canary" not in names and mode == "plain":
+        p.error("--proxies must include canary (the build under test; only --tls and --h2c "
+                "may leave it out)")
+    if names and BASE in names and "canary" not in names:
+        p.error(f"--proxies {BASE} needs canary too (it is compared with canary)")
     if names and BASE in names and not baseline:
         p.error(f"--proxies {BASE} needs --baseline PATH (or env BASELINE)")
     if names and baseline and BASE not in names:
@@ -248,6 +348,8 @@ def parse_settings():
         proxies=proxies,
         rollout=a.rollout,
         mirror="v2" if a.mirror else "v3" if a.mirror_slow else "",
+        mode=mode,
+        tls_resume=a.tls_resume,
     )
     cpus = os.sched_getaffinity(0)
     if s.proxy_cpu == s.load_cpu or s.proxy_cpu not in cpus or s.load_cpu not in cpus:
@@ -260,10 +362,15 @@ def check_tools(settings):
     tools = ("nginx", "haproxy", "wrk", "taskset")
     if "haproxy" not in settings.proxies:
         tools = ("nginx", "wrk", "taskset")  # nginx is always needed: it is the upstream
+    needs = NEEDS
+    if settings.mode == "tls":
+        tools, needs = tools + ("openssl",), f"{NEEDS}; {NEEDS_TLS}"
+    elif settings.mode == "h2c":
+        tools, needs = tools + ("h2load", "nghttp"), f"{NEEDS}; {NEEDS_H2C}"
     missing = [t for t in tools if shutil.which(t) is None]
     if missing:
         print(f"missing: {', '.join(missing)}", file=sys.stderr)
-        print(NEEDS)
+        print(needs)
         sys.exit(2)
 
 
@@ -306,6 +413,28 @@ class Processes:
             self._stop(proc)
             self.procs.remove((argv[0], proc))
         return proc.returncode, out, err
+
+    def run_many(self, argvs, timeout):
+        """Runs several short-lived commands (openssl s_time) at once, to completion; returns
+        [(rc, stdout, stderr)] in argvs' order."""
+        started = []
+        try:
+            for argv in argvs:
+                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True,
+                                        start_new_session=True, preexec_fn=_die_with_parent)
+                self.procs.append((argv[0], proc))
+                started.append(proc)
+            deadline = time.monotonic() + timeout
+            results = []
+            for proc in started:
+                out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+                results.append((proc.returncode, out, err))
+            return results
+        finally:
+            for proc in started:
+                self._stop(proc)
+                self.procs.remove((proc.args[0], proc))
 
     @staticmethod
     def _stop(proc, grace=5.0):
@@ -391,11 +520,12 @@ def tail(path, n=20):
         return "(no log)"
 
 
-def request(port, method="GET", path="/", body=None, conn=None, headers=None):
-    """One HTTP/1.1 request; returns (status, headers dict (lower-case), body bytes)."""
+def request(port, method="GET", path="/", body=None, conn=None, headers=None, tls=None):
+    """One HTTP/1.1 request; returns (status, headers dict (lower-case), body bytes). tls: the
+    TlsFiles whose certificate the server must present (then over TLS)."""
     own = conn is None
     if own:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn = client_connection(port, tls)
     hdrs = dict(headers or {})
     if body is not None:
         hdrs.setdefault("Content-Type", "application/octet-stream")
@@ -406,6 +536,106 @@ def request(port, method="GET", path="/", body=None, conn=None, headers=None):
     if own:
         conn.close()
     return result
+
+
+def client_connection(port, tls=None):
+    """An http.client connection to 127.0.0.1:port; over TLS when tls (TlsFiles) is given,
+    verifying that the server presents that certificate for 127.0.0.1."""
+    if tls is None:
+        return http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    return http.client.HTTPSConnection("127.0.0.1", port, timeout=5,
+                                       context=ssl.create_default_context(cafile=tls.cert))
+
+
+def tls_resumes(port, tls):
+    """Connects twice with Python's ssl (OpenSSL, TLS 1.3 where offered), sending one GET on
+    each (TLS 1.3 tickets arrive after the handshake) and offering the first connection's
+    session on the second. Returns (protocol, whether the second resumed it)."""
+    ctx = ssl.create_default_context(cafile=tls.cert)
+    session = None
+    for _ in range(2):
+        raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+        with ctx.wrap_socket(raw, server_hostname="127.0.0.1", session=session) as conn:
+            conn.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := conn.recv(65536):
+                data += chunk
+            if not data.startswith(b"HTTP/1.1 200 "):
+                raise RuntimeError(f"TLS resumption probe on :{port}: {data[:200]!r}")
+            session, reused, version = conn.session, conn.session_reused, conn.version()
+    return version, reused
+
+
+def openssl_negotiates(port):
+    """What an OpenSSL client with its defaults (wrk's library) negotiates with the server at
+    port: "protocol, cipher suite, key exchange" from openssl s_client -brief."""
+    p = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-brief"],
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=10)
+    out = p.stdout + p.stderr
+    found = []
+    for key in ("Protocol version", "Ciphersuite", "Server Temp Key"):
+        m = re.search(rf"^{key}: (.+)$", out, re.M)
+        found.append(m.group(1).strip() if m else f"{key} ?")
+    if p.returncode != 0 or "CONNECTION ESTABLISHED" not in out:
+        raise RuntimeError(f"openssl s_client -connect 127.0.0.1:{port} failed "
+                           f"({p.returncode}):\n{out[-1000:]}")
+    return ", ".join(found)
+
+
+def nghttp_get(port, n):
+    """n GETs over one h2c connection (prior knowledge) with nghttp, distinct URLs (nghttp
+    fetches a repeated URL once); returns their bodies, concatenated."""
+    urls = [f"http://127.0.0.1:{port}/?i={i}" for i in range(n)]
+    p = subprocess.run(["nghttp"] + urls, capture_output=True, timeout=30)
+    if p.returncode != 0:
+        raise RuntimeError(f"nghttp to :{port} failed ({p.returncode}): "
+                           f"{(p.stdout + p.stderr)[-500:]!r}")
+    return p.stdout.decode(errors="replace")
+
+
+def nghttp_head(port):
+    """One GET / over h2c; returns (status, headers dict, body) from nghttp -v's frame log."""
+    p = subprocess.run(["nghttp", "-v", f"http://127.0.0.1:{port}/"], capture_output=True,
+                       timeout=30, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"nghttp -v to :{port} failed ({p.returncode}): "
+                           f"{(p.stdout + p.stderr)[-500:]!r}")
+    headers = dict(re.findall(r"^\[[ \d.]+\] recv \(stream_id=\d+\) ([^:\s][^:]*|:status): "
+                              r"(.*)$", p.stdout, re.M))
+    body = "".join(line + "\n" for line in p.stdout.splitlines()
+                   if line.startswith("hello from "))
+    return int(headers.get(":status", 0)), headers, body
+
+
+def tcp_passive_opens():
+    """TCP connections accepted so far in this network namespace (/proc/net/snmp)."""
+    with open("/proc/net/snmp") as f:
+        rows = [line.split() for line in f if line.startswith("Tcp:")]
+    return int(rows[1][rows[0].index("PassiveOpens")])
+
+
+def haproxy_info(path):
+    """HAProxy's `show info` over its stats socket, as a dict."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(5)
+        s.connect(path)
+        s.sendall(b"show info\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return dict(line.split(": ", 1) for line in data.decode().splitlines() if ": " in line)
+
+
+def proxy_accepts(fleet, proxy):
+    """Connections the proxy has accepted, by its own count, before this reading: nginx's
+    stub_status accepts, HAProxy's CumConns (both count the reading's own connection, taken
+    off here); None for canary-proxy (it has no such count) and without --tls/--h2c."""
+    if proxy == "nginx" and "nginx-status" in fleet.ports:
+        _, _, body = request(fleet.ports["nginx-status"], path="/nginx_status")
+        return int(body.decode().splitlines()[2].split()[0]) - 1
+    if proxy == "haproxy" and fleet.haproxy_sock:
+        return int(haproxy_info(fleet.haproxy_sock)["CumConns"]) - 1
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,8 +663,11 @@ def nginx_common(prefix):
     return "\n".join(lines), temps
 
 
-def write_upstream_conf(tmp, port_v1, port_v2):
-    """One nginx with two servers: v1 and v2. `/`, `/16k`, `POST /post`; stub_status on v1."""
+def write_upstream_conf(tmp, port_v1, port_v2, status_port=None):
+    """One nginx with two servers: v1 and v2. `/`, `/16k`, `POST /post`; stub_status on v1.
+    status_port (--h2c): v1 and v2 speak h2c only (`listen ... http2`), and stub_status is on
+    a third, plain server at status_port (it counts the whole nginx, as on v1)."""
+    h2c = status_port is not None
     prefix = os.path.join(tmp, "upstream")
     os.makedirs(prefix)
     servers = []
@@ -444,9 +677,10 @@ def write_upstream_conf(tmp, port_v1, port_v2):
         with open(os.path.join(root, "16k"), "wb") as f:
             head = f"16k from {name}\n".encode()
             f.write(head + b"x" * (16384 - len(head)))
-        status = "        location = /nginx_status { stub_status; }\n" if name == "v1" else ""
+        status = ("        location = /nginx_status { stub_status; }\n"
+                  if name == "v1" and not h2c else "")
         servers.append(f"""    server {{
-        listen 127.0.0.1:{port} backlog=4096;
+        listen 127.0.0.1:{port}{" http2" if h2c else ""} backlog=4096;
         root {root};
         location = / {{ return 200 "hello from {name}\\n"; }}
         location = /16k {{ }}
@@ -455,6 +689,11 @@ def write_upstream_conf(tmp, port_v1, port_v2):
             return 200 "posted to {name}\\n";
         }}
 {status}    }}""")
+    if h2c:
+        servers.append(f"""    server {{
+        listen 127.0.0.1:{status_port};
+        location = /nginx_status {{ stub_status; }}
+    }}""")
     common, temps = nginx_common(prefix)
     conf = f"""{common}
 http {{
@@ -474,10 +713,39 @@ http {{
     return prefix, path
 
 
-def write_nginx_proxy_conf(tmp, port, port_v1, port_v2):
+def write_nginx_proxy_conf(tmp, port, port_v1, port_v2, mode="plain", tls=None,
+                           tls_resume=False, status_port=None):
+    """mode "tls": `listen ... ssl` with tls's certificate and key, session resumption off
+    unless tls_resume; "h2c": `listen ... http2` (prior knowledge) and grpc_pass to the h2c
+    upstreams. status_port: a plain server with stub_status (the connections nginx accepted)."""
     prefix = os.path.join(tmp, "nginx-proxy")
     os.makedirs(prefix)
     common, temps = nginx_common(prefix)
+    listen = {"plain": "", "tls": " ssl", "h2c": " http2"}[mode]
+    forward = """            proxy_pass http://canary;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";"""
+    if mode == "h2c":
+        # proxy_pass speaks HTTP/1.x only; grpc_pass speaks h2c (one stream per upstream
+        # connection at a time) and forwards any request, not only gRPC calls.
+        forward = "            grpc_pass grpc://canary;"
+    ssl = ""
+    if mode == "tls":
+        resume = ("ssl_session_cache shared:SSL:10m;\n        ssl_session_tickets on;"
+                  if tls_resume else
+                  "ssl_session_cache off;\n        ssl_session_tickets off;")
+        ssl = f"""        ssl_certificate {tls.cert};
+        ssl_certificate_key {tls.key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        {resume}
+"""
+    status = ""
+    if status_port is not None:
+        status = f"""    server {{
+        listen 127.0.0.1:{status_port};
+        location = /nginx_status {{ stub_status; }}
+    }}
+"""
     conf = f"""{common}
 http {{
     access_log off;
@@ -494,14 +762,12 @@ http {{
         keepalive_timeout 300s;
     }}
     server {{
-        listen 127.0.0.1:{port} backlog=4096;
-        location / {{
-            proxy_pass http://canary;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
+        listen 127.0.0.1:{port}{listen} backlog=4096;
+{ssl}        location / {{
+{forward}
         }}
     }}
-}}
+{status}}}
 """
     path = os.path.join(prefix, "nginx.conf")
     with open(path, "w") as f:
@@ -517,10 +783,25 @@ def haproxy_maxconn(want=10000):
     return min(want, (limit - 100) // 2)
 
 
-def write_haproxy_conf(tmp, port, port_v1, port_v2):
+def write_haproxy_conf(tmp, port, port_v1, port_v2, mode="plain", tls=None, tls_resume=False,
+                       stats_socket=None):
+    """mode "tls": `bind ... ssl crt` (certificate and key in one file), TLS 1.2 at least,
+    without tickets and session cache unless tls_resume; "h2c": h2 (prior knowledge) on the
+    bind and the servers. stats_socket: a stats socket there (CumConns: connections
+    accepted)."""
+    bind = srv = glob = ""
+    if stats_socket:
+        glob += f"\n    stats socket {stats_socket} mode 600 level user"
+    if mode == "tls":
+        bind = f" ssl crt {tls.combined} ssl-min-ver TLSv1.2"
+        if not tls_resume:
+            bind += " no-tls-tickets"
+            glob += "\n    tune.ssl.cachesize 0"
+    elif mode == "h2c":
+        bind = srv = " proto h2"
     conf = f"""global
     nbthread 1
-    maxconn {haproxy_maxconn()}
+    maxconn {haproxy_maxconn()}{glob}
 
 defaults
     mode http
@@ -533,13 +814,13 @@ defaults
     timeout http-keep-alive 30s
 
 frontend fe
-    bind 127.0.0.1:{port}
+    bind 127.0.0.1:{port}{bind}
     default_backend be
 
 backend be
     balance roundrobin
-    server v1 127.0.0.1:{port_v1} weight 9
-    server v2 127.0.0.1:{port_v2} weight 1
+    server v1 127.0.0.1:{port_v1} weight 9{srv}
+    server v2 127.0.0.1:{port_v2} weight 1{srv}
 """
     path = os.path.join(tmp, "haproxy.cfg")
     with open(path, "w") as f:
@@ -581,15 +862,25 @@ ROLLOUT_ACTIVE = ("running", "waiting_approval")
 
 
 def write_canary_conf(tmp, port, admin_port, port_v1, port_v2, extra, name="canary.toml",
-                      rollout=False, port_v3=None, mirror=""):
+                      rollout=False, port_v3=None, mirror="", tls=None, h2c=False):
     """canary's config; canary@base gets the same one (name canary-base.toml), other ports.
     rollout: append ROLLOUT_TOML (only canary, with --rollout). port_v3: a third backend
     "v3" of weight 0 (--mirror-slow, both builds). mirror: append a [mirror] section with
-    this backend and the defaults otherwise (only canary, with --mirror / --mirror-slow)."""
+    this backend and the defaults otherwise (only canary, with --mirror / --mirror-slow).
+    tls (--tls): a [proxy.tls] table with its certificate and key. h2c (--h2c): the backends
+    get protocol = "h2c"."""
+    tls_table = ""
+    if tls is not None:
+        tls_table = f"""
+[proxy.tls]
+cert = "{tls.cert}"
+key = "{tls.key}"
+"""
+    protocol = 'protocol = "h2c"\n' if h2c else ""
     conf = f"""[proxy]
 listen = "127.0.0.1:{port}"
 request_timeout = "30s"
-{canary_extra_proxy_keys(extra)}
+{canary_extra_proxy_keys(extra)}{tls_table}
 [admin]
 listen = "127.0.0.1:{admin_port}"
 
@@ -597,12 +888,12 @@ listen = "127.0.0.1:{admin_port}"
 name = "v1"
 urls = ["http://127.0.0.1:{port_v1}"]
 weight = 90
-
+{protocol}
 [[backend]]
 name = "v2"
 urls = ["http://127.0.0.1:{port_v2}"]
 weight = 10
-"""
+{protocol}"""
     if port_v3 is not None:
         conf += f"""
 [[backend]]
@@ -669,6 +960,34 @@ def write_slow_upstream(tmp):
     return path
 
 
+@dataclass
+class TlsFiles:
+    """--tls: the certificate every proxy serves, its key, and both in one file (HAProxy)."""
+    cert: str
+    key: str
+    combined: str
+
+
+def make_certificate(tmp):
+    """A self-signed ECDSA P-256 certificate for localhost and 127.0.0.1, made once per run."""
+    d = os.path.join(tmp, "tls")
+    os.makedirs(d)
+    files = TlsFiles(os.path.join(d, "cert.pem"), os.path.join(d, "key.pem"),
+                     os.path.join(d, "combined.pem"))
+    argv = ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+            "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", files.key, "-out", files.cert,
+            "-days", "2", "-subj", "/CN=localhost",
+            "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"]
+    p = subprocess.run(argv, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"openssl req failed ({p.returncode}):\n{p.stdout}{p.stderr}")
+    with open(files.combined, "w") as out:
+        for path in (files.cert, files.key):
+            with open(path) as f:
+                out.write(f.read())
+    return files
+
+
 # ---------------------------------------------------------------------------------------------
 # Starting the fleet
 # ---------------------------------------------------------------------------------------------
@@ -676,9 +995,13 @@ def write_slow_upstream(tmp):
 @dataclass
 class Fleet:
     tmp: str
-    ports: dict  # v1, v2, canary, admin, nginx, haproxy (+ canary@base, admin@base)
+    ports: dict  # v1, v2, canary, admin, nginx, haproxy (+ canary@base, admin@base; status,
+    #              nginx-status with --tls/--h2c)
     procs: dict = field(default_factory=dict)  # name -> Popen
     canary_conf: str = ""
+    tls: TlsFiles = None  # --tls
+    resumed: dict = field(default_factory=dict)  # --tls: proxy -> resumed a TLS session
+    haproxy_sock: str = ""  # --tls, --h2c: HAProxy's stats socket
 
 
 def is_canary(proxy):
@@ -718,7 +1041,8 @@ def start_canary(settings, procs, fleet, proxy):
                              ports["v2"], settings.canary_extra, f"canary{suffix}.toml",
                              rollout=settings.rollout and proxy == "canary",
                              port_v3=ports.get("v3"),
-                             mirror=settings.mirror if proxy == "canary" else "")
+                             mirror=settings.mirror if proxy == "canary" else "",
+                             tls=fleet.tls, h2c=settings.mode == "h2c")
     if proxy == "canary":
         fleet.canary_conf = conf
     check = subprocess.run([binary, "check", "--config", conf], capture_output=True,
@@ -741,17 +1065,28 @@ def start_fleet(settings, procs, tmp):
         names += [BASE, admin_key(BASE)]
     if settings.mirror == "v3":
         names.append("v3")
+    if settings.mode != "plain":
+        names.append("nginx-status")  # the nginx proxy's stub_status (accepted connections)
+    if settings.mode == "h2c":
+        names.append("status")  # the upstream's stub_status: v1 and v2 speak h2c only
     ports = dict(zip(names, free_ports(len(names))))
+    ports.setdefault("status", ports["v1"])
     fleet = Fleet(tmp=tmp, ports=ports)
+    if settings.mode == "tls":
+        fleet.tls = make_certificate(tmp)
+    if settings.mode != "plain":
+        fleet.haproxy_sock = os.path.join(tmp, "haproxy.sock")
     pin_load = ["taskset", "-c", str(settings.load_cpu)]
     pin_proxy = ["taskset", "-c", str(settings.proxy_cpu)]
 
-    prefix, conf = write_upstream_conf(tmp, ports["v1"], ports["v2"])
+    prefix, conf = write_upstream_conf(tmp, ports["v1"], ports["v2"],
+                                       ports["status"] if settings.mode == "h2c" else None)
     logf = os.path.join(prefix, "stdout.log")
     fleet.procs["upstream"] = procs.start("upstream", pin_load + ["nginx", "-p", prefix, "-c",
                                           conf], logf)
     wait_listening(ports["v1"], fleet.procs["upstream"], "upstream nginx", logf)
     wait_listening(ports["v2"], fleet.procs["upstream"], "upstream nginx", logf)
+    wait_listening(ports["status"], fleet.procs["upstream"], "upstream nginx", logf)
     if "v3" in ports:
         script = write_slow_upstream(tmp)
         logf = os.path.join(tmp, "slow-upstream.log")
@@ -764,14 +1099,21 @@ def start_fleet(settings, procs, tmp):
             start_canary(settings, procs, fleet, proxy)
 
     if "nginx" in settings.proxies:
-        prefix, conf = write_nginx_proxy_conf(tmp, ports["nginx"], ports["v1"], ports["v2"])
+        prefix, conf = write_nginx_proxy_conf(tmp, ports["nginx"], ports["v1"], ports["v2"],
+                                              settings.mode, fleet.tls, settings.tls_resume,
+                                              ports.get("nginx-status"))
         logf = os.path.join(prefix, "stdout.log")
         fleet.procs["nginx"] = procs.start("nginx", pin_proxy + ["nginx", "-p", prefix, "-c",
                                            conf], logf)
         wait_listening(ports["nginx"], fleet.procs["nginx"], "nginx proxy", logf)
+        if "nginx-status" in ports:
+            wait_listening(ports["nginx-status"], fleet.procs["nginx"], "nginx proxy status",
+                           logf)
 
     if "haproxy" in settings.proxies:
-        conf = write_haproxy_conf(tmp, ports["haproxy"], ports["v1"], ports["v2"])
+        conf = write_haproxy_conf(tmp, ports["haproxy"], ports["v1"], ports["v2"],
+                                  settings.mode, fleet.tls, settings.tls_resume,
+                                  fleet.haproxy_sock)
         logf = os.path.join(tmp, "haproxy.log")
         fleet.procs["haproxy"] = procs.start("haproxy", pin_proxy + ["haproxy", "-db", "-f",
                                              conf], logf)
@@ -866,7 +1208,7 @@ def memory_kib(pid):
 
 def upstream_counters(fleet):
     """(accepted connections, requests) of the upstream nginx, minus this status request."""
-    _, _, body = request(fleet.ports["v1"], path="/nginx_status")
+    _, _, body = request(fleet.ports["status"], path="/nginx_status")
     nums = body.decode().splitlines()[2].split()
     return int(nums[0]) - 1, int(nums[2]) - 1
 
@@ -920,9 +1262,12 @@ def write_post_lua(tmp):
     return path
 
 
-def run_wrk(settings, procs, url, conns, duration, lua=None):
+def run_wrk(settings, procs, url, conns, duration, lua=None, close=False):
+    """close: every request with Connection: close, so wrk opens a new connection for each."""
     argv = ["taskset", "-c", str(settings.load_cpu), "wrk", "-t1", f"-c{conns}",
             f"-d{duration}s", "--latency"]
+    if close:
+        argv += ["-H", "Connection: close"]
     if lua:
         argv += ["-s", lua]
     argv.append(url)
@@ -930,6 +1275,93 @@ def run_wrk(settings, procs, url, conns, duration, lua=None):
     if rc != 0:
         raise RuntimeError(f"wrk failed ({rc}): {' '.join(argv)}\n{out}{err}")
     return parse_wrk(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# h2load (--h2c)
+# ---------------------------------------------------------------------------------------------
+
+def percentile(sorted_values, q):
+    """The q-quantile (0..1) of sorted values, nearest rank (as wrk reports them)."""
+    i = min(len(sorted_values) - 1, max(0, int(q * len(sorted_values) + 0.5) - 1))
+    return sorted_values[i]
+
+
+def parse_h2load(out, log_path):
+    """h2load's summary plus p50/p99 from its per-request log (start µs, status, µs until the
+    end of the response; status -1 for a failed stream)."""
+    def find(pattern):
+        m = re.search(pattern, out, re.M)
+        if m is None:
+            raise RuntimeError(f"h2load output lacks {pattern!r}:\n{out}")
+        return m
+    if find(r"^Application protocol: (\S+)").group(1) != "h2c":
+        raise RuntimeError(f"h2load did not speak h2c:\n{out}")
+    m = find(r"^requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) "
+             r"failed, (\d+) errored, (\d+) timeout")
+    done, failed, errored, timeout = (int(m.group(i)) for i in (3, 5, 6, 7))
+    codes = find(r"^status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx")
+    times = []
+    with open(log_path) as f:
+        for line in f:
+            cols = line.split("\t")
+            if len(cols) >= 3 and cols[1] != "-1":
+                times.append(int(cols[2]))
+    if not times:
+        raise RuntimeError(f"h2load logged no completed request:\n{out}")
+    times.sort()
+    res = {
+        "rps": float(find(r"^finished in [\d.]+m?s, ([\d.]+) req/s").group(1)),
+        "p50": percentile(times, 0.50) / 1e3,
+        "p99": percentile(times, 0.99) / 1e3,
+        "requests": done,
+        "non2xx": sum(int(codes.group(i)) for i in (2, 3, 4)),
+        "socket_errors": failed + errored + timeout,
+    }
+    if res["socket_errors"]:
+        res["socket_detail"] = f"h2load: failed {failed}, errored {errored}, timeout {timeout}"
+    return res
+
+
+def run_h2load(settings, procs, url, conns, streams, duration, log_path):
+    """h2load, h2c with prior knowledge, conns connections with streams streams each, for
+    duration seconds; its per-request log goes to log_path (overwritten)."""
+    argv = ["taskset", "-c", str(settings.load_cpu), "h2load", "-t1", f"-c{conns}",
+            f"-m{streams}", f"-D{duration}", f"--log-file={log_path}", url]
+    if os.path.exists(log_path):
+        os.remove(log_path)
+    rc, out, err = procs.run(argv, timeout=duration + 30)
+    if rc != 0:
+        raise RuntimeError(f"h2load failed ({rc}): {' '.join(argv)}\n{out}{err}")
+    return parse_h2load(out, log_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# openssl s_time (--tls, tls-full)
+# ---------------------------------------------------------------------------------------------
+
+def run_s_time(settings, procs, port, clients, duration):
+    """clients `openssl s_time -new` processes at once, each making connections one after
+    another for duration seconds, each connection a new TLS session (a full handshake,
+    whatever the server offers) with one HTTP/1.0 GET / (the server closes). No latencies;
+    every process must have read a whole small answer per connection."""
+    argv = ["taskset", "-c", str(settings.load_cpu), "openssl", "s_time", "-connect",
+            f"127.0.0.1:{port}", "-new", "-time", str(duration), "-www", "/"]
+    conns, nbytes = 0, 0
+    for rc, out, err in procs.run_many([argv] * clients, timeout=duration + 30):
+        m = re.search(r"^(\d+) connections in [\d.]+s; .*bytes read (\d+)$", out, re.M)
+        if rc != 0 or m is None:
+            raise RuntimeError(f"openssl s_time failed ({rc}): {' '.join(argv)}\n"
+                               f"{out[-1000:]}{err[-1000:]}")
+        conns += int(m.group(1))
+        nbytes += int(m.group(2))
+    per_conn = nbytes / max(conns, 1)
+    if per_conn < len("HTTP/1.1 200 OK\r\n\r\nhello from v1\n"):
+        raise RuntimeError(f"openssl s_time read {per_conn:.0f} bytes per connection: no "
+                           f"whole answers from :{port}")
+    # rps: filled in by measure() from its own wall time (s_time prints whole seconds only).
+    return {"rps": 0.0, "p50": None, "p99": None, "requests": conns, "non2xx": 0,
+            "socket_errors": 0, "bytes_per_conn": per_conn}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -943,6 +1375,9 @@ class Scenario:
     path: str
     conns: int
     post: bool = False
+    close: bool = False  # Connection: close on every request: a new connection for each
+    streams: int = 0  # h2load's concurrent streams per connection (--h2c); 0: wrk
+    s_time: bool = False  # conns openssl s_time -new processes instead of wrk (--tls)
 
 
 SCENARIOS = [
@@ -952,6 +1387,20 @@ SCENARIOS = [
     Scenario("get16k", "16 KiB GET, 64 connections", "/16k", 64),
     Scenario("post4k", "4 KiB POST, 64 connections", "/post", 64, post=True),
 ]
+TLS_SCENARIOS = [  # --tls
+    Scenario("tls-get64", "TLS: small GET over kept-alive TLS connections, 64 connections",
+             "/", 64),
+    Scenario("tls-handshake", "TLS handshakes: a new TLS connection per small GET "
+             "(Connection: close), 64 connections", "/", 64, close=True),
+    Scenario("tls-full", "TLS full handshakes: 16 openssl s_time -new clients, a new session "
+             "per connection, one HTTP/1.0 GET each", "/", 16, close=True, s_time=True),
+]
+H2C_SCENARIOS = [  # --h2c
+    Scenario("h2c-get", "h2c to h2c: small GET, 16 connections × 16 streams (h2load)", "/", 16,
+             streams=16),
+]
+MODE_SCENARIOS = {"plain": SCENARIOS, "tls": TLS_SCENARIOS, "h2c": H2C_SCENARIOS}
+MEMORY_AFTER = ("get64", "tls-get64", "h2c-get")  # canary-proxy's RSS is read after these
 
 
 def counters(settings, pids, upstream_pids):
@@ -978,18 +1427,35 @@ def measure(settings, procs, fleet, proxy, sc, duration, lua):
     pids, up_pids = proxy_pids(fleet, proxy), proxy_pids(fleet, "upstream")
     if "slow" in fleet.procs:
         up_pids.append(fleet.procs["slow"].pid)  # --mirror-slow's upstream: load side too
-    url = f"http://127.0.0.1:{fleet.ports[proxy]}{sc.path}"
+    scheme = "https" if settings.mode == "tls" else "http"
+    url = f"{scheme}://127.0.0.1:{fleet.ports[proxy]}{sc.path}"
     # canary's mirror counts, read outside the CPU window like the upstream's stub_status.
     mirroring = settings.mirror and proxy == "canary"
+    # --tls, --h2c: connections accepted in the run, netns-wide and by the proxy's own count
+    # (read outside the CPU window too; the netns count just around the load generator).
+    counting = settings.mode != "plain"
     m0 = mirror_counts(fleet) if mirroring else None
     up0 = upstream_counters(fleet)
+    a0 = proxy_accepts(fleet, proxy) if counting else None
+    p0 = tcp_passive_opens() if counting else 0
     c0 = counters(settings, pids, up_pids)
-    res = run_wrk(settings, procs, url, sc.conns, duration, lua if sc.post else None)
+    if sc.streams:
+        res = run_h2load(settings, procs, url, sc.conns, sc.streams, duration,
+                         os.path.join(fleet.tmp, "h2load-requests.log"))
+    elif sc.s_time:
+        res = run_s_time(settings, procs, fleet.ports[proxy], sc.conns, duration)
+    else:
+        res = run_wrk(settings, procs, url, sc.conns, duration, lua if sc.post else None,
+                      close=sc.close)
     c1 = counters(settings, pids, up_pids)
+    p1 = tcp_passive_opens() if counting else 0
     up1 = upstream_counters(fleet)
+    a1 = proxy_accepts(fleet, proxy) if counting else None
     m1 = mirror_counts(fleet) if mirroring else None
 
     wall, cpu = c1["t"] - c0["t"], c1["cpu"] - c0["cpu"]
+    if sc.s_time:
+        res["rps"] = res["requests"] / wall
     res["cpu_us_per_req"] = cpu / max(res["requests"], 1) * 1e6
     res["util"] = cpu / wall
     res["proxy_core"] = busy_share(c0["proxy_core"], c1["proxy_core"])
@@ -1007,7 +1473,7 @@ def measure(settings, procs, fleet, proxy, sc, duration, lua):
     res["up_reqs"] = up1[1] - up0[1] - 1
     # --mirror: the copies to v2 reach the upstream nginx too (sent ones: copied, errors,
     # timeouts); up to max_in_flight of them may be running when the counts are read.
-    res["up_copies"], slack = 0, sc.conns
+    res["up_copies"], slack = 0, sc.conns * max(sc.streams, 1)
     if mirroring:
         res["mirror"] = {key: m1[key] - m0[key] for key in MIRROR_KEYS}
         if settings.mirror == "v2":
@@ -1016,6 +1482,23 @@ def measure(settings, procs, fleet, proxy, sc, duration, lua):
     # Requests in flight when wrk stops reach the upstream but are not counted by wrk.
     res["up_mismatch"] = (abs(res["up_reqs"] - res["requests"] - res["up_copies"])
                           > slack + 0.01 * res["requests"])
+    if counting:
+        # New client connections: everything accepted in the namespace during the run but the
+        # upstream's (the proxy's new upstream connections).
+        res["conns"] = p1 - p0 - res["up_conns"]
+        res["own_conns"] = None if a0 is None else a1 - a0 - 1
+        if sc.close:
+            res["conns_per_req"] = res["conns"] / max(res["requests"], 1)
+            # Fewer connections than requests: the client did not reconnect. More: wrk's
+            # connections still open when it stops (and the one it makes first to try the
+            # address) were accepted with no request counted; beyond those, only the proxy's
+            # own count can tell (the namespace's also has other programs' connections).
+            own = res["own_conns"]
+            count = res["conns"] if own is None else own
+            res["conns_off"] = (
+                count < res["requests"] * (1 - CONNS_PER_REQ_SLACK)
+                or (own is not None and own - res["requests"]
+                    > sc.conns + 1 + CONNS_PER_REQ_SLACK * res["requests"]))
     if is_canary(proxy):
         res["mem"] = memory_kib(fleet.procs[proxy].pid)
     return res
@@ -1046,12 +1529,24 @@ def describe(res):
     if res["up_mismatch"]:
         flags += (f"  UPSTREAM requests {res['up_reqs']} != wrk {res['requests']}"
                   + (f" + {res['up_copies']} copies" if res["up_copies"] else ""))
+    if "conns" in res:
+        flags += f"  new conns {res['conns']}"
+        if res["own_conns"] is not None:
+            flags += f" (proxy's count {res['own_conns']})"
+        if "conns_per_req" in res:
+            flags += f" = {res['conns_per_req']:.3f}/req"
+            if res["conns_off"]:
+                flags += "  NOT ONE CONNECTION PER REQUEST"
     if "mirror" in res:
         m = res["mirror"]
         flags += (f"  mirror +{m['copied']} copied +{m['dropped']} dropped"
                   + "".join(f" +{m[k]} {k}" for k in ("errors", "timeouts") if m[k])
                   + ("  NO COPIES" if not m["copied"] else ""))
-    return (f"{res['rps']:>9.0f} req/s  p50 {res['p50']:6.2f} ms  p99 {res['p99']:6.2f} ms  "
+    if res["p50"] is None:  # openssl s_time: no latencies
+        latency = f"{'':>32}"
+    else:
+        latency = f"  p50 {res['p50']:6.2f} ms  p99 {res['p99']:6.2f} ms"
+    return (f"{res['rps']:>9.0f} req/s{latency}  "
             f"{res['cpu_us_per_req']:5.1f} µs/req  util {res['util']:4.0%}  "
             f"load core {res['load_core']:4.0%}  up conns {res['up_conns']}{flags}")
 
@@ -1248,18 +1743,22 @@ def mirror_rounds_line(runs):
 
 def sanity_checks(settings, procs, fleet, lua):
     """Each proxy answers 200 (canary with x-canary-backend), reaches both v1 and v2 (by
-    body), and serves /16k and POST /post; the upstream keeps POST connections alive."""
+    body), and serves /16k and POST /post; the upstream keeps POST connections alive. --tls:
+    the same over TLS, checking the certificate (no upstream POST check: no POST scenario);
+    --h2c: see sanity_checks_h2c."""
+    if settings.mode == "h2c":
+        return sanity_checks_h2c(settings, fleet)
     notes = []
     for proxy in settings.proxies:
         port = fleet.ports[proxy]
-        status, headers, body = request(port)
+        status, headers, body = request(port, tls=fleet.tls)
         if status != 200:
             raise RuntimeError(f"{proxy}: GET / -> {status} {body!r}")
         if is_canary(proxy):
             backend = headers.get("x-canary-backend")
             if backend not in ("v1", "v2") or body != f"hello from {backend}\n".encode():
                 raise RuntimeError(f"{proxy}: x-canary-backend={backend!r}, body {body!r}")
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn = client_connection(port, fleet.tls)
         hits = {"v1": 0, "v2": 0}
         n = 400
         for _ in range(n):
@@ -1283,7 +1782,10 @@ def sanity_checks(settings, procs, fleet, lua):
         share = hits["v2"] / n
         if not 0.03 <= share <= 0.20:
             raise RuntimeError(f"{proxy}: v2 got {share:.0%} of {n} requests, expected ~10%")
-        notes.append(f"{proxy}: v1 {hits['v1']}, v2 {hits['v2']} of {n}")
+        notes.append(f"{proxy}: v1 {hits['v1']}, v2 {hits['v2']} of {n}"
+                     + (" over TLS" if fleet.tls else ""))
+    if settings.mode == "tls":
+        return notes
     # POST keeps the upstream connection alive: 4 connections, about a thousand POSTs.
     c0, r0 = upstream_counters(fleet)
     res = run_wrk(settings, procs, f"http://127.0.0.1:{fleet.ports['v1']}/post", 4, 1, lua)
@@ -1296,6 +1798,78 @@ def sanity_checks(settings, procs, fleet, lua):
     notes.append(f"upstream POST /post: {res['requests']} requests over {opened} connections "
                  "(keep-alive holds with a 4 KiB body)")
     return notes
+
+
+def split_check(proxy, hits, n):
+    """Both upstreams used, v2 at about 10%."""
+    if hits["v1"] == 0 or hits["v2"] == 0:
+        raise RuntimeError(f"{proxy}: over {n} requests v1={hits['v1']} v2={hits['v2']}; "
+                           "both upstreams must be used")
+    share = hits["v2"] / n
+    if not 0.03 <= share <= 0.20:
+        raise RuntimeError(f"{proxy}: v2 got {share:.0%} of {n} requests, expected ~10%")
+
+
+def sanity_checks_h2c(settings, fleet):
+    """--h2c: each proxy answers GET / over h2c with 200 (canary with x-canary-backend) and
+    reaches both v1 and v2 over 400 GETs on one h2c connection (nghttp); the upstream refuses
+    HTTP/1.1, so each of those answers came from it over h2c."""
+    notes = []
+    for proxy in settings.proxies:
+        port = fleet.ports[proxy]
+        status, headers, body = nghttp_head(port)
+        if status != 200 or not body.startswith("hello from v"):
+            raise RuntimeError(f"{proxy}: h2c GET / -> {status} {body!r}")
+        if is_canary(proxy):
+            backend = headers.get("x-canary-backend")
+            if backend not in ("v1", "v2") or body != f"hello from {backend}\n":
+                raise RuntimeError(f"{proxy}: x-canary-backend={backend!r}, body {body!r}")
+        n = 400
+        text = nghttp_get(port, n)
+        hits = {v: len(re.findall(rf"^hello from {v}$", text, re.M)) for v in ("v1", "v2")}
+        if hits["v1"] + hits["v2"] != n:
+            raise RuntimeError(f"{proxy}: {n} h2c GETs gave {hits['v1']} v1 and {hits['v2']} "
+                               f"v2 answers: {text[:300]!r}")
+        split_check(proxy, hits, n)
+        notes.append(f"{proxy}: v1 {hits['v1']}, v2 {hits['v2']} of {n} over h2c")
+    try:
+        status, _, body = request(fleet.ports["v1"])
+        refused = f"{status} {body[:60]!r}"
+    except (http.client.HTTPException, OSError) as e:
+        refused = ""
+        notes.append(f"upstream v1 answers HTTP/1.1 with {type(e).__name__} (h2c only): the "
+                     "proxies' 200s came over h2c")
+    if refused:
+        raise RuntimeError(f"upstream v1 answered HTTP/1.1 ({refused}): it must be h2c only")
+    return notes
+
+
+def tls_probes(settings, fleet):
+    """--tls, after the sanity checks: for each proxy what an OpenSSL client negotiates, and
+    whether it resumes a session (Python's ssl offering the session of a first connection
+    on a second one). Sets fleet.resumed; returns the report's lines."""
+    lines = []
+    for proxy in settings.proxies:
+        port = fleet.ports[proxy]
+        negotiated = openssl_negotiates(port)
+        version, resumed = tls_resumes(port, fleet.tls)
+        fleet.resumed[proxy] = resumed
+        mark = "" if resumed == settings.tls_resume else " ⚠"
+        lines.append(f"- TLS with {proxy}: openssl s_client negotiates {negotiated}; session "
+                     f"resumption ({version}): "
+                     + ("resumed (wrk's reconnections resume too: cheaper handshakes)"
+                        if resumed else "not resumed (every handshake is a full one)")
+                     + mark)
+    kind = ("resumed handshakes (nginx: shared session cache and tickets; HAProxy: its "
+            "defaults)" if settings.tls_resume else
+            "full handshakes (nginx: ssl_session_cache off, ssl_session_tickets off; HAProxy: "
+            "no-tls-tickets, tune.ssl.cachesize 0)")
+    lines.append(f"- TLS handshakes meant to be measured: {kind}; canary-proxy as configured "
+                 "([proxy.tls] cert and key only). ⚠ above: that proxy's handshakes were not "
+                 "of that kind")
+    for line in lines:
+        log(line[2:])
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1428,23 +2002,38 @@ def machine_info(settings):
     tools = [cmd_output(["nginx", "-v"])]
     if "haproxy" in settings.proxies:
         tools.append(cmd_output(["haproxy", "-v"]).splitlines()[0])
+    if settings.mode == "tls":
+        tools.append(cmd_output(["openssl", "version"]))
+    elif settings.mode == "h2c":
+        wrk_v = cmd_output(["h2load", "--version"])  # h2c: h2load is the load generator
     info = [
         f"- machine: {os.cpu_count()} cores (nproc {cmd_output(['nproc'])}), {cpu_model}, "
         f"kernel {platform.release()}",
         f"- {'; '.join(tools)}; {wrk_v}",
-        f"- canary-proxy: commit {commit}; binary built {built_at(CANARY_BIN)}; "
-        f"CANARY_EXTRA={settings.canary_extra!r}",
     ]
+    if "canary" in settings.proxies:
+        info.append(f"- canary-proxy: commit {commit}; binary built {built_at(CANARY_BIN)}; "
+                    f"CANARY_EXTRA={settings.canary_extra!r}")
     if settings.baseline:
         info.append(baseline_info(settings))
     if settings.proxies != PROXIES:
         info.append(f"- contestants: {', '.join(settings.proxies)}"
                     + (f" (canary and {BASE} trade places in even rounds)"
                        if BASE in settings.proxies else ""))
+    generator = "h2load (-t1)" if settings.mode == "h2c" else "wrk (-t1)"
     info.append(
-        f"- proxy under test on core {settings.proxy_cpu}; upstream nginx + wrk (-t1) on core "
+        f"- proxy under test on core {settings.proxy_cpu}; upstream nginx + {generator} on core "
         f"{settings.load_cpu}; {settings.duration} s per run, {settings.rounds} round(s), "
         f"1 s warm-up per proxy per scenario")
+    if settings.mode == "tls":
+        info.append("- TLS: every proxy serves the same self-signed ECDSA P-256 certificate "
+                    "(made with openssl for this run); TLS 1.2 and 1.3 allowed; upstreams plain "
+                    "HTTP/1.1")
+    elif settings.mode == "h2c":
+        info.append("- h2c: h2load to the proxy with prior knowledge; the upstream nginx speaks "
+                    "h2c only (listen ... http2); canary: backends with protocol = \"h2c\"; "
+                    "HAProxy: proto h2 on bind and servers; nginx: grpc_pass grpc:// (one "
+                    "stream per upstream connection: no multiplexing upstream)")
     if "haproxy" in settings.proxies and haproxy_maxconn() < 10000:
         info.append(f"- HAProxy maxconn {haproxy_maxconn()} instead of 10000: the file "
                     f"descriptor limit is {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}")
@@ -1457,7 +2046,8 @@ def med(runs, key):
 
 def flagged(runs):
     s = ""
-    if any(r["non2xx"] or r["socket_errors"] or r["up_mismatch"] for r in runs):
+    if any(r["non2xx"] or r["socket_errors"] or r["up_mismatch"] or r.get("conns_off")
+           for r in runs):
         s += " ⚠"
     if any(r["foreign"] for r in runs):
         s += " †"
@@ -1504,6 +2094,11 @@ def error_notes(label, runs):
             notes.append(f"  - ⚠ {label} round {i}: upstream served {r['up_reqs']} requests, "
                          f"wrk counted {r['requests']}"
                          + (f" (+ {r['up_copies']} mirror copies)" if r["up_copies"] else ""))
+        if r.get("conns_off"):
+            own = "" if r["own_conns"] is None else f", by the proxy's count {r['own_conns']}"
+            notes.append(f"  - ⚠ {label} round {i}: {r['conns']} new connections accepted"
+                         f"{own} for {r['requests']} requests: not one TLS handshake per "
+                         "request")
         if r["foreign"]:
             notes.append(f"  - † {label} round {i}: processes not started by this benchmark "
                          f"used {r['outside_cpu']:.0%} of a core (a build, tests, another "
@@ -1523,6 +2118,8 @@ BASE_KEYS = (("rps", "req/s"), ("p99", "p99"), ("cpu_us_per_req", "CPU µs/req")
 def base_ratio(new, old, key):
     """canary/canary@base for one key: ratio of the medians, and "(lo–hi)" of the per-round
     ratios (the two builds ran back to back in each round) when there are several rounds."""
+    if new[0][key] is None:  # latencies of openssl s_time runs
+        return "—"
     text = f"{med(new, key) / med(old, key):.2f}×"
     per_round = [n[key] / o[key] for n, o in zip(new, old) if o[key]]
     if len(per_round) > 1:
@@ -1571,7 +2168,86 @@ def base_summary_markdown(rows, rounds, rollout=False, mirror=""):
                + " ⚠/† as in the tables below.", ""])
 
 
-def scenario_markdown(settings, sc, results, base_rows):
+# --tls, --h2c: canary vs nginx and HAProxy, per scenario (key, label in the report)
+VS_KEYS = (("cpu_us_per_req", "CPU µs/req"), ("rps", "req/s"), ("p99", "p99"))
+
+VS_SUMMARY_HEAD = (
+    "| scenario | vs | CPU µs/req canary | CPU µs/req other | ratio CPU µs/req | ratio req/s "
+    "| ratio p99 | marks |\n|---|---|---:|---:|---:|---:|---:|---|")
+
+
+def vs_summary_row(key, other, c, o, note=""):
+    """One row of the summary: scenario key, the other proxy, CPU µs/req of both, ratios;
+    note: the kinds of handshake when they differ (⚠)."""
+    marks = (flagged(c + o) + (f" {note}" if note else "")).strip()
+    return (f"| {key} | {other} | {med(c, 'cpu_us_per_req'):.1f} | "
+            f"{med(o, 'cpu_us_per_req'):.1f} | "
+            + " | ".join(base_ratio(c, o, k) for k, _ in VS_KEYS)
+            + f" | {marks} |")
+
+
+def vs_summary_markdown(settings, rows):
+    spread = (" In parentheses the lowest and highest per-round ratio (the proxies ran back to "
+              "back in every round)." if settings.rounds > 1 else
+              " One round only: no spread.")
+    what = ("TLS terminated by every proxy with the same certificate" if settings.mode == "tls"
+            else "h2c from the client and to the upstreams")
+    return ["## canary vs nginx and HAProxy (same run)", "",
+            f"{what}. Scenarios by key (titles below). Ratios are canary/other of the medians "
+            "over rounds: CPU µs/req and p99 "
+            "below 1.00× and req/s above 1.00× mean canary does better." + spread
+            + " ⚠/† as in the tables below.", "", VS_SUMMARY_HEAD] + rows + [""]
+
+
+def proto_table_head(sc, vs_nginx):
+    """--tls, --h2c: the scenario table, with the client connections accepted; for
+    tls-handshake per request and the kind of handshake."""
+    rate, cpu = ("handshakes/s", "CPU µs/handshake") if sc.close else ("req/s", "CPU µs/req")
+    head = (f"| proxy | {rate} | p50 | p99 | {cpu} | core util | proxy core busy "
+            "| load core busy | outside CPU | upstream conns opened | client conns accepted |")
+    rule = "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    if sc.close:
+        head += " accepted conns/request | proxy's own count/request | handshakes |"
+        rule += "---:|---:|---|"
+    if vs_nginx:
+        head += f" vs nginx ({rate}; p99; CPU) |"
+        rule += "---|"
+    return head + "\n" + rule
+
+
+def fmt_ms(runs, key):
+    return "—" if runs[0][key] is None else f"{med(runs, key):.2f} ms"
+
+
+def proto_table_row(sc, label, runs, ref, vs_nginx, resumed):
+    row = (f"| {label} | {fmt_rps(runs)} | {fmt_ms(runs, 'p50')} | "
+           f"{fmt_ms(runs, 'p99')} | {med(runs, 'cpu_us_per_req'):.1f} | "
+           f"{med(runs, 'util'):.0%} | {med(runs, 'proxy_core'):.0%} | "
+           f"{med(runs, 'load_core'):.0%} | {max(r['outside_cpu'] for r in runs):.0%} | "
+           f"{max(r['up_conns'] for r in runs)} | {med(runs, 'conns'):,.0f} |")
+    if sc.close:
+        own = [r["own_conns"] / max(r["requests"], 1) for r in runs
+               if r["own_conns"] is not None]
+        kind = "?" if resumed is None else "resumed" if resumed else "full"
+        if sc.s_time:
+            kind = "full (s_time -new)"
+        row += (f" {med(runs, 'conns_per_req'):.3f} | "
+                + (f"{statistics.median(own):.3f}" if own else "—") + f" | {kind} |")
+    if vs_nginx:
+        vs = "—"
+        if ref is not None:
+            vs = "; ".join("—" if runs[0][key] is None else
+                           f"{med(runs, key) / med(ref, key):.2f}×"
+                           for key in ("rps", "p99", "cpu_us_per_req"))
+        row += f" {vs} |"
+    return row
+
+
+def scenario_markdown(settings, sc, results, base_rows, vs_rows=None, resumed=None):
+    """vs_rows (--tls, --h2c): collects the summary's canary vs nginx and HAProxy rows;
+    resumed: {proxy: whether it resumed a TLS session} (--tls)."""
+    if settings.mode != "plain":
+        return proto_markdown(settings, sc, results, base_rows, vs_rows, resumed or {})
     proxies = settings.proxies
     vs_nginx = "nginx" in proxies
     lines = [f"### {sc.title}", "", table_head(vs_nginx)]
@@ -1604,6 +2280,43 @@ def scenario_markdown(settings, sc, results, base_rows):
     for proxy in proxies:
         lines += error_notes(proxy, results[proxy])
     return lines + [""]
+
+
+def proto_markdown(settings, sc, results, base_rows, vs_rows, resumed):
+    """--tls, --h2c: a scenario's table and its canary/nginx and canary/haproxy ratios."""
+    proxies = settings.proxies
+    vs_nginx = "nginx" in proxies
+    lines = [f"### {sc.title}", "", proto_table_head(sc, vs_nginx)]
+    for proxy in proxies:
+        ref = None if proxy == "nginx" or not vs_nginx else results["nginx"]
+        lines.append(proto_table_row(sc, proxy, results[proxy], ref, vs_nginx,
+                                     resumed.get(proxy)))
+    lines.append("")
+    if "canary" in results:
+        c = results["canary"]
+        for other in ("nginx", "haproxy"):
+            if other in results:
+                lines += [f"canary/{other}: " + ", ".join(
+                    f"{label} {base_ratio(c, results[other], key)}" for key, label in VS_KEYS)
+                    + flagged(c + results[other]), ""]
+                note = ""
+                if sc.close and not sc.s_time and resumed.get("canary") != resumed.get(other):
+                    def kind(p):
+                        return "resumed" if resumed.get(p) else "full"
+                    note = f"⚠ handshakes: canary {kind('canary')}, {other} {kind(other)}"
+                vs_rows.append(vs_summary_row(sc.key, other, c, results[other], note))
+        if BASE in proxies:
+            lines += [base_line(c, results[BASE]), ""]
+            base_rows.append(base_summary_row(sc.title, c, results[BASE]))
+    if (sc.close and not sc.s_time
+            and any(resumed.get(p, False) != settings.tls_resume for p in proxies)):
+        lines += [f"⚠ not every proxy did {'resumed' if settings.tls_resume else 'full'} "
+                  "handshakes (column handshakes, from the resumption probe): their handshakes "
+                  "per second and CPU per handshake are not comparable", ""]
+    notes = []
+    for proxy in proxies:
+        notes += error_notes(proxy, results[proxy])
+    return lines + notes + ([""] if notes else [])
 
 
 def swap_markdown(settings, results, base_rows):
@@ -1673,6 +2386,16 @@ LEGEND = (
     "trustworthy).")
 
 
+LEGEND_PROTO = (
+    "--tls, --h2c: client conns accepted = TCP connections accepted in this network namespace "
+    "during the run (/proc/net/snmp PassiveOpens) less the upstream's, median over rounds "
+    "(other programs' connections would count too); tls-handshake: handshakes/s is wrk's "
+    "requests/s, each request on a new connection (accepted conns/request ≈ 1.000 shows it; "
+    "proxy's own count = nginx's stub_status accepts, HAProxy's CumConns), CPU µs/handshake "
+    "the proxy's CPU per request (handshake, request and close); handshakes = full or resumed "
+    "by the resumption probe. vs nginx = ratios of the medians.")
+
+
 def round_order(proxies, rnd):
     """Run order in round rnd: canary and canary@base trade places in even rounds, so
     neither build always runs first; everything else keeps its place."""
@@ -1683,12 +2406,12 @@ def round_order(proxies, rnd):
     return order
 
 
-def run_proxy_scenarios(settings, procs, fleet, lua, gate, mem_points, base_rows):
-    """Scenarios 1-5: per scenario a warm-up per proxy, then rounds of canary, (canary@base,)
-    nginx, haproxy back to back."""
+def run_proxy_scenarios(settings, procs, fleet, lua, gate, mem_points, base_rows, vs_rows):
+    """Scenarios 1-5 (--tls, --h2c: theirs): per scenario a warm-up per proxy, then rounds of
+    canary, (canary@base,) nginx, haproxy back to back."""
     md = []
     width = max(8, max(len(p) for p in settings.proxies))  # log column, as before --baseline
-    for sc in SCENARIOS:
+    for sc in MODE_SCENARIOS[settings.mode]:
         if sc.key not in settings.scenarios:
             continue
         log(f"== {sc.title}")
@@ -1699,11 +2422,12 @@ def run_proxy_scenarios(settings, procs, fleet, lua, gate, mem_points, base_rows
             for proxy in round_order(settings.proxies, rnd):
                 results[proxy].append(measured_run(settings, procs, fleet, proxy, sc, lua,
                                                    gate, f"round {rnd} {proxy:<{width}}"))
-        md += scenario_markdown(settings, sc, results, base_rows)
-        if sc.key == "get64":
+        md += scenario_markdown(settings, sc, results, base_rows, vs_rows, fleet.resumed)
+        if sc.key in MEMORY_AFTER:
+            when = "after small GET/64" if sc.key == "get64" else f"after {sc.key}"
             for proxy in settings.proxies:
                 if is_canary(proxy):
-                    mem_points[proxy].append(("after small GET/64", results[proxy][-1]["mem"]))
+                    mem_points[proxy].append((when, results[proxy][-1]["mem"]))
     return md
 
 
@@ -1754,7 +2478,8 @@ def run_swap_scenario(settings, procs, fleet, lua, gate, base_rows):
 
 def run_benchmark(settings, procs, tmp):
     t_build = time.monotonic()
-    build_canary(settings)
+    if "canary" in settings.proxies:
+        build_canary(settings)
     build_s = time.monotonic() - t_build
     gate = IdleGate(settings)
     info = machine_info(settings) + [gate.start_line()]
@@ -1775,19 +2500,25 @@ def run_benchmark(settings, procs, tmp):
         info.append(start_rollout(fleet))  # before the checks: they see the rollout's split
     for note in sanity_checks(settings, procs, fleet, lua):
         log(f"sanity: {note}")
+    if settings.mode == "tls":
+        info += tls_probes(settings, fleet)
     if settings.mirror:
         info.append(start_mirror(settings, fleet))  # after the checks: counts from zero
 
     mem_points = {p: [] for p in settings.proxies if is_canary(p)}
-    base_rows = []
-    body = run_proxy_scenarios(settings, procs, fleet, lua, gate, mem_points, base_rows)
+    base_rows, vs_rows = [], []
+    body = run_proxy_scenarios(settings, procs, fleet, lua, gate, mem_points, base_rows,
+                               vs_rows)
     if "swaps" in settings.scenarios:
         body += run_swap_scenario(settings, procs, fleet, lua, gate, base_rows)
     if settings.rollout:
         info.append(rollout_end_line(fleet))
     if settings.mirror:
         info.append(mirror_end_line(settings, fleet))
-    md = ["# canary-proxy load benchmark", ""] + info + [""]
+    title = {"plain": "", "tls": ": TLS termination (--tls)", "h2c": ": h2c to h2c (--h2c)"}
+    md = [f"# canary-proxy load benchmark{title[settings.mode]}", ""] + info + [""]
+    if vs_rows:
+        md += vs_summary_markdown(settings, vs_rows)
     if base_rows:
         md += base_summary_markdown(base_rows, settings.rounds, settings.rollout,
                                     settings.mirror)
@@ -1797,7 +2528,8 @@ def run_benchmark(settings, procs, tmp):
     md += rss_markdown(mem_points)
     if gate.summary_line():
         md += [gate.summary_line(), ""]
-    md += [LEGEND, "", f"Run time {time.monotonic() - t_start:.0f} s (plus {build_s:.0f} s "
+    md += [LEGEND, ""] + ([LEGEND_PROTO, ""] if settings.mode != "plain" else []) + [
+        f"Run time {time.monotonic() - t_start:.0f} s (plus {build_s:.0f} s "
            "in cargo build)."]
     return "\n".join(md) + "\n"
 
