@@ -315,6 +315,8 @@ def main():
     keep = args.keep
     try:
         ports = dict(zip(("v1", "v2"), load.free_ports(2)))
+        # The upstream's stub_status answers on v1's port (load.py's plain mode does the same).
+        ports["status"] = ports["v1"]
         fleet = load.Fleet(tmp=tmp, ports=ports)
         prefix, conf = load.write_upstream_conf(tmp, ports["v1"], ports["v2"])
         logf = os.path.join(prefix, "stdout.log")

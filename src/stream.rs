@@ -1,6 +1,7 @@
-//! A client connection as the HTTP/1 server reads and writes it: plain TCP, or TLS over TCP
-//! once the handshake is done; split into a read half and a write half, and put back together
-//! for a tunnel.
+//! A connection's byte stream, plain TCP or TLS over TCP: [`MaybeTls`], the one enum both
+//! sides use. A client connection ([`ClientStream`]) as the HTTP/1 server reads and writes
+//! it, split into a read half and a write half and put back together for a tunnel; an
+//! upstream connection (`upstream::UpstreamStream`) as the exchange writes and reads it.
 //!
 //! An enum rather than a type parameter: the request body a connection hands out
 //! (`http1::server::RequestBody`) travels through the forward path as one type whatever the
@@ -17,13 +18,32 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio_rustls::server::TlsStream;
 
-/// A client connection.
+/// A connection: plain TCP, or TLS (`T`: rustls's server or client stream) over TCP.
 #[derive(Debug)]
-pub enum ClientStream {
+pub enum MaybeTls<T> {
     Plain(TcpStream),
-    /// Boxed: a TLS session (rustls's connection state) is large, and a plain connection
-    /// should not carry room for it.
-    Tls(Box<TlsStream<TcpStream>>),
+    /// Boxed: a TLS session (rustls's connection state) is a kilobyte and more, and a plain
+    /// connection should not carry room for it.
+    Tls(Box<T>),
+}
+
+/// A client connection.
+pub type ClientStream = MaybeTls<TlsStream<TcpStream>>;
+
+impl<T> MaybeTls<T> {
+    pub fn is_tls(&self) -> bool {
+        matches!(self, MaybeTls::Tls(_))
+    }
+}
+
+impl MaybeTls<tokio_rustls::client::TlsStream<TcpStream>> {
+    /// The TCP socket beneath an upstream connection, for readiness and socket options.
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            MaybeTls::Plain(stream) => stream,
+            MaybeTls::Tls(stream) => stream.get_ref().0,
+        }
+    }
 }
 
 /// The read half of a [`ClientStream`].
@@ -160,60 +180,66 @@ fn tls_write_vectored(
     Pin::new(write).poll_write_vectored(cx, bufs)
 }
 
-impl AsyncRead for ClientStream {
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for MaybeTls<T> {
+    #[inline]
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            ClientStream::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
-            ClientStream::Tls(stream) => Pin::new(stream).poll_read(cx, buf),
+            MaybeTls::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
+            MaybeTls::Tls(stream) => Pin::new(stream.as_mut()).poll_read(cx, buf),
         }
     }
 }
 
-impl AsyncWrite for ClientStream {
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for MaybeTls<T> {
+    #[inline]
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            ClientStream::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
-            ClientStream::Tls(stream) => Pin::new(stream).poll_write(cx, buf),
+            MaybeTls::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
+            MaybeTls::Tls(stream) => Pin::new(stream.as_mut()).poll_write(cx, buf),
         }
     }
 
+    #[inline]
     fn poll_write_vectored(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            ClientStream::Plain(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
-            ClientStream::Tls(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
+            MaybeTls::Plain(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
+            MaybeTls::Tls(stream) => Pin::new(stream.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 
     fn is_write_vectored(&self) -> bool {
         match self {
-            ClientStream::Plain(stream) => stream.is_write_vectored(),
-            ClientStream::Tls(stream) => stream.is_write_vectored(),
+            MaybeTls::Plain(stream) => stream.is_write_vectored(),
+            MaybeTls::Tls(stream) => stream.is_write_vectored(),
         }
     }
 
+    /// A TLS stream may hold encrypted bytes its last write could not send; this sends them.
+    /// A plain stream holds nothing.
+    #[inline]
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            ClientStream::Plain(stream) => Pin::new(stream).poll_flush(cx),
-            ClientStream::Tls(stream) => Pin::new(stream).poll_flush(cx),
+            MaybeTls::Plain(_) => Poll::Ready(Ok(())),
+            MaybeTls::Tls(stream) => Pin::new(stream.as_mut()).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            ClientStream::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
-            ClientStream::Tls(stream) => Pin::new(stream).poll_shutdown(cx),
+            MaybeTls::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
+            MaybeTls::Tls(stream) => Pin::new(stream.as_mut()).poll_shutdown(cx),
         }
     }
 }
