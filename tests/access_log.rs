@@ -155,15 +155,6 @@ async fn write_config(v1: &Upstream, extra: &str) -> (tempfile::TempDir, Vec<Str
     (dir, down.to_vec())
 }
 
-fn h2_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .http2_prior_knowledge()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
-}
-
 /// Sends a GET with this request id; the status and the body the client got.
 async fn get(
     client: &reqwest::Client,
@@ -213,7 +204,7 @@ async fn every_request_gets_one_json_line_on_stdout() {
     let (dir, down) = write_config(&v1, "[log]\naccess = \"json\"\n").await;
     let proxy = ProxyProcess::spawn(&dir.path().join("canary.toml"));
     let h1 = client();
-    let h2 = h2_client();
+    let h2 = h2c_client();
 
     // HTTP/1.1, routed by weight.
     let (status, body) = get(&h1, proxy.url("/hello"), "t-h1", &[]).await;
@@ -376,7 +367,7 @@ async fn with_the_access_log_off_nothing_is_written_to_stdout() {
         let (dir, _) = write_config(&v1, extra).await;
         let proxy = ProxyProcess::spawn(&dir.path().join("canary.toml"));
         assert_eq!(get(&client(), proxy.url("/"), "a", &[]).await.0, 200);
-        assert_eq!(get(&h2_client(), proxy.url("/"), "b", &[]).await.0, 200);
+        assert_eq!(get(&h2c_client(), proxy.url("/"), "b", &[]).await.0, 200);
         let down = get(&client(), proxy.url("/"), "c", &[("x-to", "down")]).await;
         assert_eq!(down.0, 502);
         let answer = raw_exchange(

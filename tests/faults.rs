@@ -382,11 +382,7 @@ async fn a_new_visitor_keeps_its_cookie_through_an_abort_and_over_h2c() {
     );
     text.push_str("\n[[fault]]\nbackend = \"v2\"\nabort_percent = 100\n");
     let proxy = start_proxy(&text).await;
-    let h2 = reqwest::Client::builder()
-        .no_proxy()
-        .http2_prior_knowledge()
-        .build()
-        .unwrap();
+    let h2 = h2c_client();
     let (mut aborted, mut served) = (0, 0);
     for _ in 0..40 {
         let response = h2.get(proxy.url("/")).send().await.unwrap();

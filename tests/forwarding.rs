@@ -158,11 +158,7 @@ async fn backend_header_can_be_renamed_or_disabled() {
 async fn h2c_clients_are_served_and_host_passes_through() {
     let v1 = upstream("v1").await;
     let proxy = start_proxy(&config(&[("v1", vec![v1.url()], 1)], "")).await;
-    let h2 = reqwest::Client::builder()
-        .no_proxy()
-        .http2_prior_knowledge()
-        .build()
-        .unwrap();
+    let h2 = h2c_client();
     let response = h2.get(proxy.url("/headers")).send().await.unwrap();
     assert_eq!(response.version(), reqwest::Version::HTTP_2);
     assert_eq!(response.status(), 200);
@@ -481,11 +477,7 @@ async fn upstream_content_length_with_transfer_encoding_is_not_passed_on() {
 async fn http2_cookies_reach_http1_upstreams_as_one_line() {
     let v1 = upstream("v1").await;
     let proxy = start_proxy(&config(&[("v1", vec![v1.url()], 1)], "")).await;
-    let h2 = reqwest::Client::builder()
-        .no_proxy()
-        .http2_prior_knowledge()
-        .build()
-        .unwrap();
+    let h2 = h2c_client();
     let response = h2
         .get(proxy.url("/headers"))
         .header("cookie", "a=1")

@@ -185,16 +185,6 @@ fn h2c_backend(url: &str) -> String {
     )
 }
 
-/// A client speaking h2c with prior knowledge, as gRPC clients do.
-fn h2c_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .http2_prior_knowledge()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
-}
-
 #[tokio::test]
 async fn http1_and_h2c_clients_reach_an_h2c_upstream_over_http2() {
     let upstream = h2_upstream("v1", None).await;

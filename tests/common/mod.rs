@@ -422,6 +422,17 @@ pub async fn get_text(url: String) -> String {
         .unwrap()
 }
 
+/// A client speaking h2c with prior knowledge (as gRPC clients do), never through an
+/// environment proxy.
+pub fn h2c_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
 /// A plain HTTP/1.1 client that never goes through an environment proxy.
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
