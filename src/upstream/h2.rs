@@ -48,7 +48,7 @@ use tokio::time::{Instant, Sleep};
 use super::exchange::{Phase, is_idempotent};
 use super::{
     ConnectError, ExchangeError, ExchangeTimeouts, ForwardBody, ForwardBodyError, Peer, SendError,
-    UpstreamBody, UpstreamSettings, connect_tcp,
+    UpstreamBody, UpstreamSettings, connect_tcp, connect_tls,
 };
 use crate::config::{ALPN_H2, MAX_WORKERS, UpstreamProtocol};
 use crate::worker_index::current_worker;
@@ -353,12 +353,7 @@ async fn connect(
                     "h2 needs an https:// endpoint",
                 )));
             };
-            let stream = connect_tcp(&peer.authority).await?;
-            let stream = tls
-                .connector
-                .connect(tls.server_name.clone(), stream)
-                .await
-                .map_err(ConnectError::Tls)?;
+            let stream = connect_tls(&peer.authority, tls).await?;
             if stream.get_ref().1.alpn_protocol() != Some(ALPN_H2) {
                 return Err(ConnectError::Tls(io::Error::other(
                     "the upstream did not agree to HTTP/2 (ALPN h2)",

@@ -149,17 +149,7 @@ fn tls_connect<'a>(
     timeout: Duration,
 ) -> Pin<Box<dyn Future<Output = Result<UpstreamStream, ConnectError>> + Send + 'a>> {
     Box::pin(async move {
-        let connect = async {
-            let stream = TcpStream::connect(authority.as_str())
-                .await
-                .map_err(ConnectError::Io)?;
-            let _ = stream.set_nodelay(true);
-            tls.connector
-                .connect(tls.server_name.clone(), stream)
-                .await
-                .map_err(ConnectError::Tls)
-        };
-        let stream = tokio::time::timeout(timeout, connect)
+        let stream = tokio::time::timeout(timeout, connect_tls(authority, tls))
             .await
             .map_err(|_| ConnectError::TimedOut(timeout))??;
         Ok(UpstreamStream::Tls(Box::new(stream)))
@@ -392,12 +382,26 @@ impl Upstream {
     }
 }
 
-/// A TCP connection (TCP_NODELAY) to `authority`, for an HTTP/2 connection. (The HTTP/1
-/// exchange has its own: a nested future here would make every request's future larger.)
+/// A TCP connection (TCP_NODELAY) to `authority`, for an HTTP/2 or a TLS connection. (The
+/// plain HTTP/1 exchange has its own: a nested future there would make every request's
+/// future larger.)
 async fn connect_tcp(authority: &Authority) -> Result<TcpStream, ConnectError> {
     let stream = TcpStream::connect(authority.as_str())
         .await
         .map_err(ConnectError::Io)?;
     let _ = stream.set_nodelay(true);
     Ok(stream)
+}
+
+/// A TCP connection to `authority` and the TLS handshake over it, as `tls` says (trust, the
+/// name verified, ALPN); for the HTTP/1 exchange and HTTP/2 alike.
+async fn connect_tls(
+    authority: &Authority,
+    tls: &PeerTls,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ConnectError> {
+    let stream = connect_tcp(authority).await?;
+    tls.connector
+        .connect(tls.server_name.clone(), stream)
+        .await
+        .map_err(ConnectError::Tls)
 }
