@@ -31,12 +31,14 @@ mod diagnostics;
 mod fault;
 mod mirror;
 mod raw;
+mod store;
 mod tls;
 mod upstream_tls;
 mod validate;
 
 pub use fault::{FaultConfig, FaultFields, FieldProblem, MAX_FAULT_DELAY, first_repeated_backend};
 pub use mirror::{MirrorConfig, MirrorFields, format_size};
+pub use store::StoreSettings;
 pub use tls::{SniCertificate, TlsCertificate, TlsSettings};
 pub use upstream_tls::{ALPN_H2, ALPN_HTTP1, BackendTls, TLS_VERSIONS, crypto_provider};
 
@@ -78,6 +80,9 @@ pub struct Config {
     pub mirror: Option<MirrorConfig>,
     /// `[log]`: how the process logs.
     pub log: LogSettings,
+    /// `[store]`: the etcd that replicas share their table through; `None`: the file is the
+    /// single source.
+    pub store: Option<StoreSettings>,
 }
 
 /// `[log]`: how the process logs (to stderr, through `tracing`), and the access log.

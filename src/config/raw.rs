@@ -24,6 +24,17 @@ pub(super) struct RawConfig {
     pub(super) fault: Option<Vec<Spanned<RawFault>>>,
     pub(super) mirror: Option<Spanned<RawMirror>>,
     pub(super) log: Option<RawLog>,
+    pub(super) store: Option<Spanned<RawStore>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+pub(super) struct RawStore {
+    pub(super) etcd: Option<Spanned<Vec<Spanned<String>>>>,
+    pub(super) prefix: Option<Spanned<String>>,
+    pub(super) snapshot: Option<Spanned<String>>,
+    pub(super) lease_ttl: Option<Spanned<RawDuration>>,
+    pub(super) timeout: Option<Spanned<RawDuration>>,
 }
 
 #[derive(Deserialize)]

@@ -78,6 +78,10 @@ impl RawConfig {
             .transpose()?;
         let faults = validate_faults(self.fault.unwrap_or_default(), &backends)?;
         let log = validate_log(self.log)?;
+        let store = self
+            .store
+            .map(|raw| super::store::validate_store(raw, dir))
+            .transpose()?;
         Ok(Config {
             proxy,
             admin,
@@ -87,6 +91,7 @@ impl RawConfig {
             faults,
             mirror,
             log,
+            store,
         })
     }
 }
@@ -1264,7 +1269,7 @@ fn socket_addr(
     })
 }
 
-fn duration(
+pub(super) fn duration(
     key: &str,
     raw: Option<Spanned<RawDuration>>,
     default: Duration,
