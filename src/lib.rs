@@ -121,10 +121,11 @@ pub async fn run(
     admin_listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) {
+    let store = start_store(&control).await;
     let config = control.config();
     let options = ServerOptions::new(&config.proxy);
     let tls = control.listener_tls().map(tls::ListenerTls::acceptor);
-    let background = start_background(&control, admin_listener);
+    let background = start_background(&control, admin_listener, store);
     let proxy = Proxy::new(
         control.table().clone(),
         control.metrics().clone(),
@@ -134,17 +135,34 @@ pub async fn run(
     stop_background(&control, background).await;
 }
 
-/// The control plane's tasks beside the proxy: the admin API and the rollout's driver.
+/// With `[store]`, starts the link to etcd and waits until the first shared table is in
+/// force (or etcd has not answered within `store.timeout`), so that the first request is
+/// routed by it. Answers what completes when the link has stopped.
+async fn start_store(control: &Arc<ControlPlane>) -> Option<tokio::sync::oneshot::Receiver<()>> {
+    let started = control::store::start(control)?;
+    let _ = started.first.await;
+    Some(started.stopped)
+}
+
+/// The control plane's tasks beside the proxy: the admin API, the rollout's driver and the
+/// link to `[store]`.
 struct Background {
     admin: tokio::task::JoinHandle<()>,
     rollout: tokio::task::JoinHandle<()>,
+    store: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
-/// Starts the admin API and the rollout (resumed from its state file, if any).
-fn start_background(control: &Arc<ControlPlane>, admin_listener: TcpListener) -> Background {
+/// Starts the admin API and the rollout (resumed from its state file, or the shared
+/// document, if any).
+fn start_background(
+    control: &Arc<ControlPlane>,
+    admin_listener: TcpListener,
+    store: Option<tokio::sync::oneshot::Receiver<()>>,
+) -> Background {
     let token = control.shutdown_token();
     let rollout = RolloutController::new(control.clone());
     Background {
+        store,
         rollout: tokio::spawn(rollout.clone().drive(token.child_token())),
         admin: tokio::spawn(serve_admin(
             admin_listener,
@@ -163,6 +181,9 @@ async fn stop_background(control: &ControlPlane, background: Background) {
         let _ = background.admin.await;
         let _ = background.rollout.await;
         control.health().stopped().await;
+        if let Some(store) = background.store {
+            let _ = store.await;
+        }
     };
     if tokio::time::timeout(TASK_STOP_DEADLINE, stopped)
         .await

@@ -182,6 +182,8 @@ pub struct Metrics {
     pub rollout: RolloutMetrics,
     /// Mirroring's counters.
     pub mirror: MirrorMetrics,
+    /// `[store]`'s gauges, registered when a store is configured (and so absent without).
+    store: std::sync::OnceLock<StoreMetrics>,
     /// Serializes scrapes: `render` resets and refills the table gauges, and two concurrent
     /// scrapes must not see each other's half-filled state.
     render_lock: Mutex<()>,
@@ -362,10 +364,16 @@ impl Metrics {
             unrouted: BackendMetrics::new(UNROUTED_BACKEND, families.clone(), false),
             rollout: RolloutMetrics::new(r),
             mirror: MirrorMetrics::new(r),
+            store: std::sync::OnceLock::new(),
             families,
             registry,
             render_lock: Mutex::new(()),
         }
+    }
+
+    /// `[store]`'s gauges, registered on first use.
+    pub fn store(&self) -> &StoreMetrics {
+        self.store.get_or_init(|| StoreMetrics::new(&self.registry))
     }
 
     /// The handle of backend `name`, with its decision, error and duration series resolved (and
@@ -833,6 +841,76 @@ pub(crate) fn sample(text: &str, name: &str, labels: &str) -> Option<f64> {
     text.lines()
         .find_map(|line| line.strip_prefix(&series))
         .map(|value| value.parse().expect("numeric sample"))
+}
+
+/// `[store]`'s gauges: is etcd reachable, which revision of the shared document is in force,
+/// how late it arrived, and whether this replica leads the rollout.
+pub struct StoreMetrics {
+    up: IntGauge,
+    revision: IntGauge,
+    watch_lag: prometheus::Gauge,
+    leader: IntGauge,
+    refused: IntCounter,
+}
+
+impl StoreMetrics {
+    fn new(r: &Registry) -> Self {
+        StoreMetrics {
+            up: int_gauge(
+                r,
+                "canary_store_up",
+                "1 while this replica is connected to etcd and watching the shared document.",
+            ),
+            revision: int_gauge(
+                r,
+                "canary_store_revision",
+                "The etcd revision of the shared document in force (the admin API's ETag).",
+            ),
+            watch_lag: register(
+                r,
+                prometheus::Gauge::new(
+                    "canary_store_watch_lag_seconds",
+                    "For the last document applied: when this replica applied it, less when \
+                     its writer wrote it (by the two replicas' clocks).",
+                )
+                .expect("valid metric definition"),
+            ),
+            leader: int_gauge(
+                r,
+                "canary_rollout_leader",
+                "1 while this replica leads the rollout (holds the leader key in etcd).",
+            ),
+            refused: register(
+                r,
+                IntCounter::new(
+                    "canary_store_documents_refused_total",
+                    "Shared documents this replica refused as invalid (the table in force stayed).",
+                )
+                .expect("valid metric definition"),
+            ),
+        }
+    }
+
+    pub fn set_up(&self, up: bool) {
+        self.up.set(i64::from(up));
+    }
+
+    pub fn set_revision(&self, revision: u64) {
+        self.revision
+            .set(i64::try_from(revision).unwrap_or(i64::MAX));
+    }
+
+    pub fn set_watch_lag(&self, seconds: f64) {
+        self.watch_lag.set(seconds);
+    }
+
+    pub fn set_leader(&self, leader: bool) {
+        self.leader.set(i64::from(leader));
+    }
+
+    pub fn refused(&self) {
+        self.refused.inc();
+    }
 }
 
 #[cfg(test)]

@@ -57,6 +57,7 @@ pub async fn run_workers(
     admin_listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
+    let store = crate::start_store(&control).await;
     let config = control.config();
     let options = ServerOptions::new(&config.proxy);
     let tls = control.listener_tls().map(ListenerTls::acceptor);
@@ -108,7 +109,7 @@ pub async fn run_workers(
         }
         finished.push(finished_rx);
     }
-    let background = crate::start_background(&control, admin_listener);
+    let background = crate::start_background(&control, admin_listener, store);
     shutdown.await;
     stop.cancel();
     for worker in finished {

@@ -32,8 +32,6 @@
 
 pub mod cli;
 pub mod client;
-mod faults;
-mod mirror;
 
 use std::convert::Infallible;
 use std::net::Ipv4Addr;
@@ -55,9 +53,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::chain::Chain;
-use crate::config::{MAX_WEIGHT, RuleMatcher, RuleSource};
+use crate::config::MAX_WEIGHT;
 use crate::control::rollout::{RolloutController, RolloutError};
-use crate::control::{ControlError, ControlPlane, WeightsApplied};
+use crate::control::{ControlError, ControlPlane, WeightsApplied, fault_json, mirror_json};
 use crate::metrics;
 use crate::rollout::Command;
 use crate::routing::sticky::BUCKETS;
@@ -246,10 +244,15 @@ async fn handle(
         (_, "/admin/weight") => {
             not_allowed("use GET to read, POST or PUT to set", "GET, POST, PUT")
         }
-        (Method::GET, "/admin/routes") => with_etag(
-            json_response(StatusCode::OK, routes_json(&table)),
-            table.version,
-        ),
+        (Method::GET, "/admin/routes") => {
+            let mut routes = routes_json(&table);
+            if let Some(link) = control.store_link() {
+                // Where the table came from (etcd, or at a start while etcd was down, the
+                // snapshot or the file), and this replica's part in the rollout.
+                routes["store"] = link.status();
+            }
+            with_etag(json_response(StatusCode::OK, routes), table.version)
+        }
         (Method::GET, "/admin/explain") => {
             let tls = control.listener_tls().is_some();
             json_response(StatusCode::OK, explain_json(&table, &request, tls))
@@ -277,7 +280,7 @@ async fn handle(
         (Method::GET, "/admin/faults") => with_etag(
             json_response(
                 StatusCode::OK,
-                faults::to_json(table.version, &crate::control::faults_of(&table)),
+                fault_json::to_json(table.version, &crate::control::faults_of(&table)),
             ),
             table.version,
         ),
@@ -291,7 +294,7 @@ async fn handle(
         (Method::GET, "/admin/mirror") => with_etag(
             json_response(
                 StatusCode::OK,
-                mirror::to_json(table.version, table.mirror.as_deref()),
+                mirror_json::to_json(table.version, table.mirror.as_deref()),
             ),
             table.version,
         ),
@@ -306,7 +309,7 @@ async fn handle(
         (Method::POST, "/admin/mirror/reset") => match control.reset_mirror_counts() {
             Ok(Some(table)) => json_response(
                 StatusCode::OK,
-                mirror::to_json(table.version, table.mirror.as_deref()),
+                mirror_json::to_json(table.version, table.mirror.as_deref()),
             ),
             Ok(None) => error(StatusCode::NOT_FOUND, "mirroring is off: nothing to reset"),
             Err(e) => control_error(control, &e),
@@ -473,7 +476,7 @@ async fn change_faults(
             })
             .await
     } else {
-        let (faults, read_at) = match faults::parse(&write.body) {
+        let (faults, read_at) = match fault_json::parse(&write.body) {
             Ok(parsed) => parsed,
             Err(e) => return control_error(control, &e),
         };
@@ -488,7 +491,7 @@ async fn change_faults(
         Ok(applied) => with_etag(
             json_response(
                 StatusCode::OK,
-                faults::to_json(applied.version, &applied.faults),
+                fault_json::to_json(applied.version, &applied.faults),
             ),
             applied.version,
         ),
@@ -516,7 +519,7 @@ async fn change_mirror(
         }
         None
     } else {
-        match mirror::parse(&write.body) {
+        match mirror_json::parse(&write.body) {
             Ok(config) => Some(config),
             Err(e) => return control_error(control, &e),
         }
@@ -530,7 +533,7 @@ async fn change_mirror(
             with_etag(
                 json_response(
                     StatusCode::OK,
-                    mirror::to_json(version, table.mirror.as_deref()),
+                    mirror_json::to_json(version, table.mirror.as_deref()),
                 ),
                 version,
             )
@@ -566,6 +569,10 @@ fn weights_applied(applied: WeightsApplied) -> AdminResponse {
         .collect();
     let mut body = json!({"weights": weights, "version": applied.version});
     match &applied.persisted {
+        _ if applied.shared => {
+            body["persisted"] = json!(true);
+            body["stored_in"] = json!("etcd");
+        }
         Some(Ok(())) => body["persisted"] = json!(true),
         Some(Err(e)) => {
             body["persisted"] = json!(false);
@@ -826,7 +833,8 @@ fn control_error(control: &ControlPlane, e: &ControlError) -> AdminResponse {
         | ControlError::NoConfigFile
         | ControlError::Config(_)
         | ControlError::Token(_)
-        | ControlError::WouldOpenAdmin { .. } => {
+        | ControlError::WouldOpenAdmin { .. }
+        | ControlError::Document(_) => {
             let version = control.table().load().version;
             let body = json!({"error": Chain(e).to_string(), "version": version});
             with_etag(json_response(StatusCode::BAD_REQUEST, body), version)
@@ -835,6 +843,14 @@ fn control_error(control: &ControlPlane, e: &ControlError) -> AdminResponse {
             let version = control.table().load().version;
             let body = json!({"error": Chain(e).to_string(), "version": version});
             with_etag(json_response(StatusCode::CONFLICT, body), version)
+        }
+        ControlError::StoreUnavailable(_) => {
+            let version = control.table().load().version;
+            let body = json!({"error": Chain(e).to_string(), "version": version});
+            with_etag(
+                json_response(StatusCode::SERVICE_UNAVAILABLE, body),
+                version,
+            )
         }
         ControlError::Interrupted(_) => {
             let version = control.table().load().version;
@@ -865,19 +881,6 @@ fn weights_json(table: &RoutingTable) -> Value {
         .map(|b| (b.name.clone(), json!(b.weight)))
         .collect();
     Value::Object(map)
-}
-
-fn rule_json(source: &RuleSource, matcher: &RuleMatcher) -> Value {
-    let mut rule = match source {
-        RuleSource::Header(name) => json!({"header": name.as_str()}),
-        RuleSource::Cookie(name) => json!({"cookie": name}),
-    };
-    match matcher {
-        RuleMatcher::Equals(v) => rule["equals"] = json!(v),
-        RuleMatcher::Matches(re) => rule["matches"] = json!(re.as_str()),
-        RuleMatcher::Present => rule["present"] = json!(true),
-    }
-    rule
 }
 
 fn routes_json(table: &RoutingTable) -> Value {
@@ -919,7 +922,7 @@ fn routes_json(table: &RoutingTable) -> Value {
                 "sticky_buckets_configured": [start, end],
                 "endpoints": endpoints,
                 "health_check": health,
-                "fault": b.fault.as_ref().map(|f| faults::fault_json(&f.config)),
+                "fault": b.fault.as_ref().map(|f| fault_json::fault_json(&f.config)),
             })
         })
         .collect();
@@ -928,7 +931,7 @@ fn routes_json(table: &RoutingTable) -> Value {
         .iter()
         .enumerate()
         .map(|(n, r)| {
-            let mut rule = rule_json(&r.source, &r.matcher);
+            let mut rule = crate::control::document::rule_json(&r.source, &r.matcher);
             rule["index"] = json!(n);
             rule["backend"] = json!(table.backends[r.backend].name);
             rule
@@ -995,7 +998,7 @@ fn explain_json(table: &RoutingTable, request: &Request<Incoming>, tls: bool) ->
         Reason::Rule(n) => {
             let rule = &table.rules[n];
             body["rule"] = json!(n);
-            body["rule_matched"] = rule_json(&rule.source, &rule.matcher);
+            body["rule_matched"] = crate::control::document::rule_json(&rule.source, &rule.matcher);
         }
         Reason::Sticky(bucket) => body["bucket"] = json!(bucket),
         Reason::Weight | Reason::Fallback => {

@@ -6,9 +6,14 @@
 //! version (the admin API's `ETag`), can be made conditional on the version the operator last
 //! saw (`If-Match`), and is logged with its old and new values (target `audit`).
 
+pub mod document;
+mod etcd;
+pub mod fault_json;
 pub mod health;
+pub mod mirror_json;
 pub mod persist;
 pub mod rollout;
+pub mod store;
 mod webhook;
 
 use std::net::SocketAddr;
@@ -73,6 +78,15 @@ pub enum ControlError {
     /// The weights of these backends are driven by something else (the progressive rollout).
     #[error("the weight of {backend:?} is set by {owner}; use its commands instead")]
     Owned { backend: String, owner: String },
+    /// `[store]`: the shared document does not fit the reloaded file.
+    #[error("the reloaded file does not fit the shared document: {0}")]
+    Document(String),
+    /// `[store]`: etcd cannot take the write now; nothing changed.
+    #[error(
+        "the shared table in etcd cannot be changed now ({0}); the table in force keeps \
+         serving; retry when etcd is back"
+    )]
+    StoreUnavailable(String),
     /// Mirroring is driven by something else (the rollout's shadow stage).
     #[error("mirroring is set by {owner}; it gives it back when its shadow stage ends")]
     MirrorOwned { owner: String },
@@ -102,8 +116,12 @@ pub struct WeightsApplied {
     pub version: u64,
     /// Every backend's weight after the change, in declaration order.
     pub weights: Vec<(String, u32)>,
-    /// Whether the change was written back to the config file (`None` when there is none).
+    /// Whether the change was written back to the config file (`None` when there is none,
+    /// or with a store).
     pub persisted: Option<Result<(), PersistError>>,
+    /// True when the change is in the shared document in etcd (`[store]`), which keeps it
+    /// across restarts in place of the file.
+    pub shared: bool,
 }
 
 /// The faults in force after a change.
@@ -143,6 +161,8 @@ pub struct ControlPlane {
     mirror_owner: Mutex<Option<String>>,
     /// Bumped after every successful reload, for whoever follows the config (the rollout).
     reloads: tokio::sync::watch::Sender<u64>,
+    /// `[store]`: the link to etcd through which replicas share the table; `None` without.
+    store: Option<Arc<store::StoreLink>>,
     shutdown: CancellationToken,
 }
 
@@ -162,6 +182,15 @@ impl ControlPlane {
             .map_err(StartError::Tls)?;
         warn_about_unverified_tls(&config);
         let shutdown = CancellationToken::new();
+        let store = config
+            .store
+            .clone()
+            .map(|settings| Arc::new(store::StoreLink::new(settings)));
+        if store.is_some() {
+            // Exported from the start: 0 until etcd answers.
+            metrics.store().set_up(false);
+            metrics.store().set_leader(false);
+        }
         let control = ControlPlane {
             table: Arc::new(ArcSwap::from_pointee(table)),
             config_path,
@@ -176,6 +205,7 @@ impl ControlPlane {
             weight_owner: Mutex::new(None),
             mirror_owner: Mutex::new(None),
             reloads: tokio::sync::watch::Sender::new(0),
+            store,
             shutdown,
         };
         control.health.sync(&control.table.load());
@@ -336,9 +366,11 @@ impl ControlPlane {
             new = %describe(&weights),
             "weights changed"
         );
-        let version = next.version;
-        self.table.store(Arc::new(next));
-        let persisted = self.config_path.as_ref().map(|path| {
+        let version = self.commit(&current, next)?;
+        // With a store, the shared document (and its snapshot) keeps the weights, not the
+        // file.
+        let file = self.config_path.as_ref().filter(|_| self.store.is_none());
+        let persisted = file.map(|path| {
             let all: Vec<(&str, u32)> = weights.iter().map(|(n, w)| (n.as_str(), *w)).collect();
             let result = persist::write_weights(path, &all);
             if let Err(error) = &result {
@@ -353,6 +385,7 @@ impl ControlPlane {
             version,
             weights,
             persisted,
+            shared: self.store.is_some(),
         })
     }
 
@@ -427,8 +460,7 @@ impl ControlPlane {
             new = %describe_faults(&faults),
             "faults changed"
         );
-        let version = next.version;
-        self.table.store(Arc::new(next));
+        let version = self.commit(current, next)?;
         Ok(FaultsApplied { version, faults })
     }
 
@@ -585,9 +617,7 @@ impl ControlPlane {
             new = %describe(&next),
             "mirroring changed"
         );
-        let version = next.version;
-        self.table.store(Arc::new(next));
-        Ok(version)
+        self.commit(current, next)
     }
 
     /// Re-reads the config file and applies it whole, or leaves everything as it was. Blocks
@@ -634,8 +664,18 @@ impl ControlPlane {
         if token.is_none() && !listen.ip().is_loopback() {
             return Err(ControlError::WouldOpenAdmin { listen });
         }
-        let mut next =
-            RoutingTable::from_config(&config, current.version + 1, Some(&current), &self.metrics);
+        // With a store, the shared document's state stays in force, but for what the file
+        // changes: that is published to every replica.
+        let (in_force, publish) = match self.store_link() {
+            Some(link) => link.merge_reload(&self.lock_config(), &config)?,
+            None => (config.clone(), false),
+        };
+        let mut next = RoutingTable::from_config(
+            &in_force,
+            current.version + 1,
+            Some(&current),
+            &self.metrics,
+        );
         // Mirroring that has an owner (the rollout's shadow stage) stays as its owner set it.
         if let Some(owner) = self.mirror_owner()
             && let Some(owned) = &current.mirror
@@ -649,19 +689,33 @@ impl ControlPlane {
                 ),
             }
         }
-        let version = next.version;
+        let (old_weights, new_weights) = (weights_of(&current), weights_of(&next));
+        let (old_faults, new_faults) = (faults_of(&current), faults_of(&next));
+        let access_log_changed = (next.access_log != current.access_log).then_some(next.access_log);
+        let version = if publish {
+            self.commit(&current, next)?
+        } else {
+            if self.store.is_some() {
+                // Nothing shared changed: the document's revision stays the version.
+                next.version = current.version;
+            }
+            let version = next.version;
+            self.table.store(Arc::new(next));
+            version
+        };
         tracing::info!(
             target: "audit",
             version,
-            old = %describe(&weights_of(&current)),
-            new = %describe(&weights_of(&next)),
-            old_faults = %describe_faults(&faults_of(&current)),
-            new_faults = %describe_faults(&faults_of(&next)),
+            old = %describe(&old_weights),
+            new = %describe(&new_weights),
+            old_faults = %describe_faults(&old_faults),
+            new_faults = %describe_faults(&new_faults),
+            published = publish,
             "routing table replaced by reload"
         );
         self.warn_about_restart_only_changes(&config);
-        if next.access_log != current.access_log {
-            let access = if next.access_log { "json" } else { "off" };
+        if let Some(on) = access_log_changed {
+            let access = if on { "json" } else { "off" };
             tracing::info!(access, "access log changed by the reload");
         }
         warn_about_unverified_tls(&config);
@@ -675,7 +729,6 @@ impl ControlPlane {
                 "listener certificates re-read"
             );
         }
-        self.table.store(Arc::new(next));
         self.health.sync(&self.table.load());
         *self.token.write().unwrap_or_else(|e| e.into_inner()) = token;
         *self
@@ -713,6 +766,7 @@ impl ControlPlane {
                 old.proxy.send_timeout != next.proxy.send_timeout,
             ),
             ("log.format", old.log.format != next.log.format),
+            ("store", old.store != next.store),
             // Against the listener as it runs (a file that turned TLS off, then on again,
             // changes nothing).
             ("proxy.tls", self.tls.is_some() != next.proxy.tls.is_some()),
@@ -755,7 +809,7 @@ fn check_version(if_match: Option<&[u64]>, current: u64) -> Result<(), ControlEr
     }
 }
 
-fn weights_of(table: &RoutingTable) -> Vec<(String, u32)> {
+pub(super) fn weights_of(table: &RoutingTable) -> Vec<(String, u32)> {
     table
         .backends
         .iter()
@@ -774,7 +828,7 @@ pub fn faults_of(table: &RoutingTable) -> Vec<FaultConfig> {
 
 /// The faults as the audit log shows them: `v2: abort 5% (503), delay 10% (200ms) if
 /// x-fault`, or `none`.
-fn describe_faults(faults: &[FaultConfig]) -> String {
+pub(super) fn describe_faults(faults: &[FaultConfig]) -> String {
     if faults.is_empty() {
         return "none".to_owned();
     }
@@ -785,7 +839,7 @@ fn describe_faults(faults: &[FaultConfig]) -> String {
     parts.join("; ")
 }
 
-fn describe(weights: &[(String, u32)]) -> String {
+pub(super) fn describe(weights: &[(String, u32)]) -> String {
     let parts: Vec<String> = weights.iter().map(|(n, w)| format!("{n}={w}")).collect();
     parts.join(",")
 }

@@ -18,7 +18,7 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -125,7 +125,9 @@ impl RolloutController {
     pub fn command(&self, command: Command) -> Result<Value, RolloutError> {
         let mut guard = self.lock();
         let run = guard.as_mut().ok_or(RolloutError::NotConfigured)?;
-        let change = run.machine.command(&run.plan, command, unix_ms())?;
+        let change = run
+            .machine
+            .command(&run.plan, command, crate::utc::unix_ms())?;
         if change.event == Event::Started {
             // A new rollout: its evidence (and its tolerances) start afresh.
             run.evidence = Evidence::new(&settings(&run.config));
@@ -242,7 +244,7 @@ impl RolloutController {
 
     /// Hands an interval's report to the state machine and carries out what it decides.
     fn decide(&self, run: &mut Run, report: &StepReport) {
-        if let Some(change) = run.machine.tick(&run.plan, report, unix_ms()) {
+        if let Some(change) = run.machine.tick(&run.plan, report, crate::utc::unix_ms()) {
             if let Err(error) = self.apply(run, change, "analysis") {
                 tracing::error!(error = %Chain(&error), "the rollout could not apply its step");
             }
@@ -301,7 +303,7 @@ impl RolloutController {
             (Some(old), _) => {
                 let mut machine = old.machine;
                 machine.reset(
-                    unix_ms(),
+                    crate::utc::unix_ms(),
                     &format!("the config names a new pair: {baseline} -> {canary}"),
                 );
                 self.control.metrics().rollout.transition(Event::Reset);
@@ -673,10 +675,4 @@ fn settings(config: &RolloutConfig) -> AnalysisSettings {
         confidence: config.analysis.confidence,
         max_diff_rate: config.shadow.map(|_| config.analysis.max_diff_rate),
     }
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }

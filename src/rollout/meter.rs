@@ -82,8 +82,9 @@ impl VersionMeter {
     }
 }
 
-/// A reading of a [`VersionMeter`], or the difference of two.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A reading of a [`VersionMeter`], or the difference of two. Replicas publish theirs as
+/// JSON (`[store]`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Counts {
     pub requests: u64,
     pub errors: u64,
@@ -113,6 +114,15 @@ impl Counts {
                 .zip(earlier.latency.iter())
                 .map(|(now, then)| now.saturating_sub(*then))
                 .collect(),
+        }
+    }
+
+    /// Adds `other`'s counts to these.
+    pub fn add(&mut self, other: &Counts) {
+        self.requests += other.requests;
+        self.errors += other.errors;
+        for (sum, more) in self.latency.iter_mut().zip(other.latency.iter()) {
+            *sum += more;
         }
     }
 

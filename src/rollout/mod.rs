@@ -7,6 +7,7 @@
 //! `control::rollout` and `control::webhook`.
 
 pub mod analysis;
+pub mod cluster;
 pub mod histogram;
 pub mod machine;
 pub mod meter;

@@ -478,6 +478,13 @@ impl RoutingTable {
         })
     }
 
+    /// A copy of this table with `rules` in place of its own (same backends).
+    pub fn with_rules(&self, rules: &[RuleConfig], version: u64) -> Self {
+        let mut table = self.with_backends(version, |_| {});
+        table.rules = rules.iter().map(Rule::from_config).collect();
+        table
+    }
+
     /// A copy of this table at `version` (its mirroring too), its backends changed by
     /// `change`.
     fn with_backends(&self, version: u64, change: impl FnOnce(&mut [Backend])) -> Self {

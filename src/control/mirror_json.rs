@@ -1,5 +1,6 @@
-//! `/admin/mirror` bodies: the JSON a `PUT` sends (the keys of `[mirror]`), checked by the
-//! same rules as the config file, and the JSON every answer shows.
+//! Mirroring as JSON: what a `PUT /admin/mirror` sends (the keys of `[mirror]`), checked by
+//! the same rules as the config file, and what every answer shows. The store's shared
+//! document holds it in the same form.
 
 use serde_json::{Value, json};
 
@@ -24,6 +25,11 @@ const KEYS: [&str; 10] = [
 pub fn parse(body: &[u8]) -> Result<MirrorConfig, ControlError> {
     let value: Value =
         serde_json::from_slice(body).map_err(|e| ControlError::MalformedJson(e.to_string()))?;
+    from_value(&value)
+}
+
+/// Mirroring from a JSON object with the keys of `[mirror]`, checked as [`parse`] does.
+pub fn from_value(value: &Value) -> Result<MirrorConfig, ControlError> {
     let Value::Object(map) = value else {
         return Err(malformed(
             "expected an object with the keys of [mirror], e.g. {\"backend\": \"v2\"}",

@@ -1,6 +1,6 @@
-//! `/admin/faults` bodies: the JSON a `PUT` sends (a list of faults, with the keys of
-//! `[[fault]]`), checked by the same rules as the config file, and the JSON every answer
-//! shows.
+//! Faults as JSON: what a `PUT /admin/faults` sends (a list of faults, with the keys of
+//! `[[fault]]`), checked by the same rules as the config file, and what every answer shows.
+//! The store's shared document holds them in the same form.
 
 use serde_json::{Value, json};
 
@@ -54,7 +54,7 @@ pub fn parse(body: &[u8]) -> Result<(Vec<FaultConfig>, Option<u64>), ControlErro
     Ok((faults, version))
 }
 
-fn parse_one(index: usize, item: &Value) -> Result<FaultConfig, ControlError> {
+pub fn parse_one(index: usize, item: &Value) -> Result<FaultConfig, ControlError> {
     let invalid = |field: &'static str, message: String| ControlError::InvalidFault {
         index,
         field,

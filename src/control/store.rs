@@ -1,0 +1,795 @@
+//! The replica's side of `[store]`: several proxies share one routing table (and one
+//! rollout) through one JSON document in etcd.
+//!
+//! - **Reading.** A task on a thread of its own connects, reads the document (or, when there
+//!   is none, seeds it from this replica's table, only if still absent), applies it, and
+//!   watches it from the next revision. Every put it sees is checked whole and swapped in; an
+//!   invalid one is refused and logged, the table in force stays. A watch that lost history
+//!   (compaction) reads the document again; a deleted document is written back from the
+//!   table in force.
+//! - **Writing.** Every change of the control plane becomes a compare-and-swap of the whole
+//!   document on the revision this replica last applied (the admin `ETag`): a lost race is
+//!   412, and the winner's document is applied at once. etcd unreachable: 503, nothing
+//!   changes.
+//! - **Outages.** The table in force keeps serving; reconnects back off exponentially with
+//!   jitter. Each applied document is kept in the local snapshot file, so a start while etcd
+//!   is down serves the last one known (and says so in the log and `/admin/routes`).
+//! - **Rollout.** With `[rollout]`, the replica keeps a lease, publishes its meters under it
+//!   every tick, sums everyone's, and campaigns for the leader key; only the leader runs the
+//!   rollout's state machine, and its writes also compare that it still holds the key.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+use etcd_client::EventType;
+use rand::RngExt;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::runtime::Handle;
+
+use super::document::{Document, TableState};
+use super::etcd::{Etcd, StoreError, Stored, Swap};
+use super::{ControlError, ControlPlane};
+use crate::config::StoreSettings;
+use crate::rollout::cluster::ClusterMeter;
+use crate::rollout::histogram::LATENCY_BUCKETS;
+use crate::rollout::meter::Counts;
+use crate::routing::RoutingTable;
+use crate::routing::fault::Fault;
+
+/// Where the table in force came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The config file: etcd has not answered since the start, and there was no snapshot.
+    File,
+    /// The local snapshot: etcd has not answered since the start.
+    Snapshot,
+    /// etcd.
+    Etcd,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::File => "file",
+            Source::Snapshot => "snapshot",
+            Source::Etcd => "etcd",
+        }
+    }
+}
+
+/// The link of one replica to the store; owned by the control plane.
+pub struct StoreLink {
+    settings: StoreSettings,
+    /// This process's name in etcd (the leader key's value, its meters' key): random, so a
+    /// restarted replica is a new one.
+    replica: String,
+    /// The connected client; `None` while etcd is unreachable.
+    etcd: Mutex<Option<Etcd>>,
+    /// The runtime of the link's thread, where requests from blocking code are run.
+    runtime: OnceLock<Handle>,
+    /// A leaf lock: what the table in force came from, and its document.
+    state: Mutex<LinkState>,
+    /// True while this replica holds the leader key (and etcd answers).
+    leader: AtomicBool,
+    /// Bumped when a document from another replica changed the rollout's state.
+    rollout_changes: tokio::sync::watch::Sender<u64>,
+    /// Everyone's meters, summed.
+    cluster: Mutex<ClusterMeter>,
+}
+
+struct LinkState {
+    source: Source,
+    up: bool,
+    /// The last valid document applied or written.
+    document: Option<Document>,
+}
+
+/// The local snapshot: the last document applied and its revision.
+#[derive(Serialize, Deserialize)]
+struct Snapshot {
+    revision: i64,
+    document: Document,
+}
+
+impl StoreLink {
+    pub fn new(settings: StoreSettings) -> StoreLink {
+        StoreLink {
+            settings,
+            replica: {
+                let id = crate::id::hex(crate::id::random(&mut rand::rng()));
+                String::from_utf8_lossy(&id[..16]).into_owned()
+            },
+            etcd: Mutex::new(None),
+            runtime: OnceLock::new(),
+            state: Mutex::new(LinkState {
+                source: Source::File,
+                up: false,
+                document: None,
+            }),
+            leader: AtomicBool::new(false),
+            rollout_changes: tokio::sync::watch::Sender::new(0),
+            cluster: Mutex::new(ClusterMeter::default()),
+        }
+    }
+
+    pub fn replica(&self) -> &str {
+        &self.replica
+    }
+
+    pub fn settings(&self) -> &StoreSettings {
+        &self.settings
+    }
+
+    /// True while this replica leads the rollout and etcd answers.
+    pub fn is_leader(&self) -> bool {
+        self.leader.load(Ordering::Acquire) && self.lock_state().up
+    }
+
+    /// The rollout's state in the last document applied.
+    pub fn rollout_state(&self) -> Option<Value> {
+        self.lock_state()
+            .document
+            .as_ref()
+            .and_then(|d| d.rollout.clone())
+    }
+
+    /// Sees a bump when another replica's document changed the rollout's state.
+    pub fn subscribe_rollout(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.rollout_changes.subscribe()
+    }
+
+    /// Everything every replica has counted for `version` (a backend's name).
+    pub fn cluster_counts(&self, version: &str) -> Counts {
+        self.cluster
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .total(version)
+    }
+
+    /// For a reload of `new` over `old`: the config whose table goes in force (the file's,
+    /// with the shared state over it, and what the file changed), and whether the shared
+    /// document must change (then the reload is a write, refused while etcd is down). Before
+    /// any document has been seen, the file is the table.
+    pub fn merge_reload(
+        &self,
+        old: &crate::config::Config,
+        new: &crate::config::Config,
+    ) -> Result<(crate::config::Config, bool), ControlError> {
+        let Some(shared) = self.lock_state().document.clone() else {
+            return Ok((new.clone(), false));
+        };
+        let merged = shared.merged_with_reload(old, new);
+        let state = merged
+            .check(new)
+            .map_err(|e| ControlError::Document(e.to_string()))?;
+        let mut in_force = new.clone();
+        for (backend, weight) in in_force.backends.iter_mut().zip(&state.weights) {
+            backend.weight = *weight;
+        }
+        in_force.rules = state.rules;
+        in_force.faults = state.faults;
+        in_force.mirror = state.mirror;
+        Ok((in_force, !merged.same_table(&shared)))
+    }
+
+    /// The link as `/admin/routes` shows it.
+    pub fn status(&self) -> Value {
+        let state = self.lock_state();
+        json!({
+            "etcd": self.settings.etcd,
+            "prefix": self.settings.prefix,
+            "replica": self.replica,
+            "up": state.up,
+            "source": state.source.as_str(),
+            "leader": self.leader.load(Ordering::Acquire) && state.up,
+        })
+    }
+
+    fn lock_state(&self) -> MutexGuard<'_, LinkState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn client(&self) -> Option<Etcd> {
+        self.etcd.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Runs `request` on the link's runtime and waits for it, from any thread (the control
+    /// plane's changes run on blocking threads; this never needs a runtime of the caller's).
+    fn call<T, F>(&self, request: impl FnOnce(Etcd) -> F) -> Result<T, ControlError>
+    where
+        F: Future<Output = Result<T, StoreError>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let (Some(etcd), Some(runtime)) = (self.client(), self.runtime.get()) else {
+            return Err(ControlError::StoreUnavailable(
+                "etcd is unreachable; reconnecting".to_owned(),
+            ));
+        };
+        let (answer, answered) = std::sync::mpsc::sync_channel(1);
+        let request = request(etcd);
+        runtime.spawn(async move {
+            let _ = answer.send(request.await);
+        });
+        match answered.recv_timeout(self.settings.timeout + Duration::from_secs(1)) {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(error)) => Err(ControlError::StoreUnavailable(error.to_string())),
+            Err(_) => Err(ControlError::StoreUnavailable(
+                "the request to etcd did not finish".to_owned(),
+            )),
+        }
+    }
+
+    /// Remembers `document` as the one in force (at `revision`) and, when it came from etcd,
+    /// keeps it in the snapshot file. Answers whether the rollout's state changed with it.
+    fn remember(&self, document: Document, revision: u64, source: Source) -> bool {
+        let snapshot = Snapshot {
+            revision: i64::try_from(revision).unwrap_or(i64::MAX),
+            document,
+        };
+        if source == Source::Etcd {
+            let written = serde_json::to_vec_pretty(&snapshot)
+                .map_err(std::io::Error::other)
+                .and_then(|bytes| super::persist::replace_file(&self.settings.snapshot, &bytes));
+            if let Err(error) = written {
+                tracing::warn!(
+                    path = %self.settings.snapshot.display(),
+                    %error,
+                    "cannot write the store snapshot; a start while etcd is down will not have this table"
+                );
+            }
+        }
+        let mut state = self.lock_state();
+        let rollout_changed =
+            state.document.as_ref().map(|d| &d.rollout) != Some(&snapshot.document.rollout);
+        state.source = source;
+        state.document = Some(snapshot.document);
+        rollout_changed
+    }
+
+    fn set_up(&self, control: &ControlPlane, up: bool) {
+        self.lock_state().up = up;
+        control.metrics().store().set_up(up);
+        if !up {
+            *self.etcd.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
+    }
+
+    fn set_leader(&self, control: &ControlPlane, leader: bool) {
+        let was = self.leader.swap(leader, Ordering::AcqRel);
+        if was != leader {
+            tracing::info!(replica = %self.replica, leader, "rollout leadership changed");
+        }
+        control.metrics().store().set_leader(leader);
+    }
+}
+
+/// Exponential backoff from 100 ms to 5 s, each pause drawn between half and all of it
+/// ("equal jitter"), so replicas that lost etcd together do not come back in step.
+#[derive(Debug)]
+struct Backoff {
+    next: Duration,
+}
+
+const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+impl Backoff {
+    fn new() -> Self {
+        Backoff {
+            next: BACKOFF_FIRST,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.next = BACKOFF_FIRST;
+    }
+
+    fn pause(&mut self, rng: &mut impl rand::Rng) -> Duration {
+        let ceiling = self.next;
+        self.next = (self.next * 2).min(BACKOFF_MAX);
+        let half = ceiling / 2;
+        half + half.mul_f64(rng.random::<f64>())
+    }
+}
+
+impl ControlPlane {
+    /// Puts `next` in force in place of `current` (call with `writes` held): with a store,
+    /// only once the document of `next` is written at `current`'s revision; `next` then
+    /// takes the revision etcd gave it as its version.
+    pub(super) fn commit(
+        &self,
+        current: &RoutingTable,
+        mut next: RoutingTable,
+    ) -> Result<u64, ControlError> {
+        let Some(link) = self.store_link() else {
+            let version = next.version;
+            self.table.store(Arc::new(next));
+            return Ok(version);
+        };
+        let document = Document::of(&next, link.rollout_state(), link.replica());
+        let revision = self.swap_document(link, current, &document, false)?;
+        next.version = revision;
+        self.table.store(Arc::new(next));
+        link.remember(document, revision, Source::Etcd);
+        self.metrics().store().set_revision(revision);
+        Ok(revision)
+    }
+
+    /// Writes the rollout's `state` into the document, with the table in force; `as_leader`:
+    /// only while this replica holds the leader key. Without a store, nothing to do.
+    pub fn store_rollout(&self, state: Value, as_leader: bool) -> Result<(), ControlError> {
+        let Some(link) = self.store_link() else {
+            return Ok(());
+        };
+        let _write = self.writes.lock().unwrap_or_else(|e| e.into_inner());
+        let current = self.table.load_full();
+        let document = Document::of(&current, Some(state), link.replica());
+        let revision = self.swap_document(link, &current, &document, as_leader)?;
+        self.table
+            .store(Arc::new(current.with_weights(&[], revision)));
+        link.remember(document, revision, Source::Etcd);
+        self.metrics().store().set_revision(revision);
+        Ok(())
+    }
+
+    /// The compare-and-swap of `document` on `current`'s revision. A lost race applies the
+    /// winner's document and is [`ControlError::Stale`].
+    fn swap_document(
+        &self,
+        link: &StoreLink,
+        current: &RoutingTable,
+        document: &Document,
+        as_leader: bool,
+    ) -> Result<u64, ControlError> {
+        let (source, up) = {
+            let state = link.lock_state();
+            (state.source, state.up)
+        };
+        if !up || source != Source::Etcd {
+            return Err(ControlError::StoreUnavailable(
+                "etcd is unreachable; reconnecting".to_owned(),
+            ));
+        }
+        let revision = i64::try_from(current.version).unwrap_or(i64::MAX);
+        let bytes = document.to_bytes();
+        let leader = as_leader.then(|| link.replica().to_owned());
+        let swapped = link.call(move |mut etcd| async move {
+            etcd.replace_table(revision, bytes, leader.as_deref()).await
+        })?;
+        match swapped {
+            Swap::Written(revision) => Ok(u64::try_from(revision).unwrap_or(0)),
+            Swap::Lost(winner) => {
+                if as_leader && winner.as_ref().is_some_and(|w| w.revision == revision) {
+                    tracing::warn!("the rollout's write was refused: this replica no longer leads");
+                }
+                if let Some(winner) = &winner {
+                    self.apply_stored_locked(link, winner, Source::Etcd);
+                }
+                Err(ControlError::Stale {
+                    current: self.table.load().version,
+                })
+            }
+        }
+    }
+
+    /// The link to `[store]`, if the proxy has one.
+    pub fn store_link(&self) -> Option<&StoreLink> {
+        self.store.as_deref()
+    }
+
+    /// Applies a document read from etcd (or the snapshot), unless its revision is in force
+    /// already.
+    fn apply_stored(&self, link: &StoreLink, stored: &Stored, source: Source) {
+        let _write = self.writes.lock().unwrap_or_else(|e| e.into_inner());
+        self.apply_stored_locked(link, stored, source);
+    }
+
+    /// [`apply_stored`](Self::apply_stored) with `writes` held. An invalid document is
+    /// refused and logged; the table in force stays, at the document's revision, so that the
+    /// next write (which replaces the document) compares against it.
+    fn apply_stored_locked(&self, link: &StoreLink, stored: &Stored, source: Source) {
+        let revision = u64::try_from(stored.revision).unwrap_or(0);
+        let current = self.table.load_full();
+        let first_from_etcd = source == Source::Etcd && link.lock_state().source != Source::Etcd;
+        if revision <= current.version && !first_from_etcd {
+            return;
+        }
+        let metrics = self.metrics().store();
+        let checked = Document::parse(&stored.bytes).and_then(|document| {
+            let config = self.lock_config();
+            document.check(&config).map(|state| (document, state))
+        });
+        let (document, state) = match checked {
+            Ok(checked) => checked,
+            Err(error) => {
+                metrics.refused();
+                tracing::error!(
+                    revision,
+                    error = %error,
+                    "the shared document is invalid and was refused; the table in force stays \
+                     (the next admin write replaces the document)"
+                );
+                self.table
+                    .store(Arc::new(current.with_weights(&[], revision)));
+                metrics.set_revision(revision);
+                return;
+            }
+        };
+        let same = link
+            .lock_state()
+            .document
+            .as_ref()
+            .is_some_and(|d| d.same_table(&document));
+        let next = if same {
+            current.with_weights(&[], revision)
+        } else {
+            let next = self.table_with(&current, state, revision);
+            tracing::info!(
+                target: "audit",
+                version = revision,
+                by = %document.written_by,
+                source = source.as_str(),
+                old = %super::describe(&super::weights_of(&current)),
+                new = %super::describe(&super::weights_of(&next)),
+                faults = %super::describe_faults(&super::faults_of(&next)),
+                "routing table replaced by the shared document"
+            );
+            next
+        };
+        self.table.store(Arc::new(next));
+        metrics.set_revision(revision);
+        if document.written_at_ms > 0 {
+            let lag = crate::utc::unix_ms().saturating_sub(document.written_at_ms);
+            metrics.set_watch_lag(lag as f64 / 1000.0);
+        }
+        let by_other = document.written_by != link.replica();
+        if link.remember(document, revision, source) && by_other {
+            link.rollout_changes.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// `current` with a checked document's state in force, at `version`. Backends keep their
+    /// pools and health; mirroring keeps its counts unless it copies other requests now.
+    fn table_with(&self, current: &RoutingTable, state: TableState, version: u64) -> RoutingTable {
+        let weights: Vec<(usize, u32)> = state.weights.iter().copied().enumerate().collect();
+        let faults = current
+            .backends
+            .iter()
+            .map(|backend| {
+                let fault = state.faults.iter().find(|f| f.backend == backend.name)?;
+                Some(match &backend.fault {
+                    Some(kept) if &kept.config == fault => kept.clone(),
+                    _ => Arc::new(Fault::new(fault.clone())),
+                })
+            })
+            .collect();
+        let mut next = current
+            .with_weights(&weights, version)
+            .with_faults(faults, version)
+            .with_rules(&state.rules, version);
+        if current.mirror.as_ref().map(|m| &m.config) != state.mirror.as_ref() {
+            let mirror = state.mirror.and_then(|config| {
+                let mut carried = current
+                    .mirror
+                    .as_ref()
+                    .map(|m| m.carried())
+                    .unwrap_or_default();
+                if current.mirror.as_ref().is_some_and(|m| {
+                    m.config.backend != config.backend || m.config.from != config.from
+                }) {
+                    carried.report = Arc::default();
+                }
+                next.build_mirror(config, carried, self.metrics())
+                    .map(Arc::new)
+            });
+            next = next.with_mirror(mirror, version);
+        }
+        next
+    }
+}
+
+/// The link's thread, started.
+pub struct Started {
+    /// Completes when the first table is in force.
+    pub first: tokio::sync::oneshot::Receiver<()>,
+    /// Completes when the link has stopped (and let its lease go).
+    pub stopped: tokio::sync::oneshot::Receiver<()>,
+}
+
+/// Starts the link's thread when the config has `[store]`. Its `first` completes once the
+/// first document is in force: from etcd, or, when etcd did not answer within
+/// `store.timeout`, from the snapshot or the file.
+pub fn start(control: &Arc<ControlPlane>) -> Option<Started> {
+    let link = control.store.clone()?;
+    let (ready, first) = tokio::sync::oneshot::channel();
+    let (done, stopped) = tokio::sync::oneshot::channel();
+    let control = control.clone();
+    let spawned = std::thread::Builder::new()
+        .name("canary-store".to_owned())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(error) => {
+                    tracing::error!(%error, "cannot start the store's runtime");
+                    return;
+                }
+            };
+            let _ = link.runtime.set(runtime.handle().clone());
+            runtime.block_on(sync(link, control, ready));
+            let _ = done.send(());
+        });
+    if let Err(error) = spawned {
+        tracing::error!(%error, "cannot start the store's thread; the file's table serves");
+        return None;
+    }
+    Some(Started { first, stopped })
+}
+
+/// The link's life: connect, read or seed, watch; on any failure, back off and start again.
+async fn sync(
+    link: Arc<StoreLink>,
+    control: Arc<ControlPlane>,
+    ready: tokio::sync::oneshot::Sender<()>,
+) {
+    let shutdown = control.shutdown_token().clone();
+    let mut ready = Some(ready);
+    let mut backoff = Backoff::new();
+    let mut lease = None;
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::from_rng(&mut rand::rng());
+    loop {
+        let session = session(&link, &control, &mut ready, &mut backoff, &mut lease);
+        let error = tokio::select! {
+            () = shutdown.cancelled() => break,
+            Err(error) = session => error,
+        };
+        let was_up = link.lock_state().up;
+        link.set_up(&control, false);
+        link.set_leader(&control, false);
+        if was_up {
+            tracing::warn!(
+                error = %error,
+                "lost etcd; the table in force keeps serving, admin writes get 503 until it is back"
+            );
+        } else {
+            tracing::debug!(error = %error, "etcd still unreachable");
+        }
+        if let Some(ready) = ready.take() {
+            cold_start(&link, &control, &error);
+            let _ = ready.send(());
+        }
+        let pause = backoff.pause(&mut rng);
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = tokio::time::sleep(pause) => {}
+        }
+    }
+    // A replica stopping lets its lease go, so its meters and, if it led, the leader key go
+    // with it at once rather than at the end of the TTL.
+    if let (Some(mut etcd), Some(id)) = (link.client(), lease) {
+        let me = link.replica().to_owned();
+        let _ = etcd.resign(&me).await;
+        let _ = etcd.revoke(id).await;
+    }
+    link.set_up(&control, false);
+    link.set_leader(&control, false);
+}
+
+/// One connection's worth of work; returns only with the error that ended it.
+async fn session(
+    link: &StoreLink,
+    control: &ControlPlane,
+    ready: &mut Option<tokio::sync::oneshot::Sender<()>>,
+    backoff: &mut Backoff,
+    lease: &mut Option<i64>,
+) -> Result<std::convert::Infallible, StoreError> {
+    let mut etcd = Etcd::connect(&link.settings).await?;
+    *link.etcd.lock().unwrap_or_else(|e| e.into_inner()) = Some(etcd.clone());
+    link.set_up(control, true);
+    let revision = adopt_or_seed(link, control, &mut etcd).await?;
+    backoff.reset();
+    tracing::info!(
+        revision,
+        replica = %link.replica(),
+        prefix = %link.settings.prefix,
+        "connected to etcd; watching the shared document"
+    );
+    if let Some(ready) = ready.take() {
+        let _ = ready.send(());
+    }
+    let mut watch = etcd.watch_table(revision + 1).await?;
+    let mut ticker = tokio::time::interval(tick_period(link, control));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            message = watch.message() => {
+                let Some(response) = message? else {
+                    return Err(StoreError("the watch ended".to_owned()));
+                };
+                if response.compact_revision() > 0 || response.canceled() {
+                    tracing::warn!(
+                        compact_revision = response.compact_revision(),
+                        reason = response.cancel_reason(),
+                        "the watch lost its history (compaction); reading the document again"
+                    );
+                    let revision = adopt_or_seed(link, control, &mut etcd).await?;
+                    watch = etcd.watch_table(revision + 1).await?;
+                    continue;
+                }
+                for event in response.events() {
+                    match (event.event_type(), event.kv()) {
+                        (EventType::Put, Some(kv)) => control.apply_stored(
+                            link,
+                            &Stored { revision: kv.mod_revision(), bytes: kv.value().to_vec() },
+                            Source::Etcd,
+                        ),
+                        (EventType::Delete, _) => {
+                            tracing::warn!(
+                                "the shared document was deleted; writing the table in force back"
+                            );
+                            adopt_or_seed(link, control, &mut etcd).await?;
+                        }
+                        (EventType::Put, None) => {}
+                    }
+                }
+            }
+            _ = ticker.tick() => heartbeat(link, control, &mut etcd, lease).await?,
+        }
+    }
+}
+
+/// Reads the document and applies it, or seeds it from the table in force when there is
+/// none (only if still absent: of replicas starting together, one seeds, the others adopt).
+/// Answers the revision in force.
+async fn adopt_or_seed(
+    link: &StoreLink,
+    control: &ControlPlane,
+    etcd: &mut Etcd,
+) -> Result<i64, StoreError> {
+    let stored = match etcd.read_table().await? {
+        Some(stored) => stored,
+        None => {
+            let table = control.table().load_full();
+            let document = Document::of(&table, link.rollout_state(), link.replica());
+            match etcd.create_table(document.to_bytes()).await? {
+                Swap::Written(revision) => {
+                    tracing::info!(
+                        target: "audit",
+                        revision,
+                        "seeded the shared document from this replica's table"
+                    );
+                    Stored {
+                        revision,
+                        bytes: document.to_bytes(),
+                    }
+                }
+                Swap::Lost(Some(stored)) => stored,
+                Swap::Lost(None) => return Err(StoreError("the document vanished".to_owned())),
+            }
+        }
+    };
+    control.apply_stored(link, &stored, Source::Etcd);
+    Ok(stored.revision)
+}
+
+/// How often the lease is renewed and the meters published: every analysis interval, and
+/// at least three times per lease TTL.
+fn tick_period(link: &StoreLink, control: &ControlPlane) -> Duration {
+    let interval = control
+        .config()
+        .rollout
+        .map_or(Duration::from_secs(1), |r| r.analysis.interval);
+    interval.min(link.settings.lease_ttl / 3)
+}
+
+/// With a rollout configured: renews the lease, campaigns for the leader key, publishes this
+/// replica's meters and sums everyone's.
+async fn heartbeat(
+    link: &StoreLink,
+    control: &ControlPlane,
+    etcd: &mut Etcd,
+    lease: &mut Option<i64>,
+) -> Result<(), StoreError> {
+    let config = control.config();
+    let Some(rollout) = &config.rollout else {
+        link.set_leader(control, false);
+        return Ok(());
+    };
+    let id = match *lease {
+        Some(id) if etcd.keep_alive(id).await? => id,
+        _ => {
+            let ttl = i64::try_from(link.settings.lease_ttl.as_secs()).unwrap_or(10);
+            let id = etcd.grant_lease(ttl).await?;
+            *lease = Some(id);
+            id
+        }
+    };
+    let holder = etcd.campaign(link.replica(), id).await?;
+    link.set_leader(control, holder.as_deref() == Some(link.replica()));
+    let table = control.table().load();
+    let mine: HashMap<&str, Counts> = [rollout.baseline, rollout.canary]
+        .iter()
+        .filter_map(|&i| {
+            let name = config.backends.get(i)?.name.as_str();
+            Some((name, table.backend(name)?.meter.as_ref()?.counts()))
+        })
+        .collect();
+    let bytes = serde_json::to_vec(&mine).unwrap_or_default();
+    etcd.publish_meters(link.replica(), bytes, id).await?;
+    let published = etcd.read_meters().await?;
+    let readings: Vec<(String, HashMap<String, Counts>)> = published
+        .into_iter()
+        .filter_map(|(replica, bytes)| Some((replica, serde_json::from_slice(&bytes).ok()?)))
+        .collect();
+    let mut cluster = link.cluster.lock().unwrap_or_else(|e| e.into_inner());
+    cluster.observe(readings.iter().flat_map(|(replica, versions)| {
+        versions
+            .iter()
+            .filter(|(_, counts)| counts.latency.len() == LATENCY_BUCKETS)
+            .map(move |(version, counts)| (replica.as_str(), version.as_str(), counts))
+    }));
+    Ok(())
+}
+
+/// etcd did not answer at start: serve the snapshot if there is one, else the file.
+fn cold_start(link: &StoreLink, control: &ControlPlane, error: &StoreError) {
+    let path = &link.settings.snapshot;
+    let snapshot = match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice::<Snapshot>(&bytes).map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    match snapshot {
+        Ok(snapshot) => {
+            let stored = Stored {
+                revision: snapshot.revision,
+                bytes: snapshot.document.to_bytes(),
+            };
+            control.apply_stored(link, &stored, Source::Snapshot);
+            tracing::warn!(
+                error = %error,
+                revision = snapshot.revision,
+                path = %path.display(),
+                "etcd is unreachable at start: serving the local snapshot of the shared table; \
+                 admin writes get 503 until etcd answers"
+            );
+        }
+        Err(reason) => tracing::warn!(
+            error = %error,
+            path = %path.display(),
+            snapshot = %reason,
+            "etcd is unreachable at start and there is no usable snapshot: serving the config \
+             file's table; admin writes get 503 until etcd answers"
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn backoff_doubles_to_its_ceiling_with_jitter_and_resets() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut backoff = Backoff::new();
+        let pauses: Vec<Duration> = (0..10).map(|_| backoff.pause(&mut rng)).collect();
+        let mut ceiling = BACKOFF_FIRST;
+        for pause in &pauses {
+            assert!(
+                *pause >= ceiling / 2 && *pause <= ceiling,
+                "{pause:?} for {ceiling:?}"
+            );
+            ceiling = (ceiling * 2).min(BACKOFF_MAX);
+        }
+        assert!(pauses[9] >= BACKOFF_MAX / 2);
+        // Jitter: pauses drawn for the same ceiling differ.
+        assert_ne!(pauses[8], pauses[9]);
+        backoff.reset();
+        assert!(backoff.pause(&mut rng) <= BACKOFF_FIRST);
+    }
+}
