@@ -870,6 +870,13 @@ fn rollout_error(e: &RolloutError) -> AdminResponse {
             StatusCode::CONFLICT,
             json!({"error": e.to_string(), "state": conflict.state.as_str()}),
         ),
+        // With a store: etcd down, or another replica's write came first.
+        RolloutError::Weights(ControlError::StoreUnavailable(_)) => {
+            error(StatusCode::SERVICE_UNAVAILABLE, &Chain(e).to_string())
+        }
+        RolloutError::Weights(ControlError::Stale { .. }) => {
+            error(StatusCode::PRECONDITION_FAILED, &Chain(e).to_string())
+        }
         RolloutError::Weights(_) => error(StatusCode::INTERNAL_SERVER_ERROR, &Chain(e).to_string()),
     }
 }

@@ -366,7 +366,7 @@ impl ControlPlane {
             new = %describe(&weights),
             "weights changed"
         );
-        let version = self.commit(&current, next)?;
+        let version = self.commit_as(&current, next, as_owner)?;
         // With a store, the shared document (and its snapshot) keeps the weights, not the
         // file.
         let file = self.config_path.as_ref().filter(|_| self.store.is_none());
@@ -470,6 +470,12 @@ impl ControlPlane {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// Records who owns mirroring without changing the table (a replica following the
+    /// rollout's leader through the shared document, which sets the mirroring itself).
+    pub fn mark_mirror_owner(&self, owner: Option<String>) {
+        self.set_mirror_owner(owner);
     }
 
     fn set_mirror_owner(&self, owner: Option<String>) {

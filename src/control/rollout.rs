@@ -45,7 +45,7 @@ pub enum RolloutError {
     NotConfigured,
     #[error(transparent)]
     Conflict(#[from] Conflict),
-    #[error("the rollout's weight change failed")]
+    #[error("the rollout's change could not be applied")]
     Weights(#[source] ControlError),
 }
 
@@ -95,6 +95,9 @@ struct Run {
     /// Meter readings when the rollout ended (promoted, rolled back), so the counts shown
     /// are the last step's, not the traffic after it.
     at_end: Option<[Counts; 2]>,
+    /// With `[store]`: whether this replica led the rollout at the last interval (only the
+    /// leader runs the state machine; the others follow the shared document).
+    leading: bool,
     rng: StdRng,
 }
 
@@ -140,6 +143,22 @@ impl RolloutController {
             run.shadow_last = run.read_shadow(&self.control);
         }
         applied?;
+        if let Some(link) = self.control.store_link()
+            && !link.is_leader()
+        {
+            // Not the leader: the command reaches it (and every replica) through the shared
+            // document. Refused there, it did not happen: the shared state stays.
+            if let Err(error) = self.share(run, false) {
+                if let Some(shared) = self.load_shared(&run.baseline, &run.canary) {
+                    run.machine = shared.machine;
+                    run.evidence = shared.evidence;
+                    self.own_weights(run);
+                    self.own_mirror(run);
+                    self.show(run);
+                }
+                return Err(RolloutError::Weights(error));
+            }
+        }
         Ok(run.status(&self.control))
     }
 
@@ -147,10 +166,24 @@ impl RolloutController {
     /// followed after each reload.
     pub async fn drive(self: Arc<Self>, shutdown: CancellationToken) {
         let mut reloads = self.control.subscribe_reloads();
+        let mut shared = self
+            .control
+            .store_link()
+            .map(|link| link.subscribe_rollout());
         loop {
             let interval = Duration::from_millis(self.interval_ms.load(Ordering::Relaxed));
+            let shared_change = async {
+                match shared.as_mut() {
+                    Some(changes) => changes.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 () = shutdown.cancelled() => return,
+                true = shared_change => {
+                    let controller = self.clone();
+                    let _ = tokio::task::spawn_blocking(move || controller.adopt_shared()).await;
+                }
                 changed = reloads.changed() => {
                     if changed.is_err() {
                         return;
@@ -173,6 +206,19 @@ impl RolloutController {
         let Some(run) = guard.as_mut() else {
             return;
         };
+        if let Some(link) = self.control.store_link() {
+            let leading = link.is_leader();
+            if leading && !run.leading {
+                self.take_the_lead(run);
+            }
+            run.leading = leading;
+            if !leading {
+                // Another replica runs the state machine; this one follows the document.
+                run.at_last_tick = run.read_meters(&self.control);
+                return;
+            }
+            self.ensure_weights(run);
+        }
         let now = run.read_meters(&self.control);
         let shadow_now = run.read_shadow(&self.control);
         let shadow = shadow_now.since(&run.shadow_last);
@@ -332,15 +378,17 @@ impl RolloutController {
             shadow_seen: ShadowTick::default(),
             shadow_differences: None,
             at_end: None,
+            leading: false,
             rng: StdRng::seed_from_u64(rand::rng().random()),
         };
         let now = run.read_meters(&self.control);
         run.at_step_start = now.clone();
         run.at_last_tick = now;
         run.shadow_last = run.read_shadow(&self.control);
-        if run.machine.state.is_active() {
+        if run.machine.state.is_active() && self.control.store_link().is_none() {
             // The weights were written back to the config file with each step; set them again
-            // in case the file was edited while the proxy was down.
+            // in case the file was edited while the proxy was down. (With a store the shared
+            // document has them, and its leader keeps them.)
             let percent = run.machine.canary_percent;
             if let Err(error) = self.set_weights(&run, percent) {
                 tracing::error!(error = %Chain(&error), "the rollout could not restore its weights");
@@ -435,6 +483,15 @@ impl RolloutController {
     /// (set again if anything changed it); out of it, it gives mirroring back as the config
     /// file has it.
     fn own_mirror(&self, run: &Run) {
+        if let Some(link) = self.control.store_link()
+            && !link.is_leader()
+        {
+            // The leader puts the stage's mirroring in the shared document; here admin writes
+            // to mirroring are only refused while it owns it.
+            let owner = run.machine.in_shadow().then(|| SHADOW_OWNER.to_owned());
+            self.control.mark_mirror_owner(owner);
+            return;
+        }
         if !run.machine.in_shadow() {
             self.release_mirror();
             return;
@@ -460,7 +517,17 @@ impl RolloutController {
         );
     }
 
+    /// Keeps the rollout's state: in the shared document with a store (only the leader
+    /// writes its intervals), else in the state file.
     fn persist(&self, run: &Run) {
+        if let Some(link) = self.control.store_link() {
+            if link.is_leader() {
+                if let Err(error) = self.share(run, true) {
+                    tracing::warn!(error = %Chain(&error), "the rollout's state was not stored; the next interval writes it again");
+                }
+            }
+            return;
+        }
         let Some(path) = &self.state_path else {
             return;
         };
@@ -478,7 +545,117 @@ impl RolloutController {
         }
     }
 
+    /// Writes the rollout's state into the shared document: as its leader (refused if this
+    /// replica no longer leads), or for an operator's command on any replica.
+    fn share(&self, run: &Run, as_leader: bool) -> Result<(), ControlError> {
+        let persisted = PersistedRef {
+            baseline: &run.baseline,
+            canary: &run.canary,
+            machine: &run.machine,
+            evidence: &run.evidence,
+        };
+        let value = serde_json::to_value(&persisted)
+            .map_err(|e| ControlError::MalformedJson(e.to_string()))?;
+        self.control.store_rollout(value, as_leader)
+    }
+
+    /// The rollout's state in the shared document, if it is of this pair.
+    fn load_shared(&self, baseline: &str, canary: &str) -> Option<Persisted> {
+        let value = self.control.store_link()?.rollout_state()?;
+        match serde_json::from_value::<Persisted>(value) {
+            Ok(persisted) if persisted.baseline == baseline && persisted.canary == canary => {
+                Some(persisted)
+            }
+            Ok(_) => None,
+            Err(error) => {
+                tracing::error!(%error, "the rollout state in the shared document is unreadable; ignored");
+                None
+            }
+        }
+    }
+
+    /// Another replica changed the rollout in the shared document (its leader's interval, an
+    /// operator's command there): this one takes its state.
+    pub fn adopt_shared(&self) {
+        let mut guard = self.lock();
+        let Some(run) = guard.as_mut() else {
+            return;
+        };
+        let Some(shared) = self.load_shared(&run.baseline, &run.canary) else {
+            return;
+        };
+        let moved = shared.machine.state != run.machine.state
+            || shared.machine.step != run.machine.step
+            || shared.machine.history.len() != run.machine.history.len();
+        run.machine = shared.machine;
+        run.evidence = shared.evidence;
+        if moved {
+            let now = run.read_meters(&self.control);
+            run.step_started = Instant::now();
+            run.at_step_start = now.clone();
+            run.at_last_tick = now.clone();
+            run.at_end =
+                matches!(run.machine.state, State::Promoted | State::RolledBack).then_some(now);
+            run.evidence.start_step();
+            tracing::info!(
+                state = run.machine.state.as_str(),
+                step = run.machine.step,
+                canary_percent = run.machine.canary_percent,
+                "rollout state taken from the shared document"
+            );
+        }
+        run.verdicts = Some([run.evidence.errors(), run.evidence.latency(), INCONCLUSIVE]);
+        self.own_weights(run);
+        self.own_mirror(run);
+        self.show(run);
+    }
+
+    /// This replica has just become the leader: the step goes on from the shared state, its
+    /// clock, counts and pass evidence afresh, as after a restart.
+    fn take_the_lead(&self, run: &mut Run) {
+        if let Some(shared) = self.load_shared(&run.baseline, &run.canary) {
+            run.machine = shared.machine;
+            run.evidence = shared.evidence;
+        }
+        let now = run.read_meters(&self.control);
+        run.step_started = Instant::now();
+        run.at_step_start = now.clone();
+        run.at_last_tick = now;
+        run.evidence.start_step();
+        run.verdicts = None;
+        tracing::info!(
+            target: "audit",
+            state = run.machine.state.as_str(),
+            step = run.machine.step,
+            canary_percent = run.machine.canary_percent,
+            "this replica leads the rollout now; the step goes on, its clock and counts afresh"
+        );
+        self.own_weights(run);
+        self.own_mirror(run);
+        self.show(run);
+    }
+
+    /// The leader keeps the weights the rollout's step says (a write lost to a race, or an
+    /// old leader's, is set again).
+    fn ensure_weights(&self, run: &Run) {
+        if !run.machine.state.is_active() {
+            return;
+        }
+        let percent = run.machine.canary_percent.min(100);
+        let table = self.control.table().load();
+        let weight = |name: &str| table.backend(name).map(|b| b.weight);
+        if weight(&run.baseline) == Some(100 - percent) && weight(&run.canary) == Some(percent) {
+            return;
+        }
+        if let Err(error) = self.set_weights(run, percent) {
+            tracing::warn!(error = %Chain(&error), "the rollout could not set its step's weights; trying again next interval");
+        }
+    }
+
     fn load(&self, baseline: &str, canary: &str) -> Option<Persisted> {
+        if self.control.store_link().is_some() {
+            return self.load_shared(baseline, canary);
+        }
         let path = self.state_path.as_ref()?;
         let bytes = match std::fs::read(path) {
             Ok(bytes) => bytes,
@@ -562,6 +739,10 @@ impl Run {
 
     /// The meters of the two versions now (zero for a version that has none yet).
     fn read_meters(&self, control: &ControlPlane) -> [Counts; 2] {
+        if let Some(link) = control.store_link() {
+            // Every replica's meters, summed.
+            return [&self.baseline, &self.canary].map(|name| link.cluster_counts(name));
+        }
         let table = control.table().load();
         [&self.baseline, &self.canary].map(|name| {
             table

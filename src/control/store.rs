@@ -275,6 +275,8 @@ struct Backoff {
 
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A session at least this long resets the backoff.
+const SESSION_THAT_LASTED: Duration = Duration::from_secs(5);
 
 impl Backoff {
     fn new() -> Self {
@@ -302,7 +304,18 @@ impl ControlPlane {
     pub(super) fn commit(
         &self,
         current: &RoutingTable,
+        next: RoutingTable,
+    ) -> Result<u64, ControlError> {
+        self.commit_as(current, next, false)
+    }
+
+    /// [`commit`](Self::commit); `by_leader`: the rollout's change, which a replica that
+    /// leads makes only while it still holds the leader key.
+    pub(super) fn commit_as(
+        &self,
+        current: &RoutingTable,
         mut next: RoutingTable,
+        by_leader: bool,
     ) -> Result<u64, ControlError> {
         let Some(link) = self.store_link() else {
             let version = next.version;
@@ -310,7 +323,8 @@ impl ControlPlane {
             return Ok(version);
         };
         let document = Document::of(&next, link.rollout_state(), link.replica());
-        let revision = self.swap_document(link, current, &document, false)?;
+        let fenced = by_leader && link.is_leader();
+        let revision = self.swap_document(link, current, &document, fenced)?;
         next.version = revision;
         self.table.store(Arc::new(next));
         link.remember(document, revision, Source::Etcd);
@@ -543,11 +557,17 @@ async fn sync(
     let mut lease = None;
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::from_rng(&mut rand::rng());
     loop {
-        let session = session(&link, &control, &mut ready, &mut backoff, &mut lease);
+        let began = tokio::time::Instant::now();
+        let session = session(&link, &control, &mut ready, &mut lease);
         let error = tokio::select! {
             () = shutdown.cancelled() => break,
             Err(error) = session => error,
         };
+        // Back off afresh only after a session that lasted: one that fails right after
+        // connecting is etcd still in trouble.
+        if began.elapsed() > SESSION_THAT_LASTED {
+            backoff.reset();
+        }
         let was_up = link.lock_state().up;
         link.set_up(&control, false);
         link.set_leader(&control, false);
@@ -560,7 +580,10 @@ async fn sync(
             tracing::debug!(error = %error, "etcd still unreachable");
         }
         if let Some(ready) = ready.take() {
-            cold_start(&link, &control, &error);
+            let (cold_link, cold_control) = (link.clone(), control.clone());
+            let _ =
+                tokio::task::spawn_blocking(move || cold_start(&cold_link, &cold_control, &error))
+                    .await;
             let _ = ready.send(());
         }
         let pause = backoff.pause(&mut rng);
@@ -582,17 +605,15 @@ async fn sync(
 
 /// One connection's worth of work; returns only with the error that ended it.
 async fn session(
-    link: &StoreLink,
-    control: &ControlPlane,
+    link: &Arc<StoreLink>,
+    control: &Arc<ControlPlane>,
     ready: &mut Option<tokio::sync::oneshot::Sender<()>>,
-    backoff: &mut Backoff,
     lease: &mut Option<i64>,
 ) -> Result<std::convert::Infallible, StoreError> {
     let mut etcd = Etcd::connect(&link.settings).await?;
     *link.etcd.lock().unwrap_or_else(|e| e.into_inner()) = Some(etcd.clone());
     link.set_up(control, true);
     let revision = adopt_or_seed(link, control, &mut etcd).await?;
-    backoff.reset();
     tracing::info!(
         revision,
         replica = %link.replica(),
@@ -623,11 +644,13 @@ async fn session(
                 }
                 for event in response.events() {
                     match (event.event_type(), event.kv()) {
-                        (EventType::Put, Some(kv)) => control.apply_stored(
-                            link,
-                            &Stored { revision: kv.mod_revision(), bytes: kv.value().to_vec() },
-                            Source::Etcd,
-                        ),
+                        (EventType::Put, Some(kv)) => {
+                            let stored = Stored {
+                                revision: kv.mod_revision(),
+                                bytes: kv.value().to_vec(),
+                            };
+                            apply_off_thread(link, control, stored, Source::Etcd).await;
+                        }
                         (EventType::Delete, _) => {
                             tracing::warn!(
                                 "the shared document was deleted; writing the table in force back"
@@ -643,12 +666,29 @@ async fn session(
     }
 }
 
+/// Applies `stored` on a blocking thread, in order (the caller waits). Never on the link's
+/// own thread: applying takes the control plane's write lock, whose holder may be waiting
+/// for an etcd request that this thread's runtime carries.
+async fn apply_off_thread(
+    link: &Arc<StoreLink>,
+    control: &Arc<ControlPlane>,
+    stored: Stored,
+    source: Source,
+) {
+    let (link, control) = (link.clone(), control.clone());
+    let applied =
+        tokio::task::spawn_blocking(move || control.apply_stored(&link, &stored, source)).await;
+    if let Err(error) = applied {
+        tracing::error!(%error, "applying the shared document failed");
+    }
+}
+
 /// Reads the document and applies it, or seeds it from the table in force when there is
 /// none (only if still absent: of replicas starting together, one seeds, the others adopt).
 /// Answers the revision in force.
 async fn adopt_or_seed(
-    link: &StoreLink,
-    control: &ControlPlane,
+    link: &Arc<StoreLink>,
+    control: &Arc<ControlPlane>,
     etcd: &mut Etcd,
 ) -> Result<i64, StoreError> {
     let stored = match etcd.read_table().await? {
@@ -673,8 +713,9 @@ async fn adopt_or_seed(
             }
         }
     };
-    control.apply_stored(link, &stored, Source::Etcd);
-    Ok(stored.revision)
+    let revision = stored.revision;
+    apply_off_thread(link, control, stored, Source::Etcd).await;
+    Ok(revision)
 }
 
 /// How often the lease is renewed and the meters published: every analysis interval, and
@@ -701,7 +742,7 @@ async fn heartbeat(
         return Ok(());
     };
     let id = match *lease {
-        Some(id) if etcd.keep_alive(id).await? => id,
+        Some(id) if etcd.keep_alive(id).await.unwrap_or(false) => id,
         _ => {
             let ttl = i64::try_from(link.settings.lease_ttl.as_secs()).unwrap_or(10);
             let id = etcd.grant_lease(ttl).await?;
