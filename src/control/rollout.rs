@@ -521,10 +521,10 @@ impl RolloutController {
     /// writes its intervals), else in the state file.
     fn persist(&self, run: &Run) {
         if let Some(link) = self.control.store_link() {
-            if link.is_leader() {
-                if let Err(error) = self.share(run, true) {
-                    tracing::warn!(error = %Chain(&error), "the rollout's state was not stored; the next interval writes it again");
-                }
+            if link.is_leader()
+                && let Err(error) = self.share(run, true)
+            {
+                tracing::warn!(error = %Chain(&error), "the rollout's state was not stored; the next interval writes it again");
             }
             return;
         }
