@@ -2,6 +2,10 @@
 # non-root user 65532). Mount your own config over /etc/canary-proxy/canary.toml; inside a
 # container the listeners must bind 0.0.0.0 (and the admin listener then needs a token).
 FROM rust:1.95-slim-bookworm AS build
+# The etcd client ([store]) compiles etcd's protobuf definitions at build time: protoc.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends protobuf-compiler \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
