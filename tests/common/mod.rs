@@ -4,6 +4,7 @@
 
 pub mod certs;
 pub mod etcd;
+pub mod replica;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
