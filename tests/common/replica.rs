@@ -6,6 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,6 +27,8 @@ pub struct Replica {
     pub stdout: Arc<Mutex<Vec<String>>>,
     /// Its stderr (the process log), line by line.
     pub stderr: Arc<Mutex<Vec<String>>>,
+    /// Set once its stderr reached the end (the process has exited, every line is read).
+    stderr_closed: Arc<AtomicBool>,
     /// Its exit status, once it has been reaped.
     exit: Mutex<Option<ExitStatus>>,
     pid: u32,
@@ -56,8 +59,8 @@ impl Replica {
         }
         super::etcd::die_with_parent(&mut command);
         let mut child = command.spawn().unwrap();
-        let stdout = collect(Box::new(child.stdout.take().unwrap()));
-        let stderr = collect(Box::new(child.stderr.take().unwrap()));
+        let (stdout, _) = collect(Box::new(child.stdout.take().unwrap()));
+        let (stderr, stderr_closed) = collect(Box::new(child.stderr.take().unwrap()));
         let mut replica = Replica {
             pid: child.id(),
             child: Mutex::new(child),
@@ -65,6 +68,7 @@ impl Replica {
             admin_addr: ([0, 0, 0, 0], 0).into(),
             stdout,
             stderr,
+            stderr_closed,
             exit: Mutex::new(None),
         };
         let started = replica.wait_for_log("canary-proxy started", WITHIN).await;
@@ -136,8 +140,11 @@ impl Replica {
                 return line;
             }
             if let Some(status) = exited {
-                // The pipe may still hold the last lines: give the reader a moment.
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                // The pipe may still hold the last lines: wait for the reader to reach its end.
+                let read_by = Instant::now() + Duration::from_secs(5);
+                while !self.stderr_closed.load(Ordering::SeqCst) && Instant::now() < read_by {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
                 let log = self.log();
                 if let Some(line) = log.iter().skip(mark).find(|line| line.contains(needle)) {
                     return line.clone();
@@ -208,16 +215,19 @@ impl Drop for Replica {
     }
 }
 
-/// Lines read from `pipe` on a thread of their own (so the process never blocks on it).
-fn collect(pipe: Box<dyn std::io::Read + Send>) -> Arc<Mutex<Vec<String>>> {
+/// Lines read from `pipe` on a thread of their own (so the process never blocks on it), and
+/// a flag set when the pipe has been read to its end.
+fn collect(pipe: Box<dyn std::io::Read + Send>) -> (Arc<Mutex<Vec<String>>>, Arc<AtomicBool>) {
     let lines = Arc::new(Mutex::new(Vec::new()));
-    let sink = lines.clone();
+    let closed = Arc::new(AtomicBool::new(false));
+    let (sink, done) = (lines.clone(), closed.clone());
     std::thread::spawn(move || {
         for line in BufReader::new(pipe).lines().map_while(Result::ok) {
             sink.lock().unwrap().push(line);
         }
+        done.store(true, Ordering::SeqCst);
     });
-    lines
+    (lines, closed)
 }
 
 /// Writes `dir/canary.toml` for the binary without a store: proxy and admin on
