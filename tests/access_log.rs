@@ -5,88 +5,27 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::replica::Replica;
 use common::*;
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-const BIN: &str = env!("CARGO_BIN_EXE_canary-proxy");
-
-/// The binary serving a config file, its stdout and stderr read into lines as they come;
-/// killed when dropped.
-struct ProxyProcess {
-    child: Child,
-    addr: SocketAddr,
-    admin: SocketAddr,
-    stdout: Arc<Mutex<Vec<String>>>,
-    stderr: Arc<Mutex<Vec<String>>>,
-}
-
-impl ProxyProcess {
-    /// Starts the binary on `path` and waits until it says it has started.
-    fn spawn(path: &Path) -> ProxyProcess {
-        let mut child = Command::new(BIN)
-            .arg("--config")
-            .arg(path)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = collect(Box::new(child.stdout.take().unwrap()));
-        let stderr = collect(Box::new(child.stderr.take().unwrap()));
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let started = loop {
-            let started = stderr
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|line| line.contains("canary-proxy started"))
-                .cloned();
-            if let Some(line) = started {
-                break line;
-            }
-            let exited = child.try_wait().unwrap();
-            assert!(
-                exited.is_none() && Instant::now() < deadline,
-                "the proxy did not start ({exited:?}): {:?}",
-                stderr.lock().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let field = |name: &str| -> SocketAddr {
-            let rest = started.split(&format!("{name}=")).nth(1).unwrap();
-            rest.split_whitespace().next().unwrap().parse().unwrap()
-        };
-        ProxyProcess {
-            addr: field("listen"),
-            admin: field("admin"),
-            child,
-            stdout,
-            stderr,
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
+/// The access log of a [`Replica`] (its stdout).
+trait AccessLog {
     /// The access log's line of the request with this id, parsed, once it has been written
     /// (a panic after 10 s).
+    async fn line(&self, request_id: &str) -> Value;
+}
+
+impl AccessLog for Replica {
     async fn line(&self, request_id: &str) -> Value {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let found: Vec<Value> = self
-                .stdout
-                .lock()
-                .unwrap()
+                .stdout()
                 .iter()
                 .map(|line| parse(line))
                 .filter(|entry| entry["request_id"] == request_id)
@@ -99,34 +38,11 @@ impl ProxyProcess {
                 _ => panic!(
                     "{} lines for {request_id}: {:?}",
                     found.len(),
-                    self.stdout.lock().unwrap()
+                    self.stdout()
                 ),
             }
         }
     }
-
-    fn stdout(&self) -> Vec<String> {
-        self.stdout.lock().unwrap().clone()
-    }
-}
-
-impl Drop for ProxyProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Lines read from `pipe` on a thread of their own (so the proxy never blocks on it).
-fn collect(pipe: Box<dyn std::io::Read + Send>) -> Arc<Mutex<Vec<String>>> {
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    let sink = lines.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-            sink.lock().unwrap().push(line);
-        }
-    });
-    lines
 }
 
 fn parse(line: &str) -> Value {
@@ -202,7 +118,7 @@ fn assert_common(entry: &Value, method: &str, path: &str, protocol: &str) {
 async fn every_request_gets_one_json_line_on_stdout() {
     let v1 = upstream("v1").await;
     let (dir, down) = write_config(&v1, "[log]\naccess = \"json\"\n").await;
-    let proxy = ProxyProcess::spawn(&dir.path().join("canary.toml"));
+    let proxy = Replica::spawn(&dir.path().join("canary.toml")).await;
     let h1 = client();
     let h2 = h2c_client();
 
@@ -351,7 +267,7 @@ async fn every_request_gets_one_json_line_on_stdout() {
     sent.sort();
     assert_eq!(logged, sent, "{lines:?}");
     assert!(!lines.iter().any(|line| line.contains(secret)), "{lines:?}");
-    let stderr = proxy.stderr.lock().unwrap().clone();
+    let stderr = proxy.log();
     assert!(
         !stderr
             .iter()
@@ -365,7 +281,7 @@ async fn with_the_access_log_off_nothing_is_written_to_stdout() {
     // Off by default, and written out.
     for extra in ["", "[log]\naccess = \"off\"\n"] {
         let (dir, _) = write_config(&v1, extra).await;
-        let proxy = ProxyProcess::spawn(&dir.path().join("canary.toml"));
+        let proxy = Replica::spawn(&dir.path().join("canary.toml")).await;
         assert_eq!(get(&client(), proxy.url("/"), "a", &[]).await.0, 200);
         assert_eq!(get(&h2c_client(), proxy.url("/"), "b", &[]).await.0, 200);
         let down = get(&client(), proxy.url("/"), "c", &[("x-to", "down")]).await;
@@ -380,7 +296,7 @@ async fn with_the_access_log_off_nothing_is_written_to_stdout() {
         // Give a line that should not be there time to arrive.
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(proxy.stdout(), Vec::<String>::new());
-        assert!(!proxy.stderr.lock().unwrap().is_empty());
+        assert!(!proxy.log().is_empty());
     }
 }
 
@@ -389,10 +305,10 @@ async fn a_reload_turns_the_access_log_on_and_off() {
     let v1 = upstream("v1").await;
     let (dir, _) = write_config(&v1, "").await;
     let path = dir.path().join("canary.toml");
-    let proxy = ProxyProcess::spawn(&path);
+    let proxy = Replica::spawn(&path).await;
     let base = std::fs::read_to_string(&path).unwrap();
     let reload = |text: String| {
-        let admin = proxy.admin;
+        let admin = proxy.admin_addr;
         let path = path.clone();
         async move {
             std::fs::write(&path, text).unwrap();
@@ -418,7 +334,7 @@ async fn a_reload_turns_the_access_log_on_and_off() {
     // A bad value is refused, naming the key and line; the access log stays on.
     std::fs::write(&path, format!("{base}[log]\naccess = \"yes\"\n")).unwrap();
     let refused = client()
-        .post(format!("http://{}/admin/reload", proxy.admin))
+        .post(proxy.admin("/admin/reload"))
         .send()
         .await
         .unwrap();

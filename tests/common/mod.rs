@@ -3,6 +3,8 @@
 #![allow(dead_code)]
 
 pub mod certs;
+pub mod etcd;
+pub mod replica;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
