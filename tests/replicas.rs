@@ -1,0 +1,536 @@
+//! Several replicas sharing one routing table and one rollout through etcd (`[store]`): real
+//! `canary-proxy` processes, a real etcd (Debian's 3.4), real upstreams, all on loopback.
+//! Each test starts its own etcd, so killing it touches no other test.
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use common::etcd::Etcd;
+use common::replica::{Replica, replica_config};
+use common::*;
+
+const PREFIX: &str = "/canary-proxy/test";
+const TABLE_KEY: &str = "/canary-proxy/test/table";
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A replica's own directory (its config and snapshot) and the process serving it.
+struct Member {
+    _dir: tempfile::TempDir,
+    config: PathBuf,
+    replica: Replica,
+}
+
+impl Member {
+    /// Starts a replica of `backends` (with their file weights) sharing `etcd`, with `extra`
+    /// TOML, and waits until it has the shared table.
+    async fn start(etcd: &Etcd, backends: &[(&str, Vec<String>, u32)], extra: &str) -> Member {
+        let dir = tempfile::tempdir().unwrap();
+        let config = replica_config(dir.path(), &etcd.endpoint(), PREFIX, backends, extra);
+        // Leases of 2 s (the shortest allowed) rather than 10: a killed leader is replaced
+        // within the test's patience.
+        let text = std::fs::read_to_string(&config).unwrap();
+        let text = text.replace(
+            "snapshot = \"canary.snapshot.json\"\n",
+            "snapshot = \"canary.snapshot.json\"\nlease_ttl = \"2s\"\n",
+        );
+        assert!(text.contains("lease_ttl"), "{text}");
+        std::fs::write(&config, text).unwrap();
+        let replica = Replica::spawn(&config).await;
+        replica
+            .wait_for_log("connected to etcd; watching the shared document", WAIT)
+            .await;
+        Member {
+            _dir: dir,
+            config,
+            replica,
+        }
+    }
+
+    /// Starts again from the same directory (its config and snapshot), as a restarted process.
+    async fn restart(mut self) -> Member {
+        self.replica.terminate().await;
+        self.replica = Replica::spawn(&self.config).await;
+        self
+    }
+
+    async fn weights(&self) -> Value {
+        get_json(self.replica.admin("/admin/weight")).await
+    }
+
+    async fn etag(&self) -> String {
+        let response = client()
+            .get(self.replica.admin("/admin/weight"))
+            .send()
+            .await
+            .unwrap();
+        response.headers()["etag"].to_str().unwrap().to_owned()
+    }
+
+    async fn set_weights(&self, query: &str) -> reqwest::Response {
+        client()
+            .post(self.replica.admin(&format!("/admin/weight?{query}")))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// The backend that served a GET / through this replica.
+    async fn served_by(&self) -> String {
+        let response = client().get(self.replica.url("/")).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        response.headers()["x-canary-backend"]
+            .to_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    async fn metric(&self, name: &str) -> f64 {
+        let text = get_text(self.replica.admin("/metrics")).await;
+        metric(&text, name, &[])
+    }
+
+    async fn store_status(&self) -> Value {
+        get_json(self.replica.admin("/admin/routes")).await["store"].clone()
+    }
+}
+
+async fn get_json(url: String) -> Value {
+    serde_json::from_str(&get_text(url).await).unwrap()
+}
+
+/// Polls `check` every 20 ms until it holds; a panic naming `what` after `timeout`.
+async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    while !check().await {
+        assert!(
+            started.elapsed() < timeout,
+            "not within {timeout:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    started.elapsed()
+}
+
+fn backends(
+    v1: &Upstream,
+    v2: &Upstream,
+    weights: (u32, u32),
+) -> Vec<(&'static str, Vec<String>, u32)> {
+    vec![
+        ("v1", vec![v1.url()], weights.0),
+        ("v2", vec![v2.url()], weights.1),
+    ]
+}
+
+/// Three replicas: the first seeds the document from its file (90/10); the other two have
+/// other weights in theirs and adopt the shared ones.
+async fn three(etcd: &Etcd, v1: &Upstream, v2: &Upstream, extra: &str) -> [Member; 3] {
+    let a = Member::start(etcd, &backends(v1, v2, (90, 10)), extra).await;
+    let b = Member::start(etcd, &backends(v1, v2, (50, 50)), extra).await;
+    let c = Member::start(etcd, &backends(v1, v2, (1, 99)), extra).await;
+    [a, b, c]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_weight_change_on_one_replica_is_served_by_all_three_within_a_second() {
+    let etcd = Etcd::start().await;
+    let (v1, v2) = (upstream("v1").await, upstream("v2").await);
+    let [a, b, c] = three(&etcd, &v1, &v2, "").await;
+    let seeded = serde_json::json!({"v1": 90, "v2": 10});
+    for member in [&a, &b, &c] {
+        assert_eq!(member.weights().await, seeded);
+        assert_eq!(member.store_status().await["source"], "etcd");
+    }
+    a.replica
+        .wait_for_log("seeded the shared document from this replica's table", WAIT)
+        .await;
+    assert_eq!(a.etag().await, c.etag().await);
+
+    let written = Instant::now();
+    let response = a.set_weights("v1=0&v2=100").await;
+    assert_eq!(response.status(), 200);
+    let etag = response.headers()["etag"].to_str().unwrap().to_owned();
+    let body: Value = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+    assert_eq!(body["stored_in"], "etcd");
+    for member in [&b, &c] {
+        eventually("the new weights served", Duration::from_secs(1), || async {
+            member.served_by().await == "v2"
+        })
+        .await;
+    }
+    assert!(
+        written.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        written.elapsed()
+    );
+    for member in [&a, &b, &c] {
+        for _ in 0..10 {
+            assert_eq!(member.served_by().await, "v2");
+        }
+        assert_eq!(member.etag().await, etag);
+        assert_eq!(
+            member.weights().await,
+            serde_json::json!({"v1": 0, "v2": 100})
+        );
+    }
+    let revision: f64 = etag.trim_matches('"').parse().unwrap();
+    assert_eq!(c.metric("canary_store_revision").await, revision);
+    assert_eq!(c.metric("canary_store_up").await, 1.0);
+    // The document in etcd is what every replica serves.
+    let document: Value = serde_json::from_str(&etcd.get(TABLE_KEY).await.unwrap()).unwrap();
+    assert_eq!(document["weights"], serde_json::json!({"v1": 0, "v2": 100}));
+    assert_eq!(etcd.mod_revision(TABLE_KEY).await, Some(revision as i64));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_with_the_same_etag_exactly_one_wins() {
+    let etcd = Etcd::start().await;
+    let (v1, v2) = (upstream("v1").await, upstream("v2").await);
+    let members = three(&etcd, &v1, &v2, "").await;
+    for round in 0..3u32 {
+        let etag = members[0].etag().await;
+        let writes = members.iter().enumerate().map(|(i, member)| {
+            let url = member
+                .replica
+                .admin(&format!("/admin/weight?v2={}", 20 + 10 * i as u32 + round));
+            let etag = etag.clone();
+            async move {
+                let response = client()
+                    .post(url)
+                    .header("if-match", etag)
+                    .send()
+                    .await
+                    .unwrap();
+                let status = response.status().as_u16();
+                let body: Value = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+                (status, body)
+            }
+        });
+        let answers = futures_util::future::join_all(writes).await;
+        let won: Vec<&(u16, Value)> = answers.iter().filter(|(s, _)| *s == 200).collect();
+        let lost = answers.iter().filter(|(s, _)| *s == 412).count();
+        assert_eq!((won.len(), lost), (1, 2), "round {round}: {answers:?}");
+        for (_, body) in answers.iter().filter(|(s, _)| *s == 412) {
+            assert!(
+                body["error"].as_str().unwrap().contains("If-Match"),
+                "{body}"
+            );
+        }
+        let winner = won[0].1["weights"].clone();
+        for member in &members {
+            eventually("every replica has the winner's weights", WAIT, || async {
+                member.weights().await == winner
+            })
+            .await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_etcd_down_replicas_keep_serving_and_refuse_writes_then_converge() {
+    let etcd = Etcd::start().await;
+    let (v1, v2) = (upstream("v1").await, upstream("v2").await);
+    let members = three(&etcd, &v1, &v2, "").await;
+    assert_eq!(members[0].set_weights("v1=0&v2=100").await.status(), 200);
+    for member in &members {
+        eventually("all on v2", WAIT, || async {
+            member.served_by().await == "v2"
+        })
+        .await;
+    }
+
+    etcd.kill();
+    for member in &members {
+        eventually("etcd seen as down", WAIT, || async {
+            member.metric("canary_store_up").await == 0.0
+        })
+        .await;
+    }
+    for member in &members {
+        for _ in 0..5 {
+            assert_eq!(member.served_by().await, "v2");
+        }
+        let ready = client()
+            .get(member.replica.admin("/readyz"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(ready.status(), 200);
+        let refused = member.set_weights("v1=100&v2=0").await;
+        assert_eq!(refused.status(), 503);
+        let body: Value = serde_json::from_slice(&refused.bytes().await.unwrap()).unwrap();
+        let error = body["error"].as_str().unwrap();
+        assert!(error.contains("etcd"), "{error}");
+        assert_eq!(
+            member.weights().await,
+            serde_json::json!({"v1": 0, "v2": 100})
+        );
+        assert_eq!(member.store_status().await["up"], false);
+    }
+    members[1]
+        .replica
+        .wait_for_log("lost etcd; the table in force keeps serving", WAIT)
+        .await;
+
+    etcd.restart().await;
+    // Writes work again once the replica has reconnected (its backoff is at most 5 s).
+    eventually("a write through B", Duration::from_secs(30), || async {
+        members[1].set_weights("v1=100&v2=0").await.status() == 200
+    })
+    .await;
+    for member in &members {
+        eventually(
+            "every replica converges",
+            Duration::from_secs(30),
+            || async {
+                member.served_by().await == "v1"
+                    && member.weights().await == serde_json::json!({"v1": 100, "v2": 0})
+            },
+        )
+        .await;
+        assert_eq!(member.metric("canary_store_up").await, 1.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_document_is_refused_by_every_replica_and_the_next_write_replaces_it() {
+    let etcd = Etcd::start().await;
+    let (v1, v2) = (upstream("v1").await, upstream("v2").await);
+    let members = three(&etcd, &v1, &v2, "").await;
+    assert_eq!(members[0].set_weights("v1=0&v2=100").await.status(), 200);
+    for member in &members {
+        eventually("all on v2", WAIT, || async {
+            member.served_by().await == "v2"
+        })
+        .await;
+    }
+    let bad = [
+        "not json at all".to_owned(),
+        r#"{"format": 1, "weights": {"v1": 100, "v9": 5}}"#.to_owned(),
+        r#"{"format": 1, "weights": {"v1": 0, "v2": 0}}"#.to_owned(),
+        r#"{"format": 1, "weights": {"v1": 100}, "rules": [{"header": "x", "matches": "(", "backend": "v1"}]}"#.to_owned(),
+    ];
+    for (i, document) in bad.iter().enumerate() {
+        let marks: Vec<usize> = members.iter().map(|m| m.replica.log_mark()).collect();
+        etcd.put(TABLE_KEY, document).await;
+        for (member, mark) in members.iter().zip(marks) {
+            member
+                .replica
+                .wait_for_log_since(mark, "the shared document is invalid and was refused", WAIT)
+                .await;
+            for _ in 0..5 {
+                assert_eq!(member.served_by().await, "v2", "document {i}");
+            }
+            assert_eq!(
+                member.metric("canary_store_documents_refused_total").await,
+                (i + 1) as f64
+            );
+        }
+    }
+    // An admin write compares against the bad document's revision and replaces it.
+    assert_eq!(members[2].set_weights("v1=100").await.status(), 200);
+    for member in &members {
+        eventually("the written table everywhere", WAIT, || async {
+            member.weights().await == serde_json::json!({"v1": 100, "v2": 100})
+        })
+        .await;
+    }
+    let document: Value = serde_json::from_str(&etcd.get(TABLE_KEY).await.unwrap()).unwrap();
+    assert_eq!(document["format"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_while_etcd_is_down_serves_the_snapshot_and_says_so() {
+    let etcd = Etcd::start().await;
+    let (v1, v2) = (upstream("v1").await, upstream("v2").await);
+    let a = Member::start(&etcd, &backends(&v1, &v2, (100, 0)), "").await;
+    assert_eq!(a.set_weights("v1=0&v2=100").await.status(), 200);
+    let etag = a.etag().await;
+    etcd.kill();
+    let a = a.restart().await;
+    a.replica
+        .wait_for_log(
+            "etcd is unreachable at start: serving the local snapshot",
+            WAIT,
+        )
+        .await;
+    let status = a.store_status().await;
+    assert_eq!(status["source"], "snapshot", "{status}");
+    assert_eq!(status["up"], false);
+    assert_eq!(a.served_by().await, "v2");
+    assert_eq!(a.etag().await, etag);
+    assert_eq!(a.set_weights("v1=1").await.status(), 503);
+
+    etcd.restart().await;
+    eventually("back on etcd", Duration::from_secs(30), || async {
+        a.store_status().await["source"] == "etcd"
+    })
+    .await;
+    assert_eq!(a.set_weights("v1=1").await.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_publishes_what_the_file_changed_and_keeps_the_rest() {
+    let etcd = Etcd::start().await;
+    let (v1, v2) = (upstream("v1").await, upstream("v2").await);
+    let a = Member::start(&etcd, &backends(&v1, &v2, (100, 0)), "").await;
+    let b = Member::start(&etcd, &backends(&v1, &v2, (100, 0)), "").await;
+    assert_eq!(a.set_weights("v1=70&v2=30").await.status(), 200);
+    // The operator adds a rule to A's file and reloads A: the rule reaches B, the weights
+    // set through the API stay (the file's weights did not change).
+    let text = std::fs::read_to_string(&a.config).unwrap();
+    std::fs::write(
+        &a.config,
+        format!("{text}\n[[rule]]\nheader = \"x-beta\"\nequals = \"yes\"\nbackend = \"v2\"\n"),
+    )
+    .unwrap();
+    let reload = client()
+        .post(a.replica.admin("/admin/reload"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reload.status(), 200);
+    eventually("B routes by the published rule", WAIT, || async {
+        let response = client()
+            .get(b.replica.url("/"))
+            .header("x-beta", "yes")
+            .send()
+            .await
+            .unwrap();
+        response.headers()["x-canary-backend"] == "v2"
+    })
+    .await;
+    for member in [&a, &b] {
+        assert_eq!(
+            member.weights().await,
+            serde_json::json!({"v1": 70, "v2": 30})
+        );
+        let routes = get_json(member.replica.admin("/admin/routes")).await;
+        assert_eq!(routes["rules"].as_array().unwrap().len(), 1, "{routes}");
+    }
+    // A reload that changes nothing shared writes nothing.
+    let revision = etcd.mod_revision(TABLE_KEY).await;
+    let reload = client()
+        .post(b.replica.admin("/admin/reload"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reload.status(), 200);
+    assert_eq!(etcd.mod_revision(TABLE_KEY).await, revision);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_whose_leader_is_killed_finishes_on_another_replica() {
+    let etcd = Etcd::start().await;
+    let (v1, v2) = (upstream("v1").await, upstream("v2").await);
+    let extra = "[rollout]\nbaseline = \"v1\"\ncanary = \"v2\"\nsteps = [50, 100]\n\
+                 step_time = \"3s\"\n[rollout.analysis]\ninterval = \"250ms\"\n\
+                 min_requests = 20\nlatency_tolerance = 4.0\nerror_tolerance = 0.05\n";
+    let members = three(&etcd, &v1, &v2, extra).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let urls: Vec<String> = members.iter().map(|m| m.replica.url("/")).collect();
+    let mut load = Vec::new();
+    for url in urls.iter().cycle().take(12) {
+        let (url, stop, c) = (url.clone(), stop.clone(), client());
+        load.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(response) = c.get(&url).send().await {
+                    let _ = response.bytes().await;
+                }
+            }
+        }));
+    }
+    let leader = async |members: &[&Member]| -> Option<usize> {
+        for (i, member) in members.iter().enumerate() {
+            if member.store_status().await["leader"] == true {
+                return Some(i);
+            }
+        }
+        None
+    };
+    let all: Vec<&Member> = members.iter().collect();
+    eventually("a leader", WAIT, || async { leader(&all).await.is_some() }).await;
+    let first = leader(&all).await.unwrap();
+    // The operator starts it on a replica that does not lead.
+    let follower = (first + 1) % 3;
+    let started = client()
+        .post(members[follower].replica.admin("/admin/rollout/start"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(started.status(), 200);
+    for member in &members {
+        eventually("running at 50% everywhere", WAIT, || async {
+            let status = get_json(member.replica.admin("/admin/rollout")).await;
+            status["state"] == "running" && status["canary_percent"] == 50
+        })
+        .await;
+    }
+    members[first].replica.kill();
+    let killed = Instant::now();
+    let killed_at_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let rest: Vec<&Member> = members
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != first)
+        .map(|(_, m)| m)
+        .collect();
+    eventually("a new leader", Duration::from_secs(20), || async {
+        leader(&rest).await.is_some()
+    })
+    .await;
+    let handover = killed.elapsed();
+    for member in &rest {
+        eventually("promoted", Duration::from_secs(90), || async {
+            let status = get_json(member.replica.admin("/admin/rollout")).await;
+            status["state"] == "promoted"
+        })
+        .await;
+        assert_eq!(
+            member.weights().await,
+            serde_json::json!({"v1": 0, "v2": 100})
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    for task in load {
+        let _ = task.await;
+    }
+    let new_leader = rest[leader(&rest).await.unwrap_or(0)];
+    new_leader
+        .replica
+        .wait_for_log("this replica leads the rollout now", WAIT)
+        .await;
+    // Within the lease TTL (2 s) and a tick, with room for a loaded machine.
+    assert!(handover < Duration::from_secs(6), "{handover:?}");
+    let status = get_json(rest[0].replica.admin("/admin/rollout")).await;
+    let events: Vec<&str> = status["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(events.last(), Some(&"promoted"), "{events:?}");
+    // Promoted by the new leader, after the first one was killed at 50%.
+    let promoted_at = status["history"].as_array().unwrap().last().unwrap()["at"]
+        .as_u64()
+        .unwrap();
+    assert!(promoted_at > killed_at_ms, "{status}");
+    assert_eq!(
+        events.iter().filter(|e| **e == "started").count(),
+        1,
+        "{events:?}"
+    );
+}
