@@ -347,6 +347,25 @@ async fn a_bad_document_is_refused_by_every_replica_and_the_next_write_replaces_
     }
     let document: Value = serde_json::from_str(&etcd.get(TABLE_KEY).await.unwrap()).unwrap();
     assert_eq!(document["format"], 1);
+    // A deleted document is written back from the table in force.
+    assert!(etcd.delete(TABLE_KEY).await);
+    let back = eventually("the document written back", WAIT, || async {
+        etcd.get(TABLE_KEY).await.is_some()
+    })
+    .await;
+    let document: Value = serde_json::from_str(&etcd.get(TABLE_KEY).await.unwrap()).unwrap();
+    assert_eq!(
+        document["weights"],
+        serde_json::json!({"v1": 100, "v2": 100}),
+        "{back:?}"
+    );
+    for member in &members {
+        eventually("every replica at the document's revision", WAIT, || async {
+            member.etag().await == format!("\"{}\"", etcd.mod_revision(TABLE_KEY).await.unwrap())
+        })
+        .await;
+    }
+    assert_eq!(members[0].set_weights("v2=0").await.status(), 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -533,4 +552,78 @@ async fn a_rollout_whose_leader_is_killed_finishes_on_another_replica() {
         1,
         "{events:?}"
     );
+}
+
+/// A replica whose watch fell behind a compaction reads the document again. It is made to
+/// fall behind for real: stopped (SIGSTOP) while 12 MB of documents are written (more than
+/// the HTTP/2 windows and socket buffers between etcd and it hold, so etcd parks its
+/// watcher), then etcd compacts past them and the replica is continued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_behind_a_compaction_reads_the_document_again() {
+    let etcd = Etcd::start().await;
+    let (v1, v2) = (upstream("v1").await, upstream("v2").await);
+    let a = Member::start(&etcd, &backends(&v1, &v2, (100, 0)), "").await;
+    let b = Member::start(&etcd, &backends(&v1, &v2, (100, 0)), "").await;
+    let pid = b.replica.pid().to_string();
+    let signal = |name: &str| {
+        let status = std::process::Command::new("kill")
+            .args([name, &pid])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    signal("-STOP");
+    // Valid documents, each padded to 4 KiB by its writer's name; the last one routes to v2.
+    let gateway = format!("{}/v3/kv/put", etcd.endpoint());
+    let base64 = |text: &str| base64_encode(text.as_bytes());
+    let padding = "p".repeat(4096);
+    let c = client();
+    for i in 0..3000u32 {
+        let weights = if i == 2999 { (0, 100) } else { (100, i % 7) };
+        let document = format!(
+            r#"{{"format":1,"weights":{{"v1":{},"v2":{}}},"written_by":"{padding}"}}"#,
+            weights.0, weights.1
+        );
+        let body = serde_json::json!({"key": base64(TABLE_KEY), "value": base64(&document)});
+        let response = c
+            .post(&gateway)
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert!(response.status().is_success());
+    }
+    let revision = etcd.revision().await;
+    etcd.compact(revision).await;
+    let mark = b.replica.log_mark();
+    signal("-CONT");
+    b.replica
+        .wait_for_log_since(mark, "the watch lost its history (compaction)", WAIT)
+        .await;
+    eventually("B serves the last document", WAIT, || async {
+        b.served_by().await == "v2"
+    })
+    .await;
+    assert_eq!(a.served_by().await, "v2");
+    assert_eq!(b.etag().await, format!("\"{revision}\""));
+}
+
+/// Standard base64 (RFC 4648, with padding), for etcd's JSON gateway.
+fn base64_encode(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
