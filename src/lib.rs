@@ -21,7 +21,10 @@
 //! - `control/`: [`ControlPlane`], through which every table change goes (weights, reloads),
 //!   atomic, versioned and audited; writing weights back into the config file (`persist`);
 //!   the active health checks (`health`); the rollout's controller and webhook (`rollout`,
-//!   `webhook`).
+//!   `webhook`); faults and mirroring as JSON (`fault_json`, `mirror_json`); with `[store]`,
+//!   the replica's link to etcd (`store`: seed, compare-and-swap writes, watch, snapshot,
+//!   leader lease, published meters), the etcd requests it makes (`etcd`) and the shared
+//!   document it reads and writes (`document`).
 //! - `tls`: TLS on the client listener: the rustls server config and its certificates by
 //!   server name, replaced on reload.
 //! - `routing/`: the [`RoutingTable`] snapshot, its backends and endpoints, and the routing
@@ -33,8 +36,9 @@
 //! - `metrics`: the Prometheus metrics, with label handles resolved ahead of time; its labels
 //!   are its own types, and it knows nothing of routing.
 //! - `rollout/`: the progressive rollout's parts below routing: its state machine, the
-//!   per-version meter and latency buckets the hot path fills, the pure statistics
-//!   (anytime-valid tests) behind each step's verdict, and the terminal view of a rollout.
+//!   per-version meter and latency buckets the hot path fills, replicas' meters summed
+//!   (`cluster`), the pure statistics (anytime-valid tests) behind each step's verdict, and
+//!   the terminal view of a rollout.
 //! - `upstream/`: the HTTP/1.1 exchange with an endpoint (its `Peer`) on a keep-alive
 //!   connection, pooled per endpoint and worker; a request whose connection could not be made
 //!   comes back whole for the retry.

@@ -5,6 +5,10 @@
 //! with one store, so a request sees either the old table or the new one. Each change bumps the
 //! version (the admin API's `ETag`), can be made conditional on the version the operator last
 //! saw (`If-Match`), and is logged with its old and new values (target `audit`).
+//!
+//! With `[store]` ([`store`]), the version is the etcd revision of the document replicas
+//! share, and a change is put in force only once its document is written there by
+//! compare-and-swap; changes other replicas write arrive through the store's watch.
 
 pub mod document;
 mod etcd;
