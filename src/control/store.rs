@@ -642,7 +642,9 @@ async fn session(
                     watch = etcd.watch_table(revision + 1).await?;
                     continue;
                 }
-                for event in response.events() {
+                // One key: of a batch of events only the last one matters (a burst of
+                // writes is applied once, not once each).
+                if let Some(event) = response.events().last() {
                     match (event.event_type(), event.kv()) {
                         (EventType::Put, Some(kv)) => {
                             let stored = Stored {
