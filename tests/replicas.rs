@@ -632,3 +632,46 @@ fn base64_encode(bytes: &[u8]) -> String {
     }
     out
 }
+
+/// etcd comes back empty (its data lost): the replicas write the table in force back, at a
+/// revision far below the one they served, and take writes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_that_lost_its_data_is_seeded_again_from_the_table_in_force() {
+    let etcd = Etcd::start().await;
+    let (v1, v2) = (upstream("v1").await, upstream("v2").await);
+    let a = Member::start(&etcd, &backends(&v1, &v2, (100, 0)), "").await;
+    let b = Member::start(&etcd, &backends(&v1, &v2, (100, 0)), "").await;
+    for weight in 1..=20 {
+        let response = a.set_weights(&format!("v2={weight}")).await;
+        assert_eq!(response.status(), 200);
+    }
+    assert_eq!(a.set_weights("v1=0&v2=100").await.status(), 200);
+    eventually("B on v2", WAIT, || async { b.served_by().await == "v2" }).await;
+    let before: u64 = b.etag().await.trim_matches('"').parse().unwrap();
+    etcd.kill();
+    std::fs::remove_dir_all(etcd.dir().join("data")).unwrap();
+    etcd.restart().await;
+    eventually(
+        "the document written back",
+        Duration::from_secs(30),
+        || async { etcd.get(TABLE_KEY).await.is_some() },
+    )
+    .await;
+    let document: Value = serde_json::from_str(&etcd.get(TABLE_KEY).await.unwrap()).unwrap();
+    assert_eq!(document["weights"], serde_json::json!({"v1": 0, "v2": 100}));
+    let revision = etcd.mod_revision(TABLE_KEY).await.unwrap() as u64;
+    assert!(revision < before, "{revision} < {before}");
+    for member in [&a, &b] {
+        eventually(
+            "at the new revision, and writable",
+            Duration::from_secs(30),
+            || async { member.etag().await == format!("\"{revision}\"") },
+        )
+        .await;
+    }
+    assert_eq!(b.set_weights("v1=100&v2=0").await.status(), 200);
+    eventually("A follows B's write", WAIT, || async {
+        a.served_by().await == "v1"
+    })
+    .await;
+}

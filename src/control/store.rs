@@ -380,7 +380,7 @@ impl ControlPlane {
                     tracing::warn!("the rollout's write was refused: this replica no longer leads");
                 }
                 if let Some(winner) = &winner {
-                    self.apply_stored_locked(link, winner, Source::Etcd);
+                    self.apply_stored_locked(link, winner, Source::Etcd, true);
                 }
                 Err(ControlError::Stale {
                     current: self.table.load().version,
@@ -394,21 +394,28 @@ impl ControlPlane {
         self.store.as_deref()
     }
 
-    /// Applies a document read from etcd (or the snapshot), unless its revision is in force
-    /// already.
-    fn apply_stored(&self, link: &StoreLink, stored: &Stored, source: Source) {
+    /// Applies a document read from etcd (or the snapshot). A watched one is skipped when
+    /// its revision is in force already; a `current` one (read afresh, the winner of a race,
+    /// the snapshot at start) is the truth whatever its revision, e.g. after etcd lost its
+    /// data and the document was seeded again at a low revision.
+    fn apply_stored(&self, link: &StoreLink, stored: &Stored, source: Source, current: bool) {
         let _write = self.writes.lock().unwrap_or_else(|e| e.into_inner());
-        self.apply_stored_locked(link, stored, source);
+        self.apply_stored_locked(link, stored, source, current);
     }
 
     /// [`apply_stored`](Self::apply_stored) with `writes` held. An invalid document is
     /// refused and logged; the table in force stays, at the document's revision, so that the
     /// next write (which replaces the document) compares against it.
-    fn apply_stored_locked(&self, link: &StoreLink, stored: &Stored, source: Source) {
+    fn apply_stored_locked(
+        &self,
+        link: &StoreLink,
+        stored: &Stored,
+        source: Source,
+        is_current: bool,
+    ) {
         let revision = u64::try_from(stored.revision).unwrap_or(0);
         let current = self.table.load_full();
-        let first_from_etcd = source == Source::Etcd && link.lock_state().source != Source::Etcd;
-        if revision <= current.version && !first_from_etcd {
+        if revision <= current.version && !is_current {
             return;
         }
         let metrics = self.metrics().store();
@@ -651,7 +658,7 @@ async fn session(
                                 revision: kv.mod_revision(),
                                 bytes: kv.value().to_vec(),
                             };
-                            apply_off_thread(link, control, stored, Source::Etcd).await;
+                            apply_off_thread(link, control, stored, false).await;
                         }
                         (EventType::Delete, _) => {
                             tracing::warn!(
@@ -675,11 +682,13 @@ async fn apply_off_thread(
     link: &Arc<StoreLink>,
     control: &Arc<ControlPlane>,
     stored: Stored,
-    source: Source,
+    is_current: bool,
 ) {
     let (link, control) = (link.clone(), control.clone());
-    let applied =
-        tokio::task::spawn_blocking(move || control.apply_stored(&link, &stored, source)).await;
+    let applied = tokio::task::spawn_blocking(move || {
+        control.apply_stored(&link, &stored, Source::Etcd, is_current)
+    })
+    .await;
     if let Err(error) = applied {
         tracing::error!(%error, "applying the shared document failed");
     }
@@ -716,7 +725,7 @@ async fn adopt_or_seed(
         }
     };
     let revision = stored.revision;
-    apply_off_thread(link, control, stored, Source::Etcd).await;
+    apply_off_thread(link, control, stored, true).await;
     Ok(revision)
 }
 
@@ -792,7 +801,7 @@ fn cold_start(link: &StoreLink, control: &ControlPlane, error: &StoreError) {
                 revision: snapshot.revision,
                 bytes: snapshot.document.to_bytes(),
             };
-            control.apply_stored(link, &stored, Source::Snapshot);
+            control.apply_stored(link, &stored, Source::Snapshot, true);
             tracing::warn!(
                 error = %error,
                 revision = snapshot.revision,
