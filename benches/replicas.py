@@ -477,7 +477,7 @@ def report(args, results, info):
         f"- {len(ok)} writes ok, {len(failed)} failed"
         + ("".join(f"\n  - write {r['index']} ({r['weights']}): {r['error']}" for r in failed)),
         f"- load average before {info['load_before']}, after {info['load_after']} "
-        f"({os.cpu_count()} CPUs)",
+        f"({os.cpu_count()} CPUs); CPU {info['cpu']}",
         "",
         "| time (ms) until the replica's data plane serves the new backend | writes | median "
         "| p90 | p99 | max |",
@@ -531,6 +531,55 @@ def loadavg():
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def machine_jiffies():
+    """(busy, total) jiffies of all cores together, from /proc/stat's cpu line."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + v[4]
+    total = sum(v[:8])
+    return total - idle, total
+
+
+def own_cpu(procs):
+    """CPU seconds of everything this script started (and their children) and of itself."""
+    pids = set()
+    for _, proc in procs.procs:
+        pids.add(proc.pid)
+        pids.update(load.children_of(proc.pid))
+    total = 0.0
+    for pid in pids:
+        try:
+            total += load.cpu_seconds([pid])
+        except (OSError, IndexError):
+            pass
+    t = os.times()
+    return total + t.user + t.system
+
+
+class CpuWindow:
+    """The machine's CPU over a window: all cores busy, this benchmark's processes, the
+    rest (other programs, also short-lived ones), in cores (1.0 = one core's time)."""
+
+    def __init__(self, procs):
+        self.procs = procs
+        self.wall0 = time.monotonic()
+        self.jiffies0 = machine_jiffies()
+        self.own0 = own_cpu(procs)
+        self.snap0 = load.all_process_cpu()
+
+    def close(self):
+        wall = time.monotonic() - self.wall0
+        busy1, total1 = machine_jiffies()
+        busy = (busy1 - self.jiffies0[0]) / load.CLK_TCK / wall
+        own = (own_cpu(self.procs) - self.own0) / wall
+        sessions = self.procs.sessions() | {os.getsid(0)}
+        names = load.outside_load(self.snap0, load.all_process_cpu(), sessions, wall)
+        return (f"over the {wall:.0f} s of writes, {os.cpu_count()} cores: busy "
+                f"{busy:.2f} cores, of which this benchmark (etcd, nginx, proxies, this "
+                f"script) {own:.2f}, other programs {max(0.0, busy - own):.2f}"
+                + (f" (long-lived ones above 5%: {names})" if names else ""))
+
+
 # ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
@@ -564,6 +613,7 @@ def run(args, procs, tmp):
                                    f"{args.give_up} s of the warm-up write")
         results = []
         rtt_time = {n: 0.0 for n in WATCHERS}
+        window = CpuWindow(procs)
         in_force = warm  # the weights of A's table
         for i in range(args.writes):
             # Alternate; a write A refused changed nothing, so the next one is the same.
@@ -590,6 +640,7 @@ def run(args, procs, tmp):
                 load.log(f"write {i + 1:>3} {weights:<12} FAILED: {r['error']}")
             if args.gap:
                 time.sleep(args.gap)
+        info["cpu"] = window.close()
         ok = [r for r in results if r["error"] is None]
         info["poll_rtt"] = {}
         for n in WATCHERS:
