@@ -24,7 +24,10 @@ What it measures
         while the others see etcd's watch event at the same time),
       - from the send: t_seen - t_send (the whole path: A's compare-and-swap in etcd, etcd's
         raft commit (an fsync of its WAL), the watch event, the replica's apply),
-    and the polls per write. Also A's write round trip (t_reply - t_send).
+    and the polls per write. Also A's write round trip (t_reply - t_send), how busy the
+    machine was during the writes (this benchmark's processes and the others), and what etcd's
+    own /metrics say about its disk during the writes (WAL fsyncs, backend commits: on a
+    shared disk the outliers come from there).
 
     Before each write both B and C must serve the old backend (then the write can only be
     seen by a switch); a write whose answer is not 200, or that either replica has not
@@ -166,6 +169,46 @@ def start_etcd(procs, tmp, data_parent=None, cpu=None):
         if proc.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"etcd not healthy; log {logf}:\n" + load.tail(logf))
         time.sleep(0.1)
+
+
+def etcd_histogram(etcd_url, name):
+    """{le: cumulative count} plus "sum" and "count" of one histogram on etcd's /metrics."""
+    port = int(etcd_url.rsplit(":", 1)[1])
+    status, _, body = load.request(port, path="/metrics")
+    if status != 200:
+        raise RuntimeError(f"etcd /metrics -> {status}")
+    out = {}
+    for line in body.decode().splitlines():
+        if line.startswith(name + "_bucket{"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            out[float(le)] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith(name + "_sum "):
+            out["sum"] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith(name + "_count "):
+            out["count"] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def histogram_line(before, after, label):
+    """What a histogram counted between two reads: count, mean, how many above 8 / 64 ms,
+    and the bucket of the slowest."""
+    if "count" not in after:
+        return f"{label}: not in etcd's /metrics"
+    n = after["count"] - before.get("count", 0)
+    if n <= 0:
+        return f"{label}: none"
+    mean = (after["sum"] - before.get("sum", 0)) / n * 1000
+    bounds = sorted(k for k in after if isinstance(k, float))
+
+    def above(limit):
+        at = max((b for b in bounds if b <= limit), default=None)
+        if at is None:
+            return n
+        return n - (after[at] - before.get(at, 0))
+    slowest = next((b for b in bounds
+                    if after[b] - before.get(b, 0) >= n), float("inf"))
+    return (f"{label}: {n:.0f}, mean {mean:.2f} ms, above 8 ms {above(0.008):.0f}, above "
+            f"64 ms {above(0.064):.0f}, slowest ≤ {slowest * 1000:.0f} ms")
 
 
 def store_toml(etcd_url, prefix, snapshot):
@@ -504,6 +547,7 @@ def report(args, results, info):
         + ", ".join(f"{n} {early[n]} of {len(ok)}" for n in WATCHERS),
         f"- poll round trip (mean: time polled / polls, over the writes): "
         + ", ".join(f"{n} {info['poll_rtt'][n]}" for n in WATCHERS),
+        f"- etcd during the writes (its /metrics): {info['etcd_disk']}",
         f"- end check: {info['end_check']}",
     ]
     slow = sorted(ok, key=lambda r: -max(r["seen"].values()))[:3]
@@ -614,6 +658,8 @@ def run(args, procs, tmp):
         results = []
         rtt_time = {n: 0.0 for n in WATCHERS}
         window = CpuWindow(procs)
+        fsync0 = etcd_histogram(etcd_url, "etcd_disk_wal_fsync_duration_seconds")
+        commit0 = etcd_histogram(etcd_url, "etcd_disk_backend_commit_duration_seconds")
         in_force = warm  # the weights of A's table
         for i in range(args.writes):
             # Alternate; a write A refused changed nothing, so the next one is the same.
@@ -641,6 +687,11 @@ def run(args, procs, tmp):
             if args.gap:
                 time.sleep(args.gap)
         info["cpu"] = window.close()
+        info["etcd_disk"] = "; ".join((
+            histogram_line(fsync0, etcd_histogram(
+                etcd_url, "etcd_disk_wal_fsync_duration_seconds"), "WAL fsyncs"),
+            histogram_line(commit0, etcd_histogram(
+                etcd_url, "etcd_disk_backend_commit_duration_seconds"), "backend commits")))
         ok = [r for r in results if r["error"] is None]
         info["poll_rtt"] = {}
         for n in WATCHERS:
