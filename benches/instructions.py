@@ -28,7 +28,9 @@ What it measures
     document and watches it, and its link (thread canary-store) renews its lease every second.
     Before and after the count the proxy must show the store up with the table from etcd
     (/admin/routes). The hot path must not touch etcd: the worker threads' figure should be
-    the same with and without; the link's own work is in "other threads".
+    the same with and without; the link's own work is in "other threads". The report also
+    counts, per run, the etcd client / store functions (etcd_client, tonic, control::store,
+    StoreLink) that the worker threads' dumps name (must be 0) and the other threads' do.
 
     The upstream is load.py's nginx (v1 and v2 on two ports). The proxy runs on PROXY_CPU
     (default 0), wrk and the upstream on LOAD_CPU (default 1), as in load.py, so the proxy
@@ -150,6 +152,17 @@ def runs_hot_path(dump):
         return HOT_SYMBOL in f.read()
 
 
+STORE_CODE = re.compile(rb"^c?fn=\(\d+\) (.*(?:etcd_client|tonic::|canary_proxy::control::(?:store|etcd)"
+                        rb"|StoreLink).*)$", re.M)
+
+
+def store_code(dump):
+    """Names of etcd client / store functions a thread's dump mentions (callgrind names a
+    function the first time the file refers to it: one it ran or called)."""
+    with open(dump, "rb") as f:
+        return {m.group(1).decode(errors="replace") for m in STORE_CODE.finditer(f.read())}
+
+
 def metric(admin_port, name):
     _, _, body = load.request(admin_port, path="/metrics")
     total = 0.0
@@ -263,6 +276,12 @@ def one_run(args, settings, procs, fleet, variant, lua, index):
         # report, and the "without" runs are what such a measurement is for.)
         raise RuntimeError(f"the rollout did not stay under way: {end}")
     totals = [(callgrind_total(d), runs_hot_path(d)) for d in dumps]
+    # --store: does any worker thread run etcd or store code? (It must not: the hot path
+    # reads the table in force, and only the link's thread talks to etcd.)
+    worker_store = set()
+    other_store = set()
+    for d, (_, hot) in zip(dumps, totals):
+        (worker_store if hot else other_store).update(store_code(d))
     ir = sum(t for t, _ in totals)
     workers = sum(t for t, hot in totals if hot)
     if not workers:
@@ -281,13 +300,18 @@ def one_run(args, settings, procs, fleet, variant, lua, index):
         "other_per_s": (ir - workers) / args.duration,
         "ticks": ticks1 - ticks0,
         "store": store_line,
+        "worker_store_code": sorted(worker_store),
+        "other_store_code": len(other_store),
     }
     load.log(f"  {variant:<7} {n:>7} requests ({out['rps']:.0f}/s, upstream "
              f"{out['upstream']}): {ir:,} Ir = {out['per_req']:,.0f} per request; worker "
              f"thread(s) {out['worker_per_req']:,.0f} per request; other threads "
              f"{out['other_per_s']:,.0f} per s; "
-             + (f"store: {store_line or 'none'}" if args.store
+             + (f"store: {store_line or 'none'}; etcd/store functions in worker threads "
+                f"{len(worker_store)}, in other threads {len(other_store)}" if args.store
                 else f"{out['ticks']:.0f} analyses"))
+    if worker_store:
+        load.log("    worker threads ran: " + "; ".join(sorted(worker_store)[:10]))
     return out
 
 
@@ -313,7 +337,8 @@ def report(args, runs):
                  "prefix per run, default lease_ttl and timeout; no rollout), the store up "
                  "with the table from etcd before and after the count; without = no [store]")
         other = "other threads = control plane, the store's link (lease renewal every second)"
-        last_col = "store after the count"
+        last_col = ("store after the count; etcd/store functions in worker threads, in "
+                    "other threads")
     else:
         what = "with and without a running rollout"
         setup = ("- with = [rollout] v1 -> v2, steps [10, 100], approve [100], step_time 24h, "
@@ -336,7 +361,8 @@ def report(args, runs):
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for i, r in enumerate(runs, 1):
-        last = (r["store"] or "-") if args.store else f"{r['ticks']:.0f}"
+        last = (f"{r['store'] or '-'}; {len(r['worker_store_code'])}, "
+                f"{r['other_store_code']}") if args.store else f"{r['ticks']:.0f}"
         lines.append(f"| {i} | {r['variant']} | {r['requests']:,} ({r['upstream']:,}) | "
                      f"{r['rps']:,.0f} | {r['per_req']:,.0f} | {r['worker_per_req']:,.1f} | "
                      f"{r['other_per_s']:,.0f} | {last} |")
