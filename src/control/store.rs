@@ -78,6 +78,11 @@ pub struct StoreLink {
     rollout_changes: tokio::sync::watch::Sender<u64>,
     /// Everyone's meters, summed.
     cluster: Mutex<ClusterMeter>,
+    /// Snapshots to write, to the writer thread: the disk's fsync stays off the write lock
+    /// and the admin API's replies, and a burst is written once (the latest).
+    snapshots: Mutex<std::sync::mpsc::Sender<Snapshot>>,
+    /// The writer thread, joined when the link stops so the last snapshot is on disk.
+    snapshot_writer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 struct LinkState {
@@ -96,6 +101,7 @@ struct Snapshot {
 
 impl StoreLink {
     pub fn new(settings: StoreSettings) -> StoreLink {
+        let (snapshots, writer) = snapshot_writer(settings.snapshot.clone());
         StoreLink {
             settings,
             replica: {
@@ -112,6 +118,25 @@ impl StoreLink {
             leader: AtomicBool::new(false),
             rollout_changes: tokio::sync::watch::Sender::new(0),
             cluster: Mutex::new(ClusterMeter::default()),
+            snapshots: Mutex::new(snapshots),
+            snapshot_writer: Mutex::new(writer),
+        }
+    }
+
+    /// Lets the snapshot writer finish what is queued, and stops it.
+    fn flush_snapshots(&self) {
+        let (closed, _) = std::sync::mpsc::channel();
+        drop(std::mem::replace(
+            &mut *self.snapshots.lock().unwrap_or_else(|e| e.into_inner()),
+            closed,
+        ));
+        let writer = self
+            .snapshot_writer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(writer) = writer {
+            let _ = writer.join();
         }
     }
 
@@ -230,15 +255,16 @@ impl StoreLink {
             document,
         };
         if source == Source::Etcd {
-            let written = serde_json::to_vec_pretty(&snapshot)
-                .map_err(std::io::Error::other)
-                .and_then(|bytes| super::persist::replace_file(&self.settings.snapshot, &bytes));
-            if let Err(error) = written {
-                tracing::warn!(
-                    path = %self.settings.snapshot.display(),
-                    %error,
-                    "cannot write the store snapshot; a start while etcd is down will not have this table"
-                );
+            let sent = self
+                .snapshots
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .send(Snapshot {
+                    revision: snapshot.revision,
+                    document: snapshot.document.clone(),
+                });
+            if sent.is_err() {
+                tracing::warn!("the store snapshot's writer has stopped; snapshots are not kept");
             }
         }
         let mut state = self.lock_state();
@@ -263,6 +289,43 @@ impl StoreLink {
             tracing::info!(replica = %self.replica, leader, "rollout leadership changed");
         }
         control.metrics().store().set_leader(leader);
+    }
+}
+
+/// Starts the thread that writes snapshots to `path`, atomically, the latest of those queued
+/// each time. It ends when the sender is dropped.
+fn snapshot_writer(
+    path: std::path::PathBuf,
+) -> (
+    std::sync::mpsc::Sender<Snapshot>,
+    Option<std::thread::JoinHandle<()>>,
+) {
+    let (queue, queued) = std::sync::mpsc::channel::<Snapshot>();
+    let spawned = std::thread::Builder::new()
+        .name("canary-snapshot".to_owned())
+        .spawn(move || {
+            while let Ok(mut snapshot) = queued.recv() {
+                while let Ok(newer) = queued.try_recv() {
+                    snapshot = newer;
+                }
+                let written = serde_json::to_vec_pretty(&snapshot)
+                    .map_err(std::io::Error::other)
+                    .and_then(|bytes| super::persist::replace_file(&path, &bytes));
+                if let Err(error) = written {
+                    tracing::warn!(
+                        path = %path.display(),
+                        %error,
+                        "cannot write the store snapshot; a start while etcd is down will not have this table"
+                    );
+                }
+            }
+        });
+    match spawned {
+        Ok(writer) => (queue, Some(writer)),
+        Err(error) => {
+            tracing::error!(%error, "cannot start the snapshot writer; snapshots are not kept");
+            (queue, None)
+        }
     }
 }
 
@@ -608,6 +671,8 @@ async fn sync(
     }
     link.set_up(&control, false);
     link.set_leader(&control, false);
+    let flushing = link.clone();
+    let _ = tokio::task::spawn_blocking(move || flushing.flush_snapshots()).await;
 }
 
 /// One connection's worth of work; returns only with the error that ended it.

@@ -359,13 +359,35 @@ enum Failure {
 }
 
 /// Two distinct free loopback ports: bound to port 0 together, then released for etcd.
+/// Two free ports below the kernel's ephemeral range (`ip_local_port_range`, from 32768 by
+/// default), so that while etcd is killed for an outage no outgoing connection (a replica
+/// reconnecting, say) takes its port as its own source port and keeps it from restarting.
 fn free_ports() -> (u16, u16) {
-    let a = TcpListener::bind("127.0.0.1:0").unwrap();
-    let b = TcpListener::bind("127.0.0.1:0").unwrap();
-    (
-        a.local_addr().unwrap().port(),
-        b.local_addr().unwrap().port(),
-    )
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (from, to) = (10_000u16, low.saturating_sub(1).max(10_001));
+    let mut ports = Vec::with_capacity(2);
+    let mut candidate = from + (std::process::id() as u16 ^ rand_seed()) % (to - from);
+    for _ in 0..(to - from) {
+        candidate = if candidate >= to { from } else { candidate + 1 };
+        if !ports.contains(&candidate) && TcpListener::bind(("127.0.0.1", candidate)).is_ok() {
+            ports.push(candidate);
+            if ports.len() == 2 {
+                return (ports[0], ports[1]);
+            }
+        }
+    }
+    panic!("no free port from {from} to {to}");
+}
+
+/// A little entropy for where the port search starts, so that tests running at once start
+/// apart (the nanoseconds of the clock).
+fn rand_seed() -> u16 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos() as u16)
 }
 
 /// Whether `GET /health` on the client port answers `"health":"true"` (etcd has a leader and
