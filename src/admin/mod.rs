@@ -815,7 +815,7 @@ fn parse_if_match(value: &[u8]) -> Result<Option<Vec<u64>>, &'static str> {
 
 fn control_error(control: &ControlPlane, e: &ControlError) -> AdminResponse {
     match e {
-        ControlError::Stale { current } => {
+        ControlError::Stale { current } | ControlError::LostRace { current } => {
             let body = json!({"error": Chain(e).to_string(), "version": current});
             with_etag(
                 json_response(StatusCode::PRECONDITION_FAILED, body),
@@ -874,7 +874,7 @@ fn rollout_error(e: &RolloutError) -> AdminResponse {
         RolloutError::Weights(ControlError::StoreUnavailable(_)) => {
             error(StatusCode::SERVICE_UNAVAILABLE, &Chain(e).to_string())
         }
-        RolloutError::Weights(ControlError::Stale { .. }) => {
+        RolloutError::Weights(ControlError::Stale { .. } | ControlError::LostRace { .. }) => {
             error(StatusCode::PRECONDITION_FAILED, &Chain(e).to_string())
         }
         RolloutError::Weights(_) => error(StatusCode::INTERNAL_SERVER_ERROR, &Chain(e).to_string()),

@@ -55,7 +55,9 @@ impl Etcd {
         let options = ConnectOptions::new()
             .with_connect_timeout(settings.timeout)
             .with_timeout(settings.timeout)
-            .with_keep_alive(Duration::from_secs(2), settings.timeout);
+            .with_keep_alive(Duration::from_secs(2), settings.timeout)
+            // Requests fail on a member cut off from the majority rather than answer stale.
+            .with_require_leader(true);
         let client = bounded(
             settings.timeout,
             Client::connect(&settings.etcd, Some(options)),
@@ -143,15 +145,15 @@ impl Etcd {
         Ok(response.id())
     }
 
-    /// Renews `lease` once; `false` when etcd says it has expired.
+    /// Renews `lease` once; `false` when etcd says it has expired (gone, or a TTL of 0).
     pub async fn keep_alive(&mut self, lease: i64) -> Result<bool, StoreError> {
-        let renewal = async {
-            let (mut keeper, mut stream) = self.client.lease_keep_alive(lease).await?;
-            keeper.keep_alive().await?;
-            stream.message().await
-        };
-        let response = bounded(self.timeout, renewal).await?;
-        Ok(response.is_some_and(|r| r.ttl() > 0))
+        // `lease_keep_alive` sends one renewal and reads its answer itself: "lease not found"
+        // when the lease has expired.
+        match bounded(self.timeout, self.client.lease_keep_alive(lease)).await {
+            Ok(_) => Ok(true),
+            Err(error) if error.0.contains("lease not found") => Ok(false),
+            Err(error) => Err(error),
+        }
     }
 
     /// Lets the lease go, and the keys held with it (a replica stopping).

@@ -82,6 +82,13 @@ pub enum ControlError {
     /// The weights of these backends are driven by something else (the progressive rollout).
     #[error("the weight of {backend:?} is set by {owner}; use its commands instead")]
     Owned { backend: String, owner: String },
+    /// `[store]`: another replica's write (or the rollout's) changed the shared document
+    /// first; nothing changed here.
+    #[error(
+        "another write changed the shared table first (it is now at version {current}); \
+         re-read and retry"
+    )]
+    LostRace { current: u64 },
     /// `[store]`: the shared document does not fit the reloaded file.
     #[error("the reloaded file does not fit the shared document: {0}")]
     Document(String),
@@ -306,7 +313,7 @@ impl ControlPlane {
         changes: &[(String, u32)],
         if_match: Option<&[u64]>,
     ) -> Result<WeightsApplied, ControlError> {
-        self.change_weights(changes, if_match, false)
+        retrying_lost_races(if_match, || self.change_weights(changes, if_match, false))
     }
 
     /// [`set_weights`](Self::set_weights) for the owner of the weights (the rollout): the same
@@ -316,8 +323,9 @@ impl ControlPlane {
         changes: &[(String, u32)],
         by: &str,
     ) -> Result<WeightsApplied, ControlError> {
-        tracing::info!(target: "audit", by, "weights set by their owner");
-        self.change_weights(changes, None, true)
+        let applied = self.change_weights(changes, None, true)?;
+        tracing::info!(target: "audit", by, version = applied.version, "weights set by their owner");
+        Ok(applied)
     }
 
     fn change_weights(
@@ -363,14 +371,14 @@ impl ControlPlane {
             return Err(ControlError::AllZero);
         }
         let weights = weights_of(&next);
+        let version = self.commit_as(&current, next, as_owner)?;
         tracing::info!(
             target: "audit",
-            version = next.version,
+            version,
             old = %describe(&weights_of(&current)),
             new = %describe(&weights),
             "weights changed"
         );
-        let version = self.commit_as(&current, next, as_owner)?;
         // With a store, the shared document (and its snapshot) keeps the weights, not the
         // file.
         let file = self.config_path.as_ref().filter(|_| self.store.is_none());
@@ -401,15 +409,25 @@ impl ControlPlane {
         faults: Vec<FaultConfig>,
         if_match: Option<&[u64]>,
     ) -> Result<FaultsApplied, ControlError> {
-        let _write = self.writes.lock().unwrap_or_else(|e| e.into_inner());
-        let current = self.table.load_full();
-        check_version(if_match, current.version)?;
-        self.replace_faults(&current, faults)
+        retrying_lost_races(if_match, || {
+            let _write = self.writes.lock().unwrap_or_else(|e| e.into_inner());
+            let current = self.table.load_full();
+            check_version(if_match, current.version)?;
+            self.replace_faults(&current, faults.clone())
+        })
     }
 
     /// Removes the fault of `backend`, or every fault (`None`); like
     /// [`set_faults`](Self::set_faults).
     pub fn clear_faults(
+        &self,
+        backend: Option<&str>,
+        if_match: Option<&[u64]>,
+    ) -> Result<FaultsApplied, ControlError> {
+        retrying_lost_races(if_match, || self.clear_faults_once(backend, if_match))
+    }
+
+    fn clear_faults_once(
         &self,
         backend: Option<&str>,
         if_match: Option<&[u64]>,
@@ -457,14 +475,14 @@ impl ControlPlane {
         }
         let next = current.with_faults(by_backend, current.version + 1);
         let faults = faults_of(&next);
+        let version = self.commit(current, next)?;
         tracing::info!(
             target: "audit",
-            version = next.version,
+            version,
             old = %describe_faults(&faults_of(current)),
             new = %describe_faults(&faults),
             "faults changed"
         );
-        let version = self.commit(current, next)?;
         Ok(FaultsApplied { version, faults })
     }
 
@@ -499,7 +517,7 @@ impl ControlPlane {
                 .mirror
                 .as_ref()
                 .is_some_and(|m| m.config.from != config.from);
-            self.store_mirror(&current, Some(config), owner, fresh)?;
+            self.store_mirror(&current, Some(config), owner, fresh, true)?;
         }
         self.set_mirror_owner(Some(owner.to_owned()));
         Ok(())
@@ -533,7 +551,7 @@ impl ControlPlane {
         if current.mirror.as_ref().map(|m| &m.config) == config.as_ref() {
             return Ok(());
         }
-        self.store_mirror(&current, config, &owner, false)
+        self.store_mirror(&current, config, &owner, false, true)
             .map(|_| ())
     }
 
@@ -546,7 +564,7 @@ impl ControlPlane {
         config: Option<MirrorConfig>,
         if_match: Option<&[u64]>,
     ) -> Result<u64, ControlError> {
-        self.change_mirror(config, if_match)
+        retrying_lost_races(if_match, || self.change_mirror(config.clone(), if_match))
     }
 
     fn change_mirror(
@@ -558,7 +576,7 @@ impl ControlPlane {
         self.check_mirror_not_owned()?;
         let current = self.table.load_full();
         check_version(if_match, current.version)?;
-        self.store_mirror(&current, config, "admin", false)
+        self.store_mirror(&current, config, "admin", false, false)
     }
 
     /// 409 while mirroring has an owner.
@@ -578,6 +596,7 @@ impl ControlPlane {
         config: Option<MirrorConfig>,
         by: &str,
         fresh_counts: bool,
+        by_rollout: bool,
     ) -> Result<u64, ControlError> {
         let mirror = match config {
             None => None,
@@ -619,15 +638,18 @@ impl ControlPlane {
                 )
             })
         };
+        let (old, new) = (describe(current), describe(&next));
+        // The rollout's mirroring, with a store, only while this replica leads it.
+        let version = self.commit_as(current, next, by_rollout)?;
         tracing::info!(
             target: "audit",
-            version = next.version,
+            version,
             by,
-            old = %describe(current),
-            new = %describe(&next),
+            old = %old,
+            new = %new,
             "mirroring changed"
         );
-        self.commit(current, next)
+        Ok(version)
     }
 
     /// Re-reads the config file and applies it whole, or leaves everything as it was. Blocks
@@ -807,6 +829,25 @@ fn warn_about_unverified_tls(config: &Config) {
                 backend = %backend.name,
                 "backend.tls.insecure_skip_verify is on: the certificates of this backend's https endpoints are not verified"
             );
+        }
+    }
+}
+
+/// Runs a change again (up to 3 times) when it lost a race for the shared document and the
+/// caller did not ask for a version (`If-Match`): as on a single proxy, where writes take
+/// turns, such a write is applied over what came first. The winner's document is in force
+/// by then, so the change is decided again on it.
+fn retrying_lost_races<T>(
+    if_match: Option<&[u64]>,
+    mut change: impl FnMut() -> Result<T, ControlError>,
+) -> Result<T, ControlError> {
+    let mut attempts = 1;
+    loop {
+        match change() {
+            Err(ControlError::LostRace { .. }) if if_match.is_none() && attempts < 3 => {
+                attempts += 1;
+            }
+            result => return result,
         }
     }
 }

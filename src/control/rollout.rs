@@ -96,8 +96,13 @@ struct Run {
     /// are the last step's, not the traffic after it.
     at_end: Option<[Counts; 2]>,
     /// With `[store]`: whether this replica led the rollout at the last interval (only the
-    /// leader runs the state machine; the others follow the shared document).
+    /// leader runs the state machine and writes its intervals; the others follow the shared
+    /// document).
     leading: bool,
+    /// With `[store]`: the rollout state in the shared document this run was last in step
+    /// with (taken or written). A change decided from it is written only if the document
+    /// still has it: a command or a leader that came first is never overwritten.
+    shared: Option<Value>,
     rng: StdRng,
 }
 
@@ -143,22 +148,6 @@ impl RolloutController {
             run.shadow_last = run.read_shadow(&self.control);
         }
         applied?;
-        if let Some(link) = self.control.store_link()
-            && !link.is_leader()
-        {
-            // Not the leader: the command reaches it (and every replica) through the shared
-            // document. Refused there, it did not happen: the shared state stays.
-            if let Err(error) = self.share(run, false) {
-                if let Some(shared) = self.load_shared(&run.baseline, &run.canary) {
-                    run.machine = shared.machine;
-                    run.evidence = shared.evidence;
-                    self.own_weights(run);
-                    self.own_mirror(run);
-                    self.show(run);
-                }
-                return Err(RolloutError::Weights(error));
-            }
-        }
         Ok(run.status(&self.control))
     }
 
@@ -379,6 +368,10 @@ impl RolloutController {
             shadow_differences: None,
             at_end: None,
             leading: false,
+            shared: self
+                .control
+                .store_link()
+                .and_then(|link| link.rollout_state()),
             rng: StdRng::seed_from_u64(rand::rng().random()),
         };
         let now = run.read_meters(&self.control);
@@ -403,18 +396,29 @@ impl RolloutController {
         self.own_weights(&run);
         self.own_mirror(&run);
         self.show(&run);
-        self.persist(&run);
+        self.persist(&mut run);
         *guard = Some(run);
     }
 
     /// Carries out a transition: weights, step bookkeeping, metrics, state file, webhook.
     fn apply(&self, run: &mut Run, change: Change, by: &str) -> Result<(), RolloutError> {
-        let result = match change.canary_percent {
-            Some(percent) => self
-                .set_weights(run, percent)
-                .map(|_| ())
-                .map_err(RolloutError::Weights),
-            None => Ok(()),
+        let shared = self.control.store_link().is_some();
+        let result = if shared {
+            // One compare-and-swap: the step's weights and the new state together. Refused,
+            // the change did not happen: the state goes back to the document's.
+            if let Err(error) = self.share(run, change.canary_percent) {
+                self.revert_to_shared(run);
+                return Err(RolloutError::Weights(error));
+            }
+            Ok(())
+        } else {
+            match change.canary_percent {
+                Some(percent) => self
+                    .set_weights(run, percent)
+                    .map(|_| ())
+                    .map_err(RolloutError::Weights),
+                None => Ok(()),
+            }
         };
         run.at_end = match run.machine.state {
             State::Promoted | State::RolledBack => Some(run.read_meters(&self.control)),
@@ -443,7 +447,9 @@ impl RolloutController {
         self.own_weights(run);
         self.own_mirror(run);
         self.show(run);
-        self.persist(run);
+        if !shared {
+            self.persist(run);
+        }
         if let (Some(url), Some(entry)) = (run.config.webhook.clone(), entry) {
             let body = json!({
                 "baseline": run.baseline,
@@ -483,9 +489,7 @@ impl RolloutController {
     /// (set again if anything changed it); out of it, it gives mirroring back as the config
     /// file has it.
     fn own_mirror(&self, run: &Run) {
-        if let Some(link) = self.control.store_link()
-            && !link.is_leader()
-        {
+        if self.control.store_link().is_some() && !run.leading {
             // The leader puts the stage's mirroring in the shared document; here admin writes
             // to mirroring are only refused while it owns it.
             let owner = run.machine.in_shadow().then(|| SHADOW_OWNER.to_owned());
@@ -519,12 +523,16 @@ impl RolloutController {
 
     /// Keeps the rollout's state: in the shared document with a store (only the leader
     /// writes its intervals), else in the state file.
-    fn persist(&self, run: &Run) {
-        if let Some(link) = self.control.store_link() {
-            if link.is_leader()
-                && let Err(error) = self.share(run, true)
-            {
-                tracing::warn!(error = %Chain(&error), "the rollout's state was not stored; the next interval writes it again");
+    fn persist(&self, run: &mut Run) {
+        if self.control.store_link().is_some() {
+            if run.leading {
+                match self.share(run, None) {
+                    Ok(()) => {}
+                    Err(ControlError::LostRace { .. }) => self.revert_to_shared(run),
+                    Err(error) => {
+                        tracing::warn!(error = %Chain(&error), "the rollout's state was not stored; the next interval writes it again");
+                    }
+                }
             }
             return;
         }
@@ -545,9 +553,12 @@ impl RolloutController {
         }
     }
 
-    /// Writes the rollout's state into the shared document: as its leader (refused if this
-    /// replica no longer leads), or for an operator's command on any replica.
-    fn share(&self, run: &Run, as_leader: bool) -> Result<(), ControlError> {
+    /// Writes the rollout's state into the shared document, with the step's weights for
+    /// `canary_percent`, in one compare-and-swap: as its leader (refused if this replica no
+    /// longer leads), or for an operator's command on a replica that does not lead; either
+    /// way refused if the document's state is no longer the one this run was in step with.
+    /// Nothing to write (the state as last shared, no weights) writes nothing.
+    fn share(&self, run: &mut Run, canary_percent: Option<u32>) -> Result<(), ControlError> {
         let persisted = PersistedRef {
             baseline: &run.baseline,
             canary: &run.canary,
@@ -556,15 +567,48 @@ impl RolloutController {
         };
         let value = serde_json::to_value(&persisted)
             .map_err(|e| ControlError::MalformedJson(e.to_string()))?;
-        self.control.store_rollout(value, as_leader)
+        if canary_percent.is_none() && run.shared.as_ref() == Some(&value) {
+            return Ok(());
+        }
+        let weights: Vec<(String, u32)> = canary_percent
+            .map(|percent| {
+                let percent = percent.min(100);
+                vec![
+                    (run.baseline.clone(), 100 - percent),
+                    (run.canary.clone(), percent),
+                ]
+            })
+            .unwrap_or_default();
+        self.control
+            .store_rollout(value.clone(), &weights, run.shared.as_ref(), run.leading)?;
+        run.shared = Some(value);
+        Ok(())
     }
 
-    /// The rollout's state in the shared document, if it is of this pair.
-    fn load_shared(&self, baseline: &str, canary: &str) -> Option<Persisted> {
+    /// A change was refused by the shared document: the run takes the document's state.
+    fn revert_to_shared(&self, run: &mut Run) {
+        if let Some((shared, value)) = self.load_shared(&run.baseline, &run.canary) {
+            run.machine = shared.machine;
+            run.evidence = shared.evidence;
+            run.shared = Some(value);
+            run.at_end = None;
+            self.own_weights(run);
+            self.own_mirror(run);
+            self.show(run);
+            tracing::info!(
+                state = run.machine.state.as_str(),
+                step = run.machine.step,
+                "the rollout's change lost to another write; the shared state is in force"
+            );
+        }
+    }
+
+    /// The rollout's state in the shared document, if it is of this pair, and as stored.
+    fn load_shared(&self, baseline: &str, canary: &str) -> Option<(Persisted, Value)> {
         let value = self.control.store_link()?.rollout_state()?;
-        match serde_json::from_value::<Persisted>(value) {
+        match serde_json::from_value::<Persisted>(value.clone()) {
             Ok(persisted) if persisted.baseline == baseline && persisted.canary == canary => {
-                Some(persisted)
+                Some((persisted, value))
             }
             Ok(_) => None,
             Err(error) => {
@@ -581,9 +625,10 @@ impl RolloutController {
         let Some(run) = guard.as_mut() else {
             return;
         };
-        let Some(shared) = self.load_shared(&run.baseline, &run.canary) else {
+        let Some((shared, value)) = self.load_shared(&run.baseline, &run.canary) else {
             return;
         };
+        run.shared = Some(value);
         let moved = shared.machine.state != run.machine.state
             || shared.machine.step != run.machine.step
             || shared.machine.history.len() != run.machine.history.len();
@@ -613,9 +658,10 @@ impl RolloutController {
     /// This replica has just become the leader: the step goes on from the shared state, its
     /// clock, counts and pass evidence afresh, as after a restart.
     fn take_the_lead(&self, run: &mut Run) {
-        if let Some(shared) = self.load_shared(&run.baseline, &run.canary) {
+        if let Some((shared, value)) = self.load_shared(&run.baseline, &run.canary) {
             run.machine = shared.machine;
             run.evidence = shared.evidence;
+            run.shared = Some(value);
         }
         let now = run.read_meters(&self.control);
         run.step_started = Instant::now();
@@ -654,7 +700,9 @@ impl RolloutController {
 
     fn load(&self, baseline: &str, canary: &str) -> Option<Persisted> {
         if self.control.store_link().is_some() {
-            return self.load_shared(baseline, canary);
+            return self
+                .load_shared(baseline, canary)
+                .map(|(persisted, _)| persisted);
         }
         let path = self.state_path.as_ref()?;
         let bytes = match std::fs::read(path) {

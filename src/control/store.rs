@@ -144,10 +144,6 @@ impl StoreLink {
         &self.replica
     }
 
-    pub fn settings(&self) -> &StoreSettings {
-        &self.settings
-    }
-
     /// True while this replica leads the rollout and etcd answers.
     pub fn is_leader(&self) -> bool {
         self.leader.load(Ordering::Acquire) && self.lock_state().up
@@ -198,6 +194,21 @@ impl StoreLink {
         in_force.faults = state.faults;
         in_force.mirror = state.mirror;
         Ok((in_force, !merged.same_table(&shared)))
+    }
+
+    /// The document of `table` with the rollout's `rollout` state, keeping the weights the
+    /// shared document gives backends this replica's config does not have (another replica's
+    /// file has them already): a write from here does not undo them.
+    fn document_of(&self, table: &RoutingTable, rollout: Option<Value>) -> Document {
+        let mut document = Document::of(table, rollout, &self.replica);
+        if let Some(shared) = &self.lock_state().document {
+            for (name, weight) in &shared.weights {
+                if table.backend(name).is_none() {
+                    document.weights.insert(name.clone(), *weight);
+                }
+            }
+        }
+        document
     }
 
     /// The link as `/admin/routes` shows it.
@@ -385,9 +396,8 @@ impl ControlPlane {
             self.table.store(Arc::new(next));
             return Ok(version);
         };
-        let document = Document::of(&next, link.rollout_state(), link.replica());
-        let fenced = by_leader && link.is_leader();
-        let revision = self.swap_document(link, current, &document, fenced)?;
+        let document = link.document_of(&next, link.rollout_state());
+        let revision = self.swap_document(link, current, &document, by_leader)?;
         next.version = revision;
         self.table.store(Arc::new(next));
         link.remember(document, revision, Source::Etcd);
@@ -395,25 +405,58 @@ impl ControlPlane {
         Ok(revision)
     }
 
-    /// Writes the rollout's `state` into the document, with the table in force; `as_leader`:
-    /// only while this replica holds the leader key. Without a store, nothing to do.
-    pub fn store_rollout(&self, state: Value, as_leader: bool) -> Result<(), ControlError> {
+    /// Writes a change of the rollout into the document in one compare-and-swap: its new
+    /// `state`, and the `weights` of its two backends when the change sets them. Refused
+    /// when the document's rollout state is no longer `based_on`,
+    /// the state the change was decided from (another replica's command or leader came
+    /// first), or, `as_leader`, when this replica no longer holds the leader key: both are
+    /// [`ControlError::LostRace`].
+    pub fn store_rollout(
+        &self,
+        state: Value,
+        weights: &[(String, u32)],
+        based_on: Option<&Value>,
+        as_leader: bool,
+    ) -> Result<u64, ControlError> {
         let Some(link) = self.store_link() else {
-            return Ok(());
+            return Ok(self.table.load().version);
         };
         let _write = self.writes.lock().unwrap_or_else(|e| e.into_inner());
         let current = self.table.load_full();
-        let document = Document::of(&current, Some(state), link.replica());
+        if link.rollout_state().as_ref() != based_on {
+            return Err(ControlError::LostRace {
+                current: current.version,
+            });
+        }
+        let indexed: Vec<(usize, u32)> = weights
+            .iter()
+            .filter_map(|(name, weight)| {
+                let index = current.backends.iter().position(|b| &b.name == name)?;
+                Some((index, *weight))
+            })
+            .collect();
+        let mut next = current.with_weights(&indexed, current.version);
+        let document = link.document_of(&next, Some(state));
         let revision = self.swap_document(link, &current, &document, as_leader)?;
-        self.table
-            .store(Arc::new(current.with_weights(&[], revision)));
+        next.version = revision;
+        if !indexed.is_empty() {
+            tracing::info!(
+                target: "audit",
+                version = revision,
+                by = "rollout",
+                old = %super::describe(&super::weights_of(&current)),
+                new = %super::describe(&super::weights_of(&next)),
+                "weights changed"
+            );
+        }
+        self.table.store(Arc::new(next));
         link.remember(document, revision, Source::Etcd);
         self.metrics().store().set_revision(revision);
-        Ok(())
+        Ok(revision)
     }
 
     /// The compare-and-swap of `document` on `current`'s revision. A lost race applies the
-    /// winner's document and is [`ControlError::Stale`].
+    /// winner's document and is [`ControlError::LostRace`].
     fn swap_document(
         &self,
         link: &StoreLink,
@@ -445,7 +488,7 @@ impl ControlPlane {
                 if let Some(winner) = &winner {
                     self.apply_stored_locked(link, winner, Source::Etcd, true);
                 }
-                Err(ControlError::Stale {
+                Err(ControlError::LostRace {
                     current: self.table.load().version,
                 })
             }
@@ -499,6 +542,8 @@ impl ControlPlane {
                 self.table
                     .store(Arc::new(current.with_weights(&[], revision)));
                 metrics.set_revision(revision);
+                // Read from etcd all the same: writes (which replace it) may go there.
+                link.lock_state().source = source;
                 return;
             }
         };
@@ -818,7 +863,7 @@ async fn heartbeat(
         return Ok(());
     };
     let id = match *lease {
-        Some(id) if etcd.keep_alive(id).await.unwrap_or(false) => id,
+        Some(id) if etcd.keep_alive(id).await? => id,
         _ => {
             let ttl = i64::try_from(link.settings.lease_ttl.as_secs()).unwrap_or(10);
             let id = etcd.grant_lease(ttl).await?;
@@ -826,8 +871,6 @@ async fn heartbeat(
             id
         }
     };
-    let holder = etcd.campaign(link.replica(), id).await?;
-    link.set_leader(control, holder.as_deref() == Some(link.replica()));
     let table = control.table().load();
     let mine: HashMap<&str, Counts> = [rollout.baseline, rollout.canary]
         .iter()
@@ -843,13 +886,19 @@ async fn heartbeat(
         .into_iter()
         .filter_map(|(replica, bytes)| Some((replica, serde_json::from_slice(&bytes).ok()?)))
         .collect();
-    let mut cluster = link.cluster.lock().unwrap_or_else(|e| e.into_inner());
-    cluster.observe(readings.iter().flat_map(|(replica, versions)| {
-        versions
-            .iter()
-            .filter(|(_, counts)| counts.latency.len() == LATENCY_BUCKETS)
-            .map(move |(version, counts)| (replica.as_str(), version.as_str(), counts))
-    }));
+    link.cluster
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .observe(readings.iter().flat_map(|(replica, versions)| {
+            versions
+                .iter()
+                .filter(|(_, counts)| counts.latency.len() == LATENCY_BUCKETS)
+                .map(move |(version, counts)| (replica.as_str(), version.as_str(), counts))
+        }));
+    // Campaigned for after the meters are summed: a replica that has just started and
+    // leads at once has everyone's counts so far as its starting point, not as one interval.
+    let holder = etcd.campaign(link.replica(), id).await?;
+    link.set_leader(control, holder.as_deref() == Some(link.replica()));
     Ok(())
 }
 
