@@ -678,3 +678,102 @@ async fn an_etcd_that_lost_its_data_is_seeded_again_from_the_table_in_force() {
     })
     .await;
 }
+
+/// A rollout's change is one compare-and-swap of its state and its weights: an abort on the
+/// leader racing another replica's writes either wins whole (rolled back, canary at 0) or,
+/// having lost three times in a row, whole (412, still running at 50%), never half; and the
+/// leader goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_change_racing_other_writes_is_all_or_nothing() {
+    let etcd = Etcd::start().await;
+    let (v1, v2) = (upstream("v1").await, upstream("v2").await);
+    // A rollout that never advances by itself: only the operator's commands move it.
+    let extra = "[rollout]\nbaseline = \"v1\"\ncanary = \"v2\"\nsteps = [50, 100]\n\
+                 step_time = \"120s\"\n[rollout.analysis]\ninterval = \"250ms\"\n\
+                 min_requests = 1000000\n";
+    let members = [
+        Member::start(&etcd, &backends(&v1, &v2, (100, 0)), extra).await,
+        Member::start(&etcd, &backends(&v1, &v2, (100, 0)), extra).await,
+    ];
+    let leader = async || loop {
+        for (i, member) in members.iter().enumerate() {
+            if member.store_status().await["leader"] == true {
+                return i;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let leading = tokio::time::timeout(WAIT, leader()).await.unwrap();
+    let (l, f) = (&members[leading], &members[1 - leading]);
+    let mut lost = 0;
+    for attempt in 0..8 {
+        let started = client()
+            .post(l.replica.admin("/admin/rollout/start"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(started.status(), 200, "attempt {attempt}");
+        // The other replica writes faults in a tight loop while the operator aborts.
+        let stop = Arc::new(AtomicBool::new(false));
+        let flood = {
+            let (stop, url) = (stop.clone(), f.replica.admin("/admin/faults"));
+            tokio::spawn(async move {
+                let c = client();
+                let mut i = 0u32;
+                while !stop.load(Ordering::Relaxed) {
+                    let body = if i % 2 == 0 {
+                        r#"[{"backend":"v1","delay_percent":1,"delay":"1ms"}]"#
+                    } else {
+                        "[]"
+                    };
+                    let _ = c.put(&url).body(body).send().await;
+                    i += 1;
+                }
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let abort = client()
+            .post(l.replica.admin("/admin/rollout/abort"))
+            .send()
+            .await
+            .unwrap();
+        let status = abort.status().as_u16();
+        stop.store(true, Ordering::Relaxed);
+        flood.await.unwrap();
+        let (expected_state, expected_v2) = match status {
+            200 => ("rolled_back", 0),
+            412 => {
+                lost += 1;
+                ("running", 50)
+            }
+            other => panic!("attempt {attempt}: abort answered {other}"),
+        };
+        for member in &members {
+            eventually("the document's state everywhere", WAIT, || async {
+                let status = get_json(member.replica.admin("/admin/rollout")).await;
+                status["state"] == expected_state && member.weights().await["v2"] == expected_v2
+            })
+            .await;
+        }
+        let document: Value = serde_json::from_str(&etcd.get(TABLE_KEY).await.unwrap()).unwrap();
+        assert_eq!(document["rollout"]["machine"]["state"], expected_state);
+        assert_eq!(document["weights"]["v2"], expected_v2);
+        if status == 412 {
+            // The operator tries again, and it goes through whole.
+            let again = client()
+                .post(l.replica.admin("/admin/rollout/abort"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(again.status(), 200);
+            for member in &members {
+                eventually("rolled back everywhere", WAIT, || async {
+                    get_json(member.replica.admin("/admin/rollout")).await["state"] == "rolled_back"
+                        && member.weights().await["v2"] == 0
+                })
+                .await;
+            }
+        }
+    }
+    eprintln!("aborts refused whole after losing three races: {lost} of 8");
+}

@@ -133,6 +133,21 @@ impl RolloutController {
     pub fn command(&self, command: Command) -> Result<Value, RolloutError> {
         let mut guard = self.lock();
         let run = guard.as_mut().ok_or(RolloutError::NotConfigured)?;
+        // With a store, a command that lost a race for the shared document (another
+        // replica's write came first) is decided again on the state now in force, up to 3
+        // times: an abort must not give way to a fault drill's writes.
+        let mut attempts = 1;
+        loop {
+            match self.command_once(run, command) {
+                Err(RolloutError::Weights(ControlError::LostRace { .. })) if attempts < 3 => {
+                    attempts += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    fn command_once(&self, run: &mut Run, command: Command) -> Result<Value, RolloutError> {
         let change = run
             .machine
             .command(&run.plan, command, crate::utc::unix_ms())?;
