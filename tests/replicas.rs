@@ -721,7 +721,7 @@ async fn a_rollout_change_racing_other_writes_is_all_or_nothing() {
                 let c = client();
                 let mut i = 0u32;
                 while !stop.load(Ordering::Relaxed) {
-                    let body = if i % 2 == 0 {
+                    let body = if i.is_multiple_of(2) {
                         r#"[{"backend":"v1","delay_percent":1,"delay":"1ms"}]"#
                     } else {
                         "[]"
