@@ -4,7 +4,6 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// The (year, month, day) of a count of days since 1970-01-01 (Howard Hinnant's algorithm).
 /// Milliseconds since the Unix epoch now (0 before it).
 pub fn unix_ms() -> u64 {
     SystemTime::now()
@@ -12,6 +11,7 @@ pub fn unix_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// The (year, month, day) of a count of days since 1970-01-01 (Howard Hinnant's algorithm).
 pub fn civil_from_days(days: u64) -> (u64, u64, u64) {
     let z = days + 719_468;
     let era = z / 146_097;
