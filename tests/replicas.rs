@@ -100,6 +100,16 @@ impl Member {
     }
 }
 
+/// Waits until every member's data plane is served by `backend`.
+async fn all_served_by(members: &[Member], backend: &str) {
+    for member in members {
+        eventually(&format!("all on {backend}"), WAIT, || async {
+            member.served_by().await == backend
+        })
+        .await;
+    }
+}
+
 async fn get_json(url: String) -> Value {
     serde_json::from_str(&get_text(url).await).unwrap()
 }
@@ -245,12 +255,7 @@ async fn with_etcd_down_replicas_keep_serving_and_refuse_writes_then_converge() 
     let (v1, v2) = (upstream("v1").await, upstream("v2").await);
     let members = three(&etcd, &v1, &v2, "").await;
     assert_eq!(members[0].set_weights("v1=0&v2=100").await.status(), 200);
-    for member in &members {
-        eventually("all on v2", WAIT, || async {
-            member.served_by().await == "v2"
-        })
-        .await;
-    }
+    all_served_by(&members, "v2").await;
 
     etcd.kill();
     for member in &members {
@@ -311,12 +316,7 @@ async fn a_bad_document_is_refused_by_every_replica_and_the_next_write_replaces_
     let (v1, v2) = (upstream("v1").await, upstream("v2").await);
     let members = three(&etcd, &v1, &v2, "").await;
     assert_eq!(members[0].set_weights("v1=0&v2=100").await.status(), 200);
-    for member in &members {
-        eventually("all on v2", WAIT, || async {
-            member.served_by().await == "v2"
-        })
-        .await;
-    }
+    all_served_by(&members, "v2").await;
     let bad = [
         "not json at all".to_owned(),
         r#"{"format": 1, "weights": {"v1": 100}, "faults": [{"backend": "v9", "abort_percent": 5}]}"#.to_owned(),

@@ -107,11 +107,7 @@ impl Document {
             rules: table
                 .rules
                 .iter()
-                .map(|rule| {
-                    let mut value = rule_json(&rule.source, &rule.matcher);
-                    value["backend"] = json!(name(rule.backend));
-                    value
-                })
+                .map(|rule| shared_rule(&rule.source, &rule.matcher, name(rule.backend)))
                 .collect(),
             faults: super::faults_of(table)
                 .iter()
@@ -140,11 +136,7 @@ impl Document {
             rules: config
                 .rules
                 .iter()
-                .map(|rule| {
-                    let mut value = rule_json(&rule.source, &rule.matcher);
-                    value["backend"] = json!(name(rule.backend));
-                    value
-                })
+                .map(|rule| shared_rule(&rule.source, &rule.matcher, name(rule.backend)))
                 .collect(),
             faults: config.faults.iter().map(fault_json::fault_json).collect(),
             mirror: config.mirror.as_ref().map(mirror_json::config_json),
@@ -288,6 +280,13 @@ impl Document {
             mirror,
         })
     }
+}
+
+/// A rule as the document holds it: the keys of `[[rule]]`, `backend` by name.
+fn shared_rule(source: &RuleSource, matcher: &RuleMatcher, backend: &str) -> Value {
+    let mut value = rule_json(source, matcher);
+    value["backend"] = json!(backend);
+    value
 }
 
 /// A rule as JSON, with the keys of `[[rule]]` (without `backend`).

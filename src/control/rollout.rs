@@ -554,12 +554,7 @@ impl RolloutController {
         let Some(path) = &self.state_path else {
             return;
         };
-        let persisted = PersistedRef {
-            baseline: &run.baseline,
-            canary: &run.canary,
-            machine: &run.machine,
-            evidence: &run.evidence,
-        };
+        let persisted = run.persisted();
         let written = serde_json::to_vec(&persisted)
             .map_err(std::io::Error::other)
             .and_then(|bytes| super::persist::replace_file(path, &bytes));
@@ -574,12 +569,7 @@ impl RolloutController {
     /// way refused if the document's state is no longer the one this run was in step with.
     /// Nothing to write (the state as last shared, no weights) writes nothing.
     fn share(&self, run: &mut Run, canary_percent: Option<u32>) -> Result<(), ControlError> {
-        let persisted = PersistedRef {
-            baseline: &run.baseline,
-            canary: &run.canary,
-            machine: &run.machine,
-            evidence: &run.evidence,
-        };
+        let persisted = run.persisted();
         let value = serde_json::to_value(&persisted)
             .map_err(|e| ControlError::MalformedJson(e.to_string()))?;
         if canary_percent.is_none() && run.shared.as_ref() == Some(&value) {
@@ -779,6 +769,16 @@ fn shadow_mirror(configured: Option<MirrorConfig>, baseline: &str, canary: &str)
 }
 
 impl Run {
+    /// What is persisted of the run (state file or shared document).
+    fn persisted(&self) -> PersistedRef<'_> {
+        PersistedRef {
+            baseline: &self.baseline,
+            canary: &self.canary,
+            machine: &self.machine,
+            evidence: &self.evidence,
+        }
+    }
+
     /// The mirror's cumulative pairs and comparisons of copies to the canary (zero while
     /// nothing mirrors to it).
     fn read_shadow(&self, control: &ControlPlane) -> ShadowTick {
