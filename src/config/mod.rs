@@ -31,6 +31,7 @@ mod diagnostics;
 mod fault;
 mod mirror;
 mod raw;
+pub mod rule;
 mod store;
 mod tls;
 mod upstream_tls;

@@ -7,14 +7,14 @@ use std::time::Duration;
 
 use http::HeaderName;
 use http::uri::{PathAndQuery, Uri};
-use regex::Regex;
 use toml::Spanned;
 
-use super::diagnostics::{FieldError, later, line_of, regex_reason};
+use super::diagnostics::{FieldError, later, line_of};
 use super::raw::{
     RawAdmin, RawAnalysis, RawBackend, RawBackendTls, RawConfig, RawDuration, RawFault, RawHealth,
     RawInt, RawLog, RawMirror, RawNumber, RawOutlier, RawProxy, RawRollout, RawRule,
 };
+use super::rule;
 use super::tls::validate_tls;
 use super::{
     ALPN_H2, ALPN_HTTP1, AccessLog, AdminSettings, AnalysisConfig, BackendConfig, BackendTls,
@@ -837,17 +837,13 @@ fn validate_rule(
     let source = match (raw.header, raw.cookie) {
         (Some(header), Some(cookie)) => {
             let (field, span) = later(("header", header.span()), ("cookie", cookie.span()));
-            return Err(FieldError::new(
-                key(field),
-                span,
-                "a rule reads either `header` or `cookie`, not both",
-            ));
+            return Err(FieldError::new(key(field), span, rule::BOTH_SOURCES));
         }
         (None, None) => {
             return Err(FieldError::new(
                 format!("rule[{i}]"),
                 table_span,
-                "a rule needs `header = \"NAME\"` or `cookie = \"NAME\"`",
+                rule::NO_SOURCE,
             ));
         }
         (Some(header), None) => RuleSource::Header(header_name(&key("header"), &header)?),
@@ -867,33 +863,21 @@ fn validate_rule(
         return Err(FieldError::new(
             key(field),
             span.clone(),
-            format!(
-                "a rule takes only one of `equals`, `matches` or `present` (`{}` is already set)",
-                given[0].0
-            ),
+            rule::two_matchers(given[0].0),
         ));
     }
     let matcher = if let Some(value) = raw.equals {
         RuleMatcher::Equals(value.into_inner())
     } else if let Some(pattern) = raw.matches {
-        let regex = Regex::new(pattern.get_ref()).map_err(|e| {
-            FieldError::new(
-                key("matches"),
-                pattern.span(),
-                format!(
-                    "invalid regex {:?}: {}",
-                    pattern.get_ref(),
-                    regex_reason(&e)
-                ),
-            )
-        })?;
+        let regex = rule::pattern(pattern.get_ref())
+            .map_err(|message| FieldError::new(key("matches"), pattern.span(), message))?;
         RuleMatcher::Matches(regex)
     } else if let Some(present) = raw.present {
         if !present.get_ref() {
             return Err(FieldError::new(
                 key("present"),
                 present.span(),
-                "present must be true; omit the rule instead",
+                rule::PRESENT_FALSE,
             ));
         }
         RuleMatcher::Present
@@ -901,7 +885,7 @@ fn validate_rule(
         return Err(FieldError::new(
             format!("rule[{i}]"),
             table_span,
-            "a rule needs one of `equals = \"VALUE\"`, `matches = \"REGEX\"` or `present = true`",
+            rule::NO_MATCHER,
         ));
     };
 
@@ -1321,31 +1305,12 @@ fn threshold(key: &str, raw: Option<Spanned<RawInt>>, default: u32) -> Result<u3
 }
 
 fn header_name(key: &str, raw: &Spanned<String>) -> Result<HeaderName, FieldError> {
-    if raw.get_ref().is_empty() {
-        return Err(FieldError::new(key, raw.span(), "must not be empty"));
-    }
-    HeaderName::from_bytes(raw.get_ref().as_bytes()).map_err(|_| {
-        FieldError::new(
-            key,
-            raw.span(),
-            format!("{:?} is not a valid HTTP header name", raw.get_ref()),
-        )
-    })
+    rule::header_name(raw.get_ref()).map_err(|message| FieldError::new(key, raw.span(), message))
 }
 
-/// Cookie names are RFC 6265 tokens: visible ASCII except separators.
 fn cookie_name(key: &str, raw: Spanned<String>) -> Result<String, FieldError> {
-    let is_tchar = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
-    if raw.get_ref().is_empty() || !raw.get_ref().chars().all(is_tchar) {
-        return Err(FieldError::new(
-            key,
-            raw.span(),
-            format!(
-                "{:?} is not a valid cookie name (letters, digits and !#$%&'*+-.^_`|~ only)",
-                raw.get_ref()
-            ),
-        ));
-    }
+    rule::cookie_name(raw.get_ref())
+        .map_err(|message| FieldError::new(key, raw.span(), message))?;
     Ok(raw.into_inner())
 }
 

@@ -20,15 +20,13 @@
 
 use std::collections::BTreeMap;
 
-use http::HeaderName;
-use regex::Regex;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::{fault_json, mirror_json};
 use crate::config::{
     Config, FaultConfig, MAX_WEIGHT, MirrorConfig, RuleConfig, RuleMatcher, RuleSource,
-    first_repeated_backend,
+    first_repeated_backend, rule,
 };
 use crate::routing::RoutingTable;
 
@@ -333,40 +331,24 @@ fn check_rule(i: usize, value: &Value, config: &Config) -> Result<RuleConfig, Do
         (Some(_), Some(_)) => {
             return Err(DocumentError::new(
                 format!("rules[{i}]"),
-                "a rule reads either `header` or `cookie`, not both",
+                rule::BOTH_SOURCES,
             ));
         }
-        (None, None) => {
-            return Err(DocumentError::new(
-                format!("rules[{i}]"),
-                "a rule needs `header` or `cookie`",
-            ));
-        }
+        (None, None) => return Err(DocumentError::new(format!("rules[{i}]"), rule::NO_SOURCE)),
         (Some(header), None) => RuleSource::Header(
-            HeaderName::from_bytes(header.as_bytes())
-                .ok()
-                .filter(|_| !header.is_empty())
-                .ok_or_else(|| {
-                    DocumentError::new(
-                        field("header"),
-                        format!("{header:?} is not a valid HTTP header name"),
-                    )
-                })?,
+            rule::header_name(header).map_err(|m| DocumentError::new(field("header"), m))?,
         ),
         (None, Some(cookie)) => {
-            let is_tchar = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
-            if cookie.is_empty() || !cookie.chars().all(is_tchar) {
-                return Err(DocumentError::new(
-                    field("cookie"),
-                    format!("{cookie:?} is not a valid cookie name"),
-                ));
-            }
+            rule::cookie_name(cookie).map_err(|m| DocumentError::new(field("cookie"), m))?;
             RuleSource::Cookie(cookie.to_owned())
         }
     };
     let present = match map.get("present") {
         None | Some(Value::Null) => None,
         Some(Value::Bool(true)) => Some(()),
+        Some(Value::Bool(false)) => {
+            return Err(DocumentError::new(field("present"), rule::PRESENT_FALSE));
+        }
         Some(other) => {
             return Err(DocumentError::new(
                 field("present"),
@@ -374,23 +356,27 @@ fn check_rule(i: usize, value: &Value, config: &Config) -> Result<RuleConfig, Do
             ));
         }
     };
-    let matcher = match (text("equals")?, text("matches")?, present) {
-        (Some(value), None, None) => RuleMatcher::Equals(value.to_owned()),
-        (None, Some(pattern), None) => RuleMatcher::Matches(Regex::new(pattern).map_err(|e| {
-            DocumentError::new(field("matches"), format!("invalid regex {pattern:?}: {e}"))
-        })?),
-        (None, None, Some(())) => RuleMatcher::Present,
+    let equals = text("equals")?;
+    let matches = text("matches")?;
+    let given: Vec<&str> = [
+        equals.map(|_| "equals"),
+        matches.map(|_| "matches"),
+        present.map(|()| "present"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if let [first, second, ..] = given[..] {
+        return Err(DocumentError::new(field(second), rule::two_matchers(first)));
+    }
+    let matcher = match (equals, matches, present) {
+        (Some(value), _, _) => RuleMatcher::Equals(value.to_owned()),
+        (_, Some(pattern), _) => RuleMatcher::Matches(
+            rule::pattern(pattern).map_err(|m| DocumentError::new(field("matches"), m))?,
+        ),
+        (_, _, Some(())) => RuleMatcher::Present,
         (None, None, None) => {
-            return Err(DocumentError::new(
-                format!("rules[{i}]"),
-                "a rule needs one of `equals`, `matches` or `present`",
-            ));
-        }
-        _ => {
-            return Err(DocumentError::new(
-                format!("rules[{i}]"),
-                "a rule takes only one of `equals`, `matches` or `present`",
-            ));
+            return Err(DocumentError::new(format!("rules[{i}]"), rule::NO_MATCHER));
         }
     };
     let backend = text("backend")?
@@ -493,7 +479,7 @@ mod tests {
             (Box::new(|d| d.rules[0]["cookie"] = json!("c")), "rules[0]"),
             (
                 Box::new(|d| d.rules[0]["present"] = json!(true)),
-                "rules[0]",
+                "rules[0].present",
             ),
             (
                 Box::new(|d| d.rules[0]["header"] = json!("a b")),
