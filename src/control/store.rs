@@ -755,6 +755,8 @@ async fn session(
                         reason = response.cancel_reason(),
                         "the watch lost its history (compaction); reading the document again"
                     );
+                    // A pause, in case compactions follow each other closely.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                     let revision = adopt_or_seed(link, control, &mut etcd).await?;
                     watch = etcd.watch_table(revision + 1).await?;
                     continue;
@@ -780,7 +782,16 @@ async fn session(
                     }
                 }
             }
-            _ = ticker.tick() => heartbeat(link, control, &mut etcd, lease).await?,
+            _ = ticker.tick() => {
+                heartbeat(link, control, &mut etcd, lease).await?;
+                // A reload may have changed the interval, or added or removed [rollout].
+                let period = tick_period(link, control);
+                if period != ticker.period() {
+                    ticker = tokio::time::interval(period);
+                    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+                    ticker.reset();
+                }
+            }
         }
     }
 }
