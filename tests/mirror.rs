@@ -216,23 +216,33 @@ async fn selection_is_by_request_id() {
             assert_eq!(response.status(), 200);
         }
     }
+    let count = |r: &Value, key: &str| r["counts"][key].as_u64().unwrap();
+    // A selected request is copied, or dropped when its copy could not start in time (the
+    // copies' threads run at the lowest priority: a loaded machine starves them).
     let shown = report_when(&proxy, |r| {
-        r["counts"]["copied"].as_u64().unwrap() + r["counts"]["skipped_percent"].as_u64().unwrap()
-            == 400
+        count(r, "copied") + count(r, "dropped") + count(r, "skipped_percent") == 400
     })
     .await;
-    let copied = shown["counts"]["copied"].as_u64().unwrap();
-    // Each id is copied both times or neither: an even count, about half of 400.
-    assert_eq!(copied % 2, 0, "{shown:#}");
-    assert!((140..=260).contains(&copied), "{copied}");
+    let (copied, dropped) = (count(&shown, "copied"), count(&shown, "dropped"));
+    // Each id is selected both times or neither: an even count, about half of 400.
+    let selected = copied + dropped;
+    assert_eq!(selected % 2, 0, "{shown:#}");
+    assert!((140..=260).contains(&selected), "{selected}");
     let heads = v2.heads();
+    let mut copied_once = 0;
     for i in 0..200 {
         let copies = heads
             .iter()
             .filter(|h| h.contains(&format!("x-request-id: id-{i}\r\n")))
             .count();
-        assert!(copies == 0 || copies == 2, "id-{i} copied {copies} times");
+        assert!(copies <= 2, "id-{i} copied {copies} times");
+        copied_once += usize::from(copies == 1);
     }
+    // An id copied once had its other copy dropped.
+    assert!(
+        copied_once as u64 <= dropped,
+        "{copied_once} ids copied once, {dropped} dropped"
+    );
     assert_eq!(shown["counts"]["identical"], copied);
 }
 

@@ -777,3 +777,47 @@ async fn a_rollout_change_racing_other_writes_is_all_or_nothing() {
     }
     eprintln!("aborts refused whole after losing three races: {lost} of 8");
 }
+
+/// A backend added to one replica's file first: its weight in the document is left alone by
+/// the replicas that do not have it yet (their writes keep it, their reloads write nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_added_to_one_replica_first_is_left_alone_by_the_others() {
+    let etcd = Etcd::start().await;
+    let (v1, v2, v3) = (
+        upstream("v1").await,
+        upstream("v2").await,
+        upstream("v3").await,
+    );
+    let a = Member::start(&etcd, &backends(&v1, &v2, (100, 0)), "").await;
+    let mut with_v3 = backends(&v1, &v2, (100, 0));
+    with_v3.push(("v3", vec![v3.url()], 0));
+    let b = Member::start(&etcd, &with_v3, "").await;
+    assert_eq!(b.set_weights("v1=50&v3=50").await.status(), 200);
+    eventually("A takes the rest of the document", WAIT, || async {
+        a.weights().await == serde_json::json!({"v1": 50, "v2": 0})
+    })
+    .await;
+    assert_eq!(a.metric("canary_store_documents_refused_total").await, 0.0);
+    // A write on A keeps v3's weight in the document.
+    assert_eq!(a.set_weights("v2=1").await.status(), 200);
+    let document: Value = serde_json::from_str(&etcd.get(TABLE_KEY).await.unwrap()).unwrap();
+    assert_eq!(
+        document["weights"],
+        serde_json::json!({"v1": 50, "v2": 1, "v3": 50})
+    );
+    // A reload on A that changes nothing shared writes nothing.
+    let revision = etcd.mod_revision(TABLE_KEY).await;
+    let reload = client()
+        .post(a.replica.admin("/admin/reload"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reload.status(), 200);
+    assert_eq!(etcd.mod_revision(TABLE_KEY).await, revision);
+    eventually("B has v3's weight and A's write", WAIT, || async {
+        b.weights().await == serde_json::json!({"v1": 50, "v2": 1, "v3": 50})
+    })
+    .await;
+    let served: Vec<String> = futures_util::future::join_all((0..40).map(|_| b.served_by())).await;
+    assert!(served.iter().any(|s| s == "v3"), "{served:?}");
+}

@@ -146,13 +146,15 @@ impl Document {
 
     /// The document a reload of `new` (over `old`, the file before) puts in force over this
     /// one: what the file changed is taken from it, the rest stays as shared. Backends the
-    /// new file no longer has drop out of the weights.
+    /// new file no longer has (and the old one had) drop out of the weights.
     pub fn merged_with_reload(&self, old: &Config, new: &Config) -> Document {
         let (old, new) = (Document::from_config(old), Document::from_config(new));
         let mut merged = self.clone();
+        // A backend the file had and no longer has leaves; one neither file had is another
+        // replica's, and stays.
         merged
             .weights
-            .retain(|name, _| new.weights.contains_key(name));
+            .retain(|name, _| new.weights.contains_key(name) || !old.weights.contains_key(name));
         for (name, weight) in &new.weights {
             if old.weights.get(name) != Some(weight) {
                 merged.weights.insert(name.clone(), *weight);
@@ -519,6 +521,36 @@ mod tests {
                 Err(e) => assert_eq!(e.field, *field, "case {i}: {e}"),
             }
         }
+    }
+
+    #[test]
+    fn a_reload_publishes_only_what_the_file_changed() {
+        let old = config();
+        let mut shared = Document::from_config(&old);
+        // Set through the API, and another replica's backend.
+        shared.weights.insert("v1".into(), 40);
+        shared.weights.insert("v3".into(), 7);
+        let unchanged = shared.merged_with_reload(&old, &old);
+        assert!(unchanged.same_table(&shared), "{unchanged:?}");
+        // The file's v2 weight and rules changed: those are published, the rest stays.
+        let mut new = old.clone();
+        new.backends[1].weight = 33;
+        new.rules.truncate(1);
+        let merged = shared.merged_with_reload(&old, &new);
+        assert_eq!(merged.weights["v1"], 40);
+        assert_eq!(merged.weights["v2"], 33);
+        assert_eq!(merged.weights["v3"], 7);
+        assert_eq!(merged.rules.len(), 1);
+        assert_eq!(merged.faults, shared.faults);
+        // A backend the file had and dropped leaves the weights.
+        let mut dropped = old.clone();
+        dropped.backends.truncate(1);
+        dropped.rules.clear();
+        dropped.faults.clear();
+        dropped.mirror = None;
+        let merged = shared.merged_with_reload(&old, &dropped);
+        assert!(!merged.weights.contains_key("v2"));
+        assert_eq!(merged.weights["v3"], 7);
     }
 
     #[test]

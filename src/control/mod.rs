@@ -545,14 +545,15 @@ impl ControlPlane {
         let Some(owner) = self.mirror_owner() else {
             return Ok(());
         };
-        self.set_mirror_owner(None);
         let config = self.lock_config().mirror.clone();
         let current = self.table.load_full();
-        if current.mirror.as_ref().map(|m| &m.config) == config.as_ref() {
-            return Ok(());
+        if current.mirror.as_ref().map(|m| &m.config) != config.as_ref() {
+            // The owner stays until its mirroring is gone, so that a refused write (with a
+            // store: a lost race) is tried again.
+            self.store_mirror(&current, config, &owner, false, true)?;
         }
-        self.store_mirror(&current, config, &owner, false, true)
-            .map(|_| ())
+        self.set_mirror_owner(None);
+        Ok(())
     }
 
     /// Puts mirroring as `config` says in force (`None`: stops it): versioned and audited, not

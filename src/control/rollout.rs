@@ -148,6 +148,7 @@ impl RolloutController {
     }
 
     fn command_once(&self, run: &mut Run, command: Command) -> Result<Value, RolloutError> {
+        let before = run.saved();
         let change = run
             .machine
             .command(&run.plan, command, crate::utc::unix_ms())?;
@@ -157,12 +158,22 @@ impl RolloutController {
             run.shadow_seen = ShadowTick::default();
             run.shadow_differences = None;
         }
-        let applied = self.apply(run, change, &format!("operator: {}", command.as_str()));
+        // An operator's command is not fenced by the leader key: any replica takes it, and
+        // the shared state it was decided from is checked all the same.
+        let applied = self.apply(
+            run,
+            change,
+            &format!("operator: {}", command.as_str()),
+            false,
+        );
+        if let Err(error) = applied {
+            self.revert(run, before);
+            return Err(error);
+        }
         if change.event == Event::Started {
             // The mirroring the shadow stage put in force counts from here.
             run.shadow_last = run.read_shadow(&self.control);
         }
-        applied?;
         Ok(run.status(&self.control))
     }
 
@@ -212,16 +223,19 @@ impl RolloutController {
         };
         if let Some(link) = self.control.store_link() {
             let leading = link.is_leader();
-            if leading && !run.leading {
+            let took_the_lead = leading && !run.leading;
+            run.leading = leading;
+            if took_the_lead {
                 self.take_the_lead(run);
             }
-            run.leading = leading;
             if !leading {
                 // Another replica runs the state machine; this one follows the document.
                 run.at_last_tick = run.read_meters(&self.control);
                 return;
             }
             self.ensure_weights(run);
+            // Mirroring as the stage says, given back if a write of it was refused before.
+            self.own_mirror(run);
         }
         let now = run.read_meters(&self.control);
         let shadow_now = run.read_shadow(&self.control);
@@ -294,9 +308,11 @@ impl RolloutController {
 
     /// Hands an interval's report to the state machine and carries out what it decides.
     fn decide(&self, run: &mut Run, report: &StepReport) {
+        let before = run.saved();
         if let Some(change) = run.machine.tick(&run.plan, report, crate::utc::unix_ms()) {
-            if let Err(error) = self.apply(run, change, "analysis") {
+            if let Err(error) = self.apply(run, change, "analysis", true) {
                 tracing::error!(error = %Chain(&error), "the rollout could not apply its step");
+                self.revert(run, before);
             }
             return;
         }
@@ -318,7 +334,16 @@ impl RolloutController {
                 tracing::info!("the config has no [rollout] any more; the rollout is dropped");
             }
             self.control.set_weight_owner(None);
-            self.release_mirror();
+            if self
+                .control
+                .store_link()
+                .is_some_and(|link| !link.is_leader())
+            {
+                // The leader, if there still is one, gives the shared mirroring back.
+                self.control.mark_mirror_owner(None);
+            } else {
+                self.release_mirror();
+            }
             return;
         };
         let baseline = config.backends[rollout.baseline].name.clone();
@@ -348,9 +373,19 @@ impl RolloutController {
             return;
         }
         let settings = settings(&rollout);
-        let (machine, evidence) = match (guard.take(), self.load(&baseline, &canary)) {
+        let old = guard.take();
+        let leading = old.as_ref().is_some_and(|old| old.leading);
+        let (machine, evidence) = match (old, self.load(&baseline, &canary)) {
+            // This pair's state saved (the state file after a restart, or the shared
+            // document another replica already wrote it to).
+            (_, Some(persisted)) => {
+                let mut evidence = persisted.evidence;
+                // A restarted step starts its pass evidence afresh.
+                evidence.start_step();
+                (persisted.machine, evidence)
+            }
             // Another pair replaces a rollout this process ran: it starts over, history kept.
-            (Some(old), _) => {
+            (Some(old), None) => {
                 let mut machine = old.machine;
                 machine.reset(
                     crate::utc::unix_ms(),
@@ -358,12 +393,6 @@ impl RolloutController {
                 );
                 self.control.metrics().rollout.transition(Event::Reset);
                 (machine, Evidence::new(&settings))
-            }
-            (None, Some(persisted)) => {
-                let mut evidence = persisted.evidence;
-                // A restarted step starts its pass evidence afresh.
-                evidence.start_step();
-                (persisted.machine, evidence)
             }
             (None, None) => (Machine::default(), Evidence::new(&settings)),
         };
@@ -382,7 +411,8 @@ impl RolloutController {
             shadow_seen: ShadowTick::default(),
             shadow_differences: None,
             at_end: None,
-            leading: false,
+            // A new pair on the leader: it leads this one too (and writes its reset).
+            leading,
             shared: self
                 .control
                 .store_link()
@@ -416,15 +446,20 @@ impl RolloutController {
     }
 
     /// Carries out a transition: weights, step bookkeeping, metrics, state file, webhook.
-    fn apply(&self, run: &mut Run, change: Change, by: &str) -> Result<(), RolloutError> {
+    /// With a store, the change is one compare-and-swap of the step's weights and the new
+    /// state (`fenced`: only while this replica holds the leader key); refused, nothing of it
+    /// is carried out, and the caller puts the run back ([`revert`](Self::revert)).
+    fn apply(
+        &self,
+        run: &mut Run,
+        change: Change,
+        by: &str,
+        fenced: bool,
+    ) -> Result<(), RolloutError> {
         let shared = self.control.store_link().is_some();
         let result = if shared {
-            // One compare-and-swap: the step's weights and the new state together. Refused,
-            // the change did not happen: the state goes back to the document's.
-            if let Err(error) = self.share(run, change.canary_percent) {
-                self.revert_to_shared(run);
-                return Err(RolloutError::Weights(error));
-            }
+            self.share(run, change.canary_percent, fenced)
+                .map_err(RolloutError::Weights)?;
             Ok(())
         } else {
             match change.canary_percent {
@@ -541,9 +576,10 @@ impl RolloutController {
     fn persist(&self, run: &mut Run) {
         if self.control.store_link().is_some() {
             if run.leading {
-                match self.share(run, None) {
+                let before = run.saved();
+                match self.share(run, None, true) {
                     Ok(()) => {}
-                    Err(ControlError::LostRace { .. }) => self.revert_to_shared(run),
+                    Err(ControlError::LostRace { .. }) => self.revert(run, before),
                     Err(error) => {
                         tracing::warn!(error = %Chain(&error), "the rollout's state was not stored; the next interval writes it again");
                     }
@@ -568,7 +604,12 @@ impl RolloutController {
     /// longer leads), or for an operator's command on a replica that does not lead; either
     /// way refused if the document's state is no longer the one this run was in step with.
     /// Nothing to write (the state as last shared, no weights) writes nothing.
-    fn share(&self, run: &mut Run, canary_percent: Option<u32>) -> Result<(), ControlError> {
+    fn share(
+        &self,
+        run: &mut Run,
+        canary_percent: Option<u32>,
+        fenced: bool,
+    ) -> Result<(), ControlError> {
         let persisted = run.persisted();
         let value = serde_json::to_value(&persisted)
             .map_err(|e| ControlError::MalformedJson(e.to_string()))?;
@@ -585,27 +626,59 @@ impl RolloutController {
             })
             .unwrap_or_default();
         self.control
-            .store_rollout(value.clone(), &weights, run.shared.as_ref(), run.leading)?;
+            .store_rollout(value.clone(), &weights, run.shared.as_ref(), fenced)?;
         run.shared = Some(value);
         Ok(())
     }
 
-    /// A change was refused by the shared document: the run takes the document's state.
-    fn revert_to_shared(&self, run: &mut Run) {
-        if let Some((shared, value)) = self.load_shared(&run.baseline, &run.canary) {
-            run.machine = shared.machine;
-            run.evidence = shared.evidence;
-            run.shared = Some(value);
-            run.at_end = None;
-            self.own_weights(run);
-            self.own_mirror(run);
-            self.show(run);
+    /// A change was refused by the shared document: the run takes the document's state, or,
+    /// when the document has none of this pair, goes back to `before` (what it was before the
+    /// change); the step's clock and counts restart if that is another step than `before`'s.
+    fn revert(&self, run: &mut Run, before: Saved) {
+        let Some(link) = self.control.store_link() else {
+            return;
+        };
+        // In step with whatever the document holds now, readable here or not.
+        run.shared = link.rollout_state();
+        let (machine, evidence) = match self.load_shared(&run.baseline, &run.canary) {
+            Some((shared, _)) => (shared.machine, shared.evidence),
+            None => (before.machine.clone(), before.evidence),
+        };
+        self.take_state(run, machine, evidence, &before.machine);
+        tracing::info!(
+            state = run.machine.state.as_str(),
+            step = run.machine.step,
+            "the rollout's change lost to another write; the shared state is in force"
+        );
+    }
+
+    /// Puts `machine` and `evidence` in force in the run; `from` is the machine its step's
+    /// clock and counts belong to: another state or step restarts them.
+    fn take_state(&self, run: &mut Run, machine: Machine, evidence: Evidence, from: &Machine) {
+        let moved = machine.state != from.state
+            || machine.step != from.step
+            || machine.history.len() != from.history.len();
+        run.machine = machine;
+        run.evidence = evidence;
+        if moved {
+            let now = run.read_meters(&self.control);
+            run.step_started = Instant::now();
+            run.at_step_start = now.clone();
+            run.at_last_tick = now.clone();
+            run.at_end =
+                matches!(run.machine.state, State::Promoted | State::RolledBack).then_some(now);
+            run.evidence.start_step();
             tracing::info!(
                 state = run.machine.state.as_str(),
                 step = run.machine.step,
-                "the rollout's change lost to another write; the shared state is in force"
+                canary_percent = run.machine.canary_percent,
+                "rollout state taken from the shared document"
             );
         }
+        run.verdicts = Some([run.evidence.errors(), run.evidence.latency(), INCONCLUSIVE]);
+        self.own_weights(run);
+        self.own_mirror(run);
+        self.show(run);
     }
 
     /// The rollout's state in the shared document, if it is of this pair, and as stored.
@@ -630,43 +703,22 @@ impl RolloutController {
         let Some(run) = guard.as_mut() else {
             return;
         };
-        let Some((shared, value)) = self.load_shared(&run.baseline, &run.canary) else {
+        // In step with whatever the document holds now, readable here or not.
+        run.shared = self.control.store_link().and_then(|l| l.rollout_state());
+        let Some((shared, _)) = self.load_shared(&run.baseline, &run.canary) else {
             return;
         };
-        run.shared = Some(value);
-        let moved = shared.machine.state != run.machine.state
-            || shared.machine.step != run.machine.step
-            || shared.machine.history.len() != run.machine.history.len();
-        run.machine = shared.machine;
-        run.evidence = shared.evidence;
-        if moved {
-            let now = run.read_meters(&self.control);
-            run.step_started = Instant::now();
-            run.at_step_start = now.clone();
-            run.at_last_tick = now.clone();
-            run.at_end =
-                matches!(run.machine.state, State::Promoted | State::RolledBack).then_some(now);
-            run.evidence.start_step();
-            tracing::info!(
-                state = run.machine.state.as_str(),
-                step = run.machine.step,
-                canary_percent = run.machine.canary_percent,
-                "rollout state taken from the shared document"
-            );
-        }
-        run.verdicts = Some([run.evidence.errors(), run.evidence.latency(), INCONCLUSIVE]);
-        self.own_weights(run);
-        self.own_mirror(run);
-        self.show(run);
+        let from = run.machine.clone();
+        self.take_state(run, shared.machine, shared.evidence, &from);
     }
 
     /// This replica has just become the leader: the step goes on from the shared state, its
     /// clock, counts and pass evidence afresh, as after a restart.
     fn take_the_lead(&self, run: &mut Run) {
-        if let Some((shared, value)) = self.load_shared(&run.baseline, &run.canary) {
+        run.shared = self.control.store_link().and_then(|l| l.rollout_state());
+        if let Some((shared, _)) = self.load_shared(&run.baseline, &run.canary) {
             run.machine = shared.machine;
             run.evidence = shared.evidence;
-            run.shared = Some(value);
         }
         let now = run.read_meters(&self.control);
         run.step_started = Instant::now();
@@ -688,7 +740,7 @@ impl RolloutController {
 
     /// The leader keeps the weights the rollout's step says (a write lost to a race, or an
     /// old leader's, is set again).
-    fn ensure_weights(&self, run: &Run) {
+    fn ensure_weights(&self, run: &mut Run) {
         if !run.machine.state.is_active() {
             return;
         }
@@ -698,8 +750,15 @@ impl RolloutController {
         if weight(&run.baseline) == Some(100 - percent) && weight(&run.canary) == Some(percent) {
             return;
         }
-        if let Err(error) = self.set_weights(run, percent) {
-            tracing::warn!(error = %Chain(&error), "the rollout could not set its step's weights; trying again next interval");
+        // With its state, over the state it was decided from: an abort that came first is
+        // never undone in the weights.
+        let before = run.saved();
+        match self.share(run, Some(percent), true) {
+            Ok(()) => {}
+            Err(ControlError::LostRace { .. }) => self.revert(run, before),
+            Err(error) => {
+                tracing::warn!(error = %Chain(&error), "the rollout could not set its step's weights; trying again next interval");
+            }
         }
     }
 
@@ -768,7 +827,20 @@ fn shadow_mirror(configured: Option<MirrorConfig>, baseline: &str, canary: &str)
     config
 }
 
+/// A run's state before a change, to go back to when the change is refused.
+struct Saved {
+    machine: Machine,
+    evidence: Evidence,
+}
+
 impl Run {
+    fn saved(&self) -> Saved {
+        Saved {
+            machine: self.machine.clone(),
+            evidence: self.evidence.clone(),
+        }
+    }
+
     /// What is persisted of the run (state file or shared document).
     fn persisted(&self) -> PersistedRef<'_> {
         PersistedRef {

@@ -90,6 +90,10 @@ struct LinkState {
     up: bool,
     /// The last valid document applied or written.
     document: Option<Document>,
+    /// The last document seen, valid or refused (`None` after one that is not a document at
+    /// all): what a write from here goes over. Its rollout state is the rollout's, and the
+    /// weights of backends this replica lacks are kept from it.
+    latest: Option<Document>,
 }
 
 /// The local snapshot: the last document applied and its revision.
@@ -114,6 +118,7 @@ impl StoreLink {
                 source: Source::File,
                 up: false,
                 document: None,
+                latest: None,
             }),
             leader: AtomicBool::new(false),
             rollout_changes: tokio::sync::watch::Sender::new(0),
@@ -152,7 +157,7 @@ impl StoreLink {
     /// The rollout's state in the last document applied.
     pub fn rollout_state(&self) -> Option<Value> {
         self.lock_state()
-            .document
+            .latest
             .as_ref()
             .and_then(|d| d.rollout.clone())
     }
@@ -201,7 +206,7 @@ impl StoreLink {
     /// file has them already): a write from here does not undo them.
     fn document_of(&self, table: &RoutingTable, rollout: Option<Value>) -> Document {
         let mut document = Document::of(table, rollout, &self.replica);
-        if let Some(shared) = &self.lock_state().document {
+        if let Some(shared) = &self.lock_state().latest {
             for (name, weight) in &shared.weights {
                 if table.backend(name).is_none() {
                     document.weights.insert(name.clone(), *weight);
@@ -280,9 +285,22 @@ impl StoreLink {
         }
         let mut state = self.lock_state();
         let rollout_changed =
-            state.document.as_ref().map(|d| &d.rollout) != Some(&snapshot.document.rollout);
+            state.latest.as_ref().map(|d| &d.rollout) != Some(&snapshot.document.rollout);
         state.source = source;
+        state.latest = Some(snapshot.document.clone());
         state.document = Some(snapshot.document);
+        rollout_changed
+    }
+
+    /// Remembers a refused document as the latest seen (`None`: not a document at all), not
+    /// as the table's. Answers whether the rollout's state changed with it.
+    fn remember_refused(&self, document: Option<Document>, source: Source) -> bool {
+        let mut state = self.lock_state();
+        let rollout = |d: &Option<Document>| d.as_ref().and_then(|d| d.rollout.clone());
+        let rollout_changed = rollout(&state.latest) != rollout(&document);
+        // Read from etcd all the same: writes (which replace it) may go there.
+        state.source = source;
+        state.latest = document;
         rollout_changed
     }
 
@@ -421,6 +439,30 @@ impl ControlPlane {
         let Some(link) = self.store_link() else {
             return Ok(self.table.load().version);
         };
+        // A race lost to a write that left the rollout's state as it was (another replica's
+        // fault drill, say) is tried again on the winner's revision: the rollout's decision
+        // does not give way to it.
+        let mut attempts = 1;
+        loop {
+            match self.store_rollout_once(link, state.clone(), weights, based_on, as_leader) {
+                Err(ControlError::LostRace { .. })
+                    if attempts < 3 && link.rollout_state().as_ref() == based_on =>
+                {
+                    attempts += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    fn store_rollout_once(
+        &self,
+        link: &StoreLink,
+        state: Value,
+        weights: &[(String, u32)],
+        based_on: Option<&Value>,
+        as_leader: bool,
+    ) -> Result<u64, ControlError> {
         let _write = self.writes.lock().unwrap_or_else(|e| e.into_inner());
         let current = self.table.load_full();
         if link.rollout_state().as_ref() != based_on {
@@ -439,7 +481,7 @@ impl ControlPlane {
         let document = link.document_of(&next, Some(state));
         let revision = self.swap_document(link, &current, &document, as_leader)?;
         next.version = revision;
-        if !indexed.is_empty() {
+        if super::weights_of(&current) != super::weights_of(&next) {
             tracing::info!(
                 target: "audit",
                 version = revision,
@@ -525,7 +567,8 @@ impl ControlPlane {
             return;
         }
         let metrics = self.metrics().store();
-        let checked = Document::parse(&stored.bytes).and_then(|document| {
+        let parsed = Document::parse(&stored.bytes);
+        let checked = parsed.clone().and_then(|document| {
             let config = self.lock_config();
             document.check(&config).map(|state| (document, state))
         });
@@ -542,8 +585,13 @@ impl ControlPlane {
                 self.table
                     .store(Arc::new(current.with_weights(&[], revision)));
                 metrics.set_revision(revision);
-                // Read from etcd all the same: writes (which replace it) may go there.
-                link.lock_state().source = source;
+                let parsed = parsed.ok();
+                let by_other = parsed
+                    .as_ref()
+                    .is_some_and(|d| d.written_by != link.replica());
+                if link.remember_refused(parsed, source) && by_other {
+                    link.rollout_changes.send_modify(|n| *n += 1);
+                }
                 return;
             }
         };
@@ -827,7 +875,7 @@ async fn adopt_or_seed(
         Some(stored) => stored,
         None => {
             let table = control.table().load_full();
-            let document = Document::of(&table, link.rollout_state(), link.replica());
+            let document = link.document_of(&table, link.rollout_state());
             match etcd.create_table(document.to_bytes()).await? {
                 Swap::Written(revision) => {
                     tracing::info!(
