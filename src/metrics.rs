@@ -429,6 +429,65 @@ impl Metrics {
     }
 }
 
+/// One backend's traffic so far, for the dashboard: cumulative counts it differences itself.
+#[derive(Debug, Default, Clone, PartialEq, serde::Serialize)]
+pub struct TrafficCounts {
+    pub requests: u64,
+    /// Answers with a status of 500 or more (the proxy's own 502 and 504 included).
+    pub errors: u64,
+    /// The latency histogram: (upper bound in seconds, cumulative count), as Prometheus has it.
+    pub latency: Vec<(f64, u64)>,
+}
+
+impl Metrics {
+    /// Per backend (the `backend` label, `none` included), its requests, 5xx answers and
+    /// latency histogram so far: what `/metrics` says, for the dashboard.
+    pub fn traffic(&self) -> std::collections::BTreeMap<String, TrafficCounts> {
+        let mut traffic: std::collections::BTreeMap<String, TrafficCounts> = Default::default();
+        let label = |metric: &prometheus::proto::Metric, name: &str| {
+            metric
+                .get_label()
+                .iter()
+                .find(|l| l.name() == name)
+                .map(|l| l.value().to_owned())
+        };
+        for family in self.registry.gather() {
+            match family.name() {
+                "canary_requests_total" => {
+                    for metric in family.get_metric() {
+                        let (Some(backend), Some(status)) =
+                            (label(metric, "backend"), label(metric, "status"))
+                        else {
+                            continue;
+                        };
+                        let count = metric.get_counter().get_value() as u64;
+                        let entry = traffic.entry(backend).or_default();
+                        entry.requests += count;
+                        if status.parse::<u16>().is_ok_and(|s| s >= 500) {
+                            entry.errors += count;
+                        }
+                    }
+                }
+                "canary_request_duration_seconds" => {
+                    for metric in family.get_metric() {
+                        let Some(backend) = label(metric, "backend") else {
+                            continue;
+                        };
+                        let histogram = metric.get_histogram();
+                        traffic.entry(backend).or_default().latency = histogram
+                            .get_bucket()
+                            .iter()
+                            .map(|b| (b.upper_bound(), b.cumulative_count()))
+                            .collect();
+                    }
+                }
+                _ => {}
+            }
+        }
+        traffic
+    }
+}
+
 impl TableGauges {
     fn new(r: &Registry) -> Self {
         TableGauges {

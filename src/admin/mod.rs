@@ -16,6 +16,8 @@
 //! | `GET /metrics` | Prometheus text format |
 //! | `GET /healthz` | 200 while the process runs |
 //! | `GET /readyz` | 200 when some backend is healthy, else 503 |
+//! | `GET /` | the dashboard (`dashboard`: the page and its script and style, embedded) |
+//! | `GET /admin/stats` | per backend: requests, 5xx answers and the latency histogram so far |
 //!
 //! HTTP/1.1 only, bounded so it cannot starve the data plane of descriptors: at most
 //! `admin.max_connections` connections (past it, a short 503), `admin.header_read_timeout` for
@@ -27,10 +29,11 @@
 //! JSON: `{"error": "..."}`.
 //!
 //! Beside the server: `client`, a small HTTP/1.1 client of this API for the operator's
-//! subcommands, and `cli`, the `canary-proxy rollout ...` subcommand built on it. `faults`
-//! and `mirror`: the JSON of `/admin/faults` and `/admin/mirror`.
+//! subcommands, and `cli`, the `canary-proxy rollout ...` subcommand built on it;
+//! `dashboard`, the page at `GET /`.
 
 pub mod cli;
+mod dashboard;
 pub mod client;
 
 use std::convert::Infallible;
@@ -206,6 +209,11 @@ async fn handle(
         }
     }
     let table = control.table().load_full();
+    if method == Method::GET
+        && let Some(page) = dashboard::asset(&path)
+    {
+        return page;
+    }
     match (method, path.as_str()) {
         (Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (Method::GET, "/readyz") => {
@@ -243,6 +251,14 @@ async fn handle(
         }
         (_, "/admin/weight") => {
             not_allowed("use GET to read, POST or PUT to set", "GET, POST, PUT")
+        }
+        (Method::GET, "/admin/stats") => {
+            // Each backend's requests, 5xx answers and latency histogram so far, for the
+            // dashboard's charts (it takes the differences).
+            json_response(
+                StatusCode::OK,
+                json!({"at_ms": crate::utc::unix_ms(), "backends": control.metrics().traffic()}),
+            )
         }
         (Method::GET, "/admin/routes") => {
             let mut routes = routes_json(&table);
