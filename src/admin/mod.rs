@@ -33,8 +33,8 @@
 //! `dashboard`, the page at `GET /`.
 
 pub mod cli;
-mod dashboard;
 pub mod client;
+mod dashboard;
 
 use std::convert::Infallible;
 use std::net::Ipv4Addr;
