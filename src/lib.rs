@@ -8,7 +8,8 @@
 //! - `server`: the client listener: picks HTTP/1 or HTTP/2 per connection (by its first
 //!   bytes, or over TLS by ALPN), and drains on shutdown. `workers`: thread-per-core
 //!   serving, one current-thread runtime and SO_REUSEPORT listener per worker.
-//! - `admin/`: the admin HTTP API on its own listener; `admin::client`, a small HTTP/1.1
+//! - `admin/`: the admin HTTP API on its own listener, and its dashboard page at `GET /`
+//!   (`admin::dashboard`, assets embedded); `admin::client`, a small HTTP/1.1
 //!   client for that API; `admin::cli`, `canary-proxy rollout ...` and `mirror status`
 //!   through it.
 //! - `demo`: the two built-in upstreams of `canary-proxy demo`, the rollout plan and the load

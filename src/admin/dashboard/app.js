@@ -147,16 +147,19 @@ function drawBackends(routes) {
     });
     const endpoints = (b.endpoints || []).map((e) =>
       text(make("span", { class: e.healthy ? "up" : "down" }), e.url + " "));
+    // data-label: the column's name, shown beside each value where the table is laid out
+    // as one card per version (a phone's width).
+    const cell = (cls, label, value) => text(make("td", { class: cls, "data-label": label }), value);
     return make("tr", { "data-backend": b.name }, [
       make("th", { scope: "row" }, [b.name]),
-      text(make("td", { class: "weight" }), String(b.weight)),
-      text(make("td", { class: "effective" }), String(b.effective_weight)),
-      text(make("td", { class: "requests" }), counts ? String(counts.requests) : "0"),
-      text(make("td", { class: "rate" }), fmt(last(s.rate))),
-      text(make("td", { class: "errors" }), fmt(last(s.errors)) + "%"),
-      text(make("td", { class: "p99" }), fmt(last(s.p99)) + " ms"),
-      make("td", {}, endpoints),
-      make("td", {}, [slider, " ", shown]),
+      cell("weight", "weight", String(b.weight)),
+      cell("effective", "effective", String(b.effective_weight)),
+      cell("requests", "requests", counts ? String(counts.requests) : "0"),
+      cell("rate", "req/s", fmt(last(s.rate))),
+      cell("errors", "5xx", fmt(last(s.errors)) + "%"),
+      cell("p99", "p99", fmt(last(s.p99)) + " ms"),
+      make("td", { "data-label": "endpoints" }, endpoints),
+      make("td", { "data-label": "set weight" }, [slider, " ", shown]),
     ]);
   });
   // Keep the slider being dragged or focused: rebuild only the cells around it.
