@@ -20,6 +20,7 @@ fn dashboard_config(v1: &Upstream, v2: &Upstream) -> String {
         &[("v1", vec![v1.url()], 90), ("v2", vec![v2.url()], 10)],
         &format!(
             "[admin]\ntoken = \"{TOKEN}\"\n\
+             [mirror]\nbackend = \"v2\"\nfrom = \"v1\"\npercent = 100\n\
              [rollout]\nbaseline = \"v1\"\ncanary = \"v2\"\nsteps = [50, 100]\n\
              step_time = \"2s\"\n[rollout.analysis]\ninterval = \"250ms\"\nmin_requests = 20\n\
              latency_tolerance = 4.0\nerror_tolerance = 0.05\n"

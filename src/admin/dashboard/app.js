@@ -225,10 +225,17 @@ function drawFaults(f) {
 }
 
 function drawMirror(m) {
-  if (!m || !m.config) { text($("mirror"), "off"); return; }
+  const paths = $("mirror-paths");
+  if (!m || !m.config) { text($("mirror"), "off"); paths.replaceChildren(); return; }
   const c = m.counts || {};
-  text($("mirror"), `${m.config.percent}% of requests copied to ${m.config.backend}: ${c.copied || 0} copied, ` +
-    `${c.compared || 0} compared, ${c.different || 0} different, ${c.errors || 0} errors, ${c.dropped || 0} dropped`);
+  const rate = m.difference_rate === null || m.difference_rate === undefined ? "–" : fmt(100 * m.difference_rate) + "%";
+  text($("mirror"), `${m.config.percent}% of ${m.config.from || "all"} requests copied to ${m.config.backend}: ` +
+    `${c.copied || 0} copied, ${c.compared || 0} compared, ${c.different || 0} different (${rate}), ` +
+    `${c.errors || 0} errors, ${c.timeouts || 0} timeouts, ${c.dropped || 0} dropped`);
+  // Where answers differ, most first; noise (differing between two copies too) is marked.
+  paths.replaceChildren(...(m.paths || []).slice(0, 10).map((p) =>
+    text(make("li", { class: p.reported ? "" : "noise" }),
+      `${p.path}: ${p.different} different${p.reported ? "" : `, noise (${p.noise} between copies)`}`)));
 }
 
 async function poll() {
