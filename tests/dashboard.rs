@@ -28,6 +28,17 @@ fn dashboard_config(v1: &Upstream, v2: &Upstream) -> String {
     )
 }
 
+/// An admin API answer, with the token.
+async fn admin_json(proxy: &TestProxy, path: &str) -> serde_json::Value {
+    let response = client()
+        .get(proxy.admin(path))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    serde_json::from_str(&response.text().await.unwrap()).unwrap()
+}
+
 #[tokio::test]
 async fn the_page_is_served_whole_with_a_strict_policy() {
     let (v1, v2) = (upstream("v1").await, upstream("v2").await);
@@ -64,18 +75,7 @@ async fn the_page_is_served_whole_with_a_strict_policy() {
     for _ in 0..5 {
         get_text(proxy.url("/")).await;
     }
-    let stats: serde_json::Value = serde_json::from_str(
-        &client()
-            .get(proxy.admin("/admin/stats"))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let stats = admin_json(&proxy, "/admin/stats").await;
     let requests: u64 = ["v1", "v2"]
         .iter()
         .map(|b| stats["backends"][b]["requests"].as_u64().unwrap_or(0))
@@ -157,18 +157,7 @@ async fn the_page_shows_and_steers_the_canary_in_a_browser() {
         assert!(std::fs::metadata(&path).unwrap().len() > 1000, "{path:?}");
     }
     // What the page did went through the API: the rollout is promoted, canary at 100.
-    let status: serde_json::Value = serde_json::from_str(
-        &client()
-            .get(proxy.admin("/admin/rollout"))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let status = admin_json(&proxy, "/admin/rollout").await;
     assert_eq!(status["state"], "promoted");
     assert_eq!(status["canary_percent"], 100);
 }

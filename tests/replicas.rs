@@ -100,6 +100,18 @@ impl Member {
     }
 }
 
+/// A reload of `member` answers 200 and leaves the document's revision where it was.
+async fn reload_writes_nothing(etcd: &Etcd, member: &Member) {
+    let revision = etcd.mod_revision(TABLE_KEY).await;
+    let reload = client()
+        .post(member.replica.admin("/admin/reload"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reload.status(), 200);
+    assert_eq!(etcd.mod_revision(TABLE_KEY).await, revision);
+}
+
 /// Waits until every member's data plane is served by `backend`.
 async fn all_served_by(members: &[Member], backend: &str) {
     for member in members {
@@ -441,14 +453,7 @@ async fn a_reload_publishes_what_the_file_changed_and_keeps_the_rest() {
         assert_eq!(routes["rules"].as_array().unwrap().len(), 1, "{routes}");
     }
     // A reload that changes nothing shared writes nothing.
-    let revision = etcd.mod_revision(TABLE_KEY).await;
-    let reload = client()
-        .post(b.replica.admin("/admin/reload"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(reload.status(), 200);
-    assert_eq!(etcd.mod_revision(TABLE_KEY).await, revision);
+    reload_writes_nothing(&etcd, &b).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -806,14 +811,7 @@ async fn a_backend_added_to_one_replica_first_is_left_alone_by_the_others() {
         serde_json::json!({"v1": 50, "v2": 1, "v3": 50})
     );
     // A reload on A that changes nothing shared writes nothing.
-    let revision = etcd.mod_revision(TABLE_KEY).await;
-    let reload = client()
-        .post(a.replica.admin("/admin/reload"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(reload.status(), 200);
-    assert_eq!(etcd.mod_revision(TABLE_KEY).await, revision);
+    reload_writes_nothing(&etcd, &a).await;
     eventually("B has v3's weight and A's write", WAIT, || async {
         b.weights().await == serde_json::json!({"v1": 50, "v2": 1, "v3": 50})
     })
