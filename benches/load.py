@@ -1776,12 +1776,7 @@ def sanity_checks(settings, procs, fleet, lua):
         if status != 200 or not body.startswith(b"posted to v"):
             raise RuntimeError(f"{proxy}: POST /post -> {status} {body!r}")
         conn.close()
-        if hits["v1"] == 0 or hits["v2"] == 0:
-            raise RuntimeError(f"{proxy}: over {n} requests v1={hits['v1']} v2={hits['v2']}; "
-                               "both upstreams must be used")
-        share = hits["v2"] / n
-        if not 0.03 <= share <= 0.20:
-            raise RuntimeError(f"{proxy}: v2 got {share:.0%} of {n} requests, expected ~10%")
+        split_check(proxy, hits, n)
         notes.append(f"{proxy}: v1 {hits['v1']}, v2 {hits['v2']} of {n}"
                      + (" over TLS" if fleet.tls else ""))
     if settings.mode == "tls":

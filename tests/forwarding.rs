@@ -7,10 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::Message;
 
 /// An upstream that answers each request with its raw head as the body (and closes), so a
 /// test sees the request line and fields exactly as the proxy wrote them.
@@ -203,17 +201,7 @@ async fn websocket_is_tunnelled_both_ways() {
         .unwrap();
     assert_eq!(response.status(), 101);
     assert_eq!(response.headers()["x-canary-backend"], "v1");
-    for i in 0..20 {
-        ws.send(Message::text(format!("hello {i}"))).await.unwrap();
-        let echoed = ws.next().await.unwrap().unwrap();
-        assert_eq!(echoed.into_text().unwrap().as_str(), format!("hello {i}"));
-    }
-    let blob = vec![7u8; 200_000];
-    ws.send(Message::binary(blob.clone())).await.unwrap();
-    assert_eq!(
-        ws.next().await.unwrap().unwrap().into_data().as_ref(),
-        &blob[..]
-    );
+    websocket_echoes(&mut ws, 20).await;
     ws.close(None).await.unwrap();
 }
 

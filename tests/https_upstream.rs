@@ -11,9 +11,7 @@ use std::time::Duration;
 
 use common::certs::TestCa;
 use common::*;
-use futures_util::{SinkExt, StreamExt};
 use tokio::time::{Instant, sleep};
-use tokio_tungstenite::tungstenite::Message;
 
 /// A config with one backend `v1` at `url`, and `tls` as its `[backend.tls]` table's lines.
 fn tls_config(url: &str, tls: &str, extra: &str) -> String {
@@ -165,17 +163,7 @@ async fn a_websocket_is_tunnelled_to_a_tls_upstream() {
         .await
         .unwrap();
     assert_eq!(response.status(), 101);
-    for i in 0..5 {
-        ws.send(Message::text(format!("hello {i}"))).await.unwrap();
-        let echoed = ws.next().await.unwrap().unwrap();
-        assert_eq!(echoed.into_text().unwrap().as_str(), format!("hello {i}"));
-    }
-    let blob = vec![7u8; 200_000];
-    ws.send(Message::binary(blob.clone())).await.unwrap();
-    assert_eq!(
-        ws.next().await.unwrap().unwrap().into_data().as_ref(),
-        &blob[..]
-    );
+    websocket_echoes(&mut ws, 5).await;
 }
 
 #[tokio::test]

@@ -395,6 +395,26 @@ async fn launch(
     }
 }
 
+/// Sends `messages` text messages and a 200 kB binary one through a WebSocket to an echo
+/// upstream, and checks each comes back whole.
+pub async fn websocket_echoes<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>, messages: usize)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio_tungstenite::tungstenite::Message;
+    for i in 0..messages {
+        ws.send(Message::text(format!("hello {i}"))).await.unwrap();
+        let echoed = ws.next().await.unwrap().unwrap();
+        assert_eq!(echoed.into_text().unwrap().as_str(), format!("hello {i}"));
+    }
+    let blob = vec![7u8; 200_000];
+    ws.send(Message::binary(blob.clone())).await.unwrap();
+    assert_eq!(
+        ws.next().await.unwrap().unwrap().into_data().as_ref(),
+        &blob[..]
+    );
+}
+
 /// A config with one `[[backend]]` per `(name, urls, weight)` and extra TOML appended.
 pub fn config(backends: &[(&str, Vec<String>, u32)], extra: &str) -> String {
     let mut text = String::from(
