@@ -789,7 +789,7 @@ async fn session(
         let _ = ready.send(());
     }
     let mut watch = etcd.watch_table(revision + 1).await?;
-    let mut ticker = tokio::time::interval(tick_period(link, control));
+    let mut ticker = tokio::time::interval(tick_period(link, &control.config()));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         tokio::select! {
@@ -831,9 +831,11 @@ async fn session(
                 }
             }
             _ = ticker.tick() => {
-                heartbeat(link, control, &mut etcd, lease).await?;
-                // A reload may have changed the interval, or added or removed [rollout].
-                let period = tick_period(link, control);
+                // The config as it is now (a reload may have changed the interval, or added
+                // or removed [rollout]), read once for the beat and the next period.
+                let config = control.config();
+                heartbeat(link, control, &config, &mut etcd, lease).await?;
+                let period = tick_period(link, &config);
                 if period != ticker.period() {
                     ticker = tokio::time::interval(period);
                     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -900,10 +902,10 @@ async fn adopt_or_seed(
 
 /// How often the lease is renewed and the meters published: every analysis interval, and
 /// at least three times per lease TTL.
-fn tick_period(link: &StoreLink, control: &ControlPlane) -> Duration {
-    let interval = control
-        .config()
+fn tick_period(link: &StoreLink, config: &crate::config::Config) -> Duration {
+    let interval = config
         .rollout
+        .as_ref()
         .map_or(Duration::from_secs(1), |r| r.analysis.interval);
     interval.min(link.settings.lease_ttl / 3)
 }
@@ -913,10 +915,10 @@ fn tick_period(link: &StoreLink, control: &ControlPlane) -> Duration {
 async fn heartbeat(
     link: &StoreLink,
     control: &ControlPlane,
+    config: &crate::config::Config,
     etcd: &mut Etcd,
     lease: &mut Option<i64>,
 ) -> Result<(), StoreError> {
-    let config = control.config();
     let Some(rollout) = &config.rollout else {
         link.set_leader(control, false);
         return Ok(());
