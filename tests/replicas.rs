@@ -563,9 +563,9 @@ async fn a_rollout_whose_leader_is_killed_finishes_on_another_replica() {
 }
 
 /// A replica whose watch fell behind a compaction reads the document again. It is made to
-/// fall behind for real: stopped (SIGSTOP) while 12 MB of documents are written (more than
-/// the HTTP/2 windows and socket buffers between etcd and it hold, so etcd parks its
-/// watcher), then etcd compacts past them and the replica is continued.
+/// fall behind for real: stopped (SIGSTOP) while documents are written until etcd counts its
+/// watcher as slow (more than the HTTP/2 windows and socket buffers between them hold), then
+/// etcd compacts past them and the replica is continued.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_behind_a_compaction_reads_the_document_again() {
     let etcd = Etcd::start().await;
@@ -581,13 +581,14 @@ async fn a_watch_behind_a_compaction_reads_the_document_again() {
         assert!(status.success());
     };
     signal("-STOP");
-    // Valid documents, each padded to 4 KiB by its writer's name; the last one routes to v2.
+    // Valid documents, each padded to 4 KiB by its writer's name, v2 at 0 in all but the
+    // last; written until etcd counts B's watcher as slow (unsynced: its stream is full),
+    // which is what a compaction cancels.
     let gateway = format!("{}/v3/kv/put", etcd.endpoint());
     let base64 = |text: &str| base64_encode(text.as_bytes());
     let padding = "p".repeat(4096);
     let c = client();
-    for i in 0..3000u32 {
-        let weights = if i == 2999 { (0, 100) } else { (100, i % 7) };
+    let put = async |weights: (u32, u32)| {
         let document = format!(
             r#"{{"format":1,"weights":{{"v1":{},"v2":{}}},"written_by":"{padding}"}}"#,
             weights.0, weights.1
@@ -600,7 +601,20 @@ async fn a_watch_behind_a_compaction_reads_the_document_again() {
             .await
             .unwrap();
         assert!(response.status().is_success());
+    };
+    let slow_watchers = async || {
+        let text = get_text(format!("{}/metrics", etcd.endpoint())).await;
+        metric(&text, "etcd_debugging_mvcc_slow_watcher_total", &[])
+    };
+    let mut written = 0u32;
+    while slow_watchers().await < 1.0 {
+        assert!(written < 12_000, "B's watcher never fell behind");
+        for _ in 0..1000 {
+            put((100 + written % 7, 0)).await;
+            written += 1;
+        }
     }
+    put((0, 100)).await;
     let revision = etcd.revision().await;
     etcd.compact(revision).await;
     let mark = b.replica.log_mark();
